@@ -1,0 +1,26 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv and install on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) studies/demo.py
+
+test: $(STAMP)
+	$(PY) -m ruff check platform tests studies benchmarks dashboards
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/floor_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info platform/*.egg-info

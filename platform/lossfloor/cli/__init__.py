@@ -1,0 +1,57 @@
+"""`lossfloor` command line. Each sub-command lives in its own module with `register(subparsers)`.
+
+Bad input (an `InputError`, or argparse's own usage errors) exits with code 2 and one line on stderr,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from lossfloor.errors import InputError
+
+# Sub-command modules, each defining `register(subparsers)`; imported lazily so `lossfloor --help`
+# stays fast and a command's heavy imports (ray, mlflow) load only when it runs.
+COMMANDS = [
+    "lossfloor.cli.estimate",
+    "lossfloor.cli.fit",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too; keep it short)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lossfloor", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        sys.stderr.write(f"lossfloor {args.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("lossfloor: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,8 @@
+"""The one exception type for bad user input."""
+
+
+class InputError(ValueError):
+    """Bad input from a user: a file, flag or config field. The message names it and what was expected.
+
+    The CLI turns it into one line on stderr and exit code 2; the Python API lets it propagate.
+    """
