@@ -231,3 +231,27 @@ def test_bad_data_and_sigmas():
         estimate(np.full((4, 2), np.nan, np.float32), [1.0], progress=False)
     with pytest.raises(InputError, match="sigmas"):
         estimate(x, [0.0], progress=False)
+
+
+@pytest.mark.parametrize("gram", [True, False])
+def test_kernel_equals_naive_reference_in_float64(gram):
+    # the multi-σ kernel (shared distance GEMMs, S-scaled terms) and the naive per-σ softmax agree
+    from lossfloor.floor.kernel import optimal_loss_terms
+    from lossfloor.floor.reference import naive_optimal_loss_terms
+
+    g = torch.Generator().manual_seed(0)
+    B, L, D = 40, 30, 20
+    xs = torch.randn(B, D, generator=g, dtype=torch.float64)
+    refs = torch.randn(L, D, generator=g, dtype=torch.float64)
+    refs[:10] = xs[:10]  # some sources are references too
+    eps = torch.randn(B, D, generator=g, dtype=torch.float64)
+    exclude = torch.full((B,), L - 1)
+    exclude[:10] = torch.arange(10)
+    log_factor = torch.full((B,), -math.log(7.0), dtype=torch.float64)
+    log_factor[30:] = -math.inf  # SNIS-like queries: no source term
+    exclude[35:] = -1
+    sigmas = torch.tensor([0.05, 0.3, 1.0, 5.0, 100.0], dtype=torch.float64)
+    kw = dict(exclude=exclude, source_log_factor=log_factor)
+    fast = optimal_loss_terms(xs, eps, refs, sigmas, gram=gram, **kw)
+    slow = naive_optimal_loss_terms(xs, eps, refs, sigmas, **kw)
+    np.testing.assert_allclose(fast.numpy(), slow.numpy(), rtol=1e-9, atol=1e-9)
