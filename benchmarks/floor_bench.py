@@ -111,6 +111,16 @@ def case_imagenet512(scale, device, repeats, n_sigmas):
     j_ref_naive = naive_optimal_loss_terms(xs64, e64, refs64, sigmas, **kw)
     S = n_sigmas
     gram = L < D
+    variants = {}
+    if device.type == "cuda":  # TF32 tensor cores exist only there
+        for precision in ("3xtf32", "tf32"):
+            t, j = timed(lambda p=precision: optimal_loss_terms(xs32, eps32, refs32, sigmas, precision=p, **kw),
+                         device, repeats)
+            variants[precision] = {
+                "seconds_per_batch": t,
+                "speedup_vs_naive_fp32": t_naive / t,
+                "max_rel_diff_vs_fp64": rel_diff(j, j_ref, total_var),
+            }
     return {
         "case": "imagenet512",
         "shape": {"D": D, "L": L, "B": B, "N": N, "n_sigmas": S, "estimator": "cdol"},
@@ -124,6 +134,7 @@ def case_imagenet512(scale, device, repeats, n_sigmas):
         "max_rel_diff_vs_fp64": rel_diff(j_fast, j_ref, total_var),
         "naive_fp32_max_rel_diff_vs_fp64": rel_diff(j_naive, j_ref, total_var),
         "fp64_kernel_vs_fp64_naive_max_rel_diff": rel_diff(j_ref, j_ref_naive, total_var),
+        "matmul_precision_variants": variants,
     }
 
 

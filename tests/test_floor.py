@@ -255,3 +255,16 @@ def test_kernel_equals_naive_reference_in_float64(gram):
     fast = optimal_loss_terms(xs, eps, refs, sigmas, gram=gram, **kw)
     slow = naive_optimal_loss_terms(xs, eps, refs, sigmas, **kw)
     np.testing.assert_allclose(fast.numpy(), slow.numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_split_tf32_matmul_is_float32_accurate():
+    from lossfloor.floor.kernel import _round_to_tf32, matmul
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 300, generator=g), torch.randn(300, 50, generator=g)
+    head = _round_to_tf32(a)
+    assert torch.all((head.view(torch.int32) & 0x1FFF) == 0)  # 10 mantissa bits left
+    assert torch.all((a - head).abs() <= a.abs() * 2.0**-11)
+    exact = a.double() @ b.double()
+    err = (matmul(a, b, "3xtf32").double() - exact).abs().max() / exact.abs().max()
+    assert err < 1e-6
