@@ -1,0 +1,38 @@
+"""Data sets for the estimators: readers of every supported source, fingerprints, parquet shards.
+
+    load(SRC) -> Dataset                      everything in memory, float32 (N, *sample_shape)
+    iter_chunks(SRC, rows) / describe(SRC)    streaming, for sources larger than memory
+    prepare_shards(SRC, DIR)                  parquet shards for Ray Data (`lossfloor data prepare`)
+    read_shard_rows(batch)                    a shard batch back to numpy (Ray workers)
+
+SRC forms are listed in `lossfloor.data.dataset`. Imports only numpy, pyarrow, pillow and (for
+`bundled:digits`) scikit-learn.
+"""
+
+from lossfloor.data.bundled import DEFAULT as DEFAULT_SOURCE
+from lossfloor.data.dataset import Dataset, describe, iter_chunks, load, open_source
+from lossfloor.data.edm2 import whiten_latent
+from lossfloor.data.fingerprint import Fingerprinter, fingerprint
+from lossfloor.data.prepare import prepare_shards
+from lossfloor.data.shards import ShardMeta, ShardRows, read_meta, read_shard_rows, shard_paths, x_matrix
+from lossfloor.data.source import SourceInfo
+
+__all__ = [
+    "DEFAULT_SOURCE",
+    "Dataset",
+    "Fingerprinter",
+    "ShardMeta",
+    "ShardRows",
+    "SourceInfo",
+    "describe",
+    "fingerprint",
+    "iter_chunks",
+    "load",
+    "open_source",
+    "prepare_shards",
+    "read_meta",
+    "read_shard_rows",
+    "shard_paths",
+    "whiten_latent",
+    "x_matrix",
+]

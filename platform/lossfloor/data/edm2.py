@@ -1,0 +1,142 @@
+"""EDM2-style data sets (Karras et al. 2024), as a `.zip` or a folder.
+
+Either PNG images `NNNNN/imgNNNNNNNN.png` (scaled to [-1, 1] as x/127.5 - 1) or SD-VAE latents
+`NNNNN/img-mean-std-NNNNNNNN.npy`, float32 [8, H, W] = 4 channels of posterior mean then 4 of std.
+For latents the sample is the posterior mean, whitened per channel to mean 0 and std 0.5:
+    x = (mean - LATENT_MEAN) * (LATENT_SCALE / LATENT_STD)
+`dataset.json` = {"labels": [[relative_path, int], ...]} or {"labels": null}.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import re
+from collections.abc import Iterator
+
+import numpy as np
+
+from lossfloor.data.files import DirTree, ZipTree
+from lossfloor.data.images import ImageReader, is_image_name
+from lossfloor.data.source import READ_ERRORS, Chunk, Reader, SourceInfo, error_text
+from lossfloor.errors import InputError
+
+# Per-channel statistics of SD-VAE (sd-vae-ft-mse) posterior means on ImageNet, as used by EDM2.
+LATENT_MEAN = (5.81, 3.25, 0.12, -2.15)
+LATENT_STD = (4.17, 4.62, 3.71, 3.28)
+LATENT_SCALE = 0.5  # std of the whitened latents
+LATENT_NORMALISATION = "edm2-latent-whiten"
+LABELS_FILE = "dataset.json"
+
+_LATENT_NAME = re.compile(r"(.*/)?img-mean-std-\d+\.npy")
+_EDM2_IMAGE_NAME = re.compile(r"\d{5}/img\d{8}\.png")
+
+
+def is_latent_name(name: str) -> bool:
+    return _LATENT_NAME.fullmatch(name) is not None
+
+
+def looks_like_edm2(names: list[str]) -> bool:
+    """A folder is EDM2-style if it has dataset.json, latents, or only NNNNN/imgNNNNNNNN.png images."""
+    images = [n for n in names if is_image_name(n)]
+    return (
+        LABELS_FILE in names
+        or any(is_latent_name(n) for n in names)
+        or (bool(images) and all(_EDM2_IMAGE_NAME.fullmatch(n) for n in images))
+    )
+
+
+def whiten_latent(mean_std: np.ndarray) -> np.ndarray:
+    """[8, H, W] posterior mean and std -> whitened mean [4, H, W] float32 (computed in float64)."""
+    mean = mean_std[:4].astype(np.float64)
+    shift = np.asarray(LATENT_MEAN, dtype=np.float64)[:, None, None]  # (4, 1, 1)
+    scale = (LATENT_SCALE / np.asarray(LATENT_STD, dtype=np.float64))[:, None, None]
+    return ((mean - shift) * scale).astype(np.float32)
+
+
+def edm2_reader(path: str, tree: DirTree | ZipTree, names: list[str]) -> Reader:
+    """The reader for an EDM2 zip or folder (`names`: its files): images or latents, dataset.json labels."""
+    images = [n for n in names if is_image_name(n)]
+    latents = [n for n in names if is_latent_name(n)]
+    if images and latents:
+        raise InputError(f"{path}: expected images or latents, found both ({images[0]}, {latents[0]})")
+    if not images and not latents:
+        raise InputError(f"{path}: expected PNG images or img-mean-std-*.npy latents, found none")
+    members = images or latents
+    labels = _read_labels(path, tree, members) if LABELS_FILE in names else None
+    if images:
+        return ImageReader(path, tree, images, labels)
+    return LatentReader(path, tree, latents, labels)
+
+
+def _read_labels(path: str, tree: DirTree | ZipTree, members: list[str]) -> np.ndarray | None:
+    where = tree.where(LABELS_FILE)
+    expected = 'expected {"labels": [[relative_path, int], ...]} or {"labels": null}'
+    with tree.open() as read:
+        try:
+            meta = json.loads(read(LABELS_FILE))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"{where}: {expected}, cannot parse it ({e})") from e
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise InputError(f"{where}: {expected}")
+    if meta["labels"] is None:
+        return None
+    table = {}
+    for entry in meta["labels"] if isinstance(meta["labels"], list) else [None]:
+        ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+        if not (ok and isinstance(entry[1], int) and not isinstance(entry[1], bool)):
+            raise InputError(f"{where}: {expected}, got entry {entry!r}")
+        table[entry[0]] = entry[1]
+    missing = [m for m in members if m not in table]
+    if missing:
+        raise InputError(f"{where}: expected a label for every file, none for {missing[0]}")
+    return np.array([table[m] for m in members], dtype=np.int64)
+
+
+class LatentReader(Reader):
+    """EDM2 latents: one [8, H, W] npy per image; the sample is the whitened posterior mean."""
+
+    def __init__(self, path: str, tree: DirTree | ZipTree, names: list[str], labels: np.ndarray | None):
+        super().__init__(path)
+        if len(names) < 2:
+            raise InputError(f"{path}: expected at least 2 latents, found {len(names)}")
+        self.tree, self.names, self.labels = tree, names, labels
+
+    def _decode(self, data: bytes, name: str) -> np.ndarray:
+        try:
+            mean_std = np.load(io.BytesIO(data), allow_pickle=False)
+        except READ_ERRORS as e:
+            raise InputError(f"{self.tree.where(name)}: cannot read as .npy ({error_text(e)})") from e
+        if mean_std.ndim != 3 or mean_std.shape[0] != 8 or not np.issubdtype(mean_std.dtype, np.floating):
+            raise InputError(
+                f"{self.tree.where(name)}: expected a float array [8, H, W] (mean then std), "
+                f"got {mean_std.dtype} {list(mean_std.shape)}"
+            )
+        return mean_std
+
+    @functools.cached_property
+    def _shape(self) -> tuple[int, int, int]:
+        with self.tree.open() as read:
+            _, height, width = self._decode(read(self.names[0]), self.names[0]).shape
+        return 4, height, width
+
+    def info(self) -> SourceInfo:
+        return SourceInfo(count=len(self.names), sample_shape=self._shape,
+                          has_labels=self.labels is not None, normalisation=LATENT_NORMALISATION)
+
+    def blocks(self, rows: int) -> Iterator[Chunk]:
+        shape = self._shape
+        with self.tree.open() as read:
+            for start in range(0, len(self.names), rows):
+                names = self.names[start : start + rows]
+                block = np.empty((len(names), *shape), dtype=np.float32)  # (n, 4, H, W)
+                for i, name in enumerate(names):
+                    mean_std = self._decode(read(name), name)
+                    if mean_std.shape[1:] != shape[1:]:
+                        raise InputError(
+                            f"{self.tree.where(name)}: expected [8, {shape[1]}, {shape[2]}] like "
+                            f"{self.names[0]}, got {list(mean_std.shape)}"
+                        )
+                    block[i] = whiten_latent(mean_std)
+                yield block, None if self.labels is None else self.labels[start : start + len(names)]
