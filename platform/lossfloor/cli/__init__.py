@@ -18,6 +18,8 @@ from lossfloor.errors import InputError
 COMMANDS = [
     "lossfloor.cli.estimate",
     "lossfloor.cli.fit",
+    "lossfloor.cli.model_info",
+    "lossfloor.cli.data",
 ]
 
 
