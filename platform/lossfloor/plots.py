@@ -1,0 +1,122 @@
+"""Plotly figures of J*(σ) tables, and standalone HTML pages that work offline.
+
+    fig = jstar_figure({"digits": {"x0": table_x0, "eps": table_eps}})   # one panel per target
+    write_html(fig, "jstar.html")                                        # plotly.js embedded, no CDN
+
+Figures live here, inside the package, because `lossfloor.tracking` logs them from Ray job drivers
+where only the package is shipped; `dashboards/` holds page builders that read MLflow runs. This module
+imports plotly; the core (diffusion, data, floor, ...) never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from lossfloor.floor import JStarTable
+
+TARGET_TITLES = {
+    "x0": "x0 target",
+    "eps": "ε target (J*/σ²)",
+    "score": "score target (J*/σ⁴)",
+    "vp-v": "VP v-prediction ((1+σ²)/σ² · J*)",
+    "fm-velocity": "flow-matching velocity ((1+σ)²/σ² · J*)",
+}
+_SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=", re.IGNORECASE)
+
+
+def _trace(table: JStarTable, label: str, color: str, show_legend: bool) -> go.Scatter:
+    sigma, j, err = table.column("sigma"), table.column("j_star"), table.column("stderr")
+    keep = j > 0  # a log axis cannot show J* = 0 (σ far below σ*)
+    return go.Scatter(
+        x=sigma[keep], y=j[keep], error_y={"type": "data", "array": err[keep], "visible": True},
+        mode="lines+markers", name=label, legendgroup=label, showlegend=show_legend,
+        line={"color": color}, marker={"size": 5},
+        hovertemplate="σ=%{x:.4g}<br>J*=%{y:.4g}<extra>" + label + "</extra>",
+    )
+
+
+def jstar_figure(
+    tables: Mapping[str, Mapping[str, JStarTable]], *, targets: Sequence[str] | None = None, title: str = "J*(σ)"
+) -> go.Figure:
+    """J*(σ) on log-log axes with ±1 stderr bars and σ* (dashed line), one panel per target.
+
+    tables: data-set label -> target -> J* table (e.g. {"digits": {"x0": t0, "eps": t1}}).
+    targets: the panels, in order (default: the targets of the first data set).
+    """
+    if not tables:
+        raise ValueError("tables: expected at least one data set, e.g. {'digits': {'x0': table}}")
+    targets = list(targets or next(iter(tables.values())))
+    cols = 1 if len(targets) == 1 else 2
+    rows = math.ceil(len(targets) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[TARGET_TITLES.get(t, t) for t in targets],
+                        horizontal_spacing=0.09, vertical_spacing=0.12)
+    palette = qualitative.Plotly
+    for i, (label, by_target) in enumerate(tables.items()):
+        color = palette[i % len(palette)]
+        for p, target in enumerate(targets):
+            if target not in by_target:
+                continue
+            row, col = p // cols + 1, p % cols + 1
+            table = by_target[target]
+            fig.add_trace(_trace(table, label, color, show_legend=p == 0), row=row, col=col)
+            s_star = table.sigma_star
+            if s_star is not None:
+                # a shape's x is a data value even on a log axis (plotly.py issue 4012)
+                fig.add_vline(x=s_star, line={"dash": "dash", "color": color, "width": 1}, row=row, col=col)
+    for p in range(len(targets)):
+        row, col = p // cols + 1, p % cols + 1
+        fig.update_xaxes(type="log", title_text="σ", exponentformat="power", row=row, col=col)
+        fig.update_yaxes(type="log", title_text="J*(σ)", exponentformat="power", row=row, col=col)
+    first = next(iter(next(iter(tables.values())).values()))
+    threshold = json.loads((first.table.schema.metadata or {}).get(b"sigma_star_threshold", b"null"))
+    level = "a threshold" if threshold is None else f"{threshold:g}"
+    stars = ", ".join(
+        f"{label}: σ*={_fmt(next(iter(by_target.values())).sigma_star)}" for label, by_target in tables.items()
+    )
+    fig.update_layout(
+        title={"text": f"{title}<br><sup>dashed: σ* (largest σ with J* ≤ {level}·J*(∞)); {stars}</sup>"},
+        template="plotly_white", height=420 * rows + 80, legend={"title": {"text": "data set"}},
+    )
+    return fig
+
+
+def _fmt(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3g}"
+
+
+def to_html(fig: go.Figure) -> str:
+    """A standalone page with plotly.js embedded (~4.5 MB): opens offline, no CDN."""
+    return pio.to_html(fig, include_plotlyjs=True, full_html=True)
+
+
+def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
+    """Write `to_html(fig)` atomically (a temporary name in the same folder, then renamed)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(to_html(fig))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def is_offline_html(text: str) -> bool:
+    """True if a page embeds plotly.js and loads no script from elsewhere (a CDN)."""
+    return "plotly.js v" in text and _SCRIPT_SRC.search(text) is None and "Plotly.newPlot" in text
+
+
+__all__ = ["TARGET_TITLES", "is_offline_html", "jstar_figure", "to_html", "write_html"]

@@ -1,0 +1,36 @@
+"""A thin MLflow adapter (DESIGN §2): the core never imports mlflow, this package does.
+
+    run_id = log_estimate(table, params={"data": "bundled:digits", "engine": "local"})
+
+    with start_run(experiment="optimal-loss", run_name="survey") as parent:     # ends FINISHED/FAILED
+        log_estimate(table, params={...}, parent_run_id=parent.run_id)          # a nested child run
+        parent.log_metrics({"sigma_star.digits": 0.05})
+
+Where runs go: `tracking_uri=` argument, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the
+working directory (see `lossfloor.tracking.runs`).
+"""
+
+from lossfloor.tracking.estimate import EXPERIMENT, log_estimate, log_jstar, table_params
+from lossfloor.tracking.runs import (
+    DEFAULT_TRACKING_URI,
+    PARENT_RUN_TAG,
+    TrackedRun,
+    client,
+    experiment_id,
+    start_run,
+    tracking_uri,
+)
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "EXPERIMENT",
+    "PARENT_RUN_TAG",
+    "TrackedRun",
+    "client",
+    "experiment_id",
+    "log_estimate",
+    "log_jstar",
+    "start_run",
+    "table_params",
+    "tracking_uri",
+]

@@ -1,0 +1,222 @@
+"""MLflow runs through one explicit client: where runs go, and a run that always ends.
+
+Every call names its run by id (no fluent "active run" state), so a driver can hold a parent run and
+log children from the same process, and a Ray worker can log into a run it was handed by id.
+
+Tracking URI: the `tracking_uri` argument, else MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the
+working directory (MLflow's own default; the plain ./mlruns file store errors since MLflow 3.13). For a
+local sqlite store the folder of the database file is created if missing, and a new experiment keeps
+its artifacts next to the database (DB_FOLDER/mlartifacts/EXPERIMENT), not in ./mlruns of whatever
+the working directory is: a Ray job's working directory is a temporary copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from lossfloor.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+_BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's limits per log_batch call
+_SQLITE = re.compile(r"sqlite:///(?P<path>.+)")
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: `uri`, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (see module doc)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme in ("", "file"):
+        raise InputError(
+            f"tracking URI {uri!r}: the plain file store is not supported by MLflow >= 3.13; "
+            f"use a database like {DEFAULT_TRACKING_URI} or a server like http://HOST:5000"
+        )
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (relative to the working directory), else None."""
+    m = _SQLITE.fullmatch(uri)
+    if m is None or m["path"].startswith(":memory:"):
+        return None
+    return Path(m["path"].split("?", 1)[0]).absolute()
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    """An MlflowClient for `tracking_uri(uri)`; creates the folder of a local sqlite database."""
+    uri = tracking_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if missing (safe when several processes race to create it)."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage != "active":
+            raise InputError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore) or pick another name")
+        return exp.experiment_id
+    db = sqlite_path(c.tracking_uri)
+    location = None
+    if db is not None:
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        location = (db.parent / "mlartifacts" / folder).as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        exp = c.get_experiment_by_name(name)  # another process created it first
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def param_value(value) -> str:
+    """A param as MLflow stores it: a string, lists/dicts as JSON, at most MAX_PARAM_CHARS characters."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, float) and not math.isfinite(value):
+        text = str(value)
+    elif isinstance(value, (bool, numbers.Number)) or value is None:
+        text = str(value)
+    else:
+        try:
+            text = json.dumps(value, default=str)
+        except (TypeError, ValueError):
+            text = str(value)
+    if len(text) > MAX_PARAM_CHARS:
+        text = text[: MAX_PARAM_CHARS - 3] + "..."
+    return text
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """One MLflow run, addressed by id. Made by `start_run`; every method writes at once."""
+
+    client: MlflowClient
+    run_id: str
+    experiment_id: str
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        items = [Param(str(k), param_value(v)) for k, v in params.items()]
+        for part in _chunks(items, _BATCH["params"]):
+            self.client.log_batch(self.run_id, params=part)
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int = 0) -> None:
+        """Scalar metrics at one step; non-finite values are skipped with a warning."""
+        self.log_series({name: [value] for name, value in metrics.items()}, steps=[step])
+
+    def log_series(self, series: Mapping[str, Sequence[float]], *, steps: Sequence[int] | None = None) -> None:
+        """Metric histories: series[name][i] is logged at step steps[i] (default i)."""
+        now = int(time.time() * 1000)
+        items = []
+        for name, values in series.items():
+            for i, value in enumerate(values):
+                value = float(value)
+                if not math.isfinite(value):
+                    log.warning("metric %s at step %d is %s: not logged", name, i, value)
+                    continue
+                items.append(Metric(name, value, now, int(steps[i]) if steps is not None else i))
+        for part in _chunks(items, _BATCH["metrics"]):
+            self.client.log_batch(self.run_id, metrics=part)
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        items = [RunTag(str(k), param_value(v)) for k, v in tags.items()]
+        for part in _chunks(items, _BATCH["tags"]):
+            self.client.log_batch(self.run_id, tags=part)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, os.fspath(path), artifact_path)
+
+    def log_html_figure(self, fig, artifact_file: str) -> None:
+        """A Plotly figure as a standalone HTML artifact with plotly.js embedded (opens offline)."""
+        self.client.log_figure(self.run_id, fig, artifact_file, save_kwargs={"include_plotlyjs": True})
+
+
+def _default_tags(tags: Mapping[str, object] | None) -> dict[str, str]:
+    """User tags plus MLflow's usual context tags (user, source script, git commit where known)."""
+    from mlflow.tracking.context.registry import resolve_tags  # what mlflow.start_run adds
+
+    try:
+        base = resolve_tags({})
+    except Exception as e:  # a context provider failing must not stop the run
+        log.debug("mlflow context tags unavailable: %s", e)
+        base = {}
+    base.update({str(k): param_value(v) for k, v in (tags or {}).items()})
+    return base
+
+
+@contextlib.contextmanager
+def start_run(
+    *,
+    experiment: str = "optimal-loss",
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, object] | None = None,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+) -> Iterator[TrackedRun]:
+    """An MLflow run for the `with` block; it ends FINISHED, FAILED (an exception) or KILLED (^C).
+
+    parent_run_id: nest this run under that one (tag mlflow.parentRunId, how the UI groups children).
+    tracking_uri: see `tracking_uri`; experiment: created if missing.
+    run_id: continue this existing run (e.g. a resumed training) instead of creating one; it is marked
+      RUNNING again and `experiment`, `run_name` and `parent_run_id` are ignored.
+    """
+    c = client(tracking_uri)
+    if run_id is not None:
+        try:
+            exp_id = c.get_run(run_id).info.experiment_id
+        except MlflowException:
+            raise InputError(f"run_id: no run {run_id!r} in {c.tracking_uri}") from None
+        c.update_run(run_id, status="RUNNING")
+        if tags:
+            c.log_batch(run_id, tags=[RunTag(str(k), param_value(v)) for k, v in tags.items()])
+        tracked = TrackedRun(c, run_id, exp_id)
+    else:
+        exp_id = experiment_id(c, experiment)
+        all_tags = _default_tags(tags)
+        if parent_run_id is not None:
+            all_tags[PARENT_RUN_TAG] = parent_run_id
+        run = c.create_run(exp_id, tags=all_tags, run_name=run_name)
+        tracked = TrackedRun(c, run.info.run_id, exp_id)
+    try:
+        yield tracked
+    except BaseException as e:
+        # Exception: FAILED; KeyboardInterrupt, SystemExit, GeneratorExit: KILLED
+        _end(tracked, RunStatus.FAILED if isinstance(e, Exception) else RunStatus.KILLED, quiet=True)
+        raise
+    _end(tracked, RunStatus.FINISHED, quiet=False)
+
+
+def _end(run: TrackedRun, status: int, *, quiet: bool) -> None:
+    """Mark the run ended; quiet: only log a failure to do so (never hide the error that ended the run)."""
+    try:
+        run.client.set_terminated(run.run_id, RunStatus.to_string(status))
+    except Exception as e:
+        if not quiet:
+            raise
+        log.error("could not end MLflow run %s as %s: %s", run.run_id, RunStatus.to_string(status), e)

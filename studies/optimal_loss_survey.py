@@ -1,0 +1,266 @@
+"""The optimal-loss survey (the paper's Fig. 1): J*(σ) of several data sets in four prediction targets.
+
+For the bundled data set and every `--data SRC`: one estimate of J*(σ) in the x0 target, converted to
+the eps, VP v-prediction and flow-matching-velocity targets (`build_table(est, target=...)`), and σ*.
+MLflow: one parent run `optimal-loss-survey` with one child run per data set (`log_estimate`); the
+comparison figure (offline HTML) on the parent and in --out.
+
+    python studies/optimal_loss_survey.py --smoke                       # a laptop, ~15 s
+    python studies/optimal_loss_survey.py --data cifar10/ --dry-run     # what it would do
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \\
+        python studies/optimal_loss_survey.py --data /shared/latents.zip --engine ray --workers 4
+
+Outputs (--out, default runs/optimal_loss_survey):
+    LABEL/jstar_TARGET.parquet      the J* table of each data set and target
+    optimal_loss_survey.html        the comparison figure
+    summary.json                    data sets, N, estimator, σ*, MLflow run ids
+    work/                           finished batches of each estimate: a rerun computes only what is missing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when imported by tests
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_output_args, default_out, ensure_lossfloor, setup_logging
+
+ensure_lossfloor()
+
+from lossfloor.errors import InputError  # noqa: E402
+
+log = logging.getLogger("optimal_loss_survey")
+
+STUDY = "optimal_loss_survey"
+TARGETS = ("x0", "eps", "vp-v", "fm-velocity")  # estimated in x0, converted to the others
+DEFAULT_GRID = "0.002:80:32"
+CDOL_ABOVE_N = 20000  # --estimator auto: exact up to this many samples, cDOL beyond
+SMOKE = {"sigma_grid": "0.01:20:6", "queries_per_sample": 1, "max_samples": 1000}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="optimal_loss_survey",
+        description="J*(sigma) of the bundled data set and of every --data, in the x0, eps, vp-v and "
+        "fm-velocity targets, with sigma*; logged to MLflow (a parent run, one child per data set).",
+    )
+    p.add_argument("--data", action="append", default=[], metavar="SRC",
+                   help="a data set besides the bundled one (repeatable); any source `lossfloor estimate` reads")
+    p.add_argument("--estimator", default="auto",
+                   help=f"auto | exact | snis | dol | cdol (auto: cdol for N > {CDOL_ABOVE_N}, else exact)")
+    p.add_argument("--subset-size", type=int, default=None, metavar="L",
+                   help="reference subset size of snis/dol/cdol (default min(4096, N))")
+    p.add_argument("--sigma-grid", default=None, metavar="MIN:MAX:COUNT",
+                   help=f"log-spaced sigma grid (default {DEFAULT_GRID}; {SMOKE['sigma_grid']} with --smoke)")
+    p.add_argument("--queries-per-sample", type=int, default=None, metavar="K",
+                   help=f"noisy queries per sample, M = K N (default 3; {SMOKE['queries_per_sample']} with --smoke)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (local engine; the ray engine uses --gpus-per-worker)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default): this process; ray: the batches on a Ray actor pool (lossfloor.ray)")
+    p.add_argument("--workers", type=int, default=1, help="ray engine: actors in the pool (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray engine: GPUs per actor (default 0)")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                   help="ray engine: cluster address (default $RAY_ADDRESS, which a Ray job sets to its cluster; "
+                   "else a local Ray)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"fast check: grid {SMOKE['sigma_grid']}, K={SMOKE['queries_per_sample']}, "
+                   f"at most {SMOKE['max_samples']} samples per data set")
+    p.add_argument("--dry-run", action="store_true", help="print what would be done and exit")
+    add_output_args(p, STUDY, experiment="optimal-loss")
+    args = p.parse_args(argv)
+    args.sigma_grid = args.sigma_grid or (SMOKE["sigma_grid"] if args.smoke else DEFAULT_GRID)
+    if args.queries_per_sample is None:
+        args.queries_per_sample = SMOKE["queries_per_sample"] if args.smoke else 3
+    args.max_samples = SMOKE["max_samples"] if args.smoke else None
+    args.out = args.out or default_out(STUDY)
+    return args
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    source: str
+    label: str  # names the child run and the output folder
+    n_samples: int  # the samples used (after the --smoke cap)
+    sample_shape: tuple[int, ...]
+    estimator: str
+    subset_size: int
+    c: float
+
+
+def _label(source: str, taken: set[str]) -> str:
+    text = source.split(":", 1)[1] if source.startswith("bundled:") else Path(source.rstrip("/\\")).name
+    text = re.sub(r"\.(npy|npz|zip)(?=$|:)", "", text, flags=re.IGNORECASE)
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "data"
+    label, i = base, 2
+    while label in taken:
+        label, i = f"{base}-{i}", i + 1
+    taken.add(label)
+    return label
+
+
+def make_plan(args: argparse.Namespace) -> list[DataPlan]:
+    """The data sets (bundled first, duplicates dropped), their sizes and resolved estimators."""
+    from lossfloor.data import DEFAULT_SOURCE, describe
+    from lossfloor.floor import ESTIMATORS
+
+    if args.estimator != "auto" and args.estimator not in ESTIMATORS:
+        raise InputError(f"--estimator: expected auto or one of {', '.join(ESTIMATORS)}, got {args.estimator!r}")
+    sources = list(dict.fromkeys([DEFAULT_SOURCE, *args.data]))
+    plan, taken = [], set()
+    for src in sources:
+        count, shape = describe(src)
+        n = count if args.max_samples is None else min(count, args.max_samples)
+        estimator = args.estimator if args.estimator != "auto" else ("cdol" if n > CDOL_ABOVE_N else "exact")
+        cfg = estimator_config(args, estimator).resolve(n, math.prod(shape))
+        plan.append(DataPlan(src, _label(src, taken), n, tuple(shape), estimator, cfg.subset_size, cfg.c))
+    return plan
+
+
+def estimator_config(args: argparse.Namespace, estimator: str):
+    from lossfloor.floor import EstimatorConfig
+
+    return EstimatorConfig(
+        estimator=estimator,
+        subset_size=args.subset_size if estimator != "exact" else None,
+        queries_per_sample=args.queries_per_sample,
+        seed=args.seed,
+        device=args.device if args.engine == "local" else ("cuda" if args.gpus_per_worker > 0 else "cpu"),
+    )
+
+
+def describe_plan(args: argparse.Namespace, plan: list[DataPlan], sigmas, uri: str) -> str:
+    lines = ["optimal-loss survey: dry run (nothing is computed or written)", "data sets:"]
+    for d in plan:
+        how = "L=N" if d.estimator == "exact" else f"L={d.subset_size}, C={d.c:.4g}"
+        lines.append(f"  {d.label:<16} {d.source}  N={d.n_samples}  shape={d.sample_shape}  "
+                     f"estimator={d.estimator} ({how}), M={args.queries_per_sample * d.n_samples} queries")
+    lines += [
+        f"sigma grid: {args.sigma_grid} ({len(sigmas)} log-spaced sigmas, {sigmas[0]:.4g} to {sigmas[-1]:.4g})",
+        f"queries per sample: {args.queries_per_sample}; seed {args.seed}; engine {args.engine}"
+        + (f" ({args.workers} worker(s), {args.gpus_per_worker:g} GPU each)" if args.engine == "ray"
+           else f" (device {args.device})"),
+        f"targets: x0 (estimated), {', '.join(TARGETS[1:])} (converted); sigma* per data set",
+        f"outputs: {args.out}/LABEL/jstar_TARGET.parquet, {args.out}/{STUDY}.html, {args.out}/summary.json, "
+        f"{args.out}/work/",
+        f"MLflow: {uri}, experiment {args.experiment!r}: parent run 'optimal-loss-survey', "
+        f"one child run per data set ({', '.join(d.label for d in plan)})",
+    ]
+    return "\n".join(lines)
+
+
+def run_estimate(args: argparse.Namespace, d: DataPlan, samples, fingerprint: str, sigmas):
+    """J*(σ) in x0 units with the chosen engine, resumable from OUT/work."""
+    cfg = estimator_config(args, d.estimator)
+    work = args.out / "work"
+    if args.engine == "ray":
+        try:
+            from lossfloor.ray import RayEngine, estimate_ray
+        except ImportError as e:
+            raise InputError(f"--engine ray: lossfloor.ray cannot be imported ({e}); use --engine local") from None
+        engine = RayEngine(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
+        return estimate_ray(samples, sigmas, cfg, engine=engine, fingerprint=fingerprint, work_parent=work).result
+    from lossfloor.floor.resume import estimate_resumable
+
+    return estimate_resumable(samples, sigmas, cfg, fingerprint=fingerprint, work_parent=work)
+
+
+def _write_json(obj, path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    import lossfloor
+    from lossfloor.diffusion import parse_sigma_grid
+    from lossfloor.tracking import tracking_uri
+
+    log.info("lossfloor %s from %s", lossfloor.__version__, Path(lossfloor.__file__).parent)
+    sigmas = parse_sigma_grid(args.sigma_grid, flag="--sigma-grid")
+    if args.queries_per_sample < 1:
+        raise InputError(f"--queries-per-sample: expected an integer >= 1, got {args.queries_per_sample}")
+    plan = make_plan(args)
+    uri = tracking_uri(args.tracking_uri)
+    if args.dry_run:
+        print(describe_plan(args, plan, sigmas, uri))
+        return 0
+
+    from lossfloor.data import load
+    from lossfloor.floor import build_table, write_table
+    from lossfloor.plots import jstar_figure, write_html
+    from lossfloor.tracking import log_estimate, start_run
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    tables, summary = {}, []
+    study_tags = {"lossfloor.kind": "study", "lossfloor.study": STUDY}
+    with start_run(experiment=args.experiment, run_name="optimal-loss-survey", tags=study_tags,
+                   tracking_uri=uri) as parent:
+        parent.log_params({
+            "data": [d.source for d in plan], "estimator": args.estimator, "sigma_grid": args.sigma_grid,
+            "queries_per_sample": args.queries_per_sample, "seed": args.seed, "engine": args.engine,
+            "targets": list(TARGETS), "smoke": args.smoke, "out": str(args.out),
+        })
+        for d in plan:
+            ds = load(d.source, max_samples=args.max_samples)
+            log.info("%s: %d samples of shape %s, %s estimator", d.label, len(ds), ds.sample_shape, d.estimator)
+            est = run_estimate(args, d, ds.samples, ds.fingerprint, sigmas).estimate
+            by_target = {t: build_table(est, target=t, fingerprint=ds.fingerprint) for t in TARGETS}
+            child = log_estimate(
+                by_target["x0"], also=[by_target[t] for t in TARGETS[1:]], run_name=d.label,
+                parent_run_id=parent.run_id, experiment=args.experiment, tracking_uri=uri,
+                params={"data": d.source, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
+                        "engine": args.engine, "study": STUDY},
+                tags={"lossfloor.study": STUDY},
+            )
+            folder = args.out / d.label
+            folder.mkdir(exist_ok=True)
+            for t, table in by_target.items():
+                write_table(table, folder / f"jstar_{t}.parquet")
+            s_star = by_target["x0"].sigma_star
+            if s_star is not None:
+                parent.log_metrics({f"sigma_star.{d.label}": s_star})
+            tables[d.label] = by_target
+            summary.append({**asdict(d), "sigma_star": s_star, "run_id": child,
+                            "tables": {t: str(folder / f"jstar_{t}.parquet") for t in TARGETS}})
+        fig = jstar_figure(tables, targets=TARGETS, title="Optimal loss J*(σ) per target (Xu et al., Fig. 1)")
+        html = write_html(fig, args.out / f"{STUDY}.html")
+        parent.log_artifact(html)
+        meta = {"tracking_uri": uri, "experiment": args.experiment, "parent_run_id": parent.run_id,
+                "sigma_grid": args.sigma_grid, "targets": list(TARGETS), "data_sets": summary}
+        parent.log_artifact(_write_json(meta, args.out / "summary.json"))
+
+    for s in summary:
+        star = "undefined" if s["sigma_star"] is None else f"{s['sigma_star']:.4g}"
+        print(f"{s['label']:<16} N={s['n_samples']:<8} {s['estimator']:<6} sigma*={star:<10} run {s['run_id']}")
+    print(f"figure: {html}\nMLflow: {uri} experiment {args.experiment!r} parent run {parent.run_id}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return run(args)
+    except InputError as e:
+        print(f"optimal_loss_survey: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
