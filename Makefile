@@ -13,11 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	mkdir -p runs/demo
-	$(VENV)/bin/lossfloor estimate --data bundled:digits --sigma-grid 0.01:100:24 --estimator exact \
-		--out runs/demo/jstar_exact.parquet
-	$(VENV)/bin/lossfloor estimate --data bundled:digits --sigma-grid 0.01:100:24 --estimator cdol \
-		--subset-size 256 --subset-sensitivity --out runs/demo/jstar_cdol.parquet
+	VENV=$(VENV) bash scripts/demo.sh
 
 test: $(STAMP)
 	$(PY) -m ruff check platform tests studies benchmarks dashboards

@@ -49,3 +49,16 @@ def add_output_args(p: argparse.ArgumentParser, study: str, experiment: str) -> 
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.add_argument("--experiment", default=experiment, help=f"MLflow experiment (default {experiment})")
     p.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def run_study(name: str, parse_args, run, argv: list[str] | None = None) -> int:
+    """A study's `main`: parse, set up logging, run; bad input ends as one line on stderr and exit code 2."""
+    from lossfloor.errors import InputError
+
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return run(args)
+    except InputError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2

@@ -32,7 +32,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_output_args, default_out, ensure_lossfloor, setup_logging
+from _common import add_output_args, default_out, ensure_lossfloor, run_study
 
 ensure_lossfloor()
 
@@ -253,13 +253,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        return run(args)
-    except InputError as e:
-        print(f"optimal_loss_survey: {e}", file=sys.stderr)
-        return 2
+    return run_study("optimal_loss_survey", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ COMMANDS = [
     "lossfloor.cli.fit",
     "lossfloor.cli.model_info",
     "lossfloor.cli.data",
+    "lossfloor.cli.dashboard",
+    "lossfloor.cli.train",
 ]
 
 

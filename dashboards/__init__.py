@@ -1,0 +1,154 @@
+"""Dashboard pages built from MLflow runs (standalone HTML, also logged to MLflow).
+
+Figure builders live in the package (`lossfloor.plots`, `lossfloor.plots_scaling`), because
+`lossfloor.tracking` logs figures from Ray job drivers where only the package is shipped
+(cluster/runtime_env.yaml: `py_modules: [platform/lossfloor]`). This folder holds the page builders that
+read runs and compose those figures; import it with the repository root on sys.path (`lossfloor
+dashboard` finds it next to `platform/` of the checkout it runs from).
+
+What every page shares, here: `page_html` lays out sections of figures and HTML around ONE embedded copy
+of plotly.js (no CDN: DESIGN §5), so a page opens offline; `write_page` writes it atomically. A page
+reports whether it rendered: `<body data-rendered="ok: N plots">` once every `Plotly.newPlot` promise
+has resolved, or `data-rendered="error: ..."` plus a red banner on the first script error.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lossfloor.errors import InputError
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; margin: 0 auto;
+       max-width: 1280px; padding: 16px 24px 64px; color: #222; background: #fff; }
+h1 { font-size: 1.6em; margin: 0.4em 0; } h2 { font-size: 1.25em; margin: 1.6em 0 0.4em;
+       border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+nav a { margin-right: 1.2em; } .about { color: #555; font-size: 0.85em; }
+.about dt { font-weight: 600; float: left; clear: left; width: 10em; } .about dd { margin-left: 10.5em; }
+.note { color: #555; font-size: 0.9em; }
+table.fits { border-collapse: collapse; font-size: 0.85em; width: 100%; }
+.table-wrap { overflow-x: auto; }
+table.fits th, table.fits td { border: 1px solid #ddd; padding: 4px 6px; text-align: left; vertical-align: top; }
+table.fits td:nth-child(-n+2) { white-space: nowrap; }
+table.fits th { background: #f4f4f4; } table.fits tr.first td { border-top: 2px solid #999; }
+#render-error { display: none; background: #fdd; color: #900; padding: 8px; border: 1px solid #c00; }
+"""
+
+# Runs first in <body>, after plotly.js: records every Plotly.newPlot promise and script error, then
+# marks <body data-rendered> (what the headless browser test reads) and shows errors in a red banner.
+RENDER_STATUS_JS = """
+(function () {
+  var pending = [], errors = [];
+  function mark() {
+    if (errors.length) {
+      document.body.dataset.rendered = "error: " + errors.join(" | ");
+      var box = document.getElementById("render-error");
+      if (box) { box.textContent = "This page failed to render: " + errors.join(" | "); box.style.display = "block"; }
+    }
+  }
+  window.addEventListener("error", function (e) { errors.push(String(e.message || e)); mark(); });
+  window.addEventListener("unhandledrejection", function (e) { errors.push(String(e.reason)); mark(); });
+  if (typeof Plotly === "undefined") { errors.push("plotly.js is not loaded"); }
+  else {
+    var newPlot = Plotly.newPlot;
+    Plotly.newPlot = function () { var p = newPlot.apply(this, arguments); pending.push(p); return p; };
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    Promise.all(pending).then(function () {
+      if (!errors.length) { document.body.dataset.rendered = "ok: " + pending.length + " plots"; }
+    }, function (e) { errors.push("Plotly.newPlot: " + e); mark(); });
+    mark();
+  });
+})();
+"""
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of a page: a heading, an optional intro, then figures and raw HTML blocks in order."""
+
+    title: str
+    blocks: Sequence[object]  # plotly Figures, or str (HTML, inserted as is)
+    intro: str = ""  # plain text, escaped
+
+    @property
+    def anchor(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")
+
+
+def figure_html(fig, div_id: str) -> str:
+    """A figure's <div> and script, without plotly.js (the page embeds it once)."""
+    import plotly.io as pio
+
+    height = fig.layout.height
+    return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id,
+                       default_height=f"{height}px" if height else "480px",
+                       config={"responsive": True, "displaylogo": False})
+
+
+def page_html(title: str, sections: Sequence[Section], *, about: Mapping[str, str] | None = None) -> str:
+    """A standalone page: plotly.js embedded once in <head>, then the sections (see module docstring)."""
+    from plotly.offline import get_plotlyjs
+
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title>",
+        f"<style>{STYLE}</style>",
+        f'<script type="text/javascript">{get_plotlyjs()}</script>',
+        '</head><body data-rendered="pending">',
+        f"<script>{RENDER_STATUS_JS}</script>",
+        '<div id="render-error"></div>',
+        f"<h1>{e(title)}</h1>",
+    ]
+    if about:
+        items = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in about.items())
+        parts.append(f'<dl class="about">{items}</dl>')
+    parts.append("<nav>" + "".join(f'<a href="#{s.anchor}">{e(s.title)}</a>' for s in sections) + "</nav>")
+    n_fig = 0
+    for s in sections:
+        parts.append(f'<section id="{s.anchor}"><h2>{e(s.title)}</h2>')
+        if s.intro:
+            parts.append(f'<p class="note">{e(s.intro)}</p>')
+        for block in s.blocks:
+            if isinstance(block, str):
+                parts.append(block)
+            else:
+                n_fig += 1
+                parts.append(figure_html(block, f"fig-{s.anchor}-{n_fig}"))
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_page(text: str, path: str | os.PathLike) -> Path:
+    """Write a page atomically (a temporary name in the same folder, then renamed); creates the folder."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise InputError(f"--out {path}: cannot write there ({err.strerror or err})") from None
+        raise
+    return path
+
+
+__all__ = ["Section", "figure_html", "page_html", "write_page"]

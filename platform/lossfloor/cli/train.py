@@ -1,0 +1,370 @@
+"""`lossfloor train`: train an EDM2 model with the EDM2 or the optimal-loss schedule, locally or on Ray.
+
+Writes OUT: checkpoint-<n_img>/ (the newest `keep` ones), loss_curve.parquet, train_log.parquet; prints
+a summary (final losses, the per-σ gap table, FLOPs, where things are). A rerun with the same OUT
+continues from its newest checkpoint (either engine), and does nothing when the run is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from lossfloor.errors import InputError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("local", "ray")
+SCHEDULES = ("edm2", "fm", "optimal-loss")
+_RAY_ONLY = ("workers", "gpus_per_worker", "cpus_per_worker", "address", "max_failures")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train an EDM2 model (EDM2 or optimal-loss schedule), locally or on Ray",
+        description="Train an EDM2 U-Net on a data set with the EDM2, flow-matching or optimal-loss schedule "
+        "(Xu et al. §4); write checkpoints and the loss-curve tables to --out and print a summary.",
+    )
+    p.add_argument("--preset", default="tiny", help="model preset: tiny, tiny32, img512-xs..img512-xxl, "
+                   "img64-s..img64-xl (default tiny)")
+    p.add_argument("--data", required=True, help="data source (as for `lossfloor estimate`), e.g. bundled:digits")
+    p.add_argument("--j-star", default=None, metavar="TABLE",
+                   help="J* table from `lossfloor estimate` (x0 or with j_star_x0): needed by --schedule "
+                   "optimal-loss; with any schedule, every loss is also reported as a gap J - J*")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help="edm2 | fm | optimal-loss (default: edm2 for --process edm, fm for --process fm)")
+    p.add_argument("--process", default="edm", choices=("edm", "fm"),
+                   help="preconditioning: edm (EDM, sigma_data 0.5) or fm (flow matching) (default edm)")
+    p.add_argument("--images", type=int, default=None, metavar="N", help="training length in images "
+                   "(default: the preset's)")
+    p.add_argument("--batch", type=int, default=None, metavar="B", help="global batch in images, split "
+                   "over workers (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, metavar="LR", help="lr_ref (default: the preset's)")
+    p.add_argument("--precision", default="none", choices=("none", "bf16", "fp16"),
+                   help="autocast of the network (default none = fp32; fp16 needs CUDA)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="evaluate (and checkpoint) every N images (default: 16 evaluations per run)")
+    p.add_argument("--eval-sigmas", default=None, metavar="LIST",
+                   help="comma-separated evaluation sigmas, e.g. 0.02,0.2,1,5 (default 16 log-spaced in [0.002, 80])")
+    p.add_argument("--eval-samples", type=int, default=256, metavar="N",
+                   help="fixed evaluation subset, held out of training (default 256)")
+    p.add_argument("--keep", type=int, default=2, metavar="K", help="newest checkpoints kept; 0 = all (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-name", default=None, help="run name (default <preset>-<process>-<schedule>-<hash>)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints and tables")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUT's newest checkpoint if any (default); --no-resume refuses an OUT "
+                   "that already holds checkpoints")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved run (batches, devices, budget) "
+                   "and exit without training")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--engine", default="local", choices=ENGINES,
+                     help="local (this process, default) | ray (Ray Train, one process per worker)")
+    eng.add_argument("--device", default=None, help="local: cpu | cuda (default cuda when available)")
+    eng.add_argument("--workers", type=int, default=None, metavar="N", help="ray: training workers (default 1)")
+    eng.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                     help="ray: GPUs per worker; > 0 trains on CUDA with NCCL (default 0: CPU, gloo)")
+    eng.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
+                     help="ray: CPUs (and torch threads) per worker (default 1)")
+    eng.add_argument("--address", default=None, metavar="ADDR", help="ray: cluster address (default: this "
+                     "process's Ray or a local one)")
+    eng.add_argument("--max-failures", type=int, default=None, metavar="F",
+                     help="ray: restarts from the last checkpoint after worker failures (default 2; -1 = no limit)")
+
+    trk = p.add_argument_group("tracking")
+    trk.add_argument("--mlflow", action="store_true", help="log the run to MLflow (params, per-step loss, "
+                     "per-σ eval loss and gap, FLOPs, checkpoint paths, tables, figure, samples grid)")
+    trk.add_argument("--mlflow-experiment", default="optimal-loss", metavar="NAME",
+                     help="MLflow experiment (default optimal-loss)")
+    trk.add_argument("--samples", default="auto", metavar="N",
+                     help="MLflow: samples in the grid image (default auto: 64 for pixel data when cheap; 0 = none)")
+    p.set_defaults(func=run)
+
+
+# --- Checks and config ---------------------------------------------------------------------------------
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.engine != "ray":
+        given = [f"--{n.replace('_', '-')}" for n in _RAY_ONLY if getattr(args, n) is not None]
+        if given:
+            raise InputError(f"{given[0]}: only with --engine ray")
+    elif args.device is not None:
+        raise InputError("--device: with --engine ray the device follows --gpus-per-worker (cuda when > 0)")
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers: expected an integer >= 1, got {args.workers}")
+    if args.gpus_per_worker is not None and not (math.isfinite(args.gpus_per_worker) and args.gpus_per_worker >= 0):
+        raise InputError(f"--gpus-per-worker: expected a number >= 0 (e.g. 1 or 0.5), got {args.gpus_per_worker}")
+    if args.cpus_per_worker is not None and not (math.isfinite(args.cpus_per_worker) and args.cpus_per_worker > 0):
+        raise InputError(f"--cpus-per-worker: expected a number > 0, got {args.cpus_per_worker}")
+    if args.max_failures is not None and args.max_failures < -1:
+        raise InputError(f"--max-failures: expected an integer >= -1, got {args.max_failures}")
+    for flag, value, low in (("--images", args.images, 1), ("--batch", args.batch, 1),
+                             ("--eval-every", args.eval_every, 1), ("--eval-samples", args.eval_samples, 1),
+                             ("--keep", args.keep, 0), ("--seed", args.seed, 0)):
+        if value is not None and value < low:
+            raise InputError(f"{flag}: expected an integer >= {low}, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr: expected a positive learning rate like 0.01, got {args.lr}")
+    if args.samples != "auto":
+        try:
+            args.samples = int(args.samples)
+        except ValueError:
+            raise InputError(f"--samples: expected a number of samples like 64, 0 or auto, got {args.samples!r}") from None
+        if args.samples < 0:
+            raise InputError(f"--samples: expected a number >= 0, got {args.samples}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if not out.absolute().parent.is_dir():
+        raise InputError(f"--out {out}: its parent folder {out.absolute().parent} does not exist")
+
+
+def build_config(args: argparse.Namespace):
+    """The TrainConfig of the arguments; InputError naming the flag for what is wrong."""
+    from lossfloor.models import get_preset
+    from lossfloor.train import (
+        EDM2Schedule,
+        FMSchedule,
+        JStarCurve,
+        OptimalLossSchedule,
+        TrainConfig,
+        resolve,
+    )
+
+    try:
+        get_preset(args.preset)
+    except InputError as e:
+        raise InputError(f"--preset: {e}") from None
+    schedule = args.schedule or ("edm2" if args.process == "edm" else "fm")
+    if schedule == "optimal-loss" and args.j_star is None:
+        raise InputError("--j-star: --schedule optimal-loss needs a J* table; make one with "
+                         "`lossfloor estimate --data SRC --sigma-grid 0.002:80:64 --out jstar.parquet`")
+    if args.j_star is not None:
+        try:
+            JStarCurve.from_path(args.j_star)  # read it now: a bad table fails before any work
+        except InputError as e:
+            raise InputError(f"--j-star: {e}") from None
+    sigmas = None
+    if args.eval_sigmas is not None:
+        from lossfloor.diffusion import parse_sigmas
+
+        sigmas = tuple(float(x) for x in parse_sigmas(args.eval_sigmas, flag="--eval-sigmas"))
+    sched = {"edm2": EDM2Schedule, "fm": FMSchedule, "optimal-loss": OptimalLossSchedule}[schedule]()
+    config = TrainConfig(
+        preset=args.preset, process=args.process, schedule=sched, jstar=args.j_star, batch_n_img=args.batch,
+        duration_n_img=args.images, lr_ref=args.lr, precision=args.precision, eval_every_n_img=args.eval_every,
+        eval_sigmas=sigmas, eval_n_samples=args.eval_samples, keep_checkpoints=args.keep, seed=args.seed, run=args.run_name,
+    )
+    R = resolve(config)
+    if R.duration_n_img < R.batch_n_img:
+        raise InputError(f"--images: {R.duration_n_img} is less than one batch ({R.batch_n_img} images); "
+                         f"give --images >= --batch")
+    workers = (args.workers or 1) if args.engine == "ray" else 1
+    if R.batch_n_img % workers:
+        raise InputError(f"--batch: {R.batch_n_img} must split evenly over {workers} workers")
+    if args.precision == "fp16" and args.engine == "ray" and not args.gpus_per_worker:
+        raise InputError("--precision fp16: needs GPUs (--gpus-per-worker 1); use bf16 or none on CPUs")
+    return config
+
+
+def _check_data(config, source: str) -> None:
+    """What the loop would reject about the data, from its header (no samples read)."""
+    from lossfloor.data import open_source
+    from lossfloor.train import resolve
+
+    R = resolve(config)
+    info = open_source(source).info()
+    unet = R.preset.unet
+    expected = (unet.img_channels, unet.img_resolution, unet.img_resolution)
+    if tuple(info.sample_shape) != expected:
+        raise InputError(f"--data {source}: samples of shape {tuple(info.sample_shape)}, but --preset "
+                         f"{R.preset.name} expects {expected}")
+    if unet.label_dim and not info.has_labels:
+        raise InputError(f"--data {source}: --preset {R.preset.name} is class-conditional but the data has no labels")
+    if config.eval_n_samples >= info.count:
+        raise InputError(f"--eval-samples: {config.eval_n_samples} must be less than the {info.count} samples "
+                         f"of --data (some must remain for training); e.g. {max(1, info.count // 8)}")
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    from lossfloor.train import latest_checkpoint
+
+    newest = latest_checkpoint(args.out)
+    if newest is not None and not args.resume:
+        raise InputError(f"--no-resume: {args.out} already holds checkpoints (newest {newest.name}); remove them, "
+                         "choose another --out, or resume")
+
+
+# --- Summary -------------------------------------------------------------------------------------------
+
+
+def summary(out_dir, *, wall_s: float, images_run: int, engine: str, mlflow_run: str | None) -> dict:
+    """What a run reports, read from its folder's tables (the same for both engines)."""
+    import pyarrow.parquet as pq
+
+    from lossfloor.train import latest_checkpoint
+
+    out = Path(out_dir)
+    curve = pq.read_table(out / "loss_curve.parquet")
+    log_rows = pq.read_table(out / "train_log.parquet").to_pylist()
+    meta = {k.decode(): v.decode() for k, v in (curve.schema.metadata or {}).items()}
+    rows = curve.to_pylist()
+    last_img = max((r["images"] for r in rows), default=None)
+    final = sorted((r for r in rows if r["images"] == last_img and r["sigma"] is not None), key=lambda r: r["sigma"])
+    total = next((r for r in rows if r["images"] == last_img and r["sigma"] is None), None)
+    last = log_rows[-1] if log_rows else {}
+    newest = latest_checkpoint(out)
+    return {
+        "run": meta.get("run"),
+        "model": last.get("model"),
+        "params": last.get("params"),
+        "n_img": last.get("images"),
+        "steps": last.get("step"),
+        "train_loss": last.get("loss"),
+        "train_gap": last.get("gap"),
+        "eval_images": last_img,
+        "eval_total": None if total is None else total["loss"],
+        "eval_total_gap": None if total is None else total["gap"],
+        "per_sigma": [{"sigma": r["sigma"], "loss": r["loss"], "j_star": r["j_star"], "gap": r["gap"]} for r in final],
+        "forward_flops": float(meta.get("forward_flops", "nan")),
+        "training_flops": last.get("flops"),
+        "engine": engine,
+        "wall_s": wall_s,
+        "images_per_s": images_run / wall_s if wall_s > 0 and images_run else None,
+        "out": str(out),
+        "checkpoint": None if newest is None else str(newest),
+        "loss_curve": str(out / "loss_curve.parquet"),
+        "train_log": str(out / "train_log.parquet"),
+        "mlflow_run": mlflow_run,
+    }
+
+
+def _num(v, fmt=".5g") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"run {s['run']}: {s['model']} ({_num(s['params'], ',')} parameters), {s['n_img']} images in "
+             f"{s['steps']} steps ({s['engine']}, {s['wall_s']:.1f} s"
+             + (f", {s['images_per_s']:.1f} img/s overall)" if s["images_per_s"] else ")")]
+    lines.append(f"final training loss {_num(s['train_loss'])}" + (f", gap {_num(s['train_gap'])}" if s["train_gap"]
+                                                                     is not None else ""))
+    lines.append(f"eval at {s['eval_images']} images: weighted total {_num(s['eval_total'])}"
+                 + (f", total gap {_num(s['eval_total_gap'])}" if s["eval_total_gap"] is not None else ""))
+    lines.append(f"{'sigma':>10} {'loss':>12} {'j_star':>12} {'gap':>12} {'gap/loss':>9}")
+    for r in s["per_sigma"]:
+        ratio = r["gap"] / r["loss"] if r["gap"] is not None and r["loss"] else None
+        lines.append(f"{r['sigma']:>10.4g} {r['loss']:>12.5g} {_num(r['j_star']):>12} {_num(r['gap']):>12} "
+                     f"{_num(ratio, '.1%'):>9}")
+    lines.append(f"FLOPs: {s['forward_flops']:.4g} per forward per image, {_num(s['training_flops'], '.4g')} "
+                 "for training (3 x forward x images)")
+    lines.append(f"checkpoint {s['checkpoint']}")
+    lines.append(f"tables {s['loss_curve']}, {s['train_log']}")
+    if s["mlflow_run"]:
+        lines.append(f"MLflow run {s['mlflow_run']}")
+    return "\n".join(lines)
+
+
+def _json_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    return v
+
+
+def dry_run_text(config, args: argparse.Namespace) -> str:
+    from lossfloor.train import forward_flops, resolve
+
+    R = resolve(config)
+    workers = (args.workers or 1) if args.engine == "ray" else 1
+    steps = math.ceil(R.duration_n_img / R.batch_n_img)
+    fwd = forward_flops(R.preset, config.flop_convention)
+    where = (f"ray: {workers} worker(s) x {args.gpus_per_worker or 0:g} GPU, {args.cpus_per_worker or 1:g} CPU"
+             if args.engine == "ray" else f"local: {args.device or 'cuda if available, else cpu'}")
+    return "\n".join([
+        f"run {R.run}: preset {R.preset.name}, process {config.process}, schedule {R.schedule.kind}",
+        f"data {args.data}; J* {config.jstar or 'none'}",
+        f"{R.duration_n_img} images = {steps} steps of {R.batch_n_img} ({R.batch_n_img // workers} per worker)",
+        f"lr_ref {R.lr_ref:g}, t_ref {R.t_ref_iters} steps, warm-up {R.warmup_n_img} images, precision {config.precision}",
+        f"eval every {R.eval_every_n_img} images on {len(R.eval_sigmas)} sigmas x {config.eval_n_samples} samples; "
+        f"checkpoint every {R.checkpoint_every_n_img} images, keep {config.keep_checkpoints}",
+        f"{where}; out {args.out} (resume: {args.resume})",
+        f"budget: {3 * fwd * steps * R.batch_n_img:.4g} training FLOPs ({fwd:.4g} per forward per image)",
+    ])
+
+
+# --- Run -----------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    config = build_config(args)
+    _check_data(config, args.data)
+    _check_out(args)
+    if args.dry_run:
+        sys.stdout.write(dry_run_text(config, args) + "\n")
+        return 0
+    log_training = None
+    if args.mlflow:  # before any work: a missing tracking layer is a setup error, not a late surprise
+        try:
+            from lossfloor.tracking.runs import tracking_uri
+            from lossfloor.tracking.train import log_training
+
+            tracking_uri()
+        except ImportError as e:
+            raise InputError(f"--mlflow: MLflow tracking is not available ({e})") from None
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    t0 = time.monotonic()
+    if args.engine == "ray":
+        from lossfloor.ray.train import train_on_ray
+
+        before = _images_done(out)
+        res = train_on_ray(config, args.data, workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0,
+                           cpus_per_worker=args.cpus_per_worker, storage_path=out.absolute().parent, name=out.name,
+                           max_failures=2 if args.max_failures is None else args.max_failures,
+                           address=args.address, resume=args.resume)
+        images_run = int(res.metrics.get("n_img", before)) - before
+    else:
+        from lossfloor.data import load
+        from lossfloor.train import train
+
+        before = _images_done(out)
+        res = train(config, load(args.data), checkpoint_dir=out, resume=args.resume, device=args.device)
+        images_run = res.n_img - before
+    wall = time.monotonic() - t0
+    run_id = None
+    if log_training is not None:  # on the driver only: workers never write to MLflow
+        run_id = log_training(out, params={"data": args.data, "engine": args.engine,
+                                           "workers": (args.workers or 1) if args.engine == "ray" else 1,
+                                           "out": str(out.absolute())},
+                              experiment=args.mlflow_experiment, samples=args.samples,
+                              device=args.device if args.engine == "local" else None)
+        log.info("logged MLflow run %s (experiment %s)", run_id, args.mlflow_experiment)
+    s = summary(out, wall_s=wall, images_run=images_run, engine=args.engine, mlflow_run=run_id)
+    if args.json:
+        json.dump(_json_value(s), sys.stdout, indent=1, allow_nan=False)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_summary(s) + "\n")
+    return 0
+
+
+def _images_done(out: Path) -> int:
+    """Images already trained in OUT (its newest checkpoint's name), 0 for a fresh run."""
+    from lossfloor.train import latest_checkpoint
+
+    newest = latest_checkpoint(out)
+    return 0 if newest is None else int(newest.name.rsplit("-", 1)[1])

@@ -1,0 +1,490 @@
+"""Plotly figures of a scaling study (Xu et al. 2026, §5, Eq. 13): loss-vs-FLOPs curves with their
+envelope, raw vs gap-corrected power-law fits, hold-out predictions, and the fits as table rows.
+
+Inputs are the study's hand-off tables: the loss curves (`lossfloor.train.curves` schema; the figures use
+model, flops, loss, sigma (null = total) and params) and fits, a mapping "total" | "sigma=X" ->
+`ScalingFits.to_dict()` (see `lossfloor.scaling.fits`). The page that puts them together is
+`dashboards/scaling.py`. This module imports plotly; the core never imports it.
+
+    fig = loss_vs_flops_figure(curves, fits)     # one panel per σ plus the total, log-log
+    fig = fit_lines_figure(fits)                 # per quantity: raw | corrected, |ρ| in the titles
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import pyarrow as pa
+import pyarrow.compute as pc
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from lossfloor.errors import InputError
+
+SIGMA_RTOL = 1e-5  # a curves row, a fit and a panel are of the same σ within this relative tolerance
+FORM_TITLES = {"raw": "raw J = βF^α", "corrected": "corrected J − J* = βF^α", "free_offset": "free offset J = E + βF^α"}
+FORM_COLORS = {"raw": "#d62728", "corrected": "#2ca02c", "free_offset": "#1f77b4"}
+ENVELOPE_COLOR = "#222222"
+MAX_LINE_POINTS = 300  # envelope points drawn per trace (the fits use up to 1500)
+PANEL_HEIGHT = 360
+CURVE_COLUMNS = ("model", "flops", "loss")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the inputs
+
+
+def quantity_label(sigma: float | None) -> str:
+    return "total loss" if sigma is None else f"σ = {sigma:.4g}"
+
+
+def ordered_fits(fits: Mapping[str, dict]) -> list[tuple[str, dict]]:
+    """(key, fit) by increasing σ, the total loss last."""
+    return sorted(fits.items(), key=lambda kv: (kv[1].get("sigma") is None, kv[1].get("sigma") or 0.0))
+
+
+def _same_sigma(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) <= SIGMA_RTOL * max(abs(a), abs(b))
+
+
+def fit_at(fits: Mapping[str, dict], sigma: float | None) -> dict | None:
+    """The fit of the quantity at `sigma` (None: the total loss), or None."""
+    return next((f for _, f in ordered_fits(fits) if _same_sigma(f.get("sigma"), sigma)), None)
+
+
+def check_fits(fits, source: str) -> dict[str, dict]:
+    """Validate a fits.json object: keys "total" | "sigma=X", values ScalingFits.to_dict() with that sigma."""
+    if not isinstance(fits, dict) or not fits:
+        raise InputError(f"{source}: expected a non-empty JSON object {{\"total\" | \"sigma=X\": fits}}")
+    for key, value in fits.items():
+        if not isinstance(value, dict) or not isinstance(value.get("raw"), dict) or "envelope" not in value:
+            raise InputError(f"{source}: {key!r} is not a ScalingFits.to_dict() object (no 'raw' or 'envelope')")
+        sigma = value.get("sigma")
+        if key == "total":
+            if sigma is not None:
+                raise InputError(f"{source}: key 'total' holds a fit at sigma={sigma}; expected sigma null")
+            continue
+        try:
+            want = float(key.removeprefix("sigma=")) if key.startswith("sigma=") else math.nan
+        except ValueError:
+            want = math.nan
+        if not math.isfinite(want):
+            raise InputError(f"{source}: key {key!r}: expected 'total' or 'sigma=<number>'")
+        if sigma is None or abs(float(sigma) - want) > SIGMA_RTOL * want:
+            raise InputError(f"{source}: key {key!r} holds a fit at sigma={sigma}")
+    return fits
+
+
+def _column(curves: pa.Table, name: str) -> np.ndarray:
+    col = curves.column(name)
+    return np.asarray(pc.fill_null(col.cast(pa.float64()), math.nan).to_numpy(), dtype=np.float64)
+
+
+def curve_sigmas(curves: pa.Table) -> tuple[list[float], bool]:
+    """(the distinct σ of the per-σ rows, sorted; whether there are total-loss rows)."""
+    if "sigma" not in curves.column_names:
+        return [], True
+    sig = _column(curves, "sigma")
+    total = np.isnan(sig)
+    distinct: list[float] = []
+    for s in np.unique(sig[~total]):
+        if not distinct or not _same_sigma(distinct[-1], float(s)):
+            distinct.append(float(s))
+    return distinct, bool(total.any())
+
+
+def check_curves(curves: pa.Table, source: str = "curves") -> pa.Table:
+    """The columns the figures need (model, flops, loss; sigma and params optional) and some rows."""
+    missing = [c for c in CURVE_COLUMNS if c not in curves.column_names]
+    if missing:
+        raise InputError(f"{source}: missing column(s) {', '.join(missing)} (lossfloor.train.curves schema; "
+                         f"has: {', '.join(curves.column_names) or 'none'})")
+    if curves.num_rows == 0:
+        raise InputError(f"{source}: no rows")
+    return curves
+
+
+def model_curves(curves: pa.Table, sigma: float | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(model, flops, loss)] of the rows at `sigma` (None: total), sorted by flops; models by size."""
+    check_curves(curves)
+    models = np.asarray(curves.column("model").to_pylist(), dtype=object)
+    flops, loss = _column(curves, "flops"), _column(curves, "loss")
+    if "sigma" in curves.column_names:
+        sig = _column(curves, "sigma")
+        rows = np.isnan(sig) if sigma is None else np.abs(sig - sigma) <= SIGMA_RTOL * sigma
+    else:
+        rows = np.full(len(flops), sigma is None)
+    params = _column(curves, "params") if "params" in curves.column_names else None
+    names = list(dict.fromkeys(models[rows].tolist()))
+    if params is not None:  # smallest model first, so colours follow size (unknown sizes last)
+        def size(m) -> float:
+            p = params[rows & (models == m)]
+            p = p[np.isfinite(p)]
+            return float(p.max()) if len(p) else math.inf
+
+        names.sort(key=size)
+    out = []
+    for m in names:
+        pick = rows & (models == m)
+        order = np.argsort(flops[pick], kind="stable")
+        out.append((str(m), flops[pick][order], loss[pick][order]))
+    return out
+
+
+def model_colors(curves: pa.Table) -> dict[str, str]:
+    """One colour per model, the same in every figure (models ordered by size)."""
+    sigmas, has_total = curve_sigmas(curves)
+    names: list[str] = []
+    for s in ([None] if has_total else []) + sigmas:
+        names += [m for m, _, _ in model_curves(curves, s) if m not in names]
+    palette = qualitative.Plotly
+    return {m: palette[i % len(palette)] for i, m in enumerate(names)}
+
+
+def envelope_points(fit: dict | None, curves: pa.Table, sigma: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(flops, loss) of the envelope: the fit's own, else computed from the curves (lossfloor.scaling)."""
+    if fit is not None and fit.get("envelope"):
+        pts = np.asarray(fit["envelope"], dtype=np.float64)  # (n, 2) flops, loss
+        return pts[:, 0], pts[:, 1]
+    from lossfloor.scaling import as_curves, envelope  # scipy: only when a fit does not carry one
+
+    env = envelope(as_curves(curves, sigma=sigma))
+    return env.flops, env.loss
+
+
+def _thin(*arrays: np.ndarray, n: int = MAX_LINE_POINTS) -> list[np.ndarray]:
+    """Every k-th point (and the last) so a line has at most ~n points."""
+    size = len(arrays[0])
+    if size <= n:
+        return list(arrays)
+    keep = np.unique(np.r_[np.arange(0, size, math.ceil(size / n)), size - 1])
+    return [a[keep] for a in arrays]
+
+
+def j_star_of(fit: dict | None, jstar=None, sigma: float | None = None) -> float | None:
+    """J* of a quantity: the fit's (what was fitted), else the J* table's x0 value at σ (log-σ interp.)."""
+    if fit is not None and fit.get("j_star") is not None:
+        return float(fit["j_star"])
+    if jstar is None or sigma is None:
+        return None
+    table = jstar.table
+    s = np.asarray(table.column("sigma").to_numpy(), dtype=np.float64)
+    name = "j_star_x0" if "j_star_x0" in table.column_names else "j_star"
+    j = np.asarray(table.column(name).to_numpy(), dtype=np.float64)
+    order = np.argsort(s)
+    s, j = s[order], j[order]
+    if not s[0] * (1 - SIGMA_RTOL) <= sigma <= s[-1] * (1 + SIGMA_RTOL):
+        return None
+    return float(np.interp(math.log(sigma), np.log(s), j))
+
+
+def _grid(rows_n: int, cols: int, titles: list[str]) -> go.Figure:
+    """Panels PANEL_HEIGHT px high with ~110 px between rows (room for an axis title and a panel title)."""
+    gap = 110 / (PANEL_HEIGHT * rows_n) if rows_n > 1 else 0.0
+    return make_subplots(rows=rows_n, cols=cols, subplot_titles=titles, horizontal_spacing=0.1,
+                         vertical_spacing=gap)
+
+
+def _log_axes(fig: go.Figure, n: int, cols: int, y_title: str) -> None:
+    for p in range(n):
+        row, col = p // cols + 1, p % cols + 1
+        fig.update_xaxes(type="log", title_text="training FLOPs F", exponentformat="power", row=row, col=col)
+        fig.update_yaxes(type="log", title_text=y_title, exponentformat="power", row=row, col=col)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures
+
+
+def loss_vs_flops_figure(
+    curves: pa.Table, fits: Mapping[str, dict], *, sigmas: Sequence[float] | None = None, jstar=None,
+    title: str = "Loss vs training compute",
+) -> go.Figure:
+    """Per model, loss against FLOPs (log-log) with the envelope, one panel per σ plus the total loss.
+
+    sigmas: the per-σ panels (default: the σ that have fits, else up to 4 of the curves' σ, spread in
+    log σ). The total-loss panel is added when the curves have total rows. A dotted line marks J*.
+    """
+    available, has_total = curve_sigmas(curves)
+    if sigmas is None:
+        sigmas = [f["sigma"] for _, f in ordered_fits(fits) if f.get("sigma") is not None]
+        if not sigmas and available:
+            sigmas = [available[i] for i in np.unique(np.linspace(0, len(available) - 1, 4).round().astype(int))]
+    for s in sigmas:
+        if not any(_same_sigma(s, a) for a in available):
+            shown = ", ".join(f"{a:g}" for a in available) or "none"
+            raise InputError(f"sigma {s:g}: the curves have no rows at this σ (column 'sigma' has: {shown})")
+    panels: list[float | None] = sorted(float(s) for s in sigmas) + ([None] if has_total else [])
+    if not panels:
+        raise InputError("curves: no rows to plot (no per-σ rows selected and no total-loss rows)")
+    cols = 1 if len(panels) == 1 else 2
+    rows_n = math.ceil(len(panels) / cols)
+    fig = _grid(rows_n, cols, [quantity_label(s) for s in panels])
+    colors = model_colors(curves)
+    shown: set[str] = set()
+    for p, sigma in enumerate(panels):
+        row, col = p // cols + 1, p % cols + 1
+        per_model = model_curves(curves, sigma)
+        for model, f, j in per_model:
+            fig.add_trace(go.Scatter(
+                x=f, y=j, mode="lines+markers", name=model, legendgroup=model, showlegend=model not in shown,
+                line={"color": colors[model], "width": 1.5}, marker={"size": 4},
+                hovertemplate="F=%{x:.3g}<br>J=%{y:.5g}<extra>" + model + "</extra>",
+            ), row=row, col=col)
+            shown.add(model)
+        fit = fit_at(fits, sigma)
+        ef, ej = _thin(*envelope_points(fit, curves, sigma))
+        fig.add_trace(go.Scatter(
+            x=ef, y=ej, mode="lines", name="envelope", legendgroup="envelope", showlegend=p == 0,
+            line={"color": ENVELOPE_COLOR, "width": 2.5, "dash": "dash"},
+            hovertemplate="F=%{x:.3g}<br>envelope J=%{y:.5g}<extra></extra>",
+        ), row=row, col=col)
+        js = j_star_of(fit, jstar, sigma)
+        if js is not None and js > 0:  # a trace, not add_hline: its annotation's y would be log10 units
+            fig.add_trace(go.Scatter(
+                x=[min(f.min() for _, f, _ in per_model), max(f.max() for _, f, _ in per_model)], y=[js, js], mode="lines", name="J*", legendgroup="J*", showlegend=p == 0,
+                line={"dash": "dot", "color": "#7f7f7f", "width": 1.5},
+                hovertemplate=f"J* = {js:.5g}<extra></extra>",
+            ), row=row, col=col)
+    _log_axes(fig, len(panels), cols, "loss J")
+    fig.update_layout(
+        title={"text": f"{title}<br><sup>one line per model; dashed: envelope (lower frontier over models); "
+                       "dotted: J*</sup>"},
+        template="plotly_white", height=PANEL_HEIGHT * rows_n + 120, legend={"title": {"text": "model"}},
+    )
+    return fig
+
+
+def _form_title(label: str, form: str, fit: dict | None) -> str:
+    if fit is None:
+        return f"{label} · {FORM_TITLES[form]}<br>not fitted"
+    rho = fit.get("abs_rho")
+    rho_s = "-" if rho is None else f"{rho:.4f}"
+    return f"{label} · {FORM_TITLES[form]}<br>|ρ| = {rho_s}, α = {_num(fit.get('alpha'))}"
+
+
+def fit_lines_figure(fits: Mapping[str, dict], *, title: str = "Raw vs gap-corrected power laws") -> go.Figure:
+    """Per quantity (row): the envelope and the fitted line, raw J = βF^α (left) and J − J* = βF^α (right).
+
+    Both on log-log axes, so a power law is a straight line; |ρ| (Pearson, log-log) in each panel's title.
+    """
+    items = ordered_fits(fits)
+    if not items:
+        raise InputError("fits: nothing to plot (empty)")
+    titles = []
+    for _, f in items:
+        label = quantity_label(f.get("sigma"))
+        titles += [_form_title(label, "raw", f.get("raw")), _form_title(label, "corrected", f.get("corrected"))]
+    fig = _grid(len(items), 2, titles)
+    for i, (_, f) in enumerate(items):
+        pts = np.asarray(f.get("envelope") or [], dtype=np.float64).reshape(-1, 2)  # (n, 2) flops, loss
+        flops, loss = _thin(pts[:, 0], pts[:, 1])
+        for c, form in enumerate(("raw", "corrected"), start=1):
+            fit = f.get(form)
+            if fit is None:
+                fig.add_annotation(text="no J*: not fitted", showarrow=False, xref="x domain", yref="y domain",
+                                   x=0.5, y=0.5, row=i + 1, col=c)
+                continue
+            offset = 0.0 if form == "raw" else float(fit.get("j_star") or f.get("j_star") or 0.0)
+            y = loss - offset
+            keep = y > 0
+            fig.add_trace(go.Scatter(
+                x=flops[keep], y=y[keep], mode="markers", name="envelope points", legendgroup="points",
+                showlegend=i == 0 and c == 1, marker={"size": 4, "color": ENVELOPE_COLOR, "opacity": 0.6},
+                hovertemplate="F=%{x:.3g}<br>%{y:.5g}<extra></extra>",
+            ), row=i + 1, col=c)
+            if len(flops) and fit.get("alpha") is not None and fit.get("beta") is not None:
+                line_f = np.geomspace(flops.min(), flops.max(), 50)
+                fig.add_trace(go.Scatter(
+                    x=line_f, y=fit["beta"] * line_f ** fit["alpha"], mode="lines",
+                    name=FORM_TITLES[form], legendgroup=form, showlegend=i == 0,
+                    line={"color": FORM_COLORS[form], "width": 2.5},
+                    hovertemplate="F=%{x:.3g}<br>fit %{y:.5g}<extra>" + form + "</extra>",
+                ), row=i + 1, col=c)
+        fig.update_yaxes(title_text="J", row=i + 1, col=1)
+        fig.update_yaxes(title_text="J − J*", row=i + 1, col=2)
+    for i in range(len(items)):
+        for c in (1, 2):
+            fig.update_xaxes(type="log", title_text="training FLOPs F", exponentformat="power", row=i + 1, col=c)
+            fig.update_yaxes(type="log", exponentformat="power", row=i + 1, col=c)
+    fig.update_annotations(font_size=12)
+    fig.update_layout(
+        title={"text": f"{title}<br><sup>fitted on the envelope points; |ρ|: Pearson correlation of "
+                       "(ln F, ln(J − offset)), the paper's measure (0.82 → 0.94 at high σ)</sup>"},
+        template="plotly_white", height=PANEL_HEIGHT * len(items) + 120,
+    )
+    return fig
+
+
+def holdout_refit(curves: pa.Table, fit: dict):
+    """(full envelope, the forms refitted without the held-out model, the held-out model's target points).
+
+    fits.json keeps the hold-out scores, not the hold-out fits, so they are refitted here with the same
+    library steps as `lossfloor.scaling.fits.holdout_largest` (envelope of the other models, `fit_forms`).
+    """
+    from lossfloor.scaling import as_curves, fit_forms
+    from lossfloor.scaling.envelope import envelope_from_runs, interpolate_runs, log_grid
+
+    hold = fit["holdout"]
+    data = as_curves(curves, sigma=fit.get("sigma"))
+    if hold["model"] not in data.models:
+        raise InputError(f"fits {quantity_label(fit.get('sigma'))}: the held-out model {hold['model']!r} "
+                         f"is not in the curves (models: {', '.join(data.models)})")
+    big = data.models.index(hold["model"])
+    grid = log_grid(data)
+    log_loss = interpolate_runs(data, grid)  # (n_models, n_grid)
+    full = envelope_from_runs(grid, log_loss, range(data.n_models), data.models)
+    train = envelope_from_runs(grid, log_loss, [m for m in range(data.n_models) if m != big], data.models)
+    js = fit.get("j_star")
+    forms = fit_forms(train, js if js is not None and js < train.loss.min() else None)
+    held = full.frontier == big
+    if hold.get("target") == "frontier" and held.any():
+        target = (full.flops[held], full.loss[held])
+    else:
+        target = (data.flops[big], data.loss[big])
+    return full, train, forms, target
+
+
+def holdout_figure(curves: pa.Table, fits: Mapping[str, dict], *,
+                   title: str = "Hold-out: predicting the largest model") -> go.Figure | None:
+    """Per quantity with a hold-out: each form fitted without the largest model, extrapolated to its
+    frontier, against what that model actually reached. None when no fit has a hold-out."""
+    items = [(k, f) for k, f in ordered_fits(fits) if f.get("holdout")]
+    if not items:
+        return None
+    titles = []
+    for _, f in items:
+        h = f["holdout"]
+        scores = ", ".join(f"{form} {_num(s['log_rmse'], '.3g')}" for form, s in h["scores"].items() if s)
+        titles.append(f"{quantity_label(f.get('sigma'))} · held out {h['model']} · best: {h.get('best')}"
+                      f"<br>log-RMSE on its frontier: {scores}")
+    cols = 1 if len(items) == 1 else 2
+    rows_n = math.ceil(len(items) / cols)
+    fig = _grid(rows_n, cols, titles)
+    for p, (_, f) in enumerate(items):
+        row, col = p // cols + 1, p % cols + 1
+        h = f["holdout"]
+        full, train, forms, (tf, tj) = holdout_refit(curves, f)
+        ef, ej = _thin(full.flops, full.loss)
+        fig.add_trace(go.Scatter(x=ef, y=ej, mode="lines", name="envelope, all models", legendgroup="env",
+                                 showlegend=p == 0, line={"color": "#bbbbbb", "width": 2}), row=row, col=col)
+        fig.add_trace(go.Scatter(x=tf, y=tj, mode="lines+markers", name="held-out model (actual)",
+                                 legendgroup="actual", showlegend=p == 0,
+                                 line={"color": ENVELOPE_COLOR, "width": 3}, marker={"size": 5},
+                                 hovertemplate="F=%{x:.3g}<br>actual J=%{y:.5g}<extra>" + h["model"] + "</extra>"),
+                      row=row, col=col)
+        line_f = np.geomspace(min(train.flops.min(), tf.min()), max(tf.max(), train.flops.max()), 80)
+        for form, pf in forms.items():
+            score = h["scores"].get(form)
+            if pf is None or score is None:
+                continue
+            fig.add_trace(go.Scatter(
+                x=line_f, y=pf.predict(line_f), mode="lines", name=f"{form} prediction",
+                legendgroup=form, showlegend=p == 0, line={"color": FORM_COLORS[form], "dash": "dash", "width": 2},
+                hovertemplate="F=%{x:.3g}<br>predicted %{y:.5g}<extra>" + form + "</extra>",
+            ), row=row, col=col)
+            iv = score.get("predicted_final_interval")
+            err = None
+            if iv and None not in iv:
+                err = {"type": "data", "symmetric": False, "array": [max(iv[1] - score["predicted_final"], 0)],
+                       "arrayminus": [max(score["predicted_final"] - iv[0], 0)], "visible": True}
+            fig.add_trace(go.Scatter(
+                x=[h["final_flops"]], y=[score["predicted_final"]], mode="markers", error_y=err,
+                name=f"{form} at final F", legendgroup=form, showlegend=False,
+                marker={"color": FORM_COLORS[form], "size": 9, "symbol": "diamond"},
+                hovertemplate=f"{form}: predicted %{{y:.5g}} at F=%{{x:.3g}}<br>error "
+                              f"{_num(100 * score['rel_error'], '+.2f')}%<extra></extra>",
+            ), row=row, col=col)
+    _log_axes(fig, len(items), cols, "loss J")
+    fig.update_annotations(font_size=12)
+    fig.update_layout(
+        title={"text": f"{title}<br><sup>dashed: each form fitted without the largest model; diamonds: its "
+                       "prediction at the held-out model's last point, with the bootstrap 95% interval</sup>"},
+        template="plotly_white", height=PANEL_HEIGHT * rows_n + 160, margin={"t": 160},
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fits as table rows
+
+
+def _num(x, fmt: str = ".4g") -> str:
+    return "-" if x is None or not math.isfinite(float(x)) else format(float(x), fmt)
+
+
+def _with_interval(value, intervals: Mapping | None, name: str, fmt: str = ".4g") -> str:
+    iv = (intervals or {}).get(name)
+    text = _num(value, fmt)
+    if iv and None not in iv:
+        text += f" [{_num(iv[0], fmt)}, {_num(iv[1], fmt)}]"
+    return text
+
+
+FIT_TABLE_COLUMNS = ("quantity", "form", "α", "β", "offset", "|ρ|", "R²", "log-RMSE", "hold-out log-RMSE",
+                     "hold-out error at final F")
+
+
+def fit_table_rows(fits: Mapping[str, dict]) -> list[dict[str, str]]:
+    """One row per (quantity, form) with FIT_TABLE_COLUMNS as text; intervals are bootstrap 95%."""
+    out = []
+    for _, f in ordered_fits(fits):
+        hold = f.get("holdout") or {}
+        for form in ("raw", "corrected", "free_offset"):
+            fit = f.get(form)
+            row = dict.fromkeys(FIT_TABLE_COLUMNS, "-")
+            row["quantity"], row["form"] = quantity_label(f.get("sigma")), form
+            if fit is None:
+                row["offset"] = "not fitted"
+                out.append(row)
+                continue
+            iv = fit.get("intervals")
+            row["α"] = _with_interval(fit.get("alpha"), iv, "alpha")
+            row["β"] = _with_interval(fit.get("beta"), iv, "beta")
+            if form == "raw":
+                row["offset"] = "0"
+            elif form == "corrected":
+                se = f.get("j_star_stderr")
+                row["offset"] = f"J* = {_num(fit.get('j_star'))}" + (f" ± {_num(se, '.2g')}" if se else "")
+            else:
+                row["offset"] = "E = " + _with_interval(fit.get("offset"), iv, "offset")
+                if fit.get("offset_at_bound"):
+                    row["offset"] += " (at bound)"
+            if fit.get("abs_rho") is not None and iv and iv.get("rho") and None not in iv["rho"]:
+                lo, hi = sorted(abs(v) for v in iv["rho"])
+                row["|ρ|"] = f"{fit['abs_rho']:.4f} [{lo:.4f}, {hi:.4f}]"
+            else:
+                row["|ρ|"] = _num(fit.get("abs_rho"), ".4f")
+            row["R²"] = _with_interval(fit.get("r2"), iv, "r2", ".4f")
+            row["log-RMSE"] = _num(fit.get("log_rmse"), ".3g")
+            score = (hold.get("scores") or {}).get(form)
+            if score:
+                best = " ★" if hold.get("best") == form else ""
+                row["hold-out log-RMSE"] = _num(score.get("log_rmse"), ".3g") + best
+                row["hold-out error at final F"] = _num(100 * score["rel_error"], "+.2f") + "%"
+                iv_f = score.get("predicted_final_interval")
+                if iv_f and None not in iv_f:
+                    row["hold-out error at final F"] += f" (J pred. [{_num(iv_f[0])}, {_num(iv_f[1])}])"
+            out.append(row)
+    return out
+
+
+__all__ = [
+    "FIT_TABLE_COLUMNS",
+    "check_curves",
+    "check_fits",
+    "fit_at",
+    "fit_lines_figure",
+    "fit_table_rows",
+    "holdout_figure",
+    "holdout_refit",
+    "loss_vs_flops_figure",
+    "model_curves",
+    "ordered_fits",
+    "quantity_label",
+]

@@ -1,0 +1,303 @@
+"""`lossfloor estimate --engine ray`: the estimators' batches through Ray Data on an actor pool.
+
+The plan (one Ray Data pipeline per estimate pass):
+
+    from_items([batch indices still missing], one block per batch)
+      → map_batches(FloorWorker, compute=ActorPoolStrategy(size=workers), batch_size=1)
+          each actor holds the whole prepared (N, D) data set on its device (references are drawn from
+          all N samples) and runs the core's `batch_terms` for every batch index it is handed
+      → per-batch partial sums as plain columns → iterated on the driver
+      → stored in the work folder as they arrive (resumable) → reduced in batch order.
+
+A Ray row is a whole lossfloor batch (its index), so a batch is never split across Ray batches whatever
+Ray does with blocks. Every batch's randomness comes from (seed, batch index) in the core, never from
+the worker, so 1 or 2 workers give the local engine's numbers. Workers only compute: the work folder,
+progress and MLflow are the driver's.
+
+The data travels once through the object store (`ray.put` on the driver, read zero-copy by the actors
+of a node; CUDA actors copy it to their GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import ray
+import torch
+
+from lossfloor.errors import InputError
+from lossfloor.floor import EstimatorConfig, batch_terms, prepare_data, query_plan, total_variance
+from lossfloor.floor.estimators import _default_rows_per_batch
+from lossfloor.floor.resume import (
+    BatchHook,
+    ResumableRun,
+    check_sigmas,
+    data_fingerprint,
+    estimate_passes,
+)
+from lossfloor.floor.stats import BatchPartial
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKS = 8192  # one block per batch up to this many (more batches share blocks)
+_COLUMNS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_ja", "kernel_s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayEngine:
+    """Where and how wide the Ray engine runs.
+
+    address: an existing cluster ("auto", "ray://host:10001", "host:6379"); None: the Ray instance this
+      process already has, else a local one (attached if `ray start` runs here, else started).
+    workers: actors in the pool (each computes whole batches).
+    gpus_per_worker: num_gpus per actor; > 0 runs the kernel on CUDA.
+    cpus_per_worker: num_cpus per actor, also its torch thread count; default the cluster's CPUs / workers.
+    """
+
+    address: str | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise InputError(f"--workers: expected an integer >= 1, got {self.workers!r}")
+        if not (isinstance(self.gpus_per_worker, (int, float)) and math.isfinite(self.gpus_per_worker)
+                and self.gpus_per_worker >= 0):
+            raise InputError(f"--gpus-per-worker: expected a number >= 0 (e.g. 1 or 0.5), got {self.gpus_per_worker!r}")
+        if self.cpus_per_worker is not None and not (
+            isinstance(self.cpus_per_worker, (int, float)) and math.isfinite(self.cpus_per_worker)
+            and self.cpus_per_worker > 0
+        ):
+            raise InputError(f"--cpus-per-worker: expected a number > 0, got {self.cpus_per_worker!r}")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_worker > 0 else "cpu"
+
+
+@dataclass(frozen=True)
+class RayRun:
+    """An estimate from the Ray engine, with where its time went (for the benchmark and the log)."""
+
+    result: ResumableRun
+    connect_s: float  # starting or attaching the Ray cluster
+    kernel_times: tuple[float, ...]  # seconds inside `batch_terms` in the workers, per computed batch
+    workers: int
+
+    @property
+    def kernel_s(self) -> float:
+        return float(sum(self.kernel_times))
+
+
+class FloorWorker:
+    """The actor of the pool: the data set on its device, and `batch_terms` for each batch index."""
+
+    def __init__(self, data_ref: list, sigmas: np.ndarray, cfg: EstimatorConfig, threads: int):
+        torch.set_num_threads(threads)
+        arr = ray.get(data_ref[0])  # (N, D), read-only and zero-copy on this node
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns about non-writable arrays; x is only read
+            x = torch.from_numpy(arr)
+        self.x = x.to(cfg.device) if cfg.device != "cpu" else x
+        self.sigmas, self.cfg = sigmas, cfg
+        self.plan = query_plan(cfg, x.shape[0])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {name: [] for name in _COLUMNS}
+        for b in batch["batch_index"]:
+            t0 = time.perf_counter()
+            part = batch_terms(self.x, self.sigmas, self.cfg, self.plan, int(b))  # returns host arrays (synced)
+            out["kernel_s"].append(time.perf_counter() - t0)
+            for name in _COLUMNS[:-1]:
+                out[name].append(getattr(part, name))
+        return {name: np.asarray(values) for name, values in out.items()}  # sum_*: (n, S) float64
+
+
+def _partials(columns: dict[str, np.ndarray]) -> list[tuple[BatchPartial, float]]:
+    return [
+        (
+            BatchPartial(
+                batch_index=int(columns["batch_index"][i]),
+                count=int(columns["count"][i]),
+                sum_a=float(columns["sum_a"][i]),
+                sum_a2=float(columns["sum_a2"][i]),
+                sum_j=np.asarray(columns["sum_j"][i], dtype=np.float64),
+                sum_j2=np.asarray(columns["sum_j2"][i], dtype=np.float64),
+                sum_ja=np.asarray(columns["sum_ja"][i], dtype=np.float64),
+            ),
+            float(columns["kernel_s"][i]),
+        )
+        for i in range(len(columns["batch_index"]))
+    ]
+
+
+class _RayRunner:
+    """The `BatchRunner` of the Ray engine (see `lossfloor.floor.resume.run_pass`)."""
+
+    def __init__(self, data_ref, sigmas: np.ndarray, engine: RayEngine, cpus_per_worker: float):
+        self.data_ref, self.sigmas, self.engine, self.cpus = data_ref, sigmas, engine, cpus_per_worker
+        self.kernel_times: list[float] = []  # seconds in `batch_terms` per computed batch, arrival order
+
+    def __call__(self, cfg: EstimatorConfig, batches: Sequence[int]):
+        ds = ray.data.from_items(
+            [{"batch_index": int(b)} for b in batches], override_num_blocks=min(len(batches), MAX_BLOCKS)
+        )
+        out = ds.map_batches(
+            FloorWorker,
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(self.engine.workers, len(batches))),
+            num_cpus=self.cpus,
+            num_gpus=self.engine.gpus_per_worker or None,
+            fn_constructor_kwargs={
+                "data_ref": [self.data_ref],  # in a list, so Ray hands the actor the reference itself
+                "sigmas": self.sigmas,
+                "cfg": cfg,
+                "threads": max(1, int(self.cpus)),
+            },
+        )
+        it = iter(out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
+        try:
+            for columns in it:
+                for part, kernel_s in _partials(columns):
+                    self.kernel_times.append(kernel_s)
+                    yield part
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # stops the pipeline and its actors when the driver stops early
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes)."""
+    if "://" in address or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--address: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise InputError(f"--address {address}: cannot connect ({e.strerror or e.__class__.__name__})") from None
+
+
+def _connect(address: str | None) -> tuple[bool, float]:
+    """Start or attach Ray unless this process already has it; (whether we did, seconds it took)."""
+    t0 = time.monotonic()
+    if ray.is_initialized():
+        return False, 0.0
+    if address is not None:
+        _check_reachable(address)
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address is None:
+        kwargs["include_dashboard"] = False  # used only if this starts a new local cluster
+    # Ray nices its workers to 15: on a shared machine that starves the kernel next to anything running
+    # at the local engine's priority (0). A local cluster started here (the raylet inherits this
+    # environment) runs its workers at 0; attaching to a running cluster changes nothing.
+    saved = os.environ.get("RAY_worker_niceness")
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        where = f"--address {address}" if address else "a local Ray instance"
+        raise InputError(f"{where}: cannot connect ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") \
+            from None
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_worker_niceness", None)
+    return True, time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def _quiet_ray_data():
+    """No Ray Data progress bars or console INFO/WARNING lines (kept in its ray-data.log) during a run:
+    the lossfloor progress line (rate and ETA) replaces them. Errors still show."""
+    ctx = ray.data.DataContext.get_current()
+    saved = {k: getattr(ctx, k) for k in ("enable_progress_bars", "print_on_execution_start")}
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    console = [h for h in logging.getLogger("ray.data").handlers if not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in console]
+    for h in console:
+        h.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        for h, level in zip(console, levels):
+            h.setLevel(level)
+
+
+def _default_cpus_per_worker(workers: int) -> float:
+    """The cluster's CPUs shared by the workers, at most one node's CPUs, at least 1."""
+    total = ray.cluster_resources().get("CPU", 1.0)
+    per_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=total)
+    return float(max(1, min(int(total) // workers, int(per_node))))
+
+
+def resolve_for(config: EstimatorConfig, n_samples: int, dim: int, device: str) -> EstimatorConfig:
+    """Resolve a config on a driver that may have no GPU, for workers computing on `device`."""
+    cfg = replace(config, device="cpu").resolve(n_samples, dim)
+    if device != "cpu" and config.rows_per_batch is None:  # the default batch is sized for the device
+        cfg = replace(cfg, rows_per_batch=_default_rows_per_batch(replace(cfg, device=device), n_samples, dim))
+    return replace(cfg, device=device)
+
+
+def estimate_ray(
+    samples,
+    sigmas,
+    config: EstimatorConfig | None = None,
+    *,
+    engine: RayEngine | None = None,
+    fingerprint: str | None = None,
+    work_dir=None,
+    work_parent=None,
+    progress: bool = True,
+    on_batch: BatchHook | None = None,
+) -> RayRun:
+    """`lossfloor.floor.estimate` on Ray: the same numbers for the same config and seed.
+
+    The kernel runs on engine.device (config.device must agree: cuda needs gpus_per_worker > 0).
+    work_dir / work_parent: the resumable work folder (see `lossfloor.floor.resume.estimate_resumable`).
+    """
+    config = config or EstimatorConfig()
+    engine = engine or RayEngine()
+    if config.device.startswith("cuda") and engine.device == "cpu":
+        raise InputError("--device cuda with --engine ray: give the workers GPUs with --gpus-per-worker 1")
+    sigmas = check_sigmas(sigmas)
+    started, connect_s = _connect(engine.address)
+    try:
+        x = prepare_data(samples, replace(config, device="cpu"))  # (N, D) on the driver, checked
+        n, d = x.shape
+        cfg = resolve_for(config, n, d, engine.device)
+        if fingerprint is None:
+            fingerprint = data_fingerprint(x)
+        tv = total_variance(x)
+        with _quiet_ray_data():
+            cpus = engine.cpus_per_worker
+            if cpus is None:
+                cpus = _default_cpus_per_worker(engine.workers)
+            data_ref = ray.put(x.numpy())
+            runner = _RayRunner(data_ref, sigmas, engine, cpus)
+            log.info("ray engine: %d worker(s) x %g CPU%s, %s", engine.workers, cpus,
+                     f" x {engine.gpus_per_worker:g} GPU" if engine.gpus_per_worker else "", cfg.device)
+            result = estimate_passes(
+                x, sigmas, config, cfg, runner,
+                tv=tv, fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
+                resolve=lambda c: resolve_for(c, n, d, engine.device), progress=progress, on_batch=on_batch,
+            )
+    finally:
+        if started:
+            ray.shutdown()
+    return RayRun(result=result, connect_s=connect_s, kernel_times=tuple(runner.kernel_times), workers=engine.workers)

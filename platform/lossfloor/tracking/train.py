@@ -1,0 +1,307 @@
+"""One MLflow run per training run, read back from the run's folder (what `lossfloor.train.train` or
+`lossfloor.ray.train_on_ray` wrote: loss_curve.parquet, train_log.parquet, checkpoint-<n_img>/).
+
+    run_id = log_training("runs/tiny", params={"data": "bundled:digits", "engine": "local"})
+
+What a run holds (names are stable: dashboards and comparisons read them):
+
+  params    every TrainConfig field (`to_dict()`; the schedule as JSON) plus the resolved values
+            (resolved.batch_n_img, resolved.duration_n_img, resolved.lr_ref, resolved.t_ref_iters,
+            resolved.warmup_n_img, resolved.schedule), run, model, n_params, forward_flops,
+            flop_convention, and the caller's `params` (data source, engine, workers, ...)
+  metrics   per train-log row, step = optimizer step:
+              train/loss, train/loss_x0, train/gap (with a J* table), train/lr, images, flops
+            per evaluation, step = optimizer step (the loop's own report names):
+              eval/total, eval/total_gap, eval/loss/sigma_<σ:.4g>, eval/gap/sigma_<σ:.4g>
+            the last evaluation as curves over σ, step = σ index (ascending σ):
+              final/sigma, final/loss, final/gap, final/j_star
+            scalars: n_img, steps, training_flops (3 x forward FLOPs x images), forward_flops, n_params
+  tags      lossfloor.kind=train, lossfloor.model, lossfloor.run, out_dir, checkpoint (the newest),
+            checkpoints (JSON list of every checkpoint folder)
+  artifacts loss_curve.parquet and train_log.parquet at the artifact root (the study contract of
+            `lossfloor.tracking.artifacts`: tag the run lossfloor.stage=train to make it a study's
+            train child), config.json, loss_curve.html (eval loss per σ and training loss against
+            images; plotly.js embedded, opens offline), samples.png (a grid of EDM Heun samples of the
+            newest checkpoint, for pixel data: 1 or 3 channels; optional)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from lossfloor.errors import InputError
+from lossfloor.tracking.estimate import EXPERIMENT
+from lossfloor.tracking.runs import TrackedRun, start_run
+
+CURVE_FILE = "loss_curve.parquet"
+LOG_FILE = "train_log.parquet"
+SAMPLES_FILE = "samples.png"
+FIGURE_FILE = "loss_curve.html"
+CHEAP_SAMPLING_FLOPS = 5e12  # "auto" samples on a CPU only when the grid costs less than this
+
+
+# --- Reading the run folder --------------------------------------------------------------------------------
+
+
+def _read(path: Path):
+    if not path.is_file():
+        raise InputError(f"{path}: not found (expected the tables a training run writes to its folder)")
+    try:
+        return pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise InputError(f"{path}: not a readable parquet file ({e.__class__.__name__})") from None
+
+
+def read_run(out_dir) -> dict:
+    """The run folder's tables and what their metadata says: curve, log (pyarrow tables), config (a
+    TrainConfig), forward_flops, run, checkpoints (paths, oldest first)."""
+    from lossfloor.train import TrainConfig
+    from lossfloor.train.checkpoint import list_checkpoints
+
+    out = Path(out_dir)
+    curve, train_log = _read(out / CURVE_FILE), _read(out / LOG_FILE)
+    meta = {k.decode(): v.decode() for k, v in (curve.schema.metadata or {}).items()}
+    if "config" not in meta:
+        raise InputError(f"{out / CURVE_FILE}: no training config in its metadata (not written by lossfloor.train?)")
+    return {
+        "curve": curve, "log": train_log, "config": TrainConfig.from_dict(json.loads(meta["config"])),
+        "forward_flops": float(meta.get("forward_flops", "nan")), "run": meta.get("run", ""),
+        "flop_convention": meta.get("flop_convention", ""),
+        "checkpoints": [p for _, p in list_checkpoints(out)],
+    }
+
+
+def train_params(config) -> dict[str, object]:
+    """A TrainConfig as run params: its fields and the resolved defaults (module docstring)."""
+    from lossfloor.train import resolve
+
+    R = resolve(config)
+    params = {k: v for k, v in config.to_dict().items() if v is not None}
+    params["preset"] = R.preset.name
+    params.update({
+        "resolved.batch_n_img": R.batch_n_img, "resolved.duration_n_img": R.duration_n_img,
+        "resolved.lr_ref": R.lr_ref, "resolved.t_ref_iters": R.t_ref_iters,
+        "resolved.warmup_n_img": R.warmup_n_img, "resolved.eval_every_n_img": R.eval_every_n_img,
+        "resolved.schedule": {"kind": R.schedule.kind, **dataclasses.asdict(R.schedule)},
+    })
+    return params
+
+
+# --- Logging -------------------------------------------------------------------------------------------
+
+
+def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | None = None,
+                  samples: int | str | None = "auto", device: str | None = None) -> dict:
+    """Log a finished (or paused) training run's folder into an existing MLflow run.
+
+    samples: size of the samples grid; "auto" = 64 for pixel data (1 or 3 channels) when cheap (a GPU,
+      or under CHEAP_SAMPLING_FLOPS on the CPU), else none; 0 or None = none.
+    Returns what was read (`read_run`).
+    """
+    info = read_run(out_dir)
+    cfg = info["config"]
+    curve_rows, log_rows = info["curve"].to_pylist(), info["log"].to_pylist()
+    if not log_rows:
+        raise InputError(f"{Path(out_dir) / LOG_FILE}: no rows (the run has not taken a step)")
+    model, n_params = log_rows[-1]["model"], log_rows[-1]["params"]
+    run.log_params({**(params or {}), **train_params(cfg), "run": info["run"], "model": model,
+                    "n_params": n_params, "forward_flops": info["forward_flops"],
+                    "flop_convention": info["flop_convention"]})
+    ckpts = [str(p) for p in info["checkpoints"]]
+    run.set_tags({"lossfloor.kind": "train", "lossfloor.model": model, "lossfloor.run": info["run"],
+                  "out_dir": str(Path(out_dir).absolute()), "checkpoint": ckpts[-1] if ckpts else "none",
+                  "checkpoints": ckpts})
+
+    # per train-log row
+    steps = [r["step"] for r in log_rows]
+    series = {"train/loss": [r["loss"] for r in log_rows], "train/loss_x0": [r["loss_x0"] for r in log_rows],
+              "train/lr": [r["lr"] for r in log_rows], "images": [r["images"] for r in log_rows],
+              "flops": [r["flops"] for r in log_rows]}
+    if all(r["gap"] is not None for r in log_rows):
+        series["train/gap"] = [r["gap"] for r in log_rows]
+    run.log_series(series, steps=steps)
+
+    # per evaluation (one row per sigma plus the total with sigma null)
+    by_step: dict[int, dict[str, float]] = {}
+    for r in curve_rows:
+        m = by_step.setdefault(r["step"], {})
+        if r["sigma"] is None:
+            m["eval/total"] = r["loss"]
+            if r["gap"] is not None:
+                m["eval/total_gap"] = r["gap"]
+        else:
+            m[f"eval/loss/sigma_{r['sigma']:.4g}"] = r["loss"]
+            if r["gap"] is not None:
+                m[f"eval/gap/sigma_{r['sigma']:.4g}"] = r["gap"]
+    for step, metrics in sorted(by_step.items()):
+        run.log_metrics(metrics, step=step)
+    final = final_eval(curve_rows)
+    if final:
+        curves = {"final/sigma": [r["sigma"] for r in final], "final/loss": [r["loss"] for r in final]}
+        if all(r["gap"] is not None for r in final):
+            curves["final/gap"] = [r["gap"] for r in final]
+            curves["final/j_star"] = [r["j_star"] for r in final]
+        run.log_series(curves)
+    last = log_rows[-1]
+    run.log_metrics({"n_img": last["images"], "steps": last["step"], "training_flops": last["flops"],
+                     "forward_flops": info["forward_flops"], "n_params": n_params}, step=last["step"])
+
+    # artifacts
+    with tempfile.TemporaryDirectory(prefix="lossfloor-mlflow-") as tmp:
+        tmp = Path(tmp)
+        for name in (CURVE_FILE, LOG_FILE):
+            run.log_artifact(Path(out_dir) / name)
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n", encoding="utf-8")
+        run.log_artifact(tmp / "config.json")
+        n = _grid_size(samples, cfg, info["forward_flops"], device)
+        if n and ckpts:
+            grid = samples_grid(ckpts[-1], n, device=device)
+            _write_png(grid, tmp / SAMPLES_FILE)
+            run.log_artifact(tmp / SAMPLES_FILE)
+    if curve_rows:
+        run.log_html_figure(loss_curve_figure(curve_rows, log_rows, title=info["run"]), FIGURE_FILE)
+    return info
+
+
+def log_training(out_dir, *, params: Mapping[str, object] | None = None, experiment: str = EXPERIMENT,
+                 run_name: str | None = None, parent_run_id: str | None = None,
+                 tags: Mapping[str, object] | None = None, tracking_uri: str | None = None,
+                 samples: int | str | None = "auto", device: str | None = None) -> str:
+    """Log the training run in `out_dir` as its own MLflow run; returns the run id (module docstring).
+
+    run_name: default the training run's name (`TrainConfig.run` or its hash name).
+    The MLflow run ends FAILED, never left RUNNING, if logging fails part-way.
+    """
+    if run_name is None:
+        run_name = read_run(out_dir)["run"] or None
+    with start_run(experiment=experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
+                   tracking_uri=tracking_uri) as run:
+        log_train_run(run, out_dir, params=params, samples=samples, device=device)
+    return run.run_id
+
+
+def final_eval(curve_rows: list[dict]) -> list[dict]:
+    """The per-σ rows of the last evaluation, ascending σ."""
+    if not curve_rows:
+        return []
+    last = max(r["images"] for r in curve_rows)
+    return sorted((r for r in curve_rows if r["images"] == last and r["sigma"] is not None),
+                  key=lambda r: r["sigma"])
+
+
+# --- Figures -------------------------------------------------------------------------------------------
+
+
+def loss_curve_figure(curve_rows: list[dict], log_rows: list[dict], *, title: str = ""):
+    """Eval loss per σ (with J* dotted) and the training loss, against images seen; log y axes."""
+    import plotly.graph_objects as go
+    from plotly.colors import sample_colorscale
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("eval loss J(σ) per σ (dotted: J*)", "training loss"))
+    sigmas = sorted({r["sigma"] for r in curve_rows if r["sigma"] is not None})
+    colors = sample_colorscale("Viridis", [i / max(len(sigmas) - 1, 1) for i in range(len(sigmas))])
+    for s, color in zip(sigmas, colors):
+        rows = sorted((r for r in curve_rows if r["sigma"] == s), key=lambda r: r["images"])
+        x = [r["images"] for r in rows]
+        fig.add_trace(go.Scatter(x=x, y=[r["loss"] for r in rows], mode="lines+markers", name=f"σ={s:.3g}",
+                                 legendgroup=f"{s}", line={"color": color}), row=1, col=1)
+        js = [r["j_star"] for r in rows]
+        if all(j is not None and j > 0 for j in js):
+            fig.add_trace(go.Scatter(x=x, y=js, mode="lines", legendgroup=f"{s}", showlegend=False,
+                                     line={"color": color, "dash": "dot"}, hoverinfo="skip"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[r["images"] for r in log_rows], y=[r["loss"] for r in log_rows], mode="lines",
+                             name="training loss", line={"color": "#444"}), row=1, col=2)
+    fig.update_yaxes(type="log")
+    fig.update_xaxes(title_text="images")
+    fig.update_layout(title={"text": title}, template="plotly_white", height=480)
+    return fig
+
+
+# --- Samples grid ------------------------------------------------------------------------------------------
+
+
+def _grid_size(samples, cfg, forward_flops: float, device: str | None) -> int:
+    from lossfloor.train import resolve
+
+    unet = resolve(cfg).preset.unet
+    if samples in (None, 0):
+        return 0
+    if samples != "auto":
+        if not (isinstance(samples, int) and samples > 0):
+            raise InputError(f"samples: expected a grid size like 64, 0 or 'auto', got {samples!r}")
+        return samples
+    if unet.img_channels not in (1, 3):
+        return 0  # latents: a grid would need the VAE decoder
+    import torch
+
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    n = 64
+    cost = n * 63 * forward_flops  # 32 Heun steps = 63 network evaluations per sample
+    return n if cuda or (math.isfinite(cost) and cost < CHEAP_SAMPLING_FLOPS) else 0
+
+
+def samples_grid(checkpoint, n: int, *, seed: int = 0, device: str | None = None, num_steps: int = 32) -> np.ndarray:
+    """(H', W', C) uint8 grid of n EDM Heun samples (lossfloor.train.generate) of a checkpoint's network
+    (its evaluated EMA if the config has eval_ema, else the raw weights); pixel data in [-1, 1]."""
+    import torch
+
+    from lossfloor.diffusion import get_preconditioning
+    from lossfloor.models import build_unet
+    from lossfloor.train import Denoiser, TrainConfig, generate, load_checkpoint, resolve
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(state["config"])
+    R = resolve(cfg)
+    unet = R.preset.unet
+    if not cfg.conditional:
+        unet = dataclasses.replace(unet, label_dim=0)
+    net = build_unet(unet, device=device, seed=cfg.seed)
+    weights = state["net"]
+    if cfg.eval_ema is not None:  # the same weights the run's evaluation used
+        ema = state["ema"]
+        weights = next(w for s, w in zip(ema["sigma_rels"], ema["states"]) if math.isclose(s, cfg.eval_ema))
+    net.load_state_dict(weights)
+    net.eval()
+    precond = get_preconditioning(cfg.process, sigma_data=R.preset.sigma_data if cfg.process == "edm" else None)
+    precision = cfg.precision if device.startswith("cuda") or cfg.precision != "fp16" else "none"  # fp16: CUDA only
+    den = Denoiser(net, precond, None, precision)
+    x, _ = generate(den, n, (unet.img_channels, unet.img_resolution, unet.img_resolution), label_dim=unet.label_dim,
+                    seed=seed, device=device, num_steps=num_steps)
+    return tile(x.numpy())
+
+
+def tile(x: np.ndarray, scale: int | None = None) -> np.ndarray:
+    """(n, C, H, W) values in [-1, 1] -> (rows*H*s, cols*W*s, C) uint8, a near-square grid, each image
+    enlarged s times (default: to at least 32 pixels) with a 1-pixel gap."""
+    n, c, h, w = x.shape
+    s = scale or max(1, math.ceil(32 / max(h, w)))
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    img = np.clip((x + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)  # (n, C, H, W)
+    img = img.repeat(s, axis=2).repeat(s, axis=3)  # (n, C, H*s, W*s)
+    H, W = h * s + 1, w * s + 1
+    grid = np.full((c, rows * H - 1, cols * W - 1), 255, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, r * H : r * H + h * s, q * W : q * W + w * s] = img[i]
+    return grid.transpose(1, 2, 0)  # (C, H', W') -> (H', W', C)
+
+
+def _write_png(grid: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+__all__ = ["final_eval", "log_train_run", "log_training", "loss_curve_figure", "read_run", "samples_grid", "tile",
+           "train_params"]

@@ -1,0 +1,246 @@
+"""`TrainConfig`: one frozen, keyword-only dataclass that fully determines a training run.
+
+Counts are in images (`*_n_img`), like EDM2. Fields left None take the preset's value (edm2.md §3) or
+the documented default; `resolve(config)` fills them in. `to_dict` / `from_dict` give a plain JSON-able
+dict (checkpoints store it; a YAML/CLI front end can build configs from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import numbers
+from dataclasses import dataclass
+
+from lossfloor.errors import InputError
+from lossfloor.models import Preset, get_preset
+from lossfloor.train.ema import check_sigma_rel
+from lossfloor.train.losses import PRECISIONS
+from lossfloor.train.schedules import SCHEDULES, EDM2Schedule, FMSchedule, OptimalLossSchedule
+
+PROCESSES = ("edm", "fm")  # preconditioning table the denoiser is built with (lossfloor.diffusion)
+FLOP_CONVENTIONS = ("gemm", "edm2")  # lossfloor.models.counting.gmac_per_eval conventions
+
+# Fields that may differ between a checkpoint and the config that resumes it (they change when and
+# what is recorded, never the parameters).
+RESUME_MUTABLE = ("duration_n_img", "eval_every_n_img", "checkpoint_every_n_img", "keep_checkpoints",
+                  "snapshot_every_n_img", "log_every_n_img", "eval_batch", "run")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A training run (EDM2 recipe, edm2.md §4-§5, with a pluggable schedule, paper §4)."""
+
+    # Model and process
+    preset: str | Preset = "tiny"  # lossfloor.models preset name ("tiny", "img512-xs", ...) or a Preset
+    process: str = "edm"  # "edm" (EDM preconditioning, sigma_data 0.5) or "fm" (flow matching table)
+    schedule: EDM2Schedule | FMSchedule | OptimalLossSchedule | None = None  # None: EDM2Schedule for
+    #                                                      "edm", FMSchedule for "fm"
+    jstar: str | None = None  # J* parquet table (lossfloor estimate); needed by OptimalLossSchedule,
+    #                           and gives every loss its gap J - J*
+    conditional: bool = True  # use class labels when the preset has label_dim > 0
+
+    # Optimisation (None = the preset's value)
+    batch_n_img: int | None = None  # global batch (images per optimizer step), split over ranks
+    duration_n_img: int | None = None  # training length in images
+    lr_ref: float | None = None  # lr = lr_ref / sqrt(max(t / t_ref, 1)) x min(n_img / warmup, 1)
+    t_ref_iters: int | None = None  # t_ref, in optimizer steps
+    warmup_n_img: int | None = None  # linear lr warm-up length in images (0 = none)
+    accum_rounds: int = 1  # gradient accumulation rounds per step and rank
+    precision: str = "none"  # "none" (fp32), "bf16" or "fp16" autocast of the network F
+
+    # EMA (power-function, edm2.md §5)
+    ema_stds: tuple[float, ...] = (0.05, 0.10)  # sigma_rel of the tracked EMAs
+    snapshot_every_n_img: int | None = None  # EMA snapshots for post-hoc EMA; None = none
+
+    # Evaluation (fixed sigma grid, fixed noise, fixed data; see lossfloor.train.evaluation)
+    eval_every_n_img: int | None = None  # None = 16 evaluations over the run (and always at the end)
+    eval_sigmas: tuple[float, ...] | None = None  # None = 16 sigmas log-spaced over [0.002, 80]
+    eval_n_samples: int = 256  # size of the fixed evaluation subset
+    eval_holdout: bool = True  # keep the evaluation subset out of training
+    eval_batch: int = 256  # forward batch of the evaluation (memory only; no effect on results)
+    eval_ema: float | None = None  # evaluate this tracked EMA (one of ema_stds); None = raw weights
+
+    # Checkpoints and logging
+    checkpoint_every_n_img: int | None = None  # None = at every evaluation; always at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept (older ones deleted); 0 = keep all
+    log_every_n_img: int | None = None  # a train-log row (the mean over the steps since the previous
+    #                                     row) every this many images; None = every step for runs of up
+    #                                     to 1000 steps, else about 1000 rows
+    flop_convention: str = "gemm"  # "gemm" (FlopCounterMode) or "edm2" (+ weight normalisation)
+
+    seed: int = 0  # all randomness derives from (seed, stream, step)
+    run: str | None = None  # run name; None = "<preset>-<process>-<schedule>-<hash of this config>"
+
+    # ---------------------------------------------------------------------------------------------
+
+    def __post_init__(self):
+        if isinstance(self.preset, str):
+            get_preset(self.preset)  # InputError naming the valid presets
+        elif not isinstance(self.preset, Preset):
+            raise InputError(f"preset: expected a preset name like 'tiny' or a Preset, got {type(self.preset).__name__}")
+        if self.process not in PROCESSES:
+            raise InputError(f"process: expected one of {', '.join(PROCESSES)}, like 'edm', got {self.process!r}")
+        if self.schedule is not None and not isinstance(self.schedule, tuple(SCHEDULES.values())):
+            raise InputError(f"schedule: expected EDM2Schedule(), FMSchedule() or OptimalLossSchedule(), got {self.schedule!r}")
+        if isinstance(self.schedule, OptimalLossSchedule) and self.jstar is None:
+            raise InputError("jstar: the optimal-loss schedule needs a J* table, e.g. jstar='jstar.parquet'")
+        if self.jstar is not None and not isinstance(self.jstar, str):
+            object.__setattr__(self, "jstar", str(self.jstar))  # a Path is fine
+        for name in ("conditional", "eval_holdout"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        for name in ("batch_n_img", "duration_n_img", "t_ref_iters", "snapshot_every_n_img", "eval_every_n_img",
+                     "checkpoint_every_n_img", "log_every_n_img"):
+            _int(self, name, 1, optional=True)
+        _int(self, "warmup_n_img", 0, optional=True)
+        for name in ("accum_rounds", "eval_n_samples", "eval_batch"):
+            _int(self, name, 1)
+        _int(self, "keep_checkpoints", 0)
+        _int(self, "seed", 0)
+        if self.lr_ref is not None and not (_real(self.lr_ref) and self.lr_ref > 0):
+            raise InputError(f"lr_ref: expected a positive learning rate like 0.01, got {self.lr_ref!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision: expected one of {', '.join(PRECISIONS)}, like 'bf16', got {self.precision!r}")
+        if self.flop_convention not in FLOP_CONVENTIONS:
+            raise InputError(f"flop_convention: expected one of {', '.join(FLOP_CONVENTIONS)}, got {self.flop_convention!r}")
+        stds = self.ema_stds
+        if isinstance(stds, (str, bytes)) or not hasattr(stds, "__iter__"):
+            raise InputError(f"ema_stds: expected a list of relative widths like [0.05, 0.1], got {stds!r}")
+        object.__setattr__(self, "ema_stds", tuple(check_sigma_rel(s, "ema_stds") for s in stds))
+        if self.eval_ema is not None and not any(math.isclose(self.eval_ema, s) for s in self.ema_stds):
+            raise InputError(f"eval_ema: expected one of ema_stds {list(self.ema_stds)} or null, got {self.eval_ema!r}")
+        if self.eval_sigmas is not None:
+            sig = self.eval_sigmas
+            if isinstance(sig, (str, bytes)) or not hasattr(sig, "__iter__") or not len(sig) or not all(
+                    _real(s) and s > 0 and math.isfinite(s) for s in sig):
+                raise InputError(f"eval_sigmas: expected positive numbers like [0.01, 0.1, 1, 10], got {sig!r}")
+            object.__setattr__(self, "eval_sigmas", tuple(sorted({float(s) for s in sig})))
+        if self.run is not None and not (isinstance(self.run, str) and self.run.strip()):
+            raise InputError(f"run: expected a non-empty name like 'tiny-edm-baseline', got {self.run!r}")
+
+    # ---------------------------------------------------------------------------------------------
+
+    @property
+    def preset_obj(self) -> Preset:
+        return get_preset(self.preset) if isinstance(self.preset, str) else self.preset
+
+    def to_dict(self) -> dict:
+        """A plain dict (JSON-able): the schedule as {"kind": ..., fields...}, a Preset object by name
+        plus its fields under "preset_fields"."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(self.preset, Preset):
+            d["preset"] = self.preset.name
+            d["preset_fields"] = json.loads(json.dumps(dataclasses.asdict(self.preset)))
+        sched = self.schedule
+        d["schedule"] = None if sched is None else {"kind": sched.kind, **dataclasses.asdict(sched)}
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Inverse of to_dict; unknown fields or schedule kinds raise InputError."""
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        preset_fields = d.pop("preset_fields", None)
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"train config: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        if preset_fields is not None:
+            from lossfloor.models import UNetConfig
+
+            unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in preset_fields["unet"].items()})
+            pf = {k: tuple(v) if isinstance(v, list) else v for k, v in preset_fields.items() if k != "unet"}
+            d["preset"] = Preset(unet=unet, **pf)
+        sched = d.get("schedule")
+        if isinstance(sched, dict):
+            sched = dict(sched)
+            kind = sched.pop("kind", None)
+            if kind not in SCHEDULES:
+                raise InputError(f"schedule.kind: expected one of {', '.join(SCHEDULES)}, got {kind!r}")
+            try:
+                d["schedule"] = SCHEDULES[kind](**sched)
+            except TypeError as e:
+                raise InputError(f"schedule: {e}") from None
+        for k in ("ema_stds", "eval_sigmas"):
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def config_hash(self) -> str:
+        """sha256 (12 hex digits) of the config, without the run name and the recording-only fields."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RESUME_MUTABLE}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resolved:
+    """A TrainConfig with every default filled in (what the loop runs)."""
+
+    config: TrainConfig
+    preset: Preset
+    schedule: EDM2Schedule | FMSchedule | OptimalLossSchedule
+    batch_n_img: int
+    duration_n_img: int
+    lr_ref: float
+    t_ref_iters: int
+    warmup_n_img: int
+    eval_every_n_img: int
+    checkpoint_every_n_img: int
+    log_every_n_img: int
+    eval_sigmas: tuple[float, ...]
+    run: str
+
+
+EVAL_SIGMA_DEFAULT = (0.002, 80.0, 16)  # log grid (min, max, count) of the default evaluation
+LOG_ROWS = 1000  # default number of train-log rows per run
+
+
+def resolve(config: TrainConfig) -> Resolved:
+    """Fill every None of `config` with the preset's value or the documented default."""
+    from lossfloor.diffusion import log_grid
+
+    p = config.preset_obj
+    batch = config.batch_n_img or p.batch_n_img
+    duration = config.duration_n_img or p.duration_n_img
+    every = config.eval_every_n_img or max(batch, math.ceil(duration / 16 / batch) * batch)
+    schedule = config.schedule or (EDM2Schedule() if config.process == "edm" else FMSchedule())
+    sigmas = config.eval_sigmas or tuple(float(s) for s in log_grid(*EVAL_SIGMA_DEFAULT))
+    run = config.run or f"{p.name}-{config.process}-{schedule.kind}-{config.config_hash()}"
+    return Resolved(
+        config=config, preset=p, schedule=schedule, batch_n_img=batch, duration_n_img=duration,
+        lr_ref=config.lr_ref or p.lr_ref, t_ref_iters=config.t_ref_iters or p.t_ref_iters,
+        warmup_n_img=p.warmup_n_img if config.warmup_n_img is None else config.warmup_n_img,
+        eval_every_n_img=every, checkpoint_every_n_img=config.checkpoint_every_n_img or every,
+        log_every_n_img=config.log_every_n_img or max(batch, math.ceil(duration / LOG_ROWS / batch) * batch),
+        eval_sigmas=sigmas, run=run,
+    )
+
+
+def learning_rate(n_img: int, *, lr_ref: float, t_ref_iters: int, batch_n_img: int, warmup_n_img: int) -> float:
+    """lr = lr_ref / sqrt(max(t / t_ref, 1)) x min(n_img / warmup, 1), t = n_img / batch (edm2.md §5).
+
+    n_img counts the images of the step being taken, so the first step has a non-zero rate.
+    """
+    lr = lr_ref / math.sqrt(max(n_img / batch_n_img / t_ref_iters, 1.0))
+    if warmup_n_img > 0:
+        lr *= min(n_img / warmup_n_img, 1.0)
+    return lr
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _int(cfg, name: str, minimum: int, optional: bool = False) -> None:
+    v = getattr(cfg, name)
+    if v is None and optional:
+        return
+    if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum):
+        example = {"batch_n_img": 2048, "seed": 0, "accum_rounds": 1, "keep_checkpoints": 2}.get(name, 1_000_000)
+        raise InputError(f"{name}: expected an integer >= {minimum}, like {example}, got {v!r}")
+    object.__setattr__(cfg, name, int(v))

@@ -1,0 +1,48 @@
+"""The run's tables, written as parquet (DESIGN §2: loss curves (run, model, params, step, images, flops,
+sigma, loss, gap)).
+
+loss_curve.parquet, one row per (evaluation, sigma) plus one row with sigma null per evaluation:
+    run str, model str, params int64, step int64, images int64, flops float64,
+    sigma float64 (null = the schedule-weighted total), loss float64 (x0 units per sigma; weighted
+    total for the null row), gap float64 (J - J*, null without a J* table), j_star float64 (null for
+    the total or without a table)
+  `lossfloor.scaling` reads it directly (model, flops, loss, params, sigma; extra columns ignored).
+train_log.parquet, one row per logged step (sigma always null):
+    run, model, params, step, images, flops, sigma, loss (the training objective per image, averaged
+    over the global batches since the previous row), gap (the same mean of w (l - J*), null without J*),
+    loss_x0 (the same mean of ||D - x0||^2), lr float64 (the row's step)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lossfloor.train.checkpoint import write_atomic
+
+CURVE_SCHEMA = pa.schema([
+    ("run", pa.string()), ("model", pa.string()), ("params", pa.int64()), ("step", pa.int64()),
+    ("images", pa.int64()), ("flops", pa.float64()), ("sigma", pa.float64()), ("loss", pa.float64()),
+    ("gap", pa.float64()), ("j_star", pa.float64()),
+])
+TRAIN_LOG_SCHEMA = pa.schema([
+    ("run", pa.string()), ("model", pa.string()), ("params", pa.int64()), ("step", pa.int64()),
+    ("images", pa.int64()), ("flops", pa.float64()), ("sigma", pa.float64()), ("loss", pa.float64()),
+    ("gap", pa.float64()), ("loss_x0", pa.float64()), ("lr", pa.float64()),
+])
+
+
+def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts with the schema's keys) as a pyarrow table of that schema."""
+    return pa.Table.from_pylist([{name: r.get(name) for name in schema.names} for r in rows], schema=schema)
+
+
+def write_rows(rows: list[dict], schema: pa.Schema, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write rows as parquet atomically; `metadata` (str -> str) goes into the schema metadata."""
+    table = to_table(rows, schema)
+    if metadata:
+        table = table.replace_schema_metadata(metadata)
+    return write_atomic(path, lambda p: pq.write_table(table, p))

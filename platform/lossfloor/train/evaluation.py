@@ -1,0 +1,111 @@
+"""Per-sigma evaluation on a fixed grid with common random numbers (paper §3 diagnostics, §5 curves).
+
+At every evaluation the same data (a fixed subset), the same sigmas and the same noise are used, so
+differences between checkpoints are differences between models, not between draws. For grid point
+k the noise is drawn from a CPU generator seeded by (seed, k); sample i of the subset always gets row
+i of it, whatever the batch size, device or number of ranks.
+
+Reported per sigma_k: J_k = mean over the subset of ||D - x0||^2 (x0 units), J*_k (if a J* table is
+given) and the gap J_k - J*_k. Totals: the schedule's weighted loss sum_k pi_k w(sigma_k) J_k, with
+pi_k ∝ rho(sigma_k) dlnsigma_k, rho the schedule's reference density of ln sigma (EDM2/FM: the log-normal
+it samples from; optimal-loss: uniform over its range) and dlnsigma_k the trapezoid widths of the grid in
+ln sigma; and the same sum of w (J_k - J*_k) as the total gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lossfloor.train.losses import x0_loss
+
+EVAL_STREAM = 3  # seed stream of the evaluation noise
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalResult:
+    """One evaluation: per-sigma arrays (K,) float64 and the weighted totals."""
+
+    sigma: np.ndarray
+    loss: np.ndarray  # J_sigma, x0 units
+    j_star: np.ndarray | None  # J*_sigma, x0 units
+    gap: np.ndarray | None  # J_sigma - J*_sigma
+    weight: np.ndarray  # w(sigma_k)
+    quadrature: np.ndarray  # pi_k, sums to 1
+    total: float  # sum_k pi_k w_k J_k
+    total_gap: float | None  # sum_k pi_k w_k (J_k - J*_k)
+
+    def rows(self) -> list[dict]:
+        """One dict per sigma plus one with sigma None for the totals: sigma, loss, gap, j_star."""
+        out = [
+            {"sigma": float(s), "loss": float(self.loss[k]),
+             "gap": None if self.gap is None else float(self.gap[k]),
+             "j_star": None if self.j_star is None else float(self.j_star[k])}
+            for k, s in enumerate(self.sigma)
+        ]
+        out.append({"sigma": None, "loss": self.total, "gap": self.total_gap, "j_star": None})
+        return out
+
+
+def quadrature_weights(sigmas, density: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """pi_k ∝ rho(sigma_k) x trapezoid width of sigma_k in ln sigma, normalised to 1 (uniform if all zero)."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    x = np.log(s)
+    if len(s) == 1:
+        return np.ones(1)
+    widths = np.zeros_like(x)
+    widths[1:] += np.diff(x) / 2
+    widths[:-1] += np.diff(x) / 2
+    rho = density(torch.as_tensor(s)).numpy()
+    q = rho * widths
+    return q / q.sum() if q.sum() > 0 else np.full(len(s), 1 / len(s))
+
+
+def eval_noise(seed: int, k: int, n: int, sample_shape) -> torch.Tensor:
+    """(n, *sample_shape) fixed noise of grid point k: CPU generator seeded by (seed, EVAL_STREAM, k)."""
+    state = np.random.SeedSequence([int(seed), EVAL_STREAM, int(k)]).generate_state(2, np.uint32)
+    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randn((n, *sample_shape), generator=g)
+
+
+@torch.no_grad()
+def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, sigmas, *, seed: int,
+             weight: Callable[[torch.Tensor], torch.Tensor],
+             reference_density: Callable[[torch.Tensor], torch.Tensor],
+             j_star: Callable[[torch.Tensor], torch.Tensor] | None = None, batch: int = 256,
+             rank: int = 0, world_size: int = 1, device="cpu") -> EvalResult:
+    """Evaluate denoiser(x_hat, sigma, labels) on the fixed subset x0 (N, C, H, W) at each sigma.
+
+    With world_size > 1 each rank evaluates samples rank, rank + world_size, ... and the per-sigma sums
+    are all-reduced, so every rank returns the same result.
+    """
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    n = x0.shape[0]
+    mine = torch.arange(rank, n, world_size)
+    sums = torch.zeros(len(sigmas), dtype=torch.float64, device=device)
+    for k, s in enumerate(sigmas):
+        noise = eval_noise(seed, k, n, x0.shape[1:])[mine]  # the rows of this rank's samples
+        for start in range(0, len(mine), batch):
+            idx = mine[start : start + batch]
+            x = x0[idx].to(device, torch.float32)
+            eps = noise[start : start + batch].to(device)
+            sigma = torch.full((len(idx),), float(s), dtype=torch.float32, device=device)
+            lab = None if labels is None else labels[idx].to(device)
+            D = denoiser(x + sigma.view(-1, 1, 1, 1) * eps, sigma, lab)  # (b,) -> (b, 1, 1, 1)
+            sums[k] += x0_loss(D.to(torch.float32), x).to(torch.float64).sum()
+    if world_size > 1:
+        dist.all_reduce(sums)
+    loss = sums.cpu().numpy() / n
+    sig_t = torch.as_tensor(sigmas)
+    w = weight(sig_t).to(torch.float64).numpy()
+    pi = quadrature_weights(sigmas, reference_density)
+    js = None if j_star is None else j_star(sig_t).to(torch.float64).numpy()
+    gap = None if js is None else loss - js
+    return EvalResult(
+        sigma=sigmas, loss=loss, j_star=js, gap=gap, weight=w, quadrature=pi,
+        total=float(np.sum(pi * w * loss)), total_gap=None if gap is None else float(np.sum(pi * w * gap)),
+    )

@@ -1,0 +1,129 @@
+"""What a schedule sweep minimises, computed at each evaluation point of a training run.
+
+- `gap`: the weighted loss gap on the run's evaluation grid under one **fixed reference weighting**
+      sum_k pi_k w_ref(sigma_k) (J_k - J*_k),  w_ref = min(1/J*, w_max_ref),  pi uniform in ln sigma
+  (the paper's weight without the focus term, default truncation w_max_ref = 1/(1e-3 J*(inf)), over
+  [0.002, 80]; `OptimalLossSchedule(b=0)` at its defaults). The loop's own `eval/total_gap` is weighted by
+  each run's schedule, so it changes with the very w_max and focus a sweep varies and differs for the
+  EDM2 baseline: it cannot rank runs. The fixed weighting can: it is the relative gap (J - J*)/J*
+  where J* is not tiny, capped where it is.
+- `fd`: the Fréchet distance between samples of the checkpoint (EDM Heun) and the data, in the features
+  of `lossfloor.train.metrics.feature_extractor` (pixels on small data; Inception (FID) or DINOv2
+  (FD_DINOv2) from a local network file). The data's statistics are computed once per objective.
+
+Core module: torch, numpy and scipy only (a Ray Tune trial builds one and calls it per evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import torch
+
+from lossfloor.errors import InputError
+from lossfloor.train.evaluation import quadrature_weights
+from lossfloor.train.schedules import JStarCurve, OptimalLoss, OptimalLossSchedule
+
+OBJECTIVES = ("gap", "fd")
+REFERENCE_SCHEDULE = OptimalLossSchedule(b=0.0)  # the fixed weighting of the `gap` objective
+
+
+def gap_key(sigma: float) -> str:
+    """The loop's metric name of the per-sigma gap (lossfloor.train.loop._eval_metrics)."""
+    return f"eval/gap/sigma_{sigma:.4g}"
+
+
+def reference_weights(curve: JStarCurve, sigmas) -> np.ndarray:
+    """(K,) pi_k w_ref(sigma_k): the fixed weighting of the `gap` objective on the grid `sigmas`."""
+    ref = OptimalLoss(REFERENCE_SCHEDULE, curve)
+    s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+    w = ref.weight(s).to(torch.float64).numpy()
+    return quadrature_weights(np.asarray(sigmas, dtype=np.float64), ref.reference_density) * w
+
+
+class GapObjective:
+    """sum_k pi_k w_ref(sigma_k) gap_k from an evaluation's metrics (module docstring)."""
+
+    name = "gap"
+
+    def __init__(self, curve: JStarCurve, sigmas):
+        self.sigmas = tuple(float(s) for s in sigmas)
+        self.coef = reference_weights(curve, self.sigmas)
+
+    def __call__(self, metrics: dict, checkpoint=None) -> float:
+        missing = [gap_key(s) for s in self.sigmas if gap_key(s) not in metrics]
+        if missing:
+            raise InputError(f"objective gap: the evaluation has no {missing[0]} (train with a J* table)")
+        gaps = np.array([metrics[gap_key(s)] for s in self.sigmas], dtype=np.float64)
+        return float(np.sum(self.coef * gaps))
+
+
+class FDObjective:
+    """Fréchet distance of `n` EDM Heun samples of a checkpoint to the data, in `features` (a
+    `feature_extractor` spec: "pixels", "inception:PATH", "dinov2:PATH")."""
+
+    name = "fd"
+
+    def __init__(self, data, *, features: str = "pixels", n: int = 512, num_steps: int = 32, seed: int = 0,
+                 max_reference: int = 50_000, device="cpu"):
+        from lossfloor.train.metrics import feature_extractor
+
+        if not (isinstance(n, int) and n >= 2):
+            raise InputError(f"fd samples: expected an integer >= 2, like 512, got {n!r}")
+        self.data, self.n, self.num_steps, self.seed, self.device = data, n, num_steps, seed, str(device)
+        self.max_reference = max_reference
+        self.extractor = feature_extractor(features, device=device)
+        self._reference = None
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, C) of the data's features (at most max_reference samples), computed once."""
+        from lossfloor.train.metrics import compute_statistics
+
+        if self._reference is None:
+            samples = getattr(self.data, "samples", self.data)[: self.max_reference]
+            self._reference = compute_statistics(self.extractor, torch.as_tensor(np.asarray(samples)))
+        return self._reference
+
+    def __call__(self, metrics: dict, checkpoint=None) -> float:
+        from lossfloor.train.metrics import compute_statistics, frechet_distance
+        from lossfloor.train.sampling import generate
+
+        if checkpoint is None:
+            raise InputError("objective fd: needs the checkpoint of the evaluation (checkpoint at every evaluation)")
+        den, shape, label_dim = load_denoiser(checkpoint, device=self.device)
+        images, _ = generate(den, self.n, shape, label_dim=label_dim, seed=self.seed, device=self.device,
+                             num_steps=self.num_steps)
+        return frechet_distance(*compute_statistics(self.extractor, images), *self.reference())
+
+
+def load_denoiser(checkpoint: str | os.PathLike, *, device="cpu"):
+    """(denoiser, sample shape, label_dim) of a training checkpoint: its evaluated EMA when the config
+    has eval_ema, else the raw weights; eval mode, the run's precision where the device allows it."""
+    from lossfloor.diffusion import get_preconditioning
+    from lossfloor.models import build_unet
+    from lossfloor.train.checkpoint import load_checkpoint
+    from lossfloor.train.config import TrainConfig, resolve
+    from lossfloor.train.losses import Denoiser
+
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    cfg = TrainConfig.from_dict(state["config"])
+    R = resolve(cfg)
+    unet = R.preset.unet if cfg.conditional else dataclasses.replace(R.preset.unet, label_dim=0)
+    net = build_unet(unet, device=device, seed=cfg.seed)
+    weights = state["net"]
+    if cfg.eval_ema is not None:
+        ema = state["ema"]
+        weights = next(w for s, w in zip(ema["sigma_rels"], ema["states"]) if math.isclose(s, cfg.eval_ema))
+    net.load_state_dict(weights)
+    net.eval()
+    precond = get_preconditioning(cfg.process, sigma_data=R.preset.sigma_data if cfg.process == "edm" else None)
+    precision = cfg.precision if str(device).startswith("cuda") or cfg.precision != "fp16" else "none"
+    shape = (unet.img_channels, unet.img_resolution, unet.img_resolution)
+    return Denoiser(net, precond, None, precision), shape, unet.label_dim
+
+
+__all__ = ["OBJECTIVES", "REFERENCE_SCHEDULE", "FDObjective", "GapObjective", "gap_key", "load_denoiser",
+           "reference_weights"]

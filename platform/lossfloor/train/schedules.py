@@ -1,0 +1,391 @@
+"""Training schedules: how sigma is drawn and how each sample's x0 loss is weighted.
+
+A schedule is the pair (p(sigma), w(sigma)) of the training objective E_{sigma ~ p} w(sigma) ||D - x0||^2
+(paper §4), with sigma in VE coordinates and the loss in x0 units whatever the process.
+
+Configs (frozen, keyword-only; pick one as `TrainConfig.schedule`):
+- `EDM2Schedule`: ln sigma ~ N(P_mean, P_std^2), w = lambda(sigma) = 1/c_out(sigma)^2 (the native loss of the
+  preconditioning; EDM2 paper Eq. 5 / edm2.md §4), plus EDM2's learned log-variance u(sigma) by default.
+- `FMSchedule`: flow matching / SD3 (paper §1): t ~ logit-normal(t_mean, t_std), sigma = t/(1-t), so
+  ln sigma = logit t ~ N(t_mean, t_std^2); w = 1/c_out^2, i.e. ||v - (eps - x0)||^2 with the "fm" table.
+- `OptimalLossSchedule`: the paper's schedule (paper §4, DESIGN §1):
+      w(sigma) = a min(1/J*(sigma), w_max) + b N(ln sigma; mu, varsigma^2) 1[sigma < sigma*]
+      p(sigma) ∝ w(sigma) (J_sigma(theta) - J*(sigma)), tracked online by `GapTracker`.
+
+Runtime objects (`build_schedule`) hold the J* curve and the tracker; they work on torch tensors on
+any device and keep all state in `state_dict()` (plain tensors) for exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from lossfloor.diffusion import Preconditioning
+from lossfloor.errors import InputError
+from lossfloor.floor.table import SIGMA_STAR_THRESHOLD, read_table, sigma_star
+
+SQRT_2PI = math.sqrt(2 * math.pi)
+
+
+# --- Configs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class EDM2Schedule:
+    """EDM2's schedule (edm2.md §4): ln sigma ~ N(P_mean, P_std^2), w = 1/c_out^2, learned u(sigma)."""
+
+    kind: ClassVar[str] = "edm2"
+    P_mean: float | None = None  # mean of ln sigma; None = the preset's (img512 -0.4, img64 -0.8)
+    P_std: float | None = None  # std of ln sigma; None = the preset's (img512 1.0, img64 1.6)
+    uncertainty: bool = True  # learned log-variance weighting L = w/e^u ||D - x0||^2 + d u (edm2.md §4)
+
+    def __post_init__(self):
+        _check_real(self, "P_mean", allow_none=True)
+        _check_real(self, "P_std", allow_none=True, positive=True)
+        _check_bool(self, "uncertainty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FMSchedule:
+    """Flow matching / SD3 (paper §1): t ~ logit-normal(t_mean, t_std), sigma = t/(1 - t), w = 1/c_out^2."""
+
+    kind: ClassVar[str] = "fm"
+    t_mean: float = 0.0  # m of the logit-normal; SD3's m = 0, s = 1 (paper §1)
+    t_std: float = 1.0  # s of the logit-normal
+    uncertainty: bool = False  # [choice] SD3 trains without EDM2's learned weighting
+
+    def __post_init__(self):
+        _check_real(self, "t_mean")
+        _check_real(self, "t_std", positive=True)
+        _check_bool(self, "uncertainty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimalLossSchedule:
+    """The optimal-loss schedule (paper §4). Every field the paper left open is a **[choice]**.
+
+    J* comes from `TrainConfig.jstar` (a J* parquet table, x0 units), interpolated linearly in ln sigma
+    and held constant beyond the table's ends. p(sigma) is read as a density of ln sigma **[choice]** (the
+    measure EDM's log-normal uses), supported on [sigma_min, sigma_max] and tracked by `GapTracker`:
+    a bin is drawn with its tracked probability, then sigma log-uniformly within the bin.
+    """
+
+    kind: ClassVar[str] = "optimal"
+    a: float = 1.0  # scale of the J* term; a = 1 puts w J* = 1 wherever w is not truncated
+    w_max: float | None = None  # truncation of 1/J*; None = 1 / (sigma_star_threshold J*(inf)), i.e. the
+    #                             weight stops growing where J* falls below the sigma* level
+    b: float | None = None  # scale of the Gaussian focus below sigma*; None = a w_max varsigma sqrt(2 pi),
+    #                         so the focus peaks at a w_max (the truncated weight); 0 turns it off
+    mu: float | None = None  # centre of the focus in ln sigma; None = ln sigma*
+    varsigma: float = 1.0  # width of the focus in ln sigma
+    sigma_star: float | None = None  # sigma*; None = the J* table's (J*/J*(inf) < sigma_star_threshold)
+    sigma_star_threshold: float = SIGMA_STAR_THRESHOLD  # 1e-3: sigma* level and default truncation
+    sigma_min: float = 0.002  # range of the tracked p(sigma) (EDM sampler's range, edm2.md §6)
+    sigma_max: float = 80.0
+    n_bins: int = 32  # log-sigma bins of the tracker
+    halflife_n_img: int = 1_000_000  # per-bin statistics are exponentially weighted with this half-life
+    uniform_mix: float = 0.1  # p = (1 - uniform_mix) p_gap + uniform_mix / n_bins
+    uncertainty: bool = False  # also learn EDM2's log-variance u(sigma) on top of w (off: w is the weight)
+
+    def __post_init__(self):
+        _check_real(self, "a", positive=True)
+        _check_real(self, "w_max", allow_none=True, positive=True)
+        _check_real(self, "b", allow_none=True, nonnegative=True)
+        _check_real(self, "mu", allow_none=True)
+        _check_real(self, "varsigma", positive=True)
+        _check_real(self, "sigma_star", allow_none=True, positive=True)
+        _check_real(self, "sigma_star_threshold", positive=True)
+        _check_real(self, "sigma_min", positive=True)
+        _check_real(self, "sigma_max", positive=True)
+        if not self.sigma_min < self.sigma_max:
+            raise InputError(f"sigma_max: expected a number above sigma_min={self.sigma_min}, like 80, got {self.sigma_max}")
+        _check_int(self, "n_bins", minimum=1)
+        _check_int(self, "halflife_n_img", minimum=1)
+        _check_real(self, "uniform_mix", nonnegative=True)
+        if not self.uniform_mix <= 1:
+            raise InputError(f"uniform_mix: expected a fraction in [0, 1] like 0.1, got {self.uniform_mix}")
+        _check_bool(self, "uncertainty")
+
+
+SCHEDULES = {cls.kind: cls for cls in (EDM2Schedule, FMSchedule, OptimalLossSchedule)}
+
+
+# --- The J* curve -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class JStarCurve:
+    """J*(sigma) in x0 units from a J* table, linear in ln sigma between grid points, constant beyond."""
+
+    sigma: np.ndarray  # (K,) float64, ascending
+    j_star: np.ndarray  # (K,) float64, x0 units, clipped at 0
+    total_variance: float  # J*(inf)
+    sigma_star: float | None  # from the table's metadata
+    class_conditional: bool = False  # metadata "class_conditional": J* = sum_c pi_c J*_c (per-class data)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> JStarCurve:
+        table = read_table(path)
+        sigmas = table.column("sigma").astype(np.float64)
+        names = table.table.column_names
+        if "j_star_x0" in names:
+            j = table.column("j_star_x0").astype(np.float64)
+        elif set(table.column("target").tolist()) == {"x0"}:
+            j = table.column("j_star").astype(np.float64)
+        else:
+            raise InputError(f"jstar {path}: no j_star_x0 column and target is not x0 (write it with `lossfloor estimate`)")
+        if not (np.all(np.isfinite(sigmas)) and np.all(sigmas > 0) and np.all(np.isfinite(j))):
+            raise InputError(f"jstar {path}: sigma and j_star_x0 must be finite with sigma > 0")
+        order = np.argsort(sigmas)
+        sigmas, j = sigmas[order], np.maximum(j[order], 0.0)
+        tv = float(table.column("total_variance")[0]) if "total_variance" in names else float(j.max())
+        meta = table.table.schema.metadata or {}
+        conditional = meta.get(b"class_conditional", b"false").strip().lower() == b"true"
+        return cls(sigma=sigmas, j_star=j, total_variance=tv, sigma_star=table.sigma_star,
+                   class_conditional=conditional)
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        """J*(sigma) for a tensor of sigmas, same dtype and device."""
+        shape = sigma.shape
+        x = torch.log(sigma.to(torch.float64)).flatten()  # (n,)
+        xp = torch.as_tensor(np.log(self.sigma), device=sigma.device)  # (K,)
+        fp = torch.as_tensor(self.j_star, device=sigma.device)
+        if len(xp) == 1:
+            return fp.expand(shape).to(sigma.dtype)
+        i = (x[:, None] >= xp).sum(1).clamp(1, len(xp) - 1)  # (n, K) -> (n,): xp[i-1] <= x < xp[i] inside
+        f = ((x - xp[i - 1]) / (xp[i] - xp[i - 1])).clamp(0, 1)  # clamp: constant beyond the ends
+        return (fp[i - 1] + f * (fp[i] - fp[i - 1])).view(shape).to(sigma.dtype)
+
+
+# --- Runtime schedules ----------------------------------------------------------------------------
+
+
+class LogNormalSchedule:
+    """ln sigma ~ N(P_mean, P_std^2) and w = 1/c_out^2 (EDM2Schedule and FMSchedule at run time)."""
+
+    def __init__(self, P_mean: float, P_std: float, precond: Preconditioning, uncertainty: bool):
+        self.P_mean, self.P_std, self.precond, self.uncertainty = float(P_mean), float(P_std), precond, uncertainty
+        self.tracker = None
+
+    def sample_sigma(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) float32 sigmas: ln sigma = P_mean + P_std z (edm2.md §4)."""
+        z = torch.randn(n, generator=generator, device=generator.device)
+        return torch.exp(self.P_mean + self.P_std * z)
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma) = 1/c_out(sigma)^2: w ||D - x0||^2 = ||F - native target||^2 (paper Eq. 12)."""
+        return 1.0 / self.precond.c_out(sigma) ** 2
+
+    def reference_density(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The density of ln sigma this schedule samples from: N(ln sigma; P_mean, P_std^2)."""
+        return _normal_pdf(torch.log(sigma), self.P_mean, self.P_std)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class OptimalLoss:
+    """The optimal-loss schedule at run time (paper §4): weight from J*, sigma from the tracked gap."""
+
+    def __init__(self, config: OptimalLossSchedule, curve: JStarCurve):
+        self.config, self.curve, self.uncertainty = config, curve, config.uncertainty
+        c = config
+        # Resolve the open choices (OptimalLossSchedule's field comments)
+        self.w_max = c.w_max if c.w_max is not None else 1.0 / (c.sigma_star_threshold * curve.total_variance)
+        s_star = c.sigma_star if c.sigma_star is not None else curve.sigma_star
+        if s_star is None:
+            s_star = sigma_star(curve.sigma, curve.j_star, curve.total_variance, c.sigma_star_threshold)
+        self.sigma_star = s_star
+        self.mu = c.mu if c.mu is not None else (math.log(s_star) if s_star is not None else None)
+        b = c.b if c.b is not None else c.a * self.w_max * c.varsigma * SQRT_2PI
+        self.b = 0.0 if s_star is None or self.mu is None else b  # no sigma*: no focus term
+        self.tracker = GapTracker(sigma_min=c.sigma_min, sigma_max=c.sigma_max, n_bins=c.n_bins,
+                                  halflife_n_img=c.halflife_n_img, uniform_mix=c.uniform_mix)
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """w = a min(1/J*, w_max) + b N(ln sigma; mu, varsigma^2) 1[sigma < sigma*] (paper §4)."""
+        j = self.curve(sigma)
+        w = self.config.a / torch.clamp(j, min=1.0 / self.w_max)  # a min(1/J*, w_max), safe at J* = 0
+        if self.b:
+            focus = _normal_pdf(torch.log(sigma), self.mu, self.config.varsigma)
+            w = w + self.b * focus * (sigma < self.sigma_star)
+        return w
+
+    def sample_sigma(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) float32 sigmas from the tracked p(sigma) (see GapTracker.sample)."""
+        return self.tracker.sample(n, generator)
+
+    def reference_density(self, sigma: torch.Tensor) -> torch.Tensor:
+        """[choice] Uniform in ln sigma over [sigma_min, sigma_max]: p itself moves during training, so a
+        fixed density keeps evaluation totals comparable over time and across runs."""
+        lo, hi = math.log(self.config.sigma_min), math.log(self.config.sigma_max)
+        x = torch.log(sigma)
+        return ((x >= lo) & (x <= hi)).to(sigma.dtype) / (hi - lo)
+
+    def state_dict(self) -> dict:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state)
+
+
+def build_schedule(config, precond: Preconditioning, *, P_mean: float, P_std: float,
+                   jstar: JStarCurve | None):
+    """The run-time schedule of a config. P_mean/P_std: the preset's, used where EDM2Schedule has None."""
+    if isinstance(config, EDM2Schedule):
+        return LogNormalSchedule(P_mean if config.P_mean is None else config.P_mean,
+                                 P_std if config.P_std is None else config.P_std, precond, config.uncertainty)
+    if isinstance(config, FMSchedule):
+        # t ~ logit-normal(m, s) and sigma = t/(1-t) = exp(logit t): ln sigma ~ N(m, s^2)
+        return LogNormalSchedule(config.t_mean, config.t_std, precond, config.uncertainty)
+    if isinstance(config, OptimalLossSchedule):
+        if jstar is None:
+            raise InputError("jstar: the optimal-loss schedule needs a J* table, e.g. jstar='jstar.parquet'")
+        return OptimalLoss(config, jstar)
+    raise InputError(f"schedule: expected EDM2Schedule, FMSchedule or OptimalLossSchedule, got {type(config).__name__}")
+
+
+# --- The online gap tracker (paper §4 [choice]) -------------------------------------------------
+
+
+class GapTracker:
+    """Tracks p(sigma) ∝ w(sigma) (J_sigma(theta) - J*(sigma)) on log-sigma bins (paper §4, [choice]).
+
+    Bins: n_bins of equal width in ln sigma over [sigma_min, sigma_max]; sigma outside counts in the edge bin.
+    Per bin, exponentially weighted sums over the observed training samples (half-life halflife_n_img
+    images, decayed once per step by 0.5^(batch/halflife)) of: 1, the x0 loss l, J*(sigma), and
+    w(sigma)(l - J*(sigma)). The bin's mean loss and gap are ratios of these sums. The weighted gap is
+    averaged per sample rather than formed from the bin's mean loss because J* and w vary steeply
+    within a bin near sigma*; its mean over a bin is exactly what p needs, as sigma is log-uniform within
+    each bin. p_b = (1 - uniform_mix) q_b / sum q + uniform_mix / n_bins with q_b = max(mean w-gap, 0); a bin
+    not observed yet gets the largest q of the observed ones; with nothing observed (or every q = 0),
+    p is uniform.
+
+    Distributed use: compute `batch_stats` per rank, sum them over ranks, then `update` on every rank.
+    """
+
+    STATS = ("count", "loss", "j_star", "wgap")
+
+    def __init__(self, *, sigma_min: float, sigma_max: float, n_bins: int, halflife_n_img: int,
+                 uniform_mix: float):
+        self.n_bins = int(n_bins)
+        self.halflife_n_img = int(halflife_n_img)
+        self.uniform_mix = float(uniform_mix)
+        self.log_edges = np.linspace(math.log(sigma_min), math.log(sigma_max), self.n_bins + 1)  # (n_bins + 1,)
+        self.sums = torch.zeros(len(self.STATS), self.n_bins, dtype=torch.float64)  # CPU
+
+    def bin_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The bin of each sigma (long tensor, same device)."""
+        lo, hi = self.log_edges[0], self.log_edges[-1]
+        f = (torch.log(sigma.to(torch.float64)) - lo) / (hi - lo) * self.n_bins
+        return f.floor().long().clamp(0, self.n_bins - 1)
+
+    def batch_stats(self, sigma, loss_x0, j_star, weight) -> torch.Tensor:
+        """(4, n_bins) float64 sums over this batch of (1, l, J*, w (l - J*)), on sigma's device."""
+        idx = self.bin_index(sigma)
+        lx0, j, w = (t.detach().to(torch.float64) for t in (loss_x0, j_star, weight))
+        values = torch.stack([torch.ones_like(lx0), lx0, j, w * (lx0 - j)])  # (4, B)
+        out = torch.zeros(len(self.STATS), self.n_bins, dtype=torch.float64, device=sigma.device)
+        return out.scatter_add_(1, idx.expand(len(self.STATS), -1), values)  # (4, B) -> (4, n_bins)
+
+    def update(self, stats: torch.Tensor, batch_n_img: int) -> None:
+        """Decay the sums by 0.5^(batch/halflife), then add this step's (globally summed) stats."""
+        decay = 0.5 ** (batch_n_img / self.halflife_n_img)
+        self.sums.mul_(decay).add_(stats.to(device="cpu", dtype=torch.float64))
+
+    def _mean(self, row: int) -> torch.Tensor:
+        count = self.sums[0]
+        return torch.where(count > 0, self.sums[row] / count.clamp(min=1e-300), torch.nan)
+
+    def loss(self) -> torch.Tensor:
+        """(n_bins,) tracked mean x0 loss J_sigma(theta) per bin; NaN where nothing was observed."""
+        return self._mean(1)
+
+    def gap(self) -> torch.Tensor:
+        """(n_bins,) tracked J_sigma(theta) - J*(sigma) per bin, not clipped; NaN where unobserved."""
+        return self._mean(1) - self._mean(2)
+
+    def weighted_gap(self) -> torch.Tensor:
+        """(n_bins,) tracked mean of w (l - J*) per bin, not clipped; NaN where unobserved."""
+        return self._mean(3)
+
+    def probabilities(self) -> torch.Tensor:
+        """(n_bins,) float64 bin probabilities p_b (class docstring)."""
+        q = self.weighted_gap().clamp(min=0)
+        observed = ~torch.isnan(q)
+        uniform = torch.full((self.n_bins,), 1.0 / self.n_bins, dtype=torch.float64)
+        if not observed.any():
+            return uniform
+        q = torch.where(observed, q, q[observed].max())
+        total = q.sum()
+        if not total > 0:
+            return uniform
+        return (1 - self.uniform_mix) * q / total + self.uniform_mix * uniform
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) float32 sigmas: a bin b ~ p, then ln sigma uniform within bin b (log-uniform sigma)."""
+        device = generator.device
+        p = self.probabilities().to(device)
+        bins = torch.multinomial(p, n, replacement=True, generator=generator)  # (n,)
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        edges = torch.as_tensor(self.log_edges, device=device)
+        log_sigma = edges[bins] + u * (edges[bins + 1] - edges[bins])
+        return torch.exp(log_sigma).to(torch.float32)
+
+    def bin_centers(self) -> np.ndarray:
+        """(n_bins,) geometric bin centres."""
+        return np.exp(0.5 * (self.log_edges[:-1] + self.log_edges[1:]))
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        sums = state["sums"]
+        if tuple(sums.shape) != tuple(self.sums.shape):
+            raise InputError(f"schedule: the checkpoint's tracker has {tuple(sums.shape)} bins, the config {tuple(self.sums.shape)}")
+        self.sums.copy_(sums)
+
+
+# --- Helpers ----------------------------------------------------------------------------------------
+
+
+def _normal_pdf(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """N(x; mean, std^2)."""
+    return torch.exp(-0.5 * ((x - mean) / std) ** 2) / (std * SQRT_2PI)
+
+
+def _check_real(cfg, name: str, *, allow_none: bool = False, positive: bool = False,
+                nonnegative: bool = False) -> None:
+    value = getattr(cfg, name)
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not positive or value > 0) and (not nonnegative or value >= 0)
+    if not ok:
+        kind = "a positive number" if positive else "a non-negative number" if nonnegative else "a finite number"
+        example = {"a": 1.0, "varsigma": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "uniform_mix": 0.1}.get(name, 1.0)
+        raise InputError(f"{type(cfg).__name__}.{name}: expected {kind} like {example}, got {value!r}")
+    object.__setattr__(cfg, name, float(value))
+
+
+def _check_int(cfg, name: str, *, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum):
+        raise InputError(f"{type(cfg).__name__}.{name}: expected an integer >= {minimum}, like 32, got {value!r}")
+    object.__setattr__(cfg, name, int(value))
+
+
+def _check_bool(cfg, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, bool):
+        raise InputError(f"{type(cfg).__name__}.{name}: expected true or false, got {value!r}")

@@ -1,0 +1,426 @@
+"""Helpers of the scaling study (studies/scaling_imagenet512.py): hash-addressed stages, the model
+ladders, the choice of σ, J* of the total loss, training the ladder (this process, Ray Train or Ray
+tasks) and the table of ρ it prints.
+
+A stage's output folder is `OUT/<stage>-<hash>`, the hash being sha256 of the stage's config (JSON,
+sorted keys), so a rerun with the same config finds the folder and, when its marker `DONE.json` exists
+(written last, atomically), skips the work. A stage killed half-way leaves no marker: the rerun redoes
+it (training resumes from its newest checkpoint in the same folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lossfloor.errors import InputError
+
+log = logging.getLogger("scaling_imagenet512")
+
+MARKER = "DONE.json"  # written last: the stage is finished
+HASH_CHARS = 12
+
+
+# --- Hash-addressed stages ----------------------------------------------------------------------------
+
+
+def config_hash(config: dict) -> str:
+    """sha256 (12 hex digits) of a JSON-able config, keys sorted."""
+    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def write_json(obj, path: Path) -> Path:
+    """Write JSON atomically (a temporary name in the same folder, then renamed)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the study: `OUT/<name>-<hash of config>`, finished when its marker exists."""
+
+    name: str  # "estimate", "train-<model>", "fit"
+    config: dict
+    out: Path
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self.config)
+
+    @property
+    def dir(self) -> Path:
+        return self.out / f"{self.name}-{self.hash}"
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / MARKER).is_file()
+
+    def begin(self) -> Path:
+        """Create the folder and record the config in it (config.json); returns the folder."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json({"stage": self.name, "hash": self.hash, "config": self.config}, self.dir / "config.json")
+        return self.dir
+
+    def finish(self, result: dict) -> None:
+        """Write the marker (last): the stage's result summary, read back by a rerun."""
+        write_json({"stage": self.name, "hash": self.hash, "config": self.config, "result": result,
+                    "finished_unix_s": time.time()}, self.dir / MARKER)
+
+    def result(self) -> dict:
+        return json.loads((self.dir / MARKER).read_text(encoding="utf-8"))["result"]
+
+
+# --- Model ladders ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budget:
+    """What a preset trains and estimates: the ladder and every size that sets the study's cost."""
+
+    models: tuple  # lossfloor.models.Preset per rung, smallest first
+    duration_n_img: tuple[int, ...]  # training images per rung
+    batch_n_img: int
+    evals: int  # evaluations per model (each one a point of its loss-vs-FLOPs curve)
+    eval_n_samples: int
+    n_eval_sigmas: int  # evaluation grid for the total loss (the fit σ are added to it)
+    warmup_n_img: int | None  # None: the preset's
+    t_ref_iters: int | None  # None: the preset's
+    max_samples: int | None  # data cap (J* and training use the same samples)
+    estimator: str
+    subset_size: int | None
+    queries_per_sample: int
+    sigma_grid: str
+    bootstrap: int
+    keep_checkpoints: int
+    rows_per_batch: int | None = None  # J* batch (source samples); None: the estimator's default
+    samples: int | str = "auto"  # samples grid on each train run (lossfloor.tracking.train); 0: none
+
+
+def _round_to(n: float, multiple: int) -> int:
+    return max(multiple, round(n / multiple) * multiple)
+
+
+def tiny_width(mc: int):
+    """The `tiny` preset (8x8x1, two levels) at model_channels mc, two attention heads at every width."""
+    from lossfloor.models import get_preset
+
+    tiny = get_preset("tiny")
+    unet = dataclasses.replace(tiny.unet, model_channels=mc, channels_per_head=mc)
+    return dataclasses.replace(tiny, name=f"tiny-c{mc}", unet=unet)
+
+
+SMOKE_WIDTHS = {"normal": (8, 16, 32), "tiny": (4, 8)}
+
+
+def smoke_budget(size: str, budget_scale: float) -> Budget:
+    """A ladder of `tiny` widths on the bundled digits, sized for 2 CPU cores.
+
+    normal: three widths, about 24k images per model (16 epochs of digits), 8 evaluations, J* in two
+    batches (two Ray Data actors); tiny: two widths, a few hundred images on 600 samples, for tests.
+    budget_scale multiplies the images per model.
+    """
+    if size == "normal":
+        batch, steps = 64, 384
+        return Budget(
+            models=tuple(tiny_width(mc) for mc in SMOKE_WIDTHS[size]),
+            duration_n_img=tuple(_round_to(batch * steps * budget_scale, batch) for _ in SMOKE_WIDTHS[size]),
+            batch_n_img=batch, evals=8, eval_n_samples=256, n_eval_sigmas=8, warmup_n_img=1024,
+            t_ref_iters=64, max_samples=None, estimator="exact", subset_size=None, queries_per_sample=2,
+            sigma_grid="0.002:80:32", bootstrap=100, keep_checkpoints=1, rows_per_batch=900,
+        )
+    batch, steps = 32, 24
+    return Budget(
+        models=tuple(tiny_width(mc) for mc in SMOKE_WIDTHS[size]),
+        duration_n_img=tuple(_round_to(batch * steps * budget_scale, batch) for _ in SMOKE_WIDTHS[size]),
+        batch_n_img=batch, evals=4, eval_n_samples=64, n_eval_sigmas=5, warmup_n_img=64, t_ref_iters=8,
+        max_samples=600, estimator="exact", subset_size=None, queries_per_sample=1, sigma_grid="0.002:50:16",
+        bootstrap=10, keep_checkpoints=1, samples=0,
+    )
+
+
+IMG512_LADDER = ("img512-xs", "img512-s", "img512-m", "img512-l", "img512-xl", "img512-xxl")
+
+
+def imagenet512_budget(budget_scale: float) -> Budget:
+    """EDM2's ImageNet-512 ladder (XS..XXL) with EDM2's own durations (2048Mi..896Mi images) and batch
+    2048, scaled by budget_scale: durations, lr warm-up and t_ref shrink together, so the learning-rate
+    schedule keeps its shape in images."""
+    from lossfloor.models import get_preset
+
+    presets = tuple(get_preset(name) for name in IMG512_LADDER)
+    batch = presets[0].batch_n_img
+    scale = min(budget_scale, 1.0)
+    return Budget(
+        models=presets,
+        duration_n_img=tuple(_round_to(p.duration_n_img * budget_scale, batch) for p in presets),
+        batch_n_img=batch, evals=16, eval_n_samples=4096, n_eval_sigmas=16,
+        warmup_n_img=round(presets[0].warmup_n_img * scale),
+        t_ref_iters=max(1, round(presets[0].t_ref_iters * scale)),
+        max_samples=None, estimator="cdol", subset_size=4096, queries_per_sample=3, sigma_grid="0.002:80:64",
+        bootstrap=1000, keep_checkpoints=2,
+    )
+
+
+# --- σ of the fits and of the evaluation grid ---------------------------------------------------------
+
+FIT_LEVELS = (0.05, 0.4, 0.9)  # J*(σ)/J*(∞) of the fitted σ above σ*; 0.9 is the high σ
+
+
+def choose_sigmas(sigmas, j_star_x0, total_variance: float, sigma_star: float | None, *, n_eval: int,
+                  levels=FIT_LEVELS) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(fit σ, eval σ), all points of the J* table's grid (so J* at them is the table's, no interpolation).
+
+    fit σ: the grid point nearest σ* (in ln σ) and, per level, the first grid point where
+    J*(σ)/J*(∞) >= level; eval σ: the fit σ plus n_eval points spread evenly over the grid (the
+    quadrature of the total loss).
+    """
+    s = np.asarray(sigmas, dtype=np.float64)
+    ratio = np.asarray(j_star_x0, dtype=np.float64) / total_variance
+    fit = [int(np.argmin(np.abs(np.log(s) - math.log(sigma_star)))) if sigma_star else 0]
+    for level in levels:
+        above = np.nonzero(ratio >= level)[0]
+        fit.append(int(above[0]) if len(above) else len(s) - 1)
+    coarse = np.unique(np.round(np.linspace(0, len(s) - 1, max(2, n_eval))).astype(int))
+    fit_sigmas = tuple(float(s[i]) for i in sorted(set(fit)))
+    eval_sigmas = tuple(float(s[i]) for i in sorted(set(fit) | set(coarse.tolist())))
+    return fit_sigmas, eval_sigmas
+
+
+def parse_sigmas(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"--fit-sigmas: expected numbers like 0.5,2,4.38, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"--fit-sigmas: expected positive numbers like 0.5,2,4.38, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+# --- J* of the total loss -----------------------------------------------------------------------------
+
+
+def total_weights(config) -> np.ndarray:
+    """c_k = pi_k w(sigma_k) of the evaluation's total, sum_k c_k J_k (lossfloor.train.evaluation), for a
+    TrainConfig with eval_sigmas and a J* table."""
+    import torch
+
+    from lossfloor.diffusion import get_preconditioning
+    from lossfloor.train import resolve
+    from lossfloor.train.evaluation import quadrature_weights
+    from lossfloor.train.schedules import JStarCurve, build_schedule
+
+    R = resolve(config)
+    precond = get_preconditioning(config.process, sigma_data=R.preset.sigma_data if config.process == "edm" else None)
+    curve = JStarCurve.from_path(config.jstar) if config.jstar else None
+    schedule = build_schedule(R.schedule, precond, P_mean=R.preset.P_mean, P_std=R.preset.P_std, jstar=curve)
+    sig = torch.as_tensor(R.eval_sigmas, dtype=torch.float64)
+    w = schedule.weight(sig).to(torch.float64).numpy()
+    return quadrature_weights(R.eval_sigmas, schedule.reference_density) * w
+
+
+def total_j_star(config, table) -> tuple[float, float]:
+    """(J* of the total loss, its standard error) = (sum_k c_k J*(sigma_k), sum_k c_k se_k).
+
+    The standard errors add linearly, i.e. as if fully correlated (the per-σ estimates share their
+    queries): an upper bound on the error, never an understatement.
+    """
+    c = total_weights(config)
+    sig = np.log(table.column("sigma"))
+    x = np.log(np.asarray(config.eval_sigmas, dtype=np.float64))
+    j = np.interp(x, sig, np.clip(table.column("j_star_x0"), 0, None))
+    se = np.interp(x, sig, table.column("stderr_x0"))
+    return float(np.sum(c * j)), float(np.sum(c * se))
+
+
+# --- Training one rung (runs in this process or in a Ray task) ----------------------------------------
+
+
+def train_one(config, data_src: str, max_samples: int | None, checkpoint_dir: str, device: str | None,
+              threads: int) -> dict:
+    """Train (or resume) one model of the ladder; returns its tables and counts as plain data.
+
+    Nothing here talks to MLflow: the driver logs what comes back (DESIGN: workers never write runs).
+    """
+    import logging
+
+    import torch
+
+    from lossfloor.data import load
+    from lossfloor.train import train
+
+    if not logging.getLogger().handlers:  # a Ray worker: show the loop's progress lines (rate, ETA) in the job log
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+    torch.set_num_threads(threads)
+    data = load(data_src, max_samples=max_samples)
+    t0 = time.monotonic()
+    res = train(config, data, checkpoint_dir=checkpoint_dir, device=device)
+    return {
+        "run": res.run, "model": res.model, "params": res.params, "forward_flops": res.forward_flops,
+        "n_img": res.n_img, "step": res.step, "loss_curve": res.loss_curve, "train_log": res.train_log,
+        "train_s": time.monotonic() - t0, "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+    }
+
+
+# --- Training the ladder on a Ray cluster (the driver's side) ------------------------------------------
+
+def run_ladder(args, b: Budget, ds, todo: list[tuple[Stage, object]], on_done) -> None:
+    """Train the models of `todo` ((stage, TrainConfig), largest last) and call on_done(stage, result) for
+    each as it finishes: this process, one after the other (--engine local); or concurrently on the
+    cluster, largest first, each on Ray Train (--trainer ray-train) or as one Ray task (--trainer tasks)."""
+    if not todo:
+        return
+    if args.engine == "local":
+        for stage, cfg in todo:
+            log.info("train %s: %d images in batches of %d, into %s", cfg.preset_obj.name, cfg.duration_n_img,
+                     cfg.batch_n_img, stage.dir)
+            result = train_one(cfg, args.data, b.max_samples, str(stage.begin()), None, args.cpus_per_worker)
+            on_done(stage, result)
+        return
+    if args.trainer == "ray-train":
+        try:
+            import lossfloor.ray.train  # noqa: F401
+        except ImportError as e:
+            log.warning("--trainer ray-train: lossfloor.ray.train cannot be imported (%s); training each model as "
+                        "one Ray task instead (--trainer tasks)", e)
+        else:
+            _ladder_on_ray_train(args, b, ds, todo, on_done)
+            return
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers have lossfloor, not studies/
+    task = ray.remote(train_one).options(num_cpus=args.cpus_per_worker,
+                                                  num_gpus=args.gpus_per_worker or None, max_retries=0)
+    device = "cuda" if args.gpus_per_worker > 0 else "cpu"
+    pending = {}
+    for stage, cfg in reversed(todo):  # largest first: the longest task starts first
+        stage.begin()
+        ref = task.remote(cfg, args.data, b.max_samples, str(stage.dir), device, args.cpus_per_worker)
+        pending[ref] = stage
+        log.info("train %s: submitted as a Ray task (%d images in batches of %d)", cfg.preset_obj.name,
+                 cfg.duration_n_img, cfg.batch_n_img)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        stage = pending.pop(ready[0])
+        on_done(stage, ray.get(ready[0]))
+
+
+def _worker_data(args, b: Budget, ds) -> str:
+    """A source the Ray Train workers load whole: --data, or (with a sample cap) the capped samples
+    written once as OUT/data-<fingerprint>.npz (same samples, same fingerprint)."""
+    if b.max_samples is None or b.max_samples >= args.n_source:
+        return args.data
+    import numpy as np
+
+    from lossfloor.data import load
+
+    path = (args.out / f"data-{ds.fingerprint[:12]}.npz").absolute()
+    if not path.is_file():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        arrays = {"x": ds.samples} | ({} if ds.labels is None else {"labels": ds.labels})
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    if load(path).fingerprint != ds.fingerprint:
+        raise InputError(f"{path}: the capped data set does not read back with fingerprint {ds.fingerprint[:12]}")
+    return str(path)
+
+
+def _ladder_on_ray_train(args, b: Budget, ds, todo, on_done) -> None:
+    """Each model by `lossfloor.ray.train.train_on_ray` into its stage folder, the models concurrently
+    (one driver thread per model; Ray queues what the cluster cannot fit)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    import pyarrow.parquet as pq
+
+    from lossfloor.ray.train import train_on_ray
+    from lossfloor.train import forward_flops
+
+    source = _worker_data(args, b, ds)
+
+    def one(stage: Stage, cfg) -> dict:
+        stage.begin()
+        run = train_on_ray(cfg, source, workers=args.train_workers, gpus_per_worker=args.gpus_per_worker,
+                           cpus_per_worker=args.cpus_per_worker, storage_path=str(args.out.absolute()),
+                           name=stage.dir.name, address=args.ray_address)
+        curve = pq.read_table(stage.dir / "loss_curve.parquet").to_pylist()
+        unet = cfg.preset_obj.unet if cfg.conditional else dataclasses.replace(cfg.preset_obj.unet, label_dim=0)
+        return {"run": curve[-1]["run"], "model": curve[-1]["model"], "params": curve[-1]["params"],
+                "forward_flops": forward_flops(unet, cfg.flop_convention), "n_img": curve[-1]["images"],
+                "step": curve[-1]["step"], "loss_curve": curve,
+                "train_log": pq.read_table(stage.dir / "train_log.parquet").to_pylist(), "train_s": run.wall_s,
+                "device": "cuda" if args.gpus_per_worker > 0 else "cpu"}
+
+    with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="train") as pool:
+        futures = {}
+        for stage, cfg in reversed(todo):  # largest first
+            futures[pool.submit(one, stage, cfg)] = stage
+            log.info("train %s: on Ray Train, %d worker(s) (%d images in batches of %d)", cfg.preset_obj.name,
+                     args.train_workers, cfg.duration_n_img, cfg.batch_n_img)
+        for future in as_completed(futures):
+            on_done(futures[future], future.result())
+
+
+def connect_ray(args) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = {"logging_level": logging.WARNING}
+    if args.ray_address is None:  # a local Ray for this study alone
+        kwargs.update(include_dashboard=False, _system_config={"worker_niceness": 0})
+    try:
+        ray.init(address=args.ray_address, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise InputError(f"--ray-address {args.ray_address}: cannot connect ({str(e).splitlines()[0]})") from None
+
+
+# --- The ρ table --------------------------------------------------------------------------------------
+
+
+def rho_table(fits: dict) -> list[dict]:
+    rows = []
+    for key, d in fits.items():
+        form = {k: (None if d[k] is None else d[k]["abs_rho"]) for k in ("raw", "corrected", "free_offset")}
+        hold = d.get("holdout") or {}
+        rows.append({"quantity": key, "j_star": d.get("j_star"), "raw": form["raw"], "corrected": form["corrected"],
+                     "free_offset": form["free_offset"],
+                     "offset": (d["free_offset"] or {}).get("offset"), "holdout_best": hold.get("best")})
+    return rows
+
+
+def format_rho(rows: list[dict]) -> str:
+    def f(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"{'quantity':<18}{'J*':>10}{'|rho| raw':>11}{'corrected':>11}{'free':>9}{'free E':>10}  hold-out best"]
+    for r in rows:
+        lines.append(f"{r['quantity']:<18}{f(r['j_star'], '.4g'):>10}{f(r['raw']):>11}{f(r['corrected']):>11}"
+                     f"{f(r['free_offset']):>9}{f(r['offset'], '.4g'):>10}  {r['holdout_best'] or '-'}")
+    both = [r for r in rows if r["corrected"] is not None]
+    diff = [round(r["corrected"], 4) - round(r["raw"], 4) for r in both]  # equal as printed: equal
+    lines.append(f"gap correction vs raw |rho|: higher for {sum(d > 0 for d in diff)}, lower for "
+                 f"{sum(d < 0 for d in diff)}, equal (to 4 decimals) for {sum(d == 0 for d in diff)} of {len(both)} "
+                 "quantities with a corrected fit"
+                 + (f"; {len(rows) - len(both)} without one (J* not below the smallest loss)" if len(both) < len(rows)
+                    else "")
+                 + ". Choose between forms by the hold-out, not by rho (reference/scaling-fits.md §6).")
+    return "\n".join(lines)

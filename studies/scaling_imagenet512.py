@@ -1,0 +1,566 @@
+"""The EDM2 scaling study (Xu et al. 2026, §5): raw vs gap-corrected power laws of loss vs compute.
+
+Stages, each an MLflow child run of one parent run (tag `lossfloor.stage`, the contract of
+`lossfloor.tracking.artifacts`), each skipped on a rerun when its output for the same config exists:
+
+  1. data      --data SRC (EDM2 latents, image folder, ...; default bundled:digits with --preset smoke)
+  2. estimate  J*(σ) in x0 units, on Ray Data (--engine ray) or in this process   -> jstar.parquet
+  3. train     the model ladder, one child per model (EDM2's schedule by default, --schedule optimal for
+               the paper's), per-σ loss and gap on a fixed evaluation set with fixed noise at several
+               checkpoints, FLOPs = 3 x forward FLOPs x images                   -> loss_curve.parquet
+  4. fit       per σ (σ* and above, up to a high σ) and for the total loss: raw, gap-corrected and
+               free-offset power laws on the envelope, bootstrap over models, hold-out of the largest
+                                                                                    -> fits.json
+  5. dashboard the offline HTML page (dashboards/scaling.py), in --out and on the parent run
+
+    python studies/scaling_imagenet512.py                                  # smoke: 3 tiny models, digits
+    python studies/scaling_imagenet512.py --dry-run --preset imagenet512 --data latents.zip
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \\
+        python studies/scaling_imagenet512.py --preset imagenet512 --data /shared/img512-latents.zip \\
+        --workers 8 --gpus-per-worker 1 --budget-scale 0.05
+
+Outputs (--out, default runs/scaling_imagenet512, $LOSSFLOOR_RUNS_DIR/scaling_imagenet512 when set):
+    estimate-HASH/    jstar.parquet, work/ (finished batches), DONE.json
+    train-MODEL-HASH/ loss_curve.parquet, train_log.parquet, checkpoint-*/, DONE.json
+    fit-HASH/         fits.json, DONE.json
+    dashboard-PRESET.html, summary.json
+HASH is a hash of the stage's config (and of the stages it reads); DONE.json is written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # _common, _scaling, also when imported by tests
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO_ROOT, add_output_args, default_out, ensure_lossfloor, run_study
+
+ensure_lossfloor()
+
+import _scaling  # noqa: E402
+from _scaling import Budget, Stage, write_json  # noqa: E402
+
+from lossfloor.errors import InputError  # noqa: E402
+
+log = logging.getLogger("scaling_imagenet512")
+
+STUDY = "scaling_imagenet512"
+PRESETS = ("smoke", "imagenet512")
+SCHEDULES = ("edm2", "optimal")
+STAGE_TAG = "lossfloor.stage"  # lossfloor.tracking.artifacts.STAGE_TAG (not imported: --dry-run needs no mlflow)
+LATENT_SHAPE = (4, 64, 64)  # what --preset imagenet512 expects (EDM2 SD-VAE latents of ImageNet-512)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scaling_imagenet512",
+        description="Estimate J*(sigma), train a ladder of EDM2 models, fit raw vs gap-corrected vs free-offset "
+        "power laws of loss vs FLOPs, and build the dashboard; MLflow: a parent run with one child per stage.",
+    )
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="smoke: 3 tiny widths on small 8x8 data (default without --data); imagenet512: "
+                   "EDM2 img512-xs..xxl with EDM2's budgets (default with --data)")
+    p.add_argument("--data", default=None, metavar="SRC",
+                   help="the data set (EDM2 latents .zip/folder, image folder, .npy, ...); default bundled:digits "
+                   "with --preset smoke")
+    p.add_argument("--max-samples", type=int, default=None, metavar="N",
+                   help="use only the first N samples (J* and training alike)")
+    p.add_argument("--smoke-budget", choices=("normal", "tiny"), default="normal",
+                   help="--preset smoke size: normal (3 models, minutes on 2 CPU cores) or tiny (2 models, "
+                   "seconds of training, for tests)")
+    p.add_argument("--budget-scale", type=float, default=1.0,
+                   help="multiply every model's training images (imagenet512: also its warm-up and t_ref)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="edm2",
+                   help="training schedule: edm2 (EDM2's own, what the paper's scaling study uses; default) or "
+                   "optimal (the paper's optimal-loss schedule, §4); evaluation is the same for both")
+    p.add_argument("--conditional", action="store_true",
+                   help="train class-conditional models (default unconditional: J* here is the unconditional "
+                   "floor, below which a conditional model can go at large sigma)")
+    p.add_argument("--fit-sigmas", default=None, metavar="S1,S2,...",
+                   help="the per-sigma fits (default: sigma* and the sigmas where J*/J*(inf) reaches "
+                   f"{', '.join(f'{v:g}' for v in _scaling.FIT_LEVELS)}, on the J* grid)")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates over models per fit "
+                   "(default: smoke 100, tiny 10, imagenet512 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=("local", "ray"), default=None,
+                   help="ray: J* on Ray Data and the ladder as Ray tasks; local: this process (default: ray "
+                   "inside a Ray job, i.e. when RAY_ADDRESS is set, else local)")
+    p.add_argument("--workers", type=int, default=2, help="ray engine: Ray Data actors of the J* estimate (default 2)")
+    p.add_argument("--trainer", choices=("ray-train", "tasks"), default="ray-train",
+                   help="ray engine: each model on Ray Train with --train-workers workers (default), or as one "
+                   "Ray task running the local loop (lighter: no worker group, no restarts); the models of the "
+                   "ladder run concurrently either way, as many as the cluster's resources allow")
+    p.add_argument("--train-workers", type=int, default=1, help="ray engine, ray-train: workers per model (DDP)")
+    p.add_argument("--cpus-per-worker", type=int, default=1,
+                   help="CPUs (and torch threads) per training worker and per J* actor (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="ray engine: GPUs per training worker and per J* actor (default 0: CPU)")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                   help="ray engine: the cluster (default $RAY_ADDRESS, which a Ray job sets; else a local Ray)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stages, budgets, models, FLOPs and devices, and exit without writing anything")
+    add_output_args(p, STUDY, experiment="scaling")
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("smoke" if args.data is None else "imagenet512")
+    if args.data is None and args.preset == "smoke":
+        args.data = "bundled:digits"
+    args.engine = args.engine or ("ray" if args.ray_address else "local")
+    args.out = args.out or default_out(STUDY)
+    return args
+
+
+# --- The plan -------------------------------------------------------------------------------------------
+
+
+def make_budget(args: argparse.Namespace, sample_shape: tuple[int, ...] | None) -> Budget:
+    if not (math.isfinite(args.budget_scale) and args.budget_scale > 0):
+        raise InputError(f"--budget-scale: expected a positive number like 0.1, got {args.budget_scale}")
+    for name in ("workers", "train_workers", "cpus_per_worker"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.max_samples is not None and args.max_samples < 2:
+        raise InputError(f"--max-samples: expected an integer >= 2, got {args.max_samples}")
+    if args.bootstrap is not None and args.bootstrap < 0:
+        raise InputError(f"--bootstrap: expected an integer >= 0, got {args.bootstrap}")
+    if args.preset == "smoke":
+        b = _scaling.smoke_budget(args.smoke_budget, args.budget_scale)
+        if sample_shape is not None and tuple(sample_shape) != (1, 8, 8):
+            b = dataclasses.replace(b, models=tuple(_fit_shape(p, sample_shape) for p in b.models))
+    else:
+        b = _scaling.imagenet512_budget(args.budget_scale)
+        if sample_shape is not None and tuple(sample_shape) != LATENT_SHAPE:
+            raise InputError(f"--data {args.data}: samples of shape {tuple(sample_shape)}, but --preset imagenet512 "
+                             f"trains on EDM2 ImageNet-512 latents of shape {LATENT_SHAPE}")
+    if args.max_samples is not None:
+        b = dataclasses.replace(b, max_samples=args.max_samples if b.max_samples is None
+                                else min(b.max_samples, args.max_samples))
+    if args.bootstrap is not None:
+        b = dataclasses.replace(b, bootstrap=args.bootstrap)
+    return b
+
+
+def _fit_shape(preset, shape):
+    """A smoke preset for other small (C, H, W) data: same widths, two levels, attention at H/2."""
+    c, h, w = shape
+    if h != w or h % 2:
+        raise InputError(f"--data: --preset smoke trains on square images with an even side, got {tuple(shape)}")
+    unet = dataclasses.replace(preset.unet, img_resolution=h, img_channels=c, attn_resolutions=(h // 2,))
+    return dataclasses.replace(preset, unet=unet)
+
+
+def model_rows(b: Budget, conditional: bool) -> list[dict]:
+    """Per model: params, forward FLOPs per image (lossfloor.train.flops), images, steps, training FLOPs."""
+    from lossfloor.models import params_of
+    from lossfloor.train import forward_flops, training_flops
+
+    rows = []
+    for preset, n_img in zip(b.models, b.duration_n_img):
+        unet = preset.unet if conditional else dataclasses.replace(preset.unet, label_dim=0)
+        fwd = forward_flops(unet, "edm2")  # the convention of train_configs
+        rows.append({"model": preset.name, "params": params_of(unet), "channels": unet.model_channels,
+                     "forward_flops": fwd, "n_img": n_img, "steps": n_img // b.batch_n_img,
+                     "train_flops": training_flops(fwd, n_img)})
+    return rows
+
+
+def devices(args: argparse.Namespace) -> str:
+    if args.engine == "ray":
+        kind = f"{args.gpus_per_worker:g} GPU + {args.cpus_per_worker} CPU" if args.gpus_per_worker > 0 \
+            else f"{args.cpus_per_worker} CPU"
+        how = (f"Ray Train, {args.train_workers} worker(s) per model" if args.trainer == "ray-train"
+               else "one Ray task per model")
+        return (f"ray engine at {args.ray_address or 'a local Ray'}: J* on {args.workers} Ray Data actor(s) x "
+                f"{kind}; the models concurrently, each on {how} ({kind} per worker, torch threads "
+                f"{args.cpus_per_worker})")
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"local engine: this process, device {dev}, torch threads {args.cpus_per_worker}"
+
+
+def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape, uri: str) -> str:
+    from lossfloor.diffusion import parse_sigma_grid
+
+    n = None if count is None else (count if b.max_samples is None else min(count, b.max_samples))
+    sig = parse_sigma_grid(b.sigma_grid)
+    rows = model_rows(b, args.conditional)
+    size = f" ({args.smoke_budget})" if args.preset == "smoke" else ""
+    lines = [
+        f"scaling study: dry run (nothing is computed or written); preset {args.preset}{size}, "
+        f"budget scale {args.budget_scale:g}, seed {args.seed}",
+        "stages: 1 data, 2 estimate J*, 3 train the ladder, 4 fit (raw | corrected | free offset), 5 dashboard",
+        f"1 data: {args.data or '(none: --data is required to run)'}"
+        + (f"  N={n}  shape={tuple(shape)}" if n is not None else f"  expected shape {LATENT_SHAPE}"),
+        f"2 estimate: {b.estimator} estimator"
+        + (f" (L={b.subset_size})" if b.subset_size else "")
+        + f", {b.queries_per_sample} queries per sample, sigma grid {b.sigma_grid} ({len(sig)} sigmas), x0 target",
+        f"3 train: {len(rows)} models, schedule {args.schedule}, "
+        f"{'class-conditional' if args.conditional else 'unconditional'}, batch {b.batch_n_img}, "
+        f"{b.evals} evaluations per model on {b.eval_n_samples} held-out samples with fixed noise",
+        f"  {'model':<12}{'params':>14}{'GFLOP/img fwd':>15}{'images':>15}{'steps':>10}{'train FLOPs':>13}",
+    ]
+    for r in rows:
+        lines.append(f"  {r['model']:<12}{r['params']:>14,}{r['forward_flops'] / 1e9:>15.4g}{r['n_img']:>15,}"
+                     f"{r['steps']:>10,}{r['train_flops']:>13.3e}")
+    lines += [
+        f"  total training FLOPs {sum(r['train_flops'] for r in rows):.3e} (FLOPs = 3 x forward FLOPs x images; "
+        f"warm-up {b.warmup_n_img if b.warmup_n_img is not None else 'preset'} images, "
+        f"t_ref {b.t_ref_iters if b.t_ref_iters is not None else 'preset'} steps)",
+        f"4 fit: sigma {args.fit_sigmas or 'from J*: sigma* and J*/J*(inf) = ' + ', '.join(f'{v:g}' for v in _scaling.FIT_LEVELS)}"
+        f" + the total loss; bootstrap {b.bootstrap} over models, hold-out of the largest model",
+        f"5 dashboard: {args.out}/dashboard-{args.preset}.html, also on the parent run",
+        f"devices: {devices(args)}",
+        f"outputs: {args.out}/<stage>-<hash>/ (DONE.json marks a finished stage; a rerun skips it), "
+        f"{args.out}/summary.json",
+        f"MLflow: {uri}, experiment {args.experiment!r}: parent run 'scaling-{args.preset}', children "
+        f"{STAGE_TAG}=estimate, train (one per model), fit",
+    ]
+    return "\n".join(lines)
+
+
+# --- Stage 2: J* -----------------------------------------------------------------------------------------
+
+
+def estimator_config(args: argparse.Namespace, b: Budget):
+    import torch
+
+    from lossfloor.floor import EstimatorConfig
+
+    if args.engine == "ray":
+        device = "cuda" if args.gpus_per_worker > 0 else "cpu"
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return EstimatorConfig(estimator=b.estimator, subset_size=b.subset_size, queries_per_sample=b.queries_per_sample,
+                           seed=args.seed, device=device, rows_per_batch=b.rows_per_batch)
+
+
+def run_estimate(args, b: Budget, ds, stage: Stage):
+    from lossfloor.diffusion import parse_sigma_grid
+    from lossfloor.floor import build_table, write_table
+
+    folder = stage.begin()
+    sigmas = parse_sigma_grid(b.sigma_grid)
+    cfg = estimator_config(args, b)
+    t0 = time.monotonic()
+    if args.engine == "ray":
+        from lossfloor.ray import RayEngine, estimate_ray
+
+        engine = RayEngine(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                           cpus_per_worker=float(args.cpus_per_worker))
+        est = estimate_ray(ds.samples, sigmas, cfg, engine=engine, fingerprint=ds.fingerprint,
+                           work_dir=folder / "work").result.estimate
+    else:
+        from lossfloor.floor.resume import estimate_resumable
+
+        est = estimate_resumable(ds.samples, sigmas, cfg, fingerprint=ds.fingerprint, work_dir=folder / "work").estimate
+    table = build_table(est, target="x0", fingerprint=ds.fingerprint)
+    write_table(table, folder / "jstar.parquet")
+    stage.finish({"jstar": "jstar.parquet", "sigma_star": table.sigma_star,
+                  "total_variance": est.total_variance, "seconds": time.monotonic() - t0, "engine": args.engine})
+    return table
+
+
+# --- Stage 3: the ladder ---------------------------------------------------------------------------------
+
+
+def train_configs(args, b: Budget, jstar_path: Path, eval_sigmas) -> list:
+    from lossfloor.train import EDM2Schedule, OptimalLossSchedule, TrainConfig
+
+    schedule = EDM2Schedule() if args.schedule == "edm2" else OptimalLossSchedule()
+    out = []
+    for preset, n_img in zip(b.models, b.duration_n_img):
+        every = max(b.batch_n_img, n_img // b.evals // b.batch_n_img * b.batch_n_img)
+        out.append(TrainConfig(
+            preset=preset, schedule=schedule, jstar=str(jstar_path), conditional=args.conditional,
+            batch_n_img=b.batch_n_img, duration_n_img=n_img, warmup_n_img=b.warmup_n_img,
+            t_ref_iters=b.t_ref_iters, eval_every_n_img=every, eval_sigmas=tuple(eval_sigmas),
+            eval_n_samples=b.eval_n_samples, keep_checkpoints=b.keep_checkpoints, seed=args.seed,
+            flop_convention="edm2", run=preset.name,
+        ))
+    return out
+
+
+def train_stage(args, config, estimate_stage: Stage, fingerprint: str, b: Budget) -> Stage:
+    d = config.to_dict()
+    d["jstar"] = f"estimate-{estimate_stage.hash}"  # the J* it reads, by hash, not by path
+    return Stage(f"train-{config.preset_obj.name}", {"train": d, "data_fingerprint": fingerprint,
+                                                     "max_samples": b.max_samples}, args.out)
+
+
+def _write_tables(stage: Stage, config, result: dict) -> None:
+    """The run folder's tables, where the worker's copy is not visible (a Ray task on another node):
+    written from the rows that came back, with the loop's metadata (lossfloor.tracking.train reads it)."""
+    from lossfloor.train import CURVE_SCHEMA, FLOP_CONVENTION, TRAIN_LOG_SCHEMA
+    from lossfloor.train.curves import write_rows
+
+    meta = {"flop_convention": FLOP_CONVENTION, "forward_flops": repr(result["forward_flops"]), "run": result["run"],
+            "config": json.dumps(config.to_dict())}
+    for name, rows, schema in (("loss_curve.parquet", result["loss_curve"], CURVE_SCHEMA),
+                               ("train_log.parquet", result["train_log"], TRAIN_LOG_SCHEMA)):
+        if not (stage.dir / name).is_file():
+            write_rows(rows, schema, stage.dir / name, meta)
+
+
+def _marker(result: dict, engine: str) -> dict:
+    totals = [r for r in result["loss_curve"] if r["sigma"] is None]
+    return {k: result[k] for k in ("run", "model", "params", "forward_flops", "n_img", "step", "train_s", "device")} | {
+        "engine": engine, "final_total": totals[-1]["loss"] if totals else None,
+        "final_flops": totals[-1]["flops"] if totals else None, "n_evals": len(totals)}
+
+
+# --- Stage 4: fits ---------------------------------------------------------------------------------------
+
+
+def run_fits(args, b: Budget, stage: Stage, curves, table, fit_sigmas, total_js) -> dict:
+    import numpy as np
+
+    from lossfloor.scaling import fit_all
+
+    folder = stage.begin()
+    # J*(σ) in x0 units, clipped at 0 like the training loop's J* curve: the exact estimator leaves
+    # round-off (|J*| ~ 1e-12 and below, either sign) where J* is 0, which lossfloor.scaling refuses
+    jtab = {"sigma": table.column("sigma"), "j_star": np.clip(table.column("j_star_x0"), 0.0, None),
+            "stderr": table.column("stderr_x0")}
+    fits = {}
+    t0 = time.monotonic()
+    quantities = [*fit_sigmas, None]
+    for sigma in quantities:
+        key = "total" if sigma is None else f"sigma={sigma:.6g}"
+        js, se = (jtab, None) if sigma is not None else total_js
+        note = None
+        try:
+            f = fit_all(curves, j_star=js, j_star_stderr=se, sigma=sigma, bootstrap=b.bootstrap, holdout=True,
+                        seed=args.seed)
+        except InputError as e:
+            if "must be below the smallest loss" not in str(e):
+                raise
+            # J* reached within evaluation noise: the corrected form cannot be fitted; say so, fit the others
+            note = f"corrected: not fitted: {e}"
+            f = fit_all(curves, sigma=sigma, bootstrap=b.bootstrap, holdout=True, seed=args.seed)
+        d = f.to_dict()
+        if note:
+            d["notes"] = [note, *[n for n in d["notes"] if not n.startswith("corrected: no J* given")]]
+        fits[key] = d
+        log.info("fit %s: raw |rho| %.4f, corrected |rho| %s", key, d["raw"]["abs_rho"],
+                 "-" if d["corrected"] is None else f"{d['corrected']['abs_rho']:.4f}")
+    write_json(fits, folder / "fits.json")
+    stage.finish({"fits": "fits.json", "quantities": list(fits), "seconds": time.monotonic() - t0,
+                  "rho": _scaling.rho_table(fits)})
+    return fits
+
+
+# --- MLflow children -------------------------------------------------------------------------------------
+
+
+def _child_tags(stage: Stage, cached: bool, **extra) -> dict:
+    return {STAGE_TAG: stage.name.split("-")[0], "lossfloor.study": STUDY, "lossfloor.stage_dir": str(stage.dir),
+            "lossfloor.stage_hash": stage.hash, "lossfloor.cached": str(cached).lower(), **extra}
+
+
+def log_train_child(parent, args, uri, stage: Stage, cached: bool, samples: int | str) -> str:
+    """The model's run (lossfloor.tracking.train.log_training: config, eval/train metrics, loss_curve.parquet,
+    train_log.parquet, loss_curve.html, a samples grid), tagged as the study's train child."""
+    from lossfloor.tracking.train import log_training
+
+    res = stage.result()
+    return log_training(
+        stage.dir, experiment=args.experiment, run_name=res["model"], parent_run_id=parent.run_id, tracking_uri=uri,
+        params={"study": STUDY, "data": args.data, "engine": res["engine"], "device": res["device"],
+                "train_seconds": res["train_s"], "stage_dir": str(stage.dir)},
+        tags=_child_tags(stage, cached, **{"lossfloor.model": res["model"]}), samples=samples)
+
+
+def log_fit_child(parent, args, uri, stage: Stage, fits: dict, cached: bool) -> str:
+    from lossfloor.tracking import start_run
+    from lossfloor.tracking.artifacts import log_fits
+
+    with start_run(experiment=args.experiment, run_name="fit", parent_run_id=parent.run_id, tracking_uri=uri,
+                   tags=_child_tags(stage, cached)) as run:
+        cfg = stage.config
+        run.log_params({"sigmas": cfg["sigmas"], "bootstrap": cfg["bootstrap"], "seed": cfg["seed"],
+                        "holdout": "largest model", "total_j_star": cfg["total_j_star"][0],
+                        "total_j_star_stderr": cfg["total_j_star"][1]})
+        metrics, tags = {}, {}
+        for r in _scaling.rho_table(fits):
+            q = "total" if r["quantity"] == "total" else "sigma_" + r["quantity"].removeprefix("sigma=")
+            for form in ("raw", "corrected", "free_offset"):
+                if r[form] is not None:
+                    metrics[f"abs_rho/{form}/{q}"] = r[form]
+            tags[f"holdout_best.{q}"] = r["holdout_best"] or "none"
+        run.log_metrics(metrics)
+        run.set_tags(tags)
+        log_fits(run, fits.values())
+    return run.run_id
+
+
+def build_dashboard(args, uri: str, parent_run_id: str, fit_sigmas) -> Path:
+    """The page from the study's runs (dashboards/scaling.py, contract lossfloor.tracking.artifacts)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))  # dashboards/ of this checkout (a Ray job's working directory)
+    from lossfloor.cli.dashboard import page_builder
+
+    path = args.out / f"dashboard-{args.preset}.html"
+    page_builder().from_mlflow(run_id=parent_run_id, tracking_uri=uri, out=path, log=True, sigmas=list(fit_sigmas),
+                               title=f"EDM2 scaling study ({args.preset}): raw vs gap-corrected power laws")
+    return path
+
+
+# --- The study -------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    import lossfloor
+    from lossfloor.data import describe
+    from lossfloor.tracking import tracking_uri
+
+    t_start = time.monotonic()
+    log.info("lossfloor %s from %s", lossfloor.__version__, Path(lossfloor.__file__).parent)
+    uri = tracking_uri(args.tracking_uri)
+    if args.dry_run:
+        count, shape = describe(args.data) if args.data else (None, None)
+        print(describe_plan(args, make_budget(args, shape), count, shape, uri))
+        return 0
+    if args.data is None:
+        raise InputError("--data: --preset imagenet512 needs the EDM2 latents (e.g. --data img512-latents.zip)")
+
+    from lossfloor.data import load
+    from lossfloor.floor import read_table
+    from lossfloor.tracking import log_estimate, start_run
+
+    # 1. data
+    count, shape = describe(args.data)
+    args.n_source = count
+    b = make_budget(args, shape)
+    ds = load(args.data, max_samples=b.max_samples)
+    log.info("data %s: %d samples of shape %s, fingerprint %s", args.data, len(ds), ds.sample_shape,
+             ds.fingerprint[:12])
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.engine == "ray":
+        _scaling.connect_ray(args)
+
+    study_tags = {"lossfloor.kind": "study", "lossfloor.study": STUDY, "lossfloor.preset": args.preset}
+    skipped: dict[str, bool] = {}
+    with start_run(experiment=args.experiment, run_name=f"scaling-{args.preset}", tags=study_tags,
+                   tracking_uri=uri) as parent:
+        parent.log_params({
+            "preset": args.preset, "smoke_budget": args.smoke_budget if args.preset == "smoke" else None,
+            "data": args.data, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
+            "dataset_fingerprint": ds.fingerprint, "schedule": args.schedule, "conditional": args.conditional,
+            "budget_scale": args.budget_scale, "models": [p.name for p in b.models], "engine": args.engine,
+            "workers": args.workers, "gpus_per_worker": args.gpus_per_worker, "seed": args.seed, "out": str(args.out),
+        })
+
+        # 2. J*(σ)
+        est_cfg = estimator_config(args, b)
+        est_stage = Stage("estimate", {
+            "data_fingerprint": ds.fingerprint, "n_samples": len(ds), "sigma_grid": b.sigma_grid,
+            "estimator": {**dataclasses.asdict(est_cfg), "device": None}}, args.out)  # same numbers on any device
+        skipped["estimate"] = est_stage.done
+        if est_stage.done:
+            log.info("stage estimate: finished earlier in %s, skipped", est_stage.dir)
+        else:
+            log.info("stage estimate: %s estimator on %s engine into %s", b.estimator, args.engine, est_stage.dir)
+            run_estimate(args, b, ds, est_stage)
+        jstar_path = est_stage.dir / "jstar.parquet"
+        table = read_table(jstar_path)
+        log_estimate(table, params={"data": args.data, "engine": args.engine, "study": STUDY,
+                                    "n_samples": len(ds), "stage_dir": str(est_stage.dir)},
+                     experiment=args.experiment, run_name="estimate", parent_run_id=parent.run_id,
+                     tracking_uri=uri, tags=_child_tags(est_stage, skipped["estimate"]))
+        s_star = table.sigma_star
+        if s_star is not None:
+            parent.log_metrics({"sigma_star": s_star})
+
+        # the σ of the fits and of the evaluation grid, all on the J* grid
+        auto_fit, eval_sigmas = _scaling.choose_sigmas(
+            table.column("sigma"), table.column("j_star_x0"), float(table.column("total_variance")[0]), s_star,
+            n_eval=b.n_eval_sigmas)
+        fit_sigmas = _scaling.parse_sigmas(args.fit_sigmas) if args.fit_sigmas else auto_fit
+        eval_sigmas = tuple(sorted(set(eval_sigmas) | set(fit_sigmas)))
+        log.info("sigma*: %s; fits at sigma %s; evaluation at %d sigmas", s_star,
+                 ", ".join(f"{s:.4g}" for s in fit_sigmas), len(eval_sigmas))
+
+        # 3. the ladder
+        configs = train_configs(args, b, jstar_path, eval_sigmas)
+        stages = [train_stage(args, cfg, est_stage, ds.fingerprint, b) for cfg in configs]
+        by_stage = {st.name: (st, cfg) for st, cfg in zip(stages, configs)}
+        for st in stages:
+            skipped[st.name] = st.done
+            if st.done:
+                log.info("stage %s: finished earlier in %s, skipped", st.name, st.dir)
+        todo = [(st, cfg) for st, cfg in zip(stages, configs) if not st.done]
+
+        def finished(stage: Stage, result: dict) -> None:
+            _write_tables(stage, by_stage[stage.name][1], result)
+            stage.finish(_marker(result, args.engine))
+            log.info("train %s: %d images in %.0f s, final total loss %.4g", result["model"], result["n_img"],
+                     result["train_s"], stage.result()["final_total"])
+            log_train_child(parent, args, uri, stage, cached=False, samples=b.samples)
+
+        log.info("stage train: %d model(s) to train, %d finished earlier", len(todo), len(stages) - len(todo))
+        _scaling.run_ladder(args, b, ds, todo, finished)
+        for st in stages:
+            if skipped[st.name]:
+                log_train_child(parent, args, uri, st, cached=True, samples=b.samples)
+
+        # 4. fits
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        curves = pa.concat_tables([pq.read_table(st.dir / "loss_curve.parquet").replace_schema_metadata(None)
+                                   for st in stages])
+        total_js = _scaling.total_j_star(configs[0], table)
+        fit_stage = Stage("fit", {"estimate": est_stage.hash, "train": sorted(st.hash for st in stages),
+                                  "sigmas": list(fit_sigmas), "bootstrap": b.bootstrap, "seed": args.seed,
+                                  "holdout": "largest", "total_j_star": list(total_js)}, args.out)
+        skipped["fit"] = fit_stage.done
+        if fit_stage.done:
+            log.info("stage fit: finished earlier in %s, skipped", fit_stage.dir)
+            fits = json.loads((fit_stage.dir / "fits.json").read_text(encoding="utf-8"))
+        else:
+            log.info("stage fit: %d quantities, bootstrap %d, into %s", len(fit_sigmas) + 1, b.bootstrap, fit_stage.dir)
+            fits = run_fits(args, b, fit_stage, curves, table, fit_sigmas, total_js)
+        log_fit_child(parent, args, uri, fit_stage, fits, skipped["fit"])
+        rows = _scaling.rho_table(fits)
+        parent.log_metrics({f"abs_rho/{form}/{'total' if r['quantity'] == 'total' else 'sigma_' + r['quantity'][6:]}":
+                            r[form] for r in rows for form in ("raw", "corrected") if r[form] is not None})
+
+        # 5. dashboard
+        html = build_dashboard(args, uri, parent.run_id, fit_sigmas)
+        summary = {
+            "study": STUDY, "preset": args.preset, "tracking_uri": uri, "experiment": args.experiment,
+            "parent_run_id": parent.run_id, "dashboard": str(html), "sigma_star": s_star,
+            "fit_sigmas": list(fit_sigmas), "eval_sigmas": list(eval_sigmas), "total_j_star": list(total_js),
+            "stages": {name: {"dir": str(st.dir), "skipped": skipped[name]} for name, st in
+                       [("estimate", est_stage), *[(s.name, s) for s in stages], ("fit", fit_stage)]},
+            "rho": rows, "seconds": time.monotonic() - t_start,
+        }
+        parent.log_artifact(write_json(summary, args.out / "summary.json"))
+
+    n_trained = sum(not skipped[st.name] for st in stages)
+    print(f"\nscaling study ({args.preset}) finished in {time.monotonic() - t_start:.0f} s: "
+          f"{n_trained} model(s) trained, {len(stages) - n_trained} reused; "
+          f"stages skipped: {', '.join(k for k, v in skipped.items() if v) or 'none'}")
+    print(f"sigma* = {'undefined' if s_star is None else f'{s_star:.4g}'}; raw vs gap-corrected vs free-offset "
+          f"power laws on the envelope of {len(stages)} models (|rho| of ln(J - offset) vs ln F):")
+    print(_scaling.format_rho(rows))
+    print(f"dashboard: {html}")
+    print(f"MLflow: {uri}, experiment {args.experiment!r}, parent run {parent.run_id}")
+    print(f"open the runs: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_study("scaling_imagenet512", parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

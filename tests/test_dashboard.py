@@ -1,0 +1,345 @@
+"""The scaling dashboard: a page built from synthetic study data (J* table from a tiny exact estimate,
+loss curves of 3 models with known laws, fits from lossfloor.scaling), its rebuild from MLflow alone
+(`lossfloor dashboard`), bad inputs, and the page rendered by a headless Chromium with the network off."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from plotly.offline import get_plotlyjs
+
+from browser import BrowserUnavailable, ensure_chromium, render
+from lossfloor.cli import main
+from lossfloor.cli.dashboard import page_builder
+from lossfloor.errors import InputError
+from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
+from lossfloor.plots import is_offline_html
+from lossfloor.plots_scaling import holdout_refit
+from lossfloor.scaling import fit_all
+from lossfloor.tracking import client, log_estimate, start_run
+from lossfloor.tracking.artifacts import (
+    CURVE_ARTIFACT,
+    DASHBOARD_ARTIFACT,
+    FITS_ARTIFACT,
+    STAGE_TAG,
+    fits_key,
+    log_fits,
+)
+from lossfloor.train.curves import CURVE_SCHEMA, to_table, write_rows
+
+scaling = page_builder()  # dashboards.scaling, from the checkout
+
+SIGMAS = np.geomspace(0.01, 20.0, 10)
+FIT_SIGMAS = (float(SIGMAS[5]), float(SIGMAS[7]))  # J* ~ 1.1 and ~ 3.7: a large share of the loss
+J_STAR_TOTAL = 0.3
+MODELS = {"S": 1e6, "M": 4e6, "L": 1.6e7}  # name -> params
+EXPERIMENT = "scaling-test"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic study
+
+
+@pytest.fixture(scope="module")
+def jstar():
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)  # (N, D)
+    est = estimate(x, SIGMAS, EstimatorConfig(estimator="exact", queries_per_sample=2), progress=False)
+    table = build_table(est, target="x0", fingerprint="synthetic-gauss")
+    assert table.sigma_star is not None
+    return table
+
+
+def curve_rows(jstar) -> list[dict]:
+    """Chinchilla-like curves: J = J* + k (3 N^-0.3 + 40 D^-0.3), F = 6 N D, 16 checkpoints per model."""
+    j_at = dict(zip(jstar.column("sigma").tolist(), jstar.column("j_star_x0").tolist()))
+    rng = np.random.default_rng(1)
+    rows = []
+    for model, n in MODELS.items():
+        d = np.geomspace(1e6, 1e9, 16)  # images seen
+        for sigma, js, k in [(None, J_STAR_TOTAL, 1.0)] + [(s, j_at[s], 0.5) for s in FIT_SIGMAS]:
+            loss = js + k * (3.0 * n**-0.3 + 40.0 * d**-0.3) * (1 + 0.002 * rng.standard_normal(len(d)))
+            rows += [{"run": f"train-{model}", "model": model, "params": int(n), "step": i, "images": int(d[i]),
+                      "flops": float(6 * n * d[i]), "sigma": sigma, "loss": float(loss[i]),
+                      "gap": float(loss[i] - js), "j_star": None if sigma is None else js}
+                     for i in range(len(d))]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def curves(jstar) -> pa.Table:
+    return to_table(curve_rows(jstar), CURVE_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def fit_objects(jstar, curves):
+    out = [fit_all(curves, j_star=jstar.table, sigma=s, bootstrap=20, seed=0) for s in FIT_SIGMAS]
+    return [*out, fit_all(curves, j_star=J_STAR_TOTAL, bootstrap=20, seed=0)]
+
+
+@pytest.fixture(scope="module")
+def fits(fit_objects) -> dict[str, dict]:
+    return {fits_key(f.sigma): f.to_dict() for f in fit_objects}
+
+
+@pytest.fixture(scope="module")
+def page(jstar, curves, fits) -> str:
+    return scaling.build_dashboard(jstar, curves, fits, title="Synthetic scaling study")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page
+
+
+def shows(text: str, page: str) -> bool:
+    """`text` is in the page, as HTML or inside a figure's JSON (where plotly writes ρ as \\u03c1)."""
+    return text in page or json.dumps(text)[1:-1] in page
+
+
+def test_page_embeds_plotly_once_loads_nothing_and_has_every_section(page, fits):
+    assert page.count(get_plotlyjs()[:2000]) == 1  # plotly.js source embedded exactly once
+    assert page.count("plotly.js v") == 1
+    assert re.search(r"<script[^>]*\bsrc\s*=", page, re.IGNORECASE) is None  # nothing fetched, no CDN
+    assert is_offline_html(page)
+    for title in scaling.SECTION_TITLES:
+        assert f"<h2>{title}</h2>" in page
+    assert page.count("Plotly.newPlot(") == 4  # J*, loss vs compute, fits, hold-out
+    for f in fits.values():  # |ρ| of both forms in the fit panels' titles
+        for form in ("raw", "corrected"):
+            assert shows(f"|ρ| = {f[form]['abs_rho']:.4f}", page)
+        assert f["holdout"]["model"] == "L"
+    assert shows("dashed: σ* (largest σ with J*", page)  # the J* figure marks σ*
+
+
+def test_fits_table_has_every_form_and_the_holdout_scores(page, fits):
+    table = page[page.index('<table class="fits">'):page.index("</table>")]
+    assert table.count("<tr") == 1 + 3 * len(fits)  # header + (raw, corrected, free_offset) per quantity
+    for column in ("α", "β", "offset", "|ρ|", "R²", "hold-out log-RMSE", "hold-out error at final F"):
+        assert f"<th>{column}</th>" in table
+    total = fits["total"]
+    assert f"{total['corrected']['alpha']:.4g} [{total['corrected']['intervals']['alpha'][0]:.4g}" in table
+    assert f"{total['holdout']['scores']['raw']['log_rmse']:.3g}" in table
+    assert table.count("★") == len(fits)  # the best hold-out form of each quantity
+
+
+def test_holdout_refit_reproduces_fit_all(curves, fits):
+    """The hold-out panel refits without the largest model; its predictions are fit_all's."""
+    for f in fits.values():
+        _, _, forms, (flops, _) = holdout_refit(curves, f)
+        for form, score in f["holdout"]["scores"].items():
+            pred = forms[form].predict(flops[-1])
+            assert pred == pytest.approx(score["predicted_final"], rel=1e-9), form
+
+
+def test_write_dashboard_is_atomic_and_per_sigma_panels_are_chosen(jstar, curves, fits, tmp_path):
+    out = scaling.write_dashboard(jstar, curves, fits, tmp_path / "sub" / "page.html", sigmas=[FIT_SIGMAS[1]])
+    assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["page.html"]
+    assert shows("σ = 3.694", out.read_text(encoding="utf-8"))
+    no_jstar = scaling.build_dashboard(None, curves, {"total": fits["total"]})
+    assert "No J* table was given." in no_jstar and no_jstar.count("Plotly.newPlot(") == 3
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no loss column", "curves: missing column(s) loss"),
+    ("bad fits key", "expected 'total' or 'sigma=<number>'"),
+    ("key of another sigma", "holds a fit at sigma="),
+    ("sigma not in curves", "the curves have no rows at this σ"),
+])
+def test_bad_inputs_raise_input_error(jstar, curves, fits, case, message):
+    kwargs = {}
+    if case == "no loss column":
+        curves = curves.drop_columns(["loss"])
+    elif case == "bad fits key":
+        fits = {"sigma=abc": fits["total"]}
+    elif case == "key of another sigma":
+        fits = {"sigma=5": fits[fits_key(FIT_SIGMAS[0])]}
+    else:
+        kwargs["sigmas"] = [123.0]
+    with pytest.raises(InputError, match=re.escape(message)):
+        scaling.build_dashboard(jstar, curves, fits, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# From MLflow alone
+
+
+def _log_jstar_only(run, table, tmp_path) -> None:
+    """An estimate child as the contract needs it: just jstar.parquet (log_estimate also adds more)."""
+    write_table(table, tmp_path / "jstar.parquet")
+    run.log_artifact(tmp_path / "jstar.parquet")
+
+
+def _log_curves(run, rows, folder) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    run.log_artifact(write_rows(rows, CURVE_SCHEMA, folder / CURVE_ARTIFACT))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, jstar, fit_objects):
+    """A sqlite store with: a complete study (plus a FAILED fit child and a later unrelated top-level run)
+    in EXPERIMENT, a study without a fit child in 'no-fit', one whose train child lacks its artifact in
+    'no-curve'."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    rows = curve_rows(jstar)
+    study_tags = {"lossfloor.kind": "study", "lossfloor.study": "scaling-test"}
+    ids = {}
+    with start_run(experiment=EXPERIMENT, run_name="scaling-smoke", tags=study_tags, tracking_uri=uri) as parent:
+        ids["parent"] = parent.run_id
+        ids["estimate"] = log_estimate(jstar, params={"data": "synthetic"}, parent_run_id=parent.run_id,
+                                       experiment=EXPERIMENT, tracking_uri=uri, tags={STAGE_TAG: "estimate"})
+        for model in MODELS:
+            with start_run(experiment=EXPERIMENT, run_name=f"train-{model}", parent_run_id=parent.run_id,
+                           tags={STAGE_TAG: "train"}, tracking_uri=uri) as run:
+                _log_curves(run, [r for r in rows if r["model"] == model], tmp / model)
+        with pytest.raises(RuntimeError), start_run(experiment=EXPERIMENT, parent_run_id=parent.run_id,
+                                                    tags={STAGE_TAG: "fit"}, tracking_uri=uri):
+            raise RuntimeError("a fit that failed: ignored")
+        with start_run(experiment=EXPERIMENT, run_name="fit", parent_run_id=parent.run_id,
+                       tags={STAGE_TAG: "fit"}, tracking_uri=uri) as run:
+            log_fits(run, fit_objects)
+    with start_run(experiment=EXPERIMENT, run_name="unrelated", tracking_uri=uri):
+        pass  # a later top-level run without stage children: --experiment skips it
+
+    for exp in ("no-fit", "no-curve"):
+        with start_run(experiment=exp, tracking_uri=uri) as parent:
+            ids[exp] = parent.run_id
+            with start_run(experiment=exp, parent_run_id=parent.run_id, tags={STAGE_TAG: "estimate"},
+                           tracking_uri=uri) as run:
+                _log_jstar_only(run, jstar, tmp)
+            with start_run(experiment=exp, parent_run_id=parent.run_id, tags={STAGE_TAG: "train"},
+                           tracking_uri=uri) as run:
+                if exp == "no-fit":
+                    _log_curves(run, rows, tmp / exp)
+                ids[f"{exp}-train"] = run.run_id
+            if exp == "no-curve":
+                with start_run(experiment=exp, parent_run_id=parent.run_id, tags={STAGE_TAG: "fit"},
+                               tracking_uri=uri) as run:
+                    log_fits(run, fit_objects)
+    return uri, ids
+
+
+def test_cli_rebuilds_the_page_from_mlflow_and_logs_it(store, fits, tmp_path, capsys):
+    uri, ids = store
+    out = tmp_path / "f.html"
+    assert main(["dashboard", "--experiment", EXPERIMENT, "--out", str(out), "--tracking-uri", uri]) == 0
+    stdout = capsys.readouterr().out
+    assert ids["parent"] in stdout and "3 train run(s)" in stdout
+    page = out.read_text(encoding="utf-8")
+    assert is_offline_html(page) and page.count("plotly.js v") == 1
+    for title in scaling.SECTION_TITLES:
+        assert f"<h2>{title}</h2>" in page
+    assert ids["parent"] in page and ids["estimate"] in page  # the header names the runs
+    for f in fits.values():
+        assert shows(f"|ρ| = {f['corrected']['abs_rho']:.4f}", page)
+    c = client(uri)
+    assert DASHBOARD_ARTIFACT in {a.path for a in c.list_artifacts(ids["parent"])}
+    logged = c.download_artifacts(ids["parent"], DASHBOARD_ARTIFACT, str(tmp_path / "dl"))
+    with open(logged, encoding="utf-8") as fh:
+        assert fh.read() == page
+
+
+def test_cli_run_id_of_a_child_finds_its_study(store, tmp_path, capsys):
+    uri, ids = store
+    out = tmp_path / "g.html"
+    argv = ["dashboard", "--run", ids["estimate"], "--out", str(out), "--tracking-uri", uri, "--no-log"]
+    assert main(argv) == 0
+    assert f"study run {ids['parent']}" in capsys.readouterr().out and out.is_file()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown experiment", "no experiment 'nope'"),
+    ("experiment without a study", "no study found"),
+    ("no fit child", "has no child with lossfloor.stage=fit"),
+    ("train child without curves", f"has no artifact {CURVE_ARTIFACT}"),
+    ("unknown run", "no run 'abc'"),
+    ("not html", "expected an .html file"),
+    ("no database", "no MLflow database at"),
+])
+def test_cli_bad_inputs_exit_2_with_one_line(store, tmp_path, capsys, case, message):
+    uri, ids = store
+    out = tmp_path / "x.html"
+    which = {
+        "unknown experiment": ["--experiment", "nope"],
+        "experiment without a study": ["--experiment", "Default"],
+        "no fit child": ["--experiment", "no-fit"],
+        "train child without curves": ["--run", ids["no-curve"]],
+        "unknown run": ["--run", "abc"],
+    }.get(case, ["--experiment", EXPERIMENT])
+    if case == "not html":
+        out = tmp_path / "x.png"
+    if case == "no database":
+        uri = f"sqlite:///{tmp_path}/missing/mlflow.db"
+    assert main(["dashboard", *which, "--out", str(out), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lossfloor dashboard: error:") and message in err, err
+    assert not out.exists()
+    if case == "no fit child":
+        assert ids["no-fit"] in err
+    if case == "train child without curves":
+        assert ids["no-curve-train"] in err
+    if case == "no database":
+        assert not (tmp_path / "missing").exists()
+
+
+def test_cli_needs_experiment_or_run(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["dashboard", "--out", "x.html"])
+    assert e.value.code == 2 and "--experiment" in capsys.readouterr().err
+
+
+def test_fits_artifact_follows_the_contract(store, fits, tmp_path):
+    """fits.json keys are 'total' and 'sigma=<σ:.6g>', values ScalingFits.to_dict()."""
+    uri, ids = store
+    c = client(uri)
+    fit_run = next(r for r in c.search_runs([c.get_run(ids["parent"]).info.experiment_id],
+                                            f"tags.`{STAGE_TAG}` = 'fit' and attributes.status = 'FINISHED'"))
+    with open(c.download_artifacts(fit_run.info.run_id, FITS_ARTIFACT, str(tmp_path)), encoding="utf-8") as fh:
+        logged = json.load(fh)
+    assert set(logged) == {"total", *(f"sigma={s:.6g}" for s in FIT_SIGMAS)}
+    assert logged == json.loads(json.dumps(fits))
+
+
+# ---------------------------------------------------------------------------------------------------
+# In a browser, offline
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    try:
+        return ensure_chromium()  # installs Debian's chromium when missing (CI starts bare)
+    except BrowserUnavailable as e:
+        pytest.fail(f"headless Chromium is required for this test and could not be set up: {e}")
+
+
+def _body_marker(dom: str) -> str:
+    m = re.search(r'<body[^>]*\bdata-rendered="([^"]*)"', dom)
+    assert m, "no <body data-rendered=...> in the dumped DOM"
+    return m.group(1)
+
+
+def test_page_renders_offline_in_headless_chromium(chromium, page, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "page.html"
+    path.write_text(page, encoding="utf-8")
+    shot = render(chromium, path, tmp_path / "chromium", width=1200, height=2000)
+    assert _body_marker(shot.dom) == "ok: 4 plots", shot.log[-3000:]  # every Plotly.newPlot resolved, no error
+    assert shot.dom.count('class="main-svg"') >= 8  # plotly drew its SVG layers in every figure
+    img = Image.open(shot.png).convert("RGB")
+    assert img.size == (1200, 2000)
+    colors = img.getcolors(maxcolors=1 << 24)
+    white = next((n for n, c in colors if c == (255, 255, 255)), 0)
+    assert len(colors) > 200, f"the screenshot has only {len(colors)} colours: blank page?"
+    assert 1 - white / (1200 * 2000) > 0.02, "the screenshot is almost all white"
+
+    # the same page with plotly.js from a CDN instead of embedded: with the network off it must fail
+    cdn = page.replace(f'<script type="text/javascript">{get_plotlyjs()}</script>',
+                       '<script src="https://cdn.plot.ly/plotly-3.0.1.min.js"></script>')
+    assert cdn != page
+    (tmp_path / "cdn.html").write_text(cdn, encoding="utf-8")
+    failed = render(chromium, tmp_path / "cdn.html", tmp_path / "chromium-cdn", screenshot=False)
+    assert _body_marker(failed.dom).startswith("error: plotly.js is not loaded")

@@ -1,0 +1,132 @@
+"""`--engine ray`: the local engine's numbers for 1 and 2 workers, resumable after an interruption.
+
+One small Ray instance (2 CPUs) is shared by the whole module; every estimate starts a fresh actor pool
+(a few seconds each), so the tests keep the number of Ray runs small.
+"""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+import lossfloor.cli
+from lossfloor.errors import InputError
+from lossfloor.floor import EstimatorConfig, estimate
+from lossfloor.floor.resume import KEY_FILE
+from lossfloor.ray import RayEngine, estimate_ray
+
+# Ray Data's own DataContext copy warns about its deprecated fields
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+
+SIGMAS = np.array([0.05, 0.3, 1.0, 4.0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray >= 2.59 uses token auth for local clusters
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE")
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(5, 12))
+    return (centres[rng.integers(0, 5, 300)] + 0.4 * rng.normal(size=(300, 12))).astype(np.float32)  # (300, 12)
+
+
+def assert_same(a, b):
+    """J* and stderr equal to 1e-9 relative (the engines are in fact bit-identical)."""
+    np.testing.assert_allclose(a.j_star, b.j_star, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(a.stderr, b.stderr, rtol=1e-9, atol=0)
+    assert (a.n_queries, a.n_batches) == (b.n_queries, b.n_batches)
+
+
+def test_one_worker_matches_local(data):
+    cfg = EstimatorConfig(estimator="cdol", subset_size=48, seed=5, rows_per_batch=30)
+    local = estimate(data, SIGMAS, cfg, progress=False)
+    run = estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=1), progress=False)
+    assert_same(run.result.estimate, local)
+    assert run.result.computed == local.n_batches == 10
+    assert run.kernel_s > 0
+
+
+def test_two_workers_match_local_with_subset_sensitivity(data):
+    # the L/2 pass runs through the same pool logic; the 2-worker order of results must not matter
+    cfg = EstimatorConfig(estimator="snis", subset_size=40, seed=11, rows_per_batch=25, subset_sensitivity=True)
+    local = estimate(data, SIGMAS, cfg, progress=False)
+    run = estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=2), progress=False)
+    assert_same(run.result.estimate, local)
+    np.testing.assert_allclose(run.result.estimate.subset_shift, local.subset_shift, rtol=1e-9)
+    assert [p.computed for p in run.result.passes] == [12, run.result.passes[1].n_batches]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption(data, tmp_path):
+    cfg = EstimatorConfig(estimator="cdol", subset_size=64, seed=2, rows_per_batch=20)  # 15 batches
+    local = estimate(data, SIGMAS, cfg, progress=False)
+    first: list[int] = []
+
+    def stop_after_6(part):
+        first.append(part.batch_index)
+        if len(first) == 6:
+            raise Interrupt  # as if the job were killed half-way
+
+    with pytest.raises(Interrupt):
+        estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=2), work_dir=tmp_path / "w",
+                     progress=False, on_batch=stop_after_6)
+    assert (tmp_path / "w" / KEY_FILE).is_file()
+
+    second: list[int] = []
+    run = estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=2), work_dir=tmp_path / "w",
+                       progress=False, on_batch=lambda p: second.append(p.batch_index))
+    (stats,) = run.result.passes
+    assert (stats.reused, stats.computed) == (6, 9)
+    assert not set(first) & set(second) and sorted(first + second) == list(range(15))
+    assert_same(run.result.estimate, local)
+
+    # a finished work folder: nothing left to compute (no actor pool is even started)
+    again = estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=2), work_dir=tmp_path / "w", progress=False)
+    assert again.result.computed == 0 and again.kernel_s == 0
+    assert_same(again.result.estimate, local)
+
+
+def test_cli_ray_engine_equals_local_and_reuses_default_work_dir(data, tmp_path, capsys):
+    np.save(tmp_path / "d.npy", data)
+    common = ["estimate", "--data", str(tmp_path / "d.npy"), "--sigmas", "0.05,0.3,1,4", "--estimator", "exact",
+              "--rows-per-batch", "60", "--json"]
+    assert lossfloor.cli.main([*common, "--out", str(tmp_path / "local.parquet")]) == 0
+    local_rows = json.loads(capsys.readouterr().out)
+    argv = [*common, "--engine", "ray", "--workers", "2", "--out", str(tmp_path / "ray.parquet")]
+    assert lossfloor.cli.main(argv) == 0
+    ray_rows = json.loads(capsys.readouterr().out)
+    for a, b in zip(local_rows, ray_rows):
+        assert a["j_star"] == pytest.approx(b["j_star"], rel=1e-9, abs=0)
+        assert a["stderr"] == pytest.approx(b["stderr"], rel=1e-9, abs=0)
+    t_local, t_ray = pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "ray.parquet")
+    assert t_local.column_names == t_ray.column_names
+    (work,) = tmp_path.glob("lossfloor-work-*")  # the default: next to --out, named by a hash
+    assert len(list(work.glob("part-*.npz"))) >= 1
+    assert lossfloor.cli.main(argv) == 0  # rerun: everything reused
+    assert json.loads(capsys.readouterr().out) == ray_rows
+
+
+def test_engine_input_errors(data):
+    with pytest.raises(InputError, match="--workers"):
+        RayEngine(workers=0)
+    with pytest.raises(InputError, match="--gpus-per-worker"):
+        RayEngine(gpus_per_worker=-1)
+    with pytest.raises(InputError, match="--gpus-per-worker"):
+        estimate_ray(data, SIGMAS, EstimatorConfig(device="cuda"), engine=RayEngine(), progress=False)

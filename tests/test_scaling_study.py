@@ -1,0 +1,242 @@
+"""studies/scaling_imagenet512.py: --dry-run, a tiny in-process run and its rerun (finished stages are
+skipped), and a submission as a Ray job to a local head started here (`ray job submit` with
+cluster/runtime_env.yaml, results read back from MLflow)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from lossfloor.plots import is_offline_html
+from lossfloor.tracking import PARENT_RUN_TAG, client
+
+REPO = Path(__file__).resolve().parent.parent
+STUDY = REPO / "studies" / "scaling_imagenet512.py"
+TINY = ["--smoke-budget", "tiny"]
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("scaling_imagenet512", STUDY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_store(uri: str, n_parents: int = 1) -> list[dict]:
+    """Every study parent FINISHED with FINISHED children: one estimate, >= 2 train, one fit, with the
+    artifacts of the dashboard contract; the parent holds dashboard.html. Returns per parent its kids."""
+    c = client(uri)
+    exp = c.get_experiment_by_name("scaling")
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if PARENT_RUN_TAG not in r.data.tags]
+    assert len(parents) == n_parents and all(p.info.run_name == "scaling-smoke" for p in parents)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    out = []
+    for parent in parents:
+        kids = [r for r in runs if r.data.tags.get(PARENT_RUN_TAG) == parent.info.run_id]
+        by_stage: dict[str, list] = {}
+        for r in kids:
+            by_stage.setdefault(r.data.tags.get("lossfloor.stage"), []).append(r)
+        assert sorted(by_stage) == ["estimate", "fit", "train"]
+        assert len(by_stage["estimate"]) == 1 and len(by_stage["fit"]) == 1 and len(by_stage["train"]) >= 2
+        artifacts = {s: [{a.path for a in c.list_artifacts(r.info.run_id)} for r in rs] for s, rs in by_stage.items()}
+        assert "jstar.parquet" in artifacts["estimate"][0] and "fits.json" in artifacts["fit"][0]
+        assert all("loss_curve.parquet" in a for a in artifacts["train"])
+        assert {"dashboard.html", "summary.json"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
+        out.append(by_stage)
+    return out
+
+
+def _check_outputs(out: Path) -> dict:
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert is_offline_html(Path(summary["dashboard"]).read_text(encoding="utf-8"))
+    fits = json.loads((Path(summary["stages"]["fit"]["dir"]) / "fits.json").read_text(encoding="utf-8"))
+    assert set(fits) == {"total", *(f"sigma={s:.6g}" for s in summary["fit_sigmas"])}
+    assert all(f["raw"]["abs_rho"] is not None and f["n_models"] == 2 for f in fits.values())
+    return summary
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    rc = _study().main(["--dry-run", "--out", str(out), "--tracking-uri", f"sqlite:///{db}"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    for word in ("bundled:digits", "N=1797", "estimate", "tiny-c8", "tiny-c16", "tiny-c32", "train FLOPs",
+                 "schedule edm2", "bootstrap 100", "devices: local engine", "dashboard", str(out)):
+        assert word in text, word
+    assert not out.exists() and not db.exists()
+
+
+def test_dry_run_imagenet512_shows_edm2_budgets(tmp_path, capsys):
+    rc = _study().main(["--dry-run", "--preset", "imagenet512", "--budget-scale", "0.5", "--engine", "ray",
+                        "--gpus-per-worker", "1", "--out", str(tmp_path / "out")])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "img512-xs" in text and "img512-xxl" in text and "1,073,741,824" in text  # 2048Mi x 0.5
+    assert "cdol" in text and "1 GPU" in text and not (tmp_path / "out").exists()
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    assert _study().main(["--data", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.npy" in capsys.readouterr().err
+    assert _study().main(["--dry-run", "--budget-scale", "0"]) == 2
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One tiny in-process run (local engine): (out, tracking URI)."""
+    tmp = tmp_path_factory.mktemp("scaling")
+    out, uri = tmp / "out", f"sqlite:///{tmp}/mlflow.db"
+    assert _study().main([*TINY, "--engine", "local", "--out", str(out), "--tracking-uri", uri]) == 0
+    return out, uri
+
+
+def test_tiny_run_in_process(first_run):
+    out, uri = first_run
+    _check_store(uri)
+    summary = _check_outputs(out)
+    assert not any(s["skipped"] for s in summary["stages"].values())
+    for name, stage in summary["stages"].items():
+        if name.startswith("train-"):  # J* of the total loss = the loop's own total - total gap
+            rows = [r for r in pq.read_table(Path(stage["dir"]) / "loss_curve.parquet").to_pylist()
+                    if r["sigma"] is None]
+            assert all(r["loss"] - r["gap"] == pytest.approx(summary["total_j_star"][0], rel=1e-9) for r in rows)
+            assert len(rows) == 4 and rows[-1]["flops"] > rows[0]["flops"] > 0
+
+
+def test_rerun_skips_finished_stages(first_run, caplog):
+    out, uri = first_run
+    markers = {p: p.stat().st_mtime_ns for p in out.glob("*/DONE.json")}
+    assert len(markers) == 4  # estimate, 2 x train, fit
+    with caplog.at_level(logging.INFO, logger="scaling_imagenet512"):
+        assert _study().main([*TINY, "--engine", "local", "--out", str(out), "--tracking-uri", uri]) == 0
+    assert "stage train: 0 model(s) to train, 2 finished earlier" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/DONE.json")} == markers  # nothing redone
+    summary = _check_outputs(out)
+    assert all(s["skipped"] for s in summary["stages"].values())
+    kids = _check_store(uri, n_parents=2)  # the rerun's parent gets its own (cached) children
+    assert sorted(r.data.tags["lossfloor.cached"] for k in kids for rs in k.values() for r in rs) == \
+        ["false"] * 4 + ["true"] * 4
+
+
+# ---- as users submit it: a local Ray head, `ray job submit`, cluster/runtime_env.yaml ----
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session `sid` (`ray start` ran in a new session made here)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(entry))
+    return pids
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    """End the Ray processes this test started, by id (not `ray stop`: it ends every Ray on the machine)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _session_pids(head.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while _session_pids(head.pid) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        if not _session_pids(head.pid):
+            break
+    try:
+        head.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
+
+
+@contextlib.contextmanager
+def ray_head(env: dict, log_path: Path, timeout_s: float = 90.0):
+    """A local Ray head with a job server (2 CPUs, free ports); yields its dashboard URL; stops only it."""
+    ray = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="lfscal-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    gcs, dash, client_port, agent = _free_ports(4)
+    url = f"http://127.0.0.1:{dash}"
+    with open(log_path, "w") as head_log:
+        head = subprocess.Popen(
+            [ray, "start", "--head", "--block", "--port", str(gcs), "--dashboard-port", str(dash),
+             "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
+             "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent),
+             "--temp-dir", temp_dir, "--disable-usage-stats"],
+            env={**env, "RAY_worker_niceness": "0"}, cwd=log_path.parent, stdout=head_log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if head.poll() is not None:
+                pytest.fail(f"ray start exited with {head.returncode}:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the Ray job server did not answer at {url}:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_submitted_as_a_ray_job(tmp_path):
+    ray = str(Path(sys.executable).parent / "ray")
+    home = tmp_path / "home"  # runtime_env.yaml puts results under ${HOME}/lossfloor on the cluster
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LOSSFLOOR_RUNS_DIR")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HOME=str(home),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    with ray_head(env, tmp_path / "ray-head.log") as url:
+        job = subprocess.run(
+            [ray, "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml",
+             "--", "python", "studies/scaling_imagenet512.py", *TINY],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+        )
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in logs, logs[-4000:]
+    assert "runtime_resources/py_modules_files" in logs  # the shipped package ran, not this checkout
+    assert "exact estimator on ray engine" in logs and "on Ray Train" in logs
+    assert "mlflow ui --backend-store-uri sqlite:///" in logs and "|rho| raw" in logs
+
+    results = home / "lossfloor"
+    _check_store(f"sqlite:///{results}/mlflow.db")
+    summary = _check_outputs(results / "runs" / "scaling_imagenet512")
+    assert summary["tracking_uri"] == f"sqlite:///{results}/mlflow.db"
