@@ -224,6 +224,16 @@ def test_j_star_at_or_above_the_smallest_loss_is_rejected():
             fit_all(data, j_star=j_star, bootstrap=0)
 
 
+def test_j_star_round_off_below_zero_reads_as_zero_but_a_negative_estimate_is_an_error():
+    # an exact estimate at tiny sigma: J* ~ 1e-19 whose noise can put it just below 0
+    table = pl.DataFrame({"sigma": [0.002, 1.0], "j_star": [-3e-19, 0.2], "stderr": [1e-19, 1e-3]})
+    t = load_j_star_table(table)
+    assert t.j_star[0] == 0.0 and t.j_star[1] == 0.2
+    bad = pl.DataFrame({"sigma": [0.002, 1.0], "j_star": [-0.01, 0.2], "stderr": [1e-4, 1e-3]})
+    with pytest.raises(InputError, match="'j_star' must be finite and >= 0"):
+        load_j_star_table(bad)
+
+
 def test_per_sigma_fit_reads_j_star_log_interpolated_from_the_table(tmp_path):
     table = pl.DataFrame({"sigma": [8.0, 0.5, 2.0], "j_star": [0.3, 0.01, 0.1], "stderr": [3e-3, 1e-4, 1e-3]})
     path = tmp_path / "j_star.parquet"

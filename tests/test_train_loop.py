@@ -215,6 +215,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(digits, jstar_path, tmp
         train(dataclasses.replace(cfg, lr_ref=0.02), digits, checkpoint_dir=tmp_path / "cut")
     again = train(dataclasses.replace(cfg, eval_every_n_img=64), digits, checkpoint_dir=tmp_path / "cut")
     assert again.n_img == 192 and again.evals == []
+    # a fresh run into a folder with checkpoints would interleave with (and prune) the old run's
+    with pytest.raises(InputError, match=r"resume=False.*already holds checkpoints"):
+        train(cfg, digits, checkpoint_dir=tmp_path / "cut", resume=False)
+    assert [n for n, _ in list_checkpoints(tmp_path / "cut")] == [128, 192]
 
 
 def test_accumulation_rounds_and_fm_bf16_and_ema_eval(digits):

@@ -216,9 +216,9 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
         if newest is not None and (not has_ray_state or workers == 0):
             initial = str(newest)  # a run of the local engine or in-process mode: its newest checkpoint
         if newest is not None:
-            from lossfloor.train.loop import _check_resume  # the loop's own config check, on the driver
+            from lossfloor.train.loop import check_resume  # the loop's own config check, on the driver
 
-            _check_resume(load_checkpoint(newest), config, newest)
+            check_resume(load_checkpoint(newest), config, newest)
 
     from lossfloor.ray.estimate import _connect
 

@@ -20,6 +20,7 @@ from lossfloor.tracking.runs import (
     start_run,
     tracking_uri,
 )
+from lossfloor.tracking.train import log_training
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -30,6 +31,7 @@ __all__ = [
     "experiment_id",
     "log_estimate",
     "log_jstar",
+    "log_training",
     "start_run",
     "table_params",
     "tracking_uri",

@@ -213,7 +213,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     ckpt_path = _find_checkpoint(resume, checkpoint_dir)
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path, map_location=device)
-        _check_resume(state, cfg, ckpt_path)
+        check_resume(state, cfg, ckpt_path)
         net.load_state_dict(state["net"])
         if head is not None:
             head.load_state_dict(state["uncertainty"])
@@ -458,6 +458,10 @@ def _data_arrays(data, unet: UNetConfig) -> tuple[torch.Tensor, torch.Tensor | N
 
 def _find_checkpoint(resume, checkpoint_dir) -> Path | None:
     if resume is False or resume is None:
+        newest = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        if newest is not None:  # a fresh run there would interleave with, and prune, the old run's checkpoints
+            raise InputError(f"resume=False: {checkpoint_dir} already holds checkpoints (newest {newest.name}); "
+                             "resume it or choose another checkpoint_dir")
         return None
     if resume is True:
         return latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
@@ -467,7 +471,8 @@ def _find_checkpoint(resume, checkpoint_dir) -> Path | None:
     return path
 
 
-def _check_resume(state: dict, config: TrainConfig, path: Path) -> None:
+def check_resume(state: dict, config: TrainConfig, path: Path) -> None:
+    """Refuse to continue a checkpoint written by a different config (except the RESUME_MUTABLE fields)."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"resume: {path} is not a lossfloor training checkpoint (format {state.get('format')!r})")
     saved, now = state["config"], config.to_dict()
@@ -479,5 +484,5 @@ def _check_resume(state: dict, config: TrainConfig, path: Path) -> None:
                          "start a new checkpoint_dir or pass resume=False")
 
 
-__all__ = ["EpochSampler", "Resolved", "TrainResult", "loss_curve_table", "split_indices", "stream_seed", "train",
+__all__ = ["EpochSampler", "Resolved", "TrainResult", "check_resume", "loss_curve_table", "split_indices", "stream_seed", "train",
            "train_log_table", "zero_nonfinite_grads_"]
