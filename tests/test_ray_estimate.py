@@ -13,10 +13,12 @@ import pytest
 import ray
 
 import lossfloor.cli
+import lossfloor.ray.estimate
 from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig, estimate
 from lossfloor.floor.resume import KEY_FILE
 from lossfloor.ray import RayEngine, estimate_ray
+from lossfloor.ray.estimate import batches_per_task
 
 # Ray Data's own DataContext copy warns about its deprecated fields
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
@@ -60,8 +62,16 @@ def test_one_worker_matches_local(data):
     assert run.kernel_s > 0
 
 
-def test_two_workers_match_local_with_subset_sensitivity(data):
-    # the L/2 pass runs through the same pool logic; the 2-worker order of results must not matter
+def test_tasks_carry_several_batches_when_there_are_many():
+    assert [batches_per_task(n, 1) for n in (1, 15, 16, 32, 100, 10_000)] == [1, 1, 1, 2, 6, 8]
+    assert batches_per_task(100, 2) == 3
+
+
+def test_two_workers_match_local_with_subset_sensitivity(data, monkeypatch):
+    # the L/2 pass runs through the same pool logic; the 2-worker order of results must not matter, nor
+    # several estimator batches per Ray task (3 here: 12 batches, 2 workers, 2 tasks per worker)
+    monkeypatch.setattr(lossfloor.ray.estimate, "TASKS_PER_WORKER", 2)
+    assert batches_per_task(12, 2) == 3
     cfg = EstimatorConfig(estimator="snis", subset_size=40, seed=11, rows_per_batch=25, subset_sensitivity=True)
     local = estimate(data, SIGMAS, cfg, progress=False)
     run = estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=2), progress=False)

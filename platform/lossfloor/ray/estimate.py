@@ -2,8 +2,8 @@
 
 The plan (one Ray Data pipeline per estimate pass):
 
-    from_items([batch indices still missing], one block per batch)
-      → map_batches(FloorWorker, compute=ActorPoolStrategy(size=workers), batch_size=1)
+    from_items([batch indices still missing], one block per task)
+      → map_batches(FloorWorker, compute=ActorPoolStrategy(size=workers), batch_size=batches_per_task)
           each actor holds the whole prepared (N, D) data set on its device (references are drawn from
           all N samples) and runs the core's `batch_terms` for every batch index it is handed
       → per-batch partial sums as plain columns → iterated on the driver
@@ -48,7 +48,9 @@ from lossfloor.floor.stats import BatchPartial
 
 log = logging.getLogger(__name__)
 
-MAX_BLOCKS = 8192  # one block per batch up to this many (more batches share blocks)
+MAX_BLOCKS = 8192  # one block per task up to this many (more tasks share blocks)
+TASKS_PER_WORKER = 16  # see `batches_per_task`
+MAX_BATCHES_PER_TASK = 8
 _COLUMNS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_ja", "kernel_s")
 
 
@@ -141,6 +143,16 @@ def _partials(columns: dict[str, np.ndarray]) -> list[tuple[BatchPartial, float]
     ]
 
 
+def batches_per_task(n_batches: int, workers: int) -> int:
+    """Estimator batches per Ray task: about TASKS_PER_WORKER tasks per worker, at most MAX_BATCHES_PER_TASK.
+
+    Each Ray task costs ~20-30 ms of scheduling and transfer; handing a worker several batches at once
+    amortises that, while enough tasks per worker keep the pool balanced, the progress line moving and
+    the work lost to a kill (at most one task per worker) small.
+    """
+    return max(1, min(MAX_BATCHES_PER_TASK, n_batches // (TASKS_PER_WORKER * workers)))
+
+
 class _RayRunner:
     """The `BatchRunner` of the Ray engine (see `lossfloor.floor.resume.run_pass`)."""
 
@@ -149,12 +161,14 @@ class _RayRunner:
         self.kernel_times: list[float] = []  # seconds in `batch_terms` per computed batch, arrival order
 
     def __call__(self, cfg: EstimatorConfig, batches: Sequence[int]):
+        per_task = batches_per_task(len(batches), self.engine.workers)
+        n_tasks = math.ceil(len(batches) / per_task)
         ds = ray.data.from_items(
-            [{"batch_index": int(b)} for b in batches], override_num_blocks=min(len(batches), MAX_BLOCKS)
+            [{"batch_index": int(b)} for b in batches], override_num_blocks=min(n_tasks, MAX_BLOCKS)
         )
         out = ds.map_batches(
             FloorWorker,
-            batch_size=1,
+            batch_size=per_task,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=min(self.engine.workers, len(batches))),
             num_cpus=self.cpus,
