@@ -12,3 +12,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A 2-CPU Ray instance for a module's tests (no dashboard, no token auth), workers at the tests'
+    priority and one torch thread in the driver; everything restored afterwards."""
+    import os
+
+    import ray
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_worker_niceness")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray >= 2.59 uses token auth for local clusters
+    os.environ["RAY_worker_niceness"] = "0"  # Ray's default (15) starves workers on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+    torch.set_num_threads(threads)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -5,12 +5,10 @@ One small Ray instance (2 CPUs) is shared by the whole module; every estimate st
 """
 
 import json
-import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 import lossfloor.cli
 import lossfloor.ray.estimate
@@ -21,22 +19,10 @@ from lossfloor.ray import RayEngine, estimate_ray
 from lossfloor.ray.estimate import batches_per_task
 
 # Ray Data's own DataContext copy warns about its deprecated fields
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
+              pytest.mark.usefixtures("local_ray")]
 
 SIGMAS = np.array([0.05, 0.3, 1.0, 4.0])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray >= 2.59 uses token auth for local clusters
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_AUTH_MODE")
-    else:
-        os.environ["RAY_AUTH_MODE"] = saved
 
 
 @pytest.fixture(scope="module")

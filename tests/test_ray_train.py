@@ -7,11 +7,9 @@ seconds on a loaded machine), so the module makes only one.
 """
 
 import dataclasses
-import os
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from lossfloor.data import load
@@ -22,31 +20,14 @@ from lossfloor.train import TrainConfig, latest_checkpoint, train
 from lossfloor.train.checkpoint import list_checkpoints
 
 # Ray Data's own DataContext copy warns about its deprecated fields
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
+              pytest.mark.usefixtures("local_ray")]
 
 TINY = get_preset("tiny")
 # tiny with one block per level and 16 channels (190k parameters): seconds per step on a loaded CPU
 MICRO = dataclasses.replace(TINY, name="micro", warmup_n_img=0, unet=dataclasses.replace(
     TINY.unet, model_channels=16, num_blocks=1, channels_per_head=16))
 SIGMAS = (0.02, 0.2, 1.0, 5.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_worker_niceness")}
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray >= 2.59 uses token auth for local clusters
-    os.environ["RAY_worker_niceness"] = "0"  # workers at the test's priority on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-    torch.set_num_threads(threads)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

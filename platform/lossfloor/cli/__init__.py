@@ -22,6 +22,7 @@ COMMANDS = [
     "lossfloor.cli.data",
     "lossfloor.cli.dashboard",
     "lossfloor.cli.train",
+    "lossfloor.cli.sweep",
 ]
 
 

@@ -56,6 +56,7 @@ JSTAR_ARTIFACT = "jstar.parquet"  # as written by lossfloor.tracking.estimate.lo
 CURVE_ARTIFACT = "loss_curve.parquet"  # as written by lossfloor.train (curves.CURVE_SCHEMA)
 FITS_ARTIFACT = "fits.json"
 DASHBOARD_ARTIFACT = "dashboard.html"
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 IGNORED_STATUSES = ("FAILED", "KILLED")
 TOTAL_KEY = "total"
 
@@ -203,7 +204,15 @@ def _download(c: MlflowClient, run: Run, artifact: str, dst: Path) -> Path:
                          f"(has: {', '.join(have) or 'none'})")
     folder = dst / run.info.run_id
     folder.mkdir(parents=True, exist_ok=True)
-    return Path(c.download_artifacts(run.info.run_id, artifact, os.fspath(folder)))
+    saved = os.environ.get(PROGRESS_BAR_ENV)
+    os.environ[PROGRESS_BAR_ENV] = "false"  # a bar per small table would bury the CLI's one-line output
+    try:
+        return Path(c.download_artifacts(run.info.run_id, artifact, os.fspath(folder)))
+    finally:
+        if saved is None:
+            os.environ.pop(PROGRESS_BAR_ENV, None)
+        else:
+            os.environ[PROGRESS_BAR_ENV] = saved
 
 
 def _read_jstar(path: Path, run: Run) -> JStarTable:
