@@ -205,8 +205,12 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise InputError(f"--address {address}: cannot connect ({e.strerror or e.__class__.__name__})") from None
 
 
-def _connect(address: str | None) -> tuple[bool, float]:
-    """Start or attach Ray unless this process already has it; (whether we did, seconds it took)."""
+def connect(address: str | None, *, state_api: bool = False) -> tuple[bool, float]:
+    """Start or attach Ray unless this process already has it; (whether we did, seconds it took).
+
+    state_api: a local instance started here also runs the dashboard, which serves Ray's state API: Ray
+    Train's placement-group cleaner polls it and warns every few seconds without it. The estimate engine
+    does without (faster start-up)."""
     t0 = time.monotonic()
     if ray.is_initialized():
         return False, 0.0
@@ -214,7 +218,7 @@ def _connect(address: str | None) -> tuple[bool, float]:
         _check_reachable(address)
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address is None:
-        kwargs["include_dashboard"] = False  # used only if this starts a new local cluster
+        kwargs["include_dashboard"] = state_api  # used only if this starts a new local cluster
     # Ray nices its workers to 15: on a shared machine that starves the kernel next to anything running
     # at the local engine's priority (0). A local cluster started here (the raylet inherits this
     # environment) runs its workers at 0; attaching to a running cluster changes nothing.
@@ -290,7 +294,7 @@ def estimate_ray(
     if config.device.startswith("cuda") and engine.device == "cpu":
         raise InputError("--device cuda with --engine ray: give the workers GPUs with --gpus-per-worker 1")
     sigmas = check_sigmas(sigmas)
-    started, connect_s = _connect(engine.address)
+    started, connect_s = connect(engine.address)
     try:
         x = prepare_data(samples, replace(config, device="cpu"))  # (N, D) on the driver, checked
         n, d = x.shape

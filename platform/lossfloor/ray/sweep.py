@@ -555,7 +555,7 @@ def make_tuner(spec: SweepSpec, resources: Resources, out: Path, concurrent: int
 
 def run_sweep(spec: SweepSpec, out, resources: Resources | None = None) -> SweepOutcome:
     """Run (or resume, or just read back) the sweep `spec` in folder `out` (module docstring)."""
-    from lossfloor.ray.estimate import _connect
+    from lossfloor.ray.estimate import connect
 
     resources = resources or Resources()
     out = Path(out).absolute()
@@ -566,7 +566,7 @@ def run_sweep(spec: SweepSpec, out, resources: Resources | None = None) -> Sweep
     # checkpoints follow evaluations, so Tune snapshots its state often; that is intended, not a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     t0 = time.monotonic()
-    started, _ = _connect(resources.address)
+    started, _ = connect(resources.address, state_api=True)
     try:
         concurrent = resources.max_concurrent_trials(ray.cluster_resources())  # before anything is written
         out.mkdir(parents=True, exist_ok=True)

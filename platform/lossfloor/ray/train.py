@@ -45,7 +45,7 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from lossfloor.data import open_source
@@ -86,6 +86,7 @@ def train_worker(loop_config: dict) -> None:
     from lossfloor.train import train
 
     torch.set_num_threads(loop_config["threads"])
+    _quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     config = TrainConfig.from_dict(loop_config["config"])
@@ -114,6 +115,16 @@ def train_worker(loop_config: dict) -> None:
     finally:
         if not loop_config.get("checkpoint_dir"):
             shutil.rmtree(local, ignore_errors=True)
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train V2 logs every `ray.train.report` with all its metrics at INFO, to the console, under a
+    logger named by its file path (so `LoggingConfig(log_level=...)` misses it); keep it for warnings."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: leave its logging alone
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _fail_once(marker: str, last_rank: bool, metrics: dict) -> None:
@@ -220,7 +231,7 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
 
             check_resume(load_checkpoint(newest), config, newest)
 
-    from lossfloor.ray.estimate import _connect
+    from lossfloor.ray.estimate import connect
 
     threads = max(1, int(cpus_per_worker or 1))
     loop_config = {
@@ -232,7 +243,7 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
     if gpus_per_worker:
         resources["GPU"] = float(gpus_per_worker)
     keep = config.keep_checkpoints or None
-    started, _ = _connect(address)
+    started, _ = connect(address, state_api=True)
     try:
         trainer = TorchTrainer(
             train_worker,
@@ -243,6 +254,7 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
                 name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=list(callbacks),
                 worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+                logging_config=LoggingConfig(log_level="WARNING"),  # Train's INFO lines stay in its log files
             ),
         )
         log.info("ray train: %d worker(s)%s, run folder %s", workers,

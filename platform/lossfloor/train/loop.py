@@ -358,7 +358,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
             metrics = metrics or dict(last_metrics)
         if metrics is not None and report is not None:
             report(metrics, path)
-        if time.monotonic() - t_progress > PROGRESS_SECONDS or final or stopping:
+        if rank == 0 and (time.monotonic() - t_progress > PROGRESS_SECONDS or final or stopping):  # one line per run
             t_progress = time.monotonic()
             rate = (n_img - n_img_start) / max(t_progress - t_start, 1e-9)
             eta = (R.duration_n_img - n_img) / max(rate, 1e-9)
