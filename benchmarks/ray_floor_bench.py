@@ -63,7 +63,7 @@ def run_local(samples, sigmas, config, work_dir):
             kernel.append(time.perf_counter() - t)
             yield part
 
-    run = estimate_passes(x, sigmas, config, cfg, runner, tv=total_variance(x), fingerprint="bench",
+    run = estimate_passes(tuple(x.shape), sigmas, config, cfg, runner, tv=total_variance(x), fingerprint="bench",
                           work_dir=work_dir, resolve=lambda c: c.resolve(*x.shape), progress=False)
     wall = time.perf_counter() - t0
     return run.estimate, {"wall_s": wall, "kernel_s": sum(kernel), "n_batches": run.passes[0].n_batches,

@@ -9,14 +9,17 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import lossfloor.cli
+import lossfloor.data
 import lossfloor.ray.estimate
+from lossfloor.data import prepare_shards, read_meta
 from lossfloor.errors import InputError
-from lossfloor.floor import EstimatorConfig, estimate
+from lossfloor.floor import EstimatorConfig, estimate, total_variance
 from lossfloor.floor.resume import KEY_FILE
 from lossfloor.ray import RayEngine, estimate_ray
-from lossfloor.ray.estimate import batches_per_task
+from lossfloor.ray.estimate import batches_per_task, shard_total_variance
 
 # Ray Data's own DataContext copy warns about its deprecated fields
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
@@ -117,6 +120,25 @@ def test_cli_ray_engine_equals_local_and_reuses_default_work_dir(data, tmp_path,
     assert len(list(work.glob("part-*.npz"))) >= 1
     assert lossfloor.cli.main(argv) == 0  # rerun: everything reused
     assert json.loads(capsys.readouterr().out) == ray_rows
+
+
+def test_shard_folder_is_read_by_the_workers_with_the_local_numbers(data, tmp_path, capsys, monkeypatch):
+    np.save(tmp_path / "d.npy", data)
+    shards = prepare_shards(tmp_path / "d.npy", tmp_path / "shards", rows_per_shard=70)  # 5 shards, the last short
+    # the driver must not load the samples: only meta.json, Ray Data's moments pass and the workers read them
+    monkeypatch.setattr(lossfloor.data, "load", lambda *a, **k: pytest.fail("the driver loaded the data set"))
+    assert shard_total_variance(shards) == pytest.approx(total_variance(torch.from_numpy(data)), rel=1e-12)
+    common = ["estimate", "--sigmas", "0.05,0.3,1,4", "--estimator", "cdol", "--subset-size", "40",
+              "--rows-per-batch", "25", "--seed", "3", "--json"]
+    argv = [*common, "--data", str(shards), "--engine", "ray", "--workers", "2", "--out", str(tmp_path / "r.parquet")]
+    assert lossfloor.cli.main(argv) == 0
+    ray_rows = json.loads(capsys.readouterr().out)
+    local = estimate(data, SIGMAS, EstimatorConfig(estimator="cdol", subset_size=40, rows_per_batch=25, seed=3),
+                     progress=False)
+    np.testing.assert_allclose([r["j_star"] for r in ray_rows], local.j_star, rtol=1e-9, atol=0)
+    np.testing.assert_allclose([r["stderr"] for r in ray_rows], local.stderr, rtol=1e-9, atol=0)
+    assert ray_rows[0]["total_variance"] == pytest.approx(local.total_variance, rel=1e-12)
+    assert ray_rows[0]["dataset_fingerprint"] == read_meta(shards).fingerprint
 
 
 def test_engine_input_errors(data):

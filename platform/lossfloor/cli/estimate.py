@@ -112,11 +112,16 @@ def _check_data(samples, args: argparse.Namespace) -> None:
     """What the estimators would reject, named by flag and file before any work starts."""
     import numpy as np
 
-    n = len(samples)
-    if n < 2 or samples.ndim < 2:
-        raise InputError(f"--data {args.data}: expected at least 2 samples, got {n}")
+    if samples.ndim < 2:
+        raise InputError(f"--data {args.data}: expected at least 2 samples, got {len(samples)}")
+    _check_count(len(samples), args)
     if not np.isfinite(samples).all():
         raise InputError(f"--data {args.data}: contains NaN or infinite values")
+
+
+def _check_count(n: int, args: argparse.Namespace) -> None:
+    if n < 2:
+        raise InputError(f"--data {args.data}: expected at least 2 samples, got {n}")
     if args.subset_size is not None and args.estimator != "exact" and args.subset_size > n:
         raise InputError(f"--subset-size: expected at most N = {n} (the number of samples), got {args.subset_size}")
 
@@ -167,7 +172,8 @@ def mlflow_params(args: argparse.Namespace, est, fingerprint: str, target: str) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from lossfloor.data import load
+    from lossfloor.data import load, read_meta
+    from lossfloor.data.shards import is_shard_dir
     from lossfloor.diffusion import check_target, parse_sigma_grid, parse_sigmas
     from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
     from lossfloor.floor.resume import estimate_resumable
@@ -192,26 +198,31 @@ def run(args: argparse.Namespace) -> int:
         subset_sensitivity=args.subset_sensitivity,
         rows_per_batch=args.rows_per_batch,
     )
-    data = load(args.data)
-    _check_data(data.samples, args)
+    if args.engine == "ray" and is_shard_dir(Path(args.data)):
+        meta = read_meta(args.data)  # the Ray workers read the shards themselves, not this process
+        _check_count(meta.count, args)
+        samples, fingerprint = args.data, meta.fingerprint
+    else:
+        data = load(args.data)
+        _check_data(data.samples, args)
+        samples, fingerprint = data.samples, data.fingerprint
     if args.engine == "ray":
         from lossfloor.ray import RayEngine, estimate_ray
 
         engine = RayEngine(address=args.address, workers=args.workers or 1,
                            gpus_per_worker=args.gpus_per_worker or 0.0, cpus_per_worker=args.cpus_per_worker)
         est = estimate_ray(
-            data.samples, sigmas, config, engine=engine, fingerprint=data.fingerprint, work_dir=args.work_dir,
+            samples, sigmas, config, engine=engine, fingerprint=fingerprint, work_dir=args.work_dir,
             work_parent=None if args.work_dir else Path(args.out).resolve().parent,
         ).result.estimate
     elif args.work_dir is not None:
-        est = estimate_resumable(data.samples, sigmas, config, fingerprint=data.fingerprint,
-                                 work_dir=args.work_dir).estimate
+        est = estimate_resumable(samples, sigmas, config, fingerprint=fingerprint, work_dir=args.work_dir).estimate
     else:
-        est = estimate(data.samples, sigmas, config)
-    table = build_table(est, target=target, fingerprint=data.fingerprint, threshold=args.sigma_star_threshold)
+        est = estimate(samples, sigmas, config)
+    table = build_table(est, target=target, fingerprint=fingerprint, threshold=args.sigma_star_threshold)
     write_table(table, args.out)
     if log_estimate is not None:  # on the driver only: workers never write to MLflow
-        run_id = log_estimate(table, params=mlflow_params(args, est, data.fingerprint, target),
+        run_id = log_estimate(table, params=mlflow_params(args, est, fingerprint, target),
                               experiment=args.mlflow_experiment, run_name=args.run_name)
         log.info("logged MLflow run %s (experiment %s)", run_id, args.mlflow_experiment)
     rows = table.rows()

@@ -376,7 +376,7 @@ class ResumableRun:
 
 
 def estimate_passes(
-    x: torch.Tensor,
+    shape: tuple[int, int],
     sigmas: np.ndarray,
     config: EstimatorConfig,
     cfg: EstimatorConfig,
@@ -392,11 +392,11 @@ def estimate_passes(
 ) -> ResumableRun:
     """The engine-independent part of an estimate: the main pass (+ the L/2 pass), resumable.
 
-    x: prepared (N, D) data (only its shape is used); config: as given; cfg: resolved;
+    shape: (N, D) of the prepared data; config: as given; cfg: resolved;
     resolve: resolves a config for this data and engine (used for the L/2 pass).
     Without work_dir and work_parent nothing is kept on disk.
     """
-    n, d = x.shape
+    n, d = shape
     key = work_key(cfg, fingerprint=fingerprint, sigmas=sigmas, n_samples=n, dim=d)
     if work_dir is None and work_parent is not None:
         work_dir = default_work_dir(work_parent, key)
@@ -446,7 +446,7 @@ def estimate_resumable(
     if fingerprint is None:
         fingerprint = data_fingerprint(x.cpu())
     return estimate_passes(
-        x, sigmas, config, cfg, local_runner(x, sigmas),
+        tuple(x.shape), sigmas, config, cfg, local_runner(x, sigmas),
         tv=total_variance(x), fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
         resolve=lambda c: c.resolve(x.shape[0], x.shape[1]), progress=progress, on_batch=on_batch,
     )

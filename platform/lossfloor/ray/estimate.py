@@ -14,8 +14,14 @@ Ray does with blocks. Every batch's randomness comes from (seed, batch index) in
 the worker, so 1 or 2 workers give the local engine's numbers. Workers only compute: the work folder,
 progress and MLflow are the driver's.
 
-The data travels once through the object store (`ray.put` on the driver, read zero-copy by the actors
-of a node; CUDA actors copy it to their GPU).
+The data reach the actors in one of two ways:
+- an in-memory array: once through the object store (`ray.put` on the driver, read zero-copy by the
+  actors of a node; CUDA actors copy it to their GPU);
+- a shard folder (`lossfloor data prepare`, on storage every node can read): the driver never holds the
+  data. J*(inf) and the NaN/inf check come from Ray Data (read_parquet -> map_batches of per-block
+  moments -> merged on the driver), and every actor reads the shards block by block straight into its
+  (N, D) tensor on its device, so host memory holds one block, not the data set (ImageNet-512 latents,
+  1.28M x 16384 float32 = 84 GB, fit an H200 but not the object store of most nodes).
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
+from lossfloor.data import open_source, read_meta, read_shard_rows, shard_paths
+from lossfloor.data.shards import is_shard_dir
 from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig, batch_terms, prepare_data, query_plan, total_variance
 from lossfloor.floor.estimators import _default_rows_per_batch
@@ -51,6 +60,7 @@ log = logging.getLogger(__name__)
 MAX_BLOCKS = 8192  # one block per task up to this many (more tasks share blocks)
 TASKS_PER_WORKER = 16  # see `batches_per_task`
 MAX_BATCHES_PER_TASK = 8
+SHARD_READ_ROWS = 8192  # rows per block when a worker reads a shard folder
 _COLUMNS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_ja", "kernel_s")
 
 
@@ -102,17 +112,25 @@ class RayRun:
 
 
 class FloorWorker:
-    """The actor of the pool: the data set on its device, and `batch_terms` for each batch index."""
+    """The actor of the pool: the data set on its device, and `batch_terms` for each batch index.
 
-    def __init__(self, data_ref: list, sigmas: np.ndarray, cfg: EstimatorConfig, threads: int):
+    data: ("ref", [object ref of the prepared (N, D) array]) or ("shards", folder) for a shard folder
+    the worker reads itself, shard by shard, into its (N, D) tensor (host memory: one shard at a time).
+    """
+
+    def __init__(self, data: tuple, sigmas: np.ndarray, cfg: EstimatorConfig, threads: int):
         torch.set_num_threads(threads)
-        arr = ray.get(data_ref[0])  # (N, D), read-only and zero-copy on this node
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch warns about non-writable arrays; x is only read
-            x = torch.from_numpy(arr)
-        self.x = x.to(cfg.device) if cfg.device != "cpu" else x
+        kind, where = data
+        if kind == "ref":
+            arr = ray.get(where[0])  # (N, D), read-only and zero-copy on this node
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch warns about non-writable arrays; x is only read
+                x = torch.from_numpy(arr)
+            self.x = x.to(cfg.device) if cfg.device != "cpu" else x
+        else:
+            self.x = read_shards_to(where, cfg)
         self.sigmas, self.cfg = sigmas, cfg
-        self.plan = query_plan(cfg, x.shape[0])
+        self.plan = query_plan(cfg, self.x.shape[0])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {name: [] for name in _COLUMNS}
@@ -123,6 +141,61 @@ class FloorWorker:
             for name in _COLUMNS[:-1]:
                 out[name].append(getattr(part, name))
         return {name: np.asarray(values) for name, values in out.items()}  # sum_*: (n, S) float64
+
+
+def _shard_folder(samples) -> Path | None:
+    """The folder when `samples` names a `lossfloor data prepare` shard folder (a str or path), else None."""
+    if isinstance(samples, (str, os.PathLike)) and is_shard_dir(Path(samples)):
+        return Path(samples).expanduser().absolute()  # workers may run on other nodes: shared storage
+    return None
+
+
+def read_shards_to(folder: str, cfg: EstimatorConfig) -> torch.Tensor:
+    """A shard folder as one (N, D) tensor on cfg.device in cfg.dtype, read one shard block at a time."""
+    reader = open_source(folder)
+    meta = read_meta(folder)
+    x = torch.empty((meta.count, meta.dim), dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    start = 0
+    for samples, _ in reader.blocks(SHARD_READ_ROWS):
+        block = torch.from_numpy(samples.reshape(len(samples), -1))
+        x[start:start + len(block)].copy_(block)
+        start += len(block)
+    if start != meta.count:
+        raise InputError(f"{folder}: {start} rows in the shards, meta.json says {meta.count}")
+    return x
+
+
+def _moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per block of shard rows: first index, count, mean (D,) and M2 = sum ||x - mean||^2, in float64."""
+    rows = read_shard_rows(batch)
+    x = rows.x.astype(np.float64)
+    mean = x.mean(0)
+    return {"first": rows.index[:1], "count": np.array([len(x)]), "mean": mean[None],
+            "m2": np.array([((x - mean) ** 2).sum()]), "finite": np.array([bool(np.isfinite(x).all())])}
+
+
+def shard_total_variance(folder: Path) -> float:
+    """J*(inf) = E||x - E x||^2 of a shard folder through Ray Data (read_parquet -> map_batches -> per-block
+    moments, merged in index order with Chan et al.'s pairwise update); also refuses NaN/inf values."""
+    ds = ray.data.read_parquet([str(p) for p in shard_paths(folder)]).select_columns(["index", "x"])
+    parts = []
+    for b in ds.map_batches(_moments, batch_size=None, batch_format="numpy").iter_batches(
+            batch_size=None, batch_format="numpy"):
+        parts += [(int(b["first"][i]), int(b["count"][i]), np.asarray(b["mean"][i], np.float64), float(b["m2"][i]),
+                   bool(b["finite"][i])) for i in range(len(b["first"]))]
+    parts.sort(key=lambda p: p[0])  # a fixed merge order: the same float64 result on every run
+    if not all(p[4] for p in parts):
+        raise InputError(f"--data {folder}: contains NaN or infinite values")
+    n, mean, m2 = 0, None, 0.0
+    for _, nb, mb, m2b, _ in parts:
+        if mean is None:
+            n, mean, m2 = nb, mb, m2b
+            continue
+        delta = mb - mean
+        m2 += m2b + float(delta @ delta) * n * nb / (n + nb)
+        mean = mean + delta * nb / (n + nb)
+        n += nb
+    return m2 / n
 
 
 def _partials(columns: dict[str, np.ndarray]) -> list[tuple[BatchPartial, float]]:
@@ -156,8 +229,8 @@ def batches_per_task(n_batches: int, workers: int) -> int:
 class _RayRunner:
     """The `BatchRunner` of the Ray engine (see `lossfloor.floor.resume.run_pass`)."""
 
-    def __init__(self, data_ref, sigmas: np.ndarray, engine: RayEngine, cpus_per_worker: float):
-        self.data_ref, self.sigmas, self.engine, self.cpus = data_ref, sigmas, engine, cpus_per_worker
+    def __init__(self, data: tuple, sigmas: np.ndarray, engine: RayEngine, cpus_per_worker: float):
+        self.data, self.sigmas, self.engine, self.cpus = data, sigmas, engine, cpus_per_worker
         self.kernel_times: list[float] = []  # seconds in `batch_terms` per computed batch, arrival order
 
     def __call__(self, cfg: EstimatorConfig, batches: Sequence[int]):
@@ -174,7 +247,7 @@ class _RayRunner:
             num_cpus=self.cpus,
             num_gpus=self.engine.gpus_per_worker or None,
             fn_constructor_kwargs={
-                "data_ref": [self.data_ref],  # in a list, so Ray hands the actor the reference itself
+                "data": self.data,  # a reference inside a tuple reaches the actor as the reference itself
                 "sigmas": self.sigmas,
                 "cfg": cfg,
                 "threads": max(1, int(self.cpus)),
@@ -286,6 +359,11 @@ def estimate_ray(
 ) -> RayRun:
     """`lossfloor.floor.estimate` on Ray: the same numbers for the same config and seed.
 
+    samples: an (N, ...) array (prepared here and handed to the workers through the object store), or
+      the path of a `lossfloor data prepare` shard folder on storage every worker can read: then this
+      process reads only meta.json, J*(inf) comes from a Ray Data pass over the shards, and each worker
+      reads the shards into its own device memory (one shard block of host memory at a time).
+
     The kernel runs on engine.device (config.device must agree: cuda needs gpus_per_worker > 0).
     work_dir / work_parent: the resumable work folder (see `lossfloor.floor.resume.estimate_resumable`).
     """
@@ -294,24 +372,31 @@ def estimate_ray(
     if config.device.startswith("cuda") and engine.device == "cpu":
         raise InputError("--device cuda with --engine ray: give the workers GPUs with --gpus-per-worker 1")
     sigmas = check_sigmas(sigmas)
+    shards = _shard_folder(samples)
     started, connect_s = connect(engine.address)
     try:
-        x = prepare_data(samples, replace(config, device="cpu"))  # (N, D) on the driver, checked
-        n, d = x.shape
-        cfg = resolve_for(config, n, d, engine.device)
-        if fingerprint is None:
-            fingerprint = data_fingerprint(x)
-        tv = total_variance(x)
         with _quiet_ray_data():
+            if shards is not None:  # the workers read the shards; the driver never holds the data
+                meta = read_meta(shards)
+                n, d = meta.count, meta.dim
+                fingerprint = fingerprint or meta.fingerprint
+                tv = shard_total_variance(shards)
+                data = ("shards", str(shards))
+            else:
+                x = prepare_data(samples, replace(config, device="cpu"))  # (N, D) on the driver, checked
+                n, d = x.shape
+                fingerprint = fingerprint or data_fingerprint(x)
+                tv = total_variance(x)
+                data = ("ref", [ray.put(x.numpy())])
+            cfg = resolve_for(config, n, d, engine.device)
             cpus = engine.cpus_per_worker
             if cpus is None:
                 cpus = _default_cpus_per_worker(engine.workers)
-            data_ref = ray.put(x.numpy())
-            runner = _RayRunner(data_ref, sigmas, engine, cpus)
+            runner = _RayRunner(data, sigmas, engine, cpus)
             log.info("ray engine: %d worker(s) x %g CPU%s, %s", engine.workers, cpus,
                      f" x {engine.gpus_per_worker:g} GPU" if engine.gpus_per_worker else "", cfg.device)
             result = estimate_passes(
-                x, sigmas, config, cfg, runner,
+                (n, d), sigmas, config, cfg, runner,
                 tv=tv, fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
                 resolve=lambda c: resolve_for(c, n, d, engine.device), progress=progress, on_batch=on_batch,
             )
