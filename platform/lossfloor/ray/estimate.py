@@ -103,6 +103,7 @@ class RayRun:
 
     result: ResumableRun
     connect_s: float  # starting or attaching the Ray cluster
+    shutdown_s: float  # stopping the local Ray instance this call started (0 when it attached)
     kernel_times: tuple[float, ...]  # seconds inside `batch_terms` in the workers, per computed batch
     workers: int
 
@@ -401,6 +402,9 @@ def estimate_ray(
                 resolve=lambda c: resolve_for(c, n, d, engine.device), progress=progress, on_batch=on_batch,
             )
     finally:
+        t_stop = time.monotonic()
         if started:
             ray.shutdown()
-    return RayRun(result=result, connect_s=connect_s, kernel_times=tuple(runner.kernel_times), workers=engine.workers)
+        shutdown_s = time.monotonic() - t_stop
+    return RayRun(result=result, connect_s=connect_s, shutdown_s=shutdown_s, kernel_times=tuple(runner.kernel_times),
+                  workers=engine.workers)
