@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, metavar="SRC",
                    help="the data set (EDM2 latents .zip/folder, image folder, .npy, ...); default bundled:digits "
                    "with --preset smoke")
+    p.add_argument("--j-star", type=Path, default=None, metavar="TABLE",
+                   help="use this J* table (`lossfloor estimate`, e.g. --engine ray on parquet shards) as stage 2 "
+                   "instead of estimating; it must come from the same data (its dataset_fingerprint)")
     p.add_argument("--max-samples", type=int, default=None, metavar="N",
                    help="use only the first N samples (J* and training alike)")
     p.add_argument("--smoke-budget", choices=("normal", "tiny"), default="normal",
@@ -199,9 +204,10 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
         "stages: 1 data, 2 estimate J*, 3 train the ladder, 4 fit (raw | corrected | free offset), 5 dashboard",
         f"1 data: {args.data or '(none: --data is required to run)'}"
         + (f"  N={n}  shape={tuple(shape)}" if n is not None else f"  expected shape {LATENT_SHAPE}"),
-        f"2 estimate: {b.estimator} estimator"
-        + (f" (L={b.subset_size})" if b.subset_size else "")
-        + f", {b.queries_per_sample} queries per sample, sigma grid {b.sigma_grid} ({len(sig)} sigmas), x0 target",
+        (f"2 estimate: none, the given J* table {args.j_star}" if args.j_star is not None else
+         f"2 estimate: {b.estimator} estimator"
+         + (f" (L={b.subset_size})" if b.subset_size else "")
+         + f", {b.queries_per_sample} queries per sample, sigma grid {b.sigma_grid} ({len(sig)} sigmas), x0 target"),
         f"3 train: {len(rows)} models, schedule {args.schedule}, "
         f"{'class-conditional' if args.conditional else 'unconditional'}, batch {b.batch_n_img}, "
         f"{b.evals} evaluations per model on {b.eval_n_samples} held-out samples with fixed noise",
@@ -242,6 +248,28 @@ def estimator_config(args: argparse.Namespace, b: Budget):
                            seed=args.seed, device=device, rows_per_batch=b.rows_per_batch)
 
 
+def given_table(path: Path, ds):
+    """The J* table of --j-star, checked against the data: same fingerprint, x0 units available."""
+    from lossfloor.floor import read_table
+
+    table = read_table(path)
+    made_from = str(table.column("dataset_fingerprint")[0])
+    if made_from != ds.fingerprint:
+        raise InputError(f"--j-star {path}: estimated on data with fingerprint {made_from[:16]}..., but --data "
+                         f"(with --max-samples) has {ds.fingerprint[:16]}...; estimate J* on the same data")
+    if "j_star_x0" not in table.table.column_names or "total_variance" not in table.table.column_names:
+        raise InputError(f"--j-star {path}: expected columns j_star_x0 and total_variance (write it with `lossfloor estimate`)")
+    return table
+
+
+def use_given_table(path: Path, table, stage: Stage) -> None:
+    """Stage 2 from --j-star: the table copied into the stage folder (the later stages read it there)."""
+    folder = stage.begin()
+    shutil.copyfile(path, folder / "jstar.parquet")
+    stage.finish({"jstar": "jstar.parquet", "sigma_star": table.sigma_star, "given": str(path),
+                  "total_variance": float(table.column("total_variance")[0]), "seconds": 0.0, "engine": "given"})
+
+
 def run_estimate(args, b: Budget, ds, stage: Stage):
     from lossfloor.diffusion import parse_sigma_grid
     from lossfloor.floor import build_table, write_table
@@ -266,6 +294,14 @@ def run_estimate(args, b: Budget, ds, stage: Stage):
     stage.finish({"jstar": "jstar.parquet", "sigma_star": table.sigma_star,
                   "total_variance": est.total_variance, "seconds": time.monotonic() - t0, "engine": args.engine})
     return table
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # --- Stage 3: the ladder ---------------------------------------------------------------------------------
@@ -460,12 +496,20 @@ def run(args: argparse.Namespace) -> int:
 
         # 2. J*(σ)
         est_cfg = estimator_config(args, b)
-        est_stage = Stage("estimate", {
-            "data_fingerprint": ds.fingerprint, "n_samples": len(ds), "sigma_grid": b.sigma_grid,
-            "estimator": {**dataclasses.asdict(est_cfg), "device": None}}, args.out)  # same numbers on any device
+        if args.j_star is not None:
+            given = given_table(args.j_star, ds)
+            est_stage = Stage("estimate", {"data_fingerprint": ds.fingerprint, "n_samples": len(ds),
+                                           "given_sha256": _sha256(args.j_star)}, args.out)
+        else:
+            est_stage = Stage("estimate", {
+                "data_fingerprint": ds.fingerprint, "n_samples": len(ds), "sigma_grid": b.sigma_grid,
+                "estimator": {**dataclasses.asdict(est_cfg), "device": None}}, args.out)  # same numbers on any device
         skipped["estimate"] = est_stage.done
         if est_stage.done:
             log.info("stage estimate: finished earlier in %s, skipped", est_stage.dir)
+        elif args.j_star is not None:
+            log.info("stage estimate: the given J* table %s into %s", args.j_star, est_stage.dir)
+            use_given_table(args.j_star, given, est_stage)
         else:
             log.info("stage estimate: %s estimator on %s engine into %s", b.estimator, args.engine, est_stage.dir)
             run_estimate(args, b, ds, est_stage)

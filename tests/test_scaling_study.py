@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -133,6 +134,32 @@ def test_rerun_skips_finished_stages(first_run, caplog):
     kids = _check_store(uri, n_parents=2)  # the rerun's parent gets its own (cached) children
     assert sorted(r.data.tags["lossfloor.cached"] for k in kids for rs in k.values() for r in rs) == \
         ["false"] * 4 + ["true"] * 4
+
+
+def test_given_j_star_table_replaces_the_estimate(first_run, tmp_path, capsys):
+    out, _ = first_run
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    given = Path(summary["stages"]["estimate"]["dir"]) / "jstar.parquet"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # a table of other data (here: its fingerprint changed) is refused before any work
+    bad = pq.read_table(given)
+    bad = bad.set_column(bad.schema.get_field_index("dataset_fingerprint"), "dataset_fingerprint",
+                         pa.array(["sha256:other"] * len(bad)))
+    pq.write_table(bad, tmp_path / "other.parquet")
+    argv = [*TINY, "--engine", "local", "--tracking-uri", uri]
+    assert _study().main([*argv, "--j-star", str(tmp_path / "other.parquet"), "--out", str(tmp_path / "x")]) == 2
+    assert "--j-star" in capsys.readouterr().err and not (tmp_path / "x" / "summary.json").exists()
+
+    assert _study().main([*argv, "--j-star", str(given), "--out", str(tmp_path / "o")]) == 0
+    again = _check_outputs(tmp_path / "o")
+    stage = again["stages"]["estimate"]
+    assert json.loads((Path(stage["dir"]) / "DONE.json").read_text(encoding="utf-8"))["result"]["given"] == str(given)
+    assert pq.read_table(Path(stage["dir"]) / "jstar.parquet").equals(pq.read_table(given))
+    # the same J*, the same models and seed: the same curves and fits as the run that estimated it
+    assert again["total_j_star"] == summary["total_j_star"] and again["fit_sigmas"] == summary["fit_sigmas"]
+    fits = [json.loads((Path(s["stages"]["fit"]["dir"]) / "fits.json").read_text(encoding="utf-8"))
+            for s in (summary, again)]
+    assert fits[0]["total"]["raw"]["alpha"] == pytest.approx(fits[1]["total"]["raw"]["alpha"], rel=1e-9)
 
 
 # ---- as users submit it: a local Ray head, `ray job submit`, cluster/runtime_env.yaml ----
