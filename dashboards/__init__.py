@@ -17,12 +17,11 @@ from __future__ import annotations
 import html
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lossfloor.errors import InputError
+from lossfloor.atomic import write_output
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; margin: 0 auto;
@@ -131,24 +130,7 @@ def page_html(title: str, sections: Sequence[Section], *, about: Mapping[str, st
 
 def write_page(text: str, path: str | os.PathLike) -> Path:
     """Write a page atomically (a temporary name in the same folder, then renamed); creates the folder."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise InputError(f"--out {path}: cannot write there ({err.strerror or err})") from None
-        raise
-    return path
+    return write_output(path, text)
 
 
 __all__ = ["Section", "figure_html", "page_html", "write_page"]

@@ -15,15 +15,15 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from _common import write_json
 
+from lossfloor.atomic import write_npz
 from lossfloor.errors import InputError
 
 log = logging.getLogger("scaling_imagenet512")
@@ -39,19 +39,6 @@ def config_hash(config: dict) -> str:
     """sha256 (12 hex digits) of a JSON-able config, keys sorted."""
     text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
-
-
-def write_json(obj, path: Path) -> Path:
-    """Write JSON atomically (a temporary name in the same folder, then renamed)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 @dataclass(frozen=True)
@@ -329,16 +316,13 @@ def _worker_data(args, b: Budget, ds) -> str:
     written once as OUT/data-<fingerprint>.npz (same samples, same fingerprint)."""
     if b.max_samples is None or b.max_samples >= args.n_source:
         return args.data
-    import numpy as np
 
     from lossfloor.data import load
 
     path = (args.out / f"data-{ds.fingerprint[:12]}.npz").absolute()
     if not path.is_file():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         arrays = {"x": ds.samples} | ({} if ds.labels is None else {"labels": ds.labels})
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        write_npz(path, arrays)
     if load(path).fingerprint != ds.fingerprint:
         raise InputError(f"{path}: the capped data set does not read back with fingerprint {ds.fingerprint[:12]}")
     return str(path)

@@ -20,19 +20,17 @@ Outputs (--out, default runs/optimal_loss_survey):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_output_args, default_out, ensure_lossfloor, run_study
+from _common import add_output_args, default_out, ensure_lossfloor, run_study, write_json
 
 ensure_lossfloor()
 
@@ -174,18 +172,6 @@ def run_estimate(args: argparse.Namespace, d: DataPlan, samples, fingerprint: st
     return estimate_resumable(samples, sigmas, cfg, fingerprint=fingerprint, work_parent=work)
 
 
-def _write_json(obj, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     import lossfloor
     from lossfloor.diffusion import parse_sigma_grid
@@ -243,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         parent.log_artifact(html)
         meta = {"tracking_uri": uri, "experiment": args.experiment, "parent_run_id": parent.run_id,
                 "sigma_grid": args.sigma_grid, "targets": list(TARGETS), "data_sets": summary}
-        parent.log_artifact(_write_json(meta, args.out / "summary.json"))
+        parent.log_artifact(write_json(meta, args.out / "summary.json"))
 
     for s in summary:
         star = "undefined" if s["sigma_star"] is None else f"{s['sigma_star']:.4g}"

@@ -43,12 +43,12 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, _scaling, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, add_output_args, default_out, ensure_lossfloor, run_study
+from _common import REPO_ROOT, add_output_args, default_out, ensure_lossfloor, run_study, write_json
 
 ensure_lossfloor()
 
 import _scaling  # noqa: E402
-from _scaling import Budget, Stage, write_json  # noqa: E402
+from _scaling import Budget, Stage  # noqa: E402
 
 from lossfloor.errors import InputError  # noqa: E402
 

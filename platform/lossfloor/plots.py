@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import plotly.io as pio
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from lossfloor.atomic import write_atomic
 from lossfloor.floor import JStarTable
 
 TARGET_TITLES = {
@@ -102,16 +102,8 @@ def to_html(fig: go.Figure) -> str:
 
 def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
     """Write `to_html(fig)` atomically (a temporary name in the same folder, then renamed)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(to_html(fig))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = to_html(fig)
+    return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def is_offline_html(text: str) -> bool:

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from lossfloor.atomic import write_output
 from lossfloor.errors import InputError
 
 
@@ -79,24 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write `obj` as JSON to a temporary file next to `path`, then rename it onto `path`."""
-    text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise InputError(f"--out {path}: cannot write there ({e.strerror or e})") from None
+    """`obj` as JSON, written atomically (lossfloor.atomic.write_output)."""
+    write_output(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
 def _num(x: float | None, fmt: str = ".4g") -> str:

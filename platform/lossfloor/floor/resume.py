@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lossfloor.atomic import write_atomic, write_npz
 from lossfloor.errors import InputError
 from lossfloor.floor.estimators import (
     Estimate,
@@ -186,7 +187,8 @@ class PartialStore:
             if any(p.name != ".lock" for p in self.path.iterdir()):
                 raise InputError(f"work dir {self.path}: not empty and not a lossfloor work folder (no {KEY_FILE}); "
                                  "use a new or empty folder")
-            _atomic_write(key_path, lambda f: f.write(json.dumps(self.key, indent=1, allow_nan=True).encode()))
+            text = json.dumps(self.key, indent=1, allow_nan=True)
+            write_atomic(key_path, lambda p: p.write_text(text, encoding="utf-8"))
 
     def _read_part(self, part: Path) -> list[BatchPartial] | None:
         n_sigmas = len(self.key["sigmas"])
@@ -254,22 +256,9 @@ class PartialStore:
             "sum_ja": np.stack([p.sum_ja for p in partials]),
         }
         path = self.path / f"part-{time.time_ns():020d}-{os.getpid()}.npz"
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        write_npz(path, arrays)
         self._parts.append(path)
         return path
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lossfloor.atomic import write_atomic
 from lossfloor.diffusion import check_target, convert_jstar
 from lossfloor.errors import InputError
 from lossfloor.floor.estimators import Estimate
@@ -115,15 +115,7 @@ def write_table(t: JStarTable, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise InputError(f"--out: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        pq.write_table(t.table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda p: pq.write_table(t.table, p))
 
 
 def read_table(path: str | os.PathLike) -> JStarTable:

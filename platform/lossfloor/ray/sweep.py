@@ -64,9 +64,9 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from lossfloor.atomic import write_atomic
 from lossfloor.errors import InputError
 from lossfloor.train import EDM2Schedule, OptimalLossSchedule, TrainConfig, resolve
-from lossfloor.train.checkpoint import write_atomic
 from lossfloor.train.objectives import OBJECTIVES
 from lossfloor.train.space import SearchSpace
 

@@ -48,10 +48,10 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from lossfloor.atomic import write_atomic
 from lossfloor.data import open_source
 from lossfloor.errors import InputError
 from lossfloor.train import TrainConfig, latest_checkpoint, load_checkpoint, resolve
-from lossfloor.train.checkpoint import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lossfloor.atomic import write_atomic
 from lossfloor.errors import InputError
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d{12})")
@@ -33,20 +34,6 @@ def checkpoint_name(n_img: int) -> str:
 
 def snapshot_name(n_img: int) -> str:
     return f"ema-{int(n_img):012d}.pt"
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """write(tmp_path) to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(directory: str | os.PathLike, n_img: int, state: dict,

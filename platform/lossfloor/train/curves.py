@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lossfloor.train.checkpoint import write_atomic
+from lossfloor.atomic import write_atomic
 
 CURVE_SCHEMA = pa.schema([
     ("run", pa.string()), ("model", pa.string()), ("params", pa.int64()), ("step", pa.int64()),
