@@ -17,6 +17,7 @@ import math
 import sys
 from pathlib import Path
 
+from lossfloor.cli import check_run_folder
 from lossfloor.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -132,11 +133,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError("--fd-weights: only with --objective fd")
     if args.fd_weights is not None and not Path(args.fd_weights).is_file():
         raise InputError(f"--fd-weights {args.fd_weights}: file not found (a TorchScript or .pt2 network)")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    if not out.absolute().parent.is_dir():
-        raise InputError(f"--out {out}: its parent folder {out.absolute().parent} does not exist")
+    check_run_folder(args.out)
 
 
 def build_resources(args: argparse.Namespace):

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from lossfloor.cli import check_run_folder
 from lossfloor.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -121,11 +122,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise InputError(f"--samples: expected a number of samples like 64, 0 or auto, got {args.samples!r}") from None
         if args.samples < 0:
             raise InputError(f"--samples: expected a number >= 0, got {args.samples}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    if not out.absolute().parent.is_dir():
-        raise InputError(f"--out {out}: its parent folder {out.absolute().parent} does not exist")
+    check_run_folder(args.out)
 
 
 def build_config(args: argparse.Namespace):
