@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lossfloor.cli import main
+from cli_run import cli
 from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig, estimate, query_plan
 from lossfloor.floor.estimators import batch_terms, prepare_data
@@ -21,15 +21,6 @@ TABLE_COLUMNS = [
     "sigma", "j_star", "stderr", "j_star_x0", "stderr_x0", "estimator", "target", "n_queries", "subset_size",
     "queries_per_sample", "seed", "c", "total_variance", "subset_shift", "dataset_fingerprint",
 ]
-
-
-def cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -4,15 +4,8 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +15,7 @@ from lossfloor.diffusion import convert_jstar
 from lossfloor.floor import read_table
 from lossfloor.plots import is_offline_html
 from lossfloor.tracking import PARENT_RUN_TAG, client
+from ray_head import RAY, job_env, ray_head
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY = REPO / "studies" / "optimal_loss_survey.py"
@@ -101,118 +95,19 @@ def test_smoke_run_in_process(tmp_path, gauss):
 
 # ---- as users submit it: a local Ray head, `ray job submit`, cluster/runtime_env.yaml ----
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Processes of session `sid` (the head's: `ray start` ran in a new session we made)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
-            except OSError:
-                continue
-            if int(fields[3]) == sid and int(entry) != os.getpid():
-                pids.append(int(entry))
-    return pids
-
-
-def _alive(sid: int) -> list[int]:
-    return [p for p in _session_pids(sid) if not _is_zombie(p)]
-
-
-def _wait_gone(sid: int, timeout_s: float) -> list[int]:
-    """The session's live processes after waiting up to timeout_s for none to be left."""
-    deadline = time.monotonic() + timeout_s
-    while (alive := _alive(sid)) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    return alive
-
-
-def _stop_head(head: subprocess.Popen) -> None:
-    """End the Ray processes this test started, by id (not `ray stop`: it ends every Ray on the machine)."""
-    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        for pid in _alive(head.pid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        if not _wait_gone(head.pid, wait_s):
-            break
-    try:
-        head.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        head.kill()
-        head.wait()
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _wait_for_dashboard(url: str, head: subprocess.Popen, log_path: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            pytest.fail(f"ray start exited with {head.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the Ray dashboard (job server) did not answer at {url}:\n{log_path.read_text()[-3000:]}")
-
-
 @pytest.mark.slow
 def test_submitted_as_a_ray_job(tmp_path, gauss):
-    ray = str(Path(sys.executable).parent / "ray")
     home = tmp_path / "home"  # runtime_env.yaml puts results under ${HOME}/lossfloor on the cluster
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LOSSFLOOR_RUNS_DIR")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HOME=str(home),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    temp_dir = tempfile.mkdtemp(prefix="lfray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    gcs, dash, client_port, agent = _free_ports(4)
-    url = f"http://127.0.0.1:{dash}"
-    log_path = tmp_path / "ray-head.log"
-    with open(log_path, "w") as head_log:
-        head = subprocess.Popen(
-            [ray, "start", "--head", "--block", "--port", str(gcs), "--dashboard-port", str(dash),
-             "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
-             "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent),
-             "--temp-dir", temp_dir, "--disable-usage-stats"],
-            env=env, cwd=tmp_path, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        _wait_for_dashboard(url, head, log_path)
+    env = job_env(home)
+    with ray_head(env, tmp_path / "ray-head.log") as url:
         job = subprocess.run(
-            [ray, "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml",
+            [RAY, "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml",
              "--", "python", "studies/optimal_loss_survey.py", "--smoke", "--data", str(gauss)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=150,
         )
-        logs = job.stdout + job.stderr
-        assert job.returncode == 0 and "succeeded" in logs, logs[-4000:]
-        assert "runtime_resources/py_modules_files" in logs  # the shipped package ran, not this checkout
-    finally:
-        _stop_head(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in logs, logs[-4000:]
+    assert "runtime_resources/py_modules_files" in logs  # the shipped package ran, not this checkout
 
     results = home / "lossfloor"
     kids = _check_store(f"sqlite:///{results}/mlflow.db", ["digits", "gauss"])

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cli_run import cli
 from lossfloor.cli import main
 from lossfloor.data import load
 from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
@@ -24,15 +25,6 @@ EVAL = ["--eval-sigmas", "0.05,0.5,5", "--eval-samples", "32"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
