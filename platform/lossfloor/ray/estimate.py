@@ -154,15 +154,15 @@ def _shard_folder(samples) -> Path | None:
 def read_shards_to(folder: str, cfg: EstimatorConfig) -> torch.Tensor:
     """A shard folder as one (N, D) tensor on cfg.device in cfg.dtype, read one shard block at a time."""
     reader = open_source(folder)
-    meta = read_meta(folder)
-    x = torch.empty((meta.count, meta.dim), dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    info = reader.info()  # from meta.json
+    x = torch.empty((info.count, math.prod(info.sample_shape)), dtype=getattr(torch, cfg.dtype), device=cfg.device)
     start = 0
     for samples, _ in reader.blocks(SHARD_READ_ROWS):
         block = torch.from_numpy(samples.reshape(len(samples), -1))
         x[start:start + len(block)].copy_(block)
         start += len(block)
-    if start != meta.count:
-        raise InputError(f"{folder}: {start} rows in the shards, meta.json says {meta.count}")
+    if start != info.count:
+        raise InputError(f"{folder}: {start} rows in the shards, meta.json says {info.count}")
     return x
 
 
