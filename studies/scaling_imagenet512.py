@@ -252,6 +252,8 @@ def given_table(path: Path, ds):
     """The J* table of --j-star, checked against the data: same fingerprint, x0 units available."""
     from lossfloor.floor import read_table
 
+    if not path.is_file():
+        raise InputError(f"--j-star {path}: file not found (a J* table written by `lossfloor estimate`)")
     table = read_table(path)
     made_from = str(table.column("dataset_fingerprint")[0])
     if made_from != ds.fingerprint:
@@ -478,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
     ds = load(args.data, max_samples=b.max_samples)
     log.info("data %s: %d samples of shape %s, fingerprint %s", args.data, len(ds), ds.sample_shape,
              ds.fingerprint[:12])
+    given = given_table(args.j_star, ds) if args.j_star is not None else None  # checked before anything is written
     args.out.mkdir(parents=True, exist_ok=True)
     if args.engine == "ray":
         _scaling.connect_ray(args)
@@ -496,8 +499,7 @@ def run(args: argparse.Namespace) -> int:
 
         # 2. J*(σ)
         est_cfg = estimator_config(args, b)
-        if args.j_star is not None:
-            given = given_table(args.j_star, ds)
+        if given is not None:
             est_stage = Stage("estimate", {"data_fingerprint": ds.fingerprint, "n_samples": len(ds),
                                            "given_sha256": _sha256(args.j_star)}, args.out)
         else:
@@ -507,7 +509,7 @@ def run(args: argparse.Namespace) -> int:
         skipped["estimate"] = est_stage.done
         if est_stage.done:
             log.info("stage estimate: finished earlier in %s, skipped", est_stage.dir)
-        elif args.j_star is not None:
+        elif given is not None:
             log.info("stage estimate: the given J* table %s into %s", args.j_star, est_stage.dir)
             use_given_table(args.j_star, given, est_stage)
         else:
