@@ -1,6 +1,8 @@
 """The estimators against ground truth: quadrature oracles, closed forms and identities between them."""
 
+import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -135,6 +137,15 @@ def test_same_seed_same_numbers_and_seed_matters():
     c = estimate(x, sig, EstimatorConfig(estimator="cdol", subset_size=50, seed=12), progress=False)
     assert np.array_equal(a.j_star, b.j_star) and np.array_equal(a.stderr, b.stderr)
     assert not np.array_equal(a.j_star, c.j_star)
+
+
+def test_progress_line_reports_count_rate_and_eta(caplog):
+    x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    cfg = EstimatorConfig(estimator="cdol", subset_size=50, rows_per_batch=40)
+    with caplog.at_level(logging.INFO, logger="lossfloor.floor.estimators"):
+        estimate(x, np.array([0.5, 2.0]), cfg)  # progress on: at least the final line, whatever the speed
+    last = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()][-1]
+    assert re.search(r"600/600 queries \(100%\), \d+ queries/s, ETA 00:00:00", last), last
 
 
 def test_batches_are_independent_of_batch_order():
