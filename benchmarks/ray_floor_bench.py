@@ -37,7 +37,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray >= 2.59 uses token aut
 
 import ray
 
-from lossfloor.floor import EstimatorConfig, batch_terms, prepare_data, query_plan, total_variance
+from lossfloor.floor import EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan, total_variance
 from lossfloor.floor.resume import estimate_passes
 from lossfloor.ray import RayEngine, estimate_ray
 
@@ -56,15 +56,17 @@ def run_local(samples, sigmas, config, work_dir):
     cfg = config.resolve(*x.shape)
     kernel = []
 
-    def runner(c, batches):
+    data = floor_data(x, cfg)
+
+    def runner(c, sig, batches):
         plan = query_plan(c, x.shape[0])
         for b in batches:
             t = time.perf_counter()
-            part = batch_terms(x, sigmas, c, plan, b)
+            part = batch_terms(data, sig, c, plan, b)
             kernel.append(time.perf_counter() - t)
             yield part
 
-    run = estimate_passes(tuple(x.shape), sigmas, config, cfg, runner, tv=total_variance(x), fingerprint="bench",
+    run = estimate_passes(tuple(x.shape), sigmas, cfg, runner, tv=total_variance(x), fingerprint="bench",
                           work_dir=work_dir, resolve=lambda c: c.resolve(*x.shape), progress=False)
     wall = time.perf_counter() - t0
     return run.estimate, {"wall_s": wall, "kernel_s": sum(kernel), "n_batches": run.passes[0].n_batches,

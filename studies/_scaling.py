@@ -162,7 +162,7 @@ def imagenet512_budget(budget_scale: float) -> Budget:
         batch_n_img=batch, evals=16, eval_n_samples=4096, n_eval_sigmas=16,
         warmup_n_img=round(presets[0].warmup_n_img * scale),
         t_ref_iters=max(1, round(presets[0].t_ref_iters * scale)),
-        max_samples=None, estimator="cdol", subset_size=4096, queries_per_sample=3, sigma_grid="0.002:80:64",
+        max_samples=None, estimator="auto", subset_size=None, queries_per_sample=3, sigma_grid="0.002:80:64",
         bootstrap=1000, keep_checkpoints=2,
     )
 
@@ -224,18 +224,17 @@ def total_weights(config) -> np.ndarray:
     return quadrature_weights(R.eval_sigmas, schedule.reference_density) * w
 
 
-def total_j_star(config, table) -> tuple[float, float]:
-    """(J* of the total loss, its standard error) = (sum_k c_k J*(sigma_k), sum_k c_k se_k).
+def total_j_star(config, table) -> tuple[float, float, float]:
+    """(J* of the total loss, its interval's low and high ends) = Σ_k c_k (J*, ci_low, ci_high)(σ_k), x0 units.
 
-    The standard errors add linearly, i.e. as if fully correlated (the per-σ estimates share their
-    queries): an upper bound on the error, never an understatement.
+    The ends add linearly, i.e. as if the per-σ errors were fully correlated (they share their queries
+    and the estimator's bias): never an understatement.
     """
     c = total_weights(config)
-    sig = np.log(table.column("sigma"))
+    x0 = table.x0()
+    sig = np.log(x0.sigma)
     x = np.log(np.asarray(config.eval_sigmas, dtype=np.float64))
-    j = np.interp(x, sig, np.clip(table.column("j_star_x0"), 0, None))
-    se = np.interp(x, sig, table.column("stderr_x0"))
-    return float(np.sum(c * j)), float(np.sum(c * se))
+    return tuple(float(np.sum(c * np.interp(x, sig, v))) for v in (x0.j_star, x0.ci_low, x0.ci_high))
 
 
 # --- Training one rung (runs in this process or in a Ray task) ----------------------------------------

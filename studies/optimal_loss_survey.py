@@ -41,7 +41,6 @@ log = logging.getLogger("optimal_loss_survey")
 STUDY = "optimal_loss_survey"
 TARGETS = ("x0", "eps", "vp-v", "fm-velocity")  # estimated in x0, converted to the others
 DEFAULT_GRID = "0.002:80:32"
-CDOL_ABOVE_N = 20000  # --estimator auto: exact up to this many samples, cDOL beyond
 SMOKE = {"sigma_grid": "0.01:20:6", "queries_per_sample": 1, "max_samples": 1000}
 
 
@@ -54,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", action="append", default=[], metavar="SRC",
                    help="a data set besides the bundled one (repeatable); any source `lossfloor estimate` reads")
     p.add_argument("--estimator", default="auto",
-                   help=f"auto | exact | snis | dol | cdol (auto: cdol for N > {CDOL_ABOVE_N}, else exact)")
+                   help="auto | exact | knn | snis | dol | cdol (auto: exact up to 5000 samples on a CPU, 50000 on CUDA, else knn)")
     p.add_argument("--subset-size", type=int, default=None, metavar="L",
                    help="reference subset size of snis/dol/cdol (default min(4096, N))")
     p.add_argument("--sigma-grid", default=None, metavar="MIN:MAX:COUNT",
@@ -111,16 +110,15 @@ def make_plan(args: argparse.Namespace) -> list[DataPlan]:
     from lossfloor.data import DEFAULT_SOURCE, describe
     from lossfloor.floor import ESTIMATORS
 
-    if args.estimator != "auto" and args.estimator not in ESTIMATORS:
-        raise InputError(f"--estimator: expected auto or one of {', '.join(ESTIMATORS)}, got {args.estimator!r}")
+    if args.estimator not in ESTIMATORS:
+        raise InputError(f"--estimator: expected one of {', '.join(ESTIMATORS)}, got {args.estimator!r}")
     sources = list(dict.fromkeys([DEFAULT_SOURCE, *args.data]))
     plan, taken = [], set()
     for src in sources:
         count, shape = describe(src)
         n = count if args.max_samples is None else min(count, args.max_samples)
-        estimator = args.estimator if args.estimator != "auto" else ("cdol" if n > CDOL_ABOVE_N else "exact")
-        cfg = estimator_config(args, estimator).resolve(n, math.prod(shape))
-        plan.append(DataPlan(src, _label(src, taken), n, tuple(shape), estimator, cfg.subset_size, cfg.c))
+        cfg = estimator_config(args, args.estimator).resolve(n, math.prod(shape))  # auto: exact or knn by N
+        plan.append(DataPlan(src, _label(src, taken), n, tuple(shape), cfg.estimator, cfg.subset_size, cfg.c))
     return plan
 
 
@@ -129,7 +127,7 @@ def estimator_config(args: argparse.Namespace, estimator: str):
 
     return EstimatorConfig(
         estimator=estimator,
-        subset_size=args.subset_size if estimator != "exact" else None,
+        subset_size=args.subset_size if estimator not in ("exact", "auto") else None,
         queries_per_sample=args.queries_per_sample,
         seed=args.seed,
         device=args.device if args.engine == "local" else ("cuda" if args.gpus_per_worker > 0 else "cpu"),

@@ -205,8 +205,7 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
         f"1 data: {args.data or '(none: --data is required to run)'}"
         + (f"  N={n}  shape={tuple(shape)}" if n is not None else f"  expected shape {LATENT_SHAPE}"),
         (f"2 estimate: none, the given J* table {args.j_star}" if args.j_star is not None else
-         f"2 estimate: {b.estimator} estimator"
-         + (f" (L={b.subset_size})" if b.subset_size else "")
+         f"2 estimate: {_estimator_plan(args, b, n, shape)}"
          + f", {b.queries_per_sample} queries per sample, sigma grid {b.sigma_grid} ({len(sig)} sigmas), x0 target"),
         f"3 train: {len(rows)} models, schedule {args.schedule}, "
         f"{'class-conditional' if args.conditional else 'unconditional'}, batch {b.batch_n_img}, "
@@ -235,6 +234,20 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
 # --- Stage 2: J* -----------------------------------------------------------------------------------------
 
 
+def _estimator_plan(args: argparse.Namespace, b: Budget, n: int | None, shape) -> str:
+    """The estimator the estimate stage will use, resolved (as the stage will) when N is known."""
+    from lossfloor.floor.estimators import DEFAULT_KNN_SUBSET_SIZE, EXACT_MAX_N
+
+    if b.estimator == "auto" and n is None:
+        return (f"auto estimator (exact up to {EXACT_MAX_N['cpu']} samples on a CPU, {EXACT_MAX_N['cuda']} on "
+                f"CUDA, above knn with L={b.subset_size or DEFAULT_KNN_SUBSET_SIZE}: 1.28M ImageNet latents -> knn)")
+    if n is None:
+        return f"{b.estimator} estimator" + (f" (L={b.subset_size})" if b.subset_size else "")
+    cfg = estimator_config(args, b)
+    cfg = dataclasses.replace(cfg, device="cpu").resolve(n, math.prod(shape), compute_device=cfg.device)
+    return f"{cfg.estimator} estimator" + ("" if cfg.estimator == "exact" else f" (L={cfg.subset_size})")
+
+
 def estimator_config(args: argparse.Namespace, b: Budget):
     import torch
 
@@ -259,8 +272,12 @@ def given_table(path: Path, ds):
     if made_from != ds.fingerprint:
         raise InputError(f"--j-star {path}: estimated on data with fingerprint {made_from[:16]}..., but --data "
                          f"(with --max-samples) has {ds.fingerprint[:16]}...; estimate J* on the same data")
-    if "j_star_x0" not in table.table.column_names or "total_variance" not in table.table.column_names:
-        raise InputError(f"--j-star {path}: expected columns j_star_x0 and total_variance (write it with `lossfloor estimate`)")
+    try:
+        table.x0()  # x0 units and an interval, converted from the table's target if needed
+    except InputError as e:
+        raise InputError(f"--j-star: {e}") from None
+    if "total_variance" not in table.table.column_names:
+        raise InputError(f"--j-star {path}: expected column total_variance (write it with `lossfloor estimate`)")
     return table
 
 
@@ -358,25 +375,20 @@ def _marker(result: dict, engine: str) -> dict:
 
 
 def run_fits(args, b: Budget, stage: Stage, curves, table, fit_sigmas, total_js) -> dict:
-    import numpy as np
-
-    from lossfloor.scaling import fit_all
+    from lossfloor.scaling import JStarValue, fit_all
 
     folder = stage.begin()
-    # J*(σ) in x0 units, clipped at 0 like the training loop's J* curve: the exact estimator leaves
-    # round-off (|J*| ~ 1e-12 and below, either sign) where J* is 0, which lossfloor.scaling refuses
-    jtab = {"sigma": table.column("sigma"), "j_star": np.clip(table.column("j_star_x0"), 0.0, None),
-            "stderr": table.column("stderr_x0")}
+    # per σ: the J* table itself (read in x0 units with its interval); the total: its weighted sum
+    total = JStarValue(*total_js, source="the schedule-weighted J*(σ) of the table")
     fits = {}
     t0 = time.monotonic()
     quantities = [*fit_sigmas, None]
     for sigma in quantities:
         key = "total" if sigma is None else f"sigma={sigma:.6g}"
-        js, se = (jtab, None) if sigma is not None else total_js
+        js = table.table if sigma is not None else total
         note = None
         try:
-            f = fit_all(curves, j_star=js, j_star_stderr=se, sigma=sigma, bootstrap=b.bootstrap, holdout=True,
-                        seed=args.seed)
+            f = fit_all(curves, j_star=js, sigma=sigma, bootstrap=b.bootstrap, holdout=True, seed=args.seed)
         except InputError as e:
             if "must be below the smallest loss" not in str(e):
                 raise
@@ -425,7 +437,7 @@ def log_fit_child(parent, args, uri, stage: Stage, fits: dict, cached: bool) -> 
         cfg = stage.config
         run.log_params({"sigmas": cfg["sigmas"], "bootstrap": cfg["bootstrap"], "seed": cfg["seed"],
                         "holdout": "largest model", "total_j_star": cfg["total_j_star"][0],
-                        "total_j_star_stderr": cfg["total_j_star"][1]})
+                        "total_j_star_ci_low": cfg["total_j_star"][1], "total_j_star_ci_high": cfg["total_j_star"][2]})
         metrics, tags = {}, {}
         for r in _scaling.rho_table(fits):
             q = "total" if r["quantity"] == "total" else "sigma_" + r["quantity"].removeprefix("sigma=")
@@ -526,9 +538,9 @@ def run(args: argparse.Namespace) -> int:
             parent.log_metrics({"sigma_star": s_star})
 
         # the σ of the fits and of the evaluation grid, all on the J* grid
-        auto_fit, eval_sigmas = _scaling.choose_sigmas(
-            table.column("sigma"), table.column("j_star_x0"), float(table.column("total_variance")[0]), s_star,
-            n_eval=b.n_eval_sigmas)
+        x0 = table.x0()
+        auto_fit, eval_sigmas = _scaling.choose_sigmas(x0.sigma, x0.j_star, x0.total_variance, s_star,
+                                                       n_eval=b.n_eval_sigmas)
         fit_sigmas = _scaling.parse_sigmas(args.fit_sigmas) if args.fit_sigmas else auto_fit
         eval_sigmas = tuple(sorted(set(eval_sigmas) | set(fit_sigmas)))
         log.info("sigma*: %s; fits at sigma %s; evaluation at %d sigmas", s_star,

@@ -431,3 +431,23 @@ def test_describe_reads_no_pixels(tmp_path):
     (folder / "b.png").write_bytes(png_bytes(random_pixels(rng, 1, (6, 5, 3))[0])[:100])  # broken
     assert describe(folder) == (2, (3, 6, 5))
     assert_input_error_names(folder / "b.png", load, folder)
+
+
+def test_edm2_latents_as_the_posterior(tmp_path):
+    # latents="posterior": [whitened mean, std * 0.5/LATENT_STD] per sample, a different fingerprint
+    rng = np.random.default_rng(10)
+    mean_std = [np.concatenate([rng.normal(3, 4, (4, 2, 3)), rng.uniform(0.1, 1, (4, 2, 3))]).astype(np.float32)
+                for _ in range(3)]
+    members = {f"00000/img-mean-std-{i:08d}.npy": npy_bytes(a) for i, a in enumerate(mean_std)}
+    path = write_zip(tmp_path / "lat.zip", members)
+    means, post = load(path), load(path, latents="posterior")
+    assert post.samples.shape == (3, 8, 2, 3) and post.normalisation == "edm2-latent-posterior-whiten"
+    np.testing.assert_array_equal(post.samples[:, :4], means.samples)
+    for k, a in enumerate(mean_std):
+        for c in range(4):
+            np.testing.assert_allclose(post.samples[k, 4 + c], a[4 + c] * (0.5 / LATENT_STD[c]), rtol=1e-6)
+    assert post.fingerprint != means.fingerprint
+    with pytest.raises(InputError, match=r"--latents posterior: .* no encoder posterior"):
+        load("bundled:digits", latents="posterior")
+    with pytest.raises(InputError, match="--latents"):
+        load(path, latents="sample")

@@ -204,7 +204,28 @@ def test_cli_prepare_and_describe(labelled_npz, tmp_path, cli_main, capsys):
     assert cli_main(["data", "describe", str(tmp_path / "s")]) == 0
     assert json.loads(capsys.readouterr().out) == {
         "source": str(tmp_path / "s"), "count": 10, "sample_shape": [2, 3], "labels": True,
-        "normalisation": "none"}
+        "normalisation": "none", "values_read": True, "distinct": 10, "duplicates": 0, "largest_duplicate_group": 1}
+
+
+def test_describe_counts_exact_duplicates_and_refuses_nan(tmp_path, cli_main, capsys):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(20, 4)).astype(np.float32)
+    x[[5, 9, 13]] = x[2]  # a group of four
+    x[17] = x[1]
+    x[18] = -0.0 * x[18]  # zeros, some of them -0.0: the same value as +0.0
+    x[19] = 0.0
+    assert np.signbit(x[18]).any() and not np.signbit(x[19]).any()
+    np.save(tmp_path / "d.npy", x)
+    assert cli_main(["data", "describe", str(tmp_path / "d.npy")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["distinct"], d["duplicates"], d["largest_duplicate_group"]) == (15, 5, 4)
+    assert cli_main(["data", "describe", str(tmp_path / "d.npy"), "--no-values"]) == 0
+    assert json.loads(capsys.readouterr().out)["values_read"] is False
+    x[11, 2] = np.nan
+    np.save(tmp_path / "n.npy", x)
+    assert cli_main(["data", "describe", str(tmp_path / "n.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sample 11" in err and "NaN" in err
 
 
 @pytest.mark.parametrize("argv_tail, named", [

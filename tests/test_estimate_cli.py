@@ -18,8 +18,9 @@ from lossfloor.floor.resume import KEY_FILE, PartialStore, estimate_resumable, w
 from lossfloor.floor.table import REQUIRED_COLUMNS
 
 TABLE_COLUMNS = [
-    "sigma", "j_star", "stderr", "j_star_x0", "stderr_x0", "estimator", "target", "n_queries", "subset_size",
-    "queries_per_sample", "seed", "c", "total_variance", "subset_shift", "dataset_fingerprint",
+    "sigma", "j_star", "stderr", "bias", "ci_low", "ci_high", "j_star_x0", "stderr_x0", "bias_x0", "ci_low_x0",
+    "ci_high_x0", "estimator", "target", "latents", "n_queries", "subset_size", "queries_per_sample", "seed", "c",
+    "total_variance", "dataset_fingerprint",
 ]
 
 
@@ -69,6 +70,16 @@ def bad_inputs(tmp_path, npy):
         "ray cuda without gpus": (npy, ["--engine", "ray", "--device", "cuda"]),
         "ray address nobody listens on": (npy, ["--engine", "ray", "--address", "127.0.0.1:1"]),
         "ray address malformed": (npy, ["--engine", "ray", "--address", "nonsense"]),
+        "seed negative": (npy, ["--seed=-1"]),
+        "rel-error zero": (npy, ["--rel-error", "0"]),
+        "rel-error above 1": (npy, ["--rel-error", "1.5"]),
+        "rel-error with exact": (npy, ["--estimator", "exact", "--rel-error", "0.01"]),
+        "unknown index": (npy, ["--estimator", "knn", "--index", "kdtree"]),
+        "index-pca zero": (npy, ["--estimator", "knn", "--index-pca", "0"]),
+        "unknown latents": (npy, ["--latents", "sample"]),
+        "posterior of non-latents": (npy, ["--latents", "posterior"]),
+        "too few batches": (npy, ["--estimator", "cdol", "--subset-size", "16", "--rows-per-batch", "10"]),
+        "knn L below 4": (npy, ["--estimator", "knn", "--subset-size", "3"]),
     }
 
 
@@ -77,6 +88,8 @@ CASES = [
     "sigma grid", "L below 2", "L above N", "L not an int", "C zero", "C negative", "C nan", "unknown estimator",
     "unknown target", "unknown engine", "ray flag on local", "queries per sample", "rows per batch",
     "ray workers", "ray cuda without gpus", "ray address nobody listens on", "ray address malformed",
+    "seed negative", "rel-error zero", "rel-error above 1", "rel-error with exact", "unknown index", "index-pca zero",
+    "unknown latents", "posterior of non-latents", "too few batches", "knn L below 4",
 ]
 
 
@@ -102,6 +115,9 @@ def test_error_names_the_flag_or_file(tmp_path, npy, capsys):
     assert "--c" in err
     _, _, err = cli(run_args(npy, tmp_path / "missing" / "o.parquet"), capsys)
     assert "--out" in err
+    _, _, err = cli(run_args(npy, tmp_path / "o.parquet", "--estimator", "cdol", "--subset-size", "16",
+                             "--rows-per-batch", "10"), capsys)
+    assert "--rows-per-batch" in err and "8 batches" in err
 
 
 def test_writes_documented_table(tmp_path, npy, capsys):
@@ -115,7 +131,9 @@ def test_writes_documented_table(tmp_path, npy, capsys):
     assert table.column("subset_size").to_pylist() == [16] * 3
     expected = estimate(np.load(npy), [0.2, 1, 5], EstimatorConfig(estimator="cdol", subset_size=16, seed=3),
                         progress=False)
-    np.testing.assert_allclose(table.column("j_star").to_numpy(), expected.j_star, rtol=1e-12)
+    for name in ("j_star", "stderr", "bias", "ci_low", "ci_high"):
+        np.testing.assert_allclose(table.column(name).to_numpy(), getattr(expected, name), rtol=1e-12)
+    assert "ci_low..ci_high: 95% interval" in stdout and "bias" in stdout.splitlines()[0]
 
 
 def test_json_prints_a_strict_json_list(tmp_path, npy, capsys):
@@ -156,8 +174,8 @@ def test_mlflow_logs_the_table_with_params_from_the_driver(tmp_path, npy, capsys
         return "run-123"
 
     monkeypatch.setitem(sys.modules, "lossfloor.tracking", types.SimpleNamespace(log_estimate=log_estimate))
-    code, _, _ = cli(run_args(npy, tmp_path / "o.parquet", "--subset-size", "10", "--seed", "4", "--mlflow",
-                              "--mlflow-experiment", "exp", "--run-name", "r1"), capsys)
+    code, _, _ = cli(run_args(npy, tmp_path / "o.parquet", "--estimator", "cdol", "--subset-size", "10", "--seed", "4",
+                              "--mlflow", "--mlflow-experiment", "exp", "--run-name", "r1"), capsys)
     assert code == 0
     ((table, params, experiment, run_name),) = calls
     assert (experiment, run_name) == ("exp", "r1") and table.table.num_rows == 3
@@ -241,7 +259,7 @@ def test_store_merges_parts_while_it_runs(tmp_path):
 
 
 def test_store_is_locked_while_in_use(tmp_path):
-    cfg = EstimatorConfig(estimator="dol", subset_size=4, rows_per_batch=2).resolve(10, 2)
-    key = work_key(cfg, fingerprint="f", sigmas=[1.0], n_samples=10, dim=2)
+    cfg = EstimatorConfig(estimator="dol", subset_size=8, rows_per_batch=2).resolve(20, 2)
+    key = work_key(cfg, fingerprint="f", sigmas=[1.0], n_samples=20, dim=2)
     with PartialStore(tmp_path, key), pytest.raises(InputError, match="in use"):
         PartialStore(tmp_path, key).__enter__()

@@ -75,20 +75,23 @@ def test_limits_and_monotone():
 
 
 def _terms(x, sigmas, cfg, batch=0):
+    """Per-query terms of one batch: the estimator's J* channel (B, S)."""
     xt = prepare_data(x, cfg)
     cfg = cfg.resolve(*xt.shape)
     a, j = query_terms(xt, sigmas, cfg, query_plan(cfg, xt.shape[0]), batch)
-    return a.numpy(), j.double().numpy()
+    return a.numpy(), j[:, 0].double().numpy()
 
 
-def test_dol_with_full_subset_equals_exact_query_by_query():
-    x = product_data(UNEVEN8)  # 576 samples
-    sigmas = np.array([0.1, 0.3, 1.0, 4.0])
-    common = dict(queries_per_sample=2, seed=5, rows_per_batch=100)
-    for b in (0, 3):
-        _, j_exact = _terms(x, sigmas, EstimatorConfig(estimator="exact", **common), b)
-        _, j_dol = _terms(x, sigmas, EstimatorConfig(estimator="dol", subset_size=len(x), **common), b)
-        np.testing.assert_allclose(j_dol, j_exact, rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("name", ["snis", "dol", "cdol", "knn"])
+def test_a_subset_of_every_sample_is_the_exact_estimator(name):
+    # at L = N the subset holds every sample: the estimator is the exact one (C = 1), never C = 4
+    cfg = EstimatorConfig(estimator=name, subset_size=500).resolve(500, 3)
+    assert cfg.estimator == "exact" and cfg.c == 1.0 and cfg.subset_size == 500
+    # and cDOL's default L = min(4096, N) on the bundled digits (N = 1797) is exact too
+    assert EstimatorConfig(estimator="cdol").resolve(1797, 64).estimator == "exact"
+    assert EstimatorConfig().resolve(1797, 64).estimator == "exact"  # auto: exact when affordable
+    assert EstimatorConfig().resolve(5001, 64).estimator == "knn"
+    assert EstimatorConfig().resolve(5001, 64, compute_device="cuda").estimator == "exact"  # a GPU affords more
 
 
 def test_cdol_tends_to_snis_as_c_grows():
@@ -141,7 +144,7 @@ def test_same_seed_same_numbers_and_seed_matters():
 
 def test_progress_line_reports_count_rate_and_eta(caplog):
     x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
-    cfg = EstimatorConfig(estimator="cdol", subset_size=50, rows_per_batch=40)
+    cfg = EstimatorConfig(estimator="cdol", subset_size=50, rows_per_batch=25)
     with caplog.at_level(logging.INFO, logger="lossfloor.floor.estimators"):
         estimate(x, np.array([0.5, 2.0]), cfg)  # progress on: at least the final line, whatever the speed
     last = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()][-1]
@@ -179,19 +182,31 @@ def test_float64_reference_agrees_with_float32():
 def test_cuda_equals_cpu():
     x = product_data(UNEVEN8)
     sig = np.array([0.2, 0.5, 2.0])
-    for name in ("exact", "cdol"):
-        common = dict(estimator=name, subset_size=None if name == "exact" else 100, rng_device="cpu", seed=4)
+    for name in ("exact", "cdol", "knn"):
+        common = dict(estimator=name, subset_size=None if name == "exact" else 100, rng_device="cpu", seed=4,
+                      index="torch")  # the torch search runs on both devices (FAISS may have no GPU build)
         cpu = estimate(x, sig, EstimatorConfig(device="cpu", **common), progress=False)
         gpu = estimate(x, sig, EstimatorConfig(device="cuda", **common), progress=False)
         np.testing.assert_allclose(gpu.j_star, cpu.j_star, rtol=1e-4)
+        np.testing.assert_allclose(gpu.ci_high, cpu.ci_high, rtol=1e-3)
 
 
-def test_subset_sensitivity_reports_shift():
-    x = product_data(BINARY10)
-    est = estimate(x, np.array([0.5, 2.0]), EstimatorConfig(estimator="cdol", subset_size=64, subset_sensitivity=True),
-                   progress=False)
-    assert est.subset_shift is not None and est.subset_shift.shape == (2,)
-    assert np.all(np.isfinite(est.subset_shift))
+def test_subset_bias_levels_are_the_estimator_at_l_half_and_quarter():
+    # the L/2 and L/4 channels of one pass are cDOL on the first L/2 and L/4 of the same subset:
+    # the kernel's levels equal separate kernel calls on those prefixes, query by query
+    from lossfloor.floor.kernel import Level, optimal_loss_terms
+
+    g = torch.Generator().manual_seed(1)
+    B, L, D = 24, 32, 6
+    xs, eps = torch.randn(B, D, generator=g, dtype=torch.float64), torch.randn(B, D, generator=g, dtype=torch.float64)
+    refs = torch.randn(L, D, generator=g, dtype=torch.float64)
+    sig = torch.tensor([0.2, 1.0, 6.0], dtype=torch.float64)
+    levels = [Level(n, torch.full((B,), n - 1), torch.full((B,), -math.log(4 * 1000 / n), dtype=torch.float64))
+              for n in (L, L // 2, L // 4)]
+    together = optimal_loss_terms(xs, eps, refs, sig, levels=levels)
+    for i, lvl in enumerate(levels):
+        alone = optimal_loss_terms(xs, eps, refs[: lvl.size], sig, levels=[lvl])[:, 0]
+        np.testing.assert_allclose(together[:, i].numpy(), alone.numpy(), rtol=1e-12, atol=1e-12)
 
 
 def test_sigma_star_interpolates_crossing():
@@ -225,6 +240,10 @@ def test_table_round_trip_and_target_conversion(tmp_path):
         (dict(c=0.0), "C"),
         (dict(c=-2.0), "C"),
         (dict(queries_per_sample=0), "queries per sample"),
+        (dict(seed=-1), "seed"),
+        (dict(rel_error=1.5), "rel-error"),
+        (dict(index="kd-tree"), "index"),
+        (dict(index_pca=0), "index-pca"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -235,7 +254,7 @@ def test_bad_config(kwargs, match):
 def test_bad_data_and_sigmas():
     x = np.zeros((10, 3), np.float32)
     with pytest.raises(InputError, match="at most N"):
-        estimate(x, [1.0], EstimatorConfig(subset_size=11), progress=False)
+        estimate(x, [1.0], EstimatorConfig(estimator="cdol", subset_size=11), progress=False)
     with pytest.raises(InputError, match="at least 2"):
         estimate(x[:1], [1.0], EstimatorConfig(estimator="exact"), progress=False)
     with pytest.raises(InputError, match="NaN"):
@@ -244,10 +263,11 @@ def test_bad_data_and_sigmas():
         estimate(x, [0.0], progress=False)
 
 
-@pytest.mark.parametrize("gram", [True, False])
-def test_kernel_equals_naive_reference_in_float64(gram):
+@pytest.mark.parametrize("form", ["paper", "posterior-variance"])
+@pytest.mark.parametrize("use_dref", [True, False])
+def test_kernel_equals_naive_reference_in_float64(use_dref, form):
     # the multi-σ kernel (shared distance GEMMs, S-scaled terms) and the naive per-σ softmax agree
-    from lossfloor.floor.kernel import optimal_loss_terms
+    from lossfloor.floor.kernel import Level, optimal_loss_terms
     from lossfloor.floor.reference import naive_optimal_loss_terms
 
     g = torch.Generator().manual_seed(0)
@@ -262,10 +282,29 @@ def test_kernel_equals_naive_reference_in_float64(gram):
     log_factor[30:] = -math.inf  # SNIS-like queries: no source term
     exclude[35:] = -1
     sigmas = torch.tensor([0.05, 0.3, 1.0, 5.0, 100.0], dtype=torch.float64)
-    kw = dict(exclude=exclude, source_log_factor=log_factor)
-    fast = optimal_loss_terms(xs, eps, refs, sigmas, gram=gram, **kw)
-    slow = naive_optimal_loss_terms(xs, eps, refs, sigmas, **kw)
+    fast = optimal_loss_terms(xs, eps, refs, sigmas, levels=[Level(L, exclude, log_factor)], form=form,
+                              use_dref=use_dref)[:, 0]
+    slow = naive_optimal_loss_terms(xs, eps, refs, sigmas, exclude=exclude, source_log_factor=log_factor, form=form)
     np.testing.assert_allclose(fast.numpy(), slow.numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_float32_matmul_turns_tf32_off():
+    from lossfloor.floor.kernel import matmul
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (TF32 exists only there)")
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # a global setting some other code left on
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        a = torch.randn(256, 4096, generator=g, device="cuda")
+        b = torch.randn(4096, 256, generator=g, device="cuda")
+        exact = a.double() @ b.double()
+        err = ((matmul(a, b, "fp32").double() - exact).abs().max() / exact.abs().max()).item()
+        assert err < 1e-5  # TF32 would give ~1e-3
+        assert torch.backends.cuda.matmul.allow_tf32  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_split_tf32_matmul_is_float32_accurate():

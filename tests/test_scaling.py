@@ -226,21 +226,31 @@ def test_j_star_at_or_above_the_smallest_loss_is_rejected():
 
 def test_j_star_round_off_below_zero_reads_as_zero_but_a_negative_estimate_is_an_error():
     # an exact estimate at tiny sigma: J* ~ 1e-19 whose noise can put it just below 0
-    table = pl.DataFrame({"sigma": [0.002, 1.0], "j_star": [-3e-19, 0.2], "stderr": [1e-19, 1e-3]})
+    exact = {"target": ["x0", "x0"], "estimator": ["exact", "exact"]}
+    table = pl.DataFrame({"sigma": [0.002, 1.0], "j_star": [-3e-19, 0.2], "stderr": [1e-19, 1e-3], **exact})
     t = load_j_star_table(table)
     assert t.j_star[0] == 0.0 and t.j_star[1] == 0.2
-    bad = pl.DataFrame({"sigma": [0.002, 1.0], "j_star": [-0.01, 0.2], "stderr": [1e-4, 1e-3]})
+    bad = pl.DataFrame({"sigma": [0.002, 1.0], "j_star": [-0.01, 0.2], "stderr": [1e-4, 1e-3], **exact})
     with pytest.raises(InputError, match="'j_star' must be finite and >= 0"):
         load_j_star_table(bad)
+    # a biased estimator's table without an interval (an older lossfloor's) is refused, not trusted
+    old_cdol = pl.DataFrame({"sigma": [0.002, 1.0], "j_star": [0.0, 0.2], "stderr": [1e-4, 1e-3],
+                             "target": ["x0", "x0"], "estimator": ["cdol", "cdol"]})
+    with pytest.raises(InputError, match="no ci_low/ci_high"):
+        load_j_star_table(old_cdol)
+    with pytest.raises(InputError, match="no 'target' column"):
+        load_j_star_table(pl.DataFrame({"sigma": [1.0], "j_star": [0.2], "stderr": [1e-3]}))
 
 
 def test_per_sigma_fit_reads_j_star_log_interpolated_from_the_table(tmp_path):
-    table = pl.DataFrame({"sigma": [8.0, 0.5, 2.0], "j_star": [0.3, 0.01, 0.1], "stderr": [3e-3, 1e-4, 1e-3]})
+    table = pl.DataFrame({"sigma": [8.0, 0.5, 2.0], "j_star": [0.3, 0.01, 0.1], "stderr": [3e-3, 1e-4, 1e-3],
+                          "ci_low": [0.29, 0.009, 0.098], "ci_high": [0.31, 0.011, 0.102], "target": ["x0"] * 3,
+                          "estimator": ["knn"] * 3})
     path = tmp_path / "j_star.parquet"
     table.write_parquet(path)
-    # sigma = 1 lies halfway between 0.5 and 2 in ln sigma: J* = 0.01 + 0.09 / 2, stderr = 1e-4 + 9e-4 / 2
-    assert j_star_at(load_j_star_table(path), 1.0) == pytest.approx((0.055, 5.5e-4), rel=1e-12)
-    assert j_star_at(load_j_star_table(table), 2.0) == (0.1, 1e-3)  # a table row: exact
+    # sigma = 1 lies halfway between 0.5 and 2 in ln sigma: J* = 0.01 + 0.09 / 2, the interval likewise
+    assert j_star_at(load_j_star_table(path), 1.0) == pytest.approx((0.055, 0.0535, 0.0565), rel=1e-12)
+    assert j_star_at(load_j_star_table(table), 2.0) == (0.1, 0.098, 0.102)  # a table row: exact
 
     at1, (_, alpha) = ladder(j_star=0.055, noise=0.001, n_models=5, sigma=1.0)
     at4, _ = ladder(j_star=0.2, n_models=5, sigma=4.0)
@@ -249,14 +259,15 @@ def test_per_sigma_fit_reads_j_star_log_interpolated_from_the_table(tmp_path):
     total["sigma"] = np.full(len(total["loss"]), np.nan)
     curves = pl.concat([pl.DataFrame(at1), pl.DataFrame(at4), pl.DataFrame(at16), pl.DataFrame(total)])
     fits = fit_all(curves, j_star=path, sigma=1.0, bootstrap=0, holdout=False, n_grid=GRID)
-    assert fits.j_star == pytest.approx(0.055) and fits.j_star_stderr == pytest.approx(5.5e-4)
+    assert fits.j_star == pytest.approx(0.055) and fits.j_star_interval == pytest.approx((0.0535, 0.0565))
+    assert fits.j_star_stderr == pytest.approx(0.0015 / 1.959964)  # what the bootstrap draws with
     assert fits.sigma == 1.0 and fits.n_points == 100
     assert fits.corrected.fit.alpha == pytest.approx(alpha, abs=0.004)
     assert fits.corrected.fit.abs_rho > fits.raw.fit.abs_rho
     tot = fit_all(curves.to_arrow(), j_star=0.5, bootstrap=0, holdout=False, n_grid=GRID)  # sigma null rows
     assert tot.sigma is None and tot.n_points == 100 and tot.j_star == 0.5
     assert tot.corrected.fit.alpha == pytest.approx(alpha, abs=0.004)
-    with pytest.raises(InputError, match=r"outside the J\* table.s range"):
+    with pytest.raises(InputError, match=r"outside its grid"):
         fit_all(curves, j_star=path, sigma=16.0, bootstrap=0)
     with pytest.raises(InputError, match="no rows with sigma = 3"):
         fit_all(curves, j_star=path, sigma=3.0, bootstrap=0)
@@ -380,13 +391,16 @@ def test_cli_without_j_star_fits_raw_and_free_offset(tmp_path, fit_cli):
         (["--curves", "{curves}", "--j-star", "{jstar}", "--j-star-value", "0.1"], "not allowed with"),
         (["--curves", "{bad}"], "'loss' must be finite"),
         (["--curves", "{curves}", "--bootstrap", "-3"], "bootstrap"),
+        (["--curves", "{curves}", "--j-star-value", "-1"], "--j-star-value"),
+        (["--curves", "{curves}", "--j-star-value", "0.1", "--j-star-stderr", "-1"], "--j-star-stderr"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, fit_cli, capsys, extra, match):
     curves, bad, jstar = tmp_path / "c.parquet", tmp_path / "bad.parquet", tmp_path / "j.parquet"
     pq.write_table(pa.table(_table()), curves)
     pq.write_table(pa.table(_table(loss=[0.9, -1.0, 0.8, 0.7])), bad)
-    pq.write_table(pa.table({"sigma": [1.0, 2.0], "j_star": [0.1, 0.2], "stderr": [0.0, 0.0]}), jstar)
+    pq.write_table(pa.table({"sigma": [1.0, 2.0], "j_star": [0.1, 0.2], "stderr": [0.0, 0.0], "target": ["x0"] * 2,
+                             "estimator": ["exact"] * 2}), jstar)
     paths = {"curves": curves, "bad": bad, "jstar": jstar, "missing": tmp_path / "nope.parquet"}
     out = tmp_path / "out.json"
     argv = ["fit", *[a.format(**paths) for a in extra], "--out", str(out)]
@@ -399,3 +413,35 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, fit_cli, capsys, extra, m
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["x0", "eps", "score", "vp-v", "fm-velocity"])
+def test_j_star_tables_of_every_target_are_read_in_x0_units(tmp_path, fit_cli, target):
+    # the same estimate written in each target: `lossfloor fit` and the training schedule read the x0
+    # floor (the old `j_star` column would be 1/σ² too large below σ = 1 for eps, and so on)
+    from lossfloor.diffusion import convert_jstar
+    from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
+    from lossfloor.train.schedules import JStarCurve
+
+    x = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
+    sig = np.array([0.1, 0.5, 1.0, 2.0])
+    est = estimate(x, sig, EstimatorConfig(estimator="exact"), progress=False)
+    table = build_table(est, target=target)
+    np.testing.assert_allclose(table.column("j_star"), convert_jstar(est.j_star, sig, target), rtol=1e-12)
+    path = write_table(table, tmp_path / "j.parquet")
+    no_x0 = tmp_path / "no_x0.parquet"  # only the target columns: converted back to x0 on reading
+    pq.write_table(table.table.drop_columns([c for c in table.table.column_names if c.endswith("_x0")]), no_x0)
+    data, _ = ladder(j_star=0.0, n_models=3, per=6, sigma=0.5)
+    data["loss"] = np.asarray(data["loss"]) + 2 * float(est.j_star[1])  # every loss above the floor
+    curves = tmp_path / "c.parquet"
+    pl.DataFrame(data).write_parquet(curves)
+    for p in (path, no_x0):
+        out = tmp_path / f"{p.stem}.json"
+        assert fit_cli(["fit", "--curves", str(curves), "--j-star", str(p), "--sigma", "0.5", "--bootstrap", "0",
+                        "--out", str(out)]) == 0
+        d = json.loads(out.read_text())
+        assert d["j_star"] == pytest.approx(est.j_star[1], rel=1e-9)
+        assert d["j_star_interval"] == pytest.approx([est.ci_low[1], est.ci_high[1]], rel=1e-9)
+        curve = JStarCurve.from_path(p)
+        np.testing.assert_allclose(curve.j_star, np.maximum(est.j_star, 0), rtol=1e-9)
+        np.testing.assert_allclose(curve.ci_high, est.ci_high, rtol=1e-9)

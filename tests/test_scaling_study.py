@@ -83,7 +83,7 @@ def test_dry_run_imagenet512_shows_edm2_budgets(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     assert "img512-xs" in text and "img512-xxl" in text and "1,073,741,824" in text  # 2048Mi x 0.5
-    assert "cdol" in text and "1 GPU" in text and not (tmp_path / "out").exists()
+    assert "knn with L=128" in text and "1 GPU" in text and not (tmp_path / "out").exists()
 
 
 def test_bad_input_exits_2(tmp_path, capsys):

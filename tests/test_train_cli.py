@@ -186,6 +186,12 @@ def bad_cases(tmp_path, jstar):
     not_a_table.write_text("nope")
     a_file = tmp_path / "file"
     a_file.write_text("x")
+    other = tmp_path / "other.parquet"  # J* of other data (the digits' first 500 samples)
+    part = load("bundled:digits", max_samples=500)
+    est = estimate(part.samples, np.geomspace(0.01, 20, 4), EstimatorConfig(estimator="exact"), progress=False)
+    write_table(build_table(est, fingerprint=part.fingerprint), other)
+    posterior = tmp_path / "posterior.parquet"  # a posterior-latents floor for mean training
+    write_table(build_table(est, fingerprint=part.fingerprint, latents="posterior"), posterior)
     old = tmp_path / "old"
     (old / "checkpoint-000000000032").mkdir(parents=True)
     (old / "checkpoint-000000000032" / "state.pt").write_bytes(b"")
@@ -209,6 +215,10 @@ def bad_cases(tmp_path, jstar):
         "out is a file": (["--out", str(a_file)], "--out"),
         "no-resume over checkpoints": (["--out", str(old), "--no-resume"], "--no-resume"),
         "unknown schedule": (["--schedule", "cosine"], "--schedule"),
+        "J* table of other data": (["--j-star", str(other)], "--j-star"),
+        "J* table of the posterior": (["--j-star", str(posterior)], "latents"),
+        "unknown latents": (["--latents", "sample"], "--latents"),
+        "posterior of the digits": (["--latents", "posterior"], "--latents posterior"),
     }
 
 
@@ -216,7 +226,8 @@ CASES = [
     "optimal-loss without --j-star", "missing J* table", "corrupt J* table", "unknown preset", "images below batch",
     "bad data path", "data of another shape", "eval subset too big", "bad eval sigmas", "zero batch", "negative lr",
     "ray flag on local", "device with ray", "batch over workers", "fp16 without gpus", "bad samples", "out is a file",
-    "no-resume over checkpoints", "unknown schedule",
+    "no-resume over checkpoints", "unknown schedule", "J* table of other data", "J* table of the posterior",
+    "unknown latents", "posterior of the digits",
 ]
 
 

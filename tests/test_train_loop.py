@@ -292,3 +292,27 @@ def test_config_dict_round_trip_and_data_checks(digits, tmp_path):
         train(config(), digits.samples)  # a conditional preset needs labels
     with pytest.raises(InputError, match="batch_n_img"):
         train(config(batch_n_img=30, accum_rounds=4), digits)
+
+
+def test_posterior_latents_are_sampled_every_step_and_need_a_posterior_floor(tmp_path):
+    # 4-channel 8x8 "latents": [mean, std] rows; x0 = mean + std z is drawn at every step (as EDM2 does)
+    preset = dataclasses.replace(MICRO, name="micro4", unet=dataclasses.replace(MICRO.unet, img_channels=4, label_dim=0))
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 0.5, (64, 4, 8, 8)).astype(np.float32)
+    rows = np.concatenate([means, np.zeros_like(means)], 1)  # std 0: the posterior is the mean itself
+    kw = dict(preset=preset, conditional=False, eval_sigmas=(0.2, 2.0), duration_n_img=64)
+    as_means = train(config(**kw), means)
+    as_posterior = train(config(latents="posterior", **kw), rows)
+    for k, v in as_means.model_state.items():  # same noise, same data: the same parameters
+        assert torch.equal(v, as_posterior.model_state[k]), k
+    rows[:, 4:] = 0.3
+    noisy = train(config(latents="posterior", **kw), rows)
+    assert any(not torch.equal(v, noisy.model_state[k]) for k, v in as_means.model_state.items())
+    # the floor a posterior run is compared with must be the posterior's, and vice versa
+    sig = np.geomspace(0.05, 5, 4)
+    est = estimate(rows.reshape(64, -1), sig, EstimatorConfig(estimator="exact", latents="posterior"), progress=False)
+    post_table = write_table(build_table(est, latents="posterior"), tmp_path / "post.parquet")
+    with pytest.raises(InputError, match="latents"):
+        train(config(jstar=str(post_table), **kw), means)
+    run = train(config(jstar=str(post_table), latents="posterior", **kw), rows)
+    assert all(r["j_star"] is not None for r in run.loss_curve if r["sigma"] is not None)

@@ -36,10 +36,17 @@ _SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=", re.IGNORECASE)
 
 
 def _trace(table: JStarTable, label: str, color: str, show_legend: bool) -> go.Scatter:
-    sigma, j, err = table.column("sigma"), table.column("j_star"), table.column("stderr")
+    """J* in the table's target units with its 95 % interval (bias allowance included) as error bars."""
+    sigma, j = table.column("sigma"), table.column("j_star")
+    names = table.table.column_names
+    if "ci_low" in names and "ci_high" in names:
+        below, above = j - table.column("ci_low"), table.column("ci_high") - j
+    else:
+        below = above = 1.96 * table.column("stderr")
     keep = j > 0  # a log axis cannot show J* = 0 (σ far below σ*)
+    error = {"type": "data", "symmetric": False, "array": above[keep], "arrayminus": below[keep], "visible": True}
     return go.Scatter(
-        x=sigma[keep], y=j[keep], error_y={"type": "data", "array": err[keep], "visible": True},
+        x=sigma[keep], y=j[keep], error_y=error,
         mode="lines+markers", name=label, legendgroup=label, showlegend=show_legend,
         line={"color": color}, marker={"size": 5},
         hovertemplate="σ=%{x:.4g}<br>J*=%{y:.4g}<extra>" + label + "</extra>",
@@ -49,7 +56,7 @@ def _trace(table: JStarTable, label: str, color: str, show_legend: bool) -> go.S
 def jstar_figure(
     tables: Mapping[str, Mapping[str, JStarTable]], *, targets: Sequence[str] | None = None, title: str = "J*(σ)"
 ) -> go.Figure:
-    """J*(σ) on log-log axes with ±1 stderr bars and σ* (dashed line), one panel per target.
+    """J*(σ) on log-log axes with 95 % interval bars and σ* (dashed line), one panel per target.
 
     tables: data-set label -> target -> J* table (e.g. {"digits": {"x0": t0, "eps": t1}}).
     targets: the panels, in order (default: the targets of the first data set).

@@ -172,15 +172,10 @@ def j_star_of(fit: dict | None, jstar=None, sigma: float | None = None) -> float
         return float(fit["j_star"])
     if jstar is None or sigma is None:
         return None
-    table = jstar.table
-    s = np.asarray(table.column("sigma").to_numpy(), dtype=np.float64)
-    name = "j_star_x0" if "j_star_x0" in table.column_names else "j_star"
-    j = np.asarray(table.column(name).to_numpy(), dtype=np.float64)
-    order = np.argsort(s)
-    s, j = s[order], j[order]
-    if not s[0] * (1 - SIGMA_RTOL) <= sigma <= s[-1] * (1 + SIGMA_RTOL):
+    x0 = jstar.x0()
+    if not x0.sigma[0] * (1 - SIGMA_RTOL) <= sigma <= x0.sigma[-1] * (1 + SIGMA_RTOL):
         return None
-    return float(np.interp(math.log(sigma), np.log(s), j))
+    return x0.at(sigma)[0]
 
 
 def _grid(rows_n: int, cols: int, titles: list[str]) -> go.Figure:
@@ -449,8 +444,9 @@ def fit_table_rows(fits: Mapping[str, dict]) -> list[dict[str, str]]:
             if form == "raw":
                 row["offset"] = "0"
             elif form == "corrected":
-                se = f.get("j_star_stderr")
-                row["offset"] = f"J* = {_num(fit.get('j_star'))}" + (f" ± {_num(se, '.2g')}" if se else "")
+                iv_j = f.get("j_star_interval")
+                row["offset"] = f"J* = {_num(fit.get('j_star'))}" + (
+                    f" [{_num(iv_j[0], '.3g')}, {_num(iv_j[1], '.3g')}]" if iv_j else "")
             else:
                 row["offset"] = "E = " + _with_interval(fit.get("offset"), iv, "offset")
                 if fit.get("offset_at_bound"):

@@ -18,25 +18,36 @@ def register(sub) -> None:
     p = sub.add_parser(
         "estimate",
         help="estimate the optimal loss J*(sigma) of a data set",
-        description="Estimate the optimal loss J*(sigma) (Xu et al., Theorem 1) with the exact, SNIS, DOL or "
-        "cDOL estimator and write the J* table as parquet.",
+        description="Estimate the optimal loss J*(sigma) (Xu et al., Theorem 1) with the exact, kNN, SNIS, DOL "
+        "or cDOL estimator and write the J* table (with a bias allowance and a 95%% interval) as parquet.",
     )
     p.add_argument("--data", required=True, help="data source: .npy/.npz, image folder, EDM2 zip/folder, "
                    "CIFAR-10 batches folder, parquet shards folder, or bundled:digits")
     grid = p.add_mutually_exclusive_group(required=True)
     grid.add_argument("--sigmas", help="comma-separated noise levels, e.g. 0.1,0.5,2")
     grid.add_argument("--sigma-grid", help="log-spaced grid MIN:MAX:COUNT, e.g. 0.01:100:64")
-    p.add_argument("--estimator", default="cdol", help="exact | snis | dol | cdol (default cdol)")
-    p.add_argument("--subset-size", type=int, default=None, metavar="L", help="reference subset size (default min(4096, N))")
+    p.add_argument("--estimator", default="auto",
+                   help="auto | exact | knn | snis | dol | cdol (default auto: exact up to 5000 samples on a CPU, 50000 on CUDA, else knn)")
+    p.add_argument("--subset-size", type=int, default=None, metavar="L",
+                   help="kernels per query: knn default 128, snis/dol/cdol default min(4096, N); L = N is exact")
+    p.add_argument("--rel-error", type=float, default=None, metavar="R",
+                   help="automatic L: double L from --subset-size (default 128) until the bias allowance is <= "
+                   "R*J* wherever J* > 1e-3*J*(inf), or L = N (e.g. 0.01)")
     p.add_argument("--c", type=float, default=None, metavar="C", help="cDOL source down-weighting (default 4N/L)")
+    p.add_argument("--index", default="auto",
+                   help="knn neighbour index: auto | flat | ivf | hnsw | torch (default auto: FAISS flat up to "
+                   "20000 samples, IVF above; torch GEMM+top-k without FAISS)")
+    p.add_argument("--index-pca", type=int, default=None, metavar="R",
+                   help="knn: search neighbours on the first R principal components (FAISS PCAMatrix)")
     p.add_argument("--queries-per-sample", type=int, default=3, metavar="K",
                    help="every sample is the source of exactly K noisy queries (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     p.add_argument("--dtype", default="float32", help="float32 (default) | float64")
+    p.add_argument("--latents", default="mean",
+                   help="EDM2 latents: mean (the posterior means, default) | posterior (J* of the Gaussian mixture "
+                   "N(mean, std^2) the model trains on, as EDM2 samples latents)")
     p.add_argument("--target", default="x0", help="x0 | eps | score | vp-v | fm-velocity (default x0)")
-    p.add_argument("--subset-sensitivity", action="store_true",
-                   help="also estimate with L/2 and report per sigma how much J* moves")
     p.add_argument("--sigma-star-threshold", type=float, default=1e-3,
                    help="sigma* = largest sigma with J* <= threshold * J*(inf) (default 1e-3)")
     p.add_argument("--rows-per-batch", type=int, default=None, metavar="R",
@@ -98,6 +109,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--c: expected a number > 0 (e.g. 4N/L, or inf), got {args.c}")
     if args.subset_size is not None and args.subset_size < 2:
         raise InputError(f"--subset-size: expected an integer >= 2, got {args.subset_size}")
+    if args.rel_error is not None and not (0 < args.rel_error < 1):
+        raise InputError(f"--rel-error: expected a fraction in (0, 1) like 0.01, got {args.rel_error}")
+    if args.rel_error is not None and args.estimator == "exact":
+        raise InputError("--rel-error: the exact estimator has no subset size to choose (use knn or auto)")
+    if args.seed < 0:
+        raise InputError(f"--seed: expected an integer >= 0, got {args.seed}")
+    if args.index_pca is not None and args.index_pca < 1:
+        raise InputError(f"--index-pca: expected an integer >= 1, got {args.index_pca}")
+    from lossfloor.floor.neighbours import INDEXES, faiss_module
+
+    if args.index not in INDEXES:
+        raise InputError(f"--index: expected one of {', '.join(INDEXES)}, got {args.index!r}")
+    if args.index not in ("auto", "torch") and faiss_module() is None:
+        raise InputError(f"--index {args.index}: FAISS is not installed (pip install faiss-cpu), or use --index torch")
     if args.queries_per_sample < 1:
         raise InputError(f"--queries-per-sample: expected an integer >= 1, got {args.queries_per_sample}")
     if not (0 < args.sigma_star_threshold < 1):
@@ -120,33 +145,55 @@ def _check_data(samples, args: argparse.Namespace) -> None:
 
 
 def _check_count(n: int, args: argparse.Namespace) -> None:
+    from lossfloor.floor.estimators import MIN_BATCHES
+
     if n < 2:
         raise InputError(f"--data {args.data}: expected at least 2 samples, got {n}")
     if args.subset_size is not None and args.estimator != "exact" and args.subset_size > n:
         raise InputError(f"--subset-size: expected at most N = {n} (the number of samples), got {args.subset_size}")
+    subset = args.estimator not in ("exact", "auto") and (args.subset_size is None or args.subset_size < n)
+    if subset and args.rows_per_batch is not None and math.ceil(n / args.rows_per_batch) < MIN_BATCHES:
+        raise InputError(
+            f"--rows-per-batch: {args.estimator} needs at least {MIN_BATCHES} batches for its standard error (the "
+            f"queries of a batch share random draws); {args.rows_per_batch} rows give "
+            f"{math.ceil(n / args.rows_per_batch)} of N = {n}: use at most {n // MIN_BATCHES}")
 
 
 def _json_value(v):
     return v if not isinstance(v, float) or math.isfinite(v) else str(v)
 
 
-def format_table(rows: list[dict], sigma_star: float | None) -> str:
-    has_shift = any(r.get("subset_shift") is not None for r in rows)
-    head = f"{'sigma':>12} {'j_star':>14} {'stderr':>12}" + (f" {'L/2 shift':>10}" if has_shift else "")
+def format_table(rows: list[dict], table) -> str:
+    """The rows as a text table (target units) and a summary line: estimator, L, σ* and its interval, timings."""
+    varying_L = len({r["subset_size"] for r in rows}) > 1
+    head = (f"{'sigma':>12} {'j_star':>13} {'stderr':>10} {'bias':>10} {'ci_low':>13} {'ci_high':>13}"
+            + (f" {'L':>7}" if varying_L else ""))
     lines = [head]
     for r in rows:
-        line = f"{r['sigma']:>12.6g} {r['j_star']:>14.6g} {r['stderr']:>12.3g}"
-        if has_shift:
-            shift = r.get("subset_shift")
-            line += f" {shift:>+10.2%}" if shift is not None and math.isfinite(shift) else f" {'':>10}"
-        lines.append(line)
+        line = (f"{r['sigma']:>12.6g} {r['j_star']:>13.6g} {r['stderr']:>10.3g} {r['bias']:>+10.3g} "
+                f"{r['ci_low']:>13.6g} {r['ci_high']:>13.6g}")
+        lines.append(line + (f" {r['subset_size']:>7d}" if varying_L else ""))
     r0 = rows[0]
+    meta = table.table.schema.metadata or {}
+    lo, hi = (json.loads(meta.get(k, b"null")) for k in (b"sigma_star_low", b"sigma_star_high"))
+    s_star = table.sigma_star
+    star = ("n/a (J* above the threshold on the whole grid)" if s_star is None
+            else f"{s_star:.6g} [{_g(lo)}, {_g(hi)}]")
+    L = "N" if r0["estimator"] == "exact" else ("per row" if varying_L else str(r0["subset_size"]))
     lines.append(
-        f"estimator={r0['estimator']} target={r0['target']} L={r0['subset_size']} C={r0['c']:.6g} "
-        f"queries={r0['n_queries']} J*(inf)={r0['total_variance']:.6g} "
-        f"sigma*={'n/a (J* above the threshold on the whole grid)' if sigma_star is None else f'{sigma_star:.6g}'}"
+        f"estimator={r0['estimator']} target={r0['target']} L={L} C={r0['c']:.6g} "
+        f"queries={r0['n_queries']} J*(inf)={r0['total_variance']:.6g} sigma*={star}"
     )
+    timings = json.loads(meta.get(b"timings", b"{}"))
+    if timings.get("index_build_s") or timings.get("search_s"):
+        lines.append(f"time: {timings.get('total_s', 0):.3g} s in all, index build {timings['index_build_s']:.3g} s, "
+                     f"neighbour search {timings['search_s']:.3g} s")
+    lines.append("ci_low..ci_high: 95% interval with the estimator's bias allowance; stderr: Monte-Carlo only")
     return "\n".join(lines)
+
+
+def _g(v) -> str:
+    return "?" if v is None else f"{v:.4g}"
 
 
 def mlflow_params(args: argparse.Namespace, est, fingerprint: str, target: str) -> dict:
@@ -168,6 +215,8 @@ def mlflow_params(args: argparse.Namespace, est, fingerprint: str, target: str) 
         "target": target,
         "n_queries": est.n_queries,
         "rows_per_batch": cfg.rows_per_batch,
+        "rel_error": cfg.rel_error,
+        "index": cfg.index if cfg.estimator == "knn" else None,
     }
 
 
@@ -175,8 +224,7 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.data import load, read_meta
     from lossfloor.data.shards import is_shard_dir
     from lossfloor.diffusion import check_target, parse_sigma_grid, parse_sigmas
-    from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
-    from lossfloor.floor.resume import estimate_resumable
+    from lossfloor.floor import EstimatorConfig, build_table, estimate_resumable, write_table
 
     _check_args(args)
     target = check_target(args.target, field="--target")
@@ -195,17 +243,24 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
-        subset_sensitivity=args.subset_sensitivity,
         rows_per_batch=args.rows_per_batch,
+        rel_error=args.rel_error,
+        index=args.index,
+        index_pca=args.index_pca,
+        latents=args.latents,
     )
+    if args.latents not in ("mean", "posterior"):
+        raise InputError(f"--latents: expected mean or posterior, got {args.latents!r}")
     if args.engine == "ray" and is_shard_dir(Path(args.data)):
         meta = read_meta(args.data)  # the Ray workers read the shards themselves, not this process
         _check_count(meta.count, args)
-        samples, fingerprint = args.data, meta.fingerprint
+        samples, fingerprint, normalisation = args.data, meta.fingerprint, meta.normalisation
     else:
-        data = load(args.data)
+        data = load(args.data, latents=args.latents)
         _check_data(data.samples, args)
-        samples, fingerprint = data.samples, data.fingerprint
+        samples, fingerprint, normalisation = data.samples, data.fingerprint, data.normalisation
+    # the table says which floor it is for latent data (mean or posterior), nothing for other data
+    latents = args.latents if normalisation.startswith("edm2-latent") else ""
     if args.engine == "ray":
         from lossfloor.ray import RayEngine, estimate_ray
 
@@ -215,11 +270,10 @@ def run(args: argparse.Namespace) -> int:
             samples, sigmas, config, engine=engine, fingerprint=fingerprint, work_dir=args.work_dir,
             work_parent=None if args.work_dir else Path(args.out).resolve().parent,
         ).result.estimate
-    elif args.work_dir is not None:
-        est = estimate_resumable(samples, sigmas, config, fingerprint=fingerprint, work_dir=args.work_dir).estimate
     else:
-        est = estimate(samples, sigmas, config)
-    table = build_table(est, target=target, fingerprint=fingerprint, threshold=args.sigma_star_threshold)
+        est = estimate_resumable(samples, sigmas, config, fingerprint=fingerprint, work_dir=args.work_dir).estimate
+    table = build_table(est, target=target, fingerprint=fingerprint, threshold=args.sigma_star_threshold,
+                        latents=latents)
     write_table(table, args.out)
     if log_estimate is not None:  # on the driver only: workers never write to MLflow
         run_id = log_estimate(table, params=mlflow_params(args, est, fingerprint, target),
@@ -231,6 +285,6 @@ def run(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(format_table(rows, table.sigma_star) + "\n")
+        sys.stdout.write(format_table(rows, table) + "\n")
         sys.stdout.write(f"wrote {args.out}\n")
     return 0

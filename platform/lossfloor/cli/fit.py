@@ -33,7 +33,7 @@ def register(subparsers) -> None:
         help="parquet with columns model, flops, loss [, params, sigma (null = total loss)]",
     )
     js = p.add_mutually_exclusive_group()
-    js.add_argument("--j-star", type=Path, help="J* table parquet (sigma, j_star, stderr); needs --sigma")
+    js.add_argument("--j-star", type=Path, help="J* table from `lossfloor estimate` (read in x0 units with its interval); needs --sigma")
     js.add_argument("--j-star-value", type=float, help="J* of the fitted quantity, as a number")
     p.add_argument(
         "--j-star-stderr",
@@ -62,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.scaling import fit_all  # scipy loads only when the command runs
 
     if args.j_star_stderr is not None and args.j_star_value is None:
-        raise InputError("--j-star-stderr: needs --j-star-value (a J* table carries its own stderr)")
+        raise InputError("--j-star-stderr: needs --j-star-value (a J* table carries its own interval)")
+    if args.j_star_value is not None and not (math.isfinite(args.j_star_value) and args.j_star_value >= 0):
+        raise InputError(f"--j-star-value: expected a number >= 0 (an optimal loss, x0 units), got {args.j_star_value}")
+    if args.j_star_stderr is not None and not (math.isfinite(args.j_star_stderr) and args.j_star_stderr >= 0):
+        raise InputError(f"--j-star-stderr: expected a number >= 0, got {args.j_star_stderr}")
     fits = fit_all(
         args.curves,
         j_star=args.j_star if args.j_star is not None else args.j_star_value,
@@ -96,7 +100,7 @@ def summary(fits) -> str:
     js = (
         "none"
         if fits.j_star is None
-        else f"{fits.j_star:.6g} ± {fits.j_star_stderr:.2g} ({fits.j_star_source})"
+        else f"{fits.j_star:.6g}{_iv(fits.j_star_interval)} ({fits.j_star_source}; x0 units, 95 % interval)"
     )
     lines = [
         f"{fits.source}: {what}; {fits.n_models} models, {fits.n_points} points, "

@@ -36,10 +36,13 @@ def register(sub) -> None:
                    "img64-s..img64-xl (default tiny)")
     p.add_argument("--data", required=True, help="data source (as for `lossfloor estimate`), e.g. bundled:digits")
     p.add_argument("--j-star", default=None, metavar="TABLE",
-                   help="J* table from `lossfloor estimate` (x0 or with j_star_x0): needed by --schedule "
+                   help="J* table from `lossfloor estimate` (read in x0 units, any --target): needed by --schedule "
                    "optimal-loss; with any schedule, every loss is also reported as a gap J - J*")
     p.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="edm2 | fm | optimal-loss (default: edm2 for --process edm, fm for --process fm)")
+    p.add_argument("--latents", default="mean", choices=("mean", "posterior"),
+                   help="EDM2 latents: train on the posterior means (default) or draw x0 ~ N(mean, std^2) every "
+                   "step as EDM2 does (posterior); --j-star must be estimated with the same --latents")
     p.add_argument("--process", default="edm", choices=("edm", "fm"),
                    help="preconditioning: edm (EDM, sigma_data 0.5) or fm (flow matching) (default edm)")
     p.add_argument("--images", type=int, default=None, metavar="N", help="training length in images "
@@ -147,9 +150,15 @@ def build_config(args: argparse.Namespace):
                          "`lossfloor estimate --data SRC --sigma-grid 0.002:80:64 --out jstar.parquet`")
     if args.j_star is not None:
         try:
-            JStarCurve.from_path(args.j_star)  # read it now: a bad table fails before any work
+            curve = JStarCurve.from_path(args.j_star)  # read it now: a bad table fails before any work
         except InputError as e:
             raise InputError(f"--j-star: {e}") from None
+        if (curve.latents == "posterior") != (args.latents == "posterior"):
+            raise InputError(f"--j-star {args.j_star}: estimated with latents={curve.latents or 'mean'}, but training "
+                             f"uses --latents {args.latents}: the floor must be of the data the model sees")
+        from lossfloor.data import check_same_data
+
+        check_same_data(curve.fingerprint, args.data, args.latents, f"--j-star {args.j_star}")
     sigmas = None
     if args.eval_sigmas is not None:
         from lossfloor.diffusion import parse_sigmas
@@ -160,6 +169,7 @@ def build_config(args: argparse.Namespace):
         preset=args.preset, process=args.process, schedule=sched, jstar=args.j_star, batch_n_img=args.batch,
         duration_n_img=args.images, lr_ref=args.lr, precision=args.precision, eval_every_n_img=args.eval_every,
         eval_sigmas=sigmas, eval_n_samples=args.eval_samples, keep_checkpoints=args.keep, seed=args.seed, run=args.run_name,
+        latents=args.latents,
     )
     R = resolve(config)
     if R.duration_n_img < R.batch_n_img:
@@ -179,9 +189,10 @@ def _check_data(config, source: str) -> None:
     from lossfloor.train import resolve
 
     R = resolve(config)
-    info = open_source(source).info()
+    info = open_source(source, config.latents).info()
     unet = R.preset.unet
-    expected = (unet.img_channels, unet.img_resolution, unet.img_resolution)
+    channels = (2 if config.latents == "posterior" else 1) * unet.img_channels  # posterior: [mean, std]
+    expected = (channels, unet.img_resolution, unet.img_resolution)
     if tuple(info.sample_shape) != expected:
         raise InputError(f"--data {source}: samples of shape {tuple(info.sample_shape)}, but --preset "
                          f"{R.preset.name} expects {expected}")
@@ -339,7 +350,8 @@ def run(args: argparse.Namespace) -> int:
         from lossfloor.train import train
 
         before = _images_done(out)
-        res = train(config, load(args.data), checkpoint_dir=out, resume=args.resume, device=args.device)
+        res = train(config, load(args.data, latents=args.latents), checkpoint_dir=out, resume=args.resume,
+                    device=args.device)
         images_run = res.n_img - before
     wall = time.monotonic() - t0
     run_id = None

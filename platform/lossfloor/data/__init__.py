@@ -10,7 +10,15 @@ SRC forms are listed in `lossfloor.data.dataset`. Imports only numpy, pyarrow, p
 """
 
 from lossfloor.data.bundled import DEFAULT as DEFAULT_SOURCE
-from lossfloor.data.dataset import Dataset, describe, iter_chunks, load, open_source
+from lossfloor.data.dataset import (
+    Dataset,
+    check_same_data,
+    describe,
+    iter_chunks,
+    load,
+    open_source,
+    source_fingerprint,
+)
 from lossfloor.data.edm2 import whiten_latent
 from lossfloor.data.fingerprint import Fingerprinter, fingerprint
 from lossfloor.data.prepare import prepare_shards
@@ -21,6 +29,7 @@ __all__ = [
     "DEFAULT_SOURCE",
     "Dataset",
     "Fingerprinter",
+    "check_same_data",
     "ShardMeta",
     "ShardRows",
     "SourceInfo",
@@ -33,6 +42,7 @@ __all__ = [
     "read_meta",
     "read_shard_rows",
     "shard_paths",
+    "source_fingerprint",
     "whiten_latent",
     "x_matrix",
 ]

@@ -56,8 +56,26 @@ class Dataset:
         return len(self.samples)
 
 
-def open_source(src: str | os.PathLike) -> Reader:
-    """The reader for SRC (see the module docstring); InputError if SRC is missing or of no known kind."""
+def open_source(src: str | os.PathLike, latents: str = "mean") -> Reader:
+    """The reader for SRC (see the module docstring); InputError if SRC is missing or of no known kind.
+
+    latents: "mean" (samples as stored; EDM2 latents: the posterior mean) or "posterior" (EDM2 latents
+    only: [mean, std] per sample, see `edm2`).
+    """
+    if latents not in edm2.LATENTS:
+        raise InputError(f"--latents: expected one of {', '.join(edm2.LATENTS)}, got {latents!r}")
+    reader = _open(src, latents)
+    normalisation = reader.info().normalisation if latents == "posterior" or isinstance(reader, shards.ShardReader) \
+        else None
+    if latents == "posterior" and normalisation != edm2.POSTERIOR_NORMALISATION:
+        raise InputError(f"--latents posterior: {os.fspath(src)} has no encoder posterior (only EDM2 latents, "
+                         "img-mean-std-*.npy, have one)")
+    if latents == "mean" and normalisation == edm2.POSTERIOR_NORMALISATION:
+        raise InputError(f"{os.fspath(src)}: holds posterior latents [mean, std]; pass --latents posterior")
+    return reader
+
+
+def _open(src: str | os.PathLike, latents: str) -> Reader:
     text = os.fspath(src)
     if text.startswith(bundled.PREFIX):
         return bundled.bundled_reader(text)
@@ -74,7 +92,7 @@ def open_source(src: str | os.PathLike) -> Reader:
             return NpzReader(text, path)
         if suffix == ".zip":
             tree = ZipTree(path, label=text)
-            return edm2.edm2_reader(text, tree, tree.names())
+            return edm2.edm2_reader(text, tree, tree.names(), latents)
         raise InputError(f"{text}: unknown source kind, expected {_KINDS}")
     if shards.is_shard_dir(path):
         return shards.ShardReader(text, path)
@@ -83,7 +101,7 @@ def open_source(src: str | os.PathLike) -> Reader:
     tree = DirTree(path, label=text)
     names = tree.names()
     if edm2.looks_like_edm2(names):
-        return edm2.edm2_reader(text, tree, names)
+        return edm2.edm2_reader(text, tree, names, latents)
     return images.image_folder_reader(text, tree, names)
 
 
@@ -95,26 +113,28 @@ def _existing(path: Path, text: str) -> Path:
     return path
 
 
-def describe(src: str | os.PathLike) -> tuple[int, tuple[int, ...]]:
+def describe(src: str | os.PathLike, latents: str = "mean") -> tuple[int, tuple[int, ...]]:
     """(N, sample_shape) of SRC without reading its samples."""
-    info = open_source(src).info()
+    info = open_source(src, latents).info()
     return info.count, info.sample_shape
 
 
-def iter_chunks(src: str | os.PathLike, rows: int, *, max_samples: int | None = None) -> Iterator[Chunk]:
+def iter_chunks(src: str | os.PathLike, rows: int, *, max_samples: int | None = None,
+                latents: str = "mean") -> Iterator[Chunk]:
     """(samples (n, *sample_shape) float32, labels (n,) int64 or None) in source order, n = rows except
     for the last chunk; memory bounded by a few chunks whatever the source size.
     """
     if not (isinstance(rows, numbers.Integral) and not isinstance(rows, bool) and rows >= 1):
         raise InputError(f"rows: expected a positive integer like 4096, got {rows!r}")
     _check_max_samples(max_samples)
-    return chunks(open_source(src), rows, limit=max_samples)
+    return chunks(open_source(src, latents), rows, limit=max_samples)
 
 
-def load(src: str | os.PathLike, *, max_samples: int | None = None) -> Dataset:
-    """Read SRC into memory (the first `max_samples` samples in source order, if given)."""
+def load(src: str | os.PathLike, *, max_samples: int | None = None, latents: str = "mean") -> Dataset:
+    """Read SRC into memory (the first `max_samples` samples in source order, if given); latents: see
+    `open_source` (with "posterior" the fingerprint is of the [mean, std] samples, not of the means)."""
     _check_max_samples(max_samples)
-    reader = open_source(src)
+    reader = open_source(src, latents)
     info: SourceInfo = reader.info()
     count = info.count if max_samples is None else min(info.count, max_samples)
     samples = np.empty((count, *info.sample_shape), dtype=np.float32)  # (N, *sample_shape)
@@ -133,6 +153,31 @@ def load(src: str | os.PathLike, *, max_samples: int | None = None) -> Dataset:
     log.debug("loaded %s: %d samples of shape %s (%s)", reader.path, count, info.sample_shape, digest[:12])
     return Dataset(samples=samples, labels=labels, fingerprint=digest, source=os.fspath(src),
                    normalisation=info.normalisation)
+
+
+def source_fingerprint(src: str | os.PathLike, latents: str = "mean") -> str:
+    """The fingerprint `load(src, latents=latents).fingerprint` would give, with bounded memory: a shard
+    folder's from its meta.json, any other source hashed as it streams."""
+    reader = open_source(src, latents)
+    if isinstance(reader, shards.ShardReader):
+        return reader.meta.fingerprint
+    info = reader.info()
+    hasher = Fingerprinter(shape=(info.count, *info.sample_shape))
+    for samples, _ in chunks(reader, LOAD_ROWS):
+        hasher.update(samples)
+    return hasher.hexdigest()
+
+
+def check_same_data(table_fingerprint: str, src: str | os.PathLike, latents: str, what: str) -> None:
+    """InputError naming `what` (a flag and file) when a J* table was estimated on other data than SRC.
+
+    Tables without a fingerprint (written by the Python API with fingerprint="") are not checked."""
+    if not table_fingerprint:
+        return
+    data_fp = source_fingerprint(src, latents)
+    if table_fingerprint != data_fp:
+        raise InputError(f"{what}: estimated on data with fingerprint {table_fingerprint[:16]}..., but --data "
+                         f"{os.fspath(src)} has {data_fp[:16]}...; estimate J* on the same data (and --latents)")
 
 
 def _check_max_samples(max_samples: int | None) -> None:

@@ -4,6 +4,8 @@ Either PNG images `NNNNN/imgNNNNNNNN.png` (scaled to [-1, 1] as x/127.5 - 1) or 
 `NNNNN/img-mean-std-NNNNNNNN.npy`, float32 [8, H, W] = 4 channels of posterior mean then 4 of std.
 For latents the sample is the posterior mean, whitened per channel to mean 0 and std 0.5:
     x = (mean - LATENT_MEAN) * (LATENT_SCALE / LATENT_STD)
+or, with latents="posterior", the whole posterior N(mean, std²) whitened the same way: a sample is
+[x, std * (LATENT_SCALE / LATENT_STD)], [8, H, W] (what EDM2 samples its training latents from).
 `dataset.json` = {"labels": [[relative_path, int], ...]} or {"labels": null}.
 """
 
@@ -27,6 +29,8 @@ LATENT_MEAN = (5.81, 3.25, 0.12, -2.15)
 LATENT_STD = (4.17, 4.62, 3.71, 3.28)
 LATENT_SCALE = 0.5  # std of the whitened latents
 LATENT_NORMALISATION = "edm2-latent-whiten"
+POSTERIOR_NORMALISATION = "edm2-latent-posterior-whiten"  # [whitened mean, whitened std]
+LATENTS = ("mean", "posterior")
 LABELS_FILE = "dataset.json"
 
 _LATENT_NAME = re.compile(r"(.*/)?img-mean-std-\d+\.npy")
@@ -47,27 +51,33 @@ def looks_like_edm2(names: list[str]) -> bool:
     )
 
 
-def whiten_latent(mean_std: np.ndarray) -> np.ndarray:
-    """[8, H, W] posterior mean and std -> whitened mean [4, H, W] float32 (computed in float64)."""
+def whiten_latent(mean_std: np.ndarray, posterior: bool = False) -> np.ndarray:
+    """[8, H, W] posterior mean and std -> whitened mean [4, H, W] float32 (computed in float64), or with
+    posterior=True [whitened mean, whitened std] [8, H, W]."""
     mean = mean_std[:4].astype(np.float64)
     shift = np.asarray(LATENT_MEAN, dtype=np.float64)[:, None, None]  # (4, 1, 1)
     scale = (LATENT_SCALE / np.asarray(LATENT_STD, dtype=np.float64))[:, None, None]
-    return ((mean - shift) * scale).astype(np.float32)
+    x = (mean - shift) * scale
+    if posterior:
+        x = np.concatenate([x, mean_std[4:].astype(np.float64) * scale])  # (8, H, W)
+    return x.astype(np.float32)
 
 
-def edm2_reader(path: str, tree: DirTree | ZipTree, names: list[str]) -> Reader:
+def edm2_reader(path: str, tree: DirTree | ZipTree, names: list[str], latents: str = "mean") -> Reader:
     """The reader for an EDM2 zip or folder (`names`: its files): images or latents, dataset.json labels."""
     images = [n for n in names if is_image_name(n)]
-    latents = [n for n in names if is_latent_name(n)]
-    if images and latents:
-        raise InputError(f"{path}: expected images or latents, found both ({images[0]}, {latents[0]})")
-    if not images and not latents:
+    latent_files = [n for n in names if is_latent_name(n)]
+    if images and latent_files:
+        raise InputError(f"{path}: expected images or latents, found both ({images[0]}, {latent_files[0]})")
+    if not images and not latent_files:
         raise InputError(f"{path}: expected PNG images or img-mean-std-*.npy latents, found none")
-    members = images or latents
+    members = images or latent_files
     labels = _read_labels(path, tree, members) if LABELS_FILE in names else None
     if images:
+        if latents == "posterior":
+            raise InputError(f"--latents posterior: {path} holds images, not SD-VAE latents (img-mean-std-*.npy)")
         return ImageReader(path, tree, images, labels)
-    return LatentReader(path, tree, latents, labels)
+    return LatentReader(path, tree, members, labels, posterior=latents == "posterior")
 
 
 def _read_labels(path: str, tree: DirTree | ZipTree, members: list[str]) -> np.ndarray | None:
@@ -95,13 +105,15 @@ def _read_labels(path: str, tree: DirTree | ZipTree, members: list[str]) -> np.n
 
 
 class LatentReader(Reader):
-    """EDM2 latents: one [8, H, W] npy per image; the sample is the whitened posterior mean."""
+    """EDM2 latents: one [8, H, W] npy per image; the sample is the whitened posterior mean, or with
+    posterior=True the whitened [mean, std] (8 channels)."""
 
-    def __init__(self, path: str, tree: DirTree | ZipTree, names: list[str], labels: np.ndarray | None):
+    def __init__(self, path: str, tree: DirTree | ZipTree, names: list[str], labels: np.ndarray | None,
+                 posterior: bool = False):
         super().__init__(path)
         if len(names) < 2:
             raise InputError(f"{path}: expected at least 2 latents, found {len(names)}")
-        self.tree, self.names, self.labels = tree, names, labels
+        self.tree, self.names, self.labels, self.posterior = tree, names, labels, posterior
 
     def _decode(self, data: bytes, name: str) -> np.ndarray:
         try:
@@ -119,11 +131,11 @@ class LatentReader(Reader):
     def _shape(self) -> tuple[int, int, int]:
         with self.tree.open() as read:
             _, height, width = self._decode(read(self.names[0]), self.names[0]).shape
-        return 4, height, width
+        return 8 if self.posterior else 4, height, width
 
     def info(self) -> SourceInfo:
-        return SourceInfo(count=len(self.names), sample_shape=self._shape,
-                          has_labels=self.labels is not None, normalisation=LATENT_NORMALISATION)
+        return SourceInfo(count=len(self.names), sample_shape=self._shape, has_labels=self.labels is not None,
+                          normalisation=POSTERIOR_NORMALISATION if self.posterior else LATENT_NORMALISATION)
 
     def blocks(self, rows: int) -> Iterator[Chunk]:
         shape = self._shape
@@ -138,5 +150,7 @@ class LatentReader(Reader):
                             f"{self.tree.where(name)}: expected [8, {shape[1]}, {shape[2]}] like "
                             f"{self.names[0]}, got {list(mean_std.shape)}"
                         )
-                    block[i] = whiten_latent(mean_std)
+                    if self.posterior and (mean_std[4:] < 0).any():
+                        raise InputError(f"{self.tree.where(name)}: expected a posterior std >= 0 in channels 4..7")
+                    block[i] = whiten_latent(mean_std, self.posterior)
                 yield block, None if self.labels is None else self.labels[start : start + len(names)]

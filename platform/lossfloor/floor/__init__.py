@@ -1,6 +1,6 @@
-"""The optimal loss J*(σ) of a data set (paper Theorem 1) and its estimators (Eq. 9-11).
+"""The optimal loss J*(σ) of a data set (paper Theorem 1) and its estimators (Eq. 9-11, and kNN).
 
-    est = estimate(samples, sigmas, EstimatorConfig(estimator="cdol", subset_size=1024))
+    est = estimate(samples, sigmas, EstimatorConfig())        # auto: exact for N <= 5000 (CPU) / 50 000 (CUDA), else knn
     table = build_table(est, target="x0", fingerprint=dataset.fingerprint)
     write_table(table, "jstar.parquet")
 """
@@ -9,8 +9,9 @@ from lossfloor.floor.estimators import (
     ESTIMATORS,
     Estimate,
     EstimatorConfig,
+    FloorData,
     batch_terms,
-    estimate,
+    floor_data,
     prepare_data,
     query_plan,
     query_terms,
@@ -19,6 +20,7 @@ from lossfloor.floor.estimators import (
     total_variance,
 )
 from lossfloor.floor.queries import QueryPlan
+from lossfloor.floor.resume import estimate, estimate_resumable
 from lossfloor.floor.stats import BatchPartial, reduce_partials
 from lossfloor.floor.table import JStarTable, build_table, read_table, sigma_star, write_table
 
@@ -27,14 +29,17 @@ __all__ = [
     "BatchPartial",
     "Estimate",
     "EstimatorConfig",
+    "FloorData",
     "JStarTable",
     "QueryPlan",
     "batch_terms",
-    "query_plan",
-    "query_terms",
     "build_table",
     "estimate",
+    "estimate_resumable",
+    "floor_data",
     "prepare_data",
+    "query_plan",
+    "query_terms",
     "read_table",
     "reduce_estimate",
     "reduce_partials",

@@ -6,11 +6,12 @@ missing ones, with the same final numbers. The local engine (`estimate_resumable
 (`lossfloor.ray.estimate`) both run through `run_pass`; only the function that turns a list of batch
 indices into partials differs.
 
-Work folder layout (one estimate pass per folder; a subset-sensitivity pass uses DIR/subset-half):
+Work folder layout (one estimate pass per folder; automatic-L passes at 2L, 4L, ... use DIR/L-<L>):
 
     DIR/key.json               what the partials belong to (config, data fingerprint, σ grid, shape)
     DIR/part-<ns>-<pid>.npz    partials of some batches: batch_index (n,), count (n,), sum_a (n,),
-                               sum_a2 (n,), sum_j (n, S), sum_j2 (n, S), sum_ja (n, S), all exact
+                               sum_a2 (n,), sum_j (n, P), sum_j2 (n, P), sum_ja (n, P) with P = channels
+                               × σ, all exact
     DIR/.lock                  held (flock) by the run using the folder
 
 Partials are buffered and written as one part every `flush_every` batches or `flush_s` seconds (and
@@ -43,24 +44,28 @@ from lossfloor.errors import InputError
 from lossfloor.floor.estimators import (
     Estimate,
     EstimatorConfig,
+    FloorData,
     Progress,
     batch_terms,
+    data_total_variance,
+    floor_data,
+    merge_estimates,
+    needs_larger_subset,
     prepare_data,
     query_plan,
     reduce_estimate,
-    total_variance,
 )
 from lossfloor.floor.stats import BatchPartial
+from lossfloor.floor.uncertainty import channels
 
 log = logging.getLogger(__name__)
 
 KEY_FILE = "key.json"
-KEY_VERSION = 1
-SENSITIVITY_SUBDIR = "subset-half"
+KEY_VERSION = 2  # 2: per-σ channels (bias levels, kNN self-check)
 _ARRAYS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_ja")
 
-# (batch indices to compute) -> partials of exactly those batches, in any order, as they finish
-BatchRunner = Callable[[EstimatorConfig, Sequence[int]], Iterable[BatchPartial]]
+# (resolved config, σ grid, batch indices to compute) -> partials of exactly those batches, in any order
+BatchRunner = Callable[[EstimatorConfig, np.ndarray, Sequence[int]], Iterable[BatchPartial]]
 # called on the driver after each new batch is stored (tests use it to interrupt a run)
 BatchHook = Callable[[BatchPartial], None]
 
@@ -76,12 +81,17 @@ def work_key(cfg: EstimatorConfig, *, fingerprint: str, sigmas, n_samples: int, 
         "estimator": cfg.estimator,
         "subset_size": int(cfg.subset_size),
         "c": float(cfg.c),
+        "columns": len(channels(cfg.estimator)) * len(np.asarray(sigmas)),
         "queries_per_sample": cfg.queries_per_sample,
         "seed": cfg.seed,
         "dtype": cfg.dtype,
         "rows_per_batch": int(cfg.rows_per_batch),
         "rng_device": cfg.rng_device,
         "matmul_precision": cfg.matmul_precision,
+        "index": cfg.index,
+        "index_pca": cfg.index_pca,
+        "shared_draws": cfg.shared_draws,
+        "latents": cfg.latents,
         "device_type": "cuda" if cfg.device.startswith("cuda") else "cpu",
     }
 
@@ -191,12 +201,12 @@ class PartialStore:
             write_atomic(key_path, lambda p: p.write_text(text, encoding="utf-8"))
 
     def _read_part(self, part: Path) -> list[BatchPartial] | None:
-        n_sigmas = len(self.key["sigmas"])
+        n_columns = self.key["columns"]
         try:
             with np.load(part) as z:
                 arrays = {name: z[name] for name in _ARRAYS}
-            if arrays["sum_j"].ndim != 2 or arrays["sum_j"].shape[1] != n_sigmas:
-                raise ValueError("wrong σ count")
+            if arrays["sum_j"].ndim != 2 or arrays["sum_j"].shape[1] != n_columns:
+                raise ValueError("wrong column count")
         except Exception as e:  # numpy/zipfile raise many types for a damaged file
             bad = part.with_suffix(".npz.corrupt")
             log.warning("work dir: %s is unreadable (%s); its batches will be recomputed (kept as %s)",
@@ -231,7 +241,7 @@ class PartialStore:
         return [b for b in range(n_batches) if b not in self.done]
 
     def add(self, partial: BatchPartial) -> None:
-        assert partial.sum_j.shape == (len(self.key["sigmas"]),), partial.sum_j.shape
+        assert partial.sum_j.shape == (self.key["columns"],), partial.sum_j.shape
         self.done.setdefault(partial.batch_index, partial)
         self._buffer.append(partial)
         if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_s:
@@ -276,6 +286,7 @@ class PassStats:
 def run_pass(
     runner: BatchRunner,
     cfg: EstimatorConfig,
+    sigmas: np.ndarray,
     n_samples: int,
     *,
     store: PartialStore | None = None,
@@ -295,7 +306,7 @@ def run_pass(
     bar = None
     first_batch_s = None
     wanted = set(missing)
-    for part in runner(cfg, missing) if missing else ():
+    for part in runner(cfg, sigmas, missing) if missing else ():
         if part.batch_index not in wanted:
             raise RuntimeError(f"engine returned batch {part.batch_index}, not asked for or already returned")
         wanted.discard(part.batch_index)
@@ -307,7 +318,7 @@ def run_pass(
             if progress:
                 log.info("estimate %s: first batch after %.1f s, %d of %d batches to go",
                          cfg.estimator, first_batch_s, len(wanted), len(missing))
-            bar = Progress(f"estimate {cfg.estimator}", total - part.count, enabled=progress)
+            bar = Progress(f"estimate {cfg.estimator}", total, enabled=progress, already=part.count)
         else:
             bar.update(part.count)
         if on_batch is not None:
@@ -319,14 +330,28 @@ def run_pass(
     return [done[b] for b in range(plan.n_batches)], stats
 
 
-def local_runner(x: torch.Tensor, sigmas: np.ndarray) -> BatchRunner:
-    """The local engine: `batch_terms` for each batch in turn, on x's device."""
+def local_runner(x: torch.Tensor) -> BatchRunner:
+    """The local engine: `batch_terms` for each batch in turn, on x's device.
 
-    def run(cfg: EstimatorConfig, batches: Sequence[int]):
+    The kNN estimator's deduplicated data and index are built once per (index, PCA, seed) and reused by
+    every pass; the runner's `timings` holds the index build and search seconds.
+    """
+    built: dict[tuple, FloorData] = {}
+
+    def run(cfg: EstimatorConfig, sigmas: np.ndarray, batches: Sequence[int]):
+        key = (cfg.estimator == "knn", cfg.index, cfg.index_pca, cfg.seed)
+        if key not in built:
+            built[key] = floor_data(x, cfg)
+        data = built[key]
         plan = query_plan(cfg, x.shape[0])
         for b in batches:
-            yield batch_terms(x, sigmas, cfg, plan, b)
+            yield batch_terms(data, sigmas, cfg, plan, b)
 
+    def timings() -> dict:
+        return {"index_build_s": sum(d.index_build_s for d in built.values()),
+                "search_s": sum(d.search_s for d in built.values())}
+
+    run.timings = timings
     return run
 
 
@@ -337,23 +362,10 @@ def check_sigmas(sigmas) -> np.ndarray:
     return sigmas
 
 
-def half_subset_config(cfg: EstimatorConfig, user_c: float | None) -> EstimatorConfig:
-    """The subset-sensitivity pass's config (unresolved): L/2, a default C re-derived for it."""
-    return replace(cfg, subset_size=max(2, cfg.subset_size // 2), c=user_c, rows_per_batch=None,
-                   subset_sensitivity=False)
-
-
-def with_subset_shift(est: Estimate, est_half: Estimate) -> Estimate:
-    """est with subset_shift = (J*_{L/2} - J*_L) / J*_L (0 where J*_L is 0)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shift = np.where(est.j_star > 0, (est_half.j_star - est.j_star) / est.j_star, 0.0)
-    return replace(est, subset_shift=shift)
-
-
 @dataclass(frozen=True)
 class ResumableRun:
     estimate: Estimate
-    passes: tuple[PassStats, ...]  # the main pass, then the subset-sensitivity pass if any
+    passes: tuple[PassStats, ...]  # one per subset size L (several with rel_error)
 
     @property
     def computed(self) -> int:
@@ -367,7 +379,6 @@ class ResumableRun:
 def estimate_passes(
     shape: tuple[int, int],
     sigmas: np.ndarray,
-    config: EstimatorConfig,
     cfg: EstimatorConfig,
     runner: BatchRunner,
     *,
@@ -379,35 +390,58 @@ def estimate_passes(
     progress: bool = True,
     on_batch: BatchHook | None = None,
 ) -> ResumableRun:
-    """The engine-independent part of an estimate: the main pass (+ the L/2 pass), resumable.
+    """The engine-independent part of an estimate: its passes, resumable.
 
-    shape: (N, D) of the prepared data; config: as given; cfg: resolved;
-    resolve: resolves a config for this data and engine (used for the L/2 pass).
-    Without work_dir and work_parent nothing is kept on disk.
+    shape: (N, D) of the prepared data; cfg: resolved; resolve: resolves a config for this data and
+    engine (for the larger L of automatic-L passes). One pass at cfg's L over every σ; with
+    cfg.rel_error, more passes at 2L, 4L, ... over the σ whose bias allowance is still above
+    rel_error·J* (at L = N the pass is exact). Pass i keeps its batches in WORK_DIR (i = 0) or
+    WORK_DIR/L-<L>. Without work_dir and work_parent nothing is kept on disk.
     """
     n, d = shape
     key = work_key(cfg, fingerprint=fingerprint, sigmas=sigmas, n_samples=n, dim=d)
     if work_dir is None and work_parent is not None:
         work_dir = default_work_dir(work_parent, key)
-    configs = [cfg]
-    if cfg.subset_sensitivity and cfg.estimator != "exact":
-        configs.append(resolve(half_subset_config(cfg, config.c)))
-    estimates, passes = [], []
-    for i, c in enumerate(configs):
+    todo = np.arange(len(sigmas))
+    parts, passes = [], []
+    c = cfg
+    t0 = time.monotonic()
+    while True:
+        sig = sigmas[todo]
         if work_dir is None:
             store_cm = contextlib.nullcontext(None)
         else:
-            path = Path(work_dir) if i == 0 else Path(work_dir) / SENSITIVITY_SUBDIR
-            k = key if i == 0 else work_key(c, fingerprint=fingerprint, sigmas=sigmas, n_samples=n, dim=d)
+            first = not passes
+            path = Path(work_dir) if first else Path(work_dir) / f"L-{c.subset_size}"
+            k = key if first else work_key(c, fingerprint=fingerprint, sigmas=sig, n_samples=n, dim=d)
             store_cm = PartialStore(path, k)
         with store_cm as store:
-            partials, stats = run_pass(runner, c, n, store=store, progress=progress, on_batch=on_batch)
-        estimates.append(reduce_estimate(partials, sigmas, c, tv))
+            partials, stats = run_pass(runner, c, sig, n, store=store, progress=progress, on_batch=on_batch)
+        est = reduce_estimate(partials, sig, c, tv)
         passes.append(stats)
         if stats.work_dir is not None:
             log.info("work dir %s: %d batches computed, %d reused", stats.work_dir, stats.computed, stats.reused)
-    est = estimates[0] if len(estimates) == 1 else with_subset_shift(estimates[0], estimates[1])
-    return ResumableRun(est, tuple(passes))
+        if cfg.rel_error is None or c.estimator == "exact":
+            parts.append((est, todo))
+            break
+        more = needs_larger_subset(est, cfg.rel_error)
+        parts.append((_take(est, ~more), todo[~more]))
+        if not more.any():
+            break
+        todo = todo[more]
+        c = resolve(replace(cfg, subset_size=min(2 * c.subset_size, n), rows_per_batch=None, c=None
+                            if cfg.c is None else cfg.c))
+        log.info("automatic L: %d σ above %.3g relative error, next pass at L = %s",
+                 len(todo), cfg.rel_error, c.subset_size if c.estimator != "exact" else f"N ({c.estimator})")
+    timings = getattr(runner, "timings", dict)()
+    timings["total_s"] = time.monotonic() - t0
+    est = merge_estimates(parts, sigmas)
+    return ResumableRun(replace(est, timings=timings), tuple(passes))
+
+
+def _take(est: Estimate, keep: np.ndarray) -> Estimate:
+    cols = ("sigmas", "j_star", "stderr", "bias", "ci_low", "ci_high", "allowance", "subset_size")
+    return replace(est, **{name: getattr(est, name)[keep] for name in cols})
 
 
 def estimate_resumable(
@@ -421,12 +455,12 @@ def estimate_resumable(
     progress: bool = True,
     on_batch: BatchHook | None = None,
 ) -> ResumableRun:
-    """`lossfloor.floor.estimate` (local engine) with finished batches kept in a work folder.
+    """Estimate J*(σ) (x0 target, VE coordinates) of samples (N, ...) for every σ, on this process.
 
-    The same numbers as `estimate` with the same config; a rerun with the same work folder computes
-    only the batches not yet there. work_dir: the folder; or work_parent: the folder's parent, the
-    folder being named by a hash of the config, data fingerprint and σ grid. fingerprint: the data
-    set's (default: a hash of the samples).
+    work_dir: keep finished batches there, so a rerun computes only the missing ones (the same numbers);
+    or work_parent: the folder's parent, the folder being named by a hash of the config, data
+    fingerprint and σ grid; neither: nothing on disk. fingerprint: the data set's (default: a hash of
+    the samples).
     """
     config = config or EstimatorConfig()
     sigmas = check_sigmas(sigmas)
@@ -435,7 +469,15 @@ def estimate_resumable(
     if fingerprint is None:
         fingerprint = data_fingerprint(x.cpu())
     return estimate_passes(
-        tuple(x.shape), sigmas, config, cfg, local_runner(x, sigmas),
-        tv=total_variance(x), fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
+        tuple(x.shape), sigmas, cfg, local_runner(x),
+        tv=data_total_variance(x, cfg), fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
         resolve=lambda c: c.resolve(x.shape[0], x.shape[1]), progress=progress, on_batch=on_batch,
     )
+
+
+def estimate(samples, sigmas, config: EstimatorConfig | None = None, *, progress: bool = True) -> Estimate:
+    """Estimate J*(σ) (x0 target, VE coordinates) of a data set for every σ in `sigmas` (nothing on disk).
+
+    samples: (N, ...) array or tensor, one sample per leading index, used as given.
+    """
+    return estimate_resumable(samples, sigmas, config, fingerprint="", progress=progress).estimate

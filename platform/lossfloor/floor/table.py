@@ -1,15 +1,19 @@
 """The J* table: one row per σ, stored as parquet, the hand-off between estimation and everything after.
 
-Columns (all rows of a table share the non-σ values):
-  sigma, j_star, stderr          float64; j_star and stderr in the units of `target`
-  j_star_x0, stderr_x0           float64; the same in x0 units (what training and σ* use)
-  estimator, target              str
-  n_queries, subset_size, queries_per_sample, seed   int64
-  c                              float64 (inf for SNIS)
-  total_variance                 float64; J*(∞) in x0 units
-  subset_shift                   float64 or null; (J*_{L/2} - J*_L)/J*_L when asked for
-  dataset_fingerprint            str
-The schema metadata holds `sigma_star` and `sigma_star_threshold` (JSON numbers or null).
+Columns (all rows of a table share the non-σ values except `subset_size`):
+  sigma                                   float64
+  j_star, stderr, bias, ci_low, ci_high   float64, in the units of `target` (for display)
+  j_star_x0, stderr_x0, bias_x0,          float64, the same in x0 units: what every consumer reads
+    ci_low_x0, ci_high_x0                 (training, σ*, fits, dashboards, diagnosis)
+  estimator, target, latents              str (latents: "mean" | "posterior" for EDM2 latents, else "")
+  n_queries, subset_size, queries_per_sample, seed   int64 (subset_size: the L used at that σ)
+  c                                       float64 (inf for SNIS)
+  total_variance                          float64; J*(∞) in x0 units
+  dataset_fingerprint                     str
+`stderr` is the Monte-Carlo standard error only; `bias` the estimator's bias estimate and
+`ci_low..ci_high` a 95 % interval that includes its allowance (see `lossfloor.floor.uncertainty`).
+The schema metadata holds `sigma_star`, `sigma_star_low`, `sigma_star_high` (σ* from the estimate and from
+the interval's two ends; JSON numbers or null), `sigma_star_threshold` and `timings` (JSON).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from lossfloor.errors import InputError
 from lossfloor.floor.estimators import Estimate
 
 SIGMA_STAR_THRESHOLD = 1e-3
+SIGMA_RTOL = 1e-6  # two σ values are the same grid point when |a - b| <= SIGMA_RTOL * b
 REQUIRED_COLUMNS = ("sigma", "j_star", "stderr", "estimator", "target", "n_queries", "subset_size", "c",
                     "dataset_fingerprint")
+VALUE_COLUMNS = ("j_star", "stderr", "bias", "ci_low", "ci_high")  # each with an _x0 twin
 
 
 def sigma_star(sigmas, j_star_x0, total_var: float, threshold: float = SIGMA_STAR_THRESHOLD) -> float | None:
@@ -61,14 +67,47 @@ def sigma_star(sigmas, j_star_x0, total_var: float, threshold: float = SIGMA_STA
     return float(math.exp(math.log(s[i]) + f * (math.log(s[i + 1]) - math.log(s[i]))))
 
 
+@dataclass(frozen=True, eq=False)
+class JStarX0:
+    """A J* table in x0 units, sorted by σ: what training, fits, dashboards and diagnosis read.
+
+    j_star is clipped at 0 (a float round-off below 0 at tiny σ); ci_low..ci_high is the 95 % interval
+    with the estimator's bias allowance.
+    """
+
+    sigma: np.ndarray
+    j_star: np.ndarray
+    stderr: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    total_variance: float
+    sigma_star: float | None
+    fingerprint: str
+    estimator: str
+    source: str
+
+    def at(self, sigma: float) -> tuple[float, float, float]:
+        """(J*, ci_low, ci_high) at σ, linear in ln σ between grid points; an error outside the grid."""
+        s = float(sigma)
+        lo_s, hi_s = float(self.sigma[0]), float(self.sigma[-1])
+        if not (s > 0 and lo_s * (1 - SIGMA_RTOL) <= s <= hi_s * (1 + SIGMA_RTOL)):
+            raise InputError(f"J* table {self.source}: σ = {s:g} is outside its grid [{lo_s:g}, {hi_s:g}]")
+        x, xp = math.log(s), np.log(self.sigma)
+        return tuple(float(np.interp(x, xp, v)) for v in (self.j_star, self.ci_low, self.ci_high))
+
+
 @dataclass(frozen=True)
 class JStarTable:
     table: pa.Table
+    source: str = "<table>"
 
     @property
     def sigma_star(self) -> float | None:
+        return self._meta_number(b"sigma_star")
+
+    def _meta_number(self, key: bytes) -> float | None:
         meta = self.table.schema.metadata or {}
-        v = json.loads(meta.get(b"sigma_star", b"null"))
+        v = json.loads(meta.get(key, b"null"))
         return None if v is None else float(v)
 
     def column(self, name: str) -> np.ndarray:
@@ -77,36 +116,89 @@ class JStarTable:
     def rows(self) -> list[dict]:
         return self.table.to_pylist()
 
+    def x0(self) -> JStarX0:
+        """The table in x0 units with its interval; converted from the target columns if the x0 columns
+        are missing, refused if it has no interval and its estimator is biased."""
+        names = self.table.column_names
+        sigma = self.column("sigma").astype(np.float64)
+        if not (np.all(np.isfinite(sigma)) and np.all(sigma > 0)):
+            raise InputError(f"J* table {self.source}: sigma must be finite and > 0")
+        if "target" not in names:
+            raise InputError(f"J* table {self.source}: no 'target' column: its units are unknown (write it with "
+                             "`lossfloor estimate`)")
+        targets = set(self.table.column("target").to_pylist())
+        if len(targets) != 1:
+            raise InputError(f"J* table {self.source}: expected one target, found {sorted(map(str, targets))}")
+        target = check_target(targets.pop(), field=f"J* table {self.source}: target")
+        factor = np.asarray(convert_jstar(np.ones_like(sigma), sigma, target), dtype=np.float64)
+
+        def x0_column(name: str) -> np.ndarray | None:
+            if f"{name}_x0" in names:
+                return self.column(f"{name}_x0").astype(np.float64)
+            if name in names:
+                return self.column(name).astype(np.float64) / factor
+            return None
+
+        j, se = x0_column("j_star"), x0_column("stderr")
+        lo, hi = x0_column("ci_low"), x0_column("ci_high")
+        estimators = set(self.table.column("estimator").to_pylist()) if "estimator" in names else {"unknown"}
+        if lo is None or hi is None:
+            if estimators != {"exact"}:
+                raise InputError(
+                    f"J* table {self.source}: no ci_low/ci_high columns (written by an older lossfloor) and its "
+                    f"{'/'.join(sorted(estimators))} J* has no bias allowance: re-run `lossfloor estimate`")
+            lo, hi = j - 1.96 * se, j + 1.96 * se  # exact: unbiased, the interval is its standard error
+        if not (np.all(np.isfinite(j)) and np.all(np.isfinite(se)) and np.all(se >= 0)):
+            raise InputError(f"J* table {self.source}: j_star and stderr must be finite (stderr >= 0)")
+        # J* >= 0 by definition, but an unbiased estimate of a J* near 0 (small sigma) can come out a hair
+        # below it: that (within 4 standard errors, or float64 round-off of the largest value) reads as 0.
+        if (j < -(4 * se + 1e-12 * np.abs(j).max())).any():
+            raise InputError(f"J* table {self.source}: column 'j_star' must be finite and >= 0")
+        order = np.argsort(sigma)
+        tv = float(self.column("total_variance")[0]) if "total_variance" in names else float(np.max(j))
+        fp = str(self.table.column("dataset_fingerprint")[0]) if "dataset_fingerprint" in names else ""
+        return JStarX0(
+            sigma=sigma[order], j_star=np.maximum(j[order], 0.0), stderr=se[order],
+            ci_low=np.maximum(lo[order], 0.0), ci_high=hi[order], total_variance=tv,
+            sigma_star=self.sigma_star, fingerprint=fp, estimator="/".join(sorted(estimators)), source=self.source,
+        )
+
 
 def build_table(
-    est: Estimate, *, target: str = "x0", fingerprint: str = "", threshold: float = SIGMA_STAR_THRESHOLD
+    est: Estimate, *, target: str = "x0", fingerprint: str = "", threshold: float = SIGMA_STAR_THRESHOLD,
+    latents: str = "",
 ) -> JStarTable:
-    """Turn an estimate into the J* table, converting J* to `target` units (DESIGN §1)."""
+    """Turn an estimate into the J* table, converting J* and its uncertainty to `target` units (DESIGN §1)."""
     target = check_target(target)
     cfg = est.config
     n = len(est.sigmas)
     factor = np.asarray(convert_jstar(np.ones(n), est.sigmas, target), dtype=np.float64)
-    s_star = sigma_star(est.sigmas, est.j_star, est.total_variance, threshold)
-    cols = {
-        "sigma": pa.array(est.sigmas, pa.float64()),
-        "j_star": pa.array(est.j_star * factor, pa.float64()),
-        "stderr": pa.array(est.stderr * factor, pa.float64()),
-        "j_star_x0": pa.array(est.j_star, pa.float64()),
-        "stderr_x0": pa.array(est.stderr, pa.float64()),
+    values = {name: getattr(est, name) for name in VALUE_COLUMNS}
+    cols = {"sigma": pa.array(est.sigmas, pa.float64())}
+    cols.update({name: pa.array(v * factor, pa.float64()) for name, v in values.items()})
+    cols.update({f"{name}_x0": pa.array(v, pa.float64()) for name, v in values.items()})
+    cols.update({
         "estimator": pa.array([cfg.estimator] * n, pa.string()),
         "target": pa.array([target] * n, pa.string()),
+        "latents": pa.array([latents] * n, pa.string()),
         "n_queries": pa.array([est.n_queries] * n, pa.int64()),
-        "subset_size": pa.array([cfg.subset_size] * n, pa.int64()),
+        "subset_size": pa.array(est.subset_size, pa.int64()),
         "queries_per_sample": pa.array([cfg.queries_per_sample] * n, pa.int64()),
         "seed": pa.array([cfg.seed] * n, pa.int64()),
         "c": pa.array([cfg.c] * n, pa.float64()),
         "total_variance": pa.array([est.total_variance] * n, pa.float64()),
-        "subset_shift": pa.array(
-            [None] * n if est.subset_shift is None else est.subset_shift, pa.float64()
-        ),
         "dataset_fingerprint": pa.array([fingerprint] * n, pa.string()),
+    })
+    tv = est.total_variance
+    ends = [sigma_star(est.sigmas, v, tv, threshold) for v in (est.ci_high, est.ci_low)]
+    low, high = (None, None) if None in ends else sorted(ends)  # the interpolation may swap close ends
+    meta = {
+        "sigma_star": json.dumps(sigma_star(est.sigmas, est.j_star, tv, threshold)),
+        "sigma_star_low": json.dumps(low if low is not None else ends[0]),
+        "sigma_star_high": json.dumps(high if high is not None else ends[1]),
+        "sigma_star_threshold": json.dumps(threshold),
+        "timings": json.dumps({k: round(float(v), 6) for k, v in est.timings.items()}),
     }
-    meta = {"sigma_star": json.dumps(s_star), "sigma_star_threshold": json.dumps(threshold)}
     return JStarTable(pa.table(cols).replace_schema_metadata(meta))
 
 
@@ -130,4 +222,4 @@ def read_table(path: str | os.PathLike) -> JStarTable:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise InputError(f"J* table {path}: missing columns {', '.join(missing)} (write it with `lossfloor estimate`)")
-    return JStarTable(table)
+    return JStarTable(table, source=str(path))

@@ -44,8 +44,8 @@ import torch
 from lossfloor.data import open_source, read_meta, read_shard_rows, shard_paths
 from lossfloor.data.shards import is_shard_dir
 from lossfloor.errors import InputError
-from lossfloor.floor import EstimatorConfig, batch_terms, prepare_data, query_plan, total_variance
-from lossfloor.floor.estimators import _default_rows_per_batch
+from lossfloor.floor import EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan
+from lossfloor.floor.estimators import data_total_variance, default_rows_per_batch
 from lossfloor.floor.resume import (
     BatchHook,
     ResumableRun,
@@ -61,7 +61,9 @@ MAX_BLOCKS = 8192  # one block per task up to this many (more tasks share blocks
 TASKS_PER_WORKER = 16  # see `batches_per_task`
 MAX_BATCHES_PER_TASK = 8
 SHARD_READ_ROWS = 8192  # rows per block when a worker reads a shard folder
-_COLUMNS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_ja", "kernel_s")
+_COLUMNS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_ja", "kernel_s", "search_s",
+            "index_build_s")
+_TIMES = ("kernel_s", "search_s", "index_build_s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +108,8 @@ class RayRun:
     shutdown_s: float  # stopping the local Ray instance this call started (0 when it attached)
     kernel_times: tuple[float, ...]  # seconds inside `batch_terms` in the workers, per computed batch
     workers: int
+    search_s: float = 0.0  # knn: seconds the workers spent searching their neighbour indexes (in kernel_s)
+    index_build_s: float = 0.0  # knn: seconds the workers spent building them, all workers together
 
     @property
     def kernel_s(self) -> float:
@@ -113,7 +117,8 @@ class RayRun:
 
 
 class FloorWorker:
-    """The actor of the pool: the data set on its device, and `batch_terms` for each batch index.
+    """The actor of the pool: the data set on its device (and, for knn, its index), and `batch_terms` for
+    each batch index.
 
     data: ("ref", [object ref of the prepared (N, D) array]) or ("shards", folder) for a shard folder
     the worker reads itself, shard by shard, into its (N, D) tensor (host memory: one shard at a time).
@@ -132,14 +137,19 @@ class FloorWorker:
             self.x = read_shards_to(where, cfg)
         self.sigmas, self.cfg = sigmas, cfg
         self.plan = query_plan(cfg, self.x.shape[0])
+        self.data = floor_data(self.x, cfg)  # knn: deduplicated and indexed once per actor
+        self.build_s = self.data.index_build_s  # reported with the first batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {name: [] for name in _COLUMNS}
         for b in batch["batch_index"]:
-            t0 = time.perf_counter()
-            part = batch_terms(self.x, self.sigmas, self.cfg, self.plan, int(b))  # returns host arrays (synced)
+            t0, s0 = time.perf_counter(), self.data.search_s
+            part = batch_terms(self.data, self.sigmas, self.cfg, self.plan, int(b))  # returns host arrays (synced)
             out["kernel_s"].append(time.perf_counter() - t0)
-            for name in _COLUMNS[:-1]:
+            out["search_s"].append(self.data.search_s - s0)
+            out["index_build_s"].append(self.build_s)
+            self.build_s = 0.0
+            for name in _COLUMNS[:-3]:
                 out[name].append(getattr(part, name))
         return {name: np.asarray(values) for name, values in out.items()}  # sum_*: (n, S) float64
 
@@ -199,7 +209,7 @@ def shard_total_variance(folder: Path) -> float:
     return m2 / n
 
 
-def _partials(columns: dict[str, np.ndarray]) -> list[tuple[BatchPartial, float]]:
+def _partials(columns: dict[str, np.ndarray]) -> list[tuple[BatchPartial, dict]]:
     return [
         (
             BatchPartial(
@@ -211,7 +221,7 @@ def _partials(columns: dict[str, np.ndarray]) -> list[tuple[BatchPartial, float]
                 sum_j2=np.asarray(columns["sum_j2"][i], dtype=np.float64),
                 sum_ja=np.asarray(columns["sum_ja"][i], dtype=np.float64),
             ),
-            float(columns["kernel_s"][i]),
+            {name: float(columns[name][i]) for name in _TIMES},
         )
         for i in range(len(columns["batch_index"]))
     ]
@@ -230,11 +240,15 @@ def batches_per_task(n_batches: int, workers: int) -> int:
 class _RayRunner:
     """The `BatchRunner` of the Ray engine (see `lossfloor.floor.resume.run_pass`)."""
 
-    def __init__(self, data: tuple, sigmas: np.ndarray, engine: RayEngine, cpus_per_worker: float):
-        self.data, self.sigmas, self.engine, self.cpus = data, sigmas, engine, cpus_per_worker
+    def __init__(self, data: tuple, engine: RayEngine, cpus_per_worker: float):
+        self.data, self.engine, self.cpus = data, engine, cpus_per_worker
         self.kernel_times: list[float] = []  # seconds in `batch_terms` per computed batch, arrival order
+        self.search_s = self.index_build_s = 0.0
 
-    def __call__(self, cfg: EstimatorConfig, batches: Sequence[int]):
+    def timings(self) -> dict:
+        return {"index_build_s": self.index_build_s, "search_s": self.search_s}
+
+    def __call__(self, cfg: EstimatorConfig, sigmas: np.ndarray, batches: Sequence[int]):
         per_task = batches_per_task(len(batches), self.engine.workers)
         n_tasks = math.ceil(len(batches) / per_task)
         ds = ray.data.from_items(
@@ -249,7 +263,7 @@ class _RayRunner:
             num_gpus=self.engine.gpus_per_worker or None,
             fn_constructor_kwargs={
                 "data": self.data,  # a reference inside a tuple reaches the actor as the reference itself
-                "sigmas": self.sigmas,
+                "sigmas": sigmas,
                 "cfg": cfg,
                 "threads": max(1, int(self.cpus)),
             },
@@ -257,8 +271,10 @@ class _RayRunner:
         it = iter(out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
         try:
             for columns in it:
-                for part, kernel_s in _partials(columns):
-                    self.kernel_times.append(kernel_s)
+                for part, times in _partials(columns):
+                    self.kernel_times.append(times["kernel_s"])
+                    self.search_s += times["search_s"]
+                    self.index_build_s += times["index_build_s"]
                     yield part
         finally:
             close = getattr(it, "close", None)
@@ -340,9 +356,9 @@ def _default_cpus_per_worker(workers: int) -> float:
 
 def resolve_for(config: EstimatorConfig, n_samples: int, dim: int, device: str) -> EstimatorConfig:
     """Resolve a config on a driver that may have no GPU, for workers computing on `device`."""
-    cfg = replace(config, device="cpu").resolve(n_samples, dim)
+    cfg = replace(config, device="cpu").resolve(n_samples, dim, compute_device=device)
     if device != "cpu" and config.rows_per_batch is None:  # the default batch is sized for the device
-        cfg = replace(cfg, rows_per_batch=_default_rows_per_batch(replace(cfg, device=device), n_samples, dim))
+        cfg = replace(cfg, rows_per_batch=default_rows_per_batch(replace(cfg, device=device), n_samples, dim))
     return replace(cfg, device=device)
 
 
@@ -377,6 +393,9 @@ def estimate_ray(
     started, connect_s = connect(engine.address)
     try:
         with _quiet_ray_data():
+            if shards is not None and config.latents == "posterior":
+                raise InputError(f"--latents posterior: not for shard folders ({shards}); give the EDM2 latents "
+                                 "zip or folder")
             if shards is not None:  # the workers read the shards; the driver never holds the data
                 meta = read_meta(shards)
                 n, d = meta.count, meta.dim
@@ -387,17 +406,17 @@ def estimate_ray(
                 x = prepare_data(samples, replace(config, device="cpu"))  # (N, D) on the driver, checked
                 n, d = x.shape
                 fingerprint = fingerprint or data_fingerprint(x)
-                tv = total_variance(x)
+                tv = data_total_variance(x, config)
                 data = ("ref", [ray.put(x.numpy())])
             cfg = resolve_for(config, n, d, engine.device)
             cpus = engine.cpus_per_worker
             if cpus is None:
                 cpus = _default_cpus_per_worker(engine.workers)
-            runner = _RayRunner(data, sigmas, engine, cpus)
+            runner = _RayRunner(data, engine, cpus)
             log.info("ray engine: %d worker(s) x %g CPU%s, %s", engine.workers, cpus,
                      f" x {engine.gpus_per_worker:g} GPU" if engine.gpus_per_worker else "", cfg.device)
             result = estimate_passes(
-                (n, d), sigmas, config, cfg, runner,
+                (n, d), sigmas, cfg, runner,
                 tv=tv, fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
                 resolve=lambda c: resolve_for(c, n, d, engine.device), progress=progress, on_batch=on_batch,
             )
@@ -407,4 +426,4 @@ def estimate_ray(
             ray.shutdown()
         shutdown_s = time.monotonic() - t_stop
     return RayRun(result=result, connect_s=connect_s, shutdown_s=shutdown_s, kernel_times=tuple(runner.kernel_times),
-                  workers=engine.workers)
+                  workers=engine.workers, search_s=runner.search_s, index_build_s=runner.index_build_s)

@@ -242,7 +242,7 @@ def build_objective(setup: dict, config: TrainConfig, data=None, device="cpu"):
     if data is None:
         from lossfloor.data import load
 
-        data = load(setup["data"])
+        data = load(setup["data"], latents=config.latents)
     return FDObjective(data, features=spec["features"], n=spec["fd_samples"], num_steps=spec["fd_steps"],
                        seed=config.seed, device=device)
 
@@ -271,7 +271,7 @@ def run_trial(config: dict, setup: dict) -> None:
 
     torch.set_num_threads(max(1, int(setup["cpus_per_worker"])))
     device = "cuda" if setup["gpus"] > 0 else "cpu"
-    data = load(setup["data"])
+    data = load(setup["data"], latents=train_config.latents)
     objective = build_objective(setup, train_config, data, device)
 
     def report(metrics: dict, path: Path | None) -> None:

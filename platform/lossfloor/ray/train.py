@@ -91,7 +91,7 @@ def train_worker(loop_config: dict) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     config = TrainConfig.from_dict(loop_config["config"])
     device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
-    data = load(loop_config["data"])
+    data = load(loop_config["data"], latents=config.latents)
     fail_marker = loop_config.get("fail_once")
 
     def report(metrics: dict, path: Path | None) -> None:

@@ -13,12 +13,13 @@ three fits), `fits` (bootstrap over runs, hold-out, `fit_all`). No plotting here
     fits.corrected.fit.alpha, fits.corrected.intervals["alpha"], fits.to_dict()
 """
 
-from lossfloor.scaling.data import Curves, JStarTable, as_curves, j_star_at, load_j_star_table
+from lossfloor.scaling.data import Curves, as_curves, j_star_at, load_j_star_table
 from lossfloor.scaling.envelope import Envelope, envelope
 from lossfloor.scaling.fits import (
     FormResult,
     Holdout,
     HoldoutScore,
+    JStarValue,
     ScalingFits,
     fit_all,
     fit_forms,
@@ -38,7 +39,7 @@ __all__ = [
     "FormResult",
     "Holdout",
     "HoldoutScore",
-    "JStarTable",
+    "JStarValue",
     "PowerLawFit",
     "ScalingFits",
     "as_curves",

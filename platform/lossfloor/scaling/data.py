@@ -8,7 +8,7 @@ Curves table (one row per evaluated checkpoint; extra columns are ignored):
     params  int    optional; model size, picks the largest model for the hold-out check
     sigma   float  optional; the noise level of a per-sigma loss; null/NaN (or no column) = total loss
 
-J* table (as written by `lossfloor.floor`): columns `sigma`, `j_star`, `stderr`, one row per sigma.
+J* table (as written by `lossfloor.floor`): read in x0 units with its interval, one row per sigma.
 
 Accepted table objects: a parquet path, a `pyarrow.Table`, anything with `.to_arrow()` (a polars
 DataFrame), or a mapping of column name to array (numpy arrays). Every problem raises `InputError`
@@ -28,9 +28,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lossfloor.errors import InputError
-
-SIGMA_RTOL = 1e-6  # a curves row belongs to sigma s when |row sigma - s| <= SIGMA_RTOL * s
-
+from lossfloor.floor.table import (  # a curves row belongs to sigma s when |row - s| <= RTOL·s
+    SIGMA_RTOL,
+    JStarX0,
+)
+from lossfloor.floor.table import JStarTable as FloorTable
 
 # ---------------------------------------------------------------------------------------------------
 # Reading any table-like object into pyarrow
@@ -233,58 +235,25 @@ def as_curves(obj, *, sigma: float | None = None) -> Curves:
 # J* table
 
 
-@dataclass(frozen=True, eq=False)
-class JStarTable:
-    """J*(sigma) with its standard error, sorted by sigma."""
-
-    sigma: np.ndarray  # (n,) strictly increasing, > 0
-    j_star: np.ndarray  # (n,)
-    stderr: np.ndarray  # (n,) >= 0
-    source: str
-
-
-def load_j_star_table(obj) -> JStarTable:
-    """Validate a J* table (columns sigma, j_star, stderr; one row per sigma)."""
+def load_j_star_table(obj) -> JStarX0:
+    """A J* table in x0 units with its interval (`lossfloor.floor.table.JStarTable.x0`), one row per sigma."""
     table, source = read_table(obj, "J* table")
     _require(table, ("sigma", "j_star", "stderr"), source)
-    sigma = _float_column(table, "sigma", source, nullable=False)
-    j_star = _float_column(table, "j_star", source, nullable=False)
-    stderr = _float_column(table, "stderr", source, nullable=False)
-    if len(sigma) == 0:
+    if table.num_rows == 0:
         raise InputError(f"{source}: the J* table is empty")
-    if not np.isfinite(sigma).all() or (sigma <= 0).any():
-        raise InputError(f"{source}: column 'sigma' must be finite and > 0")
-    if not np.isfinite(stderr).all() or (stderr < 0).any():
-        raise InputError(f"{source}: column 'stderr' must be finite and >= 0")
-    # J* >= 0 by definition, but an unbiased estimate of a J* near 0 (small sigma) can come out a hair
-    # below it: accept that (within 4 standard errors, or float64 round-off of the largest value) as 0.
-    slack = 4 * stderr + 1e-12 * (np.abs(j_star).max() if len(j_star) else 0.0)
-    if not np.isfinite(j_star).all() or (j_star < -slack).any():
-        raise InputError(f"{source}: column 'j_star' must be finite and >= 0")
-    j_star = np.maximum(j_star, 0.0)
-    order = np.argsort(sigma, kind="stable")
-    sigma, j_star, stderr = sigma[order], j_star[order], stderr[order]
-    if (np.diff(sigma) <= 0).any():
+    x0 = FloorTable(table, source=source).x0()
+    if (np.diff(x0.sigma) <= 0).any():
         raise InputError(
             f"{source}: column 'sigma' has repeated values; keep one row per sigma (one estimator)"
         )
-    return JStarTable(sigma=sigma, j_star=j_star, stderr=stderr, source=source)
+    return x0
 
 
-def j_star_at(table: JStarTable, sigma: float) -> tuple[float, float]:
-    """(J*, stderr) at `sigma`: the table row if sigma is in it, else linear interpolation in log sigma.
-
-    J*(s) = J*_i + (J*_{i+1} - J*_i) * (ln s - ln s_i) / (ln s_{i+1} - ln s_i), same for the stderr.
-    Raises InputError outside [min sigma, max sigma] of the table (no extrapolation).
-    """
-    lo, hi = table.sigma[0], table.sigma[-1]
-    if not (lo * (1 - SIGMA_RTOL) <= sigma <= hi * (1 + SIGMA_RTOL)):
-        raise InputError(
-            f"{table.source}: sigma = {sigma:g} is outside the J* table's range [{lo:g}, {hi:g}] "
-            f"(column 'sigma'); estimate J* there first"
-        )
+def j_star_at(table: JStarX0, sigma: float) -> tuple[float, float, float]:
+    """(J*, ci_low, ci_high) in x0 units at `sigma`: the table row if sigma is in it, else linear
+    interpolation in log sigma; InputError outside [min sigma, max sigma] of the table (no extrapolation)."""
     hit = np.flatnonzero(np.abs(table.sigma - sigma) <= SIGMA_RTOL * sigma)
     if len(hit):
-        return float(table.j_star[hit[0]]), float(table.stderr[hit[0]])
-    ls, lt = math.log(sigma), np.log(table.sigma)
-    return float(np.interp(ls, lt, table.j_star)), float(np.interp(ls, lt, table.stderr))
+        i = hit[0]
+        return float(table.j_star[i]), float(table.ci_low[i]), float(table.ci_high[i])
+    return table.at(sigma)

@@ -142,8 +142,8 @@ class ScalingFits:
     free_offset: FormResult | None  # None with fewer than 3 distinct envelope flops
     envelope: Envelope
     holdout: Holdout | None
-    j_star: float | None
-    j_star_stderr: float
+    j_star: float | None  # x0 units, like the losses
+    j_star_stderr: float  # the interval's half-width / 1.96 (what the bootstrap draws with)
     j_star_source: str | None
     sigma: float | None
     n_points: int  # checkpoints (rows) used
@@ -153,6 +153,7 @@ class ScalingFits:
     bootstrap: int
     seed: int
     notes: tuple[str, ...] = field(default=())  # why a form or interval is missing, warnings
+    j_star_interval: tuple[float, float] | None = None  # the 95 % interval of J*, bias allowance included
 
     @property
     def forms(self) -> dict[str, FormResult | None]:
@@ -166,6 +167,7 @@ class ScalingFits:
             "quantity": "total loss" if self.sigma is None else f"loss at sigma={self.sigma:g}",
             "j_star": self.j_star,
             "j_star_stderr": self.j_star_stderr,
+            "j_star_interval": None if self.j_star_interval is None else list(self.j_star_interval),
             "j_star_source": self.j_star_source,
             "n_points": self.n_points,
             "n_models": self.n_models,
@@ -241,8 +243,7 @@ def bootstrap_runs(
     rows,
     models: tuple[str, ...],
     *,
-    j_star: float | None,
-    j_star_stderr: float,
+    j_star: JStarValue | None,
     n: int,
     rng: np.random.Generator,
     predict_at: float | None = None,
@@ -250,8 +251,8 @@ def bootstrap_runs(
 ) -> dict[str, np.ndarray]:
     """Per form, an (n, len(STATS) [+1]) array of replicate statistics (NaN rows: invalid replicates).
 
-    Each replicate resamples the runs `rows` with replacement, rebuilds their envelope, draws
-    J* ~ N(j_star, j_star_stderr^2) and refits. With `predict_at`, a last column holds J_hat(predict_at).
+    Each replicate resamples the runs `rows` with replacement, rebuilds their envelope, draws J* from
+    the normal whose 95 % interval is J*'s interval (`JStarValue.draw`) and refits. With `predict_at`, a last column holds J_hat(predict_at).
     `start` (the free-offset fit on all of `rows`) is an extra start for each replicate's free-offset fit.
     """
     rows = np.asarray(list(rows), dtype=int)
@@ -260,7 +261,7 @@ def bootstrap_runs(
     t0 = time.perf_counter()
     for r in range(n):
         pick = rows[rng.integers(0, len(rows), len(rows))]
-        js = None if j_star is None else j_star + j_star_stderr * rng.standard_normal()
+        js = None if j_star is None else j_star.draw(rng)
         env = envelope_from_runs(grid, log_loss, pick, models)
         if len(env) < 2:
             continue
@@ -312,8 +313,7 @@ def holdout_largest(
     log_loss: np.ndarray,
     full: Envelope,
     *,
-    j_star: float | None,
-    j_star_stderr: float,
+    j_star: JStarValue | None,
     bootstrap: int,
     rng: np.random.Generator,
 ) -> tuple[Holdout | None, str | None]:
@@ -330,7 +330,7 @@ def holdout_largest(
         target, t_flops, t_loss = "frontier", full.flops[held], full.loss[held]
     else:  # the largest model is nowhere on the frontier: predict its own checkpoints
         target, t_flops, t_loss = "curve", curves.flops[big], curves.loss[big]
-    fits = fit_forms(train, j_star)  # J* < min J <= min of the training envelope
+    fits = fit_forms(train, None if j_star is None else j_star.value)  # J* < min J <= min of the training envelope
     reps = None
     if bootstrap > 0 and len(rest) > 1:
         reps = bootstrap_runs(
@@ -339,7 +339,6 @@ def holdout_largest(
             rest,
             curves.models,
             j_star=j_star,
-            j_star_stderr=j_star_stderr,
             n=bootstrap,
             rng=rng,
             predict_at=float(t_flops[-1]),
@@ -377,21 +376,46 @@ def holdout_largest(
 # The study
 
 
-def resolve_j_star(
-    j_star, j_star_stderr: float | None, sigma: float | None
-) -> tuple[float | None, float, str | None]:
-    """(J*, stderr, source) from a number or a J* table (path / pyarrow / polars / mapping) at `sigma`."""
+@dataclass(frozen=True)
+class JStarValue:
+    """J* for a fit, x0 units: the estimate and its 95 % interval (bias allowance included)."""
+
+    value: float
+    low: float
+    high: float
+    source: str
+
+    @property
+    def stderr(self) -> float:
+        """The standard deviation of the normal whose 95 % interval is [low, high]."""
+        return (self.high - self.low) / (2 * 1.959964)
+
+    def draw(self, rng: np.random.Generator) -> float:
+        """A bootstrap draw: N((low + high)/2, stderr²)."""
+        return 0.5 * (self.low + self.high) + self.stderr * rng.standard_normal()
+
+
+def resolve_j_star(j_star, j_star_stderr: float | None, sigma: float | None) -> JStarValue | None:
+    """J* from a number (± 1.96 j_star_stderr), a `JStarValue`, or a J* table (path / pyarrow / polars /
+    mapping) at `sigma`: its x0 columns and interval, linear in ln sigma between rows."""
     if j_star is None:
         if j_star_stderr:
             raise InputError("j_star_stderr: given without a J* value")
-        return None, 0.0, None
+        return None
+    if isinstance(j_star, JStarValue):
+        if j_star_stderr is not None:
+            raise InputError("j_star_stderr: a JStarValue carries its own interval; do not pass one")
+        if not (0 <= j_star.low <= j_star.value <= j_star.high and math.isfinite(j_star.high)):
+            raise InputError(f"j_star: expected 0 <= low <= value <= high, got {j_star}")
+        return j_star
     if isinstance(j_star, (int, float, np.integer, np.floating)) and not isinstance(j_star, bool):
         se = 0.0 if j_star_stderr is None else float(j_star_stderr)
-        if not math.isfinite(float(j_star)):
-            raise InputError(f"j_star: expected a finite number, got {j_star}")
+        if not (math.isfinite(float(j_star)) and float(j_star) >= 0):
+            raise InputError(f"j_star: expected a finite number >= 0 (an optimal loss), got {j_star}")
         if not (math.isfinite(se) and se >= 0):
             raise InputError(f"j_star_stderr: expected a number >= 0, got {j_star_stderr}")
-        return float(j_star), se, "value"
+        v = float(j_star)
+        return JStarValue(v, max(v - 1.959964 * se, 0.0), v + 1.959964 * se, "value")
     table = load_j_star_table(j_star)
     if sigma is None:
         raise InputError(
@@ -399,9 +423,9 @@ def resolve_j_star(
             f"or the total loss's J* as a value (the weighted integral of J*(sigma))"
         )
     if j_star_stderr is not None:
-        raise InputError("j_star_stderr: the J* table's 'stderr' column is used; do not pass one")
-    value, se = j_star_at(table, sigma)
-    return value, se, f"{table.source} at sigma={sigma:g}"
+        raise InputError("j_star_stderr: the J* table's interval (ci_low_x0, ci_high_x0) is used; do not pass one")
+    value, low, high = j_star_at(table, sigma)
+    return JStarValue(value, low, high, f"{table.source} at sigma={sigma:g}")
 
 
 def fit_all(
@@ -419,7 +443,7 @@ def fit_all(
     curves: a curves table (parquet path, pyarrow Table, polars DataFrame, or a mapping of numpy arrays
         with `model`, `flops`, `loss`, optional `params`, `sigma`), or a `Curves`.
     j_star: None (raw and free-offset forms only), a number (with `j_star_stderr`), or a J* table
-        (columns sigma, j_star, stderr) read at `sigma`, interpolated in ln sigma.
+        read at `sigma` in x0 units with its interval (`lossfloor.floor.table`), interpolated in ln sigma.
     sigma: the per-sigma rows to fit; None fits the total-loss rows (sigma null or no sigma column).
     bootstrap: replicates over runs (0: no intervals). seed: makes the result deterministic.
     Raises InputError on bad input, including J* >= the smallest loss.
@@ -429,10 +453,11 @@ def fit_all(
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed: expected an integer >= 0, got {seed!r}")
     data = curves if isinstance(curves, Curves) else as_curves(curves, sigma=sigma)
-    js, se, js_source = resolve_j_star(j_star, j_star_stderr, data.sigma)
+    jv = resolve_j_star(j_star, j_star_stderr, data.sigma)
+    js = None if jv is None else jv.value
     if js is not None and not js < data.min_loss:
         raise InputError(
-            f"{data.source}: J* = {js:.6g} ({js_source}) must be below the smallest loss "
+            f"{data.source}: J* = {js:.6g} ({jv.source}) must be below the smallest loss "
             f"{data.min_loss:.6g} in column 'loss'; the gap J - J* must be positive"
         )
     notes: list[str] = []
@@ -461,8 +486,7 @@ def fit_all(
             log_loss,
             range(data.n_models),
             data.models,
-            j_star=js,
-            j_star_stderr=se,
+            j_star=jv,
             n=int(bootstrap),
             rng=rng,
             start=fits["free_offset"],
@@ -492,8 +516,7 @@ def fit_all(
             grid,
             log_loss,
             env,
-            j_star=js,
-            j_star_stderr=se,
+            j_star=jv,
             bootstrap=int(bootstrap),
             rng=np.random.default_rng([seed, 1]),
         )
@@ -507,8 +530,9 @@ def fit_all(
         envelope=env,
         holdout=hold,
         j_star=js,
-        j_star_stderr=se,
-        j_star_source=js_source,
+        j_star_stderr=0.0 if jv is None else jv.stderr,
+        j_star_source=None if jv is None else jv.source,
+        j_star_interval=None if jv is None else (jv.low, jv.high),
         sigma=data.sigma,
         n_points=data.n_points,
         n_models=data.n_models,
@@ -524,6 +548,7 @@ __all__ = [
     "FormResult",
     "Holdout",
     "HoldoutScore",
+    "JStarValue",
     "ScalingFits",
     "bootstrap_runs",
     "fit_all",

@@ -5,15 +5,15 @@ What a run holds (names are stable: dashboards and comparisons read them):
   params    estimator, target, subset_size (L), c (C), queries_per_sample (k), seed, n_queries,
             dataset_fingerprint, sigma_min, sigma_max, n_sigma, sigmas (JSON), sigma_star_threshold,
             plus the caller's `params` (data source, engine, ...)
-  metrics   j_star, stderr, sigma            one value per σ, step = σ index (ascending σ)
-            j_star_x0                        the same in x0 units, when the table's target is not x0
+  metrics   j_star, stderr, bias, ci_low,    one value per σ, step = σ index (ascending σ)
+            ci_high, subset_size, sigma
+            j_star_x0, ci_low_x0, ci_high_x0 the same in x0 units, when the table's target is not x0
             j_star_TARGET, stderr_TARGET     per σ, for each extra table (e.g. j_star_eps)
-            subset_shift                     per σ, when the table has it
             sigma_star, total_variance, n_queries
   tags      lossfloor.kind=estimate, target, dataset_fingerprint, sigma_star ("undefined" when J* is
             above the threshold on the whole grid)
   artifacts jstar.parquet (the table as written by `write_table`), jstar_TARGET.parquet per extra
-            table, jstar.html (J*(σ) log-log, ±1 stderr, σ* dashed; one panel per target; offline)
+            table, jstar.html (J*(σ) log-log, 95 % interval bars, σ* dashed; one panel per target; offline)
 """
 
 from __future__ import annotations
@@ -82,15 +82,14 @@ def log_jstar(
         "dataset_fingerprint": table.rows()[0]["dataset_fingerprint"],
         "sigma_star": "undefined" if s_star is None else f"{s_star:.6g}",
     })
-    series = {"sigma": table.column("sigma"), "j_star": table.column("j_star"), "stderr": table.column("stderr")}
+    names = ["sigma", "j_star", "stderr", "bias", "ci_low", "ci_high", "subset_size"]
     if target != "x0":
-        series["j_star_x0"] = table.column("j_star_x0")
+        names += ["j_star_x0", "ci_low_x0", "ci_high_x0"]
+    series = {name: table.column(name) for name in names if name in table.table.column_names}
     for other in also:
         t = other.rows()[0]["target"]
         series[f"j_star_{t}"] = other.column("j_star")
         series[f"stderr_{t}"] = other.column("stderr")
-    if "subset_shift" in table.table.column_names and table.table.column("subset_shift").null_count == 0:
-        series["subset_shift"] = table.column("subset_shift")
     run.log_series(series)
     scalars = {"total_variance": float(table.column("total_variance")[0]),
                "n_queries": float(table.column("n_queries")[0])}

@@ -41,6 +41,9 @@ class TrainConfig:
     jstar: str | None = None  # J* parquet table (lossfloor estimate); needed by OptimalLossSchedule,
     #                           and gives every loss its gap J - J*
     conditional: bool = True  # use class labels when the preset has label_dim > 0
+    latents: str = "mean"  # "mean": train on the samples as given; "posterior": samples are [mean, std] of
+    #                        EDM2 latents (2C channels) and x0 ~ N(mean, std²) is drawn at every step, as
+    #                        EDM2 does; the J* table must be of the same kind (`lossfloor estimate --latents`)
 
     # Optimisation (None = the preset's value)
     batch_n_img: int | None = None  # global batch (images per optimizer step), split over ranks
@@ -89,6 +92,8 @@ class TrainConfig:
             raise InputError("jstar: the optimal-loss schedule needs a J* table, e.g. jstar='jstar.parquet'")
         if self.jstar is not None and not isinstance(self.jstar, str):
             object.__setattr__(self, "jstar", str(self.jstar))  # a Path is fine
+        if self.latents not in ("mean", "posterior"):
+            raise InputError(f"latents: expected 'mean' or 'posterior', got {self.latents!r}")
         for name in ("conditional", "eval_holdout"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name}: expected true or false, got {getattr(self, name)!r}")

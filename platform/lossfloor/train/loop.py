@@ -65,6 +65,7 @@ from lossfloor.train.schedules import JStarCurve, build_schedule
 log = logging.getLogger("lossfloor.train")
 
 STEP_STREAM, DROPOUT_STREAM, SPLIT_STREAM, EPOCH_STREAM = 1, 2, 4, 5  # seed streams (EVAL_STREAM = 3)
+POSTERIOR_EVAL_STREAM = 6  # the evaluation subset's one draw from the latents' posterior
 CHECKPOINT_FORMAT = "lossfloor-train/1"
 PROGRESS_SECONDS = 30.0
 
@@ -178,9 +179,14 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
 
     # --- Model, preconditioning, schedule -----------------------------------------------------------
     unet_cfg = R.preset.unet if cfg.conditional else dataclasses.replace(R.preset.unet, label_dim=0)
-    samples, labels = _data_arrays(data, unet_cfg)
+    posterior = cfg.latents == "posterior"
+    samples, labels = _data_arrays(data, unet_cfg, posterior)
     precond = get_preconditioning(cfg.process, sigma_data=R.preset.sigma_data if cfg.process == "edm" else None)
     curve = JStarCurve.from_path(cfg.jstar) if cfg.jstar else None
+    if curve is not None and (curve.latents == "posterior") != posterior:
+        raise InputError(f"jstar {cfg.jstar}: a J* table of the {'posterior' if curve.latents == 'posterior' else 'mean'}"
+                         f" latents, but training uses latents={cfg.latents}: the floor must be of the data the "
+                         f"model sees (estimate with --latents {cfg.latents})")
     if curve is not None and unet_cfg.label_dim and not curve.class_conditional:
         log.warning("%s: the model is class-conditional but the J* table %s is not: a conditional model can go "
                     "below the unconditional J* (mostly at large sigma), giving negative gaps there. Set "
@@ -200,6 +206,9 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     train_idx, eval_idx = split_indices(len(samples), cfg.eval_n_samples, cfg.eval_holdout, cfg.seed)
     sampler = EpochSampler(train_idx, cfg.seed)
     eval_x0 = samples[torch.from_numpy(eval_idx)]
+    if posterior:  # one fixed draw x0 ~ N(mean, std²) per evaluation sample (common random numbers)
+        ge = torch.Generator().manual_seed(stream_seed(cfg.seed, POSTERIOR_EVAL_STREAM, 0))
+        eval_x0 = sample_posterior(eval_x0, torch.randn(eval_x0[:, : eval_x0.shape[1] // 2].shape, generator=ge))
     eval_labels = None if labels is None else labels[torch.from_numpy(eval_idx)]
     fwd_flops = forward_flops(unet_cfg, cfg.flop_convention)
     n_params = params_of(unet_cfg)
@@ -258,7 +267,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
 
     # --- Training ----------------------------------------------------------------------------------
     evals: list[tuple[int, EvalResult]] = []
-    sample_shape = tuple(samples.shape[1:])
+    sample_shape = (unet_cfg.img_channels, unet_cfg.img_resolution, unet_cfg.img_resolution)
     tracker = schedule.tracker
     t_start, t_progress, n_img_start = time.monotonic(), time.monotonic(), n_img
     last_metrics: dict = {}
@@ -272,6 +281,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
         g = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, STEP_STREAM, step))
         sigma = schedule.sample_sigma(B, g).to(torch.float32)  # (B,)
         noise = torch.randn((B, *sample_shape), generator=g, device=device)  # (B, C, H, W)
+        z = torch.randn((B, *sample_shape), generator=g, device=device) if posterior else None
         idx = torch.from_numpy(sampler.batch(step, B))  # (B,)
         torch.manual_seed(stream_seed(cfg.seed, DROPOUT_STREAM, step, rank))
 
@@ -282,6 +292,8 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
         for r in range(cfg.accum_rounds):
             sl = slice(rank * per_rank + r * per_round, rank * per_rank + (r + 1) * per_round)
             x0 = samples[idx[sl]].to(device, non_blocking=True)
+            if posterior:  # (b, 2C, H, W) [mean, std] -> x0 ~ N(mean, std²), as EDM2 trains on latents
+                x0 = sample_posterior(x0, z[sl])
             lab = None if labels is None else labels[idx[sl]].to(device, non_blocking=True)
             s = sigma[sl]
             w = schedule.weight(s)
@@ -432,15 +444,24 @@ def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
-def _data_arrays(data, unet: UNetConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(samples (N, C, H, W) float32 CPU tensor, labels (N,) int64 or None) checked against the model."""
+def sample_posterior(rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(b, 2C, H, W) [mean, std] latents and standard normal z (b, C, H, W) -> x0 = mean + std z."""
+    c = rows.shape[1] // 2
+    return rows[:, :c] + rows[:, c:] * z
+
+
+def _data_arrays(data, unet: UNetConfig, posterior: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(samples (N, C, H, W) float32 CPU tensor, labels (N,) int64 or None) checked against the model;
+    posterior: (N, 2C, H, W), the latents' [mean, std]."""
     samples = getattr(data, "samples", data)
     labels = getattr(data, "labels", None)
     samples = torch.as_tensor(np.asarray(samples.cpu() if isinstance(samples, torch.Tensor) else samples,
                                          dtype=np.float32))
-    expected = (unet.img_channels, unet.img_resolution, unet.img_resolution)
+    expected = ((2 if posterior else 1) * unet.img_channels, unet.img_resolution, unet.img_resolution)
     if samples.ndim != 4 or tuple(samples.shape[1:]) != expected:
-        raise InputError(f"data: samples of shape {tuple(samples.shape)}, but the preset expects (N, {', '.join(map(str, expected))})")
+        what = " ([mean, std] of posterior latents)" if posterior else ""
+        raise InputError(f"data: samples of shape {tuple(samples.shape)}, but the preset expects "
+                         f"(N, {', '.join(map(str, expected))}){what}")
     for start in range(0, len(samples), 65536):  # in chunks: data sets may be tens of GB
         if not torch.isfinite(samples[start : start + 65536]).all():
             raise InputError(f"data: samples contain NaN or infinite values (rows {start}..{start + 65535})")

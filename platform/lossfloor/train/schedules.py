@@ -18,6 +18,7 @@ any device and keep all state in `state_dict()` (plain tensors) for exact resume
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
@@ -32,6 +33,7 @@ from lossfloor.errors import InputError
 from lossfloor.floor.table import SIGMA_STAR_THRESHOLD, read_table, sigma_star
 
 SQRT_2PI = math.sqrt(2 * math.pi)
+log = logging.getLogger(__name__)
 
 
 # --- Configs --------------------------------------------------------------------------------------
@@ -122,34 +124,29 @@ SCHEDULES = {cls.kind: cls for cls in (EDM2Schedule, FMSchedule, OptimalLossSche
 
 @dataclass(frozen=True, eq=False)
 class JStarCurve:
-    """J*(sigma) in x0 units from a J* table, linear in ln sigma between grid points, constant beyond."""
+    """J*(sigma) in x0 units from a J* table, linear in ln sigma between grid points, constant beyond
+    (training samples sigma beyond any grid)."""
 
     sigma: np.ndarray  # (K,) float64, ascending
     j_star: np.ndarray  # (K,) float64, x0 units, clipped at 0
     total_variance: float  # J*(inf)
     sigma_star: float | None  # from the table's metadata
     class_conditional: bool = False  # metadata "class_conditional": J* = sum_c pi_c J*_c (per-class data)
+    ci_low: np.ndarray | None = None  # (K,) the 95 % interval of J* (bias allowance included), x0 units
+    ci_high: np.ndarray | None = None
+    fingerprint: str = ""  # the data set the table was estimated on
+    latents: str = ""  # "mean" | "posterior" for EDM2 latents: which data the floor is of
 
     @classmethod
     def from_path(cls, path: str | os.PathLike) -> JStarCurve:
+        """Read a J* table in x0 units (`JStarTable.x0`: converted from its target if needed)."""
         table = read_table(path)
-        sigmas = table.column("sigma").astype(np.float64)
-        names = table.table.column_names
-        if "j_star_x0" in names:
-            j = table.column("j_star_x0").astype(np.float64)
-        elif set(table.column("target").tolist()) == {"x0"}:
-            j = table.column("j_star").astype(np.float64)
-        else:
-            raise InputError(f"jstar {path}: no j_star_x0 column and target is not x0 (write it with `lossfloor estimate`)")
-        if not (np.all(np.isfinite(sigmas)) and np.all(sigmas > 0) and np.all(np.isfinite(j))):
-            raise InputError(f"jstar {path}: sigma and j_star_x0 must be finite with sigma > 0")
-        order = np.argsort(sigmas)
-        sigmas, j = sigmas[order], np.maximum(j[order], 0.0)
-        tv = float(table.column("total_variance")[0]) if "total_variance" in names else float(j.max())
+        x0 = table.x0()
         meta = table.table.schema.metadata or {}
         conditional = meta.get(b"class_conditional", b"false").strip().lower() == b"true"
-        return cls(sigma=sigmas, j_star=j, total_variance=tv, sigma_star=table.sigma_star,
-                   class_conditional=conditional)
+        return cls(sigma=x0.sigma, j_star=x0.j_star, total_variance=x0.total_variance, sigma_star=x0.sigma_star,
+                   class_conditional=conditional, ci_low=x0.ci_low, ci_high=x0.ci_high, fingerprint=x0.fingerprint,
+                   latents=_latents(table))
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
         """J*(sigma) for a tensor of sigmas, same dtype and device."""
@@ -162,6 +159,15 @@ class JStarCurve:
         i = (x[:, None] >= xp).sum(1).clamp(1, len(xp) - 1)  # (n, K) -> (n,): xp[i-1] <= x < xp[i] inside
         f = ((x - xp[i - 1]) / (xp[i] - xp[i - 1])).clamp(0, 1)  # clamp: constant beyond the ends
         return (fp[i - 1] + f * (fp[i] - fp[i - 1])).view(shape).to(sigma.dtype)
+
+
+def _g(v: float | None) -> str:
+    return "undefined" if v is None else f"{v:.4g}"
+
+
+def _latents(table) -> str:
+    names = table.table.column_names
+    return str(table.table.column("latents")[0]) if "latents" in names and table.table.num_rows else ""
 
 
 # --- Runtime schedules ----------------------------------------------------------------------------
@@ -206,6 +212,14 @@ class OptimalLoss:
         if s_star is None:
             s_star = sigma_star(curve.sigma, curve.j_star, curve.total_variance, c.sigma_star_threshold)
         self.sigma_star = s_star
+        # σ* moves with J*: its range over J*'s 95 % interval (ci_high crosses the threshold first)
+        self.sigma_star_interval = None
+        if curve.ci_low is not None and c.sigma_star is None:
+            self.sigma_star_interval = (
+                sigma_star(curve.sigma, curve.ci_high, curve.total_variance, c.sigma_star_threshold),
+                sigma_star(curve.sigma, curve.ci_low, curve.total_variance, c.sigma_star_threshold))
+            lo, hi = self.sigma_star_interval
+            log.info("optimal-loss schedule: sigma* = %s, [%s, %s] over J*'s 95%% interval", _g(s_star), _g(lo), _g(hi))
         self.mu = c.mu if c.mu is not None else (math.log(s_star) if s_star is not None else None)
         b = c.b if c.b is not None else c.a * self.w_max * c.varsigma * SQRT_2PI
         self.b = 0.0 if s_star is None or self.mu is None else b  # no sigma*: no focus term

@@ -1,0 +1,259 @@
+"""The query-nearest-neighbour estimator of J*(σ) (`--estimator knn`), with a control variate and
+cross-fitting (`../shared/reference/estimators.md`; the kNN-proposal idea of Niedoba et al., ICML 2024,
+arXiv 2402.08018, applied to the optimal loss).
+
+Per query (source s, y = x_s + σε) the posterior over the N samples is estimated from L kernels:
+
+1. A = {s} ∪ the k - 1 nearest distinct samples of y from a neighbour index (k = L/2). A may be any
+   deterministic function of (s, y): an approximate index lowers efficiency, never validity.
+2. U = L - k distinct samples drawn uniformly from the rest (B, the complement of A), split into halves
+   U₁, U₂. [choice] One random order of the distinct samples is drawn per batch and every query takes the
+   first L - k of it that are not in its A (each query still sees a uniform draw from its B; the work
+   becomes GEMMs); `shared_draws=False` draws per query instead.
+3. With f_n = x_n - x_s, q_n = ||f_n||², multiplicities m_n (duplicates are merged and carried as weights)
+   and kernels w_n = m_n exp(ℓ_n - max), ℓ_n = -||y - x_n||²/2σ²: for each half j, λ_j = |B|/|U_j| and
+
+       δ_j = [Σ_A w f + λ_j Σ_{U_j} w f + β_j ē_j (T_f - λ_j Σ_{U_j} m f)] / [Σ_A w + λ_j Σ_{U_j} w]
+       Q_j = [Σ_A w q + λ_j Σ_{U_j} w q + β'_j ē_j (T_q - λ_j Σ_{U_j} m q)] / [Σ_A w + λ_j Σ_{U_j} w]
+
+   where T_f = Σ_B m f and T_q = Σ_B m q are known exactly (from the data's sums), ē_j = Σ_{U_j} w / Σ_{U_j} m
+   is the mean kernel, and the control-variate coefficients shrink with how concentrated the weights
+   are: β = min(4, weighted variance of f over U_j / unweighted variance), β' the same for q
+   (→ 1 for flat weights, exact as σ → ∞; → 0 when a few close points carry the posterior).
+4. δ estimates x_s - E[x0|y] up to sign, Q the posterior mean of ||x - x_s||². The query's term is the
+   posterior variance Q - ⟨δ₁, δ₂⟩ (cross-fitted: the product of independent halves removes the
+   +tr Var(δ̂) bias of ||δ̂||²), with Q and δ from U₁ ∪ U₂ where a single estimate is needed.
+
+Self-check from the same kernels: plain Q - ||δ||² and Richardson Q - (2||δ||² - ½(||δ₁||² + ||δ₂||²)).
+The spread of {cross-fitted, plain, Richardson} bounded the true error in every measured case; it is the
+estimator's bias allowance (`lossfloor.floor.uncertainty`). The batch returns channels
+(cross, plain - cross, Richardson - cross) per σ.
+
+A Gaussian mixture (posterior latents) runs the same estimator with each component's kernel, posterior
+mean and variance (`lossfloor.floor.mixture`): f_n = μ_n(y) - m_s, q_n = Σ v_n + ||f_n||², neighbours
+searched among the component means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lossfloor.data.duplicates import groups, row_keys
+from lossfloor.floor.kernel import pairwise_terms
+from lossfloor.floor.mixture import component_terms, mixture_totals, query_noise, split_rows, total_f_q
+from lossfloor.floor.neighbours import NeighbourIndex, build_index
+
+CHANNELS = ("j", "plain_minus_j", "richardson_minus_j")
+BETA_MAX = 4.0
+
+
+@dataclass(eq=False)
+class KnnData:
+    """The distinct samples, their multiplicities, the data's sums and the neighbour index.
+
+    For a Gaussian mixture (posterior latents, `lossfloor.floor.mixture`) `points` are the components'
+    means, `stds` their standard deviations, and the sums over all components are per σ (`totals`).
+    """
+
+    points: torch.Tensor  # (U, D) distinct samples (component means), compute dtype and device
+    mult: torch.Tensor  # (U,) multiplicities, compute dtype
+    inverse: torch.Tensor  # (N,) long: sample -> distinct sample
+    sum_x: torch.Tensor  # (D,) float64, Σ_n x_n over all N samples (a mixture uses `totals` instead)
+    sum_sq: float  # Σ_n ||x_n||², float64
+    index: NeighbourIndex
+    stds: torch.Tensor | None = None  # (U, D) mixture components' standard deviations
+    rows: torch.Tensor | None = None  # (N, 2D) the mixture's [mean, std] rows, for `totals`
+    _totals: dict | None = None
+
+    def totals(self, sigma: float) -> dict:
+        """The mixture's sums over all N components at σ (`mixture.mixture_totals`), cached."""
+        if self._totals is None:
+            self._totals = {}
+        if sigma not in self._totals:
+            self._totals[sigma] = mixture_totals(self.rows, sigma)
+        return self._totals[sigma]
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.inverse)
+
+    @property
+    def n_unique(self) -> int:
+        return len(self.points)
+
+
+def deduplicate(x: torch.Tensor):
+    """(points (U, D), multiplicities (U,), inverse (N,)) of (N, D) samples, points in first-seen order."""
+    g = groups(row_keys(x.detach().cpu().numpy()))
+    first = torch.from_numpy(g.first).to(x.device)
+    return x[first], torch.from_numpy(g.counts).to(x.device, x.dtype), torch.from_numpy(g.inverse).to(x.device)
+
+
+def prepare_knn(x: torch.Tensor, *, index: str = "auto", pca: int | None = None, seed: int = 0,
+                mixture: bool = False) -> KnnData:
+    """Deduplicate (N, D) samples (mixture: (N, 2D) [mean, std] rows) and index the distinct (means)."""
+    points, mult, inverse = deduplicate(x)
+    stds = None
+    if mixture:
+        points, stds = split_rows(points)
+    xd = x.double()
+    return KnnData(points=points, mult=mult, inverse=inverse, sum_x=xd.sum(0), sum_sq=float((xd * xd).sum()),
+                   index=build_index(points.contiguous(), index, pca=pca, seed=seed), stds=stds,
+                   rows=x if mixture else None)
+
+
+def neighbour_sets(data: KnnData, y: torch.Tensor, src: torch.Tensor, k: int):
+    """A per query: (B, k) point indices, the source first, and a (B, k) mask of valid entries.
+
+    The k - 1 nearest distinct samples of y other than the source; repeats that an approximate index may
+    return are masked out (A is then smaller; the estimator accounts for |A| per query).
+    """
+    nbr = data.index.search(y, k)  # (B, k)
+    take = nbr != src[:, None]
+    order = torch.argsort((~take).to(torch.int8), dim=1, stable=True)[:, : k - 1]  # non-source first
+    others = nbr.gather(1, order)  # (B, k-1)
+    A = torch.cat([src[:, None], others], 1)  # (B, k)
+    valid = torch.ones_like(A, dtype=torch.bool)
+    valid[:, 1:] = take.gather(1, order)  # a row with k non-source neighbours keeps k-1 of them
+    if k > 1:
+        sorted_a, pos = A.masked_fill(~valid, -1).sort(1)
+        dup = torch.zeros_like(valid)
+        dup.scatter_(1, pos[:, 1:], (sorted_a[:, 1:] == sorted_a[:, :-1]) & (sorted_a[:, 1:] >= 0))
+        valid &= ~dup
+    return A, valid
+
+
+def _draws(data: KnnData, n_draw: int, B: int, shared: bool, g: torch.Generator) -> torch.Tensor:
+    """Candidate order for U: (n_draw,) one uniform order of the distinct samples per batch, or (B, n_draw)."""
+    U = data.n_unique
+    if shared:
+        return torch.randperm(U, generator=g)[:n_draw].to(data.points.device)
+    return torch.rand(B, U, generator=g).argsort(dim=1)[:, :n_draw].to(data.points.device)
+
+
+def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *, subset_size: int,
+              shared_draws: bool, g: torch.Generator, precision: str = "fp32") -> torch.Tensor:
+    """Per-query channels (cross, plain - cross, Richardson - cross) for every σ: (B, 3, S) float64.
+
+    xs_idx: (B,) distinct-sample index of each query's source; eps: (B, D) its noise ((B, 2D) for a
+    mixture: z then ε); L = subset_size < U.
+    """
+    P, mixture = data.points, data.stds is not None
+    U, B = data.n_unique, eps.shape[0]
+    k = subset_size // 2
+    n_u = subset_size - k
+    n_draw = min(U, n_u + k)  # enough that n_u remain after removing any A
+    xs = P[xs_idx]  # (B, D): the source (a mixture: its component's mean, the reference point of f)
+    if mixture:
+        z, eps = query_noise(eps)
+        x0 = xs + data.stds[xs_idx] * z
+    else:
+        x0 = xs
+    xs64 = xs.double()
+    C = _draws(data, n_draw, B, shared_draws, g)  # (n_draw,) or (B, n_draw)
+    CB = C[None, :].expand(B, -1) if shared_draws else C
+    multC = data.mult[CB]
+    if not mixture:  # the candidates' σ-independent terms
+        if shared_draws:
+            XC = P[C]  # (n_draw, D)
+            DxxC, DexC, _, _ = pairwise_terms(xs, eps, XC, precision)  # (B, n_draw) each
+
+            def wsum_dirac(w):  # Σ_c w_c f_c = Σ w x_c - (Σ w) x_s, (B, D) float64
+                return (w @ XC).double() - w.sum(1, dtype=torch.float64)[:, None] * xs64
+        else:
+            fC_dirac = P[C] - xs[:, None]  # (B, n_draw, D)
+            DxxC, DexC = (fC_dirac * fC_dirac).sum(-1), -(eps[:, None] * fC_dirac).sum(-1)
+
+            def wsum_dirac(w):
+                return torch.bmm(w[:, None, :], fC_dirac)[:, 0].double()
+        N = float(data.n_samples)
+        tot_f = data.sum_x[None, :] - N * xs64  # Σ_all m f, (B, D)
+        tot_q = data.sum_sq - 2.0 * (xs64 @ data.sum_x) + N * (xs64 * xs64).sum(1)  # Σ_all m q, (B,)
+
+    out = torch.empty(B, 3, len(sigmas), dtype=torch.float64, device=P.device)
+    for i, sigma in enumerate(np.asarray(sigmas, dtype=np.float64).tolist()):
+        y = x0 + sigma * eps
+        A, validA = neighbour_sets(data, y, xs_idx, k)  # (B, k)
+        if mixture:
+            lgA, fA, qA = component_terms(y, xs, P[A], data.stds[A], sigma)
+            lgC, fC, qC = component_terms(y, xs, P[CB], data.stds[CB], sigma)  # (B, n_draw[, D])
+
+            def wsum(w, fC=fC):
+                return torch.bmm(w[:, None, :], fC)[:, 0].double()
+            tot_f, tot_q = total_f_q(data.totals(sigma), y, xs)
+        else:
+            fA = P[A] - xs[:, None]  # (B, k, D), direct differences: exact small distances
+            qA, exA = (fA * fA).sum(-1), (eps[:, None] * fA).sum(-1)
+            lgA = (qA - (2.0 * sigma) * exA) * (-0.5 / sigma**2)
+            lgC, qC, wsum = (DxxC + (2.0 * sigma) * DexC) * (-0.5 / sigma**2), DxxC, wsum_dirac
+        lgA = lgA.masked_fill(~validA, -torch.inf)
+
+        inA = ((CB[:, :, None] == A[:, None, :]) & validA[:, None, :]).any(-1)  # (B, n_draw)
+        free = ~inA
+        rank = free.cumsum(1)
+        n_b = U - validA.sum(1)  # |B| per query
+        n_take = torch.minimum(torch.full_like(n_b, n_u), free.sum(1))
+        half = n_take // 2
+        M1 = free & (rank <= half[:, None])
+        M2 = free & (rank > half[:, None]) & (rank <= n_take[:, None])
+
+        m = torch.maximum(lgA.amax(1), lgC.masked_fill(~(M1 | M2), -torch.inf).amax(1))[:, None]
+        multA = data.mult[A] * validA
+        wA = multA * torch.exp(lgA - m)  # (B, k), 0 where masked
+        eC = torch.exp(lgC - m)
+        SA_w = wA.sum(1, dtype=torch.float64)
+        SA_wf = torch.bmm(wA[:, None, :], fA)[:, 0].double()
+        SA_wq = (wA * qA).sum(1, dtype=torch.float64)
+        T_f = tot_f - torch.bmm(multA[:, None, :], fA)[:, 0].double()
+        T_q = tot_q - (multA * qA).sum(1, dtype=torch.float64)
+
+        sums = []
+        for Mj in (M1, M2):
+            mj = multC * Mj  # (B, n_draw)
+            wj = mj * eC
+            sums.append({
+                "n": Mj.sum(1, dtype=torch.float64),
+                "w": wj.sum(1, dtype=torch.float64), "wf": wsum(wj),
+                "wq": (wj * qC).sum(1, dtype=torch.float64), "wq2": (wj * qC * qC).sum(1, dtype=torch.float64),
+                "m": mj.sum(1, dtype=torch.float64), "mf": wsum(mj),
+                "mq": (mj * qC).sum(1, dtype=torch.float64), "mq2": (mj * qC * qC).sum(1, dtype=torch.float64),
+            })
+        sums.append({key: sums[0][key] + sums[1][key] for key in sums[0]})  # U₁ ∪ U₂
+
+        deltas, Qs = [], []
+        for s in sums:
+            lam = n_b.double() / s["n"]
+            e_bar = s["w"] / s["m"]
+            beta = _shrinkage(s["wq"] / s["w"] - _sq(s["wf"] / s["w"][:, None]),
+                              s["mq"] / s["m"] - _sq(s["mf"] / s["m"][:, None]), s["w"])
+            beta_q = _shrinkage(s["wq2"] / s["w"] - (s["wq"] / s["w"]) ** 2,
+                                s["mq2"] / s["m"] - (s["mq"] / s["m"]) ** 2, s["w"])
+            den = SA_w + lam * s["w"]
+            deltas.append((SA_wf + lam[:, None] * s["wf"] + (beta * e_bar)[:, None] * (T_f - lam[:, None] * s["mf"]))
+                          / den[:, None])
+            Qs.append((SA_wq + lam * s["wq"] + beta_q * e_bar * (T_q - lam * s["mq"])) / den)
+        d1, d2, d = deltas
+        Q = Qs[2]
+        whole = (n_take == n_b)[:, None]  # U is all of B (small data): the query is exact, no halves
+        d1, d2 = torch.where(whole, d, d1), torch.where(whole, d, d2)
+        cross = Q - (d1 * d2).sum(1)
+        plain = Q - _sq(d)
+        rich = Q - 2.0 * _sq(d) + 0.5 * (_sq(d1) + _sq(d2))
+        out[:, 0, i] = cross
+        out[:, 1, i] = plain - cross
+        out[:, 2, i] = rich - cross
+    return out
+
+
+def _sq(v: torch.Tensor) -> torch.Tensor:
+    return (v * v).sum(1)
+
+
+def _shrinkage(var_weighted: torch.Tensor, var_plain: torch.Tensor, w_total: torch.Tensor) -> torch.Tensor:
+    """β = min(BETA_MAX, weighted / unweighted variance), 0 where it is undefined (no mass, no spread)."""
+    ok = (w_total > 0) & (var_plain > 0)
+    ratio = torch.where(ok, var_weighted.clamp_min(0.0) / torch.where(ok, var_plain, 1.0), 0.0)
+    return ratio.clamp(max=BETA_MAX)

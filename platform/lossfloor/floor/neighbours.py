@@ -1,0 +1,159 @@
+"""Nearest data points of noisy queries, for the kNN estimator: a FAISS index, or torch on a bare GPU box.
+
+    index = build_index(points, kind="auto")       # points (U, D), the distinct samples
+    ids = index.search(y, k)                       # (B, k) long, nearest first (squared L2)
+
+Kinds (the estimator is valid with any of them: its neighbour set may be any deterministic function of
+the query, so an approximate search costs efficiency, never correctness):
+- flat: FAISS `IndexFlatL2`, exact;
+- ivf: FAISS `IndexIVFFlat`, nlist = 4√U lists, nprobe = 32 of them searched (large U);
+- hnsw: FAISS `IndexHNSWFlat` (M = 32, efSearch = max(64, 2k));
+- torch: exact search by a GEMM and top-k on the points' device (the fallback where FAISS is not
+  installed, e.g. a GPU box with torch only, and the GPU path without FAISS-GPU);
+- auto: flat up to AUTO_FLAT_MAX points, ivf above; torch without FAISS or for CUDA points when FAISS
+  has no GPU.
+`pca=r` searches on the first r principal components (FAISS `PCAMatrix`): cheaper, approximate.
+FAISS indexes move to the GPU when the points are on CUDA and FAISS was built with GPU support.
+Build and search times are kept (`build_s`, `search_s`) and reported apart from the kernel's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from lossfloor.errors import InputError
+
+log = logging.getLogger(__name__)
+
+INDEXES = ("auto", "flat", "ivf", "hnsw", "torch")
+AUTO_FLAT_MAX = 20_000  # above it an IVF search is ~10x cheaper than flat (and exact costs O(N²))
+IVF_NPROBE = 32
+HNSW_M = 32
+_TRAIN_PER_LIST = 64  # IVF training points per list (FAISS warns below 39)
+_TORCH_CHUNK = 1 << 14  # points per GEMM block of the torch search
+
+
+def faiss_module():
+    """The faiss module, or None when it is not installed."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines name CPU features, not errors
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+class NeighbourIndex:
+    """k nearest points by squared L2 distance; `search` takes and returns tensors."""
+
+    def __init__(self, kind: str, n_points: int, build_s: float):
+        self.kind, self.n_points, self.build_s = kind, n_points, build_s
+        self.search_s = 0.0
+
+    def search(self, y: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, D) queries -> (B, k) long point indices, nearest first, on y's device."""
+        t0 = time.perf_counter()
+        ids = self._search(y, min(k, self.n_points))
+        self.search_s += time.perf_counter() - t0
+        return ids
+
+    def _search(self, y: torch.Tensor, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchIndex(NeighbourIndex):
+    """Exact search: ||y - p||² = ||p||² - 2 y·p + const, a GEMM and top-k per block of points."""
+
+    def __init__(self, points: torch.Tensor):
+        t0 = time.perf_counter()
+        self.points = points
+        self.p_sq = (points * points).sum(1)  # (U,)
+        super().__init__("torch", len(points), time.perf_counter() - t0)
+
+    def _search(self, y, k):
+        y = y.to(self.points.dtype)
+        best_d, best_i = None, None
+        for start in range(0, self.n_points, _TORCH_CHUNK):
+            p = self.points[start:start + _TORCH_CHUNK]
+            d = self.p_sq[start:start + _TORCH_CHUNK][None, :] - 2.0 * (y @ p.T)  # (B, chunk)
+            kk = min(k, d.shape[1])
+            dv, di = d.topk(kk, dim=1, largest=False)
+            di = di + start
+            if best_d is None:
+                best_d, best_i = dv, di
+            else:
+                cat_d, cat_i = torch.cat([best_d, dv], 1), torch.cat([best_i, di], 1)
+                best_d, pos = cat_d.topk(k, dim=1, largest=False)
+                best_i = cat_i.gather(1, pos)
+        order = best_d.argsort(dim=1, stable=True)  # topk of one block is not sorted on every backend
+        return best_i.gather(1, order)
+
+
+class FaissIndex(NeighbourIndex):
+    def __init__(self, index, base, kind: str, n_points: int, build_s: float, device: torch.device):
+        super().__init__(kind, n_points, build_s)
+        self.index, self.base, self.device = index, base, device
+
+    def _search(self, y, k):
+        if hasattr(self.base, "hnsw"):
+            self.base.hnsw.efSearch = max(64, 2 * k)
+        q = np.ascontiguousarray(y.detach().to("cpu", torch.float32).numpy())
+        _, ids = self.index.search(q, k)  # (B, k) int64; -1 where fewer than k were found
+        ids = torch.from_numpy(ids)
+        if (ids < 0).any():  # an IVF probe can come back short: fill with the nearest found
+            ids = torch.where(ids < 0, ids[:, :1], ids)
+        return ids.to(self.device)
+
+
+def build_index(points: torch.Tensor, kind: str = "auto", *, pca: int | None = None, seed: int = 0) -> NeighbourIndex:
+    """An index of (U, D) points (see the module docstring); deterministic for the same points and seed."""
+    if kind not in INDEXES:
+        raise InputError(f"index: expected one of {', '.join(INDEXES)}, got {kind!r}")
+    faiss = faiss_module()
+    on_cuda = points.device.type == "cuda"
+    faiss_gpu = faiss is not None and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    if kind == "auto":
+        if faiss is None or (on_cuda and not faiss_gpu):
+            kind = "torch"
+        else:
+            kind = "flat" if len(points) <= AUTO_FLAT_MAX else "ivf"
+    if kind == "torch":
+        if pca is not None:
+            raise InputError("index-pca: needs a FAISS index (--index flat|ivf|hnsw), not the torch search")
+        return TorchIndex(points)
+    if faiss is None:
+        raise InputError(f"index {kind}: FAISS is not installed (pip install faiss-cpu), use --index torch")
+    t0 = time.perf_counter()
+    faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
+    x = np.ascontiguousarray(points.detach().to("cpu", torch.float32).numpy())
+    n, d = x.shape
+    dim = d
+    if pca is not None:
+        if not (isinstance(pca, int) and 1 <= pca <= d):
+            raise InputError(f"index-pca: expected an integer in [1, D = {d}], got {pca!r}")
+        dim = pca
+    if kind == "flat":
+        base = faiss.IndexFlatL2(dim)
+    elif kind == "ivf":
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // _TRAIN_PER_LIST or 1))
+        base = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
+        base.nprobe = min(nlist, IVF_NPROBE)
+        base.cp.seed = seed
+    else:
+        base = faiss.IndexHNSWFlat(dim, HNSW_M)
+    index = faiss.IndexPreTransform(faiss.PCAMatrix(d, dim), base) if pca is not None else base
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        n_train = min(n, max(_TRAIN_PER_LIST * getattr(base, "nlist", 1), 4 * dim, 10_000))
+        train = x if n_train >= n else x[np.sort(rng.choice(n, n_train, replace=False))]
+        index.train(train)
+    index.add(x)
+    if on_cuda and faiss_gpu and kind != "hnsw":  # FAISS has no GPU HNSW
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), points.device.index or 0, index)
+    name = kind + (f"+pca{pca}" if pca is not None else "")
+    return FaissIndex(index, base, name, n, time.perf_counter() - t0, points.device)

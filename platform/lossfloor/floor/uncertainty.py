@@ -1,0 +1,88 @@
+"""Honest uncertainty of a J* estimate: a bias allowance and a 95 % interval per σ.
+
+Every estimator returns, per query and σ, its term j and a few "channels" computed from the same
+kernels; their means over the queries (with Monte-Carlo standard errors from `stats`) give
+
+- stderr: the Monte-Carlo standard error of J* (query noise, and the subset draws of a batch);
+- bias:   an estimate of the estimator's systematic error, from the channels:
+    exact          0 (the estimator is unbiased);
+    snis/dol/cdol  d₁ = J*_{L/2} - J*_L, the shift from halving the subset in the same pass (the bias at L
+                   if it falls as 1/L: J*_L - J*_∞ = J*_{L/2} - J*_L under a 1/L extrapolation); signed,
+                   negative = the estimate is low;
+    knn            the spread max - min of its cross-fitted, plain and Richardson estimates (unsigned),
+                   which bounded the true error in every case measured (reference/estimators.md);
+- ci_low, ci_high: [J* - lo - t·stderr, J* + hi + t·stderr] with t Student's 97.5 % quantile for the
+  error's degrees of freedom, clipped to [0, J*(∞)] (J* lies there for every data set), where
+    exact          lo = hi = 0;
+    knn            lo = hi = bias (the spread);
+    snis/dol/cdol  the allowance a = 4 (|d₁| + t·se(d₁)) on both sides, provided the shifts converge:
+                   |d₁| ≤ 0.7 |d₂| with d₂ = J*_{L/4} - J*_{L/2} of the same sign, or d₁ within noise. When
+                   they do not (halving L moves J* as much as the previous halving did), the bias is not
+                   resolved and the interval is the whole [0, J*(∞)]: the estimator does not know. Both sides,
+                   not only the one d₁ points to: cDOL with C = 4N/L is biased low at small L but high near
+                   L = N (C → 4), so its sequence in L can cross the truth (measured: +22 % at L = N/2).
+
+The interval covers the query noise and the bias allowance, not errors outside the estimator's own
+evidence (e.g. a data set that is a small sample of the population: J* here is the floor of *this* set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from lossfloor.floor.knn import CHANNELS as KNN_CHANNELS
+
+SUBSET_CHANNELS = ("j", "half_minus_j", "quarter_minus_half")
+EXACT_CHANNELS = ("j",)
+SUBSET_MARGIN = 4.0  # the subset estimators' allowance in units of the L -> L/2 shift
+CONVERGED_RATIO = 0.7  # successive shifts must shrink at least this much for the allowance to be finite
+
+
+def channels(estimator: str) -> tuple[str, ...]:
+    """The per-query channels an estimator returns (the first is its J* term)."""
+    if estimator == "exact":
+        return EXACT_CHANNELS
+    if estimator == "knn":
+        return KNN_CHANNELS
+    return SUBSET_CHANNELS
+
+
+def t_quantile(dof: int) -> float:
+    """Student's t 97.5 % quantile (1.96 for many degrees of freedom)."""
+    return float(stats.t.ppf(0.975, max(int(dof), 1)))
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    """Per σ: the bias estimate, the bias allowances below (lo) and above (hi) the estimate, the interval."""
+
+    bias: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+
+
+def bias_and_interval(estimator: str, means: np.ndarray, stderr: np.ndarray, dof: int,
+                      total_variance: float) -> Uncertainty:
+    """The uncertainty per σ from the channel means and standard errors, both (C, S)."""
+    j, se = means[0], stderr[0]
+    t = t_quantile(dof)
+    zero = np.zeros_like(j)
+    if estimator == "exact":
+        bias, lo, hi = zero, zero, zero
+    elif estimator == "knn":
+        spread = np.maximum.reduce([zero, means[1], means[2]]) - np.minimum.reduce([zero, means[1], means[2]])
+        bias, lo, hi = spread, spread, spread
+    else:
+        d1, d2, se1 = means[1], means[2], stderr[1]
+        bias = d1
+        within_noise = np.abs(d1) <= t * se1
+        converged = within_noise | ((np.sign(d1) == np.sign(d2)) & (np.abs(d1) <= CONVERGED_RATIO * np.abs(d2)))
+        lo = hi = np.where(converged, SUBSET_MARGIN * (np.abs(d1) + t * se1), np.inf)
+    ci_low = np.clip(j - lo - t * se, 0.0, total_variance)
+    ci_high = np.clip(j + hi + t * se, 0.0, total_variance)
+    return Uncertainty(bias=bias, lo=lo, hi=hi, ci_low=ci_low, ci_high=ci_high)
