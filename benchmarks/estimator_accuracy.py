@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -39,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT / "tests"))  # the quadrature oracle
+
+from _report import device_label, emit  # noqa: E402
 
 from lossfloor.floor import EstimatorConfig, estimate  # noqa: E402
 from lossfloor.floor.reference import paper_exact_same_queries  # noqa: E402
@@ -170,17 +170,13 @@ def main(argv=None):
     results = {
         "benchmark": "estimator_accuracy",
         "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_label(args.device),
         "torch": torch.__version__,
         "seeds": args.seeds,
         "cases": [run(name, x, truth, args) for name, x, truth in datasets(args.data)],
         "cost": [cost_case(int(n), args) for n in args.cost_sizes.split(",") if n],
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from _report import device_label, emit
 
 from lossfloor.floor.kernel import Level, optimal_loss_terms
 from lossfloor.floor.reference import naive_optimal_loss_terms
@@ -186,7 +186,7 @@ def main(argv=None):
     results = {
         "benchmark": "floor_bench",
         "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_label(device),
         "torch": torch.__version__,
         "scale": scale,
         "cases": [],
@@ -194,10 +194,7 @@ def main(argv=None):
     for name in args.cases.split(","):
         fn = {"imagenet512": case_imagenet512, "cifar10": case_cifar10}[name]
         results["cases"].append(fn(scale, device, args.repeats, args.sigmas))
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import platform
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray >= 2.59 uses token auth for local clusters
 
 import ray
+from _report import emit
 
 from lossfloor.floor import EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan, total_variance
 from lossfloor.floor.resume import estimate_passes
@@ -184,11 +184,7 @@ def main(argv=None) -> int:
         "goal": "ray 1 worker <= 15% over local (wall, without cluster start and stop) at >= 20 s of kernel work",
         "cases": cases,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out, indent=1)
     return 0
 
 

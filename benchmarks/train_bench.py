@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import math
 import platform
 import resource
@@ -35,6 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from _report import device_label, emit
 
 from lossfloor.diffusion import get_preconditioning
 from lossfloor.models import (
@@ -201,8 +202,7 @@ def main(argv=None) -> dict:
         "benchmark": "train_bench",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device_kind": "GPU" if cuda else "CPU",
-        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, "
-                                                                 f"{torch.get_num_threads()} torch threads)",
+        "device": device_label(device),
         "note": "; ".join(x for x in (None if cuda else "CPU run: a smoke test of the benchmark, not comparable "
                                       "with the GPU anchors", args.note) if x) or None,
         "torch": torch.__version__, "python": platform.python_version(),
@@ -213,11 +213,7 @@ def main(argv=None) -> dict:
         "results": results,
         "reference": REFERENCE,
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    emit(out, args.out, indent=1)
     return out
 
 
