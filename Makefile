@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-e2e browser lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	VENV=$(VENV) bash scripts/demo.sh
 
+# unit and integration tests (minutes); the end-to-end tier runs with `make test-e2e` (CI: both)
 test: $(STAMP)
 	$(PY) -m ruff check platform tests studies benchmarks dashboards
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not e2e" tests
+
+test-e2e: $(STAMP) browser
+	$(PY) -m pytest -q -m e2e tests
+
+browser:
+	bash scripts/setup_browser.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/floor_bench.py

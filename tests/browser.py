@@ -1,13 +1,13 @@
-"""A headless Chromium for the browser tests: find it (installing Debian's `chromium` when missing), and
-open a page in it with the network cut off.
+"""A headless Chromium for the browser tests: find it (the set-up of `make test-e2e` installs Debian's
+`chromium`, scripts/setup_browser.sh), and open a page in it with the network cut off.
 
-    exe = ensure_chromium()                      # /usr/bin/chromium, installed by apt-get if absent
+    exe = find_chromium()                        # /usr/bin/chromium, or None
     page = render(exe, "page.html", tmp_path)    # page.dom (after scripts ran), page.png, page.log
 
 No network: every request goes through a proxy at 127.0.0.1:9 (nothing listens there) and loopback is
 not bypassed (`<-loopback>`), so a page that needs a CDN fails to load its script. Background
-networking, component updates, sync and QUIC are off. A test that needs the browser FAILS when it cannot
-be found or installed (CI machines start with nothing installed); it never skips.
+networking, component updates, sync and QUIC are off. A test that needs the browser FAILS when it is
+not installed; it never skips.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser")
-APT_PACKAGES = ("chromium", "fonts-dejavu-core")  # a font, so the page's text renders on a bare machine
-INSTALL_TIMEOUT_S = 1200
 RENDER_TIMEOUT_S = 120
 NO_NETWORK_FLAGS = (
     "--headless",
@@ -41,10 +38,6 @@ NO_NETWORK_FLAGS = (
 )
 
 
-class BrowserUnavailable(RuntimeError):
-    """Chromium is neither on this machine nor installable here."""
-
-
 def find_chromium() -> str | None:
     """The path of a Chromium executable, or None."""
     for name in CANDIDATES:
@@ -52,40 +45,6 @@ def find_chromium() -> str | None:
         if path and os.access(path, os.X_OK):
             return path
     return None
-
-
-def install_chromium(timeout_s: float = INSTALL_TIMEOUT_S) -> float:
-    """`apt-get update && apt-get install chromium` (needs root); returns the seconds it took."""
-    if shutil.which("apt-get") is None:
-        raise BrowserUnavailable("Chromium is not installed and there is no apt-get to install it with; "
-                                 f"install one of {', '.join(CANDIDATES)}")
-    if os.geteuid() != 0:
-        raise BrowserUnavailable("Chromium is not installed and installing it needs root: run "
-                                 f"`apt-get install -y {' '.join(APT_PACKAGES)}` as root")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    t0 = time.perf_counter()
-    lock = ["-o", "DPkg::Lock::Timeout=600"]  # wait for another apt-get (a parallel test run) to finish
-    for cmd in (["apt-get", *lock, "update", "-q"],
-                ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES]):
-        try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise BrowserUnavailable(f"`{' '.join(cmd)}` did not finish in {timeout_s:.0f} s") from None
-        if done.returncode != 0:
-            tail = (done.stdout + done.stderr)[-2000:]
-            raise BrowserUnavailable(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{tail}")
-    return time.perf_counter() - t0
-
-
-def ensure_chromium() -> str:
-    """A Chromium executable, installed first when missing (raises BrowserUnavailable if impossible)."""
-    path = find_chromium()
-    if path is None:
-        install_chromium()
-        path = find_chromium()
-        if path is None:
-            raise BrowserUnavailable(f"apt-get installed {APT_PACKAGES[0]} but none of {CANDIDATES} is there")
-    return path
 
 
 @dataclass(frozen=True)
@@ -123,7 +82,3 @@ def render(exe: str, page: str | os.PathLike, out: str | os.PathLike, *, width: 
         raise AssertionError(f"chromium --screenshot failed (exit {shot.returncode}):\n{shot.stderr[-3000:]}")
     return Rendered(dom=dom.stdout, png=png, log=dom.stderr + shot.stderr)
 
-
-if __name__ == "__main__":  # python tests/browser.py: install if needed, print the path and the time taken
-    t = time.perf_counter()
-    print(ensure_chromium(), f"({time.perf_counter() - t:.1f} s)")

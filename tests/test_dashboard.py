@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from plotly.offline import get_plotlyjs
 
-from browser import BrowserUnavailable, ensure_chromium, render
+from browser import find_chromium, render
 from lossfloor.cli import main
 from lossfloor.cli.dashboard import page_builder
 from lossfloor.errors import InputError
@@ -309,10 +309,11 @@ def test_fits_artifact_follows_the_contract(store, fits, tmp_path):
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    try:
-        return ensure_chromium()  # installs Debian's chromium when missing (CI starts bare)
-    except BrowserUnavailable as e:
-        pytest.fail(f"headless Chromium is required for this test and could not be set up: {e}")
+    path = find_chromium()  # installed by the set-up of `make test-e2e` (scripts/setup_browser.sh)
+    if path is None:
+        pytest.fail("headless Chromium is required for this test: run `make test-e2e` (its set-up installs it) "
+                    "or scripts/setup_browser.sh")
+    return path
 
 
 def _body_marker(dom: str) -> str:
@@ -321,6 +322,7 @@ def _body_marker(dom: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.e2e
 def test_page_renders_offline_in_headless_chromium(chromium, page, tmp_path):
     from PIL import Image
 

@@ -63,7 +63,7 @@ def test_two_workers_match_local_for_knn_with_automatic_L(data, monkeypatch):
     # batches per Ray task (3 here: 12 batches, 2 workers, 2 tasks per worker)
     monkeypatch.setattr(lossfloor.ray.estimate, "TASKS_PER_WORKER", 2)
     assert batches_per_task(12, 2) == 3
-    cfg = EstimatorConfig(estimator="knn", subset_size=8, seed=11, rows_per_batch=25, rel_error=0.01)
+    cfg = EstimatorConfig(estimator="knn", subset_size=8, seed=11, rows_per_batch=25, rel_error=0.1)  # L 8..32
     local = estimate(data, SIGMAS, cfg, progress=False)
     run = estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=2), progress=False)
     assert_same(run.result.estimate, local)

@@ -53,6 +53,7 @@ def assert_close_params(state, ref, rel):
         assert float((state[k] - v).abs().max()) / scale <= rel, k
 
 
+@pytest.mark.e2e
 def test_two_gloo_workers_survive_a_killed_worker_and_match_one_plain_process(plain, tmp_path, monkeypatch):
     # rank 1 exits hard (os._exit) once, after Ray has recorded the first checkpoint (64 images);
     # FailureConfig restarts the group, which resumes from that checkpoint

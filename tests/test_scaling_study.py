@@ -158,7 +158,7 @@ def test_given_j_star_table_replaces_the_estimate(first_run, tmp_path, capsys):
 # ---- as users submit it: a local Ray head, `ray job submit`, cluster/runtime_env.yaml ----
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_submitted_as_a_ray_job(tmp_path):
     home = tmp_path / "home"  # runtime_env.yaml puts results under ${HOME}/lossfloor on the cluster
     env = job_env(home)

@@ -95,7 +95,7 @@ def test_smoke_run_in_process(tmp_path, gauss):
 
 # ---- as users submit it: a local Ray head, `ray job submit`, cluster/runtime_env.yaml ----
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_submitted_as_a_ray_job(tmp_path, gauss):
     home = tmp_path / "home"  # runtime_env.yaml puts results under ${HOME}/lossfloor on the cluster
     env = job_env(home)

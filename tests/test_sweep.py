@@ -36,7 +36,9 @@ DURATION = 2048
 TINY = ["--preset", "tiny", "--data", "bundled:digits", "--batch", "64", "--warmup", "0", "--eval-samples", "64",
         "--eval-sigmas", "0.02,0.2,1,5"]
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("local_ray")]
+# Tune sweeps (minutes on 2 cores): the end-to-end tier, `make test-e2e`
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("local_ray"),
+              pytest.mark.e2e]
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
