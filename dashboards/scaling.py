@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from dashboards import Section, page_html, write_page
 from lossfloor.errors import InputError
+from lossfloor.fmt import num
 
 SECTION_TITLES = (
     "Optimal loss J*(σ)",
@@ -40,10 +41,6 @@ def _as_table(curves) -> pa.Table:
     if hasattr(curves, "to_arrow"):  # a polars DataFrame
         return curves.to_arrow()
     raise InputError(f"curves: expected a pyarrow Table (lossfloor.train.curves schema), got {type(curves).__name__}")
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.4g}"
 
 
 def fits_table_html(fits: Mapping[str, dict]) -> str:
@@ -64,7 +61,7 @@ def fits_table_html(fits: Mapping[str, dict]) -> str:
         if cons:
             inside = cons.get("j_star_in_offset_interval")
             where = "" if inside is None else (" (J* inside E's interval)" if inside else " (J* outside E's interval)")
-            items.append(f"free-offset E = {_num(cons.get('offset'))} vs J* = {_num(cons.get('j_star'))}{where}")
+            items.append(f"free-offset E = {num(cons.get('offset'))} vs J* = {num(cons.get('j_star'))}{where}")
         boot = f.get("bootstrap") or {}
         items.append(f"{f.get('n_models')} models, {f.get('n_envelope_points')} envelope points, "
                      f"bootstrap {boot.get('n', 0)} over {boot.get('unit', 'model')}s (seed {boot.get('seed')})")

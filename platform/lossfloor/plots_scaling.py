@@ -23,6 +23,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from lossfloor.errors import InputError
+from lossfloor.fmt import num
 
 SIGMA_RTOL = 1e-5  # a curves row, a fit and a panel are of the same σ within this relative tolerance
 FORM_TITLES = {"raw": "raw J = βF^α", "corrected": "corrected J − J* = βF^α", "free_offset": "free offset J = E + βF^α"}
@@ -260,7 +261,7 @@ def _form_title(label: str, form: str, fit: dict | None) -> str:
         return f"{label} · {FORM_TITLES[form]}<br>not fitted"
     rho = fit.get("abs_rho")
     rho_s = "-" if rho is None else f"{rho:.4f}"
-    return f"{label} · {FORM_TITLES[form]}<br>|ρ| = {rho_s}, α = {_num(fit.get('alpha'))}"
+    return f"{label} · {FORM_TITLES[form]}<br>|ρ| = {rho_s}, α = {num(fit.get('alpha'))}"
 
 
 def fit_lines_figure(fits: Mapping[str, dict], *, title: str = "Raw vs gap-corrected power laws") -> go.Figure:
@@ -355,7 +356,7 @@ def holdout_figure(curves: pa.Table, fits: Mapping[str, dict], *,
     titles = []
     for _, f in items:
         h = f["holdout"]
-        scores = ", ".join(f"{form} {_num(s['log_rmse'], '.3g')}" for form, s in h["scores"].items() if s)
+        scores = ", ".join(f"{form} {num(s['log_rmse'], '.3g')}" for form, s in h["scores"].items() if s)
         titles.append(f"{quantity_label(f.get('sigma'))} · held out {h['model']} · best: {h.get('best')}"
                       f"<br>log-RMSE on its frontier: {scores}")
     cols = 1 if len(items) == 1 else 2
@@ -393,7 +394,7 @@ def holdout_figure(curves: pa.Table, fits: Mapping[str, dict], *,
                 name=f"{form} at final F", legendgroup=form, showlegend=False,
                 marker={"color": FORM_COLORS[form], "size": 9, "symbol": "diamond"},
                 hovertemplate=f"{form}: predicted %{{y:.5g}} at F=%{{x:.3g}}<br>error "
-                              f"{_num(100 * score['rel_error'], '+.2f')}%<extra></extra>",
+                              f"{num(100 * score['rel_error'], '+.2f')}%<extra></extra>",
             ), row=row, col=col)
     _log_axes(fig, len(items), cols, "loss J")
     fig.update_annotations(font_size=12)
@@ -409,15 +410,11 @@ def holdout_figure(curves: pa.Table, fits: Mapping[str, dict], *,
 # The fits as table rows
 
 
-def _num(x, fmt: str = ".4g") -> str:
-    return "-" if x is None or not math.isfinite(float(x)) else format(float(x), fmt)
-
-
 def _with_interval(value, intervals: Mapping | None, name: str, fmt: str = ".4g") -> str:
     iv = (intervals or {}).get(name)
-    text = _num(value, fmt)
+    text = num(value, fmt)
     if iv and None not in iv:
-        text += f" [{_num(iv[0], fmt)}, {_num(iv[1], fmt)}]"
+        text += f" [{num(iv[0], fmt)}, {num(iv[1], fmt)}]"
     return text
 
 
@@ -445,8 +442,8 @@ def fit_table_rows(fits: Mapping[str, dict]) -> list[dict[str, str]]:
                 row["offset"] = "0"
             elif form == "corrected":
                 iv_j = f.get("j_star_interval")
-                row["offset"] = f"J* = {_num(fit.get('j_star'))}" + (
-                    f" [{_num(iv_j[0], '.3g')}, {_num(iv_j[1], '.3g')}]" if iv_j else "")
+                row["offset"] = f"J* = {num(fit.get('j_star'))}" + (
+                    f" [{num(iv_j[0], '.3g')}, {num(iv_j[1], '.3g')}]" if iv_j else "")
             else:
                 row["offset"] = "E = " + _with_interval(fit.get("offset"), iv, "offset")
                 if fit.get("offset_at_bound"):
@@ -455,17 +452,17 @@ def fit_table_rows(fits: Mapping[str, dict]) -> list[dict[str, str]]:
                 lo, hi = sorted(abs(v) for v in iv["rho"])
                 row["|ρ|"] = f"{fit['abs_rho']:.4f} [{lo:.4f}, {hi:.4f}]"
             else:
-                row["|ρ|"] = _num(fit.get("abs_rho"), ".4f")
+                row["|ρ|"] = num(fit.get("abs_rho"), ".4f")
             row["R²"] = _with_interval(fit.get("r2"), iv, "r2", ".4f")
-            row["log-RMSE"] = _num(fit.get("log_rmse"), ".3g")
+            row["log-RMSE"] = num(fit.get("log_rmse"), ".3g")
             score = (hold.get("scores") or {}).get(form)
             if score:
                 best = " ★" if hold.get("best") == form else ""
-                row["hold-out log-RMSE"] = _num(score.get("log_rmse"), ".3g") + best
-                row["hold-out error at final F"] = _num(100 * score["rel_error"], "+.2f") + "%"
+                row["hold-out log-RMSE"] = num(score.get("log_rmse"), ".3g") + best
+                row["hold-out error at final F"] = num(100 * score["rel_error"], "+.2f") + "%"
                 iv_f = score.get("predicted_final_interval")
                 if iv_f and None not in iv_f:
-                    row["hold-out error at final F"] += f" (J pred. [{_num(iv_f[0])}, {_num(iv_f[1])}])"
+                    row["hold-out error at final F"] += f" (J pred. [{num(iv_f[0])}, {num(iv_f[1])}])"
             out.append(row)
     return out
 

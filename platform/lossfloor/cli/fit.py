@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lossfloor.atomic import write_output
 from lossfloor.errors import InputError
+from lossfloor.fmt import num
 
 
 def register(subparsers) -> None:
@@ -86,12 +87,8 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     write_output(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
-def _num(x: float | None, fmt: str = ".4g") -> str:
-    return "-" if x is None or not math.isfinite(x) else format(x, fmt)
-
-
 def _iv(iv) -> str:
-    return "" if iv is None else f" [{_num(iv[0])}, {_num(iv[1])}]"
+    return "" if iv is None else f" [{num(iv[0])}, {num(iv[1])}]"
 
 
 def summary(fits) -> str:
@@ -112,20 +109,20 @@ def summary(fits) -> str:
             lines.append(f"  {name:<12} -")
             continue
         f, iv = res.fit, res.intervals or {}
-        off = f"  E = {_num(f.offset)}{_iv(iv.get('offset'))}" if name == "free_offset" else ""
+        off = f"  E = {num(f.offset)}{_iv(iv.get('offset'))}" if name == "free_offset" else ""
         lines.append(
-            f"  {name:<12} alpha = {_num(f.alpha)}{_iv(iv.get('alpha'))}  beta = {_num(f.beta)}"
-            f"{_iv(iv.get('beta'))}{off}  |rho| = {_num(f.abs_rho, '.5f')}  R2 = {_num(f.r2, '.5f')}"
-            f"  log-RMSE = {_num(f.log_rmse, '.3g')}"
+            f"  {name:<12} alpha = {num(f.alpha)}{_iv(iv.get('alpha'))}  beta = {num(f.beta)}"
+            f"{_iv(iv.get('beta'))}{off}  |rho| = {num(f.abs_rho, '.5f')}  R2 = {num(f.r2, '.5f')}"
+            f"  log-RMSE = {num(f.log_rmse, '.3g')}"
         )
     if fits.free_offset is not None and fits.j_star is not None:
         lines.append(
-            f"  check: free-offset E = {_num(fits.free_offset.fit.offset)} vs J* = {fits.j_star:.4g}"
+            f"  check: free-offset E = {num(fits.free_offset.fit.offset)} vs J* = {fits.j_star:.4g}"
         )
     if fits.holdout is not None:
         h = fits.holdout
         scores = ", ".join(
-            f"{k} {_num(s.log_rmse, '.3g')} ({_num(100 * s.rel_error, '+.2f')}% at F={h.final_flops:.3g})"
+            f"{k} {num(s.log_rmse, '.3g')} ({num(100 * s.rel_error, '+.2f')}% at F={h.final_flops:.3g})"
             for k, s in h.scores.items()
             if s is not None
         )

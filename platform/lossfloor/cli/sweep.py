@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lossfloor.cli import check_run_folder
 from lossfloor.errors import InputError
+from lossfloor.fmt import num
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +259,6 @@ def plan_text(spec, resources, args: argparse.Namespace) -> str:
     ])
 
 
-def _num(v) -> str:
-    """A number to 5 significant digits; other values (a choice of booleans, None) as they are."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return f"{v:.5g}" if math.isfinite(v) else "-"
-    return "-" if v is None else str(v)
-
-
 def results_text(outcome, spec) -> str:
     fields = list(spec.space.params)
     head = f"{'trial':<14}{'schedule':<10}" + "".join(f"{k:>12}" for k in fields) + \
@@ -272,17 +266,17 @@ def results_text(outcome, spec) -> str:
     lines = [head]
     for r in outcome.rows:
         lines.append(f"{r['trial_id'][:13]:<14}{r['schedule'] or '-':<10}"
-                     + "".join(f"{_num(r.get(k)) if not r['is_baseline'] else '':>12}" for k in fields)
-                     + f"{_num(r['objective']):>12}{r['n_img']:>9}  {r['status']}")
+                     + "".join(f"{num(r.get(k), '.5g') if not r['is_baseline'] else '':>12}" for k in fields)
+                     + f"{num(r['objective'], '.5g'):>12}{r['n_img']:>9}  {r['status']}")
     b = outcome.best
     base = (b.get("baseline") or {}).get("objective")
     best = b.get("best")
-    lines.append(f"baseline (EDM2) {spec.objective.kind}: {_num(base)}")
+    lines.append(f"baseline (EDM2) {spec.objective.kind}: {num(base, '.5g')}")
     if best:
-        lines.append(f"best ({best['trial_id']}) {spec.objective.kind}: {_num(best['objective'])}  config "
-                     + ", ".join(f"{k}={_num(v)}" for k, v in best["config"].items()))
+        lines.append(f"best ({best['trial_id']}) {spec.objective.kind}: {num(best['objective'], '.5g')}  config "
+                     + ", ".join(f"{k}={num(v, '.5g')}" for k, v in best["config"].items()))
         rel = b.get("relative_gain")
-        lines.append(f"gain over EDM2: {_num(b.get('gain'))}" + (f" ({rel:+.1%})" if rel is not None else "")
+        lines.append(f"gain over EDM2: {num(b.get('gain'), '.5g')}" + (f" ({rel:+.1%})" if rel is not None else "")
                      + " (baseline - best; > 0: better than EDM2)")
     else:
         lines.append("best: no optimal-loss trial reached the full budget")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lossfloor.cli import check_run_folder
 from lossfloor.errors import InputError
+from lossfloor.fmt import num
 
 log = logging.getLogger(__name__)
 
@@ -256,24 +257,20 @@ def summary(out_dir, *, wall_s: float, images_run: int, engine: str, mlflow_run:
     }
 
 
-def _num(v, fmt=".5g") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def format_summary(s: dict) -> str:
-    lines = [f"run {s['run']}: {s['model']} ({_num(s['params'], ',')} parameters), {s['n_img']} images in "
+    lines = [f"run {s['run']}: {s['model']} ({num(s['params'], ',')} parameters), {s['n_img']} images in "
              f"{s['steps']} steps ({s['engine']}, {s['wall_s']:.1f} s"
              + (f", {s['images_per_s']:.1f} img/s overall)" if s["images_per_s"] else ")")]
-    lines.append(f"final training loss {_num(s['train_loss'])}" + (f", gap {_num(s['train_gap'])}" if s["train_gap"]
+    lines.append(f"final training loss {num(s['train_loss'], '.5g')}" + (f", gap {num(s['train_gap'], '.5g')}" if s["train_gap"]
                                                                      is not None else ""))
-    lines.append(f"eval at {s['eval_images']} images: weighted total {_num(s['eval_total'])}"
-                 + (f", total gap {_num(s['eval_total_gap'])}" if s["eval_total_gap"] is not None else ""))
+    lines.append(f"eval at {s['eval_images']} images: weighted total {num(s['eval_total'], '.5g')}"
+                 + (f", total gap {num(s['eval_total_gap'], '.5g')}" if s["eval_total_gap"] is not None else ""))
     lines.append(f"{'sigma':>10} {'loss':>12} {'j_star':>12} {'gap':>12} {'gap/loss':>9}")
     for r in s["per_sigma"]:
         ratio = r["gap"] / r["loss"] if r["gap"] is not None and r["loss"] else None
-        lines.append(f"{r['sigma']:>10.4g} {r['loss']:>12.5g} {_num(r['j_star']):>12} {_num(r['gap']):>12} "
-                     f"{_num(ratio, '.1%'):>9}")
-    lines.append(f"FLOPs: {s['forward_flops']:.4g} per forward per image, {_num(s['training_flops'], '.4g')} "
+        lines.append(f"{r['sigma']:>10.4g} {r['loss']:>12.5g} {num(r['j_star'], '.5g'):>12} {num(r['gap'], '.5g'):>12} "
+                     f"{num(ratio, '.1%'):>9}")
+    lines.append(f"FLOPs: {s['forward_flops']:.4g} per forward per image, {num(s['training_flops'], '.4g')} "
                  "for training (3 x forward x images)")
     lines.append(f"checkpoint {s['checkpoint']}")
     lines.append(f"tables {s['loss_curve']}, {s['train_log']}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from lossfloor.atomic import write_atomic, write_npz
+from lossfloor.data.fingerprint import fingerprint
 from lossfloor.errors import InputError
 from lossfloor.floor.estimators import (
     Estimate,
@@ -57,6 +57,7 @@ from lossfloor.floor.estimators import (
 )
 from lossfloor.floor.stats import BatchPartial
 from lossfloor.floor.uncertainty import channels
+from lossfloor.hashing import config_hash
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,7 @@ def work_key(cfg: EstimatorConfig, *, fingerprint: str, sigmas, n_samples: int, 
 
 def key_hash(key: dict) -> str:
     """16 hex digits naming a work key (e.g. the default work folder)."""
-    text = json.dumps(key, sort_keys=True, allow_nan=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return config_hash(key, chars=16)
 
 
 def default_work_dir(parent: str | os.PathLike, key: dict) -> Path:
@@ -108,11 +108,9 @@ def default_work_dir(parent: str | os.PathLike, key: dict) -> Path:
 
 
 def data_fingerprint(x: torch.Tensor) -> str:
-    """A content hash of prepared (N, D) CPU data, for callers that have no data-set fingerprint."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((tuple(x.shape), str(x.dtype))).encode())
-    h.update(x.contiguous().numpy().tobytes())
-    return "blake2b:" + h.hexdigest()
+    """The data fingerprint (`lossfloor.data.fingerprint`) of prepared (N, D) CPU data, for callers that
+    have no data set's (it differs from the data set's, whose header holds the unflattened shape)."""
+    return fingerprint(x.contiguous().numpy())
 
 
 class PartialStore:

@@ -8,13 +8,13 @@ dict (checkpoints store it; a YAML/CLI front end can build configs from it).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import numbers
 from dataclasses import dataclass
 
 from lossfloor.errors import InputError
+from lossfloor.hashing import config_hash
 from lossfloor.models import Preset, get_preset
 from lossfloor.train.ema import check_sigma_rel
 from lossfloor.train.losses import PRECISIONS
@@ -178,8 +178,7 @@ class TrainConfig:
 
     def config_hash(self) -> str:
         """sha256 (12 hex digits) of the config, without the run name and the recording-only fields."""
-        d = {k: v for k, v in self.to_dict().items() if k not in RESUME_MUTABLE}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return config_hash({k: v for k, v in self.to_dict().items() if k not in RESUME_MUTABLE})
 
 
 @dataclass(frozen=True, kw_only=True)
