@@ -363,17 +363,10 @@ def _ladder_on_ray_train(args, b: Budget, ds, todo, on_done) -> None:
 
 
 def connect_ray(args) -> None:
-    import ray
+    """Attach to --ray-address (a Ray job's own), or start a local Ray for this study alone."""
+    from lossfloor.ray.cluster import connect
 
-    if ray.is_initialized():
-        return
-    kwargs = {"logging_level": logging.WARNING}
-    if args.ray_address is None:  # a local Ray for this study alone
-        kwargs.update(include_dashboard=False, _system_config={"worker_niceness": 0})
-    try:
-        ray.init(address=args.ray_address, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise InputError(f"--ray-address {args.ray_address}: cannot connect ({str(e).splitlines()[0]})") from None
+    connect(args.ray_address, flag="--ray-address")
 
 
 # --- The ρ table --------------------------------------------------------------------------------------

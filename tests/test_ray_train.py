@@ -7,15 +7,19 @@ seconds on a loaded machine), so the module makes only one.
 """
 
 import dataclasses
+import os
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from lossfloor.data import load
 from lossfloor.errors import InputError
 from lossfloor.models import get_preset
-from lossfloor.ray.train import FAIL_ONCE_ENV, train_on_ray
+from lossfloor.ray.train import train_on_ray
 from lossfloor.train import TrainConfig, latest_checkpoint, train
 from lossfloor.train.checkpoint import list_checkpoints
 
@@ -53,13 +57,33 @@ def assert_close_params(state, ref, rel):
         assert float((state[k] - v).abs().max()) / scale <= rel, k
 
 
+class KillLastRankOnce:
+    """Worker hooks (`train_on_ray(hooks=...)`): every start is noted in MARKER.starts; the last rank exits
+    hard, once per marker file, right after Ray has recorded the first reported checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def on_start(self, rank: int, resume) -> None:
+        with open(f"{self.marker}.starts", "a") as f:
+            f.write(f"{rank} {resume if resume else 'fresh'}\n")
+
+    def after_report(self, rank: int, world_size: int, metrics: dict) -> None:
+        if rank != world_size - 1 or Path(self.marker).exists():
+            return
+        ray.train.get_all_reported_checkpoints(timeout_s=120)  # wait until Ray has recorded the checkpoint
+        Path(self.marker).write_text(f"died at n_img {metrics['n_img']}\n")
+        os._exit(1)
+
+
 @pytest.mark.e2e
-def test_two_gloo_workers_survive_a_killed_worker_and_match_one_plain_process(plain, tmp_path, monkeypatch):
+def test_two_gloo_workers_survive_a_killed_worker_and_match_one_plain_process(plain, tmp_path):
     # rank 1 exits hard (os._exit) once, after Ray has recorded the first checkpoint (64 images);
     # FailureConfig restarts the group, which resumes from that checkpoint
     marker = tmp_path / "died"
-    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
-    run = train_on_ray(config(), "bundled:digits", workers=2, storage_path=tmp_path, name="two", max_failures=1)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers do not have tests/
+    run = train_on_ray(config(), "bundled:digits", workers=2, storage_path=tmp_path, name="two", max_failures=1,
+                       hooks=KillLastRankOnce(marker))
     assert marker.read_text() == "died at n_img 64\n"
     starts = (tmp_path / "died.starts").read_text().splitlines()
     resumed = tmp_path / "two" / "checkpoint-000000000064"

@@ -15,19 +15,23 @@ trial meets the same earlier trials at the rungs with the same (seeded, determin
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
+from ray import tune
 
+import lossfloor.ray.sweep
 from lossfloor.cli import main
 from lossfloor.plots import is_offline_html
-from lossfloor.ray.sweep import INTERRUPT_ENV, MARKERS_ENV
 from lossfloor.tracking import PARENT_RUN_TAG, client
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,6 +56,46 @@ def starts(markers: Path) -> dict[str, list[str]]:
     return {p.name.removesuffix(".starts"): p.read_text().splitlines() for p in markers.glob("*.starts")}
 
 
+class StartMarkers:
+    """Trial hooks (`run_sweep(trial_hooks=...)`): one line per start of a trial in DIR/<trial>.starts."""
+
+    def __init__(self, folder: Path):
+        self.folder = str(folder)
+
+    def on_trial_start(self, trial_id: str, resumed_from) -> None:
+        with open(Path(self.folder) / f"{trial_id}.starts", "a", encoding="utf-8") as f:
+            f.write(f"{'resumed ' + resumed_from.name if resumed_from else 'fresh'}\n")
+
+
+class InterruptOnce(tune.Callback):
+    """After `ended` trials ended, the second result reported interrupts the sweep as ^C would (so one
+    trial is cut off half-way with a checkpoint recorded), once per marker file: Tune restores the
+    callback with the experiment, and the resumed sweep must run to the end."""
+
+    def __init__(self, ended: int, marker: Path):
+        self.limit, self.marker, self.ended, self.results_after = ended, str(marker), 0, 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.ended < self.limit or Path(self.marker).exists():
+            return
+        self.results_after += 1
+        if self.results_after == 2:
+            Path(self.marker).write_text(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own handler: save the state, stop, return
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended += 1
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended += 1
+
+
+def install(monkeypatch, **hooks) -> None:
+    """Make `lossfloor sweep` run its sweeps with these hooks (the command imports run_sweep when it runs)."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials run where tests/ is not
+    monkeypatch.setattr(lossfloor.ray.sweep, "run_sweep", functools.partial(lossfloor.ray.sweep.run_sweep, **hooks))
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """The 4-trial sweep: interrupted after two trials ended, then resumed to the end."""
@@ -64,20 +108,15 @@ def swept(tmp_path_factory):
     out, uri = root / "out", f"sqlite:///{root / 'mlflow.db'}"
     argv = ["sweep", *TINY, "--space", str(root / "space.yaml"), "--trials", "4", "--images", str(DURATION),
             "--evals", "8", "--max-concurrent", "1", "--out", str(out), "--mlflow", "--tracking-uri", uri]
-    os.environ[MARKERS_ENV] = str(markers)
-    os.environ[INTERRUPT_ENV] = "2"
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        install(mp, callbacks=[InterruptOnce(2, root / "interrupted")], trial_hooks=StartMarkers(markers))
         t0 = time.monotonic()
         rc1, _ = run_cli(argv)
         analysis = ExperimentAnalysis(str(out / "tune"))
         first = {t.trial_id: (t.status, dict(t.last_result or {})) for t in analysis.trials}
         starts1 = starts(markers)
-        os.environ.pop(INTERRUPT_ENV)
-        rc2, stdout = run_cli(argv)
+        rc2, stdout = run_cli(argv)  # the same command resumes (the restored callback does not fire again)
         wall = time.monotonic() - t0
-    finally:
-        os.environ.pop(INTERRUPT_ENV, None)
-        os.environ.pop(MARKERS_ENV, None)
     return {"rc": (rc1, rc2), "first": first, "starts1": starts1, "starts": starts(markers), "out": out,
             "uri": uri, "argv": argv, "stdout": stdout, "wall": wall,
             "rows": pq.read_table(out / "results.parquet").to_pylist(),
@@ -187,19 +226,16 @@ def test_rerunning_a_finished_sweep_reads_it_back_and_other_args_are_refused(swe
     assert "holds a different sweep (differs in trials)" in err and err.count("\n") == 1
 
 
-def test_optuna_search_multi_worker_trials_and_the_fd_objective(tmp_path):
+def test_optuna_search_multi_worker_trials_and_the_fd_objective(tmp_path, monkeypatch):
     (tmp_path / "space.yaml").write_text("w_max: {loguniform: [5, 500]}\nvarsigma: {uniform: [0.5, 2]}\n"
                                          "uniform_mix: 0.2\n")
     markers = tmp_path / "markers"
     markers.mkdir()
-    os.environ[MARKERS_ENV] = str(markers)
-    try:
-        rc, stdout = run_cli(["sweep", *TINY, "--space", str(tmp_path / "space.yaml"), "--trials", "1",
-                              "--images", "256", "--evals", "2", "--search", "optuna", "--scheduler", "fifo",
-                              "--objective", "fd", "--fd-samples", "32", "--fd-steps", "4",
-                              "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--out", str(tmp_path / "out")])
-    finally:
-        os.environ.pop(MARKERS_ENV, None)
+    install(monkeypatch, trial_hooks=StartMarkers(markers))
+    rc, stdout = run_cli(["sweep", *TINY, "--space", str(tmp_path / "space.yaml"), "--trials", "1",
+                          "--images", "256", "--evals", "2", "--search", "optuna", "--scheduler", "fifo",
+                          "--objective", "fd", "--fd-samples", "32", "--fd-steps", "4",
+                          "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--out", str(tmp_path / "out")])
     assert rc == 0, stdout
     rows = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
     assert [r["schedule"] for r in rows] == ["edm2", "optimal"]

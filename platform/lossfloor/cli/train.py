@@ -185,23 +185,11 @@ def build_config(args: argparse.Namespace):
 
 
 def _check_data(config, source: str) -> None:
-    """What the loop would reject about the data, from its header (no samples read)."""
-    from lossfloor.data import open_source
-    from lossfloor.train import resolve
+    """What the loop would reject about the data, from its header (no samples read), named by flag."""
+    from lossfloor.train.config import check_source
 
-    R = resolve(config)
-    info = open_source(source, config.latents).info()
-    unet = R.preset.unet
-    channels = (2 if config.latents == "posterior" else 1) * unet.img_channels  # posterior: [mean, std]
-    expected = (channels, unet.img_resolution, unet.img_resolution)
-    if tuple(info.sample_shape) != expected:
-        raise InputError(f"--data {source}: samples of shape {tuple(info.sample_shape)}, but --preset "
-                         f"{R.preset.name} expects {expected}")
-    if unet.label_dim and not info.has_labels:
-        raise InputError(f"--data {source}: --preset {R.preset.name} is class-conditional but the data has no labels")
-    if config.eval_n_samples >= info.count:
-        raise InputError(f"--eval-samples: {config.eval_n_samples} must be less than the {info.count} samples "
-                         f"of --data (some must remain for training); e.g. {max(1, info.count // 8)}")
+    check_source(config, source, names={"data": "--data", "preset": "--preset", "eval_n_samples": "--eval-samples",
+                                        "batch_n_img": "--batch"})
 
 
 def _check_out(args: argparse.Namespace) -> None:

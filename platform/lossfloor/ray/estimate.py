@@ -30,7 +30,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 import time
 import warnings
 from collections.abc import Sequence
@@ -54,6 +53,7 @@ from lossfloor.floor.resume import (
     estimate_passes,
 )
 from lossfloor.floor.stats import BatchPartial
+from lossfloor.ray.cluster import connect
 
 log = logging.getLogger(__name__)
 
@@ -280,50 +280,6 @@ class _RayRunner:
             close = getattr(it, "close", None)
             if close is not None:
                 close()  # stops the pipeline and its actors when the driver stops early
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes)."""
-    if "://" in address or address == "auto":
-        return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"--address: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise InputError(f"--address {address}: cannot connect ({e.strerror or e.__class__.__name__})") from None
-
-
-def connect(address: str | None, *, state_api: bool = False) -> tuple[bool, float]:
-    """Start or attach Ray unless this process already has it; (whether we did, seconds it took).
-
-    state_api: a local instance started here also runs the dashboard, which serves Ray's state API: Ray
-    Train's placement-group cleaner polls it and warns every few seconds without it. The estimate engine
-    does without (faster start-up)."""
-    t0 = time.monotonic()
-    if ray.is_initialized():
-        return False, 0.0
-    if address is not None:
-        _check_reachable(address)
-    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address is None:
-        kwargs["include_dashboard"] = state_api  # used only if this starts a new local cluster
-    # Ray nices its workers to 15: on a shared machine that starves the kernel next to anything running
-    # at the local engine's priority (0). A local cluster started here (the raylet inherits this
-    # environment) runs its workers at 0; attaching to a running cluster changes nothing.
-    saved = os.environ.get("RAY_worker_niceness")
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    try:
-        ray.init(address=address, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        where = f"--address {address}" if address else "a local Ray instance"
-        raise InputError(f"{where}: cannot connect ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") \
-            from None
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_worker_niceness", None)
-    return True, time.monotonic() - t0
 
 
 @contextlib.contextmanager

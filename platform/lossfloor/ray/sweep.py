@@ -51,7 +51,6 @@ import math
 import os
 import pickle
 import shutil
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -82,10 +81,6 @@ SPEC_FILE, RESULTS_FILE, BEST_FILE = "sweep.json", "results.parquet", "best.json
 HISTORY_FILE = "objective_history.parquet"  # trial_id, n_img, objective: every evaluation of every trial
 PARCOORDS_FILE, CURVES_FILE = "parallel_coordinates.html", "objective_vs_images.html"
 MULTI_WORKER_DRIVER_CPU = 0.01  # what the Tune function of a multi-worker trial holds (Train's workers hold the rest)
-
-# Test hooks, read when used (the Tune callbacks are pickled with the experiment and restored with it)
-INTERRUPT_ENV = "LOSSFLOOR_TEST_SWEEP_INTERRUPT_AFTER"  # N: interrupt (as ^C) at a result after N trials end
-MARKERS_ENV = "LOSSFLOOR_TEST_SWEEP_MARKERS"  # DIR: every trial start appends a line to DIR/<trial>.starts
 
 
 # --- Specs ----------------------------------------------------------------------------------------------
@@ -284,7 +279,7 @@ def run_trial(config: dict, setup: dict) -> None:
     local = tempfile.mkdtemp(prefix=f"lossfloor-sweep-{trial_id}-")
     try:
         with restored.as_directory() if restored is not None else contextlib.nullcontext() as folder:
-            _note_start(setup, trial_id, folder)
+            _on_start(setup, trial_id, folder)
             train(train_config, data, report=report, checkpoint_dir=local, resume=folder or False, device=device)
     finally:
         shutil.rmtree(local, ignore_errors=True)
@@ -296,7 +291,7 @@ def _run_multi_worker(config: TrainConfig, setup: dict, trial_id: str) -> None:
     from lossfloor.train import latest_checkpoint
 
     storage = Path(setup["trials_dir"])
-    _note_start(setup, trial_id, latest_checkpoint(storage / trial_id))
+    _on_start(setup, trial_id, latest_checkpoint(storage / trial_id))
     workers = setup["workers"]
     train_on_ray(config, setup["data"], workers=workers, gpus_per_worker=setup["gpus"] / workers,
                  cpus_per_worker=setup["cpus_per_worker"], storage_path=storage, name=trial_id,
@@ -325,12 +320,11 @@ class ObjectiveReportCallback(TuneReportCallback):
         self._training_actor_item_queue.put(out)
 
 
-def _note_start(setup: dict, trial_id: str, resumed_from) -> None:
-    """Test hook (MARKERS_ENV on the driver): one line per start of a trial, fresh or resumed."""
-    folder = setup.get("markers")
-    if folder:
-        with open(Path(folder) / f"{trial_id}.starts", "a", encoding="utf-8") as f:
-            f.write(f"{'resumed ' + Path(resumed_from).name if resumed_from else 'fresh'}\n")
+def _on_start(setup: dict, trial_id: str, resumed_from) -> None:
+    """The caller's trial hooks (`run_sweep(trial_hooks=...)`), told of every start of a trial."""
+    hooks = setup.get("hooks")
+    if hooks is not None:
+        hooks.on_trial_start(trial_id, None if resumed_from is None else Path(resumed_from))
 
 
 # --- Search and scheduling ---------------------------------------------------------------------------------
@@ -458,23 +452,10 @@ def make_scheduler(spec: SweepSpec):
 
 
 class SweepCallback(tune.Callback):
-    """Driver-side progress lines, and the interrupt test hook: with INTERRUPT_ENV=N (read when used), the
-    second result reported after N trials ended interrupts the sweep as ^C would, so one trial is cut off
-    half-way with a checkpoint recorded (the one of the first result)."""
+    """Driver-side progress lines: a line per trial that ends."""
 
     def __init__(self):
         self.ended = 0
-        self.results_after = 0
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        limit = os.environ.get(INTERRUPT_ENV)
-        if not limit or self.ended < int(limit):
-            return
-        self.results_after += 1
-        if self.results_after == 2:
-            log.warning("%s=%s: interrupting the sweep at trial %s, %s images", INTERRUPT_ENV, limit, trial.trial_id,
-                        result.get(TIME_ATTR))
-            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own handler: save the state, stop, return
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended(trial, "finished")
@@ -494,11 +475,11 @@ class SweepCallback(tune.Callback):
 
 def check_spec(spec: SweepSpec, resources: Resources) -> None:
     """What the trials would reject, found on the driver (data shape, batch split, J* table, space)."""
-    from lossfloor.ray.train import _check_data
+    from lossfloor.train.config import check_source
     from lossfloor.train.schedules import JStarCurve
 
     JStarCurve.from_path(spec.base.jstar)
-    _check_data(spec.base, spec.data, resources.workers_per_trial)
+    check_source(spec.base, spec.data, ranks=resources.workers_per_trial)
     if resources.workers_per_trial > 1 and spec.base.precision == "fp16" and not resources.gpus_per_trial:
         raise InputError("precision: fp16 autocast needs GPUs (gpus_per_trial > 0); use 'bf16' or 'none'")
     for k, v in spec.space.fixed.items():  # the fixed fields together (bounds were checked one by one)
@@ -509,12 +490,12 @@ def check_spec(spec: SweepSpec, resources: Resources) -> None:
         feature_extractor(spec.objective.features)  # a missing or foreign network file fails now
 
 
-def _setup(spec: SweepSpec, resources: Resources, out: Path) -> dict:
-    """What every trial gets (plain, picklable): the base config, data, objective, resources, hooks."""
+def _setup(spec: SweepSpec, resources: Resources, out: Path, trial_hooks=None) -> dict:
+    """What every trial gets (picklable): the base config, data, objective, resources, the caller's hooks."""
     return {"base": spec.base.to_dict(), "data": spec.data, "objective": dataclasses.asdict(spec.objective),
             "workers": resources.workers_per_trial, "gpus": float(resources.gpus_per_trial),
             "cpus_per_worker": float(resources.cpus_per_worker), "trials_dir": str(out / "trials"),
-            "max_failures": 2, "markers": os.environ.get(MARKERS_ENV)}
+            "max_failures": 2, "hooks": trial_hooks}
 
 
 def _check_same_sweep(spec: SweepSpec, out: Path) -> bool:
@@ -531,10 +512,12 @@ def _check_same_sweep(spec: SweepSpec, out: Path) -> bool:
     return True
 
 
-def make_tuner(spec: SweepSpec, resources: Resources, out: Path, concurrent: int) -> tune.Tuner:
+def make_tuner(spec: SweepSpec, resources: Resources, out: Path, concurrent: int, *, callbacks=(),
+               trial_hooks=None) -> tune.Tuner:
     """A new Tuner for the sweep, or the restored one when OUT/tune holds its experiment (unfinished
-    trials continue from their last checkpoint, errored ones resume, finished ones stay as they are)."""
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=_setup(spec, resources, out)),
+    trials continue from their last checkpoint, errored ones resume, finished ones stay as they are).
+    callbacks: extra Tune callbacks of a new sweep (a restored one gets back those it was saved with)."""
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=_setup(spec, resources, out, trial_hooks)),
                                     resources.trial_resources())
     experiment = out / TUNE_NAME
     if tune.Tuner.can_restore(str(experiment)):
@@ -547,15 +530,23 @@ def make_tuner(spec: SweepSpec, resources: Resources, out: Path, concurrent: int
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(spec),
                                     scheduler=make_scheduler(spec), num_samples=spec.trials + 1,
                                     max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(out), verbose=0, callbacks=[SweepCallback()],
+        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(out), verbose=0,
+                                  callbacks=[SweepCallback(), *callbacks],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
 
 
-def run_sweep(spec: SweepSpec, out, resources: Resources | None = None) -> SweepOutcome:
-    """Run (or resume, or just read back) the sweep `spec` in folder `out` (module docstring)."""
-    from lossfloor.ray.estimate import connect
+def run_sweep(spec: SweepSpec, out, resources: Resources | None = None, *, callbacks=(),
+              trial_hooks=None) -> SweepOutcome:
+    """Run (or resume, or just read back) the sweep `spec` in folder `out` (module docstring).
+
+    callbacks: extra driver-side Tune callbacks (pickled with the experiment and restored with it).
+    trial_hooks: a picklable object with `on_trial_start(trial_id, resumed_from)`, called in every trial
+    as it starts, fresh (None) or from a checkpoint (its folder) — tests use both to cut a sweep off and
+    see what a resume restarts.
+    """
+    from lossfloor.ray.cluster import ray_session
 
     resources = resources or Resources()
     out = Path(out).absolute()
@@ -566,15 +557,11 @@ def run_sweep(spec: SweepSpec, out, resources: Resources | None = None) -> Sweep
     # checkpoints follow evaluations, so Tune snapshots its state often; that is intended, not a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     t0 = time.monotonic()
-    started, _ = connect(resources.address, state_api=True)
-    try:
+    with ray_session(resources.address, state_api=True):
         concurrent = resources.max_concurrent_trials(ray.cluster_resources())  # before anything is written
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / SPEC_FILE, lambda p: p.write_text(json.dumps(spec.identity(), indent=1), encoding="utf-8"))
-        grid = make_tuner(spec, resources, out, concurrent).fit()
-    finally:
-        if started:
-            ray.shutdown()
+        grid = make_tuner(spec, resources, out, concurrent, callbacks=callbacks, trial_hooks=trial_hooks).fit()
     wall = time.monotonic() - t0
     rows, histories = collect(grid, spec)
     ended = grid.num_terminated + grid.num_errors

@@ -49,15 +49,14 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from lossfloor.atomic import write_atomic
-from lossfloor.data import open_source
 from lossfloor.errors import InputError
-from lossfloor.train import TrainConfig, latest_checkpoint, load_checkpoint, resolve
+from lossfloor.train import TrainConfig, latest_checkpoint, load_checkpoint
+from lossfloor.train.config import check_source
 
 log = logging.getLogger(__name__)
 
 TABLES = ("loss_curve.parquet", "train_log.parquet")
 RAY_STATE_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
-FAIL_ONCE_ENV = "LOSSFLOOR_TEST_FAIL_ONCE"  # test hook: a marker-file path (see `_fail_once`)
 
 
 @dataclass(frozen=True)
@@ -92,14 +91,14 @@ def train_worker(loop_config: dict) -> None:
     config = TrainConfig.from_dict(loop_config["config"])
     device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
     data = load(loop_config["data"], latents=config.latents)
-    fail_marker = loop_config.get("fail_once")
+    hooks = loop_config.get("hooks")
 
     def report(metrics: dict, path: Path | None) -> None:
         checkpoint = None if path is None else Checkpoint.from_directory(os.fspath(path))
         name = None if path is None else path.name  # persisted under the loop's own name
         ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
-        if fail_marker is not None:
-            _fail_once(fail_marker, rank == world_size - 1, metrics)
+        if hooks is not None:
+            hooks.after_report(rank, world_size, metrics)
 
     checkpoint = ray.train.get_checkpoint()
     # rank 0 writes here and Ray copies the folder to storage; in-process mode persists nothing, so
@@ -108,8 +107,8 @@ def train_worker(loop_config: dict) -> None:
     try:
         with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
             resume = folder or loop_config.get("initial_checkpoint") or False
-            if fail_marker is not None:
-                _note_start(fail_marker, rank, resume)
+            if hooks is not None:
+                hooks.on_start(rank, resume)
             train(config, data, rank=rank, world_size=world_size, report=report, checkpoint_dir=local,
                   resume=resume, device=device)
     finally:
@@ -119,7 +118,10 @@ def train_worker(loop_config: dict) -> None:
 
 def _quiet_report_lines() -> None:
     """Ray Train V2 logs every `ray.train.report` with all its metrics at INFO, to the console, under a
-    logger named by its file path (so `LoggingConfig(log_level=...)` misses it); keep it for warnings."""
+    logger named by its file path (so `LoggingConfig(log_level=...)` misses it); keep it for warnings.
+
+    A private module: the public API has no switch for these lines (checked on Ray 2.60, pinned in
+    pyproject.toml); without it the lines stay, nothing breaks."""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: leave its logging alone
@@ -127,44 +129,7 @@ def _quiet_report_lines() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _fail_once(marker: str, last_rank: bool, metrics: dict) -> None:
-    """Test hook (env LOSSFLOOR_TEST_FAIL_ONCE=MARKER on the driver): the last rank exits hard, once per
-    marker file, right after the first report (a checkpoint at the default checkpoint cadence) is
-    recorded by Ray."""
-    if not last_rank or Path(marker).exists():
-        return
-    ray.train.get_all_reported_checkpoints(timeout_s=120)  # wait until Ray has recorded the checkpoint
-    Path(marker).write_text(f"died at n_img {metrics['n_img']}\n")
-    os._exit(1)
-
-
-def _note_start(marker: str, rank: int, resume) -> None:
-    with open(f"{marker}.starts", "a") as f:
-        f.write(f"{rank} {resume if resume else 'fresh'}\n")
-
-
 # --- Driver ---------------------------------------------------------------------------------------------
-
-
-def _check_data(config: TrainConfig, source: str, workers: int) -> None:
-    """What the loop would reject, found on the driver without loading the samples."""
-    R = resolve(config)
-    info = open_source(source).info()  # InputError for a missing / unknown source
-    unet = R.preset.unet
-    expected = (unet.img_channels, unet.img_resolution, unet.img_resolution)
-    if tuple(info.sample_shape) != expected:
-        raise InputError(f"data {source}: samples of shape {tuple(info.sample_shape)}, but preset "
-                         f"{R.preset.name} expects {expected}")
-    if config.conditional and unet.label_dim > 0 and not info.has_labels:
-        raise InputError(f"data {source}: preset {R.preset.name} is class-conditional but the data has no labels; "
-                         "pass labelled data or set conditional=False")
-    if config.eval_n_samples >= info.count:
-        raise InputError(f"eval_n_samples: {config.eval_n_samples} does not fit a data set of {info.count} "
-                         f"samples; expected e.g. {max(1, info.count // 8)}")
-    ranks = max(workers, 1)
-    if R.batch_n_img % (ranks * config.accum_rounds):
-        raise InputError(f"batch_n_img: {R.batch_n_img} must split evenly over {ranks} worker(s) x "
-                         f"{config.accum_rounds} accumulation round(s)")
 
 
 def _storage(storage_path) -> tuple[str, bool]:
@@ -181,7 +146,7 @@ def _local_dir(run_dir: str) -> Path:
 
 def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_per_worker: float = 0,
                  cpus_per_worker: float | None = None, storage_path, name: str, max_failures: int = 2,
-                 address: str | None = None, resume: bool = True, callbacks=()) -> RayTrainResult:
+                 address: str | None = None, resume: bool = True, callbacks=(), hooks=None) -> RayTrainResult:
     """Train `config` on `workers` Ray Train workers (module docstring); returns where the run is.
 
     data_source: a `lossfloor.data.load` source every worker can read (a path on shared storage, or
@@ -195,6 +160,8 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
     resume: False refuses a run folder that already holds checkpoints (start a new `name` instead).
     callbacks: Ray Train callbacks for RunConfig (e.g. a Tune report callback when this runs inside a Ray
       Tune trial, lossfloor.ray.sweep).
+    hooks: a picklable object with `on_start(rank, resume)` and `after_report(rank, world_size, metrics)`,
+      called in every worker (tests use it to kill a worker mid-run and to see what a restart resumes).
     """
     if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
         raise InputError(f"workers: expected an integer >= 0 (0 = in-process), like 2, got {workers!r}")
@@ -211,7 +178,7 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
     source = os.fspath(data_source)
     if not source.startswith("bundled:"):
         source = str(Path(source).expanduser().absolute())  # workers may run elsewhere
-    _check_data(config, source, workers)
+    check_source(config, source, ranks=workers)
     storage, local_storage = _storage(storage_path)
     run_dir = f"{storage.rstrip('/')}/{name}"
     initial = None
@@ -231,20 +198,19 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
 
             check_resume(load_checkpoint(newest), config, newest)
 
-    from lossfloor.ray.estimate import connect
+    from lossfloor.ray.cluster import ray_session
 
     threads = max(1, int(cpus_per_worker or 1))
     loop_config = {
         "config": config.to_dict(), "data": source, "use_gpu": gpus_per_worker > 0, "threads": threads,
-        "initial_checkpoint": initial, "fail_once": os.environ.get(FAIL_ONCE_ENV),
+        "initial_checkpoint": initial, "hooks": hooks,
         "checkpoint_dir": str(_local_dir(run_dir)) if workers == 0 else None,
     }
     resources = {"CPU": float(cpus_per_worker or 1)}
     if gpus_per_worker:
         resources["GPU"] = float(gpus_per_worker)
     keep = config.keep_checkpoints or None
-    started, _ = connect(address, state_api=True)
-    try:
+    with ray_session(address, state_api=True):
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=loop_config,
@@ -266,9 +232,6 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
             _raise_input_error(e)
             raise
         wall = time.monotonic() - t0
-    finally:
-        if started:
-            ray.shutdown()
     ckpt = result.checkpoint
     ckpt_path = None if ckpt is None else ckpt.path if local_storage else f"{storage.split('://')[0]}://{ckpt.path}"
     if local_storage and ckpt_path is None and latest_checkpoint(_local_dir(run_dir)) is not None:

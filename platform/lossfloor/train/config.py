@@ -248,3 +248,35 @@ def _int(cfg, name: str, minimum: int, optional: bool = False) -> None:
         example = {"batch_n_img": 2048, "seed": 0, "accum_rounds": 1, "keep_checkpoints": 2}.get(name, 1_000_000)
         raise InputError(f"{name}: expected an integer >= {minimum}, like {example}, got {v!r}")
     object.__setattr__(cfg, name, int(v))
+
+
+def check_source(config: TrainConfig, source, *, ranks: int = 1, names: dict | None = None):
+    """What the loop would reject about data source SRC, from its header (no samples read): shape (2C
+    channels for posterior latents), labels of a class-conditional preset, the evaluation subset, the
+    batch split over ranks. Returns the source's SourceInfo.
+
+    names: how errors name "data", "preset", "eval_n_samples" and "batch_n_img" (a CLI passes its flags).
+    """
+    from lossfloor.data import open_source
+
+    n = {"data": "data", "preset": "preset", "eval_n_samples": "eval_n_samples", "batch_n_img": "batch_n_img",
+         **(names or {})}
+    R = resolve(config)
+    info = open_source(source, config.latents).info()  # InputError for a missing / unknown source
+    unet = R.preset.unet
+    channels = (2 if config.latents == "posterior" else 1) * unet.img_channels  # posterior: [mean, std]
+    expected = (channels, unet.img_resolution, unet.img_resolution)
+    if tuple(info.sample_shape) != expected:
+        raise InputError(f"{n['data']} {source}: samples of shape {tuple(info.sample_shape)}, but {n['preset']} "
+                         f"{R.preset.name} expects {expected}")
+    if config.conditional and unet.label_dim > 0 and not info.has_labels:
+        raise InputError(f"{n['data']} {source}: {n['preset']} {R.preset.name} is class-conditional but the data "
+                         "has no labels; pass labelled data or set conditional=False")
+    if config.eval_n_samples >= info.count:
+        raise InputError(f"{n['eval_n_samples']}: {config.eval_n_samples} must be less than the {info.count} "
+                         f"samples of the data (some must remain for training); e.g. {max(1, info.count // 8)}")
+    ranks = max(ranks, 1)
+    if R.batch_n_img % (ranks * config.accum_rounds):
+        raise InputError(f"{n['batch_n_img']}: {R.batch_n_img} must split evenly over {ranks} worker(s) x "
+                         f"{config.accum_rounds} accumulation round(s)")
+    return info
