@@ -205,36 +205,16 @@ def parse_sigmas(text: str) -> tuple[float, ...]:
 # --- J* of the total loss -----------------------------------------------------------------------------
 
 
-def total_weights(config) -> np.ndarray:
-    """c_k = pi_k w(sigma_k) of the evaluation's total, sum_k c_k J_k (lossfloor.train.evaluation), for a
-    TrainConfig with eval_sigmas and a J* table."""
-    import torch
-
-    from lossfloor.diffusion import get_preconditioning
-    from lossfloor.train import resolve
-    from lossfloor.train.evaluation import quadrature_weights
-    from lossfloor.train.schedules import JStarCurve, build_schedule
-
-    R = resolve(config)
-    precond = get_preconditioning(config.process, sigma_data=R.preset.sigma_data if config.process == "edm" else None)
-    curve = JStarCurve.from_path(config.jstar) if config.jstar else None
-    schedule = build_schedule(R.schedule, precond, P_mean=R.preset.P_mean, P_std=R.preset.P_std, jstar=curve)
-    sig = torch.as_tensor(R.eval_sigmas, dtype=torch.float64)
-    w = schedule.weight(sig).to(torch.float64).numpy()
-    return quadrature_weights(R.eval_sigmas, schedule.reference_density) * w
-
-
-def total_j_star(config, table) -> tuple[float, float, float]:
-    """(J* of the total loss, its interval's low and high ends) = Σ_k c_k (J*, ci_low, ci_high)(σ_k), x0 units.
-
-    The ends add linearly, i.e. as if the per-σ errors were fully correlated (they share their queries
-    and the estimator's bias): never an understatement.
-    """
-    c = total_weights(config)
-    x0 = table.x0()
-    sig = np.log(x0.sigma)
-    x = np.log(np.asarray(config.eval_sigmas, dtype=np.float64))
-    return tuple(float(np.sum(c * np.interp(x, sig, v))) for v in (x0.j_star, x0.ci_low, x0.ci_high))
+def total_j_star(curves) -> tuple[float, float, float]:
+    """(J*, ci_low, ci_high) of the total weighted loss, as the training loop wrote it in the total rows
+    (sigma null) of the loss curves: sum_k pi_k w_k J*_k and the same sums of the interval's ends
+    (lossfloor.train.evaluation). Every model of the ladder has the same schedule weighting and grid,
+    hence the same total J*; a mismatch is an error."""
+    rows = [r for r in curves.to_pylist() if r["sigma"] is None]
+    values = {(r["j_star"], r["j_star_ci_low"], r["j_star_ci_high"]) for r in rows}
+    if len(values) != 1 or None in next(iter(values)):
+        raise InputError(f"loss curves: expected one total J* over the models' total rows, found {sorted(values)}")
+    return tuple(float(v) for v in values.pop())
 
 
 # --- Training one rung (runs in this process or in a Ray task) ----------------------------------------

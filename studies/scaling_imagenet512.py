@@ -575,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
 
         curves = pa.concat_tables([pq.read_table(st.dir / "loss_curve.parquet").replace_schema_metadata(None)
                                    for st in stages])
-        total_js = _scaling.total_j_star(configs[0], table)
+        total_js = _scaling.total_j_star(curves)
         fit_stage = Stage("fit", {"estimate": est_stage.hash, "train": sorted(st.hash for st in stages),
                                   "sigmas": list(fit_sigmas), "bootstrap": b.bootstrap, "seed": args.seed,
                                   "holdout": "largest", "total_j_star": list(total_js)}, args.out)

@@ -5,11 +5,12 @@ differences between checkpoints are differences between models, not between draw
 k the noise is drawn from a CPU generator seeded by (seed, k); sample i of the subset always gets row
 i of it, whatever the batch size, device or number of ranks.
 
-Reported per sigma_k: J_k = mean over the subset of ||D - x0||^2 (x0 units), J*_k (if a J* table is
-given) and the gap J_k - J*_k. Totals: the schedule's weighted loss sum_k pi_k w(sigma_k) J_k, with
+Reported per sigma_k: J_k = mean over the subset of ||D - x0||^2 (x0 units), J*_k and its 95 % interval
+(if a J* table is given) and the gap J_k - J*_k. Totals: the schedule's weighted loss sum_k pi_k w(sigma_k) J_k, with
 pi_k ∝ rho(sigma_k) dlnsigma_k, rho the schedule's reference density of ln sigma (EDM2/FM: the log-normal
 it samples from; optimal-loss: uniform over its range) and dlnsigma_k the trapezoid widths of the grid in
-ln sigma; and the same sum of w (J_k - J*_k) as the total gap.
+ln sigma; the same sum of w J*_k (and of the interval's ends) as the total's J*, and of w (J_k - J*_k) as
+the total gap.
 """
 
 from __future__ import annotations
@@ -33,21 +34,37 @@ class EvalResult:
     sigma: np.ndarray
     loss: np.ndarray  # J_sigma, x0 units
     j_star: np.ndarray | None  # J*_sigma, x0 units
+    j_star_ci: tuple[np.ndarray, np.ndarray] | None  # its 95 % interval (low, high), x0 units
     gap: np.ndarray | None  # J_sigma - J*_sigma
     weight: np.ndarray  # w(sigma_k)
     quadrature: np.ndarray  # pi_k, sums to 1
     total: float  # sum_k pi_k w_k J_k
     total_gap: float | None  # sum_k pi_k w_k (J_k - J*_k)
 
+    @property
+    def coefficients(self) -> np.ndarray:
+        """c_k = pi_k w_k: the total of any per-sigma quantity q is sum_k c_k q_k."""
+        return self.quadrature * self.weight
+
     def rows(self) -> list[dict]:
-        """One dict per sigma plus one with sigma None for the totals: sigma, loss, gap, j_star."""
+        """One dict per sigma plus one with sigma None for the totals: sigma, loss, gap, j_star and its
+        interval (j_star_ci_low, j_star_ci_high), the total row's the weighted sums."""
+        def at(values, k):
+            return None if values is None else float(values[k])
+
+        lo, hi = self.j_star_ci if self.j_star_ci is not None else (None, None)
         out = [
-            {"sigma": float(s), "loss": float(self.loss[k]),
-             "gap": None if self.gap is None else float(self.gap[k]),
-             "j_star": None if self.j_star is None else float(self.j_star[k])}
+            {"sigma": float(s), "loss": float(self.loss[k]), "gap": at(self.gap, k), "j_star": at(self.j_star, k),
+             "j_star_ci_low": at(lo, k), "j_star_ci_high": at(hi, k)}
             for k, s in enumerate(self.sigma)
         ]
-        out.append({"sigma": None, "loss": self.total, "gap": self.total_gap, "j_star": None})
+        c = self.coefficients
+
+        def total(values):
+            return None if values is None else float(np.sum(c * values))
+
+        out.append({"sigma": None, "loss": self.total, "gap": self.total_gap, "j_star": total(self.j_star),
+                    "j_star_ci_low": total(lo), "j_star_ci_high": total(hi)})
         return out
 
 
@@ -76,10 +93,12 @@ def eval_noise(seed: int, k: int, n: int, sample_shape) -> torch.Tensor:
 def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, sigmas, *, seed: int,
              weight: Callable[[torch.Tensor], torch.Tensor],
              reference_density: Callable[[torch.Tensor], torch.Tensor],
-             j_star: Callable[[torch.Tensor], torch.Tensor] | None = None, batch: int = 256,
+             j_star=None, batch: int = 256,
              rank: int = 0, world_size: int = 1, device="cpu") -> EvalResult:
     """Evaluate denoiser(x_hat, sigma, labels) on the fixed subset x0 (N, C, H, W) at each sigma.
 
+    j_star: J*(sigma) as a callable of a sigma tensor (a `JStarCurve`, whose `interval` also gives the
+    interval), or None.
     With world_size > 1 each rank evaluates samples rank, rank + world_size, ... and the per-sigma sums
     are all-reduced, so every rank returns the same result.
     """
@@ -104,8 +123,10 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
     w = weight(sig_t).to(torch.float64).numpy()
     pi = quadrature_weights(sigmas, reference_density)
     js = None if j_star is None else j_star(sig_t).to(torch.float64).numpy()
+    ci = None if j_star is None or not hasattr(j_star, "interval") else j_star.interval(sig_t)
+    ci = None if ci is None else tuple(v.to(torch.float64).numpy() for v in ci)
     gap = None if js is None else loss - js
     return EvalResult(
-        sigma=sigmas, loss=loss, j_star=js, gap=gap, weight=w, quadrature=pi,
+        sigma=sigmas, loss=loss, j_star=js, j_star_ci=ci, gap=gap, weight=w, quadrature=pi,
         total=float(np.sum(pi * w * loss)), total_gap=None if gap is None else float(np.sum(pi * w * gap)),
     )

@@ -150,10 +150,19 @@ class JStarCurve:
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
         """J*(sigma) for a tensor of sigmas, same dtype and device."""
+        return self._interp(self.j_star, sigma)
+
+    def interval(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(ci_low, ci_high) of J* at sigma, interpolated like J*; None for a table without an interval."""
+        if self.ci_low is None or self.ci_high is None:
+            return None
+        return self._interp(self.ci_low, sigma), self._interp(self.ci_high, sigma)
+
+    def _interp(self, values: np.ndarray, sigma: torch.Tensor) -> torch.Tensor:
         shape = sigma.shape
         x = torch.log(sigma.to(torch.float64)).flatten()  # (n,)
         xp = torch.as_tensor(np.log(self.sigma), device=sigma.device)  # (K,)
-        fp = torch.as_tensor(self.j_star, device=sigma.device)
+        fp = torch.as_tensor(values, dtype=torch.float64, device=sigma.device)
         if len(xp) == 1:
             return fp.expand(shape).to(sigma.dtype)
         i = (x[:, None] >= xp).sum(1).clamp(1, len(xp) - 1)  # (n, K) -> (n,): xp[i-1] <= x < xp[i] inside
