@@ -10,7 +10,6 @@ sys.path (`platform/` is the source root, never a package).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -63,11 +62,3 @@ def run_study(name: str, parse_args, run, argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
-
-
-def write_json(obj, path: Path) -> Path:
-    """Write JSON atomically (lossfloor.atomic.write_atomic); values JSON cannot hold are written as str."""
-    from lossfloor.atomic import write_atomic
-
-    text = json.dumps(obj, indent=1, default=str)
-    return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))

@@ -1,80 +1,20 @@
-"""Helpers of the scaling study (studies/scaling_imagenet512.py): hash-addressed stages, the model
-ladders, the choice of σ, J* of the total loss, training the ladder (this process, Ray Train or Ray
-tasks) and the table of ρ it prints.
-
-A stage's output folder is `OUT/<stage>-<hash>`, the hash being sha256 of the stage's config (JSON,
-sorted keys), so a rerun with the same config finds the folder and, when its marker `DONE.json` exists
-(written last, atomically), skips the work. A stage killed half-way leaves no marker: the rerun redoes
-it (training resumes from its newest checkpoint in the same folder).
+"""Helpers of the scaling study (studies/scaling_imagenet512.py): the model ladders and their budgets,
+the choice of σ, J* of the total loss from the loss curves, and the table of ρ it prints. Stages
+(`lossfloor.jobs.stages`) and training the ladder (`lossfloor.jobs.train`) are jobs of the package.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from _common import write_json
 
-from lossfloor.atomic import write_npz
 from lossfloor.errors import InputError
 
 log = logging.getLogger("scaling_imagenet512")
-
-MARKER = "DONE.json"  # written last: the stage is finished
-HASH_CHARS = 12
-
-
-# --- Hash-addressed stages ----------------------------------------------------------------------------
-
-
-def config_hash(config: dict) -> str:
-    """sha256 (12 hex digits) of a JSON-able config, keys sorted."""
-    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage of the study: `OUT/<name>-<hash of config>`, finished when its marker exists."""
-
-    name: str  # "estimate", "train-<model>", "fit"
-    config: dict
-    out: Path
-
-    @property
-    def hash(self) -> str:
-        return config_hash(self.config)
-
-    @property
-    def dir(self) -> Path:
-        return self.out / f"{self.name}-{self.hash}"
-
-    @property
-    def done(self) -> bool:
-        return (self.dir / MARKER).is_file()
-
-    def begin(self) -> Path:
-        """Create the folder and record the config in it (config.json); returns the folder."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json({"stage": self.name, "hash": self.hash, "config": self.config}, self.dir / "config.json")
-        return self.dir
-
-    def finish(self, result: dict) -> None:
-        """Write the marker (last): the stage's result summary, read back by a rerun."""
-        write_json({"stage": self.name, "hash": self.hash, "config": self.config, "result": result,
-                    "finished_unix_s": time.time()}, self.dir / MARKER)
-
-    def result(self) -> dict:
-        return json.loads((self.dir / MARKER).read_text(encoding="utf-8"))["result"]
-
 
 # --- Model ladders ------------------------------------------------------------------------------------
 
@@ -215,138 +155,6 @@ def total_j_star(curves) -> tuple[float, float, float]:
     if len(values) != 1 or None in next(iter(values)):
         raise InputError(f"loss curves: expected one total J* over the models' total rows, found {sorted(values)}")
     return tuple(float(v) for v in values.pop())
-
-
-# --- Training one rung (runs in this process or in a Ray task) ----------------------------------------
-
-
-def train_one(config, data_src: str, max_samples: int | None, checkpoint_dir: str, device: str | None,
-              threads: int) -> dict:
-    """Train (or resume) one model of the ladder; returns its tables and counts as plain data.
-
-    Nothing here talks to MLflow: the driver logs what comes back (DESIGN: workers never write runs).
-    """
-    import logging
-
-    import torch
-
-    from lossfloor.data import load
-    from lossfloor.train import train
-
-    if not logging.getLogger().handlers:  # a Ray worker: show the loop's progress lines (rate, ETA) in the job log
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
-    torch.set_num_threads(threads)
-    data = load(data_src, max_samples=max_samples)
-    t0 = time.monotonic()
-    res = train(config, data, checkpoint_dir=checkpoint_dir, device=device)
-    return {
-        "run": res.run, "model": res.model, "params": res.params, "forward_flops": res.forward_flops,
-        "n_img": res.n_img, "step": res.step, "loss_curve": res.loss_curve, "train_log": res.train_log,
-        "train_s": time.monotonic() - t0, "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
-    }
-
-
-# --- Training the ladder on a Ray cluster (the driver's side) ------------------------------------------
-
-def run_ladder(args, b: Budget, ds, todo: list[tuple[Stage, object]], on_done) -> None:
-    """Train the models of `todo` ((stage, TrainConfig), largest last) and call on_done(stage, result) for
-    each as it finishes: this process, one after the other (--engine local); or concurrently on the
-    cluster, largest first, each on Ray Train (--trainer ray-train) or as one Ray task (--trainer tasks)."""
-    if not todo:
-        return
-    if args.engine == "local":
-        for stage, cfg in todo:
-            log.info("train %s: %d images in batches of %d, into %s", cfg.preset_obj.name, cfg.duration_n_img,
-                     cfg.batch_n_img, stage.dir)
-            result = train_one(cfg, args.data, b.max_samples, str(stage.begin()), None, args.cpus_per_worker)
-            on_done(stage, result)
-        return
-    if args.trainer == "ray-train":
-        try:
-            import lossfloor.ray.train  # noqa: F401
-        except ImportError as e:
-            log.warning("--trainer ray-train: lossfloor.ray.train cannot be imported (%s); training each model as "
-                        "one Ray task instead (--trainer tasks)", e)
-        else:
-            _ladder_on_ray_train(args, b, ds, todo, on_done)
-            return
-    import ray
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers have lossfloor, not studies/
-    task = ray.remote(train_one).options(num_cpus=args.cpus_per_worker,
-                                                  num_gpus=args.gpus_per_worker or None, max_retries=0)
-    device = "cuda" if args.gpus_per_worker > 0 else "cpu"
-    pending = {}
-    for stage, cfg in reversed(todo):  # largest first: the longest task starts first
-        stage.begin()
-        ref = task.remote(cfg, args.data, b.max_samples, str(stage.dir), device, args.cpus_per_worker)
-        pending[ref] = stage
-        log.info("train %s: submitted as a Ray task (%d images in batches of %d)", cfg.preset_obj.name,
-                 cfg.duration_n_img, cfg.batch_n_img)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        stage = pending.pop(ready[0])
-        on_done(stage, ray.get(ready[0]))
-
-
-def _worker_data(args, b: Budget, ds) -> str:
-    """A source the Ray Train workers load whole: --data, or (with a sample cap) the capped samples
-    written once as OUT/data-<fingerprint>.npz (same samples, same fingerprint)."""
-    if b.max_samples is None or b.max_samples >= args.n_source:
-        return args.data
-
-    from lossfloor.data import load
-
-    path = (args.out / f"data-{ds.fingerprint[:12]}.npz").absolute()
-    if not path.is_file():
-        arrays = {"x": ds.samples} | ({} if ds.labels is None else {"labels": ds.labels})
-        write_npz(path, arrays)
-    if load(path).fingerprint != ds.fingerprint:
-        raise InputError(f"{path}: the capped data set does not read back with fingerprint {ds.fingerprint[:12]}")
-    return str(path)
-
-
-def _ladder_on_ray_train(args, b: Budget, ds, todo, on_done) -> None:
-    """Each model by `lossfloor.ray.train.train_on_ray` into its stage folder, the models concurrently
-    (one driver thread per model; Ray queues what the cluster cannot fit)."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    import pyarrow.parquet as pq
-
-    from lossfloor.ray.train import train_on_ray
-    from lossfloor.train import forward_flops
-
-    source = _worker_data(args, b, ds)
-
-    def one(stage: Stage, cfg) -> dict:
-        stage.begin()
-        run = train_on_ray(cfg, source, workers=args.train_workers, gpus_per_worker=args.gpus_per_worker,
-                           cpus_per_worker=args.cpus_per_worker, storage_path=str(args.out.absolute()),
-                           name=stage.dir.name, address=args.ray_address)
-        curve = pq.read_table(stage.dir / "loss_curve.parquet").to_pylist()
-        unet = cfg.preset_obj.unet if cfg.conditional else dataclasses.replace(cfg.preset_obj.unet, label_dim=0)
-        return {"run": curve[-1]["run"], "model": curve[-1]["model"], "params": curve[-1]["params"],
-                "forward_flops": forward_flops(unet, cfg.flop_convention), "n_img": curve[-1]["images"],
-                "step": curve[-1]["step"], "loss_curve": curve,
-                "train_log": pq.read_table(stage.dir / "train_log.parquet").to_pylist(), "train_s": run.wall_s,
-                "device": "cuda" if args.gpus_per_worker > 0 else "cpu"}
-
-    with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="train") as pool:
-        futures = {}
-        for stage, cfg in reversed(todo):  # largest first
-            futures[pool.submit(one, stage, cfg)] = stage
-            log.info("train %s: on Ray Train, %d worker(s) (%d images in batches of %d)", cfg.preset_obj.name,
-                     args.train_workers, cfg.duration_n_img, cfg.batch_n_img)
-        for future in as_completed(futures):
-            on_done(futures[future], future.result())
-
-
-def connect_ray(args) -> None:
-    """Attach to --ray-address (a Ray job's own), or start a local Ray for this study alone."""
-    from lossfloor.ray.cluster import connect
-
-    connect(args.ray_address, flag="--ray-address")
 
 
 # --- The ρ table --------------------------------------------------------------------------------------

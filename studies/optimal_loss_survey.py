@@ -30,10 +30,11 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_output_args, default_out, ensure_lossfloor, run_study, write_json
+from _common import add_output_args, default_out, ensure_lossfloor, run_study
 
 ensure_lossfloor()
 
+from lossfloor.atomic import write_json  # noqa: E402
 from lossfloor.errors import InputError  # noqa: E402
 
 log = logging.getLogger("optimal_loss_survey")
@@ -156,18 +157,11 @@ def describe_plan(args: argparse.Namespace, plan: list[DataPlan], sigmas, uri: s
 
 def run_estimate(args: argparse.Namespace, d: DataPlan, samples, fingerprint: str, sigmas):
     """J*(σ) in x0 units with the chosen engine, resumable from OUT/work."""
-    cfg = estimator_config(args, d.estimator)
-    work = args.out / "work"
-    if args.engine == "ray":
-        try:
-            from lossfloor.ray import RayEngine, estimate_ray
-        except ImportError as e:
-            raise InputError(f"--engine ray: lossfloor.ray cannot be imported ({e}); use --engine local") from None
-        engine = RayEngine(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
-        return estimate_ray(samples, sigmas, cfg, engine=engine, fingerprint=fingerprint, work_parent=work).result
-    from lossfloor.floor.resume import estimate_resumable
+    from lossfloor.jobs import estimate
 
-    return estimate_resumable(samples, sigmas, cfg, fingerprint=fingerprint, work_parent=work)
+    ray = estimate.RayOptions(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
+    return estimate.estimate(samples, sigmas, estimator_config(args, d.estimator), engine=args.engine, ray=ray,
+                             fingerprint=fingerprint, work_parent=args.out / "work")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -227,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         parent.log_artifact(html)
         meta = {"tracking_uri": uri, "experiment": args.experiment, "parent_run_id": parent.run_id,
                 "sigma_grid": args.sigma_grid, "targets": list(TARGETS), "data_sets": summary}
-        parent.log_artifact(write_json(meta, args.out / "summary.json"))
+        parent.log_artifact(write_json(args.out / "summary.json", meta))
 
     for s in summary:
         star = "undefined" if s["sigma_star"] is None else f"{s['sigma_star']:.4g}"

@@ -43,14 +43,16 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, _scaling, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, add_output_args, default_out, ensure_lossfloor, run_study, write_json
+from _common import REPO_ROOT, add_output_args, default_out, ensure_lossfloor, run_study
 
 ensure_lossfloor()
 
 import _scaling  # noqa: E402
-from _scaling import Budget, Stage  # noqa: E402
+from _scaling import Budget  # noqa: E402
 
+from lossfloor.atomic import write_json  # noqa: E402
 from lossfloor.errors import InputError  # noqa: E402
+from lossfloor.jobs.stages import Stage  # noqa: E402
 
 log = logging.getLogger("scaling_imagenet512")
 
@@ -292,22 +294,16 @@ def use_given_table(path: Path, table, stage: Stage) -> None:
 def run_estimate(args, b: Budget, ds, stage: Stage):
     from lossfloor.diffusion import parse_sigma_grid
     from lossfloor.floor import build_table, write_table
+    from lossfloor.jobs import estimate
 
     folder = stage.begin()
     sigmas = parse_sigma_grid(b.sigma_grid)
     cfg = estimator_config(args, b)
     t0 = time.monotonic()
-    if args.engine == "ray":
-        from lossfloor.ray import RayEngine, estimate_ray
-
-        engine = RayEngine(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                           cpus_per_worker=float(args.cpus_per_worker))
-        est = estimate_ray(ds.samples, sigmas, cfg, engine=engine, fingerprint=ds.fingerprint,
-                           work_dir=folder / "work").result.estimate
-    else:
-        from lossfloor.floor.resume import estimate_resumable
-
-        est = estimate_resumable(ds.samples, sigmas, cfg, fingerprint=ds.fingerprint, work_dir=folder / "work").estimate
+    ray = estimate.RayOptions(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                              cpus_per_worker=float(args.cpus_per_worker))
+    est = estimate.estimate(ds.samples, sigmas, cfg, engine=args.engine, ray=ray, fingerprint=ds.fingerprint,
+                            work_dir=folder / "work").estimate
     table = build_table(est, target="x0", fingerprint=ds.fingerprint)
     write_table(table, folder / "jstar.parquet")
     stage.finish({"jstar": "jstar.parquet", "sigma_star": table.sigma_star,
@@ -350,27 +346,6 @@ def train_stage(args, config, estimate_stage: Stage, fingerprint: str, b: Budget
                                                      "max_samples": b.max_samples}, args.out)
 
 
-def _write_tables(stage: Stage, config, result: dict) -> None:
-    """The run folder's tables, where the worker's copy is not visible (a Ray task on another node):
-    written from the rows that came back, with the loop's metadata (lossfloor.tracking.train reads it)."""
-    from lossfloor.train import CURVE_SCHEMA, FLOP_CONVENTION, TRAIN_LOG_SCHEMA
-    from lossfloor.train.curves import write_rows
-
-    meta = {"flop_convention": FLOP_CONVENTION, "forward_flops": repr(result["forward_flops"]), "run": result["run"],
-            "config": json.dumps(config.to_dict())}
-    for name, rows, schema in (("loss_curve.parquet", result["loss_curve"], CURVE_SCHEMA),
-                               ("train_log.parquet", result["train_log"], TRAIN_LOG_SCHEMA)):
-        if not (stage.dir / name).is_file():
-            write_rows(rows, schema, stage.dir / name, meta)
-
-
-def _marker(result: dict, engine: str) -> dict:
-    totals = [r for r in result["loss_curve"] if r["sigma"] is None]
-    return {k: result[k] for k in ("run", "model", "params", "forward_flops", "n_img", "step", "train_s", "device")} | {
-        "engine": engine, "final_total": totals[-1]["loss"] if totals else None,
-        "final_flops": totals[-1]["flops"] if totals else None, "n_evals": len(totals)}
-
-
 # --- Stage 4: fits ---------------------------------------------------------------------------------------
 
 
@@ -401,7 +376,7 @@ def run_fits(args, b: Budget, stage: Stage, curves, table, fit_sigmas, total_js)
         fits[key] = d
         log.info("fit %s: raw |rho| %.4f, corrected |rho| %s", key, d["raw"]["abs_rho"],
                  "-" if d["corrected"] is None else f"{d['corrected']['abs_rho']:.4f}")
-    write_json(fits, folder / "fits.json")
+    write_json(folder / "fits.json", fits)
     stage.finish({"fits": "fits.json", "quantities": list(fits), "seconds": time.monotonic() - t0,
                   "rho": _scaling.rho_table(fits)})
     return fits
@@ -483,6 +458,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lossfloor.data import load
     from lossfloor.floor import read_table
+    from lossfloor.jobs import train as jobs_train
     from lossfloor.tracking import log_estimate, start_run
 
     # 1. data
@@ -494,8 +470,10 @@ def run(args: argparse.Namespace) -> int:
              ds.fingerprint[:12])
     given = given_table(args.j_star, ds) if args.j_star is not None else None  # checked before anything is written
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.engine == "ray":
-        _scaling.connect_ray(args)
+    if args.engine == "ray":  # attach to the job's cluster by its address (or start a local Ray)
+        from lossfloor.ray.cluster import connect
+
+        connect(args.ray_address, flag="--ray-address")
 
     study_tags = {"lossfloor.kind": "study", "lossfloor.study": STUDY, "lossfloor.preset": args.preset}
     skipped: dict[str, bool] = {}
@@ -549,22 +527,23 @@ def run(args: argparse.Namespace) -> int:
         # 3. the ladder
         configs = train_configs(args, b, jstar_path, eval_sigmas)
         stages = [train_stage(args, cfg, est_stage, ds.fingerprint, b) for cfg in configs]
-        by_stage = {st.name: (st, cfg) for st, cfg in zip(stages, configs)}
         for st in stages:
             skipped[st.name] = st.done
             if st.done:
                 log.info("stage %s: finished earlier in %s, skipped", st.name, st.dir)
         todo = [(st, cfg) for st, cfg in zip(stages, configs) if not st.done]
 
-        def finished(stage: Stage, result: dict) -> None:
-            _write_tables(stage, by_stage[stage.name][1], result)
-            stage.finish(_marker(result, args.engine))
+        def finished(stage: Stage, result: dict) -> None:  # the stage's DONE.json summary
             log.info("train %s: %d images in %.0f s, final total loss %.4g", result["model"], result["n_img"],
-                     result["train_s"], stage.result()["final_total"])
+                     result["train_s"], result["final_total"])
             log_train_child(parent, args, uri, stage, cached=False, samples=b.samples)
 
         log.info("stage train: %d model(s) to train, %d finished earlier", len(todo), len(stages) - len(todo))
-        _scaling.run_ladder(args, b, ds, todo, finished)
+        resources = jobs_train.Resources(engine=args.engine, trainer=args.trainer, train_workers=args.train_workers,
+                                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                                         address=args.ray_address)
+        jobs_train.train_ladder(todo, data=args.data, ds=ds, out=args.out, resources=resources, on_done=finished,
+                                max_samples=b.max_samples, n_source=args.n_source)
         for st in stages:
             if skipped[st.name]:
                 log_train_child(parent, args, uri, st, cached=True, samples=b.samples)
@@ -601,7 +580,7 @@ def run(args: argparse.Namespace) -> int:
                        [("estimate", est_stage), *[(s.name, s) for s in stages], ("fit", fit_stage)]},
             "rho": rows, "seconds": time.monotonic() - t_start,
         }
-        parent.log_artifact(write_json(summary, args.out / "summary.json"))
+        parent.log_artifact(write_json(args.out / "summary.json", summary))
 
     n_trained = sum(not skipped[st.name] for st in stages)
     print(f"\nscaling study ({args.preset}) finished in {time.monotonic() - t_start:.0f} s: "

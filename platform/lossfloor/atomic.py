@@ -3,10 +3,12 @@
     write_atomic(path, lambda p: pq.write_table(table, p))     # any writer that takes a path
     write_npz(path, {"x": x, "labels": labels})                # numpy arrays
     write_output(path, text)                                   # a command's text output (--out)
+    write_json(path, obj)                                      # JSON (values JSON cannot hold as str)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -59,3 +61,9 @@ def write_output(path: str | os.PathLike, text: str, flag: str = "--out") -> Pat
         return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
     except OSError as e:
         raise InputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int = 1) -> Path:
+    """`obj` as JSON, written atomically; values JSON cannot hold (paths, ...) are written as str."""
+    text = json.dumps(obj, indent=indent, default=str)
+    return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))

@@ -224,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.data import load, read_meta
     from lossfloor.data.shards import is_shard_dir
     from lossfloor.diffusion import check_target, parse_sigma_grid, parse_sigmas
-    from lossfloor.floor import EstimatorConfig, build_table, estimate_resumable, write_table
+    from lossfloor.floor import EstimatorConfig, build_table, write_table
+    from lossfloor.jobs.estimate import RayOptions, estimate
 
     _check_args(args)
     target = check_target(args.target, field="--target")
@@ -261,17 +262,12 @@ def run(args: argparse.Namespace) -> int:
         samples, fingerprint, normalisation = data.samples, data.fingerprint, data.normalisation
     # the table says which floor it is for latent data (mean or posterior), nothing for other data
     latents = args.latents if normalisation.startswith("edm2-latent") else ""
-    if args.engine == "ray":
-        from lossfloor.ray import RayEngine, estimate_ray
-
-        engine = RayEngine(address=args.address, workers=args.workers or 1,
-                           gpus_per_worker=args.gpus_per_worker or 0.0, cpus_per_worker=args.cpus_per_worker)
-        est = estimate_ray(
-            samples, sigmas, config, engine=engine, fingerprint=fingerprint, work_dir=args.work_dir,
-            work_parent=None if args.work_dir else Path(args.out).resolve().parent,
-        ).result.estimate
-    else:
-        est = estimate_resumable(samples, sigmas, config, fingerprint=fingerprint, work_dir=args.work_dir).estimate
+    ray = RayOptions(address=args.address, workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0.0,
+                     cpus_per_worker=args.cpus_per_worker)
+    # the Ray engine always keeps a work folder: by default beside --out, named by the config's hash
+    work_parent = Path(args.out).resolve().parent if args.engine == "ray" and not args.work_dir else None
+    est = estimate(samples, sigmas, config, engine=args.engine, ray=ray, fingerprint=fingerprint,
+                   work_dir=args.work_dir, work_parent=work_parent).estimate
     table = build_table(est, target=target, fingerprint=fingerprint, threshold=args.sigma_star_threshold,
                         latents=latents)
     write_table(table, args.out)

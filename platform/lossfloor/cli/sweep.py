@@ -160,12 +160,14 @@ def jstar_path(args: argparse.Namespace, *, create: bool) -> str:
     if create and not path.is_file():
         from lossfloor.data import load
         from lossfloor.diffusion import parse_sigma_grid
-        from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
+        from lossfloor.floor import EstimatorConfig, build_table, write_table
+        from lossfloor.jobs.estimate import estimate
 
         ds = load(args.data)
         log.info("no --j-star: estimating J* of %s (exact, %s) into %s", args.data, JSTAR_GRID, path)
-        est = estimate(ds.samples, parse_sigma_grid(JSTAR_GRID), EstimatorConfig(estimator="exact", queries_per_sample=1,
-                                                                                seed=args.seed), progress=False)
+        cfg = EstimatorConfig(estimator="exact", queries_per_sample=1, seed=args.seed)
+        est = estimate(ds.samples, parse_sigma_grid(JSTAR_GRID), cfg, fingerprint=ds.fingerprint,
+                       progress=False).estimate
         path.parent.mkdir(parents=True, exist_ok=True)
         write_table(build_table(est, target="x0", fingerprint=ds.fingerprint), path)
     return str(path)

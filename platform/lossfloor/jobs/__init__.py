@@ -1,0 +1,11 @@
+"""Jobs: the one way commands and studies run work, locally or on Ray (ARCHITECTURE.md).
+
+    jobs.estimate   J*(σ) of a data set on the local engine or Ray Data, resumable from a work folder
+    jobs.stages     hash-addressed stage folders (DONE.json written last): a rerun skips finished work
+    jobs.train      one model, or a ladder of models, in this process, as Ray tasks or on Ray Train
+    jobs.sweep      a Ray Tune sweep of the optimal-loss schedule from command-line style arguments
+
+A command (`lossfloor.cli`) or a study (`studies/`) parses its flags, builds configs and calls a job; a
+job imports Ray only in its Ray branch, and `lossfloor.ray` / `lossfloor.tracking` / `lossfloor.pages`
+adapt the core for it.
+"""
