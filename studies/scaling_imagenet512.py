@@ -51,7 +51,7 @@ import _scaling  # noqa: E402
 from _scaling import Budget  # noqa: E402
 
 from lossfloor.atomic import write_json  # noqa: E402
-from lossfloor.errors import InputError  # noqa: E402
+from lossfloor.errors import InputError, JStarNotBelowLoss  # noqa: E402
 from lossfloor.jobs.stages import Stage  # noqa: E402
 
 log = logging.getLogger("scaling_imagenet512")
@@ -364,9 +364,7 @@ def run_fits(args, b: Budget, stage: Stage, curves, table, fit_sigmas, total_js)
         note = None
         try:
             f = fit_all(curves, j_star=js, sigma=sigma, bootstrap=b.bootstrap, holdout=True, seed=args.seed)
-        except InputError as e:
-            if "must be below the smallest loss" not in str(e):
-                raise
+        except JStarNotBelowLoss as e:
             # J* reached within evaluation noise: the corrected form cannot be fitted; say so, fit the others
             note = f"corrected: not fitted: {e}"
             f = fit_all(curves, sigma=sigma, bootstrap=b.bootstrap, holdout=True, seed=args.seed)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lossfloor import cli
-from lossfloor.errors import InputError
+from lossfloor.errors import InputError, JStarNotBelowLoss
 from lossfloor.scaling import (
     as_curves,
     envelope,
@@ -220,7 +220,7 @@ def test_holdout_prediction_intervals():
 def test_j_star_at_or_above_the_smallest_loss_is_rejected():
     data, _ = ladder(n_models=3)
     for j_star in (float(data["loss"].min()), 1.0):
-        with pytest.raises(InputError, match="smallest loss"):
+        with pytest.raises(JStarNotBelowLoss, match="smallest loss"):  # a typed InputError callers can catch
             fit_all(data, j_star=j_star, bootstrap=0)
 
 

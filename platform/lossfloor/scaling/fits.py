@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lossfloor.errors import InputError
+from lossfloor.errors import InputError, JStarNotBelowLoss
 from lossfloor.scaling.data import Curves, as_curves, j_star_at, load_j_star_table
 from lossfloor.scaling.envelope import N_GRID, Envelope, envelope_from_runs, interpolate_runs, log_grid
 from lossfloor.scaling.powerlaw import (
@@ -456,7 +456,7 @@ def fit_all(
     jv = resolve_j_star(j_star, j_star_stderr, data.sigma)
     js = None if jv is None else jv.value
     if js is not None and not js < data.min_loss:
-        raise InputError(
+        raise JStarNotBelowLoss(
             f"{data.source}: J* = {js:.6g} ({jv.source}) must be below the smallest loss "
             f"{data.min_loss:.6g} in column 'loss'; the gap J - J* must be positive"
         )
