@@ -14,7 +14,6 @@ running the local loop (`trainer="tasks"`), or on Ray Train with `train_workers`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -169,7 +168,7 @@ def _ladder_on_ray_train(todo, source: str, resources: Resources, out: Path, fin
     import pyarrow.parquet as pq
 
     from lossfloor.ray.train import train_on_ray
-    from lossfloor.train import forward_flops
+    from lossfloor.train import forward_flops, resolve
 
     def one(stage: Stage, cfg) -> dict:
         stage.begin()
@@ -177,7 +176,7 @@ def _ladder_on_ray_train(todo, source: str, resources: Resources, out: Path, fin
                            cpus_per_worker=resources.cpus_per_worker, storage_path=str(Path(out).absolute()),
                            name=stage.dir.name, address=resources.address)
         curve = pq.read_table(stage.dir / "loss_curve.parquet").to_pylist()
-        unet = cfg.preset_obj.unet if cfg.conditional else dataclasses.replace(cfg.preset_obj.unet, label_dim=0)
+        unet = resolve(cfg).unet
         return {"run": curve[-1]["run"], "model": curve[-1]["model"], "params": curve[-1]["params"],
                 "forward_flops": forward_flops(unet, cfg.flop_convention), "n_img": curve[-1]["images"],
                 "step": curve[-1]["step"], "loss_curve": curve,

@@ -254,29 +254,12 @@ def samples_grid(checkpoint, n: int, *, seed: int = 0, device: str | None = None
     (its evaluated EMA if the config has eval_ema, else the raw weights); pixel data in [-1, 1]."""
     import torch
 
-    from lossfloor.diffusion import get_preconditioning
-    from lossfloor.models import build_unet
-    from lossfloor.train import Denoiser, TrainConfig, generate, load_checkpoint, resolve
+    from lossfloor.train import generate
+    from lossfloor.train.objectives import load_denoiser
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    state = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(state["config"])
-    R = resolve(cfg)
-    unet = R.preset.unet
-    if not cfg.conditional:
-        unet = dataclasses.replace(unet, label_dim=0)
-    net = build_unet(unet, device=device, seed=cfg.seed)
-    weights = state["net"]
-    if cfg.eval_ema is not None:  # the same weights the run's evaluation used
-        ema = state["ema"]
-        weights = next(w for s, w in zip(ema["sigma_rels"], ema["states"]) if math.isclose(s, cfg.eval_ema))
-    net.load_state_dict(weights)
-    net.eval()
-    precond = get_preconditioning(cfg.process, sigma_data=R.preset.sigma_data if cfg.process == "edm" else None)
-    precision = cfg.precision if device.startswith("cuda") or cfg.precision != "fp16" else "none"  # fp16: CUDA only
-    den = Denoiser(net, precond, None, precision)
-    x, _ = generate(den, n, (unet.img_channels, unet.img_resolution, unet.img_resolution), label_dim=unet.label_dim,
-                    seed=seed, device=device, num_steps=num_steps)
+    den, shape, label_dim = load_denoiser(checkpoint, device=device)
+    x, _ = generate(den, n, shape, label_dim=label_dim, seed=seed, device=device, num_steps=num_steps)
     return tile(x.numpy())
 
 

@@ -199,6 +199,18 @@ class Resolved:
     eval_sigmas: tuple[float, ...]
     run: str
 
+    @property
+    def unet(self):
+        """The network the run trains: the preset's, without labels when the run is unconditional."""
+        return self.preset.unet if self.config.conditional else dataclasses.replace(self.preset.unet, label_dim=0)
+
+    def preconditioning(self):
+        """The run's D(x; σ) = c_skip x + c_out F(c_in x; c_noise) table (EDM at the preset's σ_data, or FM)."""
+        from lossfloor.diffusion import get_preconditioning
+
+        edm = self.config.process == "edm"
+        return get_preconditioning(self.config.process, sigma_data=self.preset.sigma_data if edm else None)
+
 
 EVAL_SIGMA_DEFAULT = (0.002, 80.0, 16)  # log grid (min, max, count) of the default evaluation
 LOG_ROWS = 1000  # default number of train-log rows per run

@@ -23,7 +23,6 @@ Ray Train runs this function per worker (lossfloor.ray); the loop itself never i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -37,7 +36,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lossfloor.diffusion import get_preconditioning
 from lossfloor.errors import InputError
 from lossfloor.models import (
     UNetConfig,
@@ -178,10 +176,10 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     per_round = per_rank // cfg.accum_rounds
 
     # --- Model, preconditioning, schedule -----------------------------------------------------------
-    unet_cfg = R.preset.unet if cfg.conditional else dataclasses.replace(R.preset.unet, label_dim=0)
+    unet_cfg = R.unet
     posterior = cfg.latents == "posterior"
     samples, labels = _data_arrays(data, unet_cfg, posterior)
-    precond = get_preconditioning(cfg.process, sigma_data=R.preset.sigma_data if cfg.process == "edm" else None)
+    precond = R.preconditioning()
     curve = JStarCurve.from_path(cfg.jstar) if cfg.jstar else None
     if curve is not None and (curve.latents == "posterior") != posterior:
         raise InputError(f"jstar {cfg.jstar}: a J* table of the {'posterior' if curve.latents == 'posterior' else 'mean'}"

@@ -16,7 +16,6 @@ Core module: torch, numpy and scipy only (a Ray Tune trial builds one and calls 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -102,7 +101,6 @@ class FDObjective:
 def load_denoiser(checkpoint: str | os.PathLike, *, device="cpu"):
     """(denoiser, sample shape, label_dim) of a training checkpoint: its evaluated EMA when the config
     has eval_ema, else the raw weights; eval mode, the run's precision where the device allows it."""
-    from lossfloor.diffusion import get_preconditioning
     from lossfloor.models import build_unet
     from lossfloor.train.checkpoint import load_checkpoint
     from lossfloor.train.config import TrainConfig, resolve
@@ -111,18 +109,17 @@ def load_denoiser(checkpoint: str | os.PathLike, *, device="cpu"):
     state = load_checkpoint(checkpoint, map_location="cpu")
     cfg = TrainConfig.from_dict(state["config"])
     R = resolve(cfg)
-    unet = R.preset.unet if cfg.conditional else dataclasses.replace(R.preset.unet, label_dim=0)
+    unet = R.unet
     net = build_unet(unet, device=device, seed=cfg.seed)
     weights = state["net"]
-    if cfg.eval_ema is not None:
+    if cfg.eval_ema is not None:  # the same weights the run's evaluation used
         ema = state["ema"]
         weights = next(w for s, w in zip(ema["sigma_rels"], ema["states"]) if math.isclose(s, cfg.eval_ema))
     net.load_state_dict(weights)
     net.eval()
-    precond = get_preconditioning(cfg.process, sigma_data=R.preset.sigma_data if cfg.process == "edm" else None)
-    precision = cfg.precision if str(device).startswith("cuda") or cfg.precision != "fp16" else "none"
+    precision = cfg.precision if str(device).startswith("cuda") or cfg.precision != "fp16" else "none"  # fp16: CUDA
     shape = (unet.img_channels, unet.img_resolution, unet.img_resolution)
-    return Denoiser(net, precond, None, precision), shape, unet.label_dim
+    return Denoiser(net, R.preconditioning(), None, precision), shape, unet.label_dim
 
 
 __all__ = ["OBJECTIVES", "REFERENCE_SCHEDULE", "FDObjective", "GapObjective", "gap_key", "load_denoiser",
