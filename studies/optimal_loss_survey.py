@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lossfloor.data import load
     from lossfloor.floor import build_table, write_table
-    from lossfloor.plots import jstar_figure, write_html
+    from lossfloor.pages.html import write_html
+    from lossfloor.pages.jstar import jstar_figure
     from lossfloor.tracking import log_estimate, start_run
 
     args.out.mkdir(parents=True, exist_ok=True)

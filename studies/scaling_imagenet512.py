@@ -11,7 +11,7 @@ Stages, each an MLflow child run of one parent run (tag `lossfloor.stage`, the c
   4. fit       per σ (σ* and above, up to a high σ) and for the total loss: raw, gap-corrected and
                free-offset power laws on the envelope, bootstrap over models, hold-out of the largest
                                                                                     -> fits.json
-  5. dashboard the offline HTML page (dashboards/scaling.py), in --out and on the parent run
+  5. dashboard the offline HTML page (lossfloor.pages.scaling), in --out and on the parent run
 
     python studies/scaling_imagenet512.py                                  # smoke: 3 tiny models, digits
     python studies/scaling_imagenet512.py --dry-run --preset imagenet512 --data latents.zip
@@ -43,7 +43,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, _scaling, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, add_output_args, default_out, ensure_lossfloor, run_study
+from _common import add_output_args, default_out, ensure_lossfloor, run_study
 
 ensure_lossfloor()
 
@@ -425,14 +425,12 @@ def log_fit_child(parent, args, uri, stage: Stage, fits: dict, cached: bool) -> 
 
 
 def build_dashboard(args, uri: str, parent_run_id: str, fit_sigmas) -> Path:
-    """The page from the study's runs (dashboards/scaling.py, contract lossfloor.tracking.artifacts)."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.append(str(REPO_ROOT))  # dashboards/ of this checkout (a Ray job's working directory)
-    from lossfloor.cli.dashboard import page_builder
+    """The page from the study's runs (lossfloor.jobs.dashboard, contract lossfloor.tracking.artifacts)."""
+    from lossfloor.jobs.dashboard import dashboard
 
     path = args.out / f"dashboard-{args.preset}.html"
-    page_builder().from_mlflow(run_id=parent_run_id, tracking_uri=uri, out=path, log=True, sigmas=list(fit_sigmas),
-                               title=f"EDM2 scaling study ({args.preset}): raw vs gap-corrected power laws")
+    dashboard(run_id=parent_run_id, tracking_uri=uri, out=path, log=True, sigmas=list(fit_sigmas),
+              title=f"EDM2 scaling study ({args.preset}): raw vs gap-corrected power laws")
     return path
 
 

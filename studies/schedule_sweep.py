@@ -8,7 +8,7 @@ field of the space file) and reports the gain over the EDM2 baseline at the same
         python studies/schedule_sweep.py --preset img512-xs --data /shared/img512-latents.zip \\
         --j-star /shared/jstar.parquet --images 20000000 --trials 32 --search optuna --gpus-per-trial 1
 
-Everything runs through `lossfloor sweep` (lossfloor.cli.sweep, lossfloor.ray.sweep): the same flags, the
+Everything runs through the job behind `lossfloor sweep` (lossfloor.jobs.sweep): the same flags, the
 same outputs (--out, default runs/schedule_sweep, $LOSSFLOOR_RUNS_DIR/schedule_sweep when set:
 results.parquet, best.json, parallel_coordinates.html, objective_vs_images.html, tune/), and a rerun with
 the same arguments resumes an interrupted sweep. Unlike the command, the study logs to MLflow by default
@@ -38,7 +38,7 @@ LAPTOP_BUDGET = {"images": 16384, "batch": 128, "warmup": 2048}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from lossfloor.cli.sweep import add_sweep_args
+    from lossfloor.jobs.sweep import add_sweep_args
 
     p = argparse.ArgumentParser(
         prog=STUDY,
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lossfloor.cli.sweep import run
+    from lossfloor.jobs.sweep import run
 
     args = parse_args(argv)
     setup_logging(args.verbose)

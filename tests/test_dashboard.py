@@ -12,13 +12,12 @@ import pyarrow as pa
 import pytest
 from plotly.offline import get_plotlyjs
 
+import lossfloor.pages.scaling as scaling
 from browser import find_chromium, render
 from lossfloor.cli import main
-from lossfloor.cli.dashboard import page_builder
 from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
-from lossfloor.plots import is_offline_html
-from lossfloor.plots_scaling import holdout_refit
+from lossfloor.pages.html import is_offline_html
 from lossfloor.scaling import fit_all
 from lossfloor.tracking import client, log_estimate, start_run
 from lossfloor.tracking.artifacts import (
@@ -30,8 +29,6 @@ from lossfloor.tracking.artifacts import (
     log_fits,
 )
 from lossfloor.train.curves import CURVE_SCHEMA, to_table, write_rows
-
-scaling = page_builder()  # dashboards.scaling, from the checkout
 
 SIGMAS = np.geomspace(0.01, 20.0, 10)
 FIT_SIGMAS = (float(SIGMAS[5]), float(SIGMAS[7]))  # J* ~ 1.1 and ~ 3.7: a large share of the loss
@@ -125,13 +122,17 @@ def test_fits_table_has_every_form_and_the_holdout_scores(page, fits):
     assert table.count("★") == len(fits)  # the best hold-out form of each quantity
 
 
-def test_holdout_refit_reproduces_fit_all(curves, fits):
-    """The hold-out panel refits without the largest model; its predictions are fit_all's."""
+def test_holdout_predictions_come_from_fits_json_and_are_fit_alls(curves, fits):
+    """The hold-out panel draws the predictions fits.json stores (nothing refitted for drawing): each form's
+    line, fitted without the largest model, reaches fit_all's predicted final loss at the final F."""
     for f in fits.values():
-        _, _, forms, (flops, _) = holdout_refit(curves, f)
-        for form, score in f["holdout"]["scores"].items():
-            pred = forms[form].predict(flops[-1])
-            assert pred == pytest.approx(score["predicted_final"], rel=1e-9), form
+        h = f["holdout"]
+        assert len(h["target_points"]) == h["n_target_points"]
+        for form, score in h["scores"].items():
+            line = np.asarray(score["prediction"])  # (80, 2): F, J_hat
+            assert line.shape == (80, 2) and line[0, 0] <= h["final_flops"] <= line[-1, 0] * (1 + 1e-12)
+            at_final = np.exp(np.interp(np.log(h["final_flops"]), np.log(line[:, 0]), np.log(line[:, 1])))
+            assert at_final == pytest.approx(score["predicted_final"], rel=1e-3), form
 
 
 def test_write_dashboard_is_atomic_and_per_sigma_panels_are_chosen(jstar, curves, fits, tmp_path):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lossfloor.plots import is_offline_html
+from lossfloor.pages.html import is_offline_html
 from lossfloor.tracking import PARENT_RUN_TAG, client
 from ray_head import RAY, job_env, ray_head
 

@@ -13,7 +13,7 @@ import pytest
 
 from lossfloor.diffusion import convert_jstar
 from lossfloor.floor import read_table
-from lossfloor.plots import is_offline_html
+from lossfloor.pages.html import is_offline_html
 from lossfloor.tracking import PARENT_RUN_TAG, client
 from ray_head import RAY, job_env, ray_head
 

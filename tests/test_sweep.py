@@ -31,7 +31,7 @@ from ray import tune
 
 import lossfloor.ray.sweep
 from lossfloor.cli import main
-from lossfloor.plots import is_offline_html
+from lossfloor.pages.html import is_offline_html
 from lossfloor.tracking import PARENT_RUN_TAG, client
 
 REPO = Path(__file__).resolve().parent.parent

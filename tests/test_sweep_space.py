@@ -111,7 +111,8 @@ def test_missing_and_binary_space_files(tmp_path):
 
 
 def test_baseline_first_then_seeded_random_configs_and_restore(tmp_path):
-    from lossfloor.ray.sweep import BASELINE, RandomSearcher, WithBaseline
+    from lossfloor.ray.sweep import RandomSearcher, WithBaseline
+    from lossfloor.train.sweep import BASELINE
 
     space = load_space(EXAMPLE)
 
@@ -156,7 +157,7 @@ def test_asha_never_stops_the_baseline_but_stops_a_weak_trial():
 
 
 def test_resources_whole_gpus_for_multi_worker_trials_and_concurrency():
-    from lossfloor.ray.sweep import Resources
+    from lossfloor.train.sweep import Resources
 
     with pytest.raises(InputError, match=r"gpus_per_trial: 0.5 GPUs cannot be split into whole GPUs over 2 workers"):
         Resources(workers_per_trial=2, gpus_per_trial=0.5)

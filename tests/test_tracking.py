@@ -1,4 +1,4 @@
-"""lossfloor.tracking (MLflow) and lossfloor.plots: what an estimate run holds, run status on failure,
+"""lossfloor.tracking (MLflow) and lossfloor.pages.jstar: what an estimate run holds, run status on failure,
 parent/child runs, where runs go, and that the core stays free of mlflow/plotly/ray."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 
 from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig, build_table, estimate, read_table
-from lossfloor.plots import is_offline_html, jstar_figure
+from lossfloor.pages.html import is_offline_html
+from lossfloor.pages.jstar import jstar_figure
 from lossfloor.tracking import PARENT_RUN_TAG, client, log_estimate, start_run, tracking_uri
 from lossfloor.tracking import runs as runs_mod
 

@@ -67,3 +67,13 @@ def write_json(path: str | os.PathLike, obj, *, indent: int = 1) -> Path:
     """`obj` as JSON, written atomically; values JSON cannot hold (paths, ...) are written as str."""
     text = json.dumps(obj, indent=indent, default=str)
     return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def check_run_folder(out, flag: str = "--out") -> Path:
+    """OUT for a command that fills a folder: OUT may exist (as a folder), its parent must."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {out}: exists and is not a folder")
+    if not out.absolute().parent.is_dir():
+        raise InputError(f"{flag} {out}: its parent folder {out.absolute().parent} does not exist")
+    return out

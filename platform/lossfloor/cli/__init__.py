@@ -10,7 +10,6 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
 
 from lossfloor.errors import InputError
 
@@ -31,16 +30,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage too; keep it short)
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
-
-
-def check_run_folder(out) -> Path:
-    """--out OUT for a command that fills a folder: OUT may exist (as a folder), its parent must."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    if not out.absolute().parent.is_dir():
-        raise InputError(f"--out {out}: its parent folder {out.absolute().parent} does not exist")
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,14 +4,13 @@
                         [--title TEXT] [--sigma S ...] [--no-log]
 
 Reads the study's parent run and its children (tags and artifacts: `lossfloor.tracking.artifacts`),
-writes FILE.html atomically and logs it to the parent run as `dashboard.html` (unless --no-log). The page
-builder is `dashboards/scaling.py` of the checkout this package runs from.
+writes FILE.html atomically and logs it to the parent run as `dashboard.html` (unless --no-log)
+(`lossfloor.jobs.dashboard`; the page is `lossfloor.pages.scaling`'s, so an installed wheel runs it).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -38,29 +37,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def page_builder():
-    """`dashboards.scaling`: importable from the working directory, else from this package's checkout."""
-    try:
-        return importlib.import_module("dashboards.scaling")
-    except ModuleNotFoundError as e:
-        if e.name not in ("dashboards", "dashboards.scaling"):
-            raise
-    import lossfloor
-
-    root = Path(lossfloor.__file__).resolve().parents[2]  # REPO/platform/lossfloor/__init__.py -> REPO
-    if not (root / "dashboards" / "scaling.py").is_file():
-        raise InputError(f"the page builder dashboards/scaling.py is not next to this lossfloor ({root}); "
-                         f"run from a lossfloor checkout (pip install -e .)")
-    sys.path.insert(0, str(root))
-    return importlib.import_module("dashboards.scaling")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() not in (".html", ".htm"):
         raise InputError(f"--out {args.out}: expected an .html file")
-    scaling = page_builder()
-    page, study = scaling.from_mlflow(experiment=args.experiment, run_id=args.run, tracking_uri=args.tracking_uri,
-                                      out=args.out, log=not args.no_log, title=args.title, sigmas=args.sigma)
+    from lossfloor.jobs.dashboard import dashboard
+
+    page, study = dashboard(experiment=args.experiment, run_id=args.run, tracking_uri=args.tracking_uri,
+                            out=args.out, log=not args.no_log, title=args.title, sigmas=args.sigma)
     logged = "" if args.no_log else f"; logged as dashboard.html to run {study.parent_run_id}"
     sys.stdout.write(
         f"study run {study.parent_run_id} ({study.parent_run_name or 'unnamed'}) in experiment {study.experiment!r}: "

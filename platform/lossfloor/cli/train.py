@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from lossfloor.cli import check_run_folder
+from lossfloor.atomic import check_run_folder
 from lossfloor.errors import InputError
 from lossfloor.fmt import num
 

@@ -34,7 +34,7 @@ from lossfloor.errors import InputError
 from lossfloor.floor.estimators import Estimate
 
 SIGMA_STAR_THRESHOLD = 1e-3
-SIGMA_RTOL = 1e-6  # two σ values are the same grid point when |a - b| <= SIGMA_RTOL * b
+SIGMA_RTOL = 1e-5  # two σ are the same grid point when |a - b| <= SIGMA_RTOL * b (keys like "sigma=1.70998" carry 6 digits)
 REQUIRED_COLUMNS = ("sigma", "j_star", "stderr", "estimator", "target", "n_queries", "subset_size", "c",
                     "dataset_fingerprint")
 VALUE_COLUMNS = ("j_star", "stderr", "bias", "ci_low", "ci_high")  # each with an _x0 twin

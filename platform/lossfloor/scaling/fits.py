@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lossfloor.errors import InputError, JStarNotBelowLoss
-from lossfloor.scaling.data import Curves, as_curves, j_star_at, load_j_star_table
+from lossfloor.scaling.data import SIGMA_RTOL, Curves, as_curves, j_star_at, load_j_star_table
 from lossfloor.scaling.envelope import N_GRID, Envelope, envelope_from_runs, interpolate_runs, log_grid
 from lossfloor.scaling.powerlaw import (
     FORMS,
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 N_BOOTSTRAP = 1000
 LEVEL = 0.95  # percentile interval
+HOLDOUT_LINE_POINTS = 80  # points of each form's stored hold-out prediction line
 STATS = ("alpha", "beta", "offset", "rho", "r2")  # per-replicate statistics, columns of a replicate row
 
 
@@ -90,6 +91,7 @@ class HoldoutScore:
     mean_abs_rel_error: float  # over the held-out frontier points
     log_rmse: float  # sqrt(mean (ln J_hat - ln J)^2) over the held-out frontier points
     predicted_final_interval: tuple[float, float] | None  # bootstrap over the remaining runs
+    prediction: tuple[tuple[float, float], ...] = ()  # (F, J_hat) on HOLDOUT_LINE_POINTS log-spaced F, for drawing
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Holdout:
     final_loss: float
     scores: Mapping[str, HoldoutScore | None]  # per form; None where the form could not be fitted
     best: str | None  # form with the lowest log-RMSE
+    target_points: tuple[tuple[float, float], ...] = ()  # (F, J) the held-out model actually reached
 
     def to_dict(self) -> dict:
         return {
@@ -115,6 +118,7 @@ class Holdout:
             "flops_range": list(self.flops_range),
             "final_flops": self.final_flops,
             "final_loss": self.final_loss,
+            "target_points": [list(p) for p in self.target_points],
             "scores": {
                 k: None
                 if s is None
@@ -126,6 +130,7 @@ class Holdout:
                     "predicted_final_interval": (
                         None if s.predicted_final_interval is None else list(s.predicted_final_interval)
                     ),
+                    "prediction": [list(p) for p in s.prediction],
                 }
                 for k, s in self.scores.items()
             },
@@ -345,6 +350,8 @@ def holdout_largest(
             start=fits["free_offset"],
         )
     scores: dict[str, HoldoutScore | None] = {}
+    line = np.geomspace(min(train.flops.min(), t_flops.min()), max(t_flops.max(), train.flops.max()),
+                        HOLDOUT_LINE_POINTS)  # where each form's prediction is drawn
     for form, fit in fits.items():
         if fit is None:
             scores[form] = None
@@ -357,6 +364,7 @@ def holdout_largest(
             mean_abs_rel_error=float(np.mean(np.abs(pred - t_loss) / t_loss)),
             log_rmse=float(np.sqrt(np.mean((np.log(pred) - np.log(t_loss)) ** 2))),
             predicted_final_interval=None if reps is None else percentile_interval(reps[form][:, -1]),
+            prediction=tuple(zip(line.tolist(), np.asarray(fit.predict(line), dtype=float).tolist())),
         )
     scored = {k: s.log_rmse for k, s in scores.items() if s is not None and math.isfinite(s.log_rmse)}
     return Holdout(
@@ -369,6 +377,7 @@ def holdout_largest(
         final_loss=float(t_loss[-1]),
         scores=scores,
         best=min(scored, key=scored.get) if scored else None,
+        target_points=tuple(zip(np.asarray(t_flops, float).tolist(), np.asarray(t_loss, float).tolist())),
     ), None
 
 
@@ -544,6 +553,29 @@ def fit_all(
     )
 
 
+def check_fits_json(fits, source: str) -> dict[str, dict]:
+    """Validate a fits.json object: keys "total" | "sigma=X", values `ScalingFits.to_dict()` at that sigma."""
+    if not isinstance(fits, dict) or not fits:
+        raise InputError(f"{source}: expected a non-empty JSON object {{\"total\" | \"sigma=X\": fits}}")
+    for key, value in fits.items():
+        if not isinstance(value, dict) or not isinstance(value.get("raw"), dict) or "envelope" not in value:
+            raise InputError(f"{source}: {key!r} is not a ScalingFits.to_dict() object (no 'raw' or 'envelope')")
+        sigma = value.get("sigma")
+        if key == "total":
+            if sigma is not None:
+                raise InputError(f"{source}: key 'total' holds a fit at sigma={sigma}; expected sigma null")
+            continue
+        try:
+            want = float(key.removeprefix("sigma=")) if key.startswith("sigma=") else math.nan
+        except ValueError:
+            want = math.nan
+        if not math.isfinite(want):
+            raise InputError(f"{source}: key {key!r}: expected 'total' or 'sigma=<number>'")
+        if sigma is None or abs(float(sigma) - want) > SIGMA_RTOL * want:
+            raise InputError(f"{source}: key {key!r} holds a fit at sigma={sigma}")
+    return fits
+
+
 __all__ = [
     "FormResult",
     "Holdout",
@@ -551,6 +583,7 @@ __all__ = [
     "JStarValue",
     "ScalingFits",
     "bootstrap_runs",
+    "check_fits_json",
     "fit_all",
     "fit_forms",
     "holdout_largest",

@@ -1,6 +1,6 @@
 """A scaling study read back from MLflow alone, and the runs, tags and artifacts it must leave there.
 
-The contract (names are stable; `lossfloor dashboard` and `dashboards.scaling` read exactly these):
+The contract (names are stable; `lossfloor dashboard`, i.e. `lossfloor.jobs.dashboard`, reads exactly these):
 
   parent    one top-level run (no `mlflow.parentRunId` tag), e.g. `start_run(experiment=...,
             tags={"lossfloor.kind": "study", "lossfloor.study": NAME})` (those two tags are the
@@ -223,7 +223,7 @@ def _read_jstar(path: Path, run: Run) -> JStarTable:
 
 
 def _read_curves(paths: list[tuple[Run, Path]]) -> pa.Table:
-    from lossfloor.plots_scaling import check_curves  # plotly: only when a study is read
+    from lossfloor.train.curves import check_curves
 
     tables, owner = [], {}
     for run, path in paths:
@@ -251,7 +251,7 @@ def _read_fits(path: Path, run: Run) -> dict[str, dict]:
         fits = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise InputError(f"{where}: not readable JSON ({e})") from None
-    from lossfloor.plots_scaling import check_fits  # plotly: only when a study is read
+    from lossfloor.scaling.fits import check_fits_json as check_fits
 
     return check_fits(fits, where)
 

@@ -105,7 +105,7 @@ def log_jstar(
             write_table(other, Path(tmp) / name)
             run.log_artifact(Path(tmp) / name)
 
-    from lossfloor.plots import jstar_figure  # plotly: only when a figure is made
+    from lossfloor.pages.jstar import jstar_figure  # plotly: only when a figure is made
 
     by_target = {target: table, **{o.rows()[0]["target"]: o for o in also}}
     name = label or table.rows()[0]["dataset_fingerprint"][:12] or "data"

@@ -152,8 +152,10 @@ class TrackedRun:
         self.client.log_artifact(self.run_id, os.fspath(path), artifact_path)
 
     def log_html_figure(self, fig, artifact_file: str) -> None:
-        """A Plotly figure as a standalone HTML artifact with plotly.js embedded (opens offline)."""
-        self.client.log_figure(self.run_id, fig, artifact_file, save_kwargs={"include_plotlyjs": True})
+        """A Plotly figure as a standalone HTML artifact (`lossfloor.pages.html.figure_page`: opens offline)."""
+        from lossfloor.pages.html import figure_page
+
+        self.client.log_text(self.run_id, figure_page(fig), artifact_file)
 
 
 def _default_tags(tags: Mapping[str, object] | None) -> dict[str, str]:

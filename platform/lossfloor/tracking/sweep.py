@@ -1,4 +1,4 @@
-"""MLflow runs of a schedule sweep (lossfloor.ray.sweep), logged by the driver from the sweep's folder
+"""MLflow runs of a schedule sweep (lossfloor.jobs.sweep), logged by the driver from the sweep's folder
 after the trials have ended (Tune trials never write to the tracking store).
 
     parent_id = log_sweep(outcome, params={"data": "bundled:digits", ...}, space_file="space.yaml")

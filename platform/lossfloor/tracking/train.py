@@ -167,6 +167,8 @@ def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | No
             _write_png(grid, tmp / SAMPLES_FILE)
             run.log_artifact(tmp / SAMPLES_FILE)
     if curve_rows:
+        from lossfloor.pages.training import loss_curve_figure  # plotly: only when a figure is made
+
         run.log_html_figure(loss_curve_figure(curve_rows, log_rows, title=info["run"]), FIGURE_FILE)
     return info
 
@@ -198,32 +200,6 @@ def final_eval(curve_rows: list[dict]) -> list[dict]:
 
 
 # --- Figures -------------------------------------------------------------------------------------------
-
-
-def loss_curve_figure(curve_rows: list[dict], log_rows: list[dict], *, title: str = ""):
-    """Eval loss per σ (with J* dotted) and the training loss, against images seen; log y axes."""
-    import plotly.graph_objects as go
-    from plotly.colors import sample_colorscale
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("eval loss J(σ) per σ (dotted: J*)", "training loss"))
-    sigmas = sorted({r["sigma"] for r in curve_rows if r["sigma"] is not None})
-    colors = sample_colorscale("Viridis", [i / max(len(sigmas) - 1, 1) for i in range(len(sigmas))])
-    for s, color in zip(sigmas, colors):
-        rows = sorted((r for r in curve_rows if r["sigma"] == s), key=lambda r: r["images"])
-        x = [r["images"] for r in rows]
-        fig.add_trace(go.Scatter(x=x, y=[r["loss"] for r in rows], mode="lines+markers", name=f"σ={s:.3g}",
-                                 legendgroup=f"{s}", line={"color": color}), row=1, col=1)
-        js = [r["j_star"] for r in rows]
-        if all(j is not None and j > 0 for j in js):
-            fig.add_trace(go.Scatter(x=x, y=js, mode="lines", legendgroup=f"{s}", showlegend=False,
-                                     line={"color": color, "dash": "dot"}, hoverinfo="skip"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=[r["images"] for r in log_rows], y=[r["loss"] for r in log_rows], mode="lines",
-                             name="training loss", line={"color": "#444"}), row=1, col=2)
-    fig.update_yaxes(type="log")
-    fig.update_xaxes(title_text="images")
-    fig.update_layout(title={"text": title}, template="plotly_white", height=480)
-    return fig
 
 
 # --- Samples grid ------------------------------------------------------------------------------------------
@@ -286,5 +262,5 @@ def _write_png(grid: np.ndarray, path: Path) -> None:
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
-__all__ = ["final_eval", "log_train_run", "log_training", "loss_curve_figure", "read_run", "samples_grid", "tile",
+__all__ = ["final_eval", "log_train_run", "log_training", "read_run", "samples_grid", "tile",
            "train_params"]

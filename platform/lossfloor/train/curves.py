@@ -48,3 +48,19 @@ def write_rows(rows: list[dict], schema: pa.Schema, path: str | os.PathLike, met
     if metadata:
         table = table.replace_schema_metadata(metadata)
     return write_atomic(path, lambda p: pq.write_table(table, p))
+
+
+FIGURE_COLUMNS = ("model", "flops", "loss")  # what a reader of curves needs at least (sigma, params optional)
+
+
+def check_curves(curves: pa.Table, source: str = "curves") -> pa.Table:
+    """A loss-curves table with the columns every reader needs (model, flops, loss) and some rows."""
+    from lossfloor.errors import InputError
+
+    missing = [c for c in FIGURE_COLUMNS if c not in curves.column_names]
+    if missing:
+        raise InputError(f"{source}: missing column(s) {', '.join(missing)} (lossfloor.train.curves schema; "
+                         f"has: {', '.join(curves.column_names) or 'none'})")
+    if curves.num_rows == 0:
+        raise InputError(f"{source}: no rows")
+    return curves

@@ -1,15 +1,14 @@
-"""Dashboard pages built from MLflow runs (standalone HTML, also logged to MLflow).
+"""The one HTML writer of lossfloor: every page, a dashboard or a single figure, is standalone and offline.
 
-Figure builders live in the package (`lossfloor.plots`, `lossfloor.plots_scaling`), because
-`lossfloor.tracking` logs figures from Ray job drivers where only the package is shipped
-(cluster/runtime_env.yaml: `py_modules: [platform/lossfloor]`). This folder holds the page builders that
-read runs and compose those figures; import it with the repository root on sys.path (`lossfloor
-dashboard` finds it next to `platform/` of the checkout it runs from).
+    page_html(title, [Section("J*", [fig, "<p>html</p>"])])     # sections of figures and HTML blocks
+    figure_page(fig)                                            # one figure as a page
+    write_page(text, "page.html"); write_html(fig, "jstar.html")  # atomic, folders created
+    is_offline_html(text)                                       # plotly.js embedded, nothing loaded
 
-What every page shares, here: `page_html` lays out sections of figures and HTML around ONE embedded copy
-of plotly.js (no CDN: DESIGN §5), so a page opens offline; `write_page` writes it atomically. A page
-reports whether it rendered: `<body data-rendered="ok: N plots">` once every `Plotly.newPlot` promise
-has resolved, or `data-rendered="error: ..."` plus a red banner on the first script error.
+`page_html` lays out sections around ONE embedded copy of plotly.js (no CDN: DESIGN §5), so a page opens
+offline. A page reports whether it rendered: `<body data-rendered="ok: N plots">` once every
+`Plotly.newPlot` promise has resolved, or `data-rendered="error: ..."` plus a red banner on the first
+script error (what the headless browser test reads).
 """
 
 from __future__ import annotations
@@ -92,7 +91,8 @@ def figure_html(fig, div_id: str) -> str:
 
 
 def page_html(title: str, sections: Sequence[Section], *, about: Mapping[str, str] | None = None) -> str:
-    """A standalone page: plotly.js embedded once in <head>, then the sections (see module docstring)."""
+    """A standalone page: plotly.js embedded once in <head>, then the sections (see module docstring).
+    With a single untitled section the page has no navigation and no section heading."""
     from plotly.offline import get_plotlyjs
 
     e = html.escape
@@ -111,10 +111,12 @@ def page_html(title: str, sections: Sequence[Section], *, about: Mapping[str, st
     if about:
         items = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in about.items())
         parts.append(f'<dl class="about">{items}</dl>')
-    parts.append("<nav>" + "".join(f'<a href="#{s.anchor}">{e(s.title)}</a>' for s in sections) + "</nav>")
+    if any(s.title for s in sections):
+        parts.append("<nav>" + "".join(f'<a href="#{s.anchor}">{e(s.title)}</a>' for s in sections) + "</nav>")
     n_fig = 0
-    for s in sections:
-        parts.append(f'<section id="{s.anchor}"><h2>{e(s.title)}</h2>')
+    for i, s in enumerate(sections):
+        anchor = s.anchor or f"section-{i + 1}"
+        parts.append(f'<section id="{anchor}">' + (f"<h2>{e(s.title)}</h2>" if s.title else ""))
         if s.intro:
             parts.append(f'<p class="note">{e(s.intro)}</p>')
         for block in s.blocks:
@@ -122,7 +124,7 @@ def page_html(title: str, sections: Sequence[Section], *, about: Mapping[str, st
                 parts.append(block)
             else:
                 n_fig += 1
-                parts.append(figure_html(block, f"fig-{s.anchor}-{n_fig}"))
+                parts.append(figure_html(block, f"fig-{anchor}-{n_fig}"))
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -133,4 +135,23 @@ def write_page(text: str, path: str | os.PathLike) -> Path:
     return write_output(path, text)
 
 
-__all__ = ["Section", "figure_html", "page_html", "write_page"]
+def figure_page(fig, title: str | None = None) -> str:
+    """One figure as a standalone page (the page title: `title`, else the figure's own, first line)."""
+    text = title or (fig.layout.title.text or "figure").split("<br>")[0]
+    return page_html(text, [Section("", [fig])])
+
+
+def write_html(fig, path: str | os.PathLike) -> Path:
+    """`figure_page(fig)` written atomically."""
+    return write_page(figure_page(fig), path)
+
+
+_SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=", re.IGNORECASE)
+
+
+def is_offline_html(text: str) -> bool:
+    """True if a page embeds plotly.js and loads no script from elsewhere (a CDN)."""
+    return "plotly.js v" in text and _SCRIPT_SRC.search(text) is None and "Plotly.newPlot" in text
+
+
+__all__ = ["Section", "figure_html", "figure_page", "is_offline_html", "page_html", "write_html", "write_page"]

@@ -1,19 +1,22 @@
-"""Plotly figures of a scaling study (Xu et al. 2026, §5, Eq. 13): loss-vs-FLOPs curves with their
-envelope, raw vs gap-corrected power-law fits, hold-out predictions, and the fits as table rows.
+"""The scaling study's figures and page (Xu et al. 2026, §5, Eq. 13): loss-vs-FLOPs curves with their
+envelope, raw vs gap-corrected power-law fits, hold-out predictions, the table of fits, and the dashboard.
 
 Inputs are the study's hand-off tables: the loss curves (`lossfloor.train.curves` schema; the figures use
 model, flops, loss, sigma (null = total) and params) and fits, a mapping "total" | "sigma=X" ->
-`ScalingFits.to_dict()` (see `lossfloor.scaling.fits`). The page that puts them together is
-`dashboards/scaling.py`. This module imports plotly; the core never imports it.
+`ScalingFits.to_dict()` (`lossfloor.scaling.fits`, hold-out predictions included: nothing is refitted here).
 
     fig = loss_vs_flops_figure(curves, fits)     # one panel per σ plus the total, log-log
     fig = fit_lines_figure(fits)                 # per quantity: raw | corrected, |ρ| in the titles
+    html = build_dashboard(jstar, curves, fits, title="EDM2 scaling, ImageNet-512")   # the whole page
 """
 
 from __future__ import annotations
 
+import html as html_lib
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -23,15 +26,18 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from lossfloor.errors import InputError
+from lossfloor.floor.table import SIGMA_RTOL  # rows, fits and panels of the same σ
 from lossfloor.fmt import num
+from lossfloor.pages.html import Section, page_html, write_page
+from lossfloor.pages.jstar import jstar_figure
+from lossfloor.scaling.fits import check_fits_json
+from lossfloor.train.curves import check_curves
 
-SIGMA_RTOL = 1e-5  # a curves row, a fit and a panel are of the same σ within this relative tolerance
 FORM_TITLES = {"raw": "raw J = βF^α", "corrected": "corrected J − J* = βF^α", "free_offset": "free offset J = E + βF^α"}
 FORM_COLORS = {"raw": "#d62728", "corrected": "#2ca02c", "free_offset": "#1f77b4"}
 ENVELOPE_COLOR = "#222222"
 MAX_LINE_POINTS = 300  # envelope points drawn per trace (the fits use up to 1500)
 PANEL_HEIGHT = 360
-CURVE_COLUMNS = ("model", "flops", "loss")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,29 +64,6 @@ def fit_at(fits: Mapping[str, dict], sigma: float | None) -> dict | None:
     return next((f for _, f in ordered_fits(fits) if _same_sigma(f.get("sigma"), sigma)), None)
 
 
-def check_fits(fits, source: str) -> dict[str, dict]:
-    """Validate a fits.json object: keys "total" | "sigma=X", values ScalingFits.to_dict() with that sigma."""
-    if not isinstance(fits, dict) or not fits:
-        raise InputError(f"{source}: expected a non-empty JSON object {{\"total\" | \"sigma=X\": fits}}")
-    for key, value in fits.items():
-        if not isinstance(value, dict) or not isinstance(value.get("raw"), dict) or "envelope" not in value:
-            raise InputError(f"{source}: {key!r} is not a ScalingFits.to_dict() object (no 'raw' or 'envelope')")
-        sigma = value.get("sigma")
-        if key == "total":
-            if sigma is not None:
-                raise InputError(f"{source}: key 'total' holds a fit at sigma={sigma}; expected sigma null")
-            continue
-        try:
-            want = float(key.removeprefix("sigma=")) if key.startswith("sigma=") else math.nan
-        except ValueError:
-            want = math.nan
-        if not math.isfinite(want):
-            raise InputError(f"{source}: key {key!r}: expected 'total' or 'sigma=<number>'")
-        if sigma is None or abs(float(sigma) - want) > SIGMA_RTOL * want:
-            raise InputError(f"{source}: key {key!r} holds a fit at sigma={sigma}")
-    return fits
-
-
 def _column(curves: pa.Table, name: str) -> np.ndarray:
     col = curves.column(name)
     return np.asarray(pc.fill_null(col.cast(pa.float64()), math.nan).to_numpy(), dtype=np.float64)
@@ -97,17 +80,6 @@ def curve_sigmas(curves: pa.Table) -> tuple[list[float], bool]:
         if not distinct or not _same_sigma(distinct[-1], float(s)):
             distinct.append(float(s))
     return distinct, bool(total.any())
-
-
-def check_curves(curves: pa.Table, source: str = "curves") -> pa.Table:
-    """The columns the figures need (model, flops, loss; sigma and params optional) and some rows."""
-    missing = [c for c in CURVE_COLUMNS if c not in curves.column_names]
-    if missing:
-        raise InputError(f"{source}: missing column(s) {', '.join(missing)} (lossfloor.train.curves schema; "
-                         f"has: {', '.join(curves.column_names) or 'none'})")
-    if curves.num_rows == 0:
-        raise InputError(f"{source}: no rows")
-    return curves
 
 
 def model_curves(curves: pa.Table, sigma: float | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -317,35 +289,6 @@ def fit_lines_figure(fits: Mapping[str, dict], *, title: str = "Raw vs gap-corre
     return fig
 
 
-def holdout_refit(curves: pa.Table, fit: dict):
-    """(full envelope, the forms refitted without the held-out model, the held-out model's target points).
-
-    fits.json keeps the hold-out scores, not the hold-out fits, so they are refitted here with the same
-    library steps as `lossfloor.scaling.fits.holdout_largest` (envelope of the other models, `fit_forms`).
-    """
-    from lossfloor.scaling import as_curves, fit_forms
-    from lossfloor.scaling.envelope import envelope_from_runs, interpolate_runs, log_grid
-
-    hold = fit["holdout"]
-    data = as_curves(curves, sigma=fit.get("sigma"))
-    if hold["model"] not in data.models:
-        raise InputError(f"fits {quantity_label(fit.get('sigma'))}: the held-out model {hold['model']!r} "
-                         f"is not in the curves (models: {', '.join(data.models)})")
-    big = data.models.index(hold["model"])
-    grid = log_grid(data)
-    log_loss = interpolate_runs(data, grid)  # (n_models, n_grid)
-    full = envelope_from_runs(grid, log_loss, range(data.n_models), data.models)
-    train = envelope_from_runs(grid, log_loss, [m for m in range(data.n_models) if m != big], data.models)
-    js = fit.get("j_star")
-    forms = fit_forms(train, js if js is not None and js < train.loss.min() else None)
-    held = full.frontier == big
-    if hold.get("target") == "frontier" and held.any():
-        target = (full.flops[held], full.loss[held])
-    else:
-        target = (data.flops[big], data.loss[big])
-    return full, train, forms, target
-
-
 def holdout_figure(curves: pa.Table, fits: Mapping[str, dict], *,
                    title: str = "Hold-out: predicting the largest model") -> go.Figure | None:
     """Per quantity with a hold-out: each form fitted without the largest model, extrapolated to its
@@ -365,8 +308,8 @@ def holdout_figure(curves: pa.Table, fits: Mapping[str, dict], *,
     for p, (_, f) in enumerate(items):
         row, col = p // cols + 1, p % cols + 1
         h = f["holdout"]
-        full, train, forms, (tf, tj) = holdout_refit(curves, f)
-        ef, ej = _thin(full.flops, full.loss)
+        tf, tj = (np.asarray(v, dtype=np.float64) for v in zip(*h["target_points"]))  # what the model reached
+        ef, ej = _thin(*envelope_points(f, curves, f.get("sigma")))
         fig.add_trace(go.Scatter(x=ef, y=ej, mode="lines", name="envelope, all models", legendgroup="env",
                                  showlegend=p == 0, line={"color": "#bbbbbb", "width": 2}), row=row, col=col)
         fig.add_trace(go.Scatter(x=tf, y=tj, mode="lines+markers", name="held-out model (actual)",
@@ -374,13 +317,12 @@ def holdout_figure(curves: pa.Table, fits: Mapping[str, dict], *,
                                  line={"color": ENVELOPE_COLOR, "width": 3}, marker={"size": 5},
                                  hovertemplate="F=%{x:.3g}<br>actual J=%{y:.5g}<extra>" + h["model"] + "</extra>"),
                       row=row, col=col)
-        line_f = np.geomspace(min(train.flops.min(), tf.min()), max(tf.max(), train.flops.max()), 80)
-        for form, pf in forms.items():
-            score = h["scores"].get(form)
-            if pf is None or score is None:
+        for form, score in h["scores"].items():
+            if score is None or not score.get("prediction"):
                 continue
+            line_f, line_j = zip(*score["prediction"])  # the form fitted without the held-out model
             fig.add_trace(go.Scatter(
-                x=line_f, y=pf.predict(line_f), mode="lines", name=f"{form} prediction",
+                x=list(line_f), y=list(line_j), mode="lines", name=f"{form} prediction",
                 legendgroup=form, showlegend=p == 0, line={"color": FORM_COLORS[form], "dash": "dash", "width": 2},
                 hovertemplate="F=%{x:.3g}<br>predicted %{y:.5g}<extra>" + form + "</extra>",
             ), row=row, col=col)
@@ -467,17 +409,104 @@ def fit_table_rows(fits: Mapping[str, dict]) -> list[dict[str, str]]:
     return out
 
 
+SECTION_TITLES = (
+    "Optimal loss J*(σ)",
+    "Loss vs compute per σ",
+    "Raw vs gap-corrected fits",
+    "Hold-out: predicting the largest model",
+    "Fits",
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dashboard page
+
+
+def _as_table(curves) -> pa.Table:
+    if isinstance(curves, pa.Table):
+        return curves
+    if hasattr(curves, "to_arrow"):  # a polars DataFrame
+        return curves.to_arrow()
+    raise InputError(f"curves: expected a pyarrow Table (lossfloor.train.curves schema), got {type(curves).__name__}")
+
+
+def fits_table_html(fits: Mapping[str, dict]) -> str:
+    """The fits as an HTML table (one row per quantity and form), then each quantity's notes."""
+    e = html_lib.escape
+    head = "".join(f"<th>{e(c)}</th>" for c in FIT_TABLE_COLUMNS)
+    body, last = [], None
+    for row in fit_table_rows(fits):
+        cls = ' class="first"' if row["quantity"] != last else ""
+        last = row["quantity"]
+        body.append(f"<tr{cls}>" + "".join(f"<td>{e(row[c])}</td>" for c in FIT_TABLE_COLUMNS) + "</tr>")
+    notes = []
+    for _, f in ordered_fits(fits):
+        items = list(f.get("notes") or [])
+        cons = f.get("consistency")
+        if cons:
+            inside = cons.get("j_star_in_offset_interval")
+            where = "" if inside is None else (" (J* inside E's interval)" if inside else " (J* outside E's interval)")
+            items.append(f"free-offset E = {num(cons.get('offset'))} vs J* = {num(cons.get('j_star'))}{where}")
+        boot = f.get("bootstrap") or {}
+        items.append(f"{f.get('n_models')} models, {f.get('n_envelope_points')} envelope points, "
+                     f"bootstrap {boot.get('n', 0)} over {boot.get('unit', 'model')}s (seed {boot.get('seed')})")
+        notes.append(f"<li><b>{e(quantity_label(f.get('sigma')))}</b>: " + "; ".join(e(str(i)) for i in items) + "</li>")
+    return (f'<div class="table-wrap"><table class="fits"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>'
+            f'<p class="note">Intervals: bootstrap 95% percentile over models. ★: the form that best predicts '
+            f'the held-out largest model (lowest log-RMSE); choose forms on that, not on ρ.</p>'
+            f'<ul class="note">{"".join(notes)}</ul>')
+
+
+def build_dashboard(
+    jstar,
+    curves,
+    fits: Mapping[str, dict],
+    *,
+    title: str = "Scaling study",
+    sigmas: Sequence[float] | None = None,
+    about: Mapping[str, str] | None = None,
+) -> str:
+    """The page as HTML text (module docstring). sigmas: the per-σ loss panels (default: the fitted σ);
+    about: key/value lines shown under the title (e.g. where the runs are)."""
+    curves = check_curves(_as_table(curves))
+    fits = check_fits_json(dict(fits), "fits")
+    if jstar is None:
+        first = Section(SECTION_TITLES[0], ['<p class="note">No J* table was given.</p>'])
+    else:
+        row = jstar.rows()[0]
+        label = (row.get("dataset_fingerprint") or "")[:12] or "data"
+        first = Section(SECTION_TITLES[0], [jstar_figure({label: {row["target"]: jstar}}, title="Optimal loss J*(σ)")],
+                        intro=f"{row['estimator']} estimator, {row['n_queries']} queries, target {row['target']}.")
+    hold = holdout_figure(curves, fits)
+    sections = [
+        first,
+        Section(SECTION_TITLES[1], [loss_vs_flops_figure(curves, fits, sigmas=sigmas, jstar=jstar)]),
+        Section(SECTION_TITLES[2], [fit_lines_figure(fits)]),
+        Section(SECTION_TITLES[3], [hold] if hold is not None else
+                ['<p class="note">No fit has a hold-out (fit_all(..., holdout=True) needs 2 or more models).</p>']),
+        Section(SECTION_TITLES[4], [fits_table_html(fits)]),
+    ]
+    return page_html(title, sections, about=about)
+
+
+def write_dashboard(jstar, curves, fits: Mapping[str, dict], path: str | os.PathLike, **kwargs) -> Path:
+    """`build_dashboard(jstar, curves, fits, **kwargs)` written atomically to `path`."""
+    return write_page(build_dashboard(jstar, curves, fits, **kwargs), path)
+
+
 __all__ = [
     "FIT_TABLE_COLUMNS",
-    "check_curves",
-    "check_fits",
+    "SECTION_TITLES",
+    "build_dashboard",
     "fit_at",
     "fit_lines_figure",
     "fit_table_rows",
+    "fits_table_html",
     "holdout_figure",
-    "holdout_refit",
     "loss_vs_flops_figure",
     "model_curves",
     "ordered_fits",
     "quantity_label",
+    "write_dashboard",
 ]

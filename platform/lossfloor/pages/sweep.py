@@ -1,11 +1,11 @@
-"""Plotly figures of a schedule sweep (lossfloor.ray.sweep): which configurations won, and how each
+"""Plotly figures of a schedule sweep (lossfloor.train.sweep): which configurations won, and how each
 trial's objective moved with training images (where ASHA stopped the weak ones).
 
     write_html(parallel_coordinates_figure(rows, space, objective="gap"), "parallel_coordinates.html")
     write_html(objective_curves_figure(rows, histories, objective="gap", budget=8192), "objective_vs_images.html")
 
 rows: results.parquet rows (trial_id, is_baseline, the space's fields, objective, n_img, stopped_early, ...);
-histories: trial id -> [(n_img, objective)]. Pages are written by `lossfloor.plots.write_html` (plotly.js
+histories: trial id -> [(n_img, objective)]. Pages are written by `lossfloor.pages.html.write_html` (plotly.js
 embedded: they open offline).
 """
 

@@ -1,28 +1,19 @@
-"""Plotly figures of J*(σ) tables, and standalone HTML pages that work offline.
+"""The J*(σ) figure: one panel per target, each J* with its 95 % interval as error bars and σ* dashed.
 
     fig = jstar_figure({"digits": {"x0": table_x0, "eps": table_eps}})   # one panel per target
-    write_html(fig, "jstar.html")                                        # plotly.js embedded, no CDN
-
-Figures live here, inside the package, because `lossfloor.tracking` logs them from Ray job drivers
-where only the package is shipped; `dashboards/` holds page builders that read MLflow runs. This module
-imports plotly; the core (diffusion, data, floor, ...) never imports it.
+    lossfloor.pages.html.write_html(fig, "jstar.html")                   # plotly.js embedded, no CDN
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import plotly.graph_objects as go
-import plotly.io as pio
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from lossfloor.atomic import write_atomic
 from lossfloor.floor import JStarTable
 
 TARGET_TITLES = {
@@ -32,7 +23,6 @@ TARGET_TITLES = {
     "vp-v": "VP v-prediction ((1+σ²)/σ² · J*)",
     "fm-velocity": "flow-matching velocity ((1+σ)²/σ² · J*)",
 }
-_SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=", re.IGNORECASE)
 
 
 def _trace(table: JStarTable, label: str, color: str, show_legend: bool) -> go.Scatter:
@@ -102,20 +92,4 @@ def _fmt(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.3g}"
 
 
-def to_html(fig: go.Figure) -> str:
-    """A standalone page with plotly.js embedded (~4.5 MB): opens offline, no CDN."""
-    return pio.to_html(fig, include_plotlyjs=True, full_html=True)
-
-
-def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
-    """Write `to_html(fig)` atomically (a temporary name in the same folder, then renamed)."""
-    text = to_html(fig)
-    return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def is_offline_html(text: str) -> bool:
-    """True if a page embeds plotly.js and loads no script from elsewhere (a CDN)."""
-    return "plotly.js v" in text and _SCRIPT_SRC.search(text) is None and "Plotly.newPlot" in text
-
-
-__all__ = ["TARGET_TITLES", "is_offline_html", "jstar_figure", "to_html", "write_html"]
+__all__ = ["TARGET_TITLES", "jstar_figure"]
