@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "platform" / "lossfloor"
-CORE = ("diffusion", "data", "floor", "models", "train", "scaling")
+CORE = ("diffusion", "data", "floor", "models", "train", "scaling", "diagnose")
 ADAPTERS = ("ray", "tracking", "pages")
 
 

@@ -23,6 +23,7 @@ COMMANDS = [
     "lossfloor.cli.dashboard",
     "lossfloor.cli.train",
     "lossfloor.cli.sweep",
+    "lossfloor.cli.diagnose",
 ]
 
 

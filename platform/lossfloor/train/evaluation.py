@@ -40,6 +40,7 @@ class EvalResult:
     quadrature: np.ndarray  # pi_k, sums to 1
     total: float  # sum_k pi_k w_k J_k
     total_gap: float | None  # sum_k pi_k w_k (J_k - J*_k)
+    stderr: np.ndarray | None = None  # standard error of J_sigma over the subset's samples, x0 units
 
     @property
     def coefficients(self) -> np.ndarray:
@@ -94,18 +95,20 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
              weight: Callable[[torch.Tensor], torch.Tensor],
              reference_density: Callable[[torch.Tensor], torch.Tensor],
              j_star=None, batch: int = 256,
-             rank: int = 0, world_size: int = 1, device="cpu") -> EvalResult:
+             rank: int = 0, world_size: int = 1, device="cpu",
+             progress: Callable[[int], None] | None = None) -> EvalResult:
     """Evaluate denoiser(x_hat, sigma, labels) on the fixed subset x0 (N, C, H, W) at each sigma.
 
     j_star: J*(sigma) as a callable of a sigma tensor (a `JStarCurve`, whose `interval` also gives the
     interval), or None.
     With world_size > 1 each rank evaluates samples rank, rank + world_size, ... and the per-sigma sums
     are all-reduced, so every rank returns the same result.
+    progress: called with k after grid point k is done.
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     n = x0.shape[0]
     mine = torch.arange(rank, n, world_size)
-    sums = torch.zeros(len(sigmas), dtype=torch.float64, device=device)
+    sums = torch.zeros(2, len(sigmas), dtype=torch.float64, device=device)  # sum of l, sum of l^2
     for k, s in enumerate(sigmas):
         noise = eval_noise(seed, k, n, x0.shape[1:])[mine]  # the rows of this rank's samples
         for start in range(0, len(mine), batch):
@@ -114,11 +117,16 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
             eps = noise[start : start + batch].to(device)
             sigma = torch.full((len(idx),), float(s), dtype=torch.float32, device=device)
             lab = None if labels is None else labels[idx].to(device)
-            D = denoiser(x + sigma.view(-1, 1, 1, 1) * eps, sigma, lab)  # (b,) -> (b, 1, 1, 1)
-            sums[k] += x0_loss(D.to(torch.float32), x).to(torch.float64).sum()
+            D = denoiser(x + sigma.view(-1, *[1] * (x.ndim - 1)) * eps, sigma, lab)  # (b,) -> (b, 1, ..., 1)
+            lx0 = x0_loss(D.to(torch.float32), x).to(torch.float64)
+            sums[0, k] += lx0.sum()
+            sums[1, k] += lx0.square().sum()
+        if progress is not None:
+            progress(k)
     if world_size > 1:
         dist.all_reduce(sums)
-    loss = sums.cpu().numpy() / n
+    loss, mean_sq = sums.cpu().numpy() / n
+    stderr = np.sqrt(np.maximum(mean_sq - loss**2, 0.0) / max(n - 1, 1))  # (K,) sample std / sqrt(n)
     sig_t = torch.as_tensor(sigmas)
     w = weight(sig_t).to(torch.float64).numpy()
     pi = quadrature_weights(sigmas, reference_density)
@@ -129,4 +137,5 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
     return EvalResult(
         sigma=sigmas, loss=loss, j_star=js, j_star_ci=ci, gap=gap, weight=w, quadrature=pi,
         total=float(np.sum(pi * w * loss)), total_gap=None if gap is None else float(np.sum(pi * w * gap)),
+        stderr=stderr,
     )

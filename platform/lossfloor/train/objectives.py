@@ -101,20 +101,26 @@ class FDObjective:
 def load_denoiser(checkpoint: str | os.PathLike, *, device="cpu"):
     """(denoiser, sample shape, label_dim) of a training checkpoint: its evaluated EMA when the config
     has eval_ema, else the raw weights; eval mode, the run's precision where the device allows it."""
-    from lossfloor.models import build_unet
     from lossfloor.train.checkpoint import load_checkpoint
+
+    return denoiser_from_state(load_checkpoint(checkpoint, map_location="cpu"), device=device)
+
+
+def denoiser_from_state(state: dict, *, device="cpu", weights: dict | None = None):
+    """`load_denoiser` of a loaded checkpoint state; `weights`: other weights of its network (an EMA)."""
+    from lossfloor.models import build_unet
     from lossfloor.train.config import TrainConfig, resolve
     from lossfloor.train.losses import Denoiser
 
-    state = load_checkpoint(checkpoint, map_location="cpu")
     cfg = TrainConfig.from_dict(state["config"])
     R = resolve(cfg)
     unet = R.unet
     net = build_unet(unet, device=device, seed=cfg.seed)
-    weights = state["net"]
-    if cfg.eval_ema is not None:  # the same weights the run's evaluation used
+    if weights is None and cfg.eval_ema is not None:  # the same weights the run's evaluation used
         ema = state["ema"]
         weights = next(w for s, w in zip(ema["sigma_rels"], ema["states"]) if math.isclose(s, cfg.eval_ema))
+    if weights is None:
+        weights = state["net"]
     net.load_state_dict(weights)
     net.eval()
     precision = cfg.precision if str(device).startswith("cuda") or cfg.precision != "fp16" else "none"  # fp16: CUDA
@@ -122,5 +128,5 @@ def load_denoiser(checkpoint: str | os.PathLike, *, device="cpu"):
     return Denoiser(net, R.preconditioning(), None, precision), shape, unet.label_dim
 
 
-__all__ = ["OBJECTIVES", "REFERENCE_SCHEDULE", "FDObjective", "GapObjective", "gap_key", "load_denoiser",
-           "reference_weights"]
+__all__ = ["OBJECTIVES", "REFERENCE_SCHEDULE", "FDObjective", "GapObjective", "denoiser_from_state", "gap_key",
+           "load_denoiser", "reference_weights"]

@@ -1,0 +1,310 @@
+"""Every model `lossfloor diagnose` reads, as one denoiser D(x_hat, sigma, labels) in VE x0 coordinates.
+
+    model = load_model("runs/tiny")                                   # a lossfloor run folder or checkpoint
+    model = load_model("my-ddpm/")                                    # a diffusers folder (model + scheduler)
+    model = load_model("oracle.pt", prediction="eps", process="vp")   # TorchScript / torch.export, forward(x, t)
+
+SPEC kinds:
+- lossfloor: a training run folder (its newest checkpoint) or a checkpoint-<n_img> folder / its state.pt.
+  Weights (`ema`): "auto" (what the run's evaluation used: its eval_ema, else raw), "raw", a tracked
+  EMA's sigma_rel ("0.1"), or "posthoc:SIGMA_REL" (reconstructed from the run's EMA snapshots).
+- diffusers: a folder with model_index.json (a saved pipeline: the ModelMixin component and the
+  scheduler), or a model folder (config.json with _class_name) with scheduler_config.json beside it or
+  in scheduler/. DDPMScheduler / DDIMScheduler: x_t = sqrt(alphas_cumprod[t]) x0 + sqrt(1 - alphas_cumprod[t])
+  eps, so sigma_t = sqrt((1 - abar_t) / abar_t) and the prediction_type (epsilon | v_prediction | sample)
+  is the target eps | vp-v | x0. FlowMatchEulerDiscreteScheduler: x_t = (1 - t) x0 + t eps with
+  timestep = the scheduler's `timesteps` at its `sigmas` = t, target eps - x0 ("fm-velocity").
+  Between the scheduler's timesteps the (float) timestep is interpolated, linear in ln sigma.
+- TorchScript (torch.jit.save) or torch.export (.pt2) file: forward(x, t) with x = x_t and t the time of
+  `process` (ve: x_hat and sigma; vp: x_hat / sqrt(1 + sigma^2) and sigma; fm: x_hat / (1 + sigma) and
+  sigma / (1 + sigma)), returning `prediction` (lossfloor.diagnose.predictions).
+
+`weighting` is the model's own training weighting in x0 units where it is known (lossfloor runs: their
+schedule; diffusers DDPM/DDIM: diffusers' recipe, t uniform over the training timesteps and the native
+MSE, i.e. w = 1/c_out^2), else None.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lossfloor.diagnose.predictions import PREDICTIONS, coefficients, to_x0
+from lossfloor.diffusion import PROCESSES, get_process
+from lossfloor.errors import InputError
+from lossfloor.train.losses import PRECISIONS
+
+DIFFUSERS_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler")
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "vp-v", "sample": "x0"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Weighting:
+    """A training objective sum_k pi_k w(sigma_k) J_k: w in x0 units, pi from a density of ln sigma."""
+
+    name: str
+    weight: Callable[[torch.Tensor], torch.Tensor]  # sigma -> w(sigma)
+    density: Callable[[torch.Tensor], torch.Tensor]  # sigma -> density of ln sigma (unnormalised)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Model:
+    """A model as `evaluate` calls it: denoiser(x_hat (B, ...), sigma (B,), labels) -> D (B, ...)."""
+
+    spec: str  # what the user passed
+    name: str  # a short label (run name, folder name, file name)
+    kind: str  # "lossfloor" | "diffusers" | "torchscript" | "torch.export"
+    prediction: str  # what the network predicts (a lossfloor.diffusion target, or "edm")
+    process: str  # the coordinates the network sees: "ve", "vp" or "fm"
+    denoiser: Callable
+    weighting: Weighting | None = None
+    sigma_range: tuple[float, float] | None = None  # where the model is defined (diffusers schedulers)
+    label_dim: int = 0  # > 0: class-conditional, needs labels
+    seed: int | None = None  # a lossfloor run's seed (its evaluation noise)
+
+
+class ForeignDenoiser(torch.nn.Module):
+    """D(x_hat, sigma) of a network F(x_t, t) in `process` coordinates predicting `prediction`."""
+
+    def __init__(self, call: Callable, *, prediction: str, process: str, precision: str = "none"):
+        super().__init__()
+        self.call, self.prediction, self.process = call, prediction, get_process(process)
+        self.dtype = PRECISIONS[precision]
+
+    def forward(self, x_hat: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+        s = sigma.to(torch.float32).view(-1, *([1] * (x_hat.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
+        a, _ = self.process.scales(s)
+        t = self.process.t(sigma.to(torch.float32))  # (B,)
+        cast = nullcontext() if self.dtype is None else torch.autocast(x_hat.device.type, dtype=self.dtype)
+        with cast:
+            F = self.call(a * x_hat, t)
+        return to_x0(self.prediction, F.to(torch.float32), x_hat, s)
+
+
+def load_model(spec: str, *, prediction: str | None = None, process: str | None = None, ema: str = "auto",
+               device="cpu", precision: str = "none") -> Model:
+    """The model at `spec` (module docstring); InputError naming --model and what was expected."""
+    path = Path(spec)
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not path.exists():
+        raise InputError(f"--model {spec}: not found")
+    kind = _kind(path)
+    foreign = kind in ("torchscript", "torch.export")
+    if not foreign:
+        for flag, value in (("--prediction", prediction), ("--process", process)):
+            if value is not None:
+                raise InputError(f"{flag}: only for a TorchScript / torch.export model (a {kind} model says "
+                                 "what it predicts itself)")
+    if kind != "lossfloor" and ema != "auto":
+        raise InputError(f"--ema: only for a lossfloor run or checkpoint, not a {kind} model")
+    if kind == "lossfloor":
+        return _lossfloor(path, ema=ema, device=device)
+    if kind == "diffusers":
+        return _diffusers(path, device=device, precision=precision)
+    if prediction is None:
+        raise InputError(f"--prediction: a {kind} model needs it: one of {', '.join(PREDICTIONS)}")
+    if prediction not in PREDICTIONS:
+        raise InputError(f"--prediction: expected one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+    process = process or "ve"
+    if process not in PROCESSES:
+        raise InputError(f"--process: expected one of {', '.join(PROCESSES)}, got {process!r}")
+    net = _load_scripted(path, kind, device)
+    den = ForeignDenoiser(net, prediction=prediction, process=process, precision=precision)
+    return Model(spec=spec, name=path.name, kind=kind, prediction=prediction, process=process, denoiser=den)
+
+
+def _kind(path: Path) -> str:
+    from lossfloor.train.checkpoint import STATE_FILE, latest_checkpoint
+
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file() or (
+                path / "scheduler").is_dir():
+            return "diffusers"
+        if (path / STATE_FILE).is_file() or latest_checkpoint(path) is not None:
+            return "lossfloor"
+        raise InputError(f"--model {path}: a folder that is no model (expected a lossfloor run folder or "
+                         "checkpoint-<n_img> folder, or a diffusers folder: model_index.json, or config.json with "
+                         "scheduler_config.json)")
+    if path.name == STATE_FILE:
+        return "lossfloor"
+    return "torch.export" if path.suffix == ".pt2" else "torchscript"
+
+
+def _load_scripted(path: Path, kind: str, device):
+    try:
+        if kind == "torch.export":
+            net = torch.export.load(str(path)).module()
+        else:
+            net = torch.jit.load(str(path), map_location="cpu")
+            net.eval()
+    except Exception as e:  # torch raises many types for foreign files
+        raise InputError(f"--model {path}: not a TorchScript or torch.export file, a lossfloor checkpoint or a "
+                         f"diffusers folder ({e.__class__.__name__})") from None
+    return net.to(device)
+
+
+# --- lossfloor runs -------------------------------------------------------------------------------
+
+
+def _lossfloor(path: Path, *, ema: str, device) -> Model:
+    from lossfloor.train.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, read_snapshots
+    from lossfloor.train.config import TrainConfig, resolve
+    from lossfloor.train.objectives import denoiser_from_state
+    from lossfloor.train.schedules import JStarCurve, build_schedule
+
+    ckpt = path if path.name == STATE_FILE or (path / STATE_FILE).is_file() else latest_checkpoint(path)
+    state = load_checkpoint(ckpt, map_location="cpu")
+    if not isinstance(state, dict) or "config" not in state or "net" not in state:
+        raise InputError(f"--model {path}: not a lossfloor training checkpoint")
+    cfg = TrainConfig.from_dict(state["config"])
+    weights = None  # "auto": what the run evaluated
+    if ema == "raw":
+        weights = state["net"]
+    elif ema.startswith("posthoc:"):
+        from lossfloor.train.ema import posthoc_ema
+
+        run_dir = Path(ckpt).parent if Path(ckpt).is_dir() else Path(ckpt).parent.parent
+        weights = posthoc_ema(read_snapshots(run_dir), sigma_rel=_float(ema.split(":", 1)[1], "--ema"),
+                              n_img=int(state["n_img"]))
+    elif ema != "auto":
+        sigma_rel = _float(ema, "--ema")
+        tracked = state["ema"]["sigma_rels"]
+        found = [w for s, w in zip(tracked, state["ema"]["states"]) if math.isclose(s, sigma_rel)]
+        if not found:
+            raise InputError(f"--ema: {ema} is not tracked by {path} (tracked: {', '.join(f'{s:g}' for s in tracked)}; "
+                             "or raw, auto, posthoc:SIGMA_REL)")
+        weights = found[0]
+    den, _, label_dim = denoiser_from_state(state, device=device, weights=weights)
+    R = resolve(cfg)
+    precond = R.preconditioning()
+    weighting = None
+    try:
+        curve = JStarCurve.from_path(cfg.jstar) if cfg.jstar else None
+        schedule = build_schedule(R.schedule, precond, P_mean=R.preset.P_mean, P_std=R.preset.P_std, jstar=curve)
+        weighting = Weighting(name=f"{R.schedule.kind} (the run's schedule)", weight=schedule.weight,
+                              density=schedule.reference_density)
+    except InputError:  # an optimal-loss run whose J* table is gone: its weighting is unknown here
+        pass
+    prediction = precond.target or precond.name
+    return Model(spec=str(path), name=R.run, kind="lossfloor", prediction=prediction, process=precond.process,
+                 denoiser=den, weighting=weighting, label_dim=label_dim, seed=cfg.seed)
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"{flag}: expected raw, auto, a sigma_rel like 0.1 or posthoc:0.1, got {text!r}")
+    return value
+
+
+# --- diffusers ------------------------------------------------------------------------------------
+
+
+def _diffusers_parts(path: Path) -> tuple[Path, Path]:
+    """(model folder, scheduler config folder) of a diffusers folder."""
+    index = path / "model_index.json"
+    if index.is_file():
+        parts = json.loads(index.read_text())
+        sched = [k for k, v in parts.items() if isinstance(v, list) and "Scheduler" in str(v[-1])]
+        models = [k for k, v in parts.items() if isinstance(v, list) and k not in sched
+                  and (path / k / "config.json").is_file()]
+        if len(sched) != 1 or len(models) != 1:
+            raise InputError(f"--model {index}: expected one model and one scheduler component, got "
+                             f"models {models} and schedulers {sched}")
+        return path / models[0], path / sched[0]
+    sched_dir = path if (path / "scheduler_config.json").is_file() else path / "scheduler"
+    if not (sched_dir / "scheduler_config.json").is_file():
+        raise InputError(f"--model {path}: no scheduler_config.json (beside config.json or in scheduler/)")
+    model_dir = path if (path / "config.json").is_file() else path / "unet"
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"--model {path}: no model config.json (in the folder or in unet/)")
+    return model_dir, sched_dir
+
+
+def _diffusers_class(config_file: Path, what: str):
+    import diffusers
+
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        raise InputError(f"--model {config_file}: not a readable JSON config") from None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    cls = getattr(diffusers, str(name), None)
+    if cls is None:
+        raise InputError(f"--model {config_file}: unknown {what} class {name!r}")
+    return cls, config
+
+
+def _diffusers(path: Path, *, device, precision: str) -> Model:
+    model_dir, sched_dir = _diffusers_parts(path)
+    sched_cls, sched_config = _diffusers_class(sched_dir / "scheduler_config.json", "scheduler")
+    if sched_cls.__name__ not in DIFFUSERS_SCHEDULERS:
+        raise InputError(f"--model {sched_dir / 'scheduler_config.json'}: scheduler {sched_cls.__name__} is not "
+                         f"supported (expected one of {', '.join(DIFFUSERS_SCHEDULERS)})")
+    scheduler = sched_cls.from_config(sched_config)
+    model_cls, _ = _diffusers_class(model_dir / "config.json", "model")
+    try:
+        net = model_cls.from_pretrained(str(model_dir), local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as e:  # diffusers raises many types for incomplete folders
+        raise InputError(f"--model {model_dir}: cannot load {model_cls.__name__} ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    net = net.to(device).eval()
+    if sched_cls.__name__ == "FlowMatchEulerDiscreteScheduler":
+        prediction, process = "fm-velocity", "fm"
+        t_table = scheduler.sigmas.to(torch.float64).numpy()  # t, descending
+        steps = scheduler.timesteps.to(torch.float64).numpy()
+        t_table, steps = t_table[: len(steps)][::-1].copy(), steps[::-1].copy()  # ascending t
+        t_table = t_table[t_table < 1]  # t = 1 is sigma = inf
+        steps = steps[: len(t_table)]
+        sigma_range = (float(t_table[0] / (1 - t_table[0])), float(t_table[-1] / (1 - t_table[-1])))
+
+        def timestep(t):  # the process time t of `fm` -> the model's timestep
+            return np.interp(t, t_table, steps)
+        weighting = None
+    else:
+        kind = scheduler.config.prediction_type
+        if kind not in DIFFUSERS_PREDICTIONS:
+            raise InputError(f"--model {sched_dir / 'scheduler_config.json'}: prediction_type {kind!r} is not one "
+                             f"of {', '.join(DIFFUSERS_PREDICTIONS)}")
+        prediction, process = DIFFUSERS_PREDICTIONS[kind], "vp"
+        abar = scheduler.alphas_cumprod.to(torch.float64).numpy()  # (T,)
+        sig_table = np.sqrt((1 - abar) / abar)  # sigma_t, increasing in t
+        ln_sig, steps = np.log(sig_table), np.arange(len(abar), dtype=np.float64)
+        sigma_range = (float(sig_table[0]), float(sig_table[-1]))
+
+        def timestep(t):  # vp: t is sigma itself -> the model's timestep, linear in ln sigma
+            return np.interp(np.log(t), ln_sig, steps)
+        dt_dlnsig = np.gradient(steps, ln_sig)  # t uniform: the density of ln sigma is dt / d ln sigma
+
+        def density(sigma):
+            x = np.log(sigma.to(torch.float64).cpu().numpy())
+            return torch.as_tensor(np.interp(x, ln_sig, dt_dlnsig, left=0.0, right=0.0))
+
+        def weight(sigma):  # diffusers' recipe: the native MSE, w = 1 / c_out^2 in x0 units
+            return 1 / coefficients(prediction, sigma.to(torch.float64))[1] ** 2
+
+        weighting = Weighting(name=f"diffusers {kind} (t uniform, MSE)", weight=weight, density=density)
+
+    def call(x_t, t):
+        ts = torch.as_tensor(timestep(t.detach().to(torch.float64).cpu().numpy()), dtype=torch.float32,
+                             device=x_t.device)
+        out = net(x_t, ts)
+        return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+    den = ForeignDenoiser(call, prediction=prediction, process=process, precision=precision)
+    return Model(spec=str(path), name=path.name, kind="diffusers", prediction=prediction, process=process,
+                 denoiser=den, weighting=weighting, sigma_range=sigma_range)
+
+
+__all__ = ["DIFFUSERS_PREDICTIONS", "DIFFUSERS_SCHEDULERS", "ForeignDenoiser", "Model", "Weighting", "load_model"]

@@ -1,0 +1,75 @@
+"""A diagnosis figure: loss J(σ) and J*(σ) on log-log axes with the gap shaded and σ* marked, and the
+relative gap (J − J*)/J below; several diagnoses (models) overlay, one colour each.
+
+    fig = diagnose_figure({"my-ddpm": diagnosis})      # lossfloor.diagnose.Diagnosis objects
+    lossfloor.pages.html.write_html(fig, "diag.html")  # plotly.js embedded, opens offline
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+
+def _rgba(color: str, alpha: float) -> str:
+    h = color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def diagnose_figure(diagnoses: Mapping[str, object], *, title: str = "Loss gap J − J*") -> go.Figure:
+    """Top: J(σ) (solid, ±1.96 stderr bars) and J*(σ) (dotted, its interval shaded), the gap between
+    them shaded, σ* dashed; bottom: (J − J*)/J. `diagnoses`: label -> Diagnosis."""
+    if not diagnoses:
+        raise ValueError("diagnoses: expected at least one, e.g. {'model': diagnosis}")
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.65, 0.35],
+                        subplot_titles=("loss J(σ) and optimal loss J*(σ), x0 units (shaded: the gap)",
+                                        "relative gap (J − J*) / J"))
+    palette = qualitative.Plotly
+    stars = []
+    for i, (label, d) in enumerate(diagnoses.items()):
+        color = palette[i % len(palette)]
+        s, loss, se = d.column("sigma"), d.column("loss_x0"), d.column("loss_stderr")
+        js, lo, hi = d.column("j_star_x0"), d.column("j_star_ci_low"), d.column("j_star_ci_high")
+        keep = (loss > 0) & (js > 0)  # a log axis shows neither 0 (J* far below σ*)
+        group = label
+        fig.add_trace(go.Scatter(x=s[keep], y=js[keep], mode="lines", line={"color": color, "dash": "dot"},
+                                 legendgroup=group, showlegend=False, hoverinfo="skip"), row=1, col=1)
+        fig.add_trace(go.Scatter(  # the gap: filled from J* up to J
+            x=s[keep], y=loss[keep], mode="lines+markers", name=label, legendgroup=group, fill="tonexty",
+            fillcolor=_rgba(color, 0.18), line={"color": color}, marker={"size": 5},
+            error_y={"type": "data", "array": 1.96 * se[keep], "visible": True},
+            hovertemplate="σ=%{x:.4g}<br>J=%{y:.4g}<extra>" + label + "</extra>"), row=1, col=1)
+        band = np.concatenate([hi[keep], lo[keep][::-1]])
+        fig.add_trace(go.Scatter(x=np.concatenate([s[keep], s[keep][::-1]]), y=np.maximum(band, 1e-300),
+                                 fill="toself", fillcolor=_rgba(color, 0.10), line={"width": 0},
+                                 legendgroup=group, showlegend=False, hoverinfo="skip"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=s[keep], y=js[keep], mode="markers", marker={"color": color, "size": 4,
+                                 "symbol": "x"}, legendgroup=group, showlegend=False,
+                                 hovertemplate="σ=%{x:.4g}<br>J*=%{y:.4g}<extra>J* " + label + "</extra>"),
+                      row=1, col=1)
+        fig.add_trace(go.Scatter(x=s, y=d.column("rel_gap"), mode="lines+markers", line={"color": color},
+                                 legendgroup=group, showlegend=False,
+                                 hovertemplate="σ=%{x:.4g}<br>(J−J*)/J=%{y:.3g}<extra>" + label + "</extra>"),
+                      row=2, col=1)
+        if d.sigma_star is not None:
+            stars.append(f"{label}: {d.sigma_star:.3g}")
+            for row in (1, 2):  # a shape's x is a data value even on a log axis (plotly.py issue 4012)
+                fig.add_vline(x=d.sigma_star, line={"dash": "dash", "color": color, "width": 1}, row=row, col=1)
+    fig.update_xaxes(type="log", exponentformat="power")
+    fig.update_xaxes(title_text="σ", row=2, col=1)
+    fig.update_yaxes(type="log", exponentformat="power", title_text="x0 loss", row=1, col=1)
+    fig.update_yaxes(title_text="(J − J*) / J", row=2, col=1)
+    sub = "dotted: J* (band: its 95 % interval); bars: J ± 1.96 stderr; dashed: σ*"
+    if stars:
+        sub += " (" + ", ".join(stars) + ")"
+    fig.update_layout(title={"text": f"{title}<br><sup>{sub}</sup>"}, template="plotly_white", height=760,
+                      legend={"title": {"text": "model"}})
+    return fig
+
+
+__all__ = ["diagnose_figure"]

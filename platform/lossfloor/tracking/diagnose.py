@@ -1,0 +1,55 @@
+"""One MLflow run per diagnosis (experiment `diagnose` by default), so models compare side by side.
+
+What a run holds (names are stable: `lossfloor dashboard --experiment diagnose` reads them):
+
+  params    model, model_kind, data, j_star (or estimator), holdout, prediction, process, seed, n_samples,
+            device, precision, ema, dataset_fingerprint (the caller's), sigma_min, sigma_max, n_sigma
+  metrics   per σ, step = σ index (ascending σ): sigma, loss_x0, loss_stderr, j_star_x0, gap_x0, rel_gap
+            (+ loss_holdout_x0, generalisation_gap with held-out data)
+            totals: total_reference/loss, total_reference/gap, total_reference/rel_gap, and total_own/...
+            when the model's own weighting is known
+  tags      lossfloor.kind=diagnose, lossfloor.model, dataset_fingerprint
+  artifacts diag.parquet (the table as written by `write_diagnosis`), diag.html (the figure; offline)
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from lossfloor.diagnose.measure import HOLDOUT_COLUMNS, Diagnosis, write_diagnosis
+from lossfloor.tracking.runs import start_run
+
+KIND = "diagnose"
+TABLE_FILE = "diag.parquet"
+FIGURE_FILE = "diag.html"
+SERIES = ("sigma", "loss_x0", "loss_stderr", "j_star_x0", "gap_x0", "rel_gap", *HOLDOUT_COLUMNS[::2])
+
+
+def log_diagnosis(d: Diagnosis, fig, *, params: Mapping[str, object], experiment: str = "diagnose",
+                  run_name: str | None = None, tracking_uri: str | None = None) -> str:
+    """Log one diagnosis as its own run (module docstring); returns the run id."""
+    sigmas = d.column("sigma")
+    row = d.rows()[0]
+    with start_run(experiment=experiment, run_name=run_name, tracking_uri=tracking_uri,
+                   tags={"lossfloor.kind": KIND, "lossfloor.model": row["model"],
+                         "dataset_fingerprint": row["dataset_fingerprint"]}) as run:
+        run.log_params({**params, "sigma_min": float(sigmas.min()), "sigma_max": float(sigmas.max()),
+                        "n_sigma": len(sigmas)})
+        run.log_series({name: d.column(name) for name in SERIES if name in d.table.column_names})
+        scalars = {}
+        for key, total in d.totals.items():
+            for name, value in (total or {}).items():
+                if value is not None:
+                    scalars[f"total_{key}/{name}"] = value
+        run.log_metrics(scalars)
+        with tempfile.TemporaryDirectory(prefix="lossfloor-mlflow-") as tmp:
+            write_diagnosis(d, Path(tmp) / TABLE_FILE)
+            run.log_artifact(Path(tmp) / TABLE_FILE)
+        if fig is not None:
+            run.log_html_figure(fig, FIGURE_FILE)
+    return run.run_id
+
+
+__all__ = ["FIGURE_FILE", "KIND", "TABLE_FILE", "log_diagnosis"]

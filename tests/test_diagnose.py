@@ -1,0 +1,249 @@
+"""`lossfloor diagnose` against ground truth: the exact posterior mean (gap 0 in every prediction and
+process), diffusers models measured by hand through their scheduler, a lossfloor run's own evaluation,
+and every bad input (exit 2, one line, nothing written)."""
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cli_run import cli
+from diagnose_models import save_oracle
+from lossfloor.data import load
+from lossfloor.diagnose import PREDICTIONS, coefficients
+from lossfloor.diffusion import PROCESSES, jstar_factor
+from lossfloor.jobs.diagnose import DiagnoseSpec, diagnose
+from lossfloor.train.evaluation import eval_noise
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")]
+
+SIGMAS = np.array([0.01, 0.07, 0.3, 1.0, 3.0, 30.0])
+COLUMNS = ["sigma", "loss_x0", "loss_stderr", "j_star_x0", "j_star_ci_low", "j_star_ci_high", "gap_x0", "rel_gap",
+           "prediction", "process", "model", "dataset_fingerprint", "seed", "n_samples"]
+
+
+@pytest.fixture(scope="module")
+def oracle_data(tmp_path_factory):
+    """200 digits as .npy, 200 other digits as held-out data, and the exact J* table of the first."""
+    from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
+
+    d = tmp_path_factory.mktemp("oracle")
+    samples = load("bundled:digits").samples
+    np.save(d / "train.npy", samples[:200])
+    np.save(d / "other.npy", samples[200:400])
+    data = load(str(d / "train.npy"))
+    est = estimate(data.samples, SIGMAS, EstimatorConfig(estimator="exact", queries_per_sample=4, seed=1),
+                   progress=False)
+    write_table(build_table(est, fingerprint=data.fingerprint), d / "jstar.parquet")
+    return d
+
+
+def test_each_prediction_converts_with_the_inverse_of_its_jstar_factor():
+    sigma = np.array([0.01, 0.3, 1.0, 7.0])
+    for p in PREDICTIONS:
+        c_out = coefficients(p, sigma)[1]
+        np.testing.assert_allclose(1 / c_out**2, jstar_factor(p, sigma), rtol=1e-12, err_msg=p)
+
+
+def _spec(d, model, out, **kw):
+    return DiagnoseSpec(model=str(model), data=str(d / "train.npy"), sigmas=SIGMAS, out=str(out),
+                        j_star=str(d / "jstar.parquet"), **kw)
+
+
+def test_the_posterior_mean_has_no_gap_in_any_prediction_or_process(oracle_data, tmp_path):
+    d = oracle_data
+    data = np.load(d / "train.npy")
+    losses = {}
+    for prediction, process in itertools.product(PREDICTIONS, PROCESSES):
+        path = save_oracle(data, prediction, process, tmp_path / f"{prediction}-{process}.pt")
+        res = diagnose(_spec(d, path, tmp_path / f"{prediction}-{process}.parquet", prediction=prediction,
+                             process=process))
+        gap, se = res.column("gap_x0"), res.column("gap_stderr")
+        assert np.all(np.abs(gap) <= 4 * se + 1e-6), (prediction, process, gap, se)
+        losses[prediction, process] = res.column("loss_x0")
+    ref = losses["x0", "ve"]
+    for key, loss in losses.items():  # the same draws: every conversion gives the same x0 loss
+        np.testing.assert_allclose(loss, ref, rtol=2e-4, atol=1e-7, err_msg=str(key))
+
+
+def test_cli_writes_the_table_the_figure_and_held_out_columns(oracle_data, tmp_path, capsys):
+    from lossfloor.pages.html import is_offline_html
+
+    d = oracle_data
+    model = save_oracle(np.load(d / "train.npy"), "eps", "vp", tmp_path / "oracle.pt")
+    out = tmp_path / "diag.parquet"
+    code, stdout, err = cli(["diagnose", "--model", model, "--prediction", "eps", "--process", "vp", "--data",
+                             str(d / "train.npy"), "--j-star", str(d / "jstar.parquet"), "--sigmas",
+                             ",".join(map(str, SIGMAS)), "--holdout", str(d / "other.npy"), "--out", str(out)],
+                            capsys)
+    assert code == 0, err
+    table = pq.read_table(out)
+    assert set(COLUMNS) | {"loss_holdout_x0", "loss_holdout_stderr", "generalisation_gap"} <= set(table.column_names)
+    rows = table.to_pylist()
+    assert [r["sigma"] for r in rows] == pytest.approx(SIGMAS.tolist())
+    assert {r["prediction"] for r in rows} == {"eps"} and {r["process"] for r in rows} == {"vp"}
+    assert {r["n_samples"] for r in rows} == {200}
+    mid = [r for r in rows if 0.5 < r["sigma"] < 5]
+    assert all(r["generalisation_gap"] > 0 for r in mid)  # the training set's posterior mean on other digits
+    assert "gap_x0" in stdout and "total, reference weighting" in stdout
+    assert is_offline_html((tmp_path / "diag.html").read_text())
+    # common random numbers: the same seed, the same numbers
+    again = diagnose(_spec(d, model, tmp_path / "again.parquet", prediction="eps", process="vp"))
+    np.testing.assert_array_equal(again.column("loss_x0"), table.column("loss_x0").to_numpy())
+
+
+# --- diffusers -------------------------------------------------------------------------------------
+
+
+def _train_diffusers(folder, prediction_type: str, samples: torch.Tensor) -> None:
+    """diffusers' unconditional recipe (train_unconditional.py): uniform timesteps, add_noise, MSE on the
+    scheduler's target; a tiny UNet2DModel for 150 steps."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        clean = samples[torch.randint(0, len(samples), (8,), generator=g)]
+        noise = torch.randn(clean.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (8,), generator=g)
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, t)
+        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(clean, noise, t), t).sample, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def diffusers_models(oracle_data):
+    samples = torch.as_tensor(np.load(oracle_data / "train.npy"))
+    folders = {}
+    for kind in ("epsilon", "v_prediction"):
+        folders[kind] = oracle_data / f"ddpm-{kind}"
+        _train_diffusers(folders[kind], kind, samples)
+    return folders
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_diffusers_loss_is_the_one_computed_through_the_scheduler(oracle_data, diffusers_models, kind, tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from lossfloor.diagnose.measure import evaluation_subset
+
+    folder = diffusers_models[kind]
+    scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
+    unet = UNet2DModel.from_pretrained(str(folder / "unet")).eval()
+    steps = [20, 150, 400, 800]
+    abar = scheduler.alphas_cumprod.to(torch.float64)
+    sigmas = [float(torch.sqrt((1 - abar[t]) / abar[t])) for t in steps]
+    n, seed = 64, 3
+    spec = DiagnoseSpec(model=str(folder), data=str(oracle_data / "train.npy"), sigmas=np.array(sigmas),
+                        out=str(tmp_path / "d.parquet"), j_star=None, seed=seed, n_samples=n)
+    res = diagnose(spec)
+    samples = torch.as_tensor(np.load(oracle_data / "train.npy"))
+    x0 = samples[torch.from_numpy(evaluation_subset(len(samples), n, seed))]
+    by_hand = []
+    with torch.no_grad():
+        for k, (t, s) in enumerate(zip(steps, sigmas)):
+            noise = eval_noise(seed, k, n, x0.shape[1:])
+            tt = torch.full((n,), t)
+            pred = unet(scheduler.add_noise(x0, noise, tt), tt).sample
+            if kind == "epsilon":  # eps = (x_hat - x0) / sigma: ||D - x0||^2 = sigma^2 ||eps_hat - eps||^2
+                native, factor = (pred - noise), s**2
+            else:  # v = a eps - s_t x0: ||D - x0||^2 = sigma^2 / (1 + sigma^2) ||v_hat - v||^2
+                native, factor = (pred - scheduler.get_velocity(x0, noise, tt)), s**2 / (1 + s**2)
+            by_hand.append(factor * native.double().square().flatten(1).sum(1).mean().item())
+    np.testing.assert_allclose(res.column("loss_x0"), by_hand, rtol=2e-4)
+    assert set(res.column("prediction")) == {"eps" if kind == "epsilon" else "vp-v"}
+    assert res.totals["own"] is not None and res.totals["own"]["loss"] > 0
+
+
+# --- a lossfloor run -------------------------------------------------------------------------------
+
+
+def test_a_lossfloor_run_diagnoses_as_its_own_last_evaluation(tmp_path, capsys):
+    from lossfloor.train import TrainConfig, train
+
+    cfg = TrainConfig(preset="tiny", batch_n_img=32, duration_n_img=64, warmup_n_img=0, eval_n_samples=64,
+                      eval_sigmas=(0.05, 0.5, 5.0), seed=2)
+    res = train(cfg, load("bundled:digits"), checkpoint_dir=tmp_path / "run")
+    last = res.evals[-1][1]
+    out = tmp_path / "d.parquet"
+    code, _, err = cli(["diagnose", "--model", str(tmp_path / "run"), "--data", "bundled:digits", "--sigmas",
+                             "0.05,0.5,5", "--n-samples", "64", "--seed", "2", "--out", str(out),
+                             "--figure", "none"], capsys)
+    assert code == 0, err
+    table = pq.read_table(out)
+    np.testing.assert_allclose(table.column("loss_x0").to_numpy(), last.loss, rtol=1e-6)
+    totals = json.loads(table.schema.metadata[b"totals"])
+    assert totals["own"]["loss"] == pytest.approx(last.total, rel=1e-6)
+    assert not (tmp_path / "d.html").exists()
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def _bad_cases(d, tmp_path, diffusers_models):
+    data, jstar = str(d / "train.npy"), str(d / "jstar.parquet")
+    (tmp_path / "empty").mkdir()
+    weird = tmp_path / "weird"
+    shutil.copytree(diffusers_models["epsilon"], weird)
+    cfg = json.loads((weird / "scheduler" / "scheduler_config.json").read_text())
+    cfg["prediction_type"] = "flow"
+    (weird / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+    half = torch.jit.script(_Half())
+    torch.jit.save(half, str(tmp_path / "half.pt"))
+    good = save_oracle(np.load(d / "train.npy"), "x0", "ve", tmp_path / "good.pt")
+    np.save(tmp_path / "other.npy", load("bundled:digits").samples[500:700])
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    ts = ["--prediction", "x0"]
+    return [
+        # (argv after `diagnose`, the flag or file the message must name)
+        (["--model", str(tmp_path / "empty")], "empty: a folder that is no model"),
+        (["--model", str(weird)], "prediction_type 'flow'"),
+        (["--model", str(tmp_path / "half.pt"), *ts], "--model"),
+        (["--model", good, *ts, "--data", str(tmp_path / "other.npy")], "--j-star"),
+        (["--model", good, *ts, "--sigmas", "0.001,1"], "outside its grid"),
+        (["--model", str(diffusers_models["epsilon"]), "--sigmas", "0.01,500", "--j-star", None], "--sigmas"),
+        (["--model", good], "--prediction"),
+        (["--model", good, *ts, "--process", "edm"], "--process"),
+        (["--model", str(tmp_path / "junk.pt"), *ts], "junk.pt"),
+        (["--model", str(diffusers_models["epsilon"]), *ts], "--prediction"),
+        (["--model", good, *ts, "--out", str(tmp_path / "d.csv")], "--out"),
+        (["--model", good, *ts, "--data", str(tmp_path / "missing.npy")], "--data"),
+        (["--model", good, *ts, "--holdout", str(tmp_path / "missing.npy")], "--holdout"),
+        (["--model", good, *ts, "--sigma-grid", "1:0.1:3"], "--sigma-grid"),
+    ], data, jstar
+
+
+class _Half(torch.nn.Module):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x[..., :4]
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(oracle_data, diffusers_models, tmp_path, capsys):
+    cases, data, jstar = _bad_cases(oracle_data, tmp_path, diffusers_models)
+    for extra, needle in cases:
+        out = tmp_path / "out" / "d.parquet"
+        out.parent.mkdir(exist_ok=True)
+        argv = {"--data": data, "--j-star": jstar, "--sigmas": "0.05,1", "--out": str(out)}
+        flags = dict(zip(extra[::2], extra[1::2]))
+        argv.update(flags)
+        if "--sigma-grid" in argv:
+            argv.pop("--sigmas")
+        args = ["diagnose"] + [x for k, v in argv.items() if v is not None for x in (k, v)]
+        code, _, err = cli(args, capsys)
+        lines = [line for line in err.splitlines() if "error" in line]
+        assert code == 2, (extra, err)
+        assert len(lines) == 1 and needle in lines[0], (extra, err)
+        assert not any(out.parent.iterdir()), (extra, list(out.parent.iterdir()))
