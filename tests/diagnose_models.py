@@ -25,7 +25,7 @@ class PosteriorMean(torch.nn.Module):
         else:  # fm: x = (1 - t) x0 + t eps, sigma = t / (1 - t)
             sigma = t / (1 - t)
             y = y / (1 - t)
-        d2 = torch.cdist(y, self.X).square()  # (B, N)
+        d2 = y.square().sum(1, keepdim=True) - 2 * y @ self.X.T + self.X.square().sum(1)  # (B, N), float64
         w = torch.softmax(-d2 / (2 * sigma**2), dim=1)
         m = w @ self.X  # E[x0 | y], (B, D)
         eps = (y - m) / sigma  # E[eps | y]

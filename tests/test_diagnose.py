@@ -247,3 +247,77 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(oracle_data, diffuse
         assert code == 2, (extra, err)
         assert len(lines) == 1 and needle in lines[0], (extra, err)
         assert not any(out.parent.iterdir()), (extra, list(out.parent.iterdir()))
+
+
+def test_flow_matching_diffusers_loss_is_the_one_computed_through_scale_noise(oracle_data, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    from lossfloor.diagnose.measure import evaluation_subset
+
+    torch.manual_seed(1)  # an untrained network: the conversion, not the training, is under test
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    unet.save_pretrained(str(tmp_path / "fm"))
+    scheduler.save_pretrained(str(tmp_path / "fm" / "scheduler"))
+    idx = [900, 600, 300, 50]  # indices of the scheduler's (descending) timesteps
+    ts, t = scheduler.timesteps[idx], scheduler.sigmas[idx].to(torch.float64)
+    sigmas = (t / (1 - t)).tolist()[::-1]  # ascending σ
+    n, seed = 32, 0
+    res = diagnose(DiagnoseSpec(model=str(tmp_path / "fm"), data=str(oracle_data / "train.npy"),
+                                sigmas=np.array(sigmas), out=str(tmp_path / "d.parquet"),
+                                j_star=None, seed=seed, n_samples=n))
+    samples = torch.as_tensor(np.load(oracle_data / "train.npy"))
+    x0 = samples[torch.from_numpy(evaluation_subset(len(samples), n, seed))]
+    by_hand = []
+    with torch.no_grad():
+        for k, (step, tk) in enumerate(zip(ts.flip(0), t.flip(0))):
+            noise = eval_noise(seed, k, n, x0.shape[1:])
+            timestep = torch.full((n,), float(step))
+            v = unet(scheduler.scale_noise(x0, timestep, noise), timestep).sample
+            # velocity eps - x0, x_t = (1 - t) x0 + t eps: ||D - x0||^2 = t^2 ||v_hat - v||^2
+            by_hand.append(float(tk) ** 2 * (v - (noise - x0)).double().square().flatten(1).sum(1).mean().item())
+    np.testing.assert_allclose(res.column("loss_x0"), by_hand, rtol=2e-4)
+    assert set(res.column("prediction")) == {"fm-velocity"} and set(res.column("process")) == {"fm"}
+
+
+def test_a_torch_export_file_reads_like_the_torchscript_one(oracle_data, tmp_path):
+    from diagnose_models import PosteriorMean
+
+    data = torch.as_tensor(np.load(oracle_data / "train.npy"))
+    module = PosteriorMean(data, "score", "fm")
+    example = (torch.randn(2, 1, 8, 8), torch.full((2,), 0.5))
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(module, example, dynamic_shapes={"x": {0: batch}, "t": {0: batch}})
+    torch.export.save(program, str(tmp_path / "oracle.pt2"))
+    scripted = save_oracle(data, "score", "fm", tmp_path / "oracle.pt")
+    a = diagnose(_spec(oracle_data, tmp_path / "oracle.pt2", tmp_path / "a.parquet", prediction="score", process="fm"))
+    b = diagnose(_spec(oracle_data, scripted, tmp_path / "b.parquet", prediction="score", process="fm"))
+    np.testing.assert_allclose(a.column("loss_x0"), b.column("loss_x0"), rtol=1e-5, atol=1e-9)
+
+
+def test_mlflow_runs_of_two_models_make_one_dashboard_page(oracle_data, tmp_path, capsys):
+    from lossfloor.pages.html import is_offline_html
+    from lossfloor.tracking import client
+
+    d = oracle_data
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    data = np.load(d / "train.npy")
+    base = ["--data", str(d / "train.npy"), "--j-star", str(d / "jstar.parquet"), "--sigmas", "0.1,1,10",
+            "--mlflow", "--tracking-uri", uri, "--figure", "none"]
+    for name, other in (("oracle", data), ("blurred", data * 0.9)):  # 0.9 x the posterior mean: a gap
+        model = save_oracle(other, "x0", "ve", tmp_path / f"{name}.pt")
+        code, _, err = cli(["diagnose", "--model", model, "--prediction", "x0", "--out",
+                            str(tmp_path / f"{name}.parquet"), "--run-name", name, *base], capsys)
+        assert code == 0, err
+    runs = client(uri).search_runs([client(uri).get_experiment_by_name("diagnose").experiment_id])
+    assert {r.info.run_name for r in runs} == {"oracle", "blurred"}
+    blurred = next(r for r in runs if r.info.run_name == "blurred")
+    assert blurred.data.tags["lossfloor.kind"] == "diagnose" and blurred.data.metrics["total_reference/gap"] > 0
+    assert {f.path for f in client(uri).list_artifacts(blurred.info.run_id)} == {"diag.parquet", "diag.html"}
+    code, out, err = cli(["dashboard", "--experiment", "diagnose", "--tracking-uri", uri, "--out",
+                          str(tmp_path / "page.html")], capsys)
+    assert code == 0, err
+    page = (tmp_path / "page.html").read_text()
+    assert is_offline_html(page) and "blurred" in page and "oracle" in page and "2 diagnosed model(s)" in out

@@ -3,6 +3,9 @@
     lossfloor dashboard (--experiment NAME | --run ID) --out FILE.html [--tracking-uri URI]
                         [--title TEXT] [--sigma S ...] [--no-log]
 
+An experiment of `lossfloor diagnose --mlflow` runs (`--experiment diagnose`) gets a page of every
+diagnosed model instead (`lossfloor.jobs.dashboard.diagnose_dashboard`).
+
 Reads the study's parent run and its children (tags and artifacts: `lossfloor.tracking.artifacts`),
 writes FILE.html atomically and logs it to the parent run as `dashboard.html` (unless --no-log)
 (`lossfloor.jobs.dashboard`; the page is `lossfloor.pages.scaling`'s, so an installed wheel runs it).
@@ -40,7 +43,14 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() not in (".html", ".htm"):
         raise InputError(f"--out {args.out}: expected an .html file")
-    from lossfloor.jobs.dashboard import dashboard
+    from lossfloor.jobs.dashboard import dashboard, diagnose_dashboard, is_diagnose_experiment
+
+    if args.experiment is not None and is_diagnose_experiment(args.experiment, tracking_uri=args.tracking_uri):
+        page, runs = diagnose_dashboard(experiment=args.experiment, tracking_uri=args.tracking_uri, out=args.out,
+                                        title=args.title)
+        sys.stdout.write(f"{len(runs)} diagnosed model(s) in experiment {args.experiment!r}: "
+                         f"{', '.join(r.name for r in runs)}\nwrote {args.out} ({len(page.encode()) / 1e6:.1f} MB)\n")
+        return 0
 
     page, study = dashboard(experiment=args.experiment, run_id=args.run, tracking_uri=args.tracking_uri,
                             out=args.out, log=not args.no_log, title=args.title, sigmas=args.sigma)

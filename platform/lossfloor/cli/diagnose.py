@@ -63,6 +63,8 @@ def register(sub) -> None:
                      help="also log the diagnosis to MLflow (params, per-sigma metrics, the table, the figure)")
     trk.add_argument("--mlflow-experiment", default="diagnose", metavar="NAME", help="default diagnose")
     trk.add_argument("--run-name", default=None, help="MLflow run name (default: the model's name)")
+    trk.add_argument("--tracking-uri", default=None,
+                     help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.set_defaults(func=run)
 
 
@@ -81,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                         j_star=args.j_star, estimator=args.estimator, holdout=args.holdout,
                         prediction=args.prediction, process=args.process, ema=args.ema, seed=args.seed,
                         n_samples=args.n_samples, batch=args.batch, device=args.device, precision=args.precision,
-                        mlflow=args.mlflow, experiment=args.mlflow_experiment, run_name=args.run_name)
+                        mlflow=args.mlflow, experiment=args.mlflow_experiment, run_name=args.run_name,
+                        tracking_uri=args.tracking_uri)
     d = diagnose(spec)
     if args.json:
         rows = [{k: (v if not isinstance(v, float) or (v == v and abs(v) != float("inf")) else str(v))

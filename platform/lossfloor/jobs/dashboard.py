@@ -29,3 +29,26 @@ def dashboard(*, experiment: str | None = None, run_id: str | None = None, track
     if log:
         log_dashboard(study.parent_run_id, page, tracking_uri=study.tracking_uri)
     return page, study
+
+
+def diagnose_dashboard(*, experiment: str = "diagnose", tracking_uri: str | None = None,
+                       out: str | os.PathLike | None = None, title: str | None = None):
+    """(page HTML, runs) of every model diagnosed in `experiment` (`lossfloor diagnose --mlflow`) on one
+    page: their loss and J* per σ overlaid, the relative gaps, and a table of totals."""
+    from lossfloor.pages.diagnose import diagnose_page
+    from lossfloor.pages.html import write_page
+    from lossfloor.tracking.diagnose import read_diagnoses
+
+    runs = read_diagnoses(experiment, tracking_uri=tracking_uri)
+    page = diagnose_page({r.name: r.diagnosis for r in runs}, title=title or f"Diagnosed models: {experiment}",
+                         about={"experiment": experiment, "runs": ", ".join(r.run_id for r in runs)})
+    if out is not None:
+        write_page(page, out)
+    return page, runs
+
+
+def is_diagnose_experiment(experiment: str, *, tracking_uri: str | None = None) -> bool:
+    """True if `experiment` holds `lossfloor diagnose --mlflow` runs (its dashboard is the diagnose page)."""
+    from lossfloor.tracking.diagnose import has_diagnoses
+
+    return has_diagnoses(experiment, tracking_uri=tracking_uri)

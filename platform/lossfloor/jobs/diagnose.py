@@ -90,14 +90,15 @@ def _read_jstar(path: str, fingerprint: str, data: str):
 
 
 def probe(model, samples, labels, sigma: float, *, device) -> None:
-    """One forward pass on two samples: a model that fails or returns another shape is refused."""
-    x0 = torch.as_tensor(np.asarray(samples[:2], dtype=np.float32)).to(device)
+    """One forward pass on three samples (an odd batch: a file exported for a fixed batch fails here): a
+    model that fails or returns another shape is refused."""
+    x0 = torch.as_tensor(np.asarray(samples[:3], dtype=np.float32)).to(device)
     lab = None
     if model.label_dim:
         if labels is None:
             raise InputError(f"--model {model.spec}: class-conditional ({model.label_dim} classes) but --data "
                              "has no labels")
-        lab = torch.as_tensor(np.asarray(labels[:2])).to(device)
+        lab = torch.as_tensor(np.asarray(labels[:3])).to(device)
     s = torch.full((len(x0),), float(sigma), device=device)
     try:
         with torch.no_grad():

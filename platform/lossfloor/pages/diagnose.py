@@ -72,4 +72,37 @@ def diagnose_figure(diagnoses: Mapping[str, object], *, title: str = "Loss gap J
     return fig
 
 
-__all__ = ["diagnose_figure"]
+def diagnose_page(diagnoses: Mapping[str, object], *, title: str, about: Mapping[str, str] | None = None) -> str:
+    """A page of several diagnoses: the figure of all of them and a table of their totals."""
+    import html
+
+    from lossfloor.pages.html import Section, page_html
+
+    e = html.escape
+    head = ("<tr><th>model</th><th>kind</th><th>predicts / process</th><th>data</th><th>samples, seed</th>"
+            "<th>reference total: J, J*, gap, rel gap</th><th>own total: J, J*, gap, rel gap</th></tr>")
+    rows = []
+    for label, d in diagnoses.items():
+        r = d.rows()[0]
+        cells = [label, d.meta("model_kind") or "", f"{r['prediction']} / {r['process']}", r["dataset_fingerprint"][:12],
+                 f"{r['n_samples']}, {r['seed']}"]
+        for key in ("reference", "own"):
+            t = d.totals.get(key)
+            cells.append("unknown" if t is None else ", ".join(_num(t[k]) for k in ("loss", "j_star", "gap", "rel_gap")))
+        rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + "</tr>")
+    data = {d.rows()[0]["dataset_fingerprint"] for d in diagnoses.values()}
+    note = ("" if len(data) == 1 else
+            '<p class="note">These models were diagnosed on different data (fingerprints differ): their J* differ.</p>')
+    table = f'<div class="table-wrap"><table class="fits">{head}{"".join(rows)}</table></div>{note}'
+    intro = ("Every model's loss J(σ) and the optimal loss J*(σ) of its data in x0 units; the same seed means "
+             "the same samples and noise (common random numbers). Totals: the fixed reference weighting "
+             "(min(1/J*, w_max), uniform in ln σ) ranks models with different schedules.")
+    return page_html(title, [Section("Loss gap per σ", [diagnose_figure(diagnoses, title=title)], intro=intro),
+                             Section("Totals", [table])], about=about)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+__all__ = ["diagnose_figure", "diagnose_page"]

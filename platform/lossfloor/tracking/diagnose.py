@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from lossfloor.diagnose.measure import HOLDOUT_COLUMNS, Diagnosis, write_diagnosis
+from lossfloor.diagnose.measure import HOLDOUT_COLUMNS, Diagnosis, read_diagnosis, write_diagnosis
+from lossfloor.errors import InputError
+from lossfloor.tracking.artifacts import _client, _download, _search
 from lossfloor.tracking.runs import start_run
 
 KIND = "diagnose"
@@ -52,4 +55,45 @@ def log_diagnosis(d: Diagnosis, fig, *, params: Mapping[str, object], experiment
     return run.run_id
 
 
-__all__ = ["FIGURE_FILE", "KIND", "TABLE_FILE", "log_diagnosis"]
+@dataclass(frozen=True)
+class DiagnosedRun:
+    """One diagnosis run read back: its id, name and table."""
+
+    run_id: str
+    name: str
+    diagnosis: Diagnosis
+
+
+def _diagnose_runs(c, experiment: str) -> list:
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage != "active":
+        return []
+    runs = _search(c, [exp.experiment_id], f"tags.`lossfloor.kind` = '{KIND}'")
+    return [r for r in runs if r.info.status == "FINISHED"]
+
+
+def has_diagnoses(experiment: str, *, tracking_uri: str | None = None) -> bool:
+    """True if `experiment` holds finished diagnosis runs (what `lossfloor dashboard` draws for it)."""
+    return bool(_diagnose_runs(_client(tracking_uri), experiment))
+
+
+def read_diagnoses(experiment: str = "diagnose", *, tracking_uri: str | None = None) -> list[DiagnosedRun]:
+    """Every finished diagnosis run of `experiment` with its table, oldest first; the newest run of a
+    run name only (a model diagnosed again replaces its older diagnosis)."""
+    c = _client(tracking_uri)
+    runs = _diagnose_runs(c, experiment)
+    if not runs:
+        raise InputError(f"--experiment {experiment!r}: no finished diagnosis runs (tag lossfloor.kind={KIND}) in "
+                         f"{c.tracking_uri}; log some with `lossfloor diagnose --mlflow`")
+    out, seen = [], set()
+    with tempfile.TemporaryDirectory(prefix="lossfloor-diagnose-") as tmp:
+        for run in runs:  # newest first
+            name = run.info.run_name or run.info.run_id
+            if name in seen:
+                continue
+            seen.add(name)
+            out.append(DiagnosedRun(run.info.run_id, name, read_diagnosis(_download(c, run, TABLE_FILE, Path(tmp)))))
+    return out[::-1]
+
+
+__all__ = ["FIGURE_FILE", "KIND", "TABLE_FILE", "DiagnosedRun", "has_diagnoses", "log_diagnosis", "read_diagnoses"]
