@@ -62,7 +62,9 @@ class TrainConfig:
     eval_every_n_img: int | None = None  # None = 16 evaluations over the run (and always at the end)
     eval_sigmas: tuple[float, ...] | None = None  # None = 16 sigmas log-spaced over [0.002, 80]
     eval_n_samples: int = 256  # size of the fixed evaluation subset
-    eval_holdout: bool = True  # keep the evaluation subset out of training
+    eval_holdout: bool = False  # keep the evaluation subset out of training; off by default: J* is of the
+    #                             whole (training) set, so a held-out subset's J - J* would add its
+    #                             generalisation error to the gap (paper §3 measures on training data)
     eval_batch: int = 256  # forward batch of the evaluation (memory only; no effect on results)
     eval_ema: float | None = None  # evaluate this tracked EMA (one of ema_stds); None = raw weights
 
