@@ -321,3 +321,14 @@ def test_mlflow_runs_of_two_models_make_one_dashboard_page(oracle_data, tmp_path
     assert code == 0, err
     page = (tmp_path / "page.html").read_text()
     assert is_offline_html(page) and "blurred" in page and "oracle" in page and "2 diagnosed model(s)" in out
+
+
+@pytest.mark.e2e
+def test_the_ray_engine_gives_the_local_numbers(oracle_data, tmp_path, local_ray):
+    d = oracle_data
+    model = save_oracle(np.load(d / "train.npy"), "vp-v", "fm", tmp_path / "oracle.pt")
+    local = diagnose(_spec(d, model, tmp_path / "local.parquet", prediction="vp-v", process="fm"))
+    on_ray = diagnose(_spec(d, model, tmp_path / "ray.parquet", prediction="vp-v", process="fm", engine="ray",
+                            workers=2, cpus_per_worker=1))
+    for name in ("loss_x0", "loss_stderr", "gap_x0"):
+        np.testing.assert_array_equal(on_ray.column(name), local.column(name), err_msg=name)

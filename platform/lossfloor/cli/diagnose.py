@@ -58,6 +58,16 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     p.add_argument("--precision", default="none", help="autocast of the network: none | bf16 | fp16")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--engine", default="local",
+                     help="local (this process, default) | ray (the sigma grid split over Ray tasks; same numbers)")
+    eng.add_argument("--workers", type=int, default=None, metavar="N", help="ray: tasks (default 1)")
+    eng.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                     help="ray: GPUs per task; > 0 evaluates on CUDA (default 0)")
+    eng.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
+                     help="ray: CPUs (and torch threads) per task (default: the cluster's CPUs / N)")
+    eng.add_argument("--address", default=None, metavar="ADDR",
+                     help="ray: connect to this cluster (default: start or attach a local one)")
     trk = p.add_argument_group("tracking")
     trk.add_argument("--mlflow", action="store_true",
                      help="also log the diagnosis to MLflow (params, per-sigma metrics, the table, the figure)")
@@ -84,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
                         prediction=args.prediction, process=args.process, ema=args.ema, seed=args.seed,
                         n_samples=args.n_samples, batch=args.batch, device=args.device, precision=args.precision,
                         mlflow=args.mlflow, experiment=args.mlflow_experiment, run_name=args.run_name,
-                        tracking_uri=args.tracking_uri)
+                        tracking_uri=args.tracking_uri, engine=args.engine, workers=args.workers,
+                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                        address=args.address)
     d = diagnose(spec)
     if args.json:
         rows = [{k: (v if not isinstance(v, float) or (v == v and abs(v) != float("inf")) else str(v))

@@ -45,7 +45,7 @@ from lossfloor.atomic import write_atomic
 from lossfloor.diagnose.models import Model
 from lossfloor.errors import InputError
 from lossfloor.floor.table import JStarX0
-from lossfloor.train.evaluation import EvalResult, evaluate, quadrature_weights
+from lossfloor.train.evaluation import evaluate, quadrature_weights
 from lossfloor.train.loop import split_indices
 from lossfloor.train.objectives import reference_weights
 from lossfloor.train.schedules import JStarCurve
@@ -113,49 +113,59 @@ def _total(coef, loss, j_star) -> dict:
     return {"loss": L, "j_star": J, "gap": L - J, "rel_gap": (L - J) / L if L > 0 else None}
 
 
-def _run(model: Model, samples, labels, sigmas, *, seed, n_samples, curve, batch, device, progress) -> tuple[
-        EvalResult, int]:
+def local_losses(model: Model, x0: torch.Tensor, labels, sigmas, *, seed: int, batch: int, device,
+                 progress: Callable[[int], None] | None = None, grid_index=None) -> tuple[np.ndarray, np.ndarray]:
+    """(J_k, its stderr) of `model` on the samples x0 at each σ_k, here: the training loop's `evaluate`.
+    A Ray engine (`lossfloor.ray.diagnose`) has the same signature and gives the same numbers."""
+    def one(sigma):
+        return torch.ones_like(sigma)
+
+    res = evaluate(model.denoiser, x0, labels, sigmas, seed=seed, weight=one, reference_density=one, batch=batch,
+                   device=device, progress=progress, grid_index=grid_index)
+    return res.loss, res.stderr
+
+
+def _run(model: Model, samples, labels, sigmas, *, seed, n_samples, batch, device, progress, losses) -> tuple[
+        np.ndarray, np.ndarray, int]:
     idx = torch.from_numpy(evaluation_subset(len(samples), n_samples, seed))
     x0 = torch.as_tensor(np.asarray(samples, dtype=np.float32))[idx]
     lab = None if labels is None or not model.label_dim else torch.as_tensor(np.asarray(labels))[idx]
-
-    def one(_sigma):
-        return torch.ones_like(_sigma)
-
-    res = evaluate(model.denoiser, x0, lab, sigmas, seed=seed, weight=one, reference_density=one, j_star=curve,
-                   batch=batch, device=device, progress=progress)
-    return res, len(idx)
+    loss, stderr = losses(model, x0, lab, sigmas, seed=seed, batch=batch, device=device, progress=progress)
+    return loss, stderr, len(idx)
 
 
 def measure(model: Model, samples, labels, sigmas, *, jstar: JStarX0, fingerprint: str, seed: int = 0,
             n_samples: int | None = None, holdout=None, batch: int = 256, device="cpu",
-            progress: Callable[[int], None] | None = None) -> Diagnosis:
+            progress: Callable[[int], None] | None = None, losses=local_losses) -> Diagnosis:
     """The diagnosis of `model` on `samples` (N, ...) at `sigmas` against `jstar` (module docstring).
 
     holdout: (samples, labels, fingerprint) of held-out data, evaluated the same way; progress: called
-    with the number of σ done (over both passes with holdout).
+    with the number of σ done (over both passes with holdout); losses: the engine (`local_losses`).
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     check_sigmas(sigmas, jstar, model)
     curve = curve_of(jstar)
     K = len(sigmas)
-    res, n = _run(model, samples, labels, sigmas, seed=seed, n_samples=n_samples, curve=curve, batch=batch,
-                  device=device, progress=None if progress is None else (lambda k: progress(k + 1)))
+    loss, stderr, n = _run(model, samples, labels, sigmas, seed=seed, n_samples=n_samples, batch=batch,
+                           device=device, losses=losses,
+                           progress=None if progress is None else (lambda k: progress(k + 1)))
+    sig_t = torch.as_tensor(sigmas)
+    j_star = curve(sig_t).numpy()
+    lo, hi = (v.numpy() for v in curve.interval(sig_t))
     j_se = np.interp(np.log(sigmas), np.log(jstar.sigma), jstar.stderr)
-    lo, hi = res.j_star_ci
-    loss, gap = res.loss, res.gap
+    gap = loss - j_star
     ref = reference_weights(curve, sigmas)
     own = None if model.weighting is None else _weights(model.weighting, sigmas)
     cols = {
         "sigma": pa.array(sigmas, pa.float64()),
         "loss_x0": pa.array(loss, pa.float64()),
-        "loss_stderr": pa.array(res.stderr, pa.float64()),
-        "j_star_x0": pa.array(res.j_star, pa.float64()),
+        "loss_stderr": pa.array(stderr, pa.float64()),
+        "j_star_x0": pa.array(j_star, pa.float64()),
         "j_star_stderr": pa.array(j_se, pa.float64()),
         "j_star_ci_low": pa.array(lo, pa.float64()),
         "j_star_ci_high": pa.array(hi, pa.float64()),
         "gap_x0": pa.array(gap, pa.float64()),
-        "gap_stderr": pa.array(np.sqrt(res.stderr**2 + j_se**2), pa.float64()),
+        "gap_stderr": pa.array(np.sqrt(stderr**2 + j_se**2), pa.float64()),
         "rel_gap": pa.array(np.where(loss > 0, gap / np.where(loss > 0, loss, 1), np.nan), pa.float64()),
         "weight_reference": pa.array(ref, pa.float64()),
         "weight_own": pa.array([None] * K if own is None else own, pa.float64()),
@@ -169,16 +179,17 @@ def measure(model: Model, samples, labels, sigmas, *, jstar: JStarX0, fingerprin
     meta = {"model_kind": model.kind, "model_spec": model.spec, "jstar_source": jstar.source,
             "weighting_own": None if model.weighting is None else model.weighting.name,
             "sigma_star": jstar.sigma_star, "holdout_fingerprint": None}
-    totals = {"reference": _total(ref, loss, res.j_star), "own": None if own is None else _total(own, loss, res.j_star)}
+    totals = {"reference": _total(ref, loss, j_star), "own": None if own is None else _total(own, loss, j_star)}
     if holdout is not None:
         h_samples, h_labels, h_fp = holdout
-        hres, _ = _run(model, h_samples, h_labels, sigmas, seed=seed, n_samples=n_samples, curve=curve, batch=batch,
-                       device=device, progress=None if progress is None else (lambda k: progress(K + k + 1)))
-        cols["loss_holdout_x0"] = pa.array(hres.loss, pa.float64())
-        cols["loss_holdout_stderr"] = pa.array(hres.stderr, pa.float64())
-        cols["generalisation_gap"] = pa.array(hres.loss - loss, pa.float64())
+        h_loss, h_stderr, _ = _run(model, h_samples, h_labels, sigmas, seed=seed, n_samples=n_samples, batch=batch,
+                                   device=device, losses=losses,
+                                   progress=None if progress is None else (lambda k: progress(K + k + 1)))
+        cols["loss_holdout_x0"] = pa.array(h_loss, pa.float64())
+        cols["loss_holdout_stderr"] = pa.array(h_stderr, pa.float64())
+        cols["generalisation_gap"] = pa.array(h_loss - loss, pa.float64())
         meta["holdout_fingerprint"] = h_fp
-        totals["holdout_reference"] = _total(ref, hres.loss, res.j_star)
+        totals["holdout_reference"] = _total(ref, h_loss, j_star)
     meta["totals"] = totals
     table = pa.table(cols).replace_schema_metadata({k: json.dumps(v) for k, v in meta.items()})
     return Diagnosis(table)
@@ -233,4 +244,4 @@ def format_diagnosis(d: Diagnosis) -> str:
 
 
 __all__ = ["HOLDOUT_COLUMNS", "Diagnosis", "check_sigmas", "curve_of", "evaluation_subset", "format_diagnosis",
-           "measure", "read_diagnosis", "write_diagnosis"]
+           "local_losses", "measure", "read_diagnosis", "write_diagnosis"]

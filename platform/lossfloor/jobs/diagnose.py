@@ -12,6 +12,7 @@ written on an error; the table and the figure are written atomically, then (with
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -26,6 +27,8 @@ from lossfloor.errors import InputError
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "diagnose"
+ENGINES = ("local", "ray")
+_RAY_ONLY = ("workers", "gpus_per_worker", "cpus_per_worker", "address")
 PROGRESS_SECONDS = 10.0
 
 
@@ -54,6 +57,11 @@ class DiagnoseSpec:
     experiment: str = EXPERIMENT
     run_name: str | None = None
     tracking_uri: str | None = None
+    engine: str = "local"  # "local" (this process) | "ray" (the σ grid split over Ray tasks)
+    workers: int | None = None  # ray: tasks (default 1)
+    gpus_per_worker: float | None = None  # ray: GPUs per task; > 0 evaluates on CUDA
+    cpus_per_worker: float | None = None  # ray: CPUs (and torch threads) per task
+    address: str | None = None  # ray: the cluster (default: start or attach a local one)
 
 
 def check_outputs(spec: DiagnoseSpec) -> None:
@@ -156,6 +164,12 @@ def diagnose(spec: DiagnoseSpec):
         raise InputError(f"--batch: expected an integer >= 1, got {spec.batch}")
     if spec.seed < 0:
         raise InputError(f"--seed: expected an integer >= 0, got {spec.seed}")
+    if spec.engine not in ENGINES:
+        raise InputError(f"--engine: expected one of {', '.join(ENGINES)}, got {spec.engine!r}")
+    if spec.engine != "ray":
+        given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if getattr(spec, name) is not None]
+        if given:
+            raise InputError(f"{given[0]}: only with --engine ray")
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {spec.device}: CUDA is not available here")
     data = _load_data(spec.data, "--data")
@@ -178,10 +192,23 @@ def diagnose(spec: DiagnoseSpec):
     t_jstar = time.monotonic() - t0
     seed = spec.seed
     passes = 2 if holdout is not None else 1
-    d = measure(model, data.samples, data.labels, spec.sigmas, jstar=jstar, fingerprint=data.fingerprint,
-                seed=seed, n_samples=spec.n_samples, batch=spec.batch, device=spec.device,
-                holdout=None if holdout is None else (holdout.samples, holdout.labels, holdout.fingerprint),
-                progress=_Progress(passes * len(spec.sigmas), model.name))
+    run = functools.partial(
+        measure, model, data.samples, data.labels, spec.sigmas, jstar=jstar, fingerprint=data.fingerprint,
+        seed=seed, n_samples=spec.n_samples, batch=spec.batch, device=spec.device,
+        holdout=None if holdout is None else (holdout.samples, holdout.labels, holdout.fingerprint),
+        progress=_Progress(passes * len(spec.sigmas), model.name))
+    if spec.engine == "local":
+        d = run()
+    else:
+        from lossfloor.ray.cluster import ray_session  # Ray only here
+        from lossfloor.ray.diagnose import RayLosses
+
+        load = {"spec": spec.model, "prediction": spec.prediction, "process": spec.process, "ema": spec.ema,
+                "precision": spec.precision}
+        losses = RayLosses(load, workers=spec.workers or 1, gpus_per_worker=spec.gpus_per_worker or 0.0,
+                           cpus_per_worker=spec.cpus_per_worker)
+        with ray_session(spec.address):
+            d = run(losses=losses)
     t_eval = time.monotonic() - t0 - t_jstar
     log.info("diagnose %s: J* %.3g s, evaluation %.3g s", model.name, t_jstar, t_eval)
     write_diagnosis(d, spec.out)

@@ -31,11 +31,15 @@ def diagnose_figure(diagnoses: Mapping[str, object], *, title: str = "Loss gap J
                                         "relative gap (J − J*) / J"))
     palette = qualitative.Plotly
     stars = []
+    # a log axis cannot show J* = 0 (far below σ*) or 1e-20: J* and its band are drawn no lower than a
+    # tenth of the smallest loss, where the axis starts, so the gap below σ* reads as the whole loss
+    losses = np.concatenate([d.column("loss_x0") for d in diagnoses.values()])
+    floor = 0.1 * float(losses[losses > 0].min()) if (losses > 0).any() else 1e-12
     for i, (label, d) in enumerate(diagnoses.items()):
         color = palette[i % len(palette)]
         s, loss, se = d.column("sigma"), d.column("loss_x0"), d.column("loss_stderr")
-        js, lo, hi = d.column("j_star_x0"), d.column("j_star_ci_low"), d.column("j_star_ci_high")
-        keep = (loss > 0) & (js > 0)  # a log axis shows neither 0 (J* far below σ*)
+        js, lo, hi = (np.maximum(d.column(c), floor) for c in ("j_star_x0", "j_star_ci_low", "j_star_ci_high"))
+        keep = loss > 0
         group = label
         fig.add_trace(go.Scatter(x=s[keep], y=js[keep], mode="lines", line={"color": color, "dash": "dot"},
                                  legendgroup=group, showlegend=False, hoverinfo="skip"), row=1, col=1)
@@ -45,7 +49,7 @@ def diagnose_figure(diagnoses: Mapping[str, object], *, title: str = "Loss gap J
             error_y={"type": "data", "array": 1.96 * se[keep], "visible": True},
             hovertemplate="σ=%{x:.4g}<br>J=%{y:.4g}<extra>" + label + "</extra>"), row=1, col=1)
         band = np.concatenate([hi[keep], lo[keep][::-1]])
-        fig.add_trace(go.Scatter(x=np.concatenate([s[keep], s[keep][::-1]]), y=np.maximum(band, 1e-300),
+        fig.add_trace(go.Scatter(x=np.concatenate([s[keep], s[keep][::-1]]), y=band,
                                  fill="toself", fillcolor=_rgba(color, 0.10), line={"width": 0},
                                  legendgroup=group, showlegend=False, hoverinfo="skip"), row=1, col=1)
         fig.add_trace(go.Scatter(x=s[keep], y=js[keep], mode="markers", marker={"color": color, "size": 4,
@@ -62,9 +66,11 @@ def diagnose_figure(diagnoses: Mapping[str, object], *, title: str = "Loss gap J
                 fig.add_vline(x=d.sigma_star, line={"dash": "dash", "color": color, "width": 1}, row=row, col=1)
     fig.update_xaxes(type="log", exponentformat="power")
     fig.update_xaxes(title_text="σ", row=2, col=1)
-    fig.update_yaxes(type="log", exponentformat="power", title_text="x0 loss", row=1, col=1)
+    top = max(float(np.max(d.column(c))) for d in diagnoses.values() for c in ("loss_x0", "j_star_ci_high"))
+    fig.update_yaxes(type="log", exponentformat="power", title_text="x0 loss", row=1, col=1,
+                     range=[np.log10(floor), np.log10(max(top, floor)) + 0.2])
     fig.update_yaxes(title_text="(J − J*) / J", row=2, col=1)
-    sub = "dotted: J* (band: its 95 % interval); bars: J ± 1.96 stderr; dashed: σ*"
+    sub = "dotted: J* (band: its 95 % interval; at the axis floor where J* ≈ 0); bars: J ± 1.96 stderr; dashed: σ*"
     if stars:
         sub += " (" + ", ".join(stars) + ")"
     fig.update_layout(title={"text": f"{title}<br><sup>{sub}</sup>"}, template="plotly_white", height=760,

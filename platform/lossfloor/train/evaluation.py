@@ -96,7 +96,7 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
              reference_density: Callable[[torch.Tensor], torch.Tensor],
              j_star=None, batch: int = 256,
              rank: int = 0, world_size: int = 1, device="cpu",
-             progress: Callable[[int], None] | None = None) -> EvalResult:
+             progress: Callable[[int], None] | None = None, grid_index=None) -> EvalResult:
     """Evaluate denoiser(x_hat, sigma, labels) on the fixed subset x0 (N, C, H, W) at each sigma.
 
     j_star: J*(sigma) as a callable of a sigma tensor (a `JStarCurve`, whose `interval` also gives the
@@ -104,13 +104,16 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
     With world_size > 1 each rank evaluates samples rank, rank + world_size, ... and the per-sigma sums
     are all-reduced, so every rank returns the same result.
     progress: called with k after grid point k is done.
+    grid_index: the noise of sigmas[k] is that of grid point grid_index[k] (default k): a part of a grid
+    evaluated on its own (a Ray task) draws the noise the whole grid would.
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     n = x0.shape[0]
     mine = torch.arange(rank, n, world_size)
     sums = torch.zeros(2, len(sigmas), dtype=torch.float64, device=device)  # sum of l, sum of l^2
     for k, s in enumerate(sigmas):
-        noise = eval_noise(seed, k, n, x0.shape[1:])[mine]  # the rows of this rank's samples
+        point = k if grid_index is None else int(grid_index[k])
+        noise = eval_noise(seed, point, n, x0.shape[1:])[mine]  # the rows of this rank's samples
         for start in range(0, len(mine), batch):
             idx = mine[start : start + batch]
             x = x0[idx].to(device, torch.float32)
