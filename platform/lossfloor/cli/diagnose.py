@@ -56,7 +56,7 @@ def register(sub) -> None:
                    help="samples and noise: the same seed gives every model the same draws (default 0)")
     p.add_argument("--batch", type=int, default=256, help="forward batch (memory only; default 256)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    p.add_argument("--precision", default="none", help="autocast of the network: none | bf16 | fp16")
+    p.add_argument("--precision", default="none", help="autocast of the network: none (fp32; a lossfloor run: its own) | bf16 | fp16 (CUDA)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     eng = p.add_argument_group("engine")
     eng.add_argument("--engine", default="local",

@@ -14,7 +14,8 @@ The diagnosis table (one row per σ, parquet):
   loss_x0, loss_stderr                   J(σ) in x0 units and its standard error over the samples
   j_star_x0, j_star_stderr,              J*(σ) in x0 units, its Monte-Carlo standard error and its 95 %
     j_star_ci_low, j_star_ci_high        interval (bias allowance included), from the J* table
-  gap_x0, gap_stderr, rel_gap            J − J*, sqrt(loss_stderr² + j_star_stderr²), (J − J*) / J
+  gap_x0, gap_stderr, rel_gap            J − J*, sqrt(loss_stderr² + j_star_stderr²), (J − J*) / J (NaN
+                                         where J is round-off, below 1e-12 J*(∞))
   weight_reference, weight_own           c_k = π_k w(σ_k) of the fixed reference weighting (the sweep
                                          objective's, `train.objectives.reference_weights`) and of the
                                          model's own training weighting (null when unknown): a total
@@ -51,6 +52,7 @@ from lossfloor.train.objectives import reference_weights
 from lossfloor.train.schedules import JStarCurve
 
 HOLDOUT_COLUMNS = ("loss_holdout_x0", "loss_holdout_stderr", "generalisation_gap")
+ROUNDOFF = 1e-12  # a loss below ROUNDOFF x J*(inf) is round-off: its rel_gap is NaN
 SIGMA_RTOL = 1e-3  # a σ this close to the end of a model's range counts as inside (timestep 0 is σ = 0.0100005)
 
 
@@ -154,6 +156,7 @@ def measure(model: Model, samples, labels, sigmas, *, jstar: JStarX0, fingerprin
     lo, hi = (v.numpy() for v in curve.interval(sig_t))
     j_se = np.interp(np.log(sigmas), np.log(jstar.sigma), jstar.stderr)
     gap = loss - j_star
+    seen = loss > ROUNDOFF * jstar.total_variance  # below: float round-off of an exact model, no relative gap
     ref = reference_weights(curve, sigmas)
     own = None if model.weighting is None else _weights(model.weighting, sigmas)
     cols = {
@@ -166,7 +169,7 @@ def measure(model: Model, samples, labels, sigmas, *, jstar: JStarX0, fingerprin
         "j_star_ci_high": pa.array(hi, pa.float64()),
         "gap_x0": pa.array(gap, pa.float64()),
         "gap_stderr": pa.array(np.sqrt(stderr**2 + j_se**2), pa.float64()),
-        "rel_gap": pa.array(np.where(loss > 0, gap / np.where(loss > 0, loss, 1), np.nan), pa.float64()),
+        "rel_gap": pa.array(np.where(seen, gap / np.where(seen, loss, 1), np.nan), pa.float64()),
         "weight_reference": pa.array(ref, pa.float64()),
         "weight_own": pa.array([None] * K if own is None else own, pa.float64()),
         "prediction": pa.array([model.prediction] * K, pa.string()),

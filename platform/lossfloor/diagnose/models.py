@@ -106,7 +106,7 @@ def load_model(spec: str, *, prediction: str | None = None, process: str | None 
     if kind != "lossfloor" and ema != "auto":
         raise InputError(f"--ema: only for a lossfloor run or checkpoint, not a {kind} model")
     if kind == "lossfloor":
-        return _lossfloor(path, ema=ema, device=device)
+        return _lossfloor(path, ema=ema, device=device, precision=precision)
     if kind == "diffusers":
         return _diffusers(path, device=device, precision=precision)
     if prediction is None:
@@ -154,7 +154,7 @@ def _load_scripted(path: Path, kind: str, device):
 # --- lossfloor runs -------------------------------------------------------------------------------
 
 
-def _lossfloor(path: Path, *, ema: str, device) -> Model:
+def _lossfloor(path: Path, *, ema: str, device, precision: str = "none") -> Model:
     from lossfloor.train.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, read_snapshots
     from lossfloor.train.config import TrainConfig, resolve
     from lossfloor.train.objectives import denoiser_from_state
@@ -183,6 +183,8 @@ def _lossfloor(path: Path, *, ema: str, device) -> Model:
                              "or raw, auto, posthoc:SIGMA_REL)")
         weights = found[0]
     den, _, label_dim = denoiser_from_state(state, device=device, weights=weights)
+    if precision != "none":  # else the run's own precision (where the device allows it)
+        den.precision = precision
     R = resolve(cfg)
     precond = R.preconditioning()
     weighting = None

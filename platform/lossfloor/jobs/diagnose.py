@@ -49,7 +49,7 @@ class DiagnoseSpec:
     process: str | None = None  # TorchScript / torch.export: the coordinates forward takes
     ema: str = "auto"  # lossfloor runs: which weights
     seed: int = 0  # samples and noise (common random numbers)
-    n_samples: int | None = None  # evaluation samples (None: all, at most 4096... see the CLI)
+    n_samples: int | None = None  # evaluation samples, at most the data's (None: all; the CLI's default 4096)
     batch: int = 256
     device: str = "cpu"
     precision: str = "none"
@@ -170,6 +170,8 @@ def diagnose(spec: DiagnoseSpec):
         given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if getattr(spec, name) is not None]
         if given:
             raise InputError(f"{given[0]}: only with --engine ray")
+    if spec.precision == "fp16" and not spec.device.startswith("cuda") and not (spec.gpus_per_worker or 0) > 0:
+        raise InputError("--precision: fp16 autocast needs a CUDA device (--device cuda); use bf16 or none on the CPU")
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {spec.device}: CUDA is not available here")
     data = _load_data(spec.data, "--data")
