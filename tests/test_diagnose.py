@@ -175,7 +175,7 @@ def test_a_lossfloor_run_diagnoses_as_its_own_last_evaluation(tmp_path, capsys):
     from lossfloor.train import TrainConfig, train
 
     cfg = TrainConfig(preset="tiny", batch_n_img=32, duration_n_img=64, warmup_n_img=0, eval_n_samples=64,
-                      eval_sigmas=(0.05, 0.5, 5.0), seed=2)
+                      eval_sigmas=(0.05, 0.5, 5.0), seed=2, snapshot_every_n_img=32)
     res = train(cfg, load("bundled:digits"), checkpoint_dir=tmp_path / "run")
     last = res.evals[-1][1]
     out = tmp_path / "d.parquet"
@@ -188,6 +188,24 @@ def test_a_lossfloor_run_diagnoses_as_its_own_last_evaluation(tmp_path, capsys):
     totals = json.loads(table.schema.metadata[b"totals"])
     assert totals["own"]["loss"] == pytest.approx(last.total, rel=1e-6)
     assert not (tmp_path / "d.html").exists()
+    from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
+
+    digits = load("bundled:digits")
+    est = estimate(digits.samples, np.array([0.5]), EstimatorConfig(estimator="exact", queries_per_sample=1),
+                   progress=False)
+    write_table(build_table(est, fingerprint=digits.fingerprint), tmp_path / "jstar.parquet")
+    losses = {}
+    for ema in ("raw", "0.1", "posthoc:0.07"):  # the weights a run keeps, each selectable
+        code, _, err = cli(["diagnose", "--model", str(tmp_path / "run"), "--data", "bundled:digits", "--sigmas",
+                            "0.5", "--n-samples", "16", "--ema", ema, "--out", str(out), "--figure", "none",
+                            "--j-star", str(tmp_path / "jstar.parquet")], capsys)
+        assert code == 0, err
+        losses[ema] = pq.read_table(out).column("loss_x0").to_numpy()[0]
+    assert len(set(losses.values())) == 3, losses
+    code, _, err = cli(["diagnose", "--model", str(tmp_path / "run"), "--data", "bundled:digits", "--sigmas", "0.5",
+                        "--ema", "0.3", "--out", str(tmp_path / "e.parquet"), "--j-star", str(tmp_path / "jstar.parquet")],
+                       capsys)
+    assert code == 2 and "--ema: 0.3 is not tracked" in err and not (tmp_path / "e.parquet").exists()
 
 
 # --- bad input -------------------------------------------------------------------------------------
