@@ -224,11 +224,13 @@ def _bad_cases(d, tmp_path, diffusers_models):
     good = save_oracle(np.load(d / "train.npy"), "x0", "ve", tmp_path / "good.pt")
     np.save(tmp_path / "other.npy", load("bundled:digits").samples[500:700])
     (tmp_path / "junk.pt").write_bytes(b"not a model")
+    shutil.copytree(diffusers_models["epsilon"] / "unet", tmp_path / "no-scheduler")
     ts = ["--prediction", "x0"]
     return [
         # (argv after `diagnose`, the flag or file the message must name)
         (["--model", str(tmp_path / "empty")], "empty: a folder that is no model"),
         (["--model", str(weird)], "prediction_type 'flow'"),
+        (["--model", str(tmp_path / "no-scheduler")], "no scheduler_config.json"),
         (["--model", str(tmp_path / "half.pt"), *ts], "--model"),
         (["--model", good, *ts, "--data", str(tmp_path / "other.npy")], "--j-star"),
         (["--model", good, *ts, "--sigmas", "0.001,1"], "outside its grid"),

@@ -126,8 +126,8 @@ def _kind(path: Path) -> str:
 
     if path.is_dir():
         if (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file() or (
-                path / "scheduler").is_dir():
-            return "diffusers"
+                path / "scheduler").is_dir() or "_diffusers_version" in _text(path / "config.json"):
+            return "diffusers"  # (a diffusers model folder without a scheduler: refused by _diffusers_parts)
         if (path / STATE_FILE).is_file() or latest_checkpoint(path) is not None:
             return "lossfloor"
         raise InputError(f"--model {path}: a folder that is no model (expected a lossfloor run folder or "
@@ -136,6 +136,13 @@ def _kind(path: Path) -> str:
     if path.name == STATE_FILE:
         return "lossfloor"
     return "torch.export" if path.suffix == ".pt2" else "torchscript"
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _load_scripted(path: Path, kind: str, device):
