@@ -64,7 +64,7 @@ def test_the_posterior_mean_has_no_gap_in_any_prediction_or_process(oracle_data,
         res = diagnose(_spec(d, path, tmp_path / f"{prediction}-{process}.parquet", prediction=prediction,
                              process=process))
         gap, se = res.column("gap_x0"), res.column("gap_stderr")
-        assert np.all(np.abs(gap) <= 4 * se + 1e-6), (prediction, process, gap, se)
+        assert np.all(np.abs(gap) <= 4 * se + 1e-9), (prediction, process, gap, se)  # + float round-off at J* = 0
         losses[prediction, process] = res.column("loss_x0")
     ref = losses["x0", "ve"]
     for key, loss in losses.items():  # the same draws: every conversion gives the same x0 loss
@@ -163,7 +163,7 @@ def test_diffusers_loss_is_the_one_computed_through_the_scheduler(oracle_data, d
             else:  # v = a eps - s_t x0: ||D - x0||^2 = sigma^2 / (1 + sigma^2) ||v_hat - v||^2
                 native, factor = (pred - scheduler.get_velocity(x0, noise, tt)), s**2 / (1 + s**2)
             by_hand.append(factor * native.double().square().flatten(1).sum(1).mean().item())
-    np.testing.assert_allclose(res.column("loss_x0"), by_hand, rtol=2e-4)
+    np.testing.assert_allclose(res.column("loss_x0"), by_hand, rtol=1e-5)
     assert set(res.column("prediction")) == {"eps" if kind == "epsilon" else "vp-v"}
     assert res.totals["own"] is not None and res.totals["own"]["loss"] > 0
 
@@ -298,7 +298,7 @@ def test_flow_matching_diffusers_loss_is_the_one_computed_through_scale_noise(or
             v = unet(scheduler.scale_noise(x0, timestep, noise), timestep).sample
             # velocity eps - x0, x_t = (1 - t) x0 + t eps: ||D - x0||^2 = t^2 ||v_hat - v||^2
             by_hand.append(float(tk) ** 2 * (v - (noise - x0)).double().square().flatten(1).sum(1).mean().item())
-    np.testing.assert_allclose(res.column("loss_x0"), by_hand, rtol=2e-4)
+    np.testing.assert_allclose(res.column("loss_x0"), by_hand, rtol=1e-5)
     assert set(res.column("prediction")) == {"fm-velocity"} and set(res.column("process")) == {"fm"}
 
 

@@ -25,7 +25,7 @@ The diagnosis table (one row per σ, parquet):
   loss_holdout_x0, loss_holdout_stderr,  with held-out data: J on it, its standard error, and the
     generalisation_gap                   generalisation gap J_holdout − J
 Schema metadata: `totals` (JSON: {"reference": {...}, "own": {...} or null}, each with loss, j_star,
-gap, rel_gap), sigma_star, model_kind, weighting_own, jstar_source, holdout_fingerprint.
+gap, rel_gap), sigma_star, model_kind, model_spec, weighting_own, jstar_source, holdout_fingerprint.
 """
 
 from __future__ import annotations

@@ -67,7 +67,6 @@ class Model:
     weighting: Weighting | None = None
     sigma_range: tuple[float, float] | None = None  # where the model is defined (diffusers schedulers)
     label_dim: int = 0  # > 0: class-conditional, needs labels
-    seed: int | None = None  # a lossfloor run's seed (its evaluation noise)
 
 
 class ForeignDenoiser(torch.nn.Module):
@@ -204,7 +203,7 @@ def _lossfloor(path: Path, *, ema: str, device, precision: str = "none") -> Mode
         pass
     prediction = precond.target or precond.name
     return Model(spec=str(path), name=R.run, kind="lossfloor", prediction=prediction, process=precond.process,
-                 denoiser=den, weighting=weighting, label_dim=label_dim, seed=cfg.seed)
+                 denoiser=den, weighting=weighting, label_dim=label_dim)
 
 
 def _float(text: str, flag: str) -> float:
