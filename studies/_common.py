@@ -46,13 +46,30 @@ def add_output_args(p: argparse.ArgumentParser, study: str, experiment: str) -> 
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder (default {default_out(study)}; ${RUNS_DIR_ENV}/{study} when that is set)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///~/lossfloor/mlflow.db)")
     p.add_argument("--experiment", default=experiment, help=f"MLflow experiment (default {experiment})")
     p.add_argument("--verbose", action="store_true", help="debug logging")
 
 
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A study's argument parser: a usage error is one line and exit 2."""
+    from lossfloor.errors import ArgumentParser
+
+    return ArgumentParser(prog=prog, description=description)
+
+
+def check_outputs(args: argparse.Namespace) -> str:
+    """Before a study's first stage: --out can be written and the tracking store opens; its URI."""
+    from lossfloor.atomic import check_writable
+    from lossfloor.tracking import check_store
+
+    check_writable(args.out, folder=True)
+    return check_store(args.tracking_uri)
+
+
 def run_study(name: str, parse_args, run, argv: list[str] | None = None) -> int:
-    """A study's `main`: parse, set up logging, run; bad input ends as one line on stderr and exit code 2."""
+    """A study's `main`: parse, set up logging, run; bad input ends as one line on stderr and exit code 2.
+    On every exit path a Ray this process started is shut down (its daemons would outlive the study)."""
     from lossfloor.errors import InputError
 
     args = parse_args(argv)
@@ -62,3 +79,7 @@ def run_study(name: str, parse_args, run, argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()

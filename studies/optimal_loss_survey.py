@@ -30,7 +30,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_output_args, default_out, ensure_lossfloor, run_study
+from _common import add_output_args, check_outputs, default_out, ensure_lossfloor, parser, run_study
 
 ensure_lossfloor()
 
@@ -46,7 +46,7 @@ SMOKE = {"sigma_grid": "0.01:20:6", "queries_per_sample": 1, "max_samples": 1000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = parser(
         prog="optimal_loss_survey",
         description="J*(sigma) of the bundled data set and of every --data, in the x0, eps, vp-v and "
         "fm-velocity targets, with sigma*; logged to MLflow (a parent run, one child per data set).",
@@ -155,6 +155,20 @@ def describe_plan(args: argparse.Namespace, plan: list[DataPlan], sigmas, uri: s
     return "\n".join(lines)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Every flag a stage would refuse, refused before the first one."""
+    from lossfloor.devices import check_device
+
+    for flag, value, low in (("--queries-per-sample", args.queries_per_sample, 1), ("--seed", args.seed, 0),
+                             ("--workers", args.workers, 1)):
+        if value < low:
+            raise InputError(f"{flag}: expected an integer >= {low}, got {value}")
+    if not (math.isfinite(args.gpus_per_worker) and args.gpus_per_worker >= 0):
+        raise InputError(f"--gpus-per-worker: expected a number >= 0, got {args.gpus_per_worker}")
+    if args.engine == "local":
+        check_device(args.device)
+
+
 def run_estimate(args: argparse.Namespace, d: DataPlan, samples, fingerprint: str, sigmas):
     """J*(σ) in x0 units with the chosen engine, resumable from OUT/work."""
     from lossfloor.jobs import estimate
@@ -171,13 +185,12 @@ def run(args: argparse.Namespace) -> int:
 
     log.info("lossfloor %s from %s", lossfloor.__version__, Path(lossfloor.__file__).parent)
     sigmas = parse_sigma_grid(args.sigma_grid, flag="--sigma-grid")
-    if args.queries_per_sample < 1:
-        raise InputError(f"--queries-per-sample: expected an integer >= 1, got {args.queries_per_sample}")
+    check_flags(args)
     plan = make_plan(args)
-    uri = tracking_uri(args.tracking_uri)
     if args.dry_run:
-        print(describe_plan(args, plan, sigmas, uri))
+        print(describe_plan(args, plan, sigmas, tracking_uri(args.tracking_uri)))
         return 0
+    uri = check_outputs(args)  # before the first stage: --out writable, the tracking store opens
 
     from lossfloor.data import load
     from lossfloor.floor import build_table, write_table

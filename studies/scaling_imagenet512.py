@@ -43,7 +43,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, _scaling, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_output_args, default_out, ensure_lossfloor, run_study
+from _common import add_output_args, check_outputs, default_out, ensure_lossfloor, parser, run_study
 
 ensure_lossfloor()
 
@@ -64,7 +64,7 @@ LATENT_SHAPE = (4, 64, 64)  # what --preset imagenet512 expects (EDM2 SD-VAE lat
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = parser(
         prog="scaling_imagenet512",
         description="Estimate J*(sigma), train a ladder of EDM2 models, fit raw vs gap-corrected vs free-offset "
         "power laws of loss vs FLOPs, and build the dashboard; MLflow: a parent run with one child per stage.",
@@ -263,6 +263,14 @@ def estimator_config(args: argparse.Namespace, b: Budget):
                            seed=args.seed, device=device, rows_per_batch=b.rows_per_batch)
 
 
+def _check_fit_sigmas(fit_sigmas, grid) -> None:
+    lo, hi = float(min(grid)), float(max(grid))
+    outside = [s for s in fit_sigmas if not lo * (1 - 1e-9) <= s <= hi * (1 + 1e-9)]
+    if outside:
+        raise InputError(f"--fit-sigmas: {', '.join(f'{s:g}' for s in outside)} outside the J* grid "
+                         f"[{lo:.4g}, {hi:.4g}] (J* is known only there)")
+
+
 def given_table(path: Path, ds):
     """The J* table of --j-star, checked against the data: same fingerprint, x0 units available."""
     from lossfloor.floor import read_table
@@ -440,17 +448,21 @@ def build_dashboard(args, uri: str, parent_run_id: str, fit_sigmas) -> Path:
 def run(args: argparse.Namespace) -> int:
     import lossfloor
     from lossfloor.data import describe
+    from lossfloor.diffusion import parse_sigma_grid
     from lossfloor.tracking import tracking_uri
 
     t_start = time.monotonic()
     log.info("lossfloor %s from %s", lossfloor.__version__, Path(lossfloor.__file__).parent)
-    uri = tracking_uri(args.tracking_uri)
+    fit_sigmas = _scaling.parse_sigmas(args.fit_sigmas) if args.fit_sigmas else None
+    if args.seed < 0:
+        raise InputError(f"--seed: expected an integer >= 0, got {args.seed}")
     if args.dry_run:
         count, shape = describe(args.data) if args.data else (None, None)
-        print(describe_plan(args, make_budget(args, shape), count, shape, uri))
+        print(describe_plan(args, make_budget(args, shape), count, shape, tracking_uri(args.tracking_uri)))
         return 0
     if args.data is None:
         raise InputError("--data: --preset imagenet512 needs the EDM2 latents (e.g. --data img512-latents.zip)")
+    uri = check_outputs(args)  # before the first stage: --out writable, the tracking store opens
 
     from lossfloor.data import load
     from lossfloor.floor import read_table
@@ -465,6 +477,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("data %s: %d samples of shape %s, fingerprint %s", args.data, len(ds), ds.sample_shape,
              ds.fingerprint[:12])
     given = given_table(args.j_star, ds) if args.j_star is not None else None  # checked before anything is written
+    if fit_sigmas is not None:  # on the J* grid, known before the estimate: refused now, not after the ladder
+        _check_fit_sigmas(fit_sigmas, given.x0().sigma if given is not None else parse_sigma_grid(b.sigma_grid))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.engine == "ray":  # attach to the job's cluster by its address (or start a local Ray)
         from lossfloor.ray.cluster import connect
@@ -515,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
         x0 = table.x0()
         auto_fit, eval_sigmas = _scaling.choose_sigmas(x0.sigma, x0.j_star, x0.total_variance, s_star,
                                                        n_eval=b.n_eval_sigmas)
-        fit_sigmas = _scaling.parse_sigmas(args.fit_sigmas) if args.fit_sigmas else auto_fit
+        fit_sigmas = fit_sigmas or auto_fit
         eval_sigmas = tuple(sorted(set(eval_sigmas) | set(fit_sigmas)))
         log.info("sigma*: %s; fits at sigma %s; evaluation at %d sigmas", s_star,
                  ", ".join(f"{s:.4g}" for s in fit_sigmas), len(eval_sigmas))

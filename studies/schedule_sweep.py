@@ -25,11 +25,10 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, default_out, ensure_lossfloor, setup_logging
+from _common import REPO_ROOT, default_out, ensure_lossfloor, parser, run_study
 
 ensure_lossfloor()
 
-from lossfloor.errors import InputError  # noqa: E402
 
 STUDY = "schedule_sweep"
 DEFAULT_SPACE = REPO_ROOT / "studies" / "spaces" / "optimal_loss.yaml"
@@ -40,7 +39,7 @@ LAPTOP_BUDGET = {"images": 16384, "batch": 128, "warmup": 2048}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from lossfloor.jobs.sweep import add_sweep_args
 
-    p = argparse.ArgumentParser(
+    p = parser(
         prog=STUDY,
         description="Ray Tune sweep of the optimal-loss schedule's w_max, focus (mu, varsigma), ... against the "
         "EDM2 baseline; ASHA stops weak trials early; MLflow parent run with one child per trial.",
@@ -52,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", dest="mlflow_experiment", default="schedule-sweep",
                    help="MLflow experiment (default schedule-sweep)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///~/lossfloor/mlflow.db)")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -60,14 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from lossfloor.jobs.sweep import run
 
-    args = parse_args(argv)
-    setup_logging(args.verbose)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return run(args)
-    except InputError as e:
-        print(f"{STUDY}: {e}", file=sys.stderr)
-        return 2
+    return run_study(STUDY, parse_args, run, argv)
 
 
 if __name__ == "__main__":

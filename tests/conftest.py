@@ -4,6 +4,21 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def lossfloor_home(tmp_path_factory):
+    """The default tracking store ($LOSSFLOOR_HOME/mlflow.db) of every test in a temporary folder, never
+    the user's ~/lossfloor."""
+    import os
+
+    saved = os.environ.get("LOSSFLOOR_HOME")
+    os.environ["LOSSFLOOR_HOME"] = str(tmp_path_factory.mktemp("lossfloor-home"))
+    yield
+    if saved is None:
+        os.environ.pop("LOSSFLOOR_HOME", None)
+    else:
+        os.environ["LOSSFLOOR_HOME"] = saved
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op torch thread for a module's tests: tiny tensors on 2 shared CI cores only contend

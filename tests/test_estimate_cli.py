@@ -113,8 +113,11 @@ def test_error_names_the_flag_or_file(tmp_path, npy, capsys):
     assert "nope.npy" in err
     _, _, err = cli(run_args(npy, tmp_path / "o.parquet", "--c", "0"), capsys)
     assert "--c" in err
-    _, _, err = cli(run_args(npy, tmp_path / "missing" / "o.parquet"), capsys)
-    assert "--out" in err
+    (tmp_path / "a-file").write_text("x")
+    _, _, err = cli(run_args(npy, tmp_path / "a-file" / "o.parquet"), capsys)
+    assert "--out" in err and "a-file is a file" in err
+    code, _, _ = cli(run_args(npy, tmp_path / "missing" / "o.parquet"), capsys)  # missing parents are made
+    assert code == 0 and (tmp_path / "missing" / "o.parquet").is_file()
     _, _, err = cli(run_args(npy, tmp_path / "o.parquet", "--estimator", "cdol", "--subset-size", "16",
                              "--rows-per-batch", "10"), capsys)
     assert "--rows-per-batch" in err and "8 batches" in err
@@ -169,11 +172,13 @@ def test_local_work_dir_resumes_and_guards_its_key(tmp_path, npy, capsys):
 def test_mlflow_logs_the_table_with_params_from_the_driver(tmp_path, npy, capsys, monkeypatch):
     calls = []
 
-    def log_estimate(table, *, params, experiment="optimal-loss", run_name=None, parent_run_id=None):
+    def log_estimate(table, *, params, experiment="optimal-loss", run_name=None, parent_run_id=None,
+                     tracking_uri=None):
         calls.append((table, params, experiment, run_name))
         return "run-123"
 
-    monkeypatch.setitem(sys.modules, "lossfloor.tracking", types.SimpleNamespace(log_estimate=log_estimate))
+    monkeypatch.setitem(sys.modules, "lossfloor.tracking", types.SimpleNamespace(
+        log_estimate=log_estimate, check_store=lambda uri: uri or "sqlite:///x.db"))
     code, _, _ = cli(run_args(npy, tmp_path / "o.parquet", "--estimator", "cdol", "--subset-size", "10", "--seed", "4",
                               "--mlflow", "--mlflow-experiment", "exp", "--run-name", "r1"), capsys)
     assert code == 0

@@ -130,7 +130,11 @@ def test_a_finished_run_can_be_continued(uri):
 
 def test_tracking_uri_default_env_and_local_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.delenv("LOSSFLOOR_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert tracking_uri() == f"sqlite:///{tmp_path}/home/lossfloor/mlflow.db"  # one place, whatever the cwd
+    monkeypatch.setenv("LOSSFLOOR_HOME", str(tmp_path / "lf"))
+    assert tracking_uri() == f"sqlite:///{tmp_path}/lf/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert tracking_uri() == "http://mlflow.example:5000"
     assert tracking_uri("sqlite:///x.db") == "sqlite:///x.db"

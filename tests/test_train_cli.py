@@ -4,6 +4,7 @@ finished or lengthened run, the `--engine ray` plumbing, and bad input (exit 2, 
 Ray itself is tested in test_ray_train.py; here `--engine ray` runs against a stand-in for train_on_ray.
 """
 
+import dataclasses
 import json
 import sys
 import types
@@ -71,6 +72,7 @@ def test_run_folder_summary_and_flops(finished, jstar):
     state = load_checkpoint(out / "checkpoint-000000000064")
     assert state["config"]["schedule"]["kind"] == "optimal" and state["config"]["jstar"] == jstar
     assert state["config"]["seed"] == 3 and state["config"]["duration_n_img"] == 64
+    assert state["config"]["conditional"] is False  # the J* table is the unconditional floor: no labels by default
     curve = pq.read_table(out / "loss_curve.parquet").to_pylist()
     assert [(r["images"], r["sigma"]) for r in curve] == [(i, s) for i in (32, 64) for s in (0.05, 0.5, 5.0, None)]
     for r in curve:
@@ -78,7 +80,8 @@ def test_run_folder_summary_and_flops(finished, jstar):
             assert r["gap"] == pytest.approx(r["loss"] - r["j_star"]) and r["gap"] > 0  # Theorem 1
     log = pq.read_table(out / "train_log.parquet").to_pylist()
     assert [r["step"] for r in log] == [1, 2]
-    fwd = forward_flops(get_preset("tiny"))
+    tiny = get_preset("tiny")
+    fwd = forward_flops(dataclasses.replace(tiny, unet=dataclasses.replace(tiny.unet, label_dim=0)))
     assert log[-1]["flops"] == pytest.approx(3 * fwd * 64)
 
 
@@ -122,7 +125,8 @@ def test_mlflow_run_holds_params_per_step_loss_per_sigma_gap_flops_and_artifacts
     assert [v for _, v in hist("final/sigma")] == [0.05, 0.5, 5.0]
     assert [v for _, v in hist("final/gap")] == pytest.approx([r["gap"] for r in curve[4:7]])
     assert m["training_flops"] == pytest.approx(log[-1]["flops"]) and m["n_img"] == 64
-    assert m["forward_flops"] == pytest.approx(forward_flops(get_preset("tiny")))
+    tiny = get_preset("tiny")  # unconditional: the J* table is the unconditional floor
+    assert m["forward_flops"] == pytest.approx(forward_flops(dataclasses.replace(tiny.unet, label_dim=0)))
 
     names = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"loss_curve.parquet", "train_log.parquet", "config.json", "loss_curve.html", "samples.png"} <= names
@@ -146,7 +150,7 @@ def test_longer_images_continue_the_run_to_the_plain_result(finished, tmp_path, 
     s = last_json(stdout)
     assert (s["n_img"], s["steps"]) == (96, 3) and s["checkpoint"].endswith("checkpoint-000000000096")
     plain = train(TrainConfig(preset="tiny", batch_n_img=32, duration_n_img=96, eval_every_n_img=32, jstar=jstar,
-                              schedule=OptimalLossSchedule(), eval_sigmas=(0.05, 0.5, 5.0), eval_n_samples=32,
+                              schedule=OptimalLossSchedule(), eval_sigmas=(0.05, 0.5, 5.0), eval_n_samples=32, conditional=False,
                               seed=3), load("bundled:digits"))
     state = load_checkpoint(s["checkpoint"])
     for k, v in plain.model_state.items():

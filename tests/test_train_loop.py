@@ -7,6 +7,7 @@ model on its training data is >= J* (Theorem 1) with J* from the exact estimator
 """
 
 import dataclasses
+import logging
 import math
 import os
 
@@ -189,7 +190,7 @@ def test_run_outputs_loss_curve_gap_and_flops(digits, jstar_path, tmp_path, capl
     assert reports[-1][0]["eval/total"] == pytest.approx(rows[-1]["loss"])
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(digits, jstar_path, tmp_path):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(digits, jstar_path, tmp_path, caplog):
     sched = OptimalLossSchedule(n_bins=8, halflife_n_img=256, sigma_min=0.01, sigma_max=20.0)
     cfg = config(duration_n_img=32 * 6, schedule=sched, jstar=jstar_path, eval_every_n_img=96,
                  checkpoint_every_n_img=64, snapshot_every_n_img=64, accum_rounds=2, keep_checkpoints=2,
@@ -197,7 +198,12 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(digits, jstar_path, tmp
     full = train(cfg, digits, checkpoint_dir=tmp_path / "full")
     part = train(cfg, digits, checkpoint_dir=tmp_path / "cut", stop_n_img=96)
     assert part.n_img == 96 and [n for n, _ in list_checkpoints(tmp_path / "cut")] == [64, 96]
-    rest = train(cfg, digits, checkpoint_dir=tmp_path / "cut")
+    # the newest checkpoint is torn (the machine died while it was flushed): resume from the one before
+    newest = list_checkpoints(tmp_path / "cut")[-1][1]
+    (newest / "state.pt").write_bytes((newest / "state.pt").read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="lossfloor.train.loop"):
+        rest = train(cfg, digits, checkpoint_dir=tmp_path / "cut")
+    assert "cannot be read" in caplog.text and "resuming from the previous one, checkpoint-" in caplog.text
     assert rest.n_img == full.n_img == 192
     for k, v in full.model_state.items():
         assert torch.equal(v, rest.model_state[k]), k

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from lossfloor.errors import InputError
+from lossfloor.errors import ArgumentParser, InputError
 
 # Sub-command modules, each defining `register(subparsers)`; imported lazily so `lossfloor --help`
 # stays fast and a command's heavy imports (ray, mlflow) load only when it runs.
@@ -27,16 +27,10 @@ COMMANDS = [
 ]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints usage too; keep it short)
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lossfloor", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="lossfloor", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
     return parser

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from lossfloor.atomic import check_writable
 from lossfloor.errors import InputError
 
 SRC_HELP = ("bundled:digits, FILE.npy, FILE.npz[:KEY], an EDM2 .zip or folder, a CIFAR-10 batch folder, "
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(
             f"--rows-per-shard: expected a positive integer like 4096, got {args.rows_per_shard}"
         )
+    check_writable(args.out, folder=True)
     data.prepare_shards(args.src, args.out, rows_per_shard=args.rows_per_shard)
     return 0
 

@@ -9,6 +9,8 @@ import math
 import sys
 from pathlib import Path
 
+from lossfloor.atomic import check_writable
+from lossfloor.devices import check_device
 from lossfloor.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -77,10 +79,13 @@ def register(sub) -> None:
     trk.add_argument("--mlflow-experiment", default="optimal-loss", metavar="NAME",
                      help="MLflow experiment (default optimal-loss)")
     trk.add_argument("--run-name", default=None, help="MLflow run name (default: MLflow's)")
+    trk.add_argument("--tracking-uri", default=None, metavar="URI",
+                     help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///~/lossfloor/mlflow.db)")
     p.set_defaults(func=run)
 
 
 ENGINES = ("local", "ray")
+MAX_QUERIES_PER_SAMPLE = 1024  # M = K N queries; beyond this the error is no longer the queries'.
 _RAY_ONLY = ("address", "workers", "gpus_per_worker", "cpus_per_worker")
 
 
@@ -115,6 +120,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError("--rel-error: the exact estimator has no subset size to choose (use knn or auto)")
     if args.seed < 0:
         raise InputError(f"--seed: expected an integer >= 0, got {args.seed}")
+    if args.queries_per_sample > MAX_QUERIES_PER_SAMPLE:
+        raise InputError(f"--queries-per-sample: expected at most {MAX_QUERIES_PER_SAMPLE} noisy queries per sample, "
+                         f"got {args.queries_per_sample}")
+    if args.engine == "local":
+        check_device(args.device)
     if args.index_pca is not None and args.index_pca < 1:
         raise InputError(f"--index-pca: expected an integer >= 1, got {args.index_pca}")
     from lossfloor.floor.neighbours import INDEXES, faiss_module
@@ -129,8 +139,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--sigma-star-threshold: expected a number in (0, 1), got {args.sigma_star_threshold}")
     if not args.out.endswith(".parquet"):
         raise InputError(f"--out: expected a FILE.parquet path, got {args.out!r}")
-    if not Path(args.out).resolve().parent.is_dir():
-        raise InputError(f"--out: folder {Path(args.out).parent} does not exist")
+    check_writable(args.out)
+    if args.work_dir is not None:
+        check_writable(args.work_dir, "--work-dir", folder=True)
 
 
 def _check_data(samples, args: argparse.Namespace) -> None:
@@ -229,12 +240,15 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     target = check_target(args.target, field="--target")
-    log_estimate = None
-    if args.mlflow:  # before any work: a missing tracking layer is a setup error, not a late surprise
+    log_estimate = uri = None
+    if args.mlflow:  # before any work: a missing or broken tracking store is a setup error, not a late surprise
         try:
-            from lossfloor.tracking import log_estimate
+            from lossfloor.tracking import check_store, log_estimate
         except ImportError as e:
             raise InputError(f"--mlflow: MLflow tracking is not available ({e})") from None
+        uri = check_store(args.tracking_uri)
+    elif args.tracking_uri is not None:
+        raise InputError("--tracking-uri: only with --mlflow")
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else parse_sigma_grid(args.sigma_grid)
     config = EstimatorConfig(
         estimator=args.estimator,
@@ -273,8 +287,8 @@ def run(args: argparse.Namespace) -> int:
     write_table(table, args.out)
     if log_estimate is not None:  # on the driver only: workers never write to MLflow
         run_id = log_estimate(table, params=mlflow_params(args, est, fingerprint, target),
-                              experiment=args.mlflow_experiment, run_name=args.run_name)
-        log.info("logged MLflow run %s (experiment %s)", run_id, args.mlflow_experiment)
+                              experiment=args.mlflow_experiment, run_name=args.run_name, tracking_uri=uri)
+        log.info("MLflow: %s, experiment %s, run %s", uri, args.mlflow_experiment, run_id)
     rows = table.rows()
     if args.json:
         rows = [{k: _json_value(v) for k, v in r.items()} for r in rows]

@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from lossfloor.atomic import write_output
+from lossfloor.atomic import check_writable, write_output
 from lossfloor.errors import InputError
 from lossfloor.fmt import num
 
@@ -68,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--j-star-value: expected a number >= 0 (an optimal loss, x0 units), got {args.j_star_value}")
     if args.j_star_stderr is not None and not (math.isfinite(args.j_star_stderr) and args.j_star_stderr >= 0):
         raise InputError(f"--j-star-stderr: expected a number >= 0, got {args.j_star_stderr}")
+    if args.bootstrap < 0:
+        raise InputError(f"--bootstrap: expected an integer >= 0, got {args.bootstrap}")
+    check_writable(args.out)
+    if args.j_star is not None:
+        _check_same_data(args.curves, args.j_star)
     fits = fit_all(
         args.curves,
         j_star=args.j_star if args.j_star is not None else args.j_star_value,
@@ -80,6 +85,26 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(args.out, fits.to_dict())
     sys.stdout.write(summary(fits) + f"wrote {args.out}\n")
     return 0
+
+
+def _check_same_data(curves: Path, j_star: Path) -> None:
+    """Curves written by `lossfloor train` name their data's fingerprint: it must be the J* table's."""
+    import pyarrow.parquet as pq
+
+    if curves.suffix != ".parquet" or not curves.is_file():
+        return  # fit_all names a missing or unreadable file
+    try:
+        made_on = (pq.read_schema(curves).metadata or {}).get(b"dataset_fingerprint", b"").decode()
+    except Exception:
+        return
+    try:
+        table = pq.read_table(j_star)
+    except Exception:
+        return  # fit_all names an unreadable table
+    table_on = str(table.column("dataset_fingerprint")[0]) if "dataset_fingerprint" in table.column_names else ""
+    if made_on and table_on and made_on != table_on:
+        raise InputError(f"--j-star {j_star}: estimated on data with fingerprint {table_on[:16]}..., but --curves "
+                         f"{curves} were trained on {made_on[:16]}...: the floor must be of the data the models saw")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

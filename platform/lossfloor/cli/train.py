@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from lossfloor.atomic import check_run_folder
+from lossfloor.atomic import check_writable, output_folder
+from lossfloor.devices import check_device
 from lossfloor.errors import InputError
 from lossfloor.fmt import num
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
 SCHEDULES = ("edm2", "fm", "optimal-loss")
 _RAY_ONLY = ("workers", "gpus_per_worker", "cpus_per_worker", "address", "max_failures")
+
+
+MAX_IMAGES = 10**11  # a bound on --images: 50x EDM2-XXL's budget; a typo beyond it would run for years
 
 
 def register(sub) -> None:
@@ -41,6 +45,12 @@ def register(sub) -> None:
                    "optimal-loss; with any schedule, every loss is also reported as a gap J - J*")
     p.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="edm2 | fm | optimal-loss (default: edm2 for --process edm, fm for --process fm)")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--conditional", dest="conditional", action="store_true", default=None,
+                      help="use the data's class labels (the preset must have classes)")
+    cond.add_argument("--unconditional", dest="conditional", action="store_false",
+                      help="ignore labels (default when the data has none, or when the J* table is the "
+                      "unconditional floor: a conditional model goes below it, giving negative gaps)")
     p.add_argument("--latents", default="mean", choices=("mean", "posterior"),
                    help="EDM2 latents: train on the posterior means (default) or draw x0 ~ N(mean, std^2) every "
                    "step as EDM2 does (posterior); --j-star must be estimated with the same --latents")
@@ -89,6 +99,8 @@ def register(sub) -> None:
                      "per-σ eval loss and gap, FLOPs, checkpoint paths, tables, figure, samples grid)")
     trk.add_argument("--mlflow-experiment", default="optimal-loss", metavar="NAME",
                      help="MLflow experiment (default optimal-loss)")
+    trk.add_argument("--tracking-uri", default=None, metavar="URI",
+                     help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///~/lossfloor/mlflow.db)")
     trk.add_argument("--samples", default="auto", metavar="N",
                      help="MLflow: samples in the grid image (default auto: 64 for pixel data when cheap; 0 = none)")
     p.set_defaults(func=run)
@@ -104,6 +116,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise InputError(f"{given[0]}: only with --engine ray")
     elif args.device is not None:
         raise InputError("--device: with --engine ray the device follows --gpus-per-worker (cuda when > 0)")
+    check_device(args.device)
+    if args.images is not None and args.images > MAX_IMAGES:
+        raise InputError(f"--images: expected at most {MAX_IMAGES:.0e} training images (EDM2-XXL trains 2.1e9), "
+                         f"got {args.images}")
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers: expected an integer >= 1, got {args.workers}")
     if args.gpus_per_worker is not None and not (math.isfinite(args.gpus_per_worker) and args.gpus_per_worker >= 0):
@@ -126,7 +142,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise InputError(f"--samples: expected a number of samples like 64, 0 or auto, got {args.samples!r}") from None
         if args.samples < 0:
             raise InputError(f"--samples: expected a number >= 0, got {args.samples}")
-    check_run_folder(args.out)
+    check_writable(args.out, folder=True)
 
 
 def build_config(args: argparse.Namespace):
@@ -160,6 +176,12 @@ def build_config(args: argparse.Namespace):
         from lossfloor.data import check_same_data
 
         check_same_data(curve.fingerprint, args.data, args.latents, f"--j-star {args.j_star}")
+    conditional = args.conditional
+    if conditional is None:  # labels when the preset, the data and the floor all have classes
+        from lossfloor.data import open_source
+
+        labelled = get_preset(args.preset).unet.label_dim > 0 and open_source(args.data, args.latents).info().has_labels
+        conditional = labelled and (args.j_star is None or curve.class_conditional)
     sigmas = None
     if args.eval_sigmas is not None:
         from lossfloor.diffusion import parse_sigmas
@@ -170,7 +192,7 @@ def build_config(args: argparse.Namespace):
         preset=args.preset, process=args.process, schedule=sched, jstar=args.j_star, batch_n_img=args.batch,
         duration_n_img=args.images, lr_ref=args.lr, precision=args.precision, eval_every_n_img=args.eval_every,
         eval_sigmas=sigmas, eval_n_samples=args.eval_samples, keep_checkpoints=args.keep, seed=args.seed, run=args.run_name,
-        latents=args.latents,
+        latents=args.latents, conditional=conditional,
     )
     R = resolve(config)
     if R.duration_n_img < R.batch_n_img:
@@ -189,7 +211,7 @@ def _check_data(config, source: str) -> None:
     from lossfloor.train.config import check_source
 
     check_source(config, source, names={"data": "--data", "preset": "--preset", "eval_n_samples": "--eval-samples",
-                                        "batch_n_img": "--batch"})
+                                        "batch_n_img": "--batch", "conditional=False": "--unconditional"})
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -288,7 +310,7 @@ def dry_run_text(config, args: argparse.Namespace) -> str:
              if args.engine == "ray" else f"local: {args.device or 'cuda if available, else cpu'}")
     return "\n".join([
         f"run {R.run}: preset {R.preset.name}, process {config.process}, schedule {R.schedule.kind}",
-        f"data {args.data}; J* {config.jstar or 'none'}",
+        f"data {args.data} ({'class-conditional' if R.unet.label_dim else 'unconditional'}); J* {config.jstar or 'none'}",
         f"{R.duration_n_img} images = {steps} steps of {R.batch_n_img} ({R.batch_n_img // workers} per worker)",
         f"lr_ref {R.lr_ref:g}, t_ref {R.t_ref_iters} steps, warm-up {R.warmup_n_img} images, precision {config.precision}",
         f"eval every {R.eval_every_n_img} images on {len(R.eval_sigmas)} sigmas x {config.eval_n_samples} samples; "
@@ -309,17 +331,37 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(dry_run_text(config, args) + "\n")
         return 0
-    log_training = None
-    if args.mlflow:  # before any work: a missing tracking layer is a setup error, not a late surprise
+    log_training = uri = None
+    if args.mlflow:  # before any work: a missing or broken tracking store is a setup error, not a late surprise
         try:
-            from lossfloor.tracking.runs import tracking_uri
+            from lossfloor.tracking.runs import check_store
             from lossfloor.tracking.train import log_training
-
-            tracking_uri()
         except ImportError as e:
             raise InputError(f"--mlflow: MLflow tracking is not available ({e})") from None
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
+        uri = check_store(args.tracking_uri)
+    elif args.tracking_uri is not None:
+        raise InputError("--tracking-uri: only with --mlflow")
+    with output_folder(args.out) as out:
+        wall, images_run = _train(config, args, out)
+    run_id = None
+    if log_training is not None:  # on the driver only: workers never write to MLflow
+        run_id = log_training(out, params={"data": args.data, "engine": args.engine,
+                                           "workers": (args.workers or 1) if args.engine == "ray" else 1,
+                                           "out": str(out.absolute())},
+                              experiment=args.mlflow_experiment, samples=args.samples, tracking_uri=uri,
+                              device=args.device if args.engine == "local" else None)
+        log.info("MLflow: %s, experiment %s, run %s", uri, args.mlflow_experiment, run_id)
+    s = summary(out, wall_s=wall, images_run=images_run, engine=args.engine, mlflow_run=run_id)
+    if args.json:
+        json.dump(_json_value(s), sys.stdout, indent=1, allow_nan=False)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_summary(s) + "\n")
+    return 0
+
+
+def _train(config, args: argparse.Namespace, out: Path) -> tuple[float, int]:
+    """Train into OUT on the chosen engine; (wall seconds, images trained by this call)."""
     t0 = time.monotonic()
     if args.engine == "ray":
         from lossfloor.ray.train import train_on_ray
@@ -338,22 +380,7 @@ def run(args: argparse.Namespace) -> int:
         res = train(config, load(args.data, latents=args.latents), checkpoint_dir=out, resume=args.resume,
                     device=args.device)
         images_run = res.n_img - before
-    wall = time.monotonic() - t0
-    run_id = None
-    if log_training is not None:  # on the driver only: workers never write to MLflow
-        run_id = log_training(out, params={"data": args.data, "engine": args.engine,
-                                           "workers": (args.workers or 1) if args.engine == "ray" else 1,
-                                           "out": str(out.absolute())},
-                              experiment=args.mlflow_experiment, samples=args.samples,
-                              device=args.device if args.engine == "local" else None)
-        log.info("logged MLflow run %s (experiment %s)", run_id, args.mlflow_experiment)
-    s = summary(out, wall_s=wall, images_run=images_run, engine=args.engine, mlflow_run=run_id)
-    if args.json:
-        json.dump(_json_value(s), sys.stdout, indent=1, allow_nan=False)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(format_summary(s) + "\n")
-    return 0
+    return time.monotonic() - t0, images_run
 
 
 def _images_done(out: Path) -> int:

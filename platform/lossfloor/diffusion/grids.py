@@ -12,6 +12,8 @@ import numpy as np
 
 from lossfloor.errors import InputError
 
+MAX_SIGMAS = 10_000  # a bound on a parsed grid: 0.1:10:1e11 would allocate 745 GiB before any check
+
 
 def log_grid(sigma_min: float, sigma_max: float, count: int) -> np.ndarray:
     """count sigmas, geometrically spaced from sigma_min to sigma_max inclusive (float64, exact endpoints)."""
@@ -37,6 +39,8 @@ def parse_sigmas(text: str, *, flag: str = "--sigmas") -> np.ndarray:
         if value is None or not _is_positive_finite(value):
             raise InputError(f"{flag}: {example}, got {text!r}")
         values.append(value)
+    if len(values) > MAX_SIGMAS:
+        raise InputError(f"{flag}: expected at most {MAX_SIGMAS} sigmas, got {len(values)}")
     return np.unique(np.asarray(values, dtype=np.float64))
 
 
@@ -54,6 +58,8 @@ def parse_sigma_grid(text: str, *, flag: str = "--sigma-grid") -> np.ndarray:
         raise InputError(f"{flag}: {example}, got {text!r}")
     if count < 2:
         raise InputError(f"{flag}: {example} (for one sigma give a list like 0.5), got {text!r}")
+    if count > MAX_SIGMAS:
+        raise InputError(f"{flag}: expected at most {MAX_SIGMAS} sigmas, got COUNT = {count} in {text!r}")
     return log_grid(sigma_min, sigma_max, count)
 
 

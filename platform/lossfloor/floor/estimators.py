@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from lossfloor.devices import check_device
 from lossfloor.errors import InputError
 from lossfloor.floor import mixture
 from lossfloor.floor.kernel import MATMUL_PRECISIONS, Level, optimal_loss_terms
@@ -174,8 +175,7 @@ class EstimatorConfig:
                     f"queries of a batch share random draws); {cfg.rows_per_batch} rows give {n_batches} of "
                     f"N = {n_samples}: use at most {n_samples // MIN_BATCHES}"
                 )
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError("device: cuda requested but no CUDA device is available")
+        check_device(cfg.device, "device")
         return cfg
 
 

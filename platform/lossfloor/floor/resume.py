@@ -14,7 +14,7 @@ Work folder layout (one estimate pass per folder; automatic-L passes at 2L, 4L, 
                                × σ, all exact
     DIR/.lock                  held (flock) by the run using the folder
 
-Partials are buffered and written as one part every `flush_every` batches or `flush_s` seconds (and
+Partials are written as one part per finished batch (`flush_every`; or every `flush_s` seconds, and
 when the pass ends or fails), each to a temporary name then renamed, so a killed run leaves only whole
 parts and loses at most the unflushed batches. Whenever the folder holds more than `max_parts` parts
 (on open or after a flush) they are merged into one (the merged part is written before the others are
@@ -120,7 +120,7 @@ class PartialStore:
     writes whatever is still buffered, also when the run fails or is interrupted.
     """
 
-    def __init__(self, path: str | os.PathLike, key: dict, *, flush_every: int = 64, flush_s: float = 10.0,
+    def __init__(self, path: str | os.PathLike, key: dict, *, flush_every: int = 1, flush_s: float = 10.0,
                  max_parts: int = 32):
         self.path = Path(path)
         self.key = key

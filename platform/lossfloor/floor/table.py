@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lossfloor.atomic import write_atomic
+from lossfloor.atomic import make_parents, write_atomic
 from lossfloor.diffusion import check_target, convert_jstar
 from lossfloor.errors import InputError
 from lossfloor.floor.estimators import Estimate
@@ -204,9 +204,7 @@ def build_table(
 
 def write_table(t: JStarTable, path: str | os.PathLike) -> Path:
     """Write atomically: a temporary file in the same folder, renamed over `path` when complete."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise InputError(f"--out: folder {path.parent} does not exist")
+    path = make_parents(path)
     return write_atomic(path, lambda p: pq.write_table(t.table, p))
 
 

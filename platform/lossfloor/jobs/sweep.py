@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from lossfloor.atomic import check_run_folder
+from lossfloor.atomic import check_writable
 from lossfloor.errors import InputError
 from lossfloor.fmt import num
 
@@ -118,7 +118,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError("--fd-weights: only with --objective fd")
     if args.fd_weights is not None and not Path(args.fd_weights).is_file():
         raise InputError(f"--fd-weights {args.fd_weights}: file not found (a TorchScript or .pt2 network)")
-    check_run_folder(args.out)
+    check_writable(args.out, folder=True)
 
 
 def build_resources(args: argparse.Namespace):
@@ -159,6 +159,7 @@ def jstar_path(args: argparse.Namespace, *, create: bool) -> str:
 
 def build_spec(args: argparse.Namespace, *, create_jstar: bool = True):
     """The SweepSpec of the arguments; InputError naming the flag for what is wrong."""
+    from lossfloor.data import describe
     from lossfloor.models import get_preset
     from lossfloor.train import TrainConfig, resolve
     from lossfloor.train.schedules import JStarCurve
@@ -166,6 +167,7 @@ def build_spec(args: argparse.Namespace, *, create_jstar: bool = True):
     from lossfloor.train.sweep import ObjectiveSpec, SweepSpec
 
     _check_args(args)
+    describe(args.data)  # the data source first: a missing file is named as itself, not as a missing --j-star
     try:
         get_preset(args.preset)
     except InputError as e:
@@ -309,13 +311,12 @@ def log_to_mlflow(outcome, spec, args: argparse.Namespace, *, experiment: str, t
 def run(args: argparse.Namespace) -> int:
     _check_optuna(args)
     resources = build_resources(args)
-    if args.mlflow:  # before any work: a bad tracking setup is an input error, not a late surprise
+    if args.mlflow and not args.dry_run:  # before any work: a broken tracking store is an input error
         try:
-            from lossfloor.tracking.runs import tracking_uri
-
-            tracking_uri(args.tracking_uri)
+            from lossfloor.tracking.runs import check_store
         except ImportError as e:
             raise InputError(f"--mlflow: MLflow tracking is not available ({e})") from None
+        args.tracking_uri = check_store(args.tracking_uri)
     spec = build_spec(args, create_jstar=not args.dry_run)
     if args.dry_run:
         sys.stdout.write(plan_text(spec, resources, args) + "\n")

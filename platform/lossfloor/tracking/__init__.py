@@ -6,16 +6,17 @@
         log_estimate(table, params={...}, parent_run_id=parent.run_id)          # a nested child run
         parent.log_metrics({"sigma_star.digits": 0.05})
 
-Where runs go: `tracking_uri=` argument, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the
-working directory (see `lossfloor.tracking.runs`).
+Where runs go: `tracking_uri=` argument, else MLFLOW_TRACKING_URI, else sqlite:///~/lossfloor/mlflow.db
+(`$LOSSFLOOR_HOME/mlflow.db`); `check_store` opens it before any work (see `lossfloor.tracking.runs`).
 """
 
 from lossfloor.tracking.estimate import EXPERIMENT, log_estimate, log_jstar, table_params
 from lossfloor.tracking.runs import (
-    DEFAULT_TRACKING_URI,
     PARENT_RUN_TAG,
     TrackedRun,
+    check_store,
     client,
+    default_tracking_uri,
     experiment_id,
     start_run,
     tracking_uri,
@@ -23,11 +24,12 @@ from lossfloor.tracking.runs import (
 from lossfloor.tracking.train import log_training
 
 __all__ = [
-    "DEFAULT_TRACKING_URI",
     "EXPERIMENT",
     "PARENT_RUN_TAG",
     "TrackedRun",
+    "check_store",
     "client",
+    "default_tracking_uri",
     "experiment_id",
     "log_estimate",
     "log_jstar",

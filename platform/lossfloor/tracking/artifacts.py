@@ -48,7 +48,7 @@ from mlflow.tracking import MlflowClient
 
 from lossfloor.errors import InputError
 from lossfloor.floor import JStarTable, read_table
-from lossfloor.tracking.runs import PARENT_RUN_TAG, TrackedRun, client, sqlite_path, tracking_uri
+from lossfloor.tracking.runs import PARENT_RUN_TAG, TrackedRun, check_store, client
 
 STAGE_TAG = "lossfloor.stage"
 STAGES = ("estimate", "train", "fit")
@@ -123,11 +123,7 @@ class Study:
 
 def _client(uri: str | None) -> MlflowClient:
     """A client for an existing store: a sqlite:/// URI must name an existing file (never create one)."""
-    uri = tracking_uri(uri)
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():
-        raise InputError(f"--tracking-uri {uri}: no MLflow database at {db}")
-    return client(uri)
+    return client(check_store(uri, must_exist=True))
 
 
 def _search(c: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Run]:

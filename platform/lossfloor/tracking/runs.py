@@ -3,9 +3,11 @@
 Every call names its run by id (no fluent "active run" state), so a driver can hold a parent run and
 log children from the same process, and a Ray worker can log into a run it was handed by id.
 
-Tracking URI: the `tracking_uri` argument, else MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the
-working directory (MLflow's own default; the plain ./mlruns file store errors since MLflow 3.13). For a
-local sqlite store the folder of the database file is created if missing, and a new experiment keeps
+Tracking URI: the `tracking_uri` argument (`--tracking-uri`), else MLFLOW_TRACKING_URI, else
+`sqlite:///~/lossfloor/mlflow.db` (`$LOSSFLOOR_HOME/mlflow.db` when that is set): one place for the CLI,
+the studies and their Ray jobs alike, whatever the working directory (the plain ./mlruns file store
+errors since MLflow 3.13). `check_store` opens the store before any work: a corrupt database or a server
+that does not answer is one line naming it, not a traceback after the computation. For a local sqlite store the folder of the database file is created if missing, and a new experiment keeps
 its artifacts next to the database (DB_FOLDER/mlartifacts/EXPERIMENT), not in ./mlruns of whatever
 the working directory is: a Ray job's working directory is a temporary copy.
 """
@@ -32,23 +34,110 @@ from lossfloor.errors import InputError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+HOME_ENV = "LOSSFLOOR_HOME"  # where lossfloor keeps its default tracking database (default ~/lossfloor)
+SERVER_TIMEOUT_S = 5.0  # how long check_store waits for a tracking server to answer
 PARENT_RUN_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's limits per log_batch call
 _SQLITE = re.compile(r"sqlite:///(?P<path>.+)")
 
 
+def default_tracking_uri() -> str:
+    """sqlite:///$LOSSFLOOR_HOME/mlflow.db, $LOSSFLOOR_HOME defaulting to ~/lossfloor."""
+    home = Path(os.environ.get(HOME_ENV) or Path.home() / "lossfloor").expanduser().absolute()
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
 def tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI to use: `uri`, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (see module doc)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The tracking URI to use: `uri`, else MLFLOW_TRACKING_URI, else `default_tracking_uri()`."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme in ("", "file"):
         raise InputError(
             f"tracking URI {uri!r}: the plain file store is not supported by MLflow >= 3.13; "
-            f"use a database like {DEFAULT_TRACKING_URI} or a server like http://HOST:5000"
+            f"use a database like sqlite:///mlflow.db or a server like http://HOST:5000"
         )
     return uri
+
+
+def _uri_source(uri: str | None, flag: str) -> str:
+    """What an error about the store names: the flag, the environment variable or the default."""
+    if uri:
+        return flag
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default tracking store"
+
+
+def check_store(uri: str | None = None, *, flag: str = "--tracking-uri", must_exist: bool = False) -> str:
+    """Resolve (`tracking_uri`) and open the tracking store before any work; the URI, or InputError.
+
+    sqlite: the file, if present, must be an SQLite database (an MLflow one if it has tables), and its
+    folder writable; must_exist: the file must be there (a reader such as the dashboard). http(s): the
+    server must answer GET /health within SERVER_TIMEOUT_S (MLflow's client would retry for minutes).
+    Other databases (postgresql://, mysql://): one connection through SQLAlchemy, with a timeout."""
+    resolved = tracking_uri(uri)
+    where = f"{_uri_source(uri, flag)} {resolved}"
+    scheme = resolved.split("://", 1)[0].split("+", 1)[0]
+    db = sqlite_path(resolved)
+    if db is not None:
+        _check_sqlite(db, where, must_exist)
+    elif scheme in ("http", "https"):
+        _check_server(resolved, where)
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        _check_database(resolved, where)
+    return resolved
+
+
+def _check_sqlite(db: Path, where: str, must_exist: bool) -> None:
+    import sqlite3
+
+    from lossfloor.atomic import check_writable
+
+    if not db.exists():
+        if must_exist:
+            raise InputError(f"{where}: no MLflow database at {db}")
+        check_writable(db, where.split(" ", 1)[0])
+        return
+    if not db.is_file():
+        raise InputError(f"{where}: {db} is not a file")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=SERVER_TIMEOUT_S)) as con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        raise InputError(f"{where}: {db} is not an SQLite database ({e})") from None
+    if tables and "experiments" not in tables:
+        raise InputError(f"{where}: {db} is an SQLite database but not an MLflow one (no experiments table)")
+    if not os.access(db, os.W_OK) or not os.access(db.parent, os.W_OK):
+        raise InputError(f"{where}: {db} or its folder is not writable")
+
+
+def _check_server(uri: str, where: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an auth layer may refuse /health); MLflow's own calls will tell
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise InputError(f"{where}: no tracking server answers within {SERVER_TIMEOUT_S:g} s ({reason})") from None
+
+
+def _check_database(uri: str, where: str) -> None:
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(SERVER_TIMEOUT_S)})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as e:  # drivers raise their own types (missing driver, refused, bad password)
+        raise InputError(f"{where}: cannot connect ({str(e).splitlines()[0][:200]})") from None
+
+
+def sigma_name(sigma: float) -> str:
+    """σ in a metric name: 4 significant digits, no '+' (MLflow refuses it: 1e+06 -> 1e06)."""
+    return f"{sigma:.4g}".replace("+", "")
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from lossfloor.errors import InputError
 from lossfloor.tracking.estimate import EXPERIMENT
-from lossfloor.tracking.runs import TrackedRun, start_run
+from lossfloor.tracking.runs import TrackedRun, sigma_name, start_run
 
 CURVE_FILE = "loss_curve.parquet"
 LOG_FILE = "train_log.parquet"
@@ -138,9 +138,9 @@ def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | No
             if r["gap"] is not None:
                 m["eval/total_gap"] = r["gap"]
         else:
-            m[f"eval/loss/sigma_{r['sigma']:.4g}"] = r["loss"]
+            m[f"eval/loss/sigma_{sigma_name(r['sigma'])}"] = r["loss"]
             if r["gap"] is not None:
-                m[f"eval/gap/sigma_{r['sigma']:.4g}"] = r["gap"]
+                m[f"eval/gap/sigma_{sigma_name(r['sigma'])}"] = r["gap"]
     for step, metrics in sorted(by_step.items()):
         run.log_metrics(metrics, step=step)
     final = final_eval(curve_rows)

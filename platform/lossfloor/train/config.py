@@ -269,12 +269,13 @@ def check_source(config: TrainConfig, source, *, ranks: int = 1, names: dict | N
     channels for posterior latents), labels of a class-conditional preset, the evaluation subset, the
     batch split over ranks. Returns the source's SourceInfo.
 
-    names: how errors name "data", "preset", "eval_n_samples" and "batch_n_img" (a CLI passes its flags).
+    names: how errors name "data", "preset", "eval_n_samples", "batch_n_img" and "conditional=False" (a CLI
+    passes its flags).
     """
     from lossfloor.data import open_source
 
     n = {"data": "data", "preset": "preset", "eval_n_samples": "eval_n_samples", "batch_n_img": "batch_n_img",
-         **(names or {})}
+         "conditional=False": "conditional=False", **(names or {})}
     R = resolve(config)
     info = open_source(source, config.latents).info()  # InputError for a missing / unknown source
     unet = R.preset.unet
@@ -285,7 +286,7 @@ def check_source(config: TrainConfig, source, *, ranks: int = 1, names: dict | N
                          f"{R.preset.name} expects {expected}")
     if config.conditional and unet.label_dim > 0 and not info.has_labels:
         raise InputError(f"{n['data']} {source}: {n['preset']} {R.preset.name} is class-conditional but the data "
-                         "has no labels; pass labelled data or set conditional=False")
+                         f"has no labels; pass labelled data or set {n['conditional=False']}")
     if config.eval_n_samples >= info.count:
         raise InputError(f"{n['eval_n_samples']}: {config.eval_n_samples} must be less than the {info.count} "
                          f"samples of the data (some must remain for training); e.g. {max(1, info.count // 8)}")

@@ -47,6 +47,7 @@ from lossfloor.models import (
 )
 from lossfloor.train.checkpoint import (
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -217,9 +218,8 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     train_log: list[dict] = []
     loss_curve: list[dict] = []
     log_acc = torch.zeros(4, dtype=torch.float64)  # since the last train-log row: objective, x0, gap, images
-    ckpt_path = _find_checkpoint(resume, checkpoint_dir)
+    ckpt_path, state = _resume_state(resume, checkpoint_dir, device)
     if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, map_location=device)
         check_resume(state, cfg, ckpt_path)
         net.load_state_dict(state["net"])
         if head is not None:
@@ -243,7 +243,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
 
     def tables() -> dict:
         meta = {"flop_convention": FLOP_CONVENTION, "forward_flops": repr(fwd_flops), "run": R.run,
-                "config": json.dumps(cfg.to_dict())}
+                "config": json.dumps(cfg.to_dict()), "dataset_fingerprint": getattr(data, "fingerprint", "") or ""}
         return {
             "loss_curve.parquet": lambda p: write_rows(loss_curve, CURVE_SCHEMA, p, meta),
             "train_log.parquet": lambda p: write_rows(train_log, TRAIN_LOG_SCHEMA, p, meta),
@@ -475,19 +475,34 @@ def _data_arrays(data, unet: UNetConfig, posterior: bool = False) -> tuple[torch
     return samples, labels
 
 
-def _find_checkpoint(resume, checkpoint_dir) -> Path | None:
+def _resume_state(resume, checkpoint_dir, device) -> tuple[Path | None, dict | None]:
+    """(checkpoint folder, its state) to continue from, or (None, None) for a fresh run.
+
+    resume=True takes the newest checkpoint that reads; one that does not (a machine died while the
+    file system was writing it) is skipped with a warning naming it, and the previous one is used."""
     if resume is False or resume is None:
         newest = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
         if newest is not None:  # a fresh run there would interleave with, and prune, the old run's checkpoints
             raise InputError(f"resume=False: {checkpoint_dir} already holds checkpoints (newest {newest.name}); "
                              "resume it or choose another checkpoint_dir")
-        return None
-    if resume is True:
-        return latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-    path = Path(resume)
-    if not path.exists():
-        raise InputError(f"resume: checkpoint {path} not found (expected a checkpoint-<n_img> folder)")
-    return path
+        return None, None
+    if resume is not True:
+        path = Path(resume)
+        if not path.exists():
+            raise InputError(f"resume: checkpoint {path} not found (expected a checkpoint-<n_img> folder)")
+        return path, load_checkpoint(path, map_location=device)
+    if checkpoint_dir is None:
+        return None, None
+    found = [path for _, path in list_checkpoints(checkpoint_dir)]
+    for i, path in enumerate(reversed(found)):
+        try:
+            return path, load_checkpoint(path, map_location=device)
+        except InputError as e:
+            if i + 1 == len(found):
+                raise InputError(f"resume: no checkpoint in {checkpoint_dir} can be read (newest: {e}); delete "
+                                 "them to start afresh") from None
+            log.warning("%s; resuming from the previous one, %s", e, found[-i - 2].name)
+    return None, None
 
 
 def check_resume(state: dict, config: TrainConfig, path: Path) -> None:
@@ -499,8 +514,8 @@ def check_resume(state: dict, config: TrainConfig, path: Path) -> None:
     differ = sorted(k for k in keys if saved.get(k) != now.get(k))
     if differ:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in differ[:3])
-        raise InputError(f"resume: {path} was written by a different config ({detail}); "
-                         "start a new checkpoint_dir or pass resume=False")
+        raise InputError(f"resume: {path} was written by a different config ({detail}); train into another "
+                         "run folder (--out, checkpoint_dir), or delete its checkpoints to start afresh")
 
 
 __all__ = ["EpochSampler", "Resolved", "TrainResult", "check_resume", "loss_curve_table", "split_indices", "stream_seed", "train",
