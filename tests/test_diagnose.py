@@ -347,8 +347,14 @@ def test_mlflow_runs_of_two_models_make_one_dashboard_page(oracle_data, tmp_path
 def test_the_ray_engine_gives_the_local_numbers(oracle_data, tmp_path, local_ray):
     d = oracle_data
     model = save_oracle(np.load(d / "train.npy"), "vp-v", "fm", tmp_path / "oracle.pt")
-    local = diagnose(_spec(d, model, tmp_path / "local.parquet", prediction="vp-v", process="fm"))
-    on_ray = diagnose(_spec(d, model, tmp_path / "ray.parquet", prediction="vp-v", process="fm", engine="ray",
-                            workers=2, cpus_per_worker=1))
-    for name in ("loss_x0", "loss_stderr", "gap_x0"):
-        np.testing.assert_array_equal(on_ray.column(name), local.column(name), err_msg=name)
+
+    def run(name, **kw):  # 2 σ x 4 batches of 64 rows: 3 workers get σ x sample-batch blocks
+        return diagnose(DiagnoseSpec(model=model, data=str(d / "train.npy"), sigmas=SIGMAS[2:4], batch=64,
+                                     out=str(tmp_path / name), j_star=str(d / "jstar.parquet"), prediction="vp-v",
+                                     process="fm", **kw))
+
+    local = run("local.parquet")
+    for workers in (1, 3):
+        on_ray = run("ray.parquet", engine="ray", workers=workers, cpus_per_worker=0.5)
+        for name in ("loss_x0", "loss_stderr", "gap_x0"):
+            np.testing.assert_array_equal(on_ray.column(name), local.column(name), err_msg=f"{name}, {workers}")

@@ -60,12 +60,12 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     eng = p.add_argument_group("engine")
     eng.add_argument("--engine", default="local",
-                     help="local (this process, default) | ray (the sigma grid split over Ray tasks; same numbers)")
-    eng.add_argument("--workers", type=int, default=None, metavar="N", help="ray: tasks (default 1)")
+                     help="local (this process, default) | ray (sigma x sample-batch blocks over Ray actors; same numbers)")
+    eng.add_argument("--workers", type=int, default=None, metavar="N", help="ray: actors, all at once (default 1)")
     eng.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
-                     help="ray: GPUs per task; > 0 evaluates on CUDA (default 0)")
+                     help="ray: GPUs per actor; > 0 evaluates on CUDA (default 0)")
     eng.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
-                     help="ray: CPUs (and torch threads) per task (default: the cluster's CPUs / N)")
+                     help="ray: CPUs (and torch threads) per actor (default: the cluster's CPUs / N)")
     eng.add_argument("--address", default=None, metavar="ADDR",
                      help="ray: connect to this cluster (default: start or attach a local one)")
     trk = p.add_argument_group("tracking")

@@ -57,10 +57,10 @@ class DiagnoseSpec:
     experiment: str = EXPERIMENT
     run_name: str | None = None
     tracking_uri: str | None = None
-    engine: str = "local"  # "local" (this process) | "ray" (the σ grid split over Ray tasks)
-    workers: int | None = None  # ray: tasks (default 1)
-    gpus_per_worker: float | None = None  # ray: GPUs per task; > 0 evaluates on CUDA
-    cpus_per_worker: float | None = None  # ray: CPUs (and torch threads) per task
+    engine: str = "local"  # "local" (this process) | "ray" (σ x sample-batch blocks over Ray actors)
+    workers: int | None = None  # ray: actors (default 1; all must fit the cluster at once)
+    gpus_per_worker: float | None = None  # ray: GPUs per actor; > 0 evaluates on CUDA
+    cpus_per_worker: float | None = None  # ray: CPUs (and torch threads) per actor
     address: str | None = None  # ray: the cluster (default: start or attach a local one)
 
 

@@ -1,13 +1,16 @@
-"""`lossfloor diagnose --engine ray`: the σ grid split over Ray tasks, the same numbers as the local engine.
+"""`lossfloor diagnose --engine ray`: σ × sample-batch blocks over Ray actors, the local engine's numbers.
 
     with ray_session(address):
         d = measure(model, samples, labels, sigmas, jstar=..., fingerprint=..., losses=RayLosses(load, workers=4))
 
-Each task loads the model itself (`lossfloor.diagnose.load_model` with the driver's arguments, so the
-model's path must be readable where the task runs), gets the driver's evaluation samples, and evaluates
-its contiguous part of the grid with `local_losses` and the noise of those grid points' indices
-(`evaluate(grid_index=...)`). Per σ the arithmetic is the local engine's, so the results do not depend
-on the number of workers (DESIGN §2); on CUDA (gpus_per_worker > 0) they match a local `--device cuda` run.
+Each of `workers` actors (all must fit the cluster at once: blocks are handed out round-robin) loads
+the model once (`lossfloor.diagnose.load_model` with the driver's arguments, so the model's path must
+be readable where it runs) and gets the driver's evaluation samples. The work is cut into blocks of
+(grid point k, a run of whole forward batches); an actor draws a block's noise as the local engine does
+(`eval_noise(seed, k)`, its rows) and returns the per-batch sums of `batch_sums`; the driver adds them
+up per σ in batch order, exactly as `evaluate` does. So the results are the local engine's whatever the
+number of workers (DESIGN §2); with gpus_per_worker > 0 the actors run on CUDA (and match a local
+`--device cuda` run).
 """
 
 from __future__ import annotations
@@ -17,25 +20,35 @@ from collections.abc import Callable
 
 import numpy as np
 import ray
+import torch
 
 from lossfloor.errors import InputError
 
 
 @ray.remote
-def _losses_task(load_kwargs: dict, x0, labels, sigmas, grid_index, seed: int, batch: int, device: str,
-                 threads: int):
-    import torch
+class _Evaluator:
+    """One worker: the model, the evaluation samples, and the blocks it is handed."""
 
-    from lossfloor.diagnose.measure import local_losses
-    from lossfloor.diagnose.models import load_model
+    def __init__(self, load_kwargs: dict, x0, labels, seed: int, batch: int, device: str, threads: int):
+        from lossfloor.diagnose.models import load_model
 
-    torch.set_num_threads(threads)
-    model = load_model(**load_kwargs, device=device)
-    return local_losses(model, x0, labels, sigmas, seed=seed, batch=batch, device=device, grid_index=grid_index)
+        torch.set_num_threads(threads)
+        self.model = load_model(**load_kwargs, device=device)
+        self.x0, self.labels, self.seed, self.batch, self.device = x0, labels, seed, batch, device
+
+    def run(self, point: int, sigma: float, start: int, stop: int) -> torch.Tensor:
+        """(batches, 2) sums of l and l^2 of rows start..stop at grid point `point` (`batch_sums`)."""
+        from lossfloor.train.evaluation import batch_sums, eval_noise
+
+        noise = eval_noise(self.seed, point, len(self.x0), self.x0.shape[1:])[start:stop]
+        lab = None if self.labels is None else self.labels[start:stop]
+        with torch.no_grad():
+            return batch_sums(self.model.denoiser, self.x0[start:stop], lab, noise, sigma, batch=self.batch,
+                              device=self.device).cpu()
 
 
 class RayLosses:
-    """`local_losses` on Ray tasks: `workers` tasks, each with a contiguous part of the σ grid."""
+    """`local_losses` on `workers` Ray actors (module docstring)."""
 
     def __init__(self, load_kwargs: dict, *, workers: int = 1, gpus_per_worker: float = 0.0,
                  cpus_per_worker: float | None = None):
@@ -43,29 +56,45 @@ class RayLosses:
             raise InputError(f"--workers: expected an integer >= 1, got {workers!r}")
         if not (math.isfinite(gpus_per_worker) and gpus_per_worker >= 0):
             raise InputError(f"--gpus-per-worker: expected a number >= 0, got {gpus_per_worker!r}")
+        if cpus_per_worker is not None and not (math.isfinite(cpus_per_worker) and cpus_per_worker > 0):
+            raise InputError(f"--cpus-per-worker: expected a number > 0, got {cpus_per_worker!r}")
         self.load_kwargs, self.workers = dict(load_kwargs), workers
         self.gpus, self.cpus = float(gpus_per_worker), cpus_per_worker
 
+    def blocks(self, n: int, batch: int, n_sigmas: int) -> list[tuple[int, int, int]]:
+        """(k, start, stop) blocks of whole forward batches: about two per worker in all."""
+        batches = -(-n // batch)
+        per_sigma = min(batches, max(1, math.ceil(2 * self.workers / n_sigmas)))
+        step = batch * -(-batches // per_sigma)
+        return [(k, start, min(start + step, n)) for k in range(n_sigmas) for start in range(0, n, step)]
+
     def __call__(self, model, x0, labels, sigmas, *, seed: int, batch: int, device,
                  progress: Callable[[int], None] | None = None, grid_index=None) -> tuple[np.ndarray, np.ndarray]:
+        from lossfloor.train.evaluation import mean_stderr
+
         sigmas = np.asarray(sigmas, dtype=np.float64)
         index = np.arange(len(sigmas)) if grid_index is None else np.asarray(grid_index)
-        parts = np.array_split(np.arange(len(sigmas)), min(self.workers, len(sigmas)))
         cpus = self.cpus or max(1.0, float(ray.cluster_resources().get("CPU", 1)) // self.workers)
-        options = {"num_cpus": cpus, "num_gpus": self.gpus}
         task_device = "cuda" if self.gpus > 0 else "cpu"
-        x0_ref = ray.put(x0)
-        futures = [_losses_task.options(**options).remote(self.load_kwargs, x0_ref, labels, sigmas[p], index[p], seed,
-                                                          batch, task_device, max(1, int(cpus)))
-                   for p in parts]
-        loss, stderr = np.empty(len(sigmas)), np.empty(len(sigmas))
+        x0_ref, labels_ref = ray.put(x0), ray.put(labels)
+        actors = [_Evaluator.options(num_cpus=cpus, num_gpus=self.gpus).remote(
+            self.load_kwargs, x0_ref, labels_ref, seed, batch, task_device, max(1, int(cpus)))
+            for _ in range(self.workers)]
+        blocks = self.blocks(len(x0), batch, len(sigmas))
+        futures = [actors[i % len(actors)].run.remote(int(index[k]), float(sigmas[k]), start, stop)
+                   for i, (k, start, stop) in enumerate(blocks)]
+        sums = torch.zeros(2, len(sigmas), dtype=torch.float64)
         done = 0
-        for p, future in zip(parts, futures):  # in grid order: progress counts finished parts
-            loss[p], stderr[p] = ray.get(future)
-            done += len(p)
-            if progress is not None:
-                progress(done - 1)
-        return loss, stderr
+        for (k, _, stop), future in zip(blocks, futures):  # blocks in (k, row) order: the local sum order
+            for part in ray.get(future):
+                sums[:, k] += part
+            if stop == len(x0):
+                done += 1
+                if progress is not None:
+                    progress(k)
+        for actor in actors:
+            ray.kill(actor)
+        return mean_stderr(sums, len(x0))
 
 
 __all__ = ["RayLosses"]

@@ -91,6 +91,30 @@ def eval_noise(seed: int, k: int, n: int, sample_shape) -> torch.Tensor:
 
 
 @torch.no_grad()
+def batch_sums(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, sigma: float,
+               *, batch: int, device) -> torch.Tensor:
+    """(ceil(n / batch), 2) float64: per forward batch of `batch` rows of x0 (n, ...), the sums of
+    l = ||D(x0 + sigma eps; sigma) - x0||^2 and of l^2 (`evaluate` adds them up in order)."""
+    out = torch.zeros(-(-len(x0) // batch), 2, dtype=torch.float64, device=device)
+    for j, start in enumerate(range(0, len(x0), batch)):
+        x = x0[start : start + batch].to(device, torch.float32)
+        eps = noise[start : start + batch].to(device)
+        s = torch.full((len(x),), sigma, dtype=torch.float32, device=device)
+        lab = None if labels is None else labels[start : start + batch].to(device)
+        D = denoiser(x + s.view(-1, *[1] * (x.ndim - 1)) * eps, s, lab)  # (b,) -> (b, 1, ..., 1)
+        lx0 = x0_loss(D.to(torch.float32), x).to(torch.float64)
+        out[j, 0] = lx0.sum()
+        out[j, 1] = lx0.square().sum()
+    return out
+
+
+def mean_stderr(sums: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean of l, its standard error), each (K,), from the (2, K) sums of l and l^2 over n samples."""
+    loss, mean_sq = sums.cpu().numpy() / n
+    return loss, np.sqrt(np.maximum(mean_sq - loss**2, 0.0) / max(n - 1, 1))  # sample std / sqrt(n)
+
+
+@torch.no_grad()
 def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, sigmas, *, seed: int,
              weight: Callable[[torch.Tensor], torch.Tensor],
              reference_density: Callable[[torch.Tensor], torch.Tensor],
@@ -105,7 +129,7 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
     are all-reduced, so every rank returns the same result.
     progress: called with k after grid point k is done.
     grid_index: the noise of sigmas[k] is that of grid point grid_index[k] (default k): a part of a grid
-    evaluated on its own (a Ray task) draws the noise the whole grid would.
+    evaluated on its own draws the noise the whole grid would.
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     n = x0.shape[0]
@@ -114,22 +138,14 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
     for k, s in enumerate(sigmas):
         point = k if grid_index is None else int(grid_index[k])
         noise = eval_noise(seed, point, n, x0.shape[1:])[mine]  # the rows of this rank's samples
-        for start in range(0, len(mine), batch):
-            idx = mine[start : start + batch]
-            x = x0[idx].to(device, torch.float32)
-            eps = noise[start : start + batch].to(device)
-            sigma = torch.full((len(idx),), float(s), dtype=torch.float32, device=device)
-            lab = None if labels is None else labels[idx].to(device)
-            D = denoiser(x + sigma.view(-1, *[1] * (x.ndim - 1)) * eps, sigma, lab)  # (b,) -> (b, 1, ..., 1)
-            lx0 = x0_loss(D.to(torch.float32), x).to(torch.float64)
-            sums[0, k] += lx0.sum()
-            sums[1, k] += lx0.square().sum()
+        lab = None if labels is None else labels[mine]
+        for part in batch_sums(denoiser, x0[mine], lab, noise, float(s), batch=batch, device=device):
+            sums[:, k] += part  # batch by batch, in order
         if progress is not None:
             progress(k)
     if world_size > 1:
         dist.all_reduce(sums)
-    loss, mean_sq = sums.cpu().numpy() / n
-    stderr = np.sqrt(np.maximum(mean_sq - loss**2, 0.0) / max(n - 1, 1))  # (K,) sample std / sqrt(n)
+    loss, stderr = mean_stderr(sums, n)
     sig_t = torch.as_tensor(sigmas)
     w = weight(sig_t).to(torch.float64).numpy()
     pi = quadrature_weights(sigmas, reference_density)
