@@ -167,7 +167,8 @@ def rho_table(fits: dict) -> list[dict]:
         hold = d.get("holdout") or {}
         rows.append({"quantity": key, "j_star": d.get("j_star"), "raw": form["raw"], "corrected": form["corrected"],
                      "free_offset": form["free_offset"],
-                     "offset": (d["free_offset"] or {}).get("offset"), "holdout_best": hold.get("best")})
+                     "offset": (d["free_offset"] or {}).get("offset"), "holdout_best": hold.get("best"),
+                     "unidentified": sorted(hold.get("unidentified") or {})})
     return rows
 
 
@@ -186,5 +187,9 @@ def format_rho(rows: list[dict]) -> str:
                  "quantities with a corrected fit"
                  + (f"; {len(rows) - len(both)} without one (J* not below the smallest loss)" if len(both) < len(rows)
                     else "")
-                 + ". Choose between forms by the hold-out, not by rho (reference/scaling-fits.md §6).")
+                 + ". Choose between forms by the hold-out, not by rho.")
+    caveat = [r["quantity"] for r in rows if "free_offset" in r["unidentified"]]
+    if caveat:
+        lines.append(f"free_offset is not identified for {', '.join(caveat)} (E reached its bound min J): it is "
+                     "not ranked there; its hold-out error and |rho| describe another model, not the form.")
     return "\n".join(lines)

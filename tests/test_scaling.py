@@ -128,6 +128,42 @@ def test_envelope_gap_between_runs_is_reported_not_hidden():
     assert any("left out" in n for n in fits.notes)
 
 
+def test_envelope_never_jumps_up_where_the_frontier_run_ends():
+    # a small model trained to F = 1e16 reaches 0.30; the large model covers 1e15..1e17 but is above 0.30
+    # until F = 3e16 (its early checkpoints are under-trained): those points are on no frontier
+    fa, fb = np.geomspace(1e15, 1e16, 8), np.geomspace(1e15, 1e17, 16)
+    la = 0.5 * (fa / 1e15) ** -0.22
+    lb = 0.9 * (fb / 1e15) ** -0.3
+    data = {"model": ["a"] * 8 + ["b"] * 16, "flops": np.r_[fa, fb], "loss": np.r_[la, lb]}
+    fits = fit_all(data, bootstrap=0, holdout=False, n_grid=GRID)
+    env = fits.envelope
+    assert np.all(np.diff(env.loss) <= 1e-12)  # monotone: the best loss reached with at most F compute
+    assert env.n_superseded > 0 and len(env) + env.n_superseded + env.n_uncovered == GRID
+    assert env.loss[env.flops > 1e16].max() <= la[-1] * (1 + 1e-12)  # b is used only once below a's end
+    assert [m for m, _, _ in env.segments()] == ["b", "a", "b"] or [m for m, _, _ in env.segments()] == ["a", "b"]
+    assert any("never jumps up" in n for n in fits.notes)
+
+
+def test_an_unidentified_free_offset_is_never_ranked_best():
+    # loss = 0.3 + 0.5 F^-1 (in units of 1e15): the free offset predicts the held-out model best ...
+    from lossfloor.scaling.data import as_curves
+    from lossfloor.scaling.envelope import envelope_from_runs, interpolate_runs, log_grid
+    from lossfloor.scaling.fits import holdout_largest
+
+    f = np.geomspace(1e15, 1e18, 40)
+    data = {"model": np.repeat(["a", "b", "c", "d"], 10), "flops": f, "loss": 0.3 + 0.5 * (f / 1e15) ** -1.0}
+    assert fit_all(data, j_star=0.25, bootstrap=0, n_grid=200).holdout.best == "free_offset"
+    # ... but when its offset is not identified (E on its bound) it is scored, shown, and never chosen
+    curves = as_curves(data)
+    grid = log_grid(curves, 200)
+    log_loss = interpolate_runs(curves, grid)
+    env = envelope_from_runs(grid, log_loss, range(curves.n_models), curves.models)
+    hold, _ = holdout_largest(curves, grid, log_loss, env, j_star=None, bootstrap=0, rng=np.random.default_rng(0),
+                              unidentified={"free_offset": "E at its upper bound min J"})
+    assert hold.scores["free_offset"] is not None and hold.best not in (None, "free_offset")
+    assert hold.to_dict()["unidentified"] == {"free_offset": "E at its upper bound min J"}
+
+
 def test_corrected_recovers_truth_and_raises_rho_over_raw():
     data, (beta, alpha) = ladder(noise=0.002, seed=1)
     fits = fit_all(data, j_star=0.3, bootstrap=0, holdout=False, n_grid=GRID)

@@ -400,6 +400,8 @@ def fit_table_rows(fits: Mapping[str, dict]) -> list[dict[str, str]]:
             score = (hold.get("scores") or {}).get(form)
             if score:
                 best = " ★" if hold.get("best") == form else ""
+                if form in (hold.get("unidentified") or {}):
+                    best = " (not ranked: not identified)"
                 row["hold-out log-RMSE"] = num(score.get("log_rmse"), ".3g") + best
                 row["hold-out error at final F"] = num(100 * score["rel_error"], "+.2f") + "%"
                 iv_f = score.get("predicted_final_interval")
@@ -454,7 +456,8 @@ def fits_table_html(fits: Mapping[str, dict]) -> str:
     return (f'<div class="table-wrap"><table class="fits"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>'
             f'<p class="note">Intervals: bootstrap 95% percentile over models. ★: the form that best predicts '
-            f'the held-out largest model (lowest log-RMSE); choose forms on that, not on ρ.</p>'
+            f'the held-out largest model (lowest log-RMSE) among identified forms — a free offset at its bound (E = min J) '
+            f'is not identified and is never ranked; choose forms on that, not on ρ.</p>'
             f'<ul class="note">{"".join(notes)}</ul>')
 
 

@@ -4,7 +4,14 @@ Chinchilla's approach 1 (Hoffmann et al. 2022), as used for Eq. 13 of Xu et al. 
 curve is interpolated in log-log space, ln J_m(ln F), by a monotone cubic (PCHIP, which never
 overshoots its data), on a common grid of ln F; the envelope is
 
-    J_env(F) = min_m J_m(F)     over the runs m whose data cover F (no extrapolation).
+    J_env(F) = min_m J_m(F)     over the runs m whose data cover F (no extrapolation),
+
+kept only where it does not jump up: where the frontier run's curve ends and the runs that cover larger
+F are above the loss already reached (a larger model's early, under-trained checkpoints), those points
+are not on any compute frontier; they are left out and counted in `Envelope.n_superseded` until a run
+gets below the loss already reached. Within the frontier run's own curve nothing is dropped or smoothed
+(a running minimum over a noisy curve would bias the envelope low), so the envelope is monotone up to
+the evaluation noise of one run.
 
 The grid is `n_grid` points evenly spaced in ln F over all runs' range, so every fit that uses the
 envelope weights each stretch of ln F equally, whatever the checkpoint spacing. A run with a single
@@ -34,6 +41,7 @@ class Envelope:
     frontier: np.ndarray  # (n,) int, index into `models` of the run on the frontier
     models: tuple[str, ...]
     n_uncovered: int  # grid points no run covers, left out
+    n_superseded: int = 0  # grid points above the loss an earlier frontier run reached, left out
 
     def __len__(self) -> int:
         return len(self.flops)
@@ -79,12 +87,18 @@ def envelope_from_runs(grid: np.ndarray, log_loss: np.ndarray, rows, models: tup
     best = sub.argmin(axis=0)  # (n_grid,)
     low = sub[best, np.arange(len(grid))]
     covered = np.isfinite(low)
+    keep = covered.copy()
+    c_low, c_best = low[covered], best[covered]
+    new_low = c_low <= np.minimum.accumulate(c_low)  # this point reaches a loss no smaller F reached
+    holder = c_best[np.maximum.accumulate(np.where(new_low, np.arange(len(c_low)), 0))]  # run that reached it
+    keep[covered] = new_low | (c_best == holder)  # another run above the loss already reached: superseded
     return Envelope(
-        flops=np.exp(grid[covered]),
-        loss=np.exp(low[covered]),
-        frontier=rows[best[covered]],
+        flops=np.exp(grid[keep]),
+        loss=np.exp(low[keep]),
+        frontier=rows[best[keep]],
         models=models,
         n_uncovered=int((~covered).sum()),
+        n_superseded=int((covered & ~keep).sum()),
     )
 
 

@@ -106,8 +106,9 @@ class Holdout:
     final_flops: float
     final_loss: float
     scores: Mapping[str, HoldoutScore | None]  # per form; None where the form could not be fitted
-    best: str | None  # form with the lowest log-RMSE
+    best: str | None  # identified form with the lowest log-RMSE
     target_points: tuple[tuple[float, float], ...] = ()  # (F, J) the held-out model actually reached
+    unidentified: Mapping[str, str] = field(default_factory=dict)  # form -> why it cannot win
 
     def to_dict(self) -> dict:
         return {
@@ -135,6 +136,7 @@ class Holdout:
                 for k, s in self.scores.items()
             },
             "best": self.best,
+            "unidentified": dict(self.unidentified),
         }
 
 
@@ -321,8 +323,13 @@ def holdout_largest(
     j_star: JStarValue | None,
     bootstrap: int,
     rng: np.random.Generator,
+    unidentified: Mapping[str, str] | None = None,
 ) -> tuple[Holdout | None, str | None]:
-    """(Holdout, None), or (None, reason) when there is nothing to hold out or fit on."""
+    """(Holdout, None), or (None, reason) when there is nothing to hold out or fit on.
+
+    `best` is ranked over identified forms only: a free offset that ends on its bound (min J) on the full
+    data or on the held-in models is a different model in disguise, and its hold-out error says nothing
+    about the form; `unidentified` (form -> why) are scored and shown, never chosen."""
     if curves.n_models < 2:
         return None, "hold-out: needs at least 2 models"
     big, rule = curves.largest()
@@ -366,7 +373,11 @@ def holdout_largest(
             predicted_final_interval=None if reps is None else percentile_interval(reps[form][:, -1]),
             prediction=tuple(zip(line.tolist(), np.asarray(fit.predict(line), dtype=float).tolist())),
         )
-    scored = {k: s.log_rmse for k, s in scores.items() if s is not None and math.isfinite(s.log_rmse)}
+    unidentified = dict(unidentified or {})
+    if fits["free_offset"] is not None and fits["free_offset"].at_bound:
+        unidentified.setdefault("free_offset", "E at its upper bound min J on the held-in models")
+    scored = {k: s.log_rmse for k, s in scores.items()
+              if s is not None and math.isfinite(s.log_rmse) and k not in unidentified}
     return Holdout(
         model=curves.models[big],
         chosen_by=rule,
@@ -378,6 +389,7 @@ def holdout_largest(
         scores=scores,
         best=min(scored, key=scored.get) if scored else None,
         target_points=tuple(zip(np.asarray(t_flops, float).tolist(), np.asarray(t_loss, float).tolist())),
+        unidentified=unidentified,
     ), None
 
 
@@ -481,6 +493,11 @@ def fit_all(
             f"envelope: {env.n_uncovered} grid point(s) between runs' flops ranges have no data and are "
             f"left out"
         )
+    if env.n_superseded:
+        notes.append(
+            f"envelope: {env.n_superseded} grid point(s) where a run's curve ends and the runs covering larger "
+            f"flops are above the loss already reached are left out (the envelope never jumps up)"
+        )
     fits = fit_forms(env, js)
     if fits["free_offset"] is None:
         notes.append("free_offset: needs at least 3 envelope points")
@@ -528,6 +545,8 @@ def fit_all(
             j_star=jv,
             bootstrap=int(bootstrap),
             rng=np.random.default_rng([seed, 1]),
+            unidentified={"free_offset": "E at its upper bound min J: the offset is not identified"}
+            if fits["free_offset"] is not None and fits["free_offset"].at_bound else None,
         )
         if why:
             notes.append(why)
