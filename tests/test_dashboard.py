@@ -111,6 +111,20 @@ def test_page_embeds_plotly_once_loads_nothing_and_has_every_section(page, fits)
     assert shows("dashed: σ* (largest σ with J*", page)  # the J* figure marks σ*
 
 
+def test_zero_j_star_is_marked_and_the_legend_names_the_data(jstar, curves, fits):
+    from lossfloor.pages.jstar import ZERO_LABEL, data_label, jstar_figure
+
+    zeros = int((jstar.column("j_star") <= 0).sum())
+    assert zeros > 0  # σ = 0.01 on this data: J* is 0 in floating point
+    fig = jstar_figure({"gauss": {"x0": jstar}})
+    (marks,) = [t for t in fig.data if t.name == ZERO_LABEL]
+    positive = jstar.column("j_star")[jstar.column("j_star") > 0]
+    assert len(marks.x) == zeros and np.all(np.asarray(marks.y) < positive.min())  # at the axis floor, not missing
+    page = scaling.build_dashboard(jstar, curves, fits, data="bundled:digits")
+    assert shows(ZERO_LABEL, page) and '"name":"digits"' in page.replace(" ", "")
+    assert data_label("", "b21c7228fc4a2c28") == "b21c7228fc4a" and data_label("/x/img512.zip", "f") == "img512.zip"
+
+
 def test_fits_table_has_every_form_and_the_holdout_scores(page, fits):
     table = page[page.index('<table class="fits">'):page.index("</table>")]
     assert table.count("<tr") == 1 + 3 * len(fits)  # header + (raw, corrected, free_offset) per quantity

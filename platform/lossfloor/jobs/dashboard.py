@@ -22,7 +22,7 @@ def dashboard(*, experiment: str | None = None, run_id: str | None = None, track
     from lossfloor.tracking.artifacts import log_dashboard, read_study
 
     study = read_study(experiment=experiment, run_id=run_id, tracking_uri=tracking_uri)
-    page = build_dashboard(study.jstar, study.curves, study.fits, sigmas=sigmas, about=study.about(),
+    page = build_dashboard(study.jstar, study.curves, study.fits, sigmas=sigmas, about=study.about(), data=study.data,
                            title=title or f"Scaling study: {study.parent_run_name or study.parent_run_id}")
     if out is not None:
         write_page(page, out)

@@ -25,6 +25,33 @@ TARGET_TITLES = {
 }
 
 
+ZERO_LABEL = "J* = 0 (below resolution)"
+
+
+def data_label(name: str, fingerprint: str) -> str:
+    """How a legend names a data set: its name as given (bundled:digits -> digits, a path -> its last
+    part), else the first 12 characters of its fingerprint."""
+    if name:
+        text = name.split(":", 1)[1] if name.startswith("bundled:") else name.rstrip("/\\").replace("\\", "/")
+        return text.rsplit("/", 1)[-1] or name
+    return fingerprint[:12] or "data"
+
+
+def zero_markers(sigma, j, floor: float, color: str, show_legend: bool, **where) -> go.Scatter | None:
+    """J* = 0 points (σ far below σ*, exactly zero in floating point) drawn at `floor` on a log axis as
+    open down-triangles, so they are marked rather than silently missing; None when there are none."""
+    import numpy as np
+
+    zero = np.asarray(j) <= 0
+    if not zero.any():
+        return None
+    return go.Scatter(
+        x=np.asarray(sigma)[zero], y=np.full(int(zero.sum()), floor), mode="markers", name=ZERO_LABEL,
+        legendgroup="zero", showlegend=show_legend, marker={"symbol": "triangle-down-open", "size": 9, "color": color},
+        hovertemplate="σ=%{x:.4g}<br>J* = 0 (below resolution; drawn at the axis floor)<extra></extra>", **where,
+    )
+
+
 def _trace(table: JStarTable, label: str, color: str, show_legend: bool) -> go.Scatter:
     """J* in the table's target units with its 95 % interval (bias allowance included) as error bars."""
     sigma, j = table.column("sigma"), table.column("j_star")
@@ -59,6 +86,7 @@ def jstar_figure(
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[TARGET_TITLES.get(t, t) for t in targets],
                         horizontal_spacing=0.09, vertical_spacing=0.12)
     palette = qualitative.Plotly
+    zero_shown = False
     for i, (label, by_target) in enumerate(tables.items()):
         color = palette[i % len(palette)]
         for p, target in enumerate(targets):
@@ -67,6 +95,12 @@ def jstar_figure(
             row, col = p // cols + 1, p % cols + 1
             table = by_target[target]
             fig.add_trace(_trace(table, label, color, show_legend=p == 0), row=row, col=col)
+            j = table.column("j_star")
+            floor = 0.3 * float(j[j > 0].min()) if (j > 0).any() else 1e-12
+            marks = zero_markers(table.column("sigma"), j, floor, color, show_legend=not zero_shown)
+            if marks is not None:
+                fig.add_trace(marks, row=row, col=col)
+                zero_shown = True
             s_star = table.sigma_star
             if s_star is not None:
                 # a shape's x is a data value even on a log axis (plotly.py issue 4012)
@@ -92,4 +126,4 @@ def _fmt(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.3g}"
 
 
-__all__ = ["TARGET_TITLES", "jstar_figure"]
+__all__ = ["TARGET_TITLES", "ZERO_LABEL", "data_label", "jstar_figure", "zero_markers"]

@@ -29,7 +29,7 @@ from lossfloor.errors import InputError
 from lossfloor.floor.table import SIGMA_RTOL  # rows, fits and panels of the same σ
 from lossfloor.fmt import num
 from lossfloor.pages.html import Section, page_html, write_page
-from lossfloor.pages.jstar import jstar_figure
+from lossfloor.pages.jstar import data_label, jstar_figure
 from lossfloor.scaling.fits import check_fits_json
 from lossfloor.train.curves import check_curves
 
@@ -469,16 +469,18 @@ def build_dashboard(
     title: str = "Scaling study",
     sigmas: Sequence[float] | None = None,
     about: Mapping[str, str] | None = None,
+    data: str = "",
 ) -> str:
     """The page as HTML text (module docstring). sigmas: the per-σ loss panels (default: the fitted σ);
-    about: key/value lines shown under the title (e.g. where the runs are)."""
+    about: key/value lines shown under the title (e.g. where the runs are); data: the data set's name for
+    the legend (default: its fingerprint)."""
     curves = check_curves(_as_table(curves))
     fits = check_fits_json(dict(fits), "fits")
     if jstar is None:
         first = Section(SECTION_TITLES[0], ['<p class="note">No J* table was given.</p>'])
     else:
         row = jstar.rows()[0]
-        label = (row.get("dataset_fingerprint") or "")[:12] or "data"
+        label = data_label(data, row.get("dataset_fingerprint") or "")
         first = Section(SECTION_TITLES[0], [jstar_figure({label: {row["target"]: jstar}}, title="Optimal loss J*(σ)")],
                         intro=f"{row['estimator']} estimator, {row['n_queries']} queries, target {row['target']}.")
     hold = holdout_figure(curves, fits)

@@ -110,6 +110,7 @@ class Study:
     curves: pa.Table  # the train runs' loss_curve.parquet, concatenated (run order: start time)
     fits: dict[str, dict]  # fits.json: "total" | "sigma=..." -> ScalingFits.to_dict()
     runs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> child run ids
+    data: str = ""  # the data set's name as the study was given it (its `data` param)
 
     def about(self) -> dict[str, str]:
         """Where the page came from, for its header."""
@@ -275,6 +276,7 @@ def read_study(*, experiment: str | None = None, run_id: str | None = None,
         curves=curves,
         fits=fits,
         runs={s: tuple(r.info.run_id for r in stages[s]) for s in STAGES},
+        data=parent.data.params.get("data", "") or estimate.data.params.get("data", ""),
     )
 
 

@@ -40,6 +40,9 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's limits per log_batch call
 _SQLITE = re.compile(r"sqlite:///(?P<path>.+)")
+# MLflow >= 3 opens an experiment without this tag in its GenAI view (traces, evaluation runs); lossfloor's
+# are model-development experiments, shown as runs with their metrics
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def default_tracking_uri() -> str:
@@ -163,6 +166,8 @@ def experiment_id(c: MlflowClient, name: str) -> str:
     if exp is not None:
         if exp.lifecycle_stage != "active":
             raise InputError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore) or pick another name")
+        if EXPERIMENT_KIND[0] not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     db = sqlite_path(c.tracking_uri)
     location = None
@@ -170,7 +175,7 @@ def experiment_id(c: MlflowClient, name: str) -> str:
         folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
         location = (db.parent / "mlartifacts" / folder).as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except MlflowException:
         exp = c.get_experiment_by_name(name)  # another process created it first
         if exp is None:
@@ -269,9 +274,13 @@ def start_run(
     tags: Mapping[str, object] | None = None,
     tracking_uri: str | None = None,
     run_id: str | None = None,
+    start_time: float | None = None,
+    end_time: float | None = None,
 ) -> Iterator[TrackedRun]:
     """An MLflow run for the `with` block; it ends FINISHED, FAILED (an exception) or KILLED (^C).
 
+    start_time, end_time (Unix seconds): the run's real span when it is logged after the fact (a
+    training logged from its folder), so the UI's duration is the work's, not the logging's.
     parent_run_id: nest this run under that one (tag mlflow.parentRunId, how the UI groups children).
     tracking_uri: see `tracking_uri`; experiment: created if missing.
     run_id: continue this existing run (e.g. a resumed training) instead of creating one; it is marked
@@ -292,7 +301,8 @@ def start_run(
         all_tags = _default_tags(tags)
         if parent_run_id is not None:
             all_tags[PARENT_RUN_TAG] = parent_run_id
-        run = c.create_run(exp_id, tags=all_tags, run_name=run_name)
+        run = c.create_run(exp_id, tags=all_tags, run_name=run_name,
+                           start_time=None if start_time is None else int(start_time * 1000))
         tracked = TrackedRun(c, run.info.run_id, exp_id)
     try:
         yield tracked
@@ -300,13 +310,14 @@ def start_run(
         # Exception: FAILED; KeyboardInterrupt, SystemExit, GeneratorExit: KILLED
         _end(tracked, RunStatus.FAILED if isinstance(e, Exception) else RunStatus.KILLED, quiet=True)
         raise
-    _end(tracked, RunStatus.FINISHED, quiet=False)
+    _end(tracked, RunStatus.FINISHED, quiet=False, end_time=end_time)
 
 
-def _end(run: TrackedRun, status: int, *, quiet: bool) -> None:
+def _end(run: TrackedRun, status: int, *, quiet: bool, end_time: float | None = None) -> None:
     """Mark the run ended; quiet: only log a failure to do so (never hide the error that ended the run)."""
     try:
-        run.client.set_terminated(run.run_id, RunStatus.to_string(status))
+        run.client.set_terminated(run.run_id, RunStatus.to_string(status),
+                                  end_time=None if end_time is None else int(end_time * 1000))
     except Exception as e:
         if not quiet:
             raise

@@ -218,8 +218,10 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     train_log: list[dict] = []
     loss_curve: list[dict] = []
     log_acc = torch.zeros(4, dtype=torch.float64)  # since the last train-log row: objective, x0, gap, images
+    started_at = time.time()  # wall clock of the run's first start (kept across resumes), for its records
     ckpt_path, state = _resume_state(resume, checkpoint_dir, device)
     if ckpt_path is not None:
+        started_at = float(state.get("started_at", started_at))
         check_resume(state, cfg, ckpt_path)
         net.load_state_dict(state["net"])
         if head is not None:
@@ -238,12 +240,13 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
             "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "run": R.run, "n_img": n_img, "step": step,
             "net": net.state_dict(), "uncertainty": None if head is None else head.state_dict(),
             "optimizer": optimizer.state_dict(), "ema": ema.state_dict(), "schedule": schedule.state_dict(),
-            "train_log": train_log, "loss_curve": loss_curve, "log_acc": log_acc,
+            "train_log": train_log, "loss_curve": loss_curve, "log_acc": log_acc, "started_at": started_at,
         }
 
     def tables() -> dict:
         meta = {"flop_convention": FLOP_CONVENTION, "forward_flops": repr(fwd_flops), "run": R.run,
-                "config": json.dumps(cfg.to_dict()), "dataset_fingerprint": getattr(data, "fingerprint", "") or ""}
+                "config": json.dumps(cfg.to_dict()), "dataset_fingerprint": getattr(data, "fingerprint", "") or "",
+                "started_at": repr(started_at), "written_at": repr(time.time())}
         return {
             "loss_curve.parquet": lambda p: write_rows(loss_curve, CURVE_SCHEMA, p, meta),
             "train_log.parquet": lambda p: write_rows(train_log, TRAIN_LOG_SCHEMA, p, meta),
