@@ -97,6 +97,27 @@ def test_interval_rules():
     assert t_quantile(6) > 2.4 > t_quantile(1000) > 1.95  # few batches: a wider interval
 
 
+def test_sigma_star_interval_holds_sigma_star():
+    # a lower J* bound of 0 just below the crossing (clipped, or a knn allowance larger than J*): its
+    # crossing is interpolated linearly, the point's in log J*, and lands before the point's (the
+    # interval [0.203, 0.371] around sigma* = 0.383 that a knn run printed)
+    import dataclasses
+
+    from lossfloor.floor import build_table
+
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    sigmas = np.geomspace(0.05, 5.0, 6)
+    est = estimate(x, sigmas, EstimatorConfig(estimator="exact", queries_per_sample=2), progress=False)
+    level = 1e-3 * est.total_variance
+    i = int(np.nonzero(est.j_star <= level)[0][-1])  # the last sigma below the sigma* level
+    low = est.ci_low.copy()
+    low[i] = 0.0
+    assert est.j_star[i] < 0.05 * level  # far below the level in log J*, so the two rules disagree
+    t = build_table(dataclasses.replace(est, ci_low=low), threshold=1e-3)
+    meta = {k.decode(): float(v) for k, v in t.table.schema.metadata.items() if k.startswith(b"sigma_star")}
+    assert meta["sigma_star_low"] <= meta["sigma_star"] <= meta["sigma_star_high"]
+
+
 def test_too_few_batches_are_refused():
     x = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
     with pytest.raises(InputError, match="at least 8 batches"):

@@ -190,10 +190,13 @@ def build_table(
         "dataset_fingerprint": pa.array([fingerprint] * n, pa.string()),
     })
     tv = est.total_variance
+    point = sigma_star(est.sigmas, est.j_star, tv, threshold)
     ends = [sigma_star(est.sigmas, v, tv, threshold) for v in (est.ci_high, est.ci_low)]
-    low, high = (None, None) if None in ends else sorted(ends)  # the interpolation may swap close ends
+    # the interval holds the point: an end whose J* bound is 0 below the crossing is interpolated linearly,
+    # the point in log J*, and can cross the level first (seen: σ* = 0.383 [0.203, 0.371], knn on 8 σ)
+    low, high = (None, None) if None in ends else (min(*ends, point), max(*ends, point))
     meta = {
-        "sigma_star": json.dumps(sigma_star(est.sigmas, est.j_star, tv, threshold)),
+        "sigma_star": json.dumps(point),
         "sigma_star_low": json.dumps(low if low is not None else ends[0]),
         "sigma_star_high": json.dumps(high if high is not None else ends[1]),
         "sigma_star_threshold": json.dumps(threshold),
