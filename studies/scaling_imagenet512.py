@@ -211,7 +211,7 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
          + f", {b.queries_per_sample} queries per sample, sigma grid {b.sigma_grid} ({len(sig)} sigmas), x0 target"),
         f"3 train: {len(rows)} models, schedule {args.schedule}, "
         f"{'class-conditional' if args.conditional else 'unconditional'}, batch {b.batch_n_img}, "
-        f"{b.evals} evaluations per model on {b.eval_n_samples} held-out samples with fixed noise",
+        f"{b.evals} evaluations per model on {b.eval_n_samples} training samples with fixed noise",
         f"  {'model':<12}{'params':>14}{'GFLOP/img fwd':>15}{'images':>15}{'steps':>10}{'train FLOPs':>13}",
     ]
     for r in rows:

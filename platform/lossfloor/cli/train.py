@@ -68,7 +68,8 @@ def register(sub) -> None:
     p.add_argument("--eval-sigmas", default=None, metavar="LIST",
                    help="comma-separated evaluation sigmas, e.g. 0.02,0.2,1,5 (default 16 log-spaced in [0.002, 80])")
     p.add_argument("--eval-samples", type=int, default=256, metavar="N",
-                   help="fixed evaluation subset, held out of training (default 256)")
+                   help="fixed evaluation subset of the training data, with fixed noise (default 256; J* is of the "
+                   "training set, so the gap holds no generalisation error)")
     p.add_argument("--keep", type=int, default=2, metavar="K", help="newest checkpoints kept; 0 = all (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-name", default=None, help="run name (default <preset>-<process>-<schedule>-<hash>)")

@@ -64,7 +64,7 @@ def add_sweep_args(p: argparse.ArgumentParser, *, data: str | None = None, space
     b.add_argument("--warmup", type=int, default=None, metavar="N", help="lr warm-up images (default: the preset's)")
     b.add_argument("--evals", type=int, default=8, metavar="K",
                    help="evaluations per trial, each one reported to Tune (default 8)")
-    b.add_argument("--eval-samples", type=int, default=256, metavar="N", help="held-out evaluation samples (256)")
+    b.add_argument("--eval-samples", type=int, default=256, metavar="N", help="evaluation samples of the training data (256)")
     b.add_argument("--eval-sigmas", default=None, metavar="LIST",
                    help="evaluation sigmas, e.g. 0.02,0.2,1,5 (default 16 log-spaced in [0.002, 80])")
     b.add_argument("--conditional", action="store_true",

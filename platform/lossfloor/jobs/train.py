@@ -160,9 +160,29 @@ def _worker_data(data: str, ds, out: Path, max_samples: int | None, n_source: in
     return str(path)
 
 
+def concurrent_models(resources: Resources, n_models: int) -> int:
+    """How many models of a ladder train at once on Ray Train: as many whole worker groups as the
+    cluster's CPUs (and GPUs) hold, at least 1. A worker group started beyond that would wait for
+    resources and fail with Ray Train's start-up timeout (a traceback in a normal run) before retrying."""
+    import ray
+
+    from lossfloor.ray.cluster import connect
+
+    connect(resources.address)
+    total = ray.cluster_resources()
+    need = {"CPU": resources.train_workers * resources.cpus_per_worker}
+    if resources.gpus_per_worker:
+        need["GPU"] = resources.train_workers * resources.gpus_per_worker
+    fit = min(int(total.get(k, 0.0) // v) for k, v in need.items())
+    at_once = max(1, min(n_models, fit))
+    log.info("train: %d model(s), %d at a time (the cluster has %s; each model needs %s)", n_models, at_once,
+             ", ".join(f"{total.get(k, 0):g} {k}" for k in need), ", ".join(f"{v:g} {k}" for k, v in need.items()))
+    return at_once
+
+
 def _ladder_on_ray_train(todo, source: str, resources: Resources, out: Path, finished) -> None:
-    """Each model by `lossfloor.ray.train.train_on_ray` into its stage folder, the models concurrently
-    (one driver thread per model; Ray queues what the cluster cannot fit)."""
+    """Each model by `lossfloor.ray.train.train_on_ray` into its stage folder, as many at once as the
+    cluster's resources hold (`concurrent_models`; one driver thread per running model)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import pyarrow.parquet as pq
@@ -183,7 +203,8 @@ def _ladder_on_ray_train(todo, source: str, resources: Resources, out: Path, fin
                 "train_log": pq.read_table(stage.dir / "train_log.parquet").to_pylist(), "train_s": run.wall_s,
                 "device": resources.device}
 
-    with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="train") as pool:
+    at_once = concurrent_models(resources, len(todo))
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="train") as pool:
         futures = {}
         for stage, cfg in reversed(todo):  # largest first
             futures[pool.submit(one, stage, cfg)] = (stage, cfg)
