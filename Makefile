@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-e2e browser lint bench clean
+.PHONY: demo test test-e2e browser postgres lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,14 @@ test: $(STAMP)
 	$(PY) -m ruff check platform tests studies benchmarks dashboards
 	$(PY) -m pytest -q -m "not e2e" tests
 
-test-e2e: $(STAMP) browser
+test-e2e: $(STAMP) browser postgres
 	$(PY) -m pytest -q -m e2e tests
 
 browser:
 	bash scripts/setup_browser.sh
+
+postgres:
+	bash scripts/setup_postgres.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/floor_bench.py
