@@ -111,6 +111,11 @@ def test_mlflow_run_holds_params_per_step_loss_per_sigma_gap_flops_and_artifacts
     assert p["resolved.batch_n_img"] == "32" and p["resolved.duration_n_img"] == "64"
     assert json.loads(p["schedule"])["kind"] == "optimal" and p["model"] == "tiny"
     assert tags["lossfloor.kind"] == "train" and tags["checkpoint"] == str(finished / "checkpoint-000000000064")
+    # the run spans the training itself (logged after it, with its start and end), in a model-development experiment
+    meta = pq.read_schema(finished / "loss_curve.parquet").metadata
+    assert run.info.start_time == int(float(meta[b"started_at"]) * 1000)
+    assert run.info.end_time > run.info.start_time  # the end: when the training last wrote its tables
+    assert c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert json.loads(tags["checkpoints"]) == [str(finished / "checkpoint-000000000032"), tags["checkpoint"]]
     assert run.info.run_name == tags["lossfloor.run"]
 

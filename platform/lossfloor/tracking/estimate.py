@@ -10,6 +10,7 @@ What a run holds (names are stable: dashboards and comparisons read them):
             j_star_x0, ci_low_x0, ci_high_x0 the same in x0 units, when the table's target is not x0
             j_star_TARGET, stderr_TARGET     per σ, for each extra table (e.g. j_star_eps)
             sigma_star, total_variance, n_queries
+  inputs    the data set (`tracking.datasets`: digest = the fingerprint's first 36 hex digits)
   tags      lossfloor.kind=estimate, target, dataset_fingerprint, sigma_star ("undefined" when J* is
             above the threshold on the whole grid)
   artifacts jstar.parquet (the table as written by `write_table`), jstar_TARGET.parquet per extra
@@ -25,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lossfloor.floor import JStarTable, write_table
+from lossfloor.tracking.datasets import log_dataset
 from lossfloor.tracking.runs import TrackedRun, start_run
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ def log_jstar(
     """Log a J* table (and the same estimate in other targets, `also`) into an existing run."""
     target = table.rows()[0]["target"]
     run.log_params(_merge_params(table, params or {}))
+    log_dataset(run, table.rows()[0]["dataset_fingerprint"], source=str((params or {}).get("data") or ""),
+                context="estimate")
     s_star = table.sigma_star
     run.set_tags({
         "lossfloor.kind": "estimate",
@@ -105,10 +109,10 @@ def log_jstar(
             write_table(other, Path(tmp) / name)
             run.log_artifact(Path(tmp) / name)
 
-    from lossfloor.pages.jstar import jstar_figure  # plotly: only when a figure is made
+    from lossfloor.pages.jstar import data_label, jstar_figure  # plotly: only when a figure is made
 
     by_target = {target: table, **{o.rows()[0]["target"]: o for o in also}}
-    name = label or table.rows()[0]["dataset_fingerprint"][:12] or "data"
+    name = label or data_label(str((params or {}).get("data") or ""), table.rows()[0]["dataset_fingerprint"])
     run.log_html_figure(jstar_figure({name: by_target}, title=f"J*(σ) of {name}"), "jstar.html")
 
 

@@ -16,6 +16,7 @@ What a run holds (names are stable: dashboards and comparisons read them):
             the last evaluation as curves over σ, step = σ index (ascending σ):
               final/sigma, final/loss, final/gap, final/j_star
             scalars: n_img, steps, training_flops (3 x forward FLOPs x images), forward_flops, n_params
+  inputs    the data set (`tracking.datasets`: digest = the fingerprint's first 36 hex digits)
   tags      lossfloor.kind=train, lossfloor.model, lossfloor.run, out_dir, checkpoint (the newest),
             checkpoints (JSON list of every checkpoint folder)
   artifacts loss_curve.parquet and train_log.parquet at the artifact root (the study contract of
@@ -38,6 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from lossfloor.errors import InputError
+from lossfloor.tracking.datasets import log_dataset
 from lossfloor.tracking.estimate import EXPERIMENT
 from lossfloor.tracking.runs import TrackedRun, sigma_name, start_run
 
@@ -74,8 +76,9 @@ def read_run(out_dir) -> dict:
     return {
         "curve": curve, "log": train_log, "config": TrainConfig.from_dict(json.loads(meta["config"])),
         "forward_flops": float(meta.get("forward_flops", "nan")), "run": meta.get("run", ""),
-        "flop_convention": meta.get("flop_convention", ""),
+        "flop_convention": meta.get("flop_convention", ""), "fingerprint": meta.get("dataset_fingerprint", ""),
         "checkpoints": [p for _, p in list_checkpoints(out)],
+        "span": (float(meta["started_at"]), float(meta["written_at"])) if "started_at" in meta else (None, None),
     }
 
 
@@ -115,6 +118,7 @@ def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | No
     run.log_params({**(params or {}), **train_params(cfg), "run": info["run"], "model": model,
                     "n_params": n_params, "forward_flops": info["forward_flops"],
                     "flop_convention": info["flop_convention"]})
+    log_dataset(run, info["fingerprint"], source=str((params or {}).get("data") or ""), context="training")
     ckpts = [str(p) for p in info["checkpoints"]]
     run.set_tags({"lossfloor.kind": "train", "lossfloor.model": model, "lossfloor.run": info["run"],
                   "out_dir": str(Path(out_dir).absolute()), "checkpoint": ckpts[-1] if ckpts else "none",
@@ -182,10 +186,12 @@ def log_training(out_dir, *, params: Mapping[str, object] | None = None, experim
     run_name: default the training run's name (`TrainConfig.run` or its hash name).
     The MLflow run ends FAILED, never left RUNNING, if logging fails part-way.
     """
+    run_info = read_run(out_dir)
     if run_name is None:
-        run_name = read_run(out_dir)["run"] or None
+        run_name = run_info["run"] or None
+    start, end = run_info["span"]  # the training's own span: the run's duration is the work's, not the logging's
     with start_run(experiment=experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
-                   tracking_uri=tracking_uri) as run:
+                   tracking_uri=tracking_uri, start_time=start, end_time=end) as run:
         log_train_run(run, out_dir, params=params, samples=samples, device=device)
     return run.run_id
 
