@@ -50,9 +50,10 @@ class MultiNode:
         return node
 
     def __enter__(self) -> MultiNode:
-        (gcs,) = _free_ports(1)
-        self._start("head", ["--head", "--port", str(gcs), "--include-dashboard=false", "--num-cpus",
-                             str(self.head_cpus), "--temp-dir", self.temp_dir])
+        gcs, dash = _free_ports(2)  # the dashboard serves the state API Ray Train's controller polls
+        self._start("head", ["--head", "--port", str(gcs), "--include-dashboard=true", "--dashboard-host",
+                             "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", str(self.head_cpus),
+                             "--temp-dir", self.temp_dir])
         self.address = f"127.0.0.1:{gcs}"
         self._wait(lambda alive: len(alive) >= 1)
         return self
