@@ -57,6 +57,7 @@ def test_tasks_carry_several_batches_when_there_are_many():
     assert batches_per_task(100, 2) == 3
 
 
+@pytest.mark.e2e  # 20 s: the end-to-end tier (two workers also match local across two nodes there)
 def test_two_workers_match_local_for_knn_with_automatic_L(data, monkeypatch):
     # knn: each actor deduplicates and indexes the data itself; automatic L adds passes at 2L, 4L over
     # the σ still above the target; the 2-worker order of results must not matter, nor several estimator
@@ -124,6 +125,7 @@ def test_cli_ray_engine_equals_local_and_reuses_default_work_dir(data, tmp_path,
     assert json.loads(capsys.readouterr().out) == ray_rows
 
 
+@pytest.mark.e2e  # 16 s: the end-to-end tier
 def test_shard_folder_is_read_by_the_workers_with_the_local_numbers(data, tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "d.npy", data)
     shards = prepare_shards(tmp_path / "d.npy", tmp_path / "shards", rows_per_shard=70)  # 5 shards, the last short

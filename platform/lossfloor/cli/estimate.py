@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lossfloor.atomic import check_writable
 from lossfloor.devices import check_device
-from lossfloor.errors import InputError
+from lossfloor.errors import InputError, check_ray_only
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--estimator: expected one of {', '.join(ESTIMATORS)}, got {args.estimator!r}")
     if args.engine not in ENGINES:
         raise InputError(f"--engine: expected one of {', '.join(ENGINES)}, got {args.engine!r}")
-    if args.engine != "ray":
-        given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if getattr(args, name) is not None]
-        if given:
-            raise InputError(f"{given[0]}: only with --engine ray")
+    check_ray_only(args, _RAY_ONLY, args.engine)
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers: expected an integer >= 1, got {args.workers}")
     if args.gpus_per_worker is not None and not (args.gpus_per_worker >= 0 and math.isfinite(args.gpus_per_worker)):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lossfloor.atomic import check_writable, output_folder
 from lossfloor.devices import check_device
-from lossfloor.errors import InputError
+from lossfloor.errors import InputError, check_ray_only
 from lossfloor.fmt import num
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,8 @@ def register(sub) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.engine != "ray":
-        given = [f"--{n.replace('_', '-')}" for n in _RAY_ONLY if getattr(args, n) is not None]
-        if given:
-            raise InputError(f"{given[0]}: only with --engine ray")
-    elif args.device is not None:
+    check_ray_only(args, _RAY_ONLY, args.engine)
+    if args.engine == "ray" and args.device is not None:
         raise InputError("--device: with --engine ray the device follows --gpus-per-worker (cuda when > 0)")
     check_device(args.device)
     if args.images is not None and args.images > MAX_IMAGES:

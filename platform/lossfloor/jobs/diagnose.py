@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lossfloor.errors import InputError
+from lossfloor.devices import check_device
+from lossfloor.errors import InputError, check_ray_only
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +167,10 @@ def diagnose(spec: DiagnoseSpec):
         raise InputError(f"--seed: expected an integer >= 0, got {spec.seed}")
     if spec.engine not in ENGINES:
         raise InputError(f"--engine: expected one of {', '.join(ENGINES)}, got {spec.engine!r}")
-    if spec.engine != "ray":
-        given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if getattr(spec, name) is not None]
-        if given:
-            raise InputError(f"{given[0]}: only with --engine ray")
+    check_ray_only(spec, _RAY_ONLY, spec.engine)
     if spec.precision == "fp16" and not spec.device.startswith("cuda") and not (spec.gpus_per_worker or 0) > 0:
         raise InputError("--precision: fp16 autocast needs a CUDA device (--device cuda); use bf16 or none on the CPU")
-    if spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {spec.device}: CUDA is not available here")
+    check_device(spec.device)
     data = _load_data(spec.data, "--data")
     holdout = _load_data(spec.holdout, "--holdout") if spec.holdout is not None else None
     if holdout is not None and holdout.samples.shape[1:] != data.samples.shape[1:]:
