@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -274,6 +275,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, jstar, capsys, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("w_max: {uniform: [10, 1]}\n")
     (tmp_path / "file").write_text("x")
+    np.save(tmp_path / "x.npy", np.zeros((16, 1, 8, 8), np.float32))  # data that is not bundled: needs --j-star
     base = ["sweep", *TINY, "--j-star", str(jstar), "--trials", "2", "--images", "256"]
     cases = [
         ([*base, "--space", str(bad), "--out", str(tmp_path / "o")], f"{bad}: w_max: uniform needs low < high"),
@@ -290,6 +292,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, jstar, capsys, monkeypatch):
          "--j-star"),
         (["sweep", *TINY, "--data", str(tmp_path / "x.npy"), "--space", str(good), "--trials", "1", "--out",
           str(tmp_path / "o")], "--j-star: needed for this data"),
+        (["sweep", *TINY, "--data", str(tmp_path / "missing.npy"), "--space", str(good), "--trials", "1", "--out",
+          str(tmp_path / "o")], "missing.npy: no such file"),  # the data first, not a missing --j-star
         ([*base, "--space", str(good), "--preset", "tiny32", "--out", str(tmp_path / "o")], "expects (3, 32, 32)"),
         ([*base, "--space", str(good), "--workers-per-trial", "3", "--out", str(tmp_path / "o")], "--batch: 64"),
     ]
