@@ -76,6 +76,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.e2e  # 12 s: the end-to-end tier (with the multi-node kill test)
 def test_resume_after_interruption(data, tmp_path):
     cfg = EstimatorConfig(estimator="cdol", subset_size=64, seed=2, rows_per_batch=20)  # 15 batches
     local = estimate(data, SIGMAS, cfg, progress=False)

@@ -257,6 +257,7 @@ def test_evaluation_uses_common_random_numbers(digits):
 # --- Two ranks ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e  # 12 s of process-group start-up: the end-to-end tier
 def test_two_gloo_ranks_match_one_rank(digits, tmp_path):
     cfg = config(duration_n_img=96, eval_every_n_img=64)
     out = run_local_ranks(cfg, digits, world_size=2, checkpoint_dir=tmp_path)
