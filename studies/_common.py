@@ -70,10 +70,17 @@ def check_outputs(args: argparse.Namespace) -> str:
 def run_study(name: str, parse_args, run, argv: list[str] | None = None) -> int:
     """A study's `main`: parse, set up logging, run; bad input ends as one line on stderr and exit code 2.
     On every exit path a Ray this process started is shut down (its daemons would outlive the study)."""
+    import signal
+    import threading
+
     from lossfloor.errors import InputError
 
     args = parse_args(argv)
     setup_logging(args.verbose)
+    if threading.current_thread() is threading.main_thread():
+        # `ray job stop` and schedulers send SIGTERM: end as an exception, so open MLflow runs are marked
+        # KILLED (not left RUNNING), stage folders stay resumable and the Ray started here is shut down
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return run(args)
     except InputError as e:

@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -162,19 +163,38 @@ def test_given_j_star_table_replaces_the_estimate(first_run, tmp_path, capsys):
 def test_submitted_as_a_ray_job(tmp_path):
     home = tmp_path / "home"  # runtime_env.yaml puts results under ${HOME}/lossfloor on the cluster
     env = job_env(home)
+    submit = [RAY, "job", "submit", "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml"]
+    study = ["--", "python", "studies/scaling_imagenet512.py", *TINY]
+    runs = home / "lossfloor" / "runs" / "scaling_imagenet512"
     with ray_head(env, tmp_path / "ray-head.log") as url:
-        job = subprocess.run(
-            [RAY, "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml",
-             "--", "python", "studies/scaling_imagenet512.py", *TINY],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
-        )
+        # the driver is stopped (SIGTERM, as `ray job stop` and schedulers do) once its estimate stage is done...
+        first = subprocess.run([*submit, "--address", url, "--no-wait", "--submission-id", "first", *study],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr[-2000:]
+        deadline = time.monotonic() + 180
+        while not list(runs.glob("estimate-*/DONE.json")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert list(runs.glob("estimate-*/DONE.json")), "the estimate stage did not finish"
+        subprocess.run([RAY, "job", "stop", "--address", url, "first"], env=env, capture_output=True, timeout=120)
+        # ... and the same job submitted again continues from the finished stages
+        job = subprocess.run([*submit, "--address", url, *study], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
     logs = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in logs, logs[-4000:]
+    assert "stage estimate: finished earlier" in logs and "skipped" in logs
     assert "runtime_resources/py_modules_files" in logs  # the shipped package ran, not this checkout
-    assert "exact estimator on ray engine" in logs and "on Ray Train" in logs
+    assert "on Ray Train" in logs
     assert "mlflow ui --backend-store-uri sqlite:///" in logs and "|rho| raw" in logs
 
     results = home / "lossfloor"
+    c = client(f"sqlite:///{results}/mlflow.db")
+    parents = [r for r in c.search_runs([c.get_experiment_by_name("scaling").experiment_id])
+               if PARENT_RUN_TAG not in r.data.tags]
+    stopped = [r for r in parents if r.info.status != "FINISHED"]
+    assert len(parents) == 2 and [r.info.status for r in stopped] == ["KILLED"]  # not left RUNNING
+    for r in c.search_runs([stopped[0].info.experiment_id]):  # the stopped study's runs: deleted, then checked
+        if r.info.run_id == stopped[0].info.run_id or r.data.tags.get(PARENT_RUN_TAG) == stopped[0].info.run_id:
+            c.delete_run(r.info.run_id)
     _check_store(f"sqlite:///{results}/mlflow.db")
     summary = _check_outputs(results / "runs" / "scaling_imagenet512")
     assert summary["tracking_uri"] == f"sqlite:///{results}/mlflow.db"

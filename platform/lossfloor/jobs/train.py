@@ -204,7 +204,8 @@ def _ladder_on_ray_train(todo, source: str, resources: Resources, out: Path, fin
                 "device": resources.device}
 
     at_once = concurrent_models(resources, len(todo))
-    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="train") as pool:
+    pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="train")
+    try:
         futures = {}
         for stage, cfg in reversed(todo):  # largest first
             futures[pool.submit(one, stage, cfg)] = (stage, cfg)
@@ -213,3 +214,9 @@ def _ladder_on_ray_train(todo, source: str, resources: Resources, out: Path, fin
         for future in as_completed(futures):
             stage, cfg = futures[future]
             finished(stage, cfg, future.result())
+    except BaseException:
+        # stopped (SIGTERM, ^C) or failed: do not wait for the running models here; the caller's Ray
+        # shutdown ends them, and each resumes from its newest checkpoint on the next run
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
