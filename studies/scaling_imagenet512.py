@@ -264,11 +264,13 @@ def estimator_config(args: argparse.Namespace, b: Budget):
 
 
 def _check_fit_sigmas(fit_sigmas, grid) -> None:
-    lo, hi = float(min(grid)), float(max(grid))
-    outside = [s for s in fit_sigmas if not lo * (1 - 1e-9) <= s <= hi * (1 + 1e-9)]
+    """The rule of the J* table's own reader (`floor.table.outside_grid`), before the table exists."""
+    from lossfloor.floor.table import outside_grid
+
+    outside = outside_grid(fit_sigmas, grid)
     if outside:
         raise InputError(f"--fit-sigmas: {', '.join(f'{s:g}' for s in outside)} outside the J* grid "
-                         f"[{lo:.4g}, {hi:.4g}] (J* is known only there)")
+                         f"[{min(grid):.4g}, {max(grid):.4g}] (J* is known only there)")
 
 
 def given_table(path: Path, ds):

@@ -59,9 +59,8 @@ def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
 def write_output(path: str | os.PathLike, text: str, flag: str = "--out") -> Path:
     """A command's text output (JSON, an HTML page) written atomically, its folder created if missing; an
     OSError becomes an InputError naming the flag and the path."""
-    path = Path(path)
+    path = make_parents(path, flag)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
     except OSError as e:
         raise InputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None

@@ -67,6 +67,13 @@ def sigma_star(sigmas, j_star_x0, total_var: float, threshold: float = SIGMA_STA
     return float(math.exp(math.log(s[i]) + f * (math.log(s[i + 1]) - math.log(s[i]))))
 
 
+def outside_grid(sigmas, grid) -> list[float]:
+    """The σ of `sigmas` that a J* table on `grid` cannot give (`JStarX0.at`): not > 0, or beyond the
+    grid's ends by more than SIGMA_RTOL."""
+    lo, hi = float(np.min(grid)), float(np.max(grid))
+    return [float(s) for s in sigmas if not (s > 0 and lo * (1 - SIGMA_RTOL) <= s <= hi * (1 + SIGMA_RTOL))]
+
+
 @dataclass(frozen=True, eq=False)
 class JStarX0:
     """A J* table in x0 units, sorted by σ: what training, fits, dashboards and diagnosis read.
@@ -89,9 +96,9 @@ class JStarX0:
     def at(self, sigma: float) -> tuple[float, float, float]:
         """(J*, ci_low, ci_high) at σ, linear in ln σ between grid points; an error outside the grid."""
         s = float(sigma)
-        lo_s, hi_s = float(self.sigma[0]), float(self.sigma[-1])
-        if not (s > 0 and lo_s * (1 - SIGMA_RTOL) <= s <= hi_s * (1 + SIGMA_RTOL)):
-            raise InputError(f"J* table {self.source}: σ = {s:g} is outside its grid [{lo_s:g}, {hi_s:g}]")
+        if outside_grid([s], self.sigma):
+            raise InputError(f"J* table {self.source}: σ = {s:g} is outside its grid "
+                             f"[{self.sigma[0]:g}, {self.sigma[-1]:g}]")
         x, xp = math.log(s), np.log(self.sigma)
         return tuple(float(np.interp(x, xp, v)) for v in (self.j_star, self.ci_low, self.ci_high))
 

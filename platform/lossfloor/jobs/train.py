@@ -14,7 +14,6 @@ running the local loop (`trainer="tasks"`), or on Ray Train with `train_workers`
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -73,6 +72,7 @@ def train_one(config, data: str, max_samples: int | None, checkpoint_dir: str, d
     return {
         "run": res.run, "model": res.model, "params": res.params, "forward_flops": res.forward_flops,
         "n_img": res.n_img, "step": res.step, "loss_curve": res.loss_curve, "train_log": res.train_log,
+        "table_meta": res.table_meta,
         "train_s": time.monotonic() - t0, "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
     }
 
@@ -80,11 +80,10 @@ def train_one(config, data: str, max_samples: int | None, checkpoint_dir: str, d
 def write_tables(folder: Path, config, result: dict) -> None:
     """The run folder's tables, where the worker's copy is not visible (a Ray task on another node):
     written from the rows that came back, with the loop's metadata (lossfloor.tracking.train reads it)."""
-    from lossfloor.train import CURVE_SCHEMA, FLOP_CONVENTION, TRAIN_LOG_SCHEMA
+    from lossfloor.train import CURVE_SCHEMA, TRAIN_LOG_SCHEMA
     from lossfloor.train.curves import write_rows
 
-    meta = {"flop_convention": FLOP_CONVENTION, "forward_flops": repr(result["forward_flops"]), "run": result["run"],
-            "config": json.dumps(config.to_dict())}
+    meta = result["table_meta"]  # the loop's own metadata: config, FLOPs, data fingerprint, span
     for name, rows, schema in (("loss_curve.parquet", result["loss_curve"], CURVE_SCHEMA),
                                ("train_log.parquet", result["train_log"], TRAIN_LOG_SCHEMA)):
         if not (Path(folder) / name).is_file():
@@ -195,11 +194,13 @@ def _ladder_on_ray_train(todo, source: str, resources: Resources, out: Path, fin
         run = train_on_ray(cfg, source, workers=resources.train_workers, gpus_per_worker=resources.gpus_per_worker,
                            cpus_per_worker=resources.cpus_per_worker, storage_path=str(Path(out).absolute()),
                            name=stage.dir.name, address=resources.address)
-        curve = pq.read_table(stage.dir / "loss_curve.parquet").to_pylist()
+        table = pq.read_table(stage.dir / "loss_curve.parquet")
+        curve = table.to_pylist()
         unet = resolve(cfg).unet
         return {"run": curve[-1]["run"], "model": curve[-1]["model"], "params": curve[-1]["params"],
                 "forward_flops": forward_flops(unet, cfg.flop_convention), "n_img": curve[-1]["images"],
                 "step": curve[-1]["step"], "loss_curve": curve,
+                "table_meta": {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()},
                 "train_log": pq.read_table(stage.dir / "train_log.parquet").to_pylist(), "train_s": run.wall_s,
                 "device": resources.device}
 

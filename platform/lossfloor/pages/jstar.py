@@ -10,6 +10,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
@@ -40,8 +41,6 @@ def data_label(name: str, fingerprint: str) -> str:
 def zero_markers(sigma, j, floor: float, color: str, show_legend: bool, **where) -> go.Scatter | None:
     """J* = 0 points (σ far below σ*, exactly zero in floating point) drawn at `floor` on a log axis as
     open down-triangles, so they are marked rather than silently missing; None when there are none."""
-    import numpy as np
-
     zero = np.asarray(j) <= 0
     if not zero.any():
         return None

@@ -7,7 +7,8 @@ Tracking URI: the `tracking_uri` argument (`--tracking-uri`), else MLFLOW_TRACKI
 `sqlite:///~/lossfloor/mlflow.db` (`$LOSSFLOOR_HOME/mlflow.db` when that is set): one place for the CLI,
 the studies and their Ray jobs alike, whatever the working directory (the plain ./mlruns file store
 errors since MLflow 3.13). `check_store` opens the store before any work: a corrupt database or a server
-that does not answer is one line naming it, not a traceback after the computation. For a local sqlite store the folder of the database file is created if missing, and a new experiment keeps
+that does not answer is one line naming it, not a traceback after the computation. For a local sqlite
+store the folder of the database file is created if missing, and a new experiment keeps
 its artifacts next to the database (DB_FOLDER/mlartifacts/EXPERIMENT), not in ./mlruns of whatever
 the working directory is: a Ray job's working directory is a temporary copy.
 """
@@ -78,11 +79,12 @@ def check_store(uri: str | None = None, *, flag: str = "--tracking-uri", must_ex
     server must answer GET /health within SERVER_TIMEOUT_S (MLflow's client would retry for minutes).
     Other databases (postgresql://, mysql://): one connection through SQLAlchemy, with a timeout."""
     resolved = tracking_uri(uri)
-    where = f"{_uri_source(uri, flag)} {resolved}"
+    source = _uri_source(uri, flag)
+    where = f"{source} {resolved}"
     scheme = resolved.split("://", 1)[0].split("+", 1)[0]
     db = sqlite_path(resolved)
     if db is not None:
-        _check_sqlite(db, where, must_exist)
+        _check_sqlite(db, where, source, must_exist)
     elif scheme in ("http", "https"):
         _check_server(resolved, where)
     elif scheme in ("postgresql", "mysql", "mssql"):
@@ -90,7 +92,7 @@ def check_store(uri: str | None = None, *, flag: str = "--tracking-uri", must_ex
     return resolved
 
 
-def _check_sqlite(db: Path, where: str, must_exist: bool) -> None:
+def _check_sqlite(db: Path, where: str, source: str, must_exist: bool) -> None:
     import sqlite3
 
     from lossfloor.atomic import check_writable
@@ -98,7 +100,7 @@ def _check_sqlite(db: Path, where: str, must_exist: bool) -> None:
     if not db.exists():
         if must_exist:
             raise InputError(f"{where}: no MLflow database at {db}")
-        check_writable(db, where.split(" ", 1)[0])
+        check_writable(db, source)
         return
     if not db.is_file():
         raise InputError(f"{where}: {db} is not a file")

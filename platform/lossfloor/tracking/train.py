@@ -102,14 +102,14 @@ def train_params(config) -> dict[str, object]:
 
 
 def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | None = None,
-                  samples: int | str | None = "auto", device: str | None = None) -> dict:
+                  samples: int | str | None = "auto", device: str | None = None, info: dict | None = None) -> dict:
     """Log a finished (or paused) training run's folder into an existing MLflow run.
 
     samples: size of the samples grid; "auto" = 64 for pixel data (1 or 3 channels) when cheap (a GPU,
       or under CHEAP_SAMPLING_FLOPS on the CPU), else none; 0 or None = none.
-    Returns what was read (`read_run`).
+    info: the folder as `read_run` read it (read here when not given). Returns it.
     """
-    info = read_run(out_dir)
+    info = info if info is not None else read_run(out_dir)
     cfg = info["config"]
     curve_rows, log_rows = info["curve"].to_pylist(), info["log"].to_pylist()
     if not log_rows:
@@ -192,7 +192,7 @@ def log_training(out_dir, *, params: Mapping[str, object] | None = None, experim
     start, end = run_info["span"]  # the training's own span: the run's duration is the work's, not the logging's
     with start_run(experiment=experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
                    tracking_uri=tracking_uri, start_time=start, end_time=end) as run:
-        log_train_run(run, out_dir, params=params, samples=samples, device=device)
+        log_train_run(run, out_dir, params=params, samples=samples, device=device, info=run_info)
     return run.run_id
 
 

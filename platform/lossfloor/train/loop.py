@@ -87,6 +87,7 @@ class TrainResult:
     checkpoint: Path | None  # the last checkpoint written or loaded
     model_state: dict  # final state dict of F (CPU), for tests and quick use
     ema_states: dict[float, dict]  # final EMA state dicts by sigma_rel (CPU)
+    table_meta: dict[str, str]  # the schema metadata of loss_curve.parquet and train_log.parquet
 
 
 def stream_seed(seed: int, stream: int, *counters: int) -> int:
@@ -243,10 +244,13 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
             "train_log": train_log, "loss_curve": loss_curve, "log_acc": log_acc, "started_at": started_at,
         }
 
-    def tables() -> dict:
-        meta = {"flop_convention": FLOP_CONVENTION, "forward_flops": repr(fwd_flops), "run": R.run,
+    def table_meta() -> dict:  # the tables' schema metadata (lossfloor.tracking.train reads it)
+        return {"flop_convention": FLOP_CONVENTION, "forward_flops": repr(fwd_flops), "run": R.run,
                 "config": json.dumps(cfg.to_dict()), "dataset_fingerprint": getattr(data, "fingerprint", "") or "",
                 "started_at": repr(started_at), "written_at": repr(time.time())}
+
+    def tables() -> dict:
+        meta = table_meta()
         return {
             "loss_curve.parquet": lambda p: write_rows(loss_curve, CURVE_SCHEMA, p, meta),
             "train_log.parquet": lambda p: write_rows(train_log, TRAIN_LOG_SCHEMA, p, meta),
@@ -386,6 +390,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
         train_log=train_log, loss_curve=loss_curve, evals=evals, checkpoint=ckpt_path,
         model_state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         ema_states={s: {k: v.cpu().clone() for k, v in st.items()} for s, st in zip(ema.sigma_rels, ema.states)},
+        table_meta=table_meta(),
     )
 
 
@@ -496,15 +501,15 @@ def _resume_state(resume, checkpoint_dir, device) -> tuple[Path | None, dict | N
         return path, load_checkpoint(path, map_location=device)
     if checkpoint_dir is None:
         return None, None
-    found = [path for _, path in list_checkpoints(checkpoint_dir)]
-    for i, path in enumerate(reversed(found)):
+    newest_first = [path for _, path in list_checkpoints(checkpoint_dir)][::-1]
+    for path, older in zip(newest_first, [*newest_first[1:], None]):
         try:
             return path, load_checkpoint(path, map_location=device)
         except InputError as e:
-            if i + 1 == len(found):
-                raise InputError(f"resume: no checkpoint in {checkpoint_dir} can be read (newest: {e}); delete "
+            if older is None:
+                raise InputError(f"resume: no checkpoint in {checkpoint_dir} can be read (the oldest: {e}); delete "
                                  "them to start afresh") from None
-            log.warning("%s; resuming from the previous one, %s", e, found[-i - 2].name)
+            log.warning("%s; resuming from the previous one, %s", e, older.name)
     return None, None
 
 
