@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="local (default): this process; ray: the batches on a Ray actor pool (lossfloor.ray)")
     p.add_argument("--workers", type=int, default=1, help="ray engine: actors in the pool (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray engine: GPUs per actor (default 0)")
+    p.add_argument("--max-device-gb", type=float, default=None, metavar="GB",
+                   help="cap on one J* actor's device memory: the batch is sized to it, and on CUDA the data stay in host "
+                   "memory (each batch gathering its rows) unless they fit next to a batch (default: no cap)")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                    help="ray engine: cluster address (default $RAY_ADDRESS, which a Ray job sets to its cluster; "
                    "else a local Ray)")
@@ -132,6 +135,7 @@ def estimator_config(args: argparse.Namespace, estimator: str):
         queries_per_sample=args.queries_per_sample,
         seed=args.seed,
         device=args.device if args.engine == "local" else ("cuda" if args.gpus_per_worker > 0 else "cpu"),
+        max_device_gb=args.max_device_gb,
     )
 
 
@@ -167,6 +171,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise InputError(f"--gpus-per-worker: expected a number >= 0, got {args.gpus_per_worker}")
     if args.engine == "local":
         check_device(args.device)
+    estimator_config(args, "auto")  # its own checks (--max-device-gb)
 
 
 def run_estimate(args: argparse.Namespace, d: DataPlan, samples, fingerprint: str, sigmas):
@@ -192,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     uri = check_outputs(args)  # before the first stage: --out writable, the tracking store opens
 
-    from lossfloor.data import load
+    from lossfloor.data import load_for
     from lossfloor.floor import build_table, write_table
     from lossfloor.pages.html import write_html
     from lossfloor.pages.jstar import jstar_figure
@@ -209,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             "targets": list(TARGETS), "smoke": args.smoke, "out": str(args.out),
         })
         for d in plan:
-            ds = load(d.source, max_samples=args.max_samples)
+            ds = load_for(d.source, args.engine, max_samples=args.max_samples)  # Ray: shard folders stay put
             log.info("%s: %d samples of shape %s, %s estimator", d.label, len(ds), ds.sample_shape, d.estimator)
             est = run_estimate(args, d, ds.samples, ds.fingerprint, sigmas).estimate
             by_target = {t: build_table(est, target=t, fingerprint=ds.fingerprint) for t in TARGETS}

@@ -110,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPUs (and torch threads) per training worker and per J* actor (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="ray engine: GPUs per training worker and per J* actor (default 0: CPU)")
+    p.add_argument("--max-device-gb", type=float, default=None, metavar="GB",
+                   help="cap on one J* actor's device memory: the batch is sized to it, and on CUDA the data stay in host "
+                   "memory (each batch gathering its rows) unless they fit next to a batch (default: no cap)")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                    help="ray engine: the cluster (default $RAY_ADDRESS, which a Ray job sets; else a local Ray)")
     p.add_argument("--dry-run", action="store_true",
@@ -135,6 +138,10 @@ def make_budget(args: argparse.Namespace, sample_shape: tuple[int, ...] | None) 
             raise InputError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if args.max_samples is not None and args.max_samples < 2:
         raise InputError(f"--max-samples: expected an integer >= 2, got {args.max_samples}")
+    if args.max_device_gb is not None:
+        from lossfloor.floor import EstimatorConfig
+
+        EstimatorConfig(max_device_gb=args.max_device_gb)  # its own check, before any stage
     if args.bootstrap is not None and args.bootstrap < 0:
         raise InputError(f"--bootstrap: expected an integer >= 0, got {args.bootstrap}")
     if args.preset == "smoke":
@@ -260,7 +267,17 @@ def estimator_config(args: argparse.Namespace, b: Budget):
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return EstimatorConfig(estimator=b.estimator, subset_size=b.subset_size, queries_per_sample=b.queries_per_sample,
-                           seed=args.seed, device=device, rows_per_batch=b.rows_per_batch)
+                           seed=args.seed, device=device, rows_per_batch=b.rows_per_batch,
+                           max_device_gb=args.max_device_gb)
+
+
+def _stage_estimator(cfg) -> dict:
+    """The estimator config as the estimate stage's key: not the device (the same numbers on any device
+    for the same batches), and the device cap only when set (it sizes the default batch)."""
+    key = {**dataclasses.asdict(cfg), "device": None}
+    if key["max_device_gb"] is None:
+        del key["max_device_gb"]  # keys from before the cap existed stay valid
+    return key
 
 
 def _check_fit_sigmas(fit_sigmas, grid) -> None:
@@ -466,7 +483,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--data: --preset imagenet512 needs the EDM2 latents (e.g. --data img512-latents.zip)")
     uri = check_outputs(args)  # before the first stage: --out writable, the tracking store opens
 
-    from lossfloor.data import load
+    from lossfloor.data import load_for
     from lossfloor.floor import read_table
     from lossfloor.jobs import train as jobs_train
     from lossfloor.tracking import log_estimate, start_run
@@ -475,7 +492,7 @@ def run(args: argparse.Namespace) -> int:
     count, shape = describe(args.data)
     args.n_source = count
     b = make_budget(args, shape)
-    ds = load(args.data, max_samples=b.max_samples)
+    ds = load_for(args.data, args.engine, max_samples=b.max_samples)  # Ray: a shard folder is not loaded here
     log.info("data %s: %d samples of shape %s, fingerprint %s", args.data, len(ds), ds.sample_shape,
              ds.fingerprint[:12])
     given = given_table(args.j_star, ds) if args.j_star is not None else None  # checked before anything is written
@@ -507,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             est_stage = Stage("estimate", {
                 "data_fingerprint": ds.fingerprint, "n_samples": len(ds), "sigma_grid": b.sigma_grid,
-                "estimator": {**dataclasses.asdict(est_cfg), "device": None}}, args.out)  # same numbers on any device
+                "estimator": _stage_estimator(est_cfg)}, args.out)
         skipped["estimate"] = est_stage.done
         if est_stage.done:
             log.info("stage estimate: finished earlier in %s, skipped", est_stage.dir)

@@ -10,13 +10,16 @@ def lossfloor_home(tmp_path_factory):
     the user's ~/lossfloor."""
     import os
 
-    saved = os.environ.get("LOSSFLOOR_HOME")
-    os.environ["LOSSFLOOR_HOME"] = str(tmp_path_factory.mktemp("lossfloor-home"))
+    names = ("LOSSFLOOR_HOME", "LOSSFLOOR_NODE_CACHE")  # and the node-local data cache (lossfloor.data.node_cache)
+    saved = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = str(tmp_path_factory.mktemp(name.lower()))
     yield
-    if saved is None:
-        os.environ.pop("LOSSFLOOR_HOME", None)
-    else:
-        os.environ["LOSSFLOOR_HOME"] = saved
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ One small Ray instance (2 CPUs) is shared by the whole module; every estimate st
 """
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -144,6 +146,14 @@ def test_shard_folder_is_read_by_the_workers_with_the_local_numbers(data, tmp_pa
     np.testing.assert_allclose([r["stderr"] for r in ray_rows], local.stderr, rtol=1e-9, atol=0)
     assert ray_rows[0]["total_variance"] == pytest.approx(local.total_variance, rel=1e-12)
     assert ray_rows[0]["dataset_fingerprint"] == read_meta(shards).fingerprint
+
+    # knn: the two actors map one node-cache copy of the data, its distinct points and its FAISS index
+    knn = EstimatorConfig(estimator="knn", subset_size=16, rows_per_batch=25, seed=3)
+    run = estimate_ray(str(shards), SIGMAS, knn, engine=RayEngine(workers=2), progress=False)
+    assert_same(run.result.estimate, estimate(data, SIGMAS, knn, progress=False))
+    (entry,) = (Path(os.environ["LOSSFLOOR_NODE_CACHE"]) / read_meta(shards).fingerprint[:32]).parent.glob(
+        read_meta(shards).fingerprint[:32])
+    assert {"x.npy", "dedup.npz"} <= {p.name for p in entry.iterdir()}
 
 
 def test_engine_input_errors(data):

@@ -116,3 +116,26 @@ def test_submitted_as_a_ray_job(tmp_path, gauss):
     assert kids["gauss"].data.params["data"] == str(gauss)
     assert read_table(out / "gauss" / "jstar_x0.parquet").sigma_star == pytest.approx(
         kids["gauss"].data.metrics["sigma_star"])
+
+
+@pytest.mark.e2e  # a Ray instance and two survey runs: 40 s
+def test_a_shard_folder_on_ray_is_never_loaded_on_the_driver(tmp_path, gauss, monkeypatch):
+    import lossfloor.data.dataset
+    from lossfloor.data import prepare_shards
+
+    shards = prepare_shards(gauss, tmp_path / "shards" / "gauss", rows_per_shard=50)
+    assert _study().main(["--smoke", "--data", str(gauss), "--out", str(tmp_path / "local"),
+                          "--tracking-uri", f"sqlite:///{tmp_path}/local.db"]) == 0
+    real_load = lossfloor.data.dataset.load
+
+    def load(src, **kw):
+        assert str(src) != str(shards), "the driver loaded the shard folder"
+        return real_load(src, **kw)
+
+    monkeypatch.setattr(lossfloor.data.dataset, "load", load)
+    assert _study().main(["--smoke", "--data", str(shards), "--engine", "ray", "--out", str(tmp_path / "ray"),
+                          "--tracking-uri", f"sqlite:///{tmp_path}/ray.db"]) == 0
+    a, b = read_table(tmp_path / "local" / "gauss" / "jstar_x0.parquet"), read_table(tmp_path / "ray" / "gauss" /
+                                                                                      "jstar_x0.parquet")
+    np.testing.assert_allclose(b.column("j_star"), a.column("j_star"), rtol=1e-9, atol=0)
+    assert b.column("dataset_fingerprint")[0] == a.column("dataset_fingerprint")[0]

@@ -54,6 +54,10 @@ def register(sub) -> None:
                    help="sigma* = largest sigma with J* <= threshold * J*(inf) (default 1e-3)")
     p.add_argument("--rows-per-batch", type=int, default=None, metavar="R",
                    help="source samples per batch (R*K queries; default from a memory budget)")
+    p.add_argument("--max-device-gb", type=float, default=None, metavar="GB",
+                   help="cap on one estimator process's device memory: the batch is sized to it and on CUDA the data "
+                   "stay in host memory unless they fit next to a batch (default: 8 GiB batches, data on the GPU "
+                   "when they fit)")
     p.add_argument("--json", action="store_true",
                    help="print the rows as a JSON list instead of a table (non-finite numbers as \"inf\"/\"nan\")")
     p.add_argument("--out", required=True, help="output J* table, FILE.parquet")
@@ -260,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
         index=args.index,
         index_pca=args.index_pca,
         latents=args.latents,
+        max_device_gb=args.max_device_gb,
     )
     if args.latents not in ("mean", "posterior"):
         raise InputError(f"--latents: expected mean or posterior, got {args.latents!r}")

@@ -1,21 +1,25 @@
 """Data sets for the estimators: readers of every supported source, fingerprints, parquet shards.
 
     load(SRC) -> Dataset                      everything in memory, float32 (N, *sample_shape)
+    load_for(SRC, engine) -> Dataset | ShardRef   the same, but a shard folder for Ray stays on its storage
     iter_chunks(SRC, rows) / describe(SRC)    streaming, for sources larger than memory
     prepare_shards(SRC, DIR)                  parquet shards for Ray Data (`lossfloor data prepare`)
     read_shard_rows(batch)                    a shard batch back to numpy (Ray workers)
 
 SRC forms are listed in `lossfloor.data.dataset`. Imports only numpy, pyarrow, pillow and (for
-`bundled:digits`) scikit-learn.
+`bundled:digits`) scikit-learn. `lossfloor.data.node_cache` (one memory-mapped copy of a data set per
+machine, for the estimation actors; torch) is imported where it is used.
 """
 
 from lossfloor.data.bundled import DEFAULT as DEFAULT_SOURCE
 from lossfloor.data.dataset import (
     Dataset,
+    ShardRef,
     check_same_data,
     describe,
     iter_chunks,
     load,
+    load_for,
     open_source,
     source_fingerprint,
 )
@@ -28,6 +32,7 @@ from lossfloor.data.source import SourceInfo
 __all__ = [
     "DEFAULT_SOURCE",
     "Dataset",
+    "ShardRef",
     "Fingerprinter",
     "check_same_data",
     "ShardMeta",
@@ -37,6 +42,7 @@ __all__ = [
     "fingerprint",
     "iter_chunks",
     "load",
+    "load_for",
     "open_source",
     "prepare_shards",
     "read_meta",

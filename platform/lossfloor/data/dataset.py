@@ -155,6 +155,36 @@ def load(src: str | os.PathLike, *, max_samples: int | None = None, latents: str
                    normalisation=info.normalisation)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ShardRef:
+    """A shard folder left on its storage: what a driver needs to hand it to Ray workers without loading
+    it (the Ray estimate's workers map it once per node, training workers read it themselves).
+    `samples` is the folder, which `lossfloor.jobs.estimate` takes in place of an array on the Ray engine."""
+
+    samples: str  # the folder
+    fingerprint: str  # from meta.json: equal to `load(folder).fingerprint`
+    sample_shape: tuple[int, ...]
+    count: int
+    labels: None = None  # never loaded on the driver
+    source: str = ""
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def load_for(src: str | os.PathLike, engine: str, *, max_samples: int | None = None,
+             latents: str = "mean") -> Dataset | ShardRef:
+    """`load(src)`, except that a shard folder used whole by the Ray engine is not loaded: a `ShardRef`
+    (the driver of a study then never holds the data set)."""
+    path = Path(src).expanduser()
+    if engine == "ray" and latents == "mean" and shards.is_shard_dir(path):
+        meta = shards.read_meta(path)
+        if max_samples is None or max_samples >= meta.count:
+            return ShardRef(samples=str(path.absolute()), fingerprint=meta.fingerprint,
+                            sample_shape=meta.sample_shape, count=meta.count, source=os.fspath(src))
+    return load(src, max_samples=max_samples, latents=latents)
+
+
 def source_fingerprint(src: str | os.PathLike, latents: str = "mean") -> str:
     """The fingerprint `load(src, latents=latents).fingerprint` would give, with bounded memory: a shard
     folder's from its meta.json, any other source hashed as it streams."""

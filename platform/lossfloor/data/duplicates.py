@@ -14,14 +14,17 @@ from dataclasses import dataclass
 import numpy as np
 
 KEY = np.dtype((np.void, 16))
+_ROWS = 4096
 
 
 def row_keys(block: np.ndarray) -> np.ndarray:
     """(n, ...) samples -> (n,) 16-byte keys, equal exactly when the rows are equal as float32 values."""
-    rows = np.ascontiguousarray(np.asarray(block, dtype=np.float32).reshape(len(block), -1) + np.float32(0.0))
-    out = np.empty(len(rows), dtype=KEY)
-    for i, row in enumerate(rows):
-        out[i] = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+    flat = np.asarray(block).reshape(len(block), -1)
+    out = np.empty(len(flat), dtype=KEY)
+    for start in range(0, len(flat), _ROWS):  # a chunk at a time: a memory-mapped block is never copied whole
+        rows = np.ascontiguousarray(flat[start:start + _ROWS], dtype=np.float32) + np.float32(0.0)
+        for i, row in enumerate(rows, start):
+            out[i] = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
     return out
 
 

@@ -37,7 +37,7 @@ import torch
 from lossfloor.devices import check_device
 from lossfloor.errors import InputError
 from lossfloor.floor import mixture
-from lossfloor.floor.kernel import MATMUL_PRECISIONS, Level, optimal_loss_terms
+from lossfloor.floor.kernel import MATMUL_PRECISIONS, Level, optimal_loss_terms, take_rows
 from lossfloor.floor.knn import KnnData, knn_terms, prepare_knn
 from lossfloor.floor.neighbours import INDEXES
 from lossfloor.floor.queries import NOISE_STREAM, SUBSET_STREAM, QueryPlan, generator
@@ -87,6 +87,11 @@ class EstimatorConfig:
       search, and one uniform draw per batch (True) or per query.
     latents: "mean" (the samples as given) or "posterior": each row is [mean, std] of an EDM2 latent's
       encoder posterior and J* is that of the Gaussian mixture the model trains on (`mixture`).
+    max_device_gb: a cap on the device memory of one estimator process (GiB): the default batch fits
+      it, and on CUDA the data set stays in host memory (each batch gathering its rows) unless data and
+      batch fit together (`floor_data`). Default: no cap (8 GiB batches on CUDA, 512 MiB on a CPU;
+      the data on the GPU when it fits 90 % of its free memory). It changes the default rows per batch,
+      hence the random draws: a resolved config records the batch it chose.
     """
 
     estimator: str = "auto"
@@ -104,6 +109,7 @@ class EstimatorConfig:
     index_pca: int | None = None
     shared_draws: bool = True
     latents: str = "mean"
+    max_device_gb: float | None = None
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -136,6 +142,10 @@ class EstimatorConfig:
             raise InputError(f"index-pca: expected an integer >= 1, got {self.index_pca!r}")
         if self.latents not in LATENTS:
             raise InputError(f"latents: expected one of {', '.join(LATENTS)}, got {self.latents!r}")
+        if self.max_device_gb is not None and not (
+            isinstance(self.max_device_gb, (int, float)) and math.isfinite(self.max_device_gb) and self.max_device_gb > 0
+        ):
+            raise InputError(f"--max-device-gb: expected a number of GiB > 0 (e.g. 40), got {self.max_device_gb!r}")
 
     def resolve(self, n_samples: int, dim: int, *, compute_device: str | None = None) -> EstimatorConfig:
         """Fill in the data-dependent defaults (estimator, L, C, batch size) and check them against N.
@@ -167,7 +177,12 @@ class EstimatorConfig:
             cfg = replace(cfg, subset_size=n_samples, c=1.0)
         if cfg.rows_per_batch is None:
             cfg = replace(cfg, rows_per_batch=default_rows_per_batch(cfg, n_samples, dim))
-        elif est != "exact":
+        elif cfg.max_device_gb is not None and batch_bytes(cfg, dim) > cfg.max_device_gb * 2**30:
+            raise InputError(
+                f"rows per batch: {cfg.rows_per_batch} rows need ~{batch_bytes(cfg, dim) / 2**30:.3g} GiB of device "
+                f"memory, above --max-device-gb {cfg.max_device_gb:g}: give fewer rows, or leave the batch to the cap"
+            )
+        if est != "exact" and cfg.rows_per_batch is not None and self.rows_per_batch is not None:
             n_batches = math.ceil(n_samples / cfg.rows_per_batch)
             if n_batches < MIN_BATCHES:
                 raise InputError(
@@ -179,18 +194,33 @@ class EstimatorConfig:
         return cfg
 
 
-def default_rows_per_batch(cfg: EstimatorConfig, n_samples: int, dim: int) -> int:
+def bytes_per_query(cfg: EstimatorConfig, dim: int) -> int:
+    """The working memory one query of a resolved config needs on the device (an estimate)."""
     L = cfg.subset_size
     bytes_per_value = 8 if cfg.dtype == "float64" else 4
     if cfg.estimator == "knn":
         # per σ: the (k, D) gathered neighbours twice, (n_draw,) work rows, the (n_draw, k) membership test
         k = L // 2
-        bytes_per_query = bytes_per_value * (3 * k * dim + 24 * L + 16 * dim) + 2 * L * k
-    else:
-        # (B, L) work arrays of the kernel and its levels, and the (B, D) noise/sources/δ
-        bytes_per_query = bytes_per_value * (12 * L + 4 * dim)
+        return bytes_per_value * (3 * k * dim + 24 * L + 16 * dim) + 2 * L * k
+    # (B, L) work arrays of the kernel and its levels, and the (B, D) noise/sources/δ
+    return bytes_per_value * (12 * L + 4 * dim)
+
+
+def batch_bytes(cfg: EstimatorConfig, dim: int) -> int:
+    """The working memory of one batch of a resolved config (its rows_per_batch x k queries)."""
+    return bytes_per_query(cfg, dim) * cfg.rows_per_batch * cfg.queries_per_sample
+
+
+def default_rows_per_batch(cfg: EstimatorConfig, n_samples: int, dim: int) -> int:
+    """Rows whose queries fit the memory budget of the device, or of max_device_gb when it is smaller."""
     budget = _MEMORY_BUDGET_BYTES["cpu" if cfg.device == "cpu" else "cuda"]
-    queries = max(1, min(_MAX_QUERIES_PER_BATCH, budget // bytes_per_query))
+    if cfg.max_device_gb is not None:
+        budget = min(budget, int(cfg.max_device_gb * 2**30))
+    per_query = bytes_per_query(cfg, dim)
+    if cfg.max_device_gb is not None and per_query * cfg.queries_per_sample > budget:
+        raise InputError(f"--max-device-gb {cfg.max_device_gb:g}: below the working memory of a single row's "
+                         f"{cfg.queries_per_sample} queries (~{per_query * cfg.queries_per_sample / 2**30:.3g} GiB)")
+    queries = max(1, min(_MAX_QUERIES_PER_BATCH, budget // per_query))
     rows = max(1, queries // cfg.queries_per_sample)
     if cfg.estimator != "exact":
         rows = min(rows, max(1, n_samples // _DEFAULT_MIN_BATCHES))
@@ -203,10 +233,23 @@ def default_rows_per_batch(cfg: EstimatorConfig, n_samples: int, dim: int) -> in
 
 @dataclass(eq=False)
 class FloorData:
-    """The prepared (N, D) samples on the compute device, and what the kNN estimator adds to them."""
+    """The prepared (N, D) samples, and what the kNN estimator adds to them.
+
+    x lives on the compute `device`, or in host memory (a node-shared mapping, `floor_data`) while the
+    kernel runs on `device`: each batch then gathers its rows (`take_rows`).
+    """
 
     x: torch.Tensor
     knn: KnnData | None = None
+    device: torch.device | None = None
+
+    def __post_init__(self):
+        if self.device is None:
+            self.device = self.x.device
+
+    @property
+    def on_host(self) -> bool:
+        return self.x.device != self.device
 
     @property
     def index_build_s(self) -> float:
@@ -217,12 +260,47 @@ class FloorData:
         return 0.0 if self.knn is None else self.knn.index.search_s
 
 
-def floor_data(x: torch.Tensor, cfg: EstimatorConfig) -> FloorData:
-    """FloorData for a resolved config: for knn the samples are deduplicated and indexed (once)."""
+def floor_data(x: torch.Tensor, cfg: EstimatorConfig, *, cache=None) -> FloorData:
+    """FloorData for a resolved config: for knn the samples are deduplicated and indexed (once).
+
+    x: the prepared (N, D) samples on the compute device, or in host memory with the kernel on a GPU:
+    they move to the GPU when they fit it next to one batch (`fits_device`); else they stay on the host
+    and every batch gathers its rows (exact and posterior-latent subset estimators need all N samples
+    per batch on the device: InputError then). cache: a `lossfloor.data.node_cache.NodeCache` of this
+    data set: knn's distinct points and FAISS index are made once per machine and shared by mapping.
+    """
+    device = torch.device(cfg.device)
+    if x.device != device:
+        if fits_device(cfg, x):
+            x = x.to(device)
+        elif cfg.estimator == "exact" or (cfg.latents == "posterior" and cfg.estimator != "knn"):
+            raise InputError(
+                f"--max-device-gb: the {cfg.estimator} estimator needs all {x.shape[0]} samples "
+                f"({_gib(x.numel() * x.element_size())} GiB) on {device} for every batch, more than fits next to a "
+                f"batch; use --estimator knn (it gathers each batch's rows from host memory) or a larger cap")
+        else:
+            log.info("data %s GiB stay in host memory, each batch gathers its rows onto %s",
+                     _gib(x.numel() * x.element_size()), device)
     if cfg.estimator == "knn":
         return FloorData(x, prepare_knn(x, index=cfg.index, pca=cfg.index_pca, seed=cfg.seed,
-                                        mixture=cfg.latents == "posterior"))
-    return FloorData(x)
+                                        mixture=cfg.latents == "posterior", cache=cache, device=device), device)
+    return FloorData(x, device=device)
+
+
+def fits_device(cfg: EstimatorConfig, x: torch.Tensor) -> bool:
+    """Whether the (N, D) data (and for knn its index) fit on cfg.device next to one batch: within
+    max_device_gb when given, else 90 % of the device's free memory."""
+    device = torch.device(cfg.device)
+    if device.type != "cuda":
+        return True
+    cap = cfg.max_device_gb * 2**30 if cfg.max_device_gb is not None else 0.9 * torch.cuda.mem_get_info(device)[0]
+    data = x.numel() * x.element_size() * (2 if cfg.estimator == "knn" else 1)  # knn: points + a GPU index
+    return data + batch_bytes(cfg, x.shape[1]) <= cap
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.3g}"
+
 
 
 def prepare_data(samples, cfg: EstimatorConfig) -> torch.Tensor:
@@ -281,10 +359,9 @@ def query_terms(
     """
     if isinstance(data, torch.Tensor):
         data = floor_data(data, cfg)
-    x = data.x
+    x, device = data.x, data.device
     sources = plan.sources(batch_index)  # (B,)
     B, D = sources.shape[0], x.shape[1]
-    device = x.device
     noise_device = device if cfg.rng_device == "compute" else torch.device("cpu")
     g = generator(cfg.seed, batch_index, NOISE_STREAM, noise_device)
     # drawn in float32 whatever the compute dtype, so a float64 run is a reference for the float32 one
@@ -305,7 +382,7 @@ def query_terms(
             j = mixture.mixture_terms(x, src, eps, sig, None, [lvl], "posterior-variance")
         else:
             j = optimal_loss_terms(x[src], eps, x, sig, levels=[lvl], form="posterior-variance",
-                                   precision=cfg.matmul_precision)
+                                   precision=cfg.matmul_precision)  # x is on the device (`floor_data`)
     else:
         R, levels = _subset_levels(cfg, x.shape[0], sources, batch_index)
         levels = [Level(n, hide.to(device), lf.to(device)) for n, hide, lf in levels]
@@ -313,10 +390,11 @@ def query_terms(
         if posterior:
             j = mixture.mixture_terms(x, src, eps, sig, R, levels, "paper")
         else:
-            j = optimal_loss_terms(x[src], eps, x[R], sig, levels=levels, form="paper",
-                                   precision=cfg.matmul_precision)
+            j = optimal_loss_terms(take_rows(x, src, device), eps, take_rows(x, R, device), sig, levels=levels,
+                                   form="paper", precision=cfg.matmul_precision)
         j = torch.stack([j[:, 0], j[:, 1] - j[:, 0], j[:, 2] - j[:, 1]], 1)  # (B, 3, S): j, shifts
-    a = mixture.second_moments(x[src]) if posterior else (x[src].double() ** 2).sum(1)
+    xs = take_rows(x, src, device)
+    a = mixture.second_moments(xs) if posterior else (xs.double() ** 2).sum(1)
     return a, j
 
 

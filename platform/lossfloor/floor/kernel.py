@@ -78,6 +78,13 @@ def matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") -> torch.T
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x[index] on `device`: gathered where x lives (the device, or host memory), only those rows moved."""
+    if x.device == index.device:
+        return x[index].to(device)
+    return x[index.to(x.device)].to(device)
+
+
 def sq_norms(x: torch.Tensor) -> torch.Tensor:
     """||x_i||² per row, summed in float64: (n, D) -> (n,) float64."""
     return (x.double() ** 2).sum(1)

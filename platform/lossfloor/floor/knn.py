@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from lossfloor.data.duplicates import groups, row_keys
-from lossfloor.floor.kernel import pairwise_terms
+from lossfloor.data.node_cache import read_only_tensor
+from lossfloor.floor.kernel import pairwise_terms, take_rows
 from lossfloor.floor.mixture import component_terms, mixture_totals, query_noise, split_rows, total_f_q
 from lossfloor.floor.neighbours import NeighbourIndex, build_index
 
@@ -58,8 +59,8 @@ class KnnData:
     means, `stds` their standard deviations, and the sums over all components are per σ (`totals`).
     """
 
-    points: torch.Tensor  # (U, D) distinct samples (component means), compute dtype and device
-    mult: torch.Tensor  # (U,) multiplicities, compute dtype
+    points: torch.Tensor  # (U, D) distinct samples (component means), compute dtype, on the device or the host
+    mult: torch.Tensor  # (U,) multiplicities, compute dtype, on the compute device (as all below)
     inverse: torch.Tensor  # (N,) long: sample -> distinct sample
     sum_x: torch.Tensor  # (D,) float64, Σ_n x_n over all N samples (a mixture uses `totals` instead)
     sum_sq: float  # Σ_n ||x_n||², float64
@@ -85,23 +86,66 @@ class KnnData:
         return len(self.points)
 
 
-def deduplicate(x: torch.Tensor):
-    """(points (U, D), multiplicities (U,), inverse (N,)) of (N, D) samples, points in first-seen order."""
+def deduplicate(x: torch.Tensor, cache=None):
+    """(points (U, D), multiplicities (U,), inverse (N,)) of (N, D) samples, points in first-seen order,
+    on x's device. Without duplicates the points are x itself (no copy). cache: a `NodeCache` of x's
+    data set: the groups and the distinct points are computed once per machine and mapped."""
+    n = x.shape[0]
+    if cache is None:
+        g = groups(row_keys(x.detach().cpu().numpy()))
+        first, counts, inverse = g.first, g.counts, g.inverse
+    else:
+        with np.load(cache.file("dedup.npz", lambda tmp: _save_groups(tmp, x))) as f:
+            first, counts, inverse = f["first"], f["counts"], f["inverse"]
+    mult = torch.from_numpy(np.asarray(counts)).to(x.device, x.dtype)
+    inverse = torch.from_numpy(np.asarray(inverse)).to(x.device)
+    if len(first) == n:  # no duplicates: first is 0..N-1
+        return x, mult, inverse
+    if cache is None or x.device.type != "cpu":
+        return x[torch.from_numpy(np.asarray(first)).to(x.device)], mult, inverse
+    points = cache.array("dedup-points", (len(first), x.shape[1]), x.numpy().dtype,
+                         lambda out: _gather_into(out, x, np.asarray(first)))
+    return read_only_tensor(points), mult, inverse
+
+
+def _save_groups(path, x: torch.Tensor) -> None:
     g = groups(row_keys(x.detach().cpu().numpy()))
-    first = torch.from_numpy(g.first).to(x.device)
-    return x[first], torch.from_numpy(g.counts).to(x.device, x.dtype), torch.from_numpy(g.inverse).to(x.device)
+    with open(path, "wb") as f:
+        np.savez(f, first=g.first, counts=g.counts, inverse=g.inverse)
+
+
+def _gather_into(out: np.ndarray, x: torch.Tensor, rows: np.ndarray, chunk: int = 4096) -> None:
+    for start in range(0, len(rows), chunk):
+        out[start:start + chunk] = x[torch.from_numpy(rows[start:start + chunk])].numpy()
+
+
+def _sums(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, float]:
+    """Σ_n x_n (D,) and Σ_n ||x_n||² in float64, a chunk of rows at a time (x may be a mapped data set)."""
+    sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    sum_sq = 0.0
+    for start in range(0, x.shape[0], chunk):
+        xd = x[start:start + chunk].double()
+        sum_x += xd.sum(0)
+        sum_sq += float((xd * xd).sum())
+    return sum_x, sum_sq
 
 
 def prepare_knn(x: torch.Tensor, *, index: str = "auto", pca: int | None = None, seed: int = 0,
-                mixture: bool = False) -> KnnData:
-    """Deduplicate (N, D) samples (mixture: (N, 2D) [mean, std] rows) and index the distinct (means)."""
-    points, mult, inverse = deduplicate(x)
+                mixture: bool = False, cache=None, device: torch.device | None = None) -> KnnData:
+    """Deduplicate (N, D) samples (mixture: (N, 2D) [mean, std] rows) and index the distinct (means).
+
+    x may stay in host memory while the kernel runs on `device` (default x's): the points stay with x
+    and each batch gathers its rows; the small per-sample arrays and sums live on `device`."""
+    device = x.device if device is None else torch.device(device)
+    points, mult, inverse = deduplicate(x, cache)
     stds = None
     if mixture:
         points, stds = split_rows(points)
-    xd = x.double()
-    return KnnData(points=points, mult=mult, inverse=inverse, sum_x=xd.sum(0), sum_sq=float((xd * xd).sum()),
-                   index=build_index(points.contiguous(), index, pca=pca, seed=seed), stds=stds,
+    sum_x, sum_sq = _sums(x)
+    return KnnData(points=points, mult=mult.to(device), inverse=inverse.to(device), sum_x=sum_x.to(device),
+                   sum_sq=sum_sq, stds=stds,
+                   index=build_index(points if points.is_contiguous() else points.contiguous(), index, pca=pca,
+                                     seed=seed, cache=cache, name="means" if mixture else "points"),
                    rows=x if mixture else None)
 
 
@@ -130,8 +174,8 @@ def _draws(data: KnnData, n_draw: int, B: int, shared: bool, g: torch.Generator)
     """Candidate order for U: (n_draw,) one uniform order of the distinct samples per batch, or (B, n_draw)."""
     U = data.n_unique
     if shared:
-        return torch.randperm(U, generator=g)[:n_draw].to(data.points.device)
-    return torch.rand(B, U, generator=g).argsort(dim=1)[:, :n_draw].to(data.points.device)
+        return torch.randperm(U, generator=g)[:n_draw].to(data.mult.device)
+    return torch.rand(B, U, generator=g).argsort(dim=1)[:, :n_draw].to(data.mult.device)
 
 
 def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *, subset_size: int,
@@ -142,14 +186,14 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     mixture: z then ε); L = subset_size < U.
     """
     P, mixture = data.points, data.stds is not None
-    U, B = data.n_unique, eps.shape[0]
+    U, B, dev = data.n_unique, eps.shape[0], eps.device
     k = subset_size // 2
     n_u = subset_size - k
     n_draw = min(U, n_u + k)  # enough that n_u remain after removing any A
-    xs = P[xs_idx]  # (B, D): the source (a mixture: its component's mean, the reference point of f)
+    xs = take_rows(P, xs_idx, dev)  # (B, D): the source (a mixture: its component's mean, the reference of f)
     if mixture:
         z, eps = query_noise(eps)
-        x0 = xs + data.stds[xs_idx] * z
+        x0 = xs + take_rows(data.stds, xs_idx, dev) * z
     else:
         x0 = xs
     xs64 = xs.double()
@@ -158,13 +202,13 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     multC = data.mult[CB]
     if not mixture:  # the candidates' σ-independent terms
         if shared_draws:
-            XC = P[C]  # (n_draw, D)
+            XC = take_rows(P, C, dev)  # (n_draw, D)
             DxxC, DexC, _, _ = pairwise_terms(xs, eps, XC, precision)  # (B, n_draw) each
 
             def wsum_dirac(w):  # Σ_c w_c f_c = Σ w x_c - (Σ w) x_s, (B, D) float64
                 return (w @ XC).double() - w.sum(1, dtype=torch.float64)[:, None] * xs64
         else:
-            fC_dirac = P[C] - xs[:, None]  # (B, n_draw, D)
+            fC_dirac = take_rows(P, C, dev) - xs[:, None]  # (B, n_draw, D)
             DxxC, DexC = (fC_dirac * fC_dirac).sum(-1), -(eps[:, None] * fC_dirac).sum(-1)
 
             def wsum_dirac(w):
@@ -173,19 +217,20 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
         tot_f = data.sum_x[None, :] - N * xs64  # Σ_all m f, (B, D)
         tot_q = data.sum_sq - 2.0 * (xs64 @ data.sum_x) + N * (xs64 * xs64).sum(1)  # Σ_all m q, (B,)
 
-    out = torch.empty(B, 3, len(sigmas), dtype=torch.float64, device=P.device)
+    out = torch.empty(B, 3, len(sigmas), dtype=torch.float64, device=dev)
     for i, sigma in enumerate(np.asarray(sigmas, dtype=np.float64).tolist()):
         y = x0 + sigma * eps
         A, validA = neighbour_sets(data, y, xs_idx, k)  # (B, k)
         if mixture:
-            lgA, fA, qA = component_terms(y, xs, P[A], data.stds[A], sigma)
-            lgC, fC, qC = component_terms(y, xs, P[CB], data.stds[CB], sigma)  # (B, n_draw[, D])
+            lgA, fA, qA = component_terms(y, xs, take_rows(P, A, dev), take_rows(data.stds, A, dev), sigma)
+            lgC, fC, qC = component_terms(y, xs, take_rows(P, CB, dev), take_rows(data.stds, CB, dev),
+                                          sigma)  # (B, n_draw[, D])
 
             def wsum(w, fC=fC):
                 return torch.bmm(w[:, None, :], fC)[:, 0].double()
             tot_f, tot_q = total_f_q(data.totals(sigma), y, xs)
         else:
-            fA = P[A] - xs[:, None]  # (B, k, D), direct differences: exact small distances
+            fA = take_rows(P, A, dev) - xs[:, None]  # (B, k, D), direct differences: exact small distances
             qA, exA = (fA * fA).sum(-1), (eps[:, None] * fA).sum(-1)
             lgA = (qA - (2.0 * sigma) * exA) * (-0.5 / sigma**2)
             lgC, qC, wsum = (DxxC + (2.0 * sigma) * DexC) * (-0.5 / sigma**2), DxxC, wsum_dirac

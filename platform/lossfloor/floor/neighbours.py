@@ -15,6 +15,13 @@ the query, so an approximate search costs efficiency, never correctness):
 `pca=r` searches on the first r principal components (FAISS `PCAMatrix`): cheaper, approximate.
 FAISS indexes move to the GPU when the points are on CUDA and FAISS was built with GPU support.
 Build and search times are kept (`build_s`, `search_s`) and reported apart from the kernel's.
+
+One index per node: given a `lossfloor.data.node_cache.NodeCache`, a FAISS index is built by the first
+process of a machine, written to the node cache and memory-mapped by every process (FAISS's
+IO_FLAG_MMAP_IFC for flat storage, IO_FLAG_MMAP for IVF lists): the actors of a node share one copy of
+its vectors instead of one each, and all of them search the same index (the same neighbours on every
+actor, so any number of workers gives the same numbers). The torch search keeps the points where they
+are (host or device) and computes there; ids come back on the query's device.
 """
 
 from __future__ import annotations
@@ -76,7 +83,8 @@ class TorchIndex(NeighbourIndex):
         super().__init__("torch", len(points), time.perf_counter() - t0)
 
     def _search(self, y, k):
-        y = y.to(self.points.dtype)
+        where = y.device
+        y = y.to(self.points.device, self.points.dtype)
         best_d, best_i = None, None
         for start in range(0, self.n_points, _TORCH_CHUNK):
             p = self.points[start:start + _TORCH_CHUNK]
@@ -91,13 +99,13 @@ class TorchIndex(NeighbourIndex):
                 best_d, pos = cat_d.topk(k, dim=1, largest=False)
                 best_i = cat_i.gather(1, pos)
         order = best_d.argsort(dim=1, stable=True)  # topk of one block is not sorted on every backend
-        return best_i.gather(1, order)
+        return best_i.gather(1, order).to(where)
 
 
 class FaissIndex(NeighbourIndex):
-    def __init__(self, index, base, kind: str, n_points: int, build_s: float, device: torch.device):
+    def __init__(self, index, base, kind: str, n_points: int, build_s: float):
         super().__init__(kind, n_points, build_s)
-        self.index, self.base, self.device = index, base, device
+        self.index, self.base = index, base
 
     def _search(self, y, k):
         if hasattr(self.base, "hnsw"):
@@ -107,11 +115,15 @@ class FaissIndex(NeighbourIndex):
         ids = torch.from_numpy(ids)
         if (ids < 0).any():  # an IVF probe can come back short: fill with the nearest found
             ids = torch.where(ids < 0, ids[:, :1], ids)
-        return ids.to(self.device)
+        return ids.to(y.device)
 
 
-def build_index(points: torch.Tensor, kind: str = "auto", *, pca: int | None = None, seed: int = 0) -> NeighbourIndex:
-    """An index of (U, D) points (see the module docstring); deterministic for the same points and seed."""
+def build_index(points: torch.Tensor, kind: str = "auto", *, pca: int | None = None, seed: int = 0,
+                cache=None, name: str = "points") -> NeighbourIndex:
+    """An index of (U, D) points (see the module docstring); deterministic for the same points and seed.
+
+    cache: a `NodeCache` of the data the points come from: the FAISS index is built once per machine and
+    memory-mapped (`name` tells apart indexes of different point sets of the same data)."""
     if kind not in INDEXES:
         raise InputError(f"index: expected one of {', '.join(INDEXES)}, got {kind!r}")
     faiss = faiss_module()
@@ -130,13 +142,29 @@ def build_index(points: torch.Tensor, kind: str = "auto", *, pca: int | None = N
         raise InputError(f"index {kind}: FAISS is not installed (pip install faiss-cpu), use --index torch")
     t0 = time.perf_counter()
     faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
+    n, d = points.shape
+    if pca is not None and not (isinstance(pca, int) and 1 <= pca <= d):
+        raise InputError(f"index-pca: expected an integer in [1, D = {d}], got {pca!r}")
+    label = kind + (f"+pca{pca}" if pca is not None else "")
+    if cache is None:
+        index = _faiss_index(faiss, points, kind, pca, seed)
+    else:  # built by the first process of this machine, mapped by all
+        path = cache.file(f"index-{name}-{label}-seed{seed}.faiss",
+                          lambda tmp: faiss.write_index(_faiss_index(faiss, points, kind, pca, seed), str(tmp)))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if kind == "ivf" else faiss.IO_FLAG_MMAP_IFC)
+    base = faiss.downcast_index(index.index) if pca is not None else index
+    if kind == "ivf":
+        base.nprobe = min(base.nlist, IVF_NPROBE)
+    if on_cuda and faiss_gpu and kind != "hnsw":  # FAISS has no GPU HNSW
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), points.device.index or 0, index)
+    return FaissIndex(index, base, label, n, time.perf_counter() - t0)
+
+
+def _faiss_index(faiss, points: torch.Tensor, kind: str, pca: int | None, seed: int):
+    """A trained FAISS index (on the CPU) holding the points."""
     x = np.ascontiguousarray(points.detach().to("cpu", torch.float32).numpy())
     n, d = x.shape
-    dim = d
-    if pca is not None:
-        if not (isinstance(pca, int) and 1 <= pca <= d):
-            raise InputError(f"index-pca: expected an integer in [1, D = {d}], got {pca!r}")
-        dim = pca
+    dim = d if pca is None else pca
     if kind == "flat":
         base = faiss.IndexFlatL2(dim)
     elif kind == "ivf":
@@ -153,7 +181,4 @@ def build_index(points: torch.Tensor, kind: str = "auto", *, pca: int | None = N
         train = x if n_train >= n else x[np.sort(rng.choice(n, n_train, replace=False))]
         index.train(train)
     index.add(x)
-    if on_cuda and faiss_gpu and kind != "hnsw":  # FAISS has no GPU HNSW
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), points.device.index or 0, index)
-    name = kind + (f"+pca{pca}" if pca is not None else "")
-    return FaissIndex(index, base, name, n, time.perf_counter() - t0, points.device)
+    return index

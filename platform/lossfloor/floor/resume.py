@@ -462,7 +462,7 @@ def estimate_resumable(
     """
     config = config or EstimatorConfig()
     sigmas = check_sigmas(sigmas)
-    x = prepare_data(samples, config)
+    x = prepare_data(samples, replace(config, device="cpu"))  # `floor_data` moves it to the device if it fits
     cfg = config.resolve(x.shape[0], x.shape[1])
     if fingerprint is None:
         fingerprint = data_fingerprint(x.cpu())

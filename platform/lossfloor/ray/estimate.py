@@ -4,8 +4,8 @@ The plan (one Ray Data pipeline per estimate pass):
 
     from_items([batch indices still missing], one block per task)
       → map_batches(FloorWorker, compute=ActorPoolStrategy(size=workers), batch_size=batches_per_task)
-          each actor holds the whole prepared (N, D) data set on its device (references are drawn from
-          all N samples) and runs the core's `batch_terms` for every batch index it is handed
+          each actor sees the whole prepared (N, D) data set (references are drawn from all N samples),
+          one host copy per node, and runs the core's `batch_terms` for every batch index it is handed
       → per-batch partial sums as plain columns → iterated on the driver
       → stored in the work folder as they arrive (resumable) → reduced in batch order.
 
@@ -14,14 +14,18 @@ Ray does with blocks. Every batch's randomness comes from (seed, batch index) in
 the worker, so 1 or 2 workers give the local engine's numbers. Workers only compute: the work folder,
 progress and MLflow are the driver's.
 
-The data reach the actors in one of two ways:
-- an in-memory array: once through the object store (`ray.put` on the driver, read zero-copy by the
-  actors of a node; CUDA actors copy it to their GPU);
+The data reach the actors once per node, never once per actor:
+- an in-memory array: through the object store (`ray.put` on the driver; each node fetches it once and
+  its actors read it zero-copy);
 - a shard folder (`lossfloor data prepare`, on storage every node can read): the driver never holds the
   data. J*(inf) and the NaN/inf check come from Ray Data (read_parquet -> map_batches of per-block
-  moments -> merged on the driver), and every actor reads the shards block by block straight into its
-  (N, D) tensor on its device, so host memory holds one block, not the data set (ImageNet-512 latents,
-  1.28M x 16384 float32 = 84 GB, fit an H200 but not the object store of most nodes).
+  moments -> merged on the driver); the first actor of each node reads the shards block by block into
+  the node's cache file (`lossfloor.data.node_cache`) and every actor of the node maps it read-only
+  (ImageNet-512 latents, 1.28M x 16384 float32 = 84 GB, do not fit the object store of most nodes).
+knn's distinct points and FAISS index are likewise made once per node and mapped by its actors.
+On a GPU the data move to the device when they fit next to a batch (`floor.estimators.floor_data`,
+`max_device_gb`); otherwise they stay in host memory and each batch gathers its rows onto the GPU, so an
+actor's device memory is its batch working set, whatever N is.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,7 +43,8 @@ import numpy as np
 import ray
 import torch
 
-from lossfloor.data import open_source, read_meta, read_shard_rows, shard_paths
+from lossfloor.data import read_meta, read_shard_rows, shard_paths
+from lossfloor.data.node_cache import NodeCache, read_only_tensor, shard_matrix
 from lossfloor.data.shards import is_shard_dir
 from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan
@@ -60,7 +64,6 @@ log = logging.getLogger(__name__)
 MAX_BLOCKS = 8192  # one block per task up to this many (more tasks share blocks)
 TASKS_PER_WORKER = 16  # see `batches_per_task`
 MAX_BATCHES_PER_TASK = 8
-SHARD_READ_ROWS = 8192  # rows per block when a worker reads a shard folder
 _COLUMNS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_ja", "kernel_s", "search_s",
             "index_build_s")
 _TIMES = ("kernel_s", "search_s", "index_build_s")
@@ -120,24 +123,25 @@ class FloorWorker:
     """The actor of the pool: the data set on its device (and, for knn, its index), and `batch_terms` for
     each batch index.
 
-    data: ("ref", [object ref of the prepared (N, D) array]) or ("shards", folder) for a shard folder
-    the worker reads itself, shard by shard, into its (N, D) tensor (host memory: one shard at a time).
+    data: ("ref", [object ref of the prepared (N, D) array]) or ("shards", folder) for a shard folder,
+    mapped from this node's cache (`lossfloor.data.node_cache`, written by the node's first actor).
+    fingerprint: the data set's, naming its node cache entries (knn's distinct points and index).
     """
 
-    def __init__(self, data: tuple, sigmas: np.ndarray, cfg: EstimatorConfig, threads: int):
+    def __init__(self, data: tuple, fingerprint: str, sigmas: np.ndarray, cfg: EstimatorConfig, threads: int):
         torch.set_num_threads(threads)
         kind, where = data
+        cache = NodeCache(fingerprint)
         if kind == "ref":
             arr = ray.get(where[0])  # (N, D), read-only and zero-copy on this node
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # torch warns about non-writable arrays; x is only read
-                x = torch.from_numpy(arr)
-            self.x = x.to(cfg.device) if cfg.device != "cpu" else x
         else:
-            self.x = read_shards_to(where, cfg)
+            arr = shard_matrix(where, cache)
+        x = read_only_tensor(arr)
+        if x.dtype != getattr(torch, cfg.dtype):
+            x = x.to(getattr(torch, cfg.dtype))  # a float64 reference run: a private copy
         self.sigmas, self.cfg = sigmas, cfg
-        self.plan = query_plan(cfg, self.x.shape[0])
-        self.data = floor_data(self.x, cfg)  # knn: deduplicated and indexed once per actor
+        self.plan = query_plan(cfg, x.shape[0])
+        self.data = floor_data(x, cfg, cache=cache)  # on the GPU if it fits; knn's points and index per node
         self.build_s = self.data.index_build_s  # reported with the first batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -159,21 +163,6 @@ def _shard_folder(samples) -> Path | None:
     if isinstance(samples, (str, os.PathLike)) and is_shard_dir(Path(samples)):
         return Path(samples).expanduser().absolute()  # workers may run on other nodes: shared storage
     return None
-
-
-def read_shards_to(folder: str, cfg: EstimatorConfig) -> torch.Tensor:
-    """A shard folder as one (N, D) tensor on cfg.device in cfg.dtype, read one shard block at a time."""
-    reader = open_source(folder)
-    info = reader.info()  # from meta.json
-    x = torch.empty((info.count, math.prod(info.sample_shape)), dtype=getattr(torch, cfg.dtype), device=cfg.device)
-    start = 0
-    for samples, _ in reader.blocks(SHARD_READ_ROWS):
-        block = torch.from_numpy(samples.reshape(len(samples), -1))
-        x[start:start + len(block)].copy_(block)
-        start += len(block)
-    if start != info.count:
-        raise InputError(f"{folder}: {start} rows in the shards, meta.json says {info.count}")
-    return x
 
 
 def _moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -240,8 +229,8 @@ def batches_per_task(n_batches: int, workers: int) -> int:
 class _RayRunner:
     """The `BatchRunner` of the Ray engine (see `lossfloor.floor.resume.run_pass`)."""
 
-    def __init__(self, data: tuple, engine: RayEngine, cpus_per_worker: float):
-        self.data, self.engine, self.cpus = data, engine, cpus_per_worker
+    def __init__(self, data: tuple, fingerprint: str, engine: RayEngine, cpus_per_worker: float):
+        self.data, self.fingerprint, self.engine, self.cpus = data, fingerprint, engine, cpus_per_worker
         self.kernel_times: list[float] = []  # seconds in `batch_terms` per computed batch, arrival order
         self.search_s = self.index_build_s = 0.0
 
@@ -263,6 +252,7 @@ class _RayRunner:
             num_gpus=self.engine.gpus_per_worker or None,
             fn_constructor_kwargs={
                 "data": self.data,  # a reference inside a tuple reaches the actor as the reference itself
+                "fingerprint": self.fingerprint,
                 "sigmas": sigmas,
                 "cfg": cfg,
                 "threads": max(1, int(self.cpus)),
@@ -368,7 +358,7 @@ def estimate_ray(
             cpus = engine.cpus_per_worker
             if cpus is None:
                 cpus = _default_cpus_per_worker(engine.workers)
-            runner = _RayRunner(data, engine, cpus)
+            runner = _RayRunner(data, fingerprint, engine, cpus)
             log.info("ray engine: %d worker(s) x %g CPU%s, %s", engine.workers, cpus,
                      f" x {engine.gpus_per_worker:g} GPU" if engine.gpus_per_worker else "", cfg.device)
             result = estimate_passes(
