@@ -33,7 +33,9 @@ class MultiNode:
         self.env = {**job_env(self.folder / "home"), "RAY_worker_niceness": "0"}
         self.nodes: dict[str, subprocess.Popen] = {}
         self.temp_dir = tempfile.mkdtemp(prefix="lfmn-", dir="/tmp")  # Ray socket paths stay < 108 chars
+        self.temp_dirs = [self.temp_dir]
         self.address = ""
+        self.dashboard = ""  # http://127.0.0.1:PORT: the job server (`ray job submit --address`) and state API
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "w")  # open as long as the node lives
@@ -54,14 +56,19 @@ class MultiNode:
         self._start("head", ["--head", "--port", str(gcs), "--include-dashboard=true", "--dashboard-host",
                              "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", str(self.head_cpus),
                              "--temp-dir", self.temp_dir])
-        self.address = f"127.0.0.1:{gcs}"
+        self.address, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
         self._wait(lambda alive: len(alive) >= 1)
         return self
 
     def add_node(self, name: str, cpus: int = 1) -> str:
         """Start a worker node with `cpus` CPUs and resource {name: 1}; return when the cluster counts it."""
+        # a temporary folder of its own, as on a machine of its own: nodes sharing the head's would share
+        # one runtime_resources folder, and a node's runtime-env agent would replace a job's working_dir
+        # under the running driver (its cwd gone: FileNotFoundError in os.getcwd)
+        temp_dir = tempfile.mkdtemp(prefix="lfmn-", dir="/tmp")
+        self.temp_dirs.append(temp_dir)
         self._start(name, ["--address", self.address, "--num-cpus", str(cpus),
-                           "--resources", json.dumps({name: 1})])
+                           "--resources", json.dumps({name: 1}), "--temp-dir", temp_dir])
         self._wait(lambda alive: name in alive)
         return name
 
@@ -84,6 +91,14 @@ class MultiNode:
         found = re.findall(r"^ALIVE (.*)$", done.stdout, flags=re.M)  # Ray may print its own lines too
         return set(found[-1].split()) if done.returncode == 0 and found else set()
 
+    def names(self) -> dict[str, str]:
+        """Node id -> name (its custom resource, "head" for the head) of every node the cluster has had,
+        dead ones included, from the state API."""
+        from ray.util.state import list_nodes
+
+        return {n.node_id: next((k for k in n.resources_total if k.startswith("node_")), "head")
+                for n in list_nodes(address=self.dashboard, limit=1000, raise_on_missing_output=False)}
+
     def _wait(self, ok, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -100,4 +115,5 @@ class MultiNode:
             _stop_head(self.nodes.pop("head"))
         import shutil
 
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)

@@ -3,25 +3,43 @@
 (SIGKILL to its raylet and workers) and a replacement joins: the estimate finishes with the local
 engine's numbers, every batch counted once (the driver refuses a batch it already has; the tasks in
 flight on the dead node are retried), and Ray Train restarts the group from its last checkpoint onto the
-nodes alive and ends with one plain process's parameters."""
+nodes alive and ends with one plain process's parameters. A schedule sweep (Ray Tune, `lossfloor sweep
+--address`) puts its two 1-CPU trials one on each node and gets the numbers of the same sweep on one local
+node; the scaling study submitted as a Ray job (`ray job submit` to the head, its driver on the head with
+no CPUs), stopped after its estimate stage and resubmitted, continues from the finished stages and trains
+its two models one on each node."""
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import ray
 
 from lossfloor.data import load
 from lossfloor.floor import EstimatorConfig, estimate
 from lossfloor.models import get_preset
 from lossfloor.ray import RayEngine, estimate_ray
 from lossfloor.ray.train import train_on_ray
+from lossfloor.tracking import PARENT_RUN_TAG, client
 from lossfloor.train import TrainConfig, train
 from lossfloor.train.checkpoint import list_checkpoints
 from ray_cluster import MultiNode
+from ray_head import RAY
+from test_scaling_study import REPO
+from test_scaling_study import TINY as STUDY_FLAGS
+from test_scaling_study import _check_outputs as check_outputs
+from test_scaling_study import _check_store as check_store
+from test_sweep import SPACE as SWEEP_SPACE
+from test_sweep import TINY as SWEEP_FLAGS
+from test_sweep import install, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")]
 
@@ -104,3 +122,120 @@ def test_ray_train_across_two_nodes_survives_a_dead_node(cluster, tmp_path):
     for k, v in plain.model_state.items():  # the all-reduce's summation order: close, not bit for bit
         scale = max(float(v.abs().max()), 1e-12)
         assert float((state["net"][k] - v).abs().max()) / scale <= 1e-5, k
+
+
+# ---- a schedule sweep (Ray Tune) across the two nodes, and the same sweep on one local node ----
+
+
+class NodeMarkers:
+    """Trial hooks (`run_sweep(trial_hooks=...)`): the id of the node each trial starts on, in DIR/<trial>.node."""
+
+    def __init__(self, folder: Path):
+        self.folder = str(folder)
+
+    def on_trial_start(self, trial_id: str, resumed_from) -> None:
+        import ray
+
+        with open(Path(self.folder) / f"{trial_id}.node", "a", encoding="utf-8") as f:
+            f.write(ray.get_runtime_context().get_node_id() + "\n")
+
+
+def sweep(out: Path, monkeypatch, *address: str) -> tuple[dict, dict]:
+    """The EDM2 baseline + 1 trial (2 trials of 1 CPU), 256 images, the tiny preset, as `lossfloor sweep`
+    runs it: {schedule: (row, objective history)} and {trial id: [node ids it started on]}."""
+    out.mkdir()
+    (out / "space.yaml").write_text(SWEEP_SPACE)
+    with monkeypatch.context() as mp:
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials run where tests/ is not
+        install(mp, trial_hooks=NodeMarkers(out))
+        rc, stdout = run_cli(["sweep", *SWEEP_FLAGS, "--space", str(out / "space.yaml"), "--trials", "1",
+                              "--images", "256", "--evals", "2", "--cpus-per-worker", "1", "--out", str(out / "s"),
+                              *address])
+    assert rc == 0, stdout
+    history = pq.read_table(out / "s" / "objective_history.parquet").to_pylist()
+    trials = {r["schedule"]: (r, sorted((p["n_img"], p["objective"]) for p in history
+                                        if p["trial_id"] == r["trial_id"]))
+              for r in pq.read_table(out / "s" / "results.parquet").to_pylist()}
+    return trials, {p.stem: p.read_text().split() for p in out.glob("*.node")}
+
+
+def test_a_sweep_runs_its_trials_on_both_nodes_with_the_local_numbers(cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the local Ray below (Ray >= 2.59: token auth by default)
+    spread, nodes = sweep(tmp_path / "multi", monkeypatch, "--address", cluster.address)
+    assert sorted(spread) == ["edm2", "optimal"]
+    for row, history in spread.values():
+        assert row["status"] == "finished" and row["n_img"] == 256 and row["objective"] > 0
+        assert [n for n, _ in history] == [128, 256]
+    # each trial started once; 1 CPU each on a cluster of two 1-CPU nodes (the head has none): one per node
+    names = cluster.names()
+    assert sorted(len(v) for v in nodes.values()) == [1, 1]
+    assert sorted(names[v[0]] for v in nodes.values()) == sorted(set(cluster.nodes) - {"head"})
+    # the same sweep on one node, a local Ray in this process: the same configurations and numbers
+    local, _ = sweep(tmp_path / "local", monkeypatch)
+    for schedule, (row, history) in spread.items():
+        other, other_history = local[schedule]
+        assert {k: row[k] for k in ("w_max", "mu", "varsigma", "n_img")} == \
+            {k: other[k] for k in ("w_max", "mu", "varsigma", "n_img")}
+        # one process per trial with one torch thread and the same seed, wherever it runs: the same floats
+        # (measured: equal bit for bit); 1e-12, as test_sweep's resume check, leaves room for last bits only
+        assert row["objective"] == pytest.approx(other["objective"], rel=1e-12), schedule
+        assert history == pytest.approx(other_history, rel=1e-12), schedule
+
+
+# ---- the scaling study as a Ray job on the two nodes: its driver stopped, the job resubmitted ----
+
+
+def job_nodes(cluster: MultiNode, submission_id: str) -> dict[str, set[str]]:
+    """{actor class: names of the nodes its actors ran on} of one submitted job (dead actors included)."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    job_id = JobSubmissionClient(cluster.dashboard).get_job_info(submission_id).job_id
+    names, out = cluster.names(), {}
+    for a in list_actors(address=cluster.dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10000,
+                         raise_on_missing_output=False):
+        out.setdefault(a.class_name, set()).add(names.get(a.node_id, a.node_id))
+    return out
+
+
+def test_the_study_stopped_and_resubmitted_as_a_ray_job_on_two_nodes(cluster):
+    home = cluster.folder / "home"  # the head's HOME: runtime_env.yaml puts results under ${HOME}/lossfloor
+    submit = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--runtime-env",
+              "cluster/runtime_env.yaml"]
+    study = ["--", "python", "studies/scaling_imagenet512.py", *STUDY_FLAGS]
+    runs = home / "lossfloor" / "runs" / "scaling_imagenet512"
+    # the driver (on the head, 0 CPUs: its work goes to the worker nodes) is stopped after its estimate stage ...
+    first = subprocess.run([*submit, "--no-wait", "--submission-id", "first", *study], cwd=REPO, env=cluster.env,
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    deadline = time.monotonic() + 180
+    while not list(runs.glob("estimate-*/DONE.json")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert list(runs.glob("estimate-*/DONE.json")), "the estimate stage did not finish"
+    subprocess.run([RAY, "job", "stop", "--address", cluster.dashboard, "first"], env=cluster.env,
+                   capture_output=True, timeout=120)
+    # ... and the same job submitted again continues from the finished stages
+    job = subprocess.run([*submit, "--submission-id", "second", *study], cwd=REPO, env=cluster.env,
+                         capture_output=True, text=True, timeout=300)
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in logs, logs[-4000:]
+    assert "stage estimate: finished earlier" in logs and "skipped" in logs
+    assert "on Ray Train" in logs and "train: 2 model(s), 2 at a time" in logs
+    # the work ran on the worker nodes: the J* actors of the first job, the two models' Train workers (one
+    # each, 1 CPU on 1-CPU nodes, at the same time) of the second, one on each node
+    workers = set(cluster.nodes) - {"head"}
+    first, second = job_nodes(cluster, "first"), job_nodes(cluster, "second")
+    assert set().union(*(v for k, v in first.items() if k.startswith("MapWorker"))) <= workers, first
+    assert second["RayTrainWorker"] == workers, second
+
+    uri = f"sqlite:///{home}/lossfloor/mlflow.db"
+    c = client(uri)
+    parents = [r for r in c.search_runs([c.get_experiment_by_name("scaling").experiment_id])
+               if PARENT_RUN_TAG not in r.data.tags]
+    stopped = [r for r in parents if r.info.status != "FINISHED"]
+    assert len(parents) == 2 and [r.info.status for r in stopped] == ["KILLED"]  # not left RUNNING
+    for r in c.search_runs([stopped[0].info.experiment_id]):  # the stopped study's runs: deleted, then checked
+        if r.info.run_id == stopped[0].info.run_id or r.data.tags.get(PARENT_RUN_TAG) == stopped[0].info.run_id:
+            c.delete_run(r.info.run_id)
+    check_store(uri)
+    check_outputs(runs)
