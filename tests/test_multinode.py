@@ -160,7 +160,6 @@ def sweep(out: Path, monkeypatch, *address: str) -> tuple[dict, dict]:
 
 
 def test_a_sweep_runs_its_trials_on_both_nodes_with_the_local_numbers(cluster, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the local Ray below (Ray >= 2.59: token auth by default)
     spread, nodes = sweep(tmp_path / "multi", monkeypatch, "--address", cluster.address)
     assert sorted(spread) == ["edm2", "optimal"]
     for row, history in spread.values():
@@ -171,7 +170,13 @@ def test_a_sweep_runs_its_trials_on_both_nodes_with_the_local_numbers(cluster, t
     assert sorted(len(v) for v in nodes.values()) == [1, 1]
     assert sorted(names[v[0]] for v in nodes.values()) == sorted(set(cluster.nodes) - {"head"})
     # the same sweep on one node, a local Ray in this process: the same configurations and numbers
-    local, _ = sweep(tmp_path / "local", monkeypatch)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # Ray >= 2.59 uses token auth for local clusters
+    monkeypatch.setenv("RAY_worker_niceness", "0")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")  # the sweep's own would start a dashboard
+    try:
+        local, _ = sweep(tmp_path / "local", monkeypatch)
+    finally:
+        ray.shutdown()
     for schedule, (row, history) in spread.items():
         other, other_history = local[schedule]
         assert {k: row[k] for k in ("w_max", "mu", "varsigma", "n_img")} == \
