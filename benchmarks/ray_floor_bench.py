@@ -13,12 +13,29 @@ over local when the kernel work is >= 20 s.
 
     .venv/bin/python benchmarks/ray_floor_bench.py --out benchmarks/results/ray_floor_bench-cpu-DATE.json
     .venv/bin/python benchmarks/ray_floor_bench.py --smoke      # a few seconds of work, checks the plumbing
+
+Two more parts (issue 13), each its own run:
+
+    .venv/bin/python benchmarks/ray_floor_bench.py --part nodes --out benchmarks/results/ray_floor_nodes-cpu-DATE.json
+    .venv/bin/python benchmarks/ray_floor_bench.py --part memory --out benchmarks/results/ray_floor_memory-cpu-DATE.json
+
+- nodes: the same knn estimate of a shard folder on 1, 2 and 3 Ray nodes started on this machine (a head
+  with no CPUs plus worker nodes via `ray start --address`, tests/ray_cluster.py) at equal total logical
+  CPUs and equal workers, against the local engine: wall time, overhead over local, the same numbers.
+  On one machine the nodes share its cores and its node cache: what differs is scheduling, the object
+  transfer between raylets and Ray Data's cross-node plumbing, which is what this measures.
+- memory: peak memory of each estimation actor vs N at a fixed batch, for a shard folder (mapped from the
+  node cache) and an in-memory array (the object store), sampled from /proc/PID/smaps_rollup every 50 ms:
+  private_dirty (what the actor itself holds: its heap, the batch, torch) must stay flat as N grows,
+  while rss/pss count the shared mapped data (pss splits it among the processes mapping it). The
+  previous design held a private (N, D) copy per actor: its private memory grew by data_mib.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
 import platform
@@ -153,6 +170,158 @@ def run_case(n: int, args, tmp: Path) -> dict:
     return case
 
 
+def _actor_memory(pid: int) -> dict | None:
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    fields[parts[0].rstrip(":")] = int(parts[1]) / 1024.0
+    except OSError:
+        return None
+    return {"rss_mib": fields.get("Rss", 0.0), "pss_mib": fields.get("Pss", 0.0),
+            "private_dirty_mib": fields.get("Private_Dirty", 0.0),
+            "private_mib": fields.get("Private_Dirty", 0.0) + fields.get("Private_Clean", 0.0)}
+
+
+class ActorMemory:
+    """Peak memory per estimation actor (a process whose title names FloorWorker), sampled in a thread."""
+
+    def __init__(self, every_s: float = 0.05):
+        import threading
+
+        self.every_s, self.peaks, self._stop = every_s, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                        if b"FloorWorker" not in f.read():
+                            continue
+                except OSError:
+                    continue
+                mem = _actor_memory(int(entry.name))
+                if mem:
+                    peak = self.peaks.setdefault(int(entry.name), dict(mem))
+                    for k, v in mem.items():
+                        peak[k] = max(peak[k], v)
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        """Over the actors: the largest peak of each measure, and the smallest peak private_dirty (an
+        actor that found the node cache ready; the first one of a node also wrote it)."""
+        peaks = list(self.peaks.values())
+        out = {"actors_seen": len(peaks), **{f"max_{k}": round(max((p[k] for p in peaks), default=0.0), 1)
+                                             for k in ("rss_mib", "pss_mib", "private_dirty_mib", "private_mib")}}
+        out["min_private_dirty_mib"] = round(min((p["private_dirty_mib"] for p in peaks), default=0.0), 1)
+        return out
+
+
+def _shards(samples: np.ndarray, folder: Path) -> str:
+    from lossfloor.data import prepare_shards
+
+    np.save(folder / "data.npy", samples)
+    return str(prepare_shards(folder / "data.npy", folder / "shards", rows_per_shard=4096))
+
+
+def memory_part(args, tmp: Path) -> dict:
+    """Peak actor memory vs N at a fixed batch (module docstring), 2 workers on one local Ray node."""
+    from lossfloor.data import load
+
+    os.environ["LOSSFLOOR_NODE_CACHE"] = str(tmp / "node-cache")
+    sigmas = np.geomspace(0.05, 5.0, 4)
+    # cdol: a batch's cost and working set do not depend on N (it gathers its 64 sources and 64 references),
+    # so only where the (N, D) data live can make an actor's memory grow with N
+    cfg = EstimatorConfig(estimator="cdol", subset_size=64, queries_per_sample=1, seed=0, rows_per_batch=64)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    cases = []
+    try:
+        for n in [int(v) for v in args.memory_n.split(",")]:
+            folder = tmp / f"mem-{n}"
+            folder.mkdir()
+            samples = make_data(n, args.memory_dim, seed=1)
+            shards = _shards(samples, folder)
+            fp = load(shards).fingerprint
+            for kind, source in (("shard_folder", shards), ("in_memory_array", samples)):
+                with ActorMemory() as mem:
+                    t0 = time.perf_counter()
+                    rr = estimate_ray(source, sigmas, cfg, engine=RayEngine(workers=2, cpus_per_worker=1),
+                                      fingerprint=fp, work_dir=folder / f"work-{kind}", progress=False)
+                    wall = time.perf_counter() - t0
+                cases.append({"n": n, "dim": args.memory_dim, "estimator": cfg.estimator, "data_mib": round(samples.nbytes / 2**20, 1), "source": kind,
+                              "rows_per_batch": cfg.rows_per_batch, "wall_s": round(wall, 2),
+                              "batches": rr.result.passes[0].n_batches, **mem.summary()})
+                print(json.dumps(cases[-1]), file=sys.stderr)
+    finally:
+        ray.shutdown()
+    out = {"cases": cases}
+    for kind in ("shard_folder", "in_memory_array"):
+        rows = [c for c in cases if c["source"] == kind]
+        if len(rows) >= 2:
+            d_data = rows[-1]["data_mib"] - rows[0]["data_mib"]
+            for which in ("max", "min"):
+                out[f"{kind}_{which}_private_dirty_growth_per_data_mib"] = round(
+                    (rows[-1][f"{which}_private_dirty_mib"] - rows[0][f"{which}_private_dirty_mib"]) / d_data, 3)
+    out["previous_design_private_growth_per_data_mib"] = 1.0  # a private (N, D) copy per actor, by construction
+    return out
+
+
+def nodes_part(args, tmp: Path) -> dict:
+    """The same estimate on 1, 2 and 3 nodes at equal total logical CPUs (module docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from lossfloor.data import load
+    from ray_cluster import MultiNode
+
+    os.environ["LOSSFLOOR_NODE_CACHE"] = str(tmp / "node-cache")
+    samples = make_data(args.nodes_n, args.dim, seed=2)
+    shards = _shards(samples, tmp)
+    fp = load(shards).fingerprint
+    sigmas = np.geomspace(0.01, 10.0, args.sigmas)
+    cfg = EstimatorConfig(estimator="knn", subset_size=128, queries_per_sample=1, seed=0, rows_per_batch=64)
+    local, lr = run_local(samples, sigmas, cfg, tmp / "local")
+    total = args.total_cpus
+    out = {"n": args.nodes_n, "dim": args.dim, "estimator": "knn", "subset_size": 128, "n_sigmas": args.sigmas,
+           "total_logical_cpus": total, "workers": total, "physical_cpus": os.cpu_count(),
+           "local": {"wall_s": round(lr["wall_s"], 2), "kernel_s": round(lr["kernel_s"], 2),
+                     "threads": torch.get_num_threads()}, "clusters": []}
+    for n_nodes in (1, 2, 3):
+        folder = tmp / f"cluster-{n_nodes}"
+        folder.mkdir()
+        with MultiNode(folder) as cluster:
+            for i in range(n_nodes):
+                cluster.add_node(f"node_{i}", cpus=total // n_nodes)
+            t0 = time.perf_counter()
+            rr = estimate_ray(shards, sigmas, cfg, engine=RayEngine(address=cluster.address, workers=total,
+                                                                   cpus_per_worker=1),
+                              fingerprint=fp, work_dir=folder / "work", progress=False)
+            wall = time.perf_counter() - t0 - rr.connect_s - rr.shutdown_s
+        est = rr.result.estimate
+        row = {"nodes": n_nodes, "cpus_per_node": total // n_nodes, "wall_s": round(wall, 2),
+               "kernel_s": round(rr.kernel_s, 2), "first_batch_s": round(rr.result.passes[0].first_batch_s, 2),
+               "overhead_vs_local": round(wall / lr["wall_s"] - 1.0, 3),
+               "max_rel_diff_j_star_vs_local": rel_diff(local.j_star, est.j_star),
+               "max_rel_diff_stderr_vs_local": rel_diff(local.stderr, est.stderr)}
+        out["clusters"].append(row)
+        print(json.dumps(row), file=sys.stderr)
+    one = out["clusters"][0]["wall_s"]
+    for row in out["clusters"]:
+        row["wall_vs_one_node"] = round(row["wall_s"] / one, 3)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", default="10240,24576", help="samples N, one case per comma-separated value")
@@ -164,6 +333,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--two-workers", action="store_true", help="also time 2 workers x cpus/2 threads")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs")
+    p.add_argument("--part", choices=("engines", "nodes", "memory"), default="engines",
+                   help="engines: local vs Ray on one node (default); nodes: 1/2/3 nodes; memory: actor memory vs N")
+    p.add_argument("--nodes-n", type=int, default=16384, help="nodes part: samples N")
+    p.add_argument("--total-cpus", type=int, default=6, help="nodes part: logical CPUs (and workers) in every cluster")
+    p.add_argument("--memory-n", default="4096,16384,65536", help="memory part: samples N, comma-separated")
+    p.add_argument("--memory-dim", type=int, default=1024, help="memory part: values per sample D")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = p.parse_args(argv)
     if args.smoke:
@@ -171,13 +346,20 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.cpus)
 
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__}
+    if args.part != "engines":
+        with tempfile.TemporaryDirectory() as tmp:
+            part = (nodes_part if args.part == "nodes" else memory_part)(args, Path(tmp))
+        emit({"benchmark": f"ray_floor_bench --part {args.part}", "date": dt.date.today().isoformat(),
+              "device": "cpu", "machine": machine, **part}, args.out, indent=1)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         cases = [run_case(int(n), args, Path(tmp)) for n in args.n.split(",")]
     result = {
         "benchmark": "ray_floor_bench",
         "date": dt.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__},
+        "machine": machine,
         "setup": {"threads": args.cpus, "ray_cpus_per_worker_1_worker": args.cpus, "ray_worker_niceness": 0,
                   "repeats": args.repeats, "best_of_repeats": True, "smoke": args.smoke,
                   "work_dir": "fresh per run (both engines keep partials, as the CLI's ray engine does)"},
