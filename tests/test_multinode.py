@@ -28,12 +28,11 @@ from lossfloor.floor import EstimatorConfig, estimate
 from lossfloor.models import get_preset
 from lossfloor.ray import RayEngine, estimate_ray
 from lossfloor.ray.train import train_on_ray
-from lossfloor.tracking import PARENT_RUN_TAG, client
 from lossfloor.train import TrainConfig, train
 from lossfloor.train.checkpoint import list_checkpoints
 from ray_cluster import MultiNode
 from ray_head import RAY
-from test_scaling_study import REPO
+from test_scaling_study import REPO, drop_the_stopped_study
 from test_scaling_study import TINY as STUDY_FLAGS
 from test_scaling_study import _check_outputs as check_outputs
 from test_scaling_study import _check_store as check_store
@@ -234,13 +233,6 @@ def test_the_study_stopped_and_resubmitted_as_a_ray_job_on_two_nodes(cluster):
     assert second["RayTrainWorker"] == workers, second
 
     uri = f"sqlite:///{home}/lossfloor/mlflow.db"
-    c = client(uri)
-    parents = [r for r in c.search_runs([c.get_experiment_by_name("scaling").experiment_id])
-               if PARENT_RUN_TAG not in r.data.tags]
-    stopped = [r for r in parents if r.info.status != "FINISHED"]
-    assert len(parents) == 2 and [r.info.status for r in stopped] == ["KILLED"]  # not left RUNNING
-    for r in c.search_runs([stopped[0].info.experiment_id]):  # the stopped study's runs: deleted, then checked
-        if r.info.run_id == stopped[0].info.run_id or r.data.tags.get(PARENT_RUN_TAG) == stopped[0].info.run_id:
-            c.delete_run(r.info.run_id)
+    drop_the_stopped_study(uri)
     check_store(uri)
     check_outputs(runs)

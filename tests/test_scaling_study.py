@@ -160,6 +160,19 @@ def test_given_j_star_table_replaces_the_estimate(first_run, tmp_path, capsys):
 
 
 @pytest.mark.e2e
+def drop_the_stopped_study(uri: str) -> None:
+    """Two studies in the store, the stopped one KILLED (not left RUNNING): its runs are deleted, so the
+    store then holds the finished study alone."""
+    c = client(uri)
+    parents = [r for r in c.search_runs([c.get_experiment_by_name("scaling").experiment_id])
+               if PARENT_RUN_TAG not in r.data.tags]
+    stopped = [r for r in parents if r.info.status != "FINISHED"]
+    assert len(parents) == 2 and [r.info.status for r in stopped] == ["KILLED"]
+    for r in c.search_runs([stopped[0].info.experiment_id]):
+        if r.info.run_id == stopped[0].info.run_id or r.data.tags.get(PARENT_RUN_TAG) == stopped[0].info.run_id:
+            c.delete_run(r.info.run_id)
+
+
 def test_submitted_as_a_ray_job(tmp_path):
     home = tmp_path / "home"  # runtime_env.yaml puts results under ${HOME}/lossfloor on the cluster
     env = job_env(home)
@@ -187,14 +200,7 @@ def test_submitted_as_a_ray_job(tmp_path):
     assert "mlflow ui --backend-store-uri sqlite:///" in logs and "|rho| raw" in logs
 
     results = home / "lossfloor"
-    c = client(f"sqlite:///{results}/mlflow.db")
-    parents = [r for r in c.search_runs([c.get_experiment_by_name("scaling").experiment_id])
-               if PARENT_RUN_TAG not in r.data.tags]
-    stopped = [r for r in parents if r.info.status != "FINISHED"]
-    assert len(parents) == 2 and [r.info.status for r in stopped] == ["KILLED"]  # not left RUNNING
-    for r in c.search_runs([stopped[0].info.experiment_id]):  # the stopped study's runs: deleted, then checked
-        if r.info.run_id == stopped[0].info.run_id or r.data.tags.get(PARENT_RUN_TAG) == stopped[0].info.run_id:
-            c.delete_run(r.info.run_id)
+    drop_the_stopped_study(f"sqlite:///{results}/mlflow.db")
     _check_store(f"sqlite:///{results}/mlflow.db")
     summary = _check_outputs(results / "runs" / "scaling_imagenet512")
     assert summary["tracking_uri"] == f"sqlite:///{results}/mlflow.db"
