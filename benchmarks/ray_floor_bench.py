@@ -185,34 +185,42 @@ def _actor_memory(pid: int) -> dict | None:
             "private_mib": fields.get("Private_Dirty", 0.0) + fields.get("Private_Clean", 0.0)}
 
 
+def _floor_workers() -> set[int]:
+    pids = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if b"FloorWorker" in f.read():
+                        pids.add(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
 class ActorMemory:
-    """Peak memory per estimation actor (a process whose title names FloorWorker), sampled in a thread."""
+    """Peak memory per estimation actor (a process whose title names FloorWorker) started during the
+    measurement (actors of an earlier run still shutting down are left out), sampled in a thread."""
 
     def __init__(self, every_s: float = 0.05):
         import threading
 
         self.every_s, self.peaks, self._stop = every_s, {}, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._before: set[int] = set()
 
     def _run(self):
         while not self._stop.is_set():
-            for entry in os.scandir("/proc"):
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                        if b"FloorWorker" not in f.read():
-                            continue
-                except OSError:
-                    continue
-                mem = _actor_memory(int(entry.name))
+            for pid in _floor_workers() - self._before:
+                mem = _actor_memory(pid)
                 if mem:
-                    peak = self.peaks.setdefault(int(entry.name), dict(mem))
+                    peak = self.peaks.setdefault(pid, dict(mem))
                     for k, v in mem.items():
                         peak[k] = max(peak[k], v)
             self._stop.wait(self.every_s)
 
     def __enter__(self):
+        self._before = _floor_workers()
         self._thread.start()
         return self
 
@@ -244,8 +252,10 @@ def memory_part(args, tmp: Path) -> dict:
     os.environ["LOSSFLOOR_NODE_CACHE"] = str(tmp / "node-cache")
     sigmas = np.geomspace(0.05, 5.0, 4)
     # cdol: a batch's cost and working set do not depend on N (it gathers its 64 sources and 64 references),
-    # so only where the (N, D) data live can make an actor's memory grow with N
-    cfg = EstimatorConfig(estimator="cdol", subset_size=64, queries_per_sample=1, seed=0, rows_per_batch=64)
+    # so only where the (N, D) data live can make an actor's memory grow with N; knn adds its distinct
+    # points, groups and neighbour search (flat: FAISS's knn on the mapped points, no index copy)
+    cfg = EstimatorConfig(estimator=args.memory_estimator, subset_size=64, queries_per_sample=1, seed=0,
+                          rows_per_batch=64, index="flat" if args.memory_estimator == "knn" else "auto")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     cases = []
     try:
@@ -334,11 +344,13 @@ def main(argv=None) -> int:
     p.add_argument("--two-workers", action="store_true", help="also time 2 workers x cpus/2 threads")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs")
     p.add_argument("--part", choices=("engines", "nodes", "memory"), default="engines",
-                   help="engines: local vs Ray on one node (default); nodes: 1/2/3 nodes; memory: actor memory vs N")
+                   help="engines: local vs Ray on one node (default); nodes: 1/2/3 nodes; memory: actor memory vs N "
+                   "(the GPU counterpart, core only: benchmarks/device_cap_bench.py)")
     p.add_argument("--nodes-n", type=int, default=16384, help="nodes part: samples N")
     p.add_argument("--total-cpus", type=int, default=6, help="nodes part: logical CPUs (and workers) in every cluster")
     p.add_argument("--memory-n", default="4096,16384,65536", help="memory part: samples N, comma-separated")
     p.add_argument("--memory-dim", type=int, default=1024, help="memory part: values per sample D")
+    p.add_argument("--memory-estimator", choices=("cdol", "knn"), default="cdol", help="memory part: the estimator")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = p.parse_args(argv)
     if args.smoke:

@@ -32,13 +32,13 @@ def data():
 
 
 def _build_in_child(root: str, log: str, queue) -> None:
-    def fill(out):
+    def blocks():
         time.sleep(0.3)  # a window in which the other processes would write it too, without the lock
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
-        out[...] = np.arange(out.size, dtype=np.float32).reshape(out.shape)
+        yield from np.arange(8000, dtype=np.float32).reshape(10, 100, 8)
 
-    arr = NodeCache("ab" * 32, root).array("x", (1000, 8), np.float32, fill)
+    arr = NodeCache("ab" * 32, root).array("x", (1000, 8), np.float32, blocks)
     queue.put(float(arr.sum()))
 
 
@@ -54,29 +54,47 @@ def test_concurrent_processes_of_a_machine_write_an_entry_once(tmp_path):
         p.join(timeout=60)
     assert len((tmp_path / "fills.log").read_text().split()) == 1  # one process wrote it, three waited and mapped
     assert sums == [float(np.arange(8000).sum())] * 4
-    arr = NodeCache("ab" * 32, tmp_path).array("x", (1000, 8), np.float32, lambda out: pytest.fail("rewritten"))
+    arr = NodeCache("ab" * 32, tmp_path).array("x", (1000, 8), np.float32, lambda: pytest.fail("rewritten"))
     assert isinstance(arr, np.memmap) and not arr.flags.writeable
 
 
 def test_a_failed_fill_leaves_nothing_behind(tmp_path):
     cache = NodeCache("cd" * 32, tmp_path)
 
-    def broken(out):
-        out[:10] = 1.0
+    def broken():
+        yield np.ones((10, 4), np.float32)
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
         cache.array("x", (100, 4), np.float32, broken)
     assert not [p for p in cache.folder.iterdir() if not p.name.endswith(".lock")]  # no entry, no temporary file
-    arr = cache.array("x", (100, 4), np.float32, lambda out: out.fill(2.0))
+    arr = cache.array("x", (100, 4), np.float32, lambda: [np.full((60, 4), 2.0), np.full((40, 4), 2.0)])
     assert float(arr.sum()) == 800.0
+    with pytest.raises(InputError, match="99 rows written, expected 100"):  # a short source is no entry either
+        cache.array("y", (100, 4), np.float32, lambda: [np.zeros((99, 4))])
+    assert not (cache.folder / "y.npy").exists()
 
 
 def test_an_unusable_cache_folder_is_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv(ENV, str(tmp_path / "file" / "cache"))
+    cache = NodeCache("ef" * 32)  # nothing is made before an entry is needed (cdol on an in-memory array needs none)
     with pytest.raises(InputError, match=ENV):
-        NodeCache("ef" * 32)
+        cache.array("x", (2, 2), np.float32, lambda: [])
+
+
+def test_a_shard_folder_for_ray_is_not_loaded_unless_it_must_be(data, tmp_path):
+    from lossfloor.data import Dataset, ShardRef, load_for
+
+    np.save(tmp_path / "d.npy", data)
+    shards = prepare_shards(tmp_path / "d.npy", tmp_path / "shards", rows_per_shard=70)
+    ref = load_for(shards, "ray")
+    assert isinstance(ref, ShardRef) and len(ref) == len(data) and ref.fingerprint == load(shards).fingerprint
+    assert ref.samples == str(shards.absolute()) and ref.sample_shape == data.shape[1:]
+    assert isinstance(load_for(shards, "local"), Dataset)  # this process computes: it needs the samples
+    capped = load_for(shards, "ray", max_samples=100)  # a prefix: its own fingerprint, from the samples
+    assert isinstance(capped, Dataset) and len(capped) == 100
+    assert isinstance(load_for(tmp_path / "d.npy", "ray"), Dataset)
 
 
 def test_a_shard_folder_is_mapped_once_per_machine(data, tmp_path, monkeypatch):
@@ -114,15 +132,14 @@ def test_knn_on_mapped_points_and_a_node_index_gives_the_same_numbers(data, tmp_
 
     resolved = cfg.resolve(*data.reshape(len(data), -1).shape)
     fp = "12" * 32
-    x = read_only_tensor(NodeCache(fp, tmp_path).array("x", data.shape, np.float32, lambda out: out.__setitem__(
-        Ellipsis, data)))
+    x = read_only_tensor(NodeCache(fp, tmp_path).array("x", data.shape, np.float32, lambda: [data]))
     mapped = floor_data(x, resolved, cache=NodeCache(fp, tmp_path))
     again = floor_data(x, resolved, cache=NodeCache(fp, tmp_path))  # a second actor of the machine
     assert mapped.knn.n_unique == 350 and isinstance(mapped.knn.points, torch.Tensor)
     names = {p.name for p in (tmp_path / fp[:32]).iterdir()}
     assert {"x.npy", "dedup.npz", "dedup-points.npy"} <= names
-    if index != "torch":
-        assert any(n.startswith(f"index-points-{index}") for n in names)
+    if index == "ivf":  # the flat search maps no index: it searches the points themselves
+        assert any(n.startswith("index-points-ivf") for n in names)
     parts = run_batches(mapped, SIGMAS, resolved, progress=False)
     parts2 = run_batches(again, SIGMAS, resolved, progress=False)
     direct = run_batches(floor_data(prepare_data(data, resolved), resolved), SIGMAS, resolved, progress=False)
@@ -131,11 +148,16 @@ def test_knn_on_mapped_points_and_a_node_index_gives_the_same_numbers(data, tmp_
     assert plain.n_batches == len(parts)
 
 
-def test_without_duplicates_knn_points_are_the_data_itself(tmp_path):
+@pytest.mark.parametrize("index", ["torch", "flat"])
+def test_without_duplicates_knn_points_and_flat_search_are_the_data_itself(tmp_path, index):
+    if index == "flat" and faiss_module() is None:
+        pytest.skip("FAISS is not installed")
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32))
-    cfg = EstimatorConfig(estimator="knn", subset_size=16, rows_per_batch=20, index="torch").resolve(300, 8)
+    cfg = EstimatorConfig(estimator="knn", subset_size=16, rows_per_batch=20, index=index).resolve(300, 8)
     fd = floor_data(x, cfg, cache=NodeCache("34" * 32, tmp_path))
     assert fd.knn.points.data_ptr() == x.data_ptr()  # no copy of the data set
+    if index == "flat":  # the exact search runs on the points themselves: no index copy either
+        assert np.shares_memory(fd.knn.index.points, x.numpy())
 
 
 def test_the_device_cap_sizes_the_batch_and_refuses_what_cannot_fit():

@@ -79,6 +79,19 @@ def test_an_estimate_across_two_nodes_equals_the_local_one(cluster, data, local)
     assert_same(run.result.estimate, local)
 
 
+def test_a_shard_folder_across_two_nodes_equals_the_local_estimate_for_knn(cluster, data, tmp_path):
+    # the driver reads only meta.json; each machine's first actor maps the shards into its node cache and
+    # knn's points, groups and search come from there: the numbers are still the local engine's
+    from lossfloor.data import prepare_shards
+
+    np.save(tmp_path / "d.npy", data)
+    shards = prepare_shards(tmp_path / "d.npy", tmp_path / "shards", rows_per_shard=700)
+    knn = EstimatorConfig(estimator="knn", subset_size=32, queries_per_sample=1, seed=3, rows_per_batch=150)
+    run = estimate_ray(str(shards), SIGMAS, knn, progress=False,
+                       engine=RayEngine(address=cluster.address, workers=2, cpus_per_worker=1))
+    assert_same(run.result.estimate, estimate(data, SIGMAS, knn, progress=False))
+
+
 def test_a_node_killed_mid_run_loses_no_batch_and_counts_none_twice(cluster, data, local, tmp_path):
     seen = []
 

@@ -14,15 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 
 KEY = np.dtype((np.void, 16))
-_ROWS = 4096
+_CHUNK_VALUES = 1 << 20  # float32 values hashed per chunk (4 MiB)
 
 
 def row_keys(block: np.ndarray) -> np.ndarray:
     """(n, ...) samples -> (n,) 16-byte keys, equal exactly when the rows are equal as float32 values."""
     flat = np.asarray(block).reshape(len(block), -1)
     out = np.empty(len(flat), dtype=KEY)
-    for start in range(0, len(flat), _ROWS):  # a chunk at a time: a memory-mapped block is never copied whole
-        rows = np.ascontiguousarray(flat[start:start + _ROWS], dtype=np.float32) + np.float32(0.0)
+    step = max(1, _CHUNK_VALUES // max(1, flat.shape[1]))
+    for start in range(0, len(flat), step):  # a chunk at a time: a memory-mapped block is never copied whole
+        rows = np.ascontiguousarray(flat[start:start + step], dtype=np.float32) + np.float32(0.0)
         for i, row in enumerate(rows, start):
             out[i] = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
     return out

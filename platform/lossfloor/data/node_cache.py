@@ -9,7 +9,7 @@ dropped under memory pressure (a file-backed mapping can even exceed RAM). Nothi
 actor or per batch; each batch gathers only its rows.
 
     cache = NodeCache(fingerprint)                    # a folder under $LOSSFLOOR_NODE_CACHE
-    x = cache.array("x", (n, d), np.float32, fill)    # fill(out) writes the rows once per node
+    x = cache.array("x", (n, d), np.float32, blocks)  # blocks() yields its rows, written once per node
     path = cache.file("index-flat", write)            # write(path) once per node, e.g. a FAISS index
 
 Entries are named by the data fingerprint (and the caller's name), so a cached file is never another
@@ -33,7 +33,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +57,15 @@ class NodeCache:
         if not fingerprint or not _NAME.match(fingerprint):
             raise ValueError(f"node cache: expected a data fingerprint (hex), got {fingerprint!r}")
         self.folder = Path(root).expanduser() if root is not None else cache_root()
-        self.folder = self.folder / fingerprint[:32]
+        self.folder = self.folder / fingerprint[:32]  # made when a first entry is asked for
+        self.built: list[str] = []  # entries this process wrote (the others were there, or written by another)
+
+    def _make_folder(self) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"${ENV} {self.folder.parent}: cannot make the node-local cache folder ({e.strerror}); "
                              f"set {ENV} to a writable local folder") from e
-        self.built: list[str] = []  # entries this process wrote (the others were there, or written by another)
 
     @contextlib.contextmanager
     def _locked(self, name: str):
@@ -78,6 +80,7 @@ class NodeCache:
         path = self.folder / name
         if path.exists():
             return path
+        self._make_folder()
         with self._locked(name):
             if not path.exists():  # another process of this node may have written it while we waited
                 tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
@@ -89,15 +92,28 @@ class NodeCache:
                 self.built.append(name)
         return path
 
-    def array(self, name: str, shape: tuple[int, ...], dtype, fill: Callable[[np.ndarray], None]) -> np.ndarray:
-        """A read-only memory-mapped array `name`.npy; fill(out) writes its values the first time on this
-        machine (out: a writable mapping of the new file, of the given shape and dtype)."""
+    def array(self, name: str, shape: tuple[int, ...], dtype,
+              blocks: Callable[[], Iterable[np.ndarray]]) -> np.ndarray:
+        """A read-only memory-mapped array `name`.npy; the first time on this machine it is written from
+        blocks(), consecutive row blocks of the given dtype whose rows make up `shape`.
+
+        Written with plain file writes, not through a writable mapping: the pages go to the page cache
+        (the machine's one copy) and are never counted as the writing process's own memory."""
+        dtype = np.dtype(dtype)
 
         def write(tmp: Path) -> None:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            fill(out)
-            out.flush()
-            del out
+            rows = 0
+            with open(tmp, "wb") as f:
+                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+                np.lib.format.write_array_header_2_0(f, header)
+                for block in blocks():
+                    block = np.ascontiguousarray(block, dtype=dtype)
+                    if block.shape[1:] != tuple(shape[1:]):
+                        raise ValueError(f"node cache {name}: a block of shape {block.shape}, expected rows {shape[1:]}")
+                    f.write(memoryview(block).cast("B"))
+                    rows += len(block)
+            if rows != shape[0]:
+                raise InputError(f"node cache {name}: {rows} rows written, expected {shape[0]}")
 
         path = self.file(f"{name}.npy", write)
         arr = np.load(path, mmap_mode="r")
@@ -114,7 +130,7 @@ def read_only_tensor(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def shard_matrix(folder: str | os.PathLike, cache: NodeCache, rows: int = 8192) -> np.ndarray:
+def shard_matrix(folder: str | os.PathLike, cache: NodeCache) -> np.ndarray:
     """A `lossfloor data prepare` shard folder as one read-only (N, D) float32 array mapped from this
     machine's cache (read from the shards, block by block, the first time on the machine)."""
     from lossfloor.data.dataset import open_source
@@ -122,13 +138,14 @@ def shard_matrix(folder: str | os.PathLike, cache: NodeCache, rows: int = 8192) 
     reader = open_source(folder)
     info = reader.info()
     shape = (info.count, math.prod(info.sample_shape))
+    rows = max(1, (1 << 22) // shape[1])  # 16 MiB blocks of float32 rows
 
-    def fill(out: np.ndarray) -> None:
+    def blocks():
         start = 0
         for samples, _ in reader.blocks(rows):
-            out[start:start + len(samples)] = samples.reshape(len(samples), -1)
+            yield samples.reshape(len(samples), -1)
             start += len(samples)
         if start != info.count:
             raise InputError(f"{folder}: {start} rows in the shards, meta.json says {info.count}")
 
-    return cache.array("x", shape, np.float32, fill)
+    return cache.array("x", shape, np.float32, blocks)

@@ -73,8 +73,9 @@ class KnnData:
         """The mixture's sums over all N components at σ (`mixture.mixture_totals`), cached."""
         if self._totals is None:
             self._totals = {}
-        if sigma not in self._totals:
-            self._totals[sigma] = mixture_totals(self.rows, sigma)
+        if sigma not in self._totals:  # computed where the rows are (host or device), used on the device
+            self._totals[sigma] = {k: v.to(self.mult.device) if torch.is_tensor(v) else v
+                                   for k, v in mixture_totals(self.rows, sigma).items()}
         return self._totals[sigma]
 
     @property
@@ -104,7 +105,7 @@ def deduplicate(x: torch.Tensor, cache=None):
     if cache is None or x.device.type != "cpu":
         return x[torch.from_numpy(np.asarray(first)).to(x.device)], mult, inverse
     points = cache.array("dedup-points", (len(first), x.shape[1]), x.numpy().dtype,
-                         lambda out: _gather_into(out, x, np.asarray(first)))
+                         lambda: _gathered(x, np.asarray(first)))
     return read_only_tensor(points), mult, inverse
 
 
@@ -114,13 +115,18 @@ def _save_groups(path, x: torch.Tensor) -> None:
         np.savez(f, first=g.first, counts=g.counts, inverse=g.inverse)
 
 
-def _gather_into(out: np.ndarray, x: torch.Tensor, rows: np.ndarray, chunk: int = 4096) -> None:
+_CHUNK_VALUES = 1 << 20  # values per chunk of rows when a pass goes over a (mapped) data set
+
+
+def _gathered(x: torch.Tensor, rows: np.ndarray):
+    chunk = max(1, _CHUNK_VALUES // x.shape[1])
     for start in range(0, len(rows), chunk):
-        out[start:start + chunk] = x[torch.from_numpy(rows[start:start + chunk])].numpy()
+        yield x[torch.from_numpy(rows[start:start + chunk])].numpy()
 
 
-def _sums(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, float]:
+def _sums(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Σ_n x_n (D,) and Σ_n ||x_n||² in float64, a chunk of rows at a time (x may be a mapped data set)."""
+    chunk = max(1, _CHUNK_VALUES // x.shape[1])
     sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     sum_sq = 0.0
     for start in range(0, x.shape[0], chunk):

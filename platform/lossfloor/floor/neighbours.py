@@ -16,11 +16,14 @@ the query, so an approximate search costs efficiency, never correctness):
 FAISS indexes move to the GPU when the points are on CUDA and FAISS was built with GPU support.
 Build and search times are kept (`build_s`, `search_s`) and reported apart from the kernel's.
 
-One index per node: given a `lossfloor.data.node_cache.NodeCache`, a FAISS index is built by the first
-process of a machine, written to the node cache and memory-mapped by every process (FAISS's
-IO_FLAG_MMAP_IFC for flat storage, IO_FLAG_MMAP for IVF lists): the actors of a node share one copy of
-its vectors instead of one each, and all of them search the same index (the same neighbours on every
-actor, so any number of workers gives the same numbers). The torch search keeps the points where they
+One index per node: the exact flat search on CPU points needs no index at all: FAISS's `knn` searches
+the points where they are (a node-shared mapping, or this process's array: no copy; the same results as
+`IndexFlatL2.search`, which runs the same routine). Any other FAISS index, given a
+`lossfloor.data.node_cache.NodeCache`, is built by the first process of a machine, written to the node
+cache and memory-mapped by every process (FAISS's IO_FLAG_MMAP_IFC for flat storage, IO_FLAG_MMAP for
+IVF lists): the actors of a node share one copy of its vectors instead of one each, and all of them
+search the same index (the same neighbours on every actor, so any number of workers gives the same
+numbers). The first process holds the index in memory while it builds it (once per machine). The torch search keeps the points where they
 are (host or device) and computes there; ids come back on the query's device.
 """
 
@@ -118,6 +121,20 @@ class FaissIndex(NeighbourIndex):
         return ids.to(y.device)
 
 
+class FlatSearch(NeighbourIndex):
+    """Exact search by FAISS's brute-force `knn` on the points themselves (CPU, float32): no index copy."""
+
+    def __init__(self, faiss, points: torch.Tensor):
+        t0 = time.perf_counter()
+        self.faiss, self.points = faiss, points.detach().numpy()
+        super().__init__("flat", len(points), time.perf_counter() - t0)
+
+    def _search(self, y, k):
+        q = np.ascontiguousarray(y.detach().to("cpu", torch.float32).numpy())
+        _, ids = self.faiss.knn(q, self.points, k)
+        return torch.from_numpy(ids).to(y.device)
+
+
 def build_index(points: torch.Tensor, kind: str = "auto", *, pca: int | None = None, seed: int = 0,
                 cache=None, name: str = "points") -> NeighbourIndex:
     """An index of (U, D) points (see the module docstring); deterministic for the same points and seed.
@@ -146,6 +163,8 @@ def build_index(points: torch.Tensor, kind: str = "auto", *, pca: int | None = N
     if pca is not None and not (isinstance(pca, int) and 1 <= pca <= d):
         raise InputError(f"index-pca: expected an integer in [1, D = {d}], got {pca!r}")
     label = kind + (f"+pca{pca}" if pca is not None else "")
+    if kind == "flat" and pca is None and not on_cuda and points.dtype == torch.float32 and points.is_contiguous():
+        return FlatSearch(faiss, points)
     if cache is None:
         index = _faiss_index(faiss, points, kind, pca, seed)
     else:  # built by the first process of this machine, mapped by all
