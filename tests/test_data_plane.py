@@ -204,3 +204,43 @@ def test_cuda_batches_gathered_from_host_memory_equal_the_data_on_the_device(dat
     np.testing.assert_allclose(host.j_star, on_device.j_star, rtol=1e-6)
     cpu = estimate(data, SIGMAS, EstimatorConfig(**base), progress=False)
     np.testing.assert_allclose(host.j_star, cpu.j_star, rtol=1e-4)
+
+
+def _private_dirty_mib() -> float:
+    with open("/proc/self/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Private_Dirty")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux's /proc/self/smaps_rollup")
+def test_the_flat_search_of_mapped_points_copies_nothing(tmp_path):
+    # the mapped file is on disk (the cache fsyncs it): its pages are clean, so Private_Dirty counts only
+    # what this process allocates
+    if faiss_module() is None:
+        pytest.skip("FAISS is not installed")
+    import threading
+
+    from lossfloor.floor.neighbours import build_index
+
+    rng = np.random.default_rng(1)
+    points = rng.standard_normal((16384, 1024), dtype=np.float32)  # 64 MiB
+    mapped = NodeCache("56" * 32, tmp_path).array("x", points.shape, np.float32, lambda: [points])
+    y = torch.from_numpy(points[:64] + 0.01)
+    base, peak, stop = _private_dirty_mib(), [0.0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _private_dirty_mib() - base)
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        index = build_index(read_only_tensor(mapped), "flat")  # no FAISS index: it would hold a copy
+        for _ in range(5):
+            ids = index.search(y, 8)
+    finally:
+        stop.set()
+        sampler.join()
+    assert peak[0] < 16  # an IndexFlatL2 holds its own 64 MiB copy of the points
+    assert torch.equal(ids[:, 0], torch.arange(64))
+    assert np.array_equal(ids.numpy(), faiss_module().knn(y.numpy(), points, 8)[1])  # FAISS's own flat search

@@ -112,6 +112,8 @@ class NodeCache:
                         raise ValueError(f"node cache {name}: a block of shape {block.shape}, expected rows {shape[1:]}")
                     f.write(memoryview(block).cast("B"))
                     rows += len(block)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it an entry (and its pages clean)
             if rows != shape[0]:
                 raise InputError(f"node cache {name}: {rows} rows written, expected {shape[0]}")
 
