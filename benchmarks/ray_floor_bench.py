@@ -180,9 +180,18 @@ def _actor_memory(pid: int) -> dict | None:
                     fields[parts[0].rstrip(":")] = int(parts[1]) / 1024.0
     except OSError:
         return None
+    try:  # the kernel's split of the resident pages: anonymous (the process's own heap), file, shmem
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                    fields[line.split(":")[0]] = int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
     return {"rss_mib": fields.get("Rss", 0.0), "pss_mib": fields.get("Pss", 0.0),
             "private_dirty_mib": fields.get("Private_Dirty", 0.0),
-            "private_mib": fields.get("Private_Dirty", 0.0) + fields.get("Private_Clean", 0.0)}
+            "private_mib": fields.get("Private_Dirty", 0.0) + fields.get("Private_Clean", 0.0),
+            "rss_anon_mib": fields.get("RssAnon", 0.0), "rss_file_mib": fields.get("RssFile", 0.0),
+            "rss_shmem_mib": fields.get("RssShmem", 0.0)}
 
 
 def _floor_workers() -> set[int]:
@@ -233,8 +242,10 @@ class ActorMemory:
         actor that found the node cache ready; the first one of a node also wrote it)."""
         peaks = list(self.peaks.values())
         out = {"actors_seen": len(peaks), **{f"max_{k}": round(max((p[k] for p in peaks), default=0.0), 1)
-                                             for k in ("rss_mib", "pss_mib", "private_dirty_mib", "private_mib")}}
-        out["min_private_dirty_mib"] = round(min((p["private_dirty_mib"] for p in peaks), default=0.0), 1)
+                                             for k in ("rss_mib", "pss_mib", "private_dirty_mib", "private_mib",
+                                                       "rss_anon_mib", "rss_file_mib", "rss_shmem_mib")}}
+        for k in ("private_dirty_mib", "rss_anon_mib"):
+            out[f"min_{k}"] = round(min((p[k] for p in peaks), default=0.0), 1)
         return out
 
 
@@ -283,8 +294,9 @@ def memory_part(args, tmp: Path) -> dict:
         if len(rows) >= 2:
             d_data = rows[-1]["data_mib"] - rows[0]["data_mib"]
             for which in ("max", "min"):
-                out[f"{kind}_{which}_private_dirty_growth_per_data_mib"] = round(
-                    (rows[-1][f"{which}_private_dirty_mib"] - rows[0][f"{which}_private_dirty_mib"]) / d_data, 3)
+                for k in ("private_dirty_mib", "rss_anon_mib"):
+                    out[f"{kind}_{which}_{k[:-4]}_growth_per_data_mib"] = round(
+                        (rows[-1][f"{which}_{k}"] - rows[0][f"{which}_{k}"]) / d_data, 3)
     out["previous_design_private_growth_per_data_mib"] = 1.0  # a private (N, D) copy per actor, by construction
     return out
 

@@ -119,6 +119,7 @@ def test_submitted_as_a_ray_job(tmp_path, gauss):
 
 
 @pytest.mark.e2e  # a Ray instance and two survey runs: 40 s
+@pytest.mark.usefixtures("local_ray")  # the tests' Ray (no token auth), which the study attaches to and leaves
 def test_a_shard_folder_on_ray_is_never_loaded_on_the_driver(tmp_path, gauss, monkeypatch):
     import lossfloor.data.dataset
     from lossfloor.data import prepare_shards
