@@ -10,7 +10,7 @@ actor or per batch; each batch gathers only its rows.
 
     cache = NodeCache(fingerprint)                    # a folder under $LOSSFLOOR_NODE_CACHE
     x = cache.array("x", (n, d), np.float32, blocks)  # blocks() yields its rows, written once per node
-    path = cache.file("index-flat", write)            # write(path) once per node, e.g. a FAISS index
+    path = cache.file("index-ivf", write)             # write(path) once per node, e.g. a FAISS index
 
 Entries are named by the data fingerprint (and the caller's name), so a cached file is never another
 data set's; an entry appears by an atomic rename only when complete, and one lock file per entry makes
@@ -58,7 +58,6 @@ class NodeCache:
             raise ValueError(f"node cache: expected a data fingerprint (hex), got {fingerprint!r}")
         self.folder = Path(root).expanduser() if root is not None else cache_root()
         self.folder = self.folder / fingerprint[:32]  # made when a first entry is asked for
-        self.built: list[str] = []  # entries this process wrote (the others were there, or written by another)
 
     def _make_folder(self) -> None:
         try:
@@ -89,7 +88,6 @@ class NodeCache:
                     os.replace(tmp, path)
                 finally:
                     tmp.unlink(missing_ok=True)
-                self.built.append(name)
         return path
 
     def array(self, name: str, shape: tuple[int, ...], dtype,

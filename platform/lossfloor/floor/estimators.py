@@ -182,7 +182,7 @@ class EstimatorConfig:
                 f"rows per batch: {cfg.rows_per_batch} rows need ~{batch_bytes(cfg, dim) / 2**30:.3g} GiB of device "
                 f"memory, above --max-device-gb {cfg.max_device_gb:g}: give fewer rows, or leave the batch to the cap"
             )
-        if est != "exact" and cfg.rows_per_batch is not None and self.rows_per_batch is not None:
+        if est != "exact" and self.rows_per_batch is not None:
             n_batches = math.ceil(n_samples / cfg.rows_per_batch)
             if n_batches < MIN_BATCHES:
                 raise InputError(
@@ -302,7 +302,6 @@ def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.3g}"
 
 
-
 def prepare_data(samples, cfg: EstimatorConfig) -> torch.Tensor:
     """Flatten (N, ...) samples to (N, D) on the compute device in the compute dtype, checking values."""
     x = torch.as_tensor(np.asarray(samples) if not isinstance(samples, torch.Tensor) else samples)
@@ -371,6 +370,7 @@ def query_terms(
         eps = torch.cat([torch.randn(eps.shape, generator=g, device=noise_device, dtype=torch.float32), eps], 1)
     eps = eps.to(device, x.dtype)
     src = sources.to(device)
+    xs = take_rows(x, src, device)  # the sources' rows, gathered once (x may be in host memory)
     sig = torch.as_tensor(sigmas, dtype=torch.float64)
     if cfg.estimator == "knn":
         gd = generator(cfg.seed, batch_index, SUBSET_STREAM, "cpu")
@@ -381,7 +381,7 @@ def query_terms(
         if posterior:
             j = mixture.mixture_terms(x, src, eps, sig, None, [lvl], "posterior-variance")
         else:
-            j = optimal_loss_terms(x[src], eps, x, sig, levels=[lvl], form="posterior-variance",
+            j = optimal_loss_terms(xs, eps, x, sig, levels=[lvl], form="posterior-variance",
                                    precision=cfg.matmul_precision)  # x is on the device (`floor_data`)
     else:
         R, levels = _subset_levels(cfg, x.shape[0], sources, batch_index)
@@ -390,10 +390,9 @@ def query_terms(
         if posterior:
             j = mixture.mixture_terms(x, src, eps, sig, R, levels, "paper")
         else:
-            j = optimal_loss_terms(take_rows(x, src, device), eps, take_rows(x, R, device), sig, levels=levels,
-                                   form="paper", precision=cfg.matmul_precision)
+            j = optimal_loss_terms(xs, eps, take_rows(x, R, device), sig, levels=levels, form="paper",
+                                   precision=cfg.matmul_precision)
         j = torch.stack([j[:, 0], j[:, 1] - j[:, 0], j[:, 2] - j[:, 1]], 1)  # (B, 3, S): j, shifts
-    xs = take_rows(x, src, device)
     a = mixture.second_moments(xs) if posterior else (xs.double() ** 2).sum(1)
     return a, j
 

@@ -80,8 +80,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") -> torch.T
 
 def take_rows(x: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
     """x[index] on `device`: gathered where x lives (the device, or host memory), only those rows moved."""
-    if x.device == index.device:
-        return x[index].to(device)
     return x[index.to(x.device)].to(device)
 
 
