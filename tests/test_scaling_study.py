@@ -159,7 +159,6 @@ def test_given_j_star_table_replaces_the_estimate(first_run, tmp_path, capsys):
 # ---- as users submit it: a local Ray head, `ray job submit`, cluster/runtime_env.yaml ----
 
 
-@pytest.mark.e2e
 def drop_the_stopped_study(uri: str) -> None:
     """Two studies in the store, the stopped one KILLED (not left RUNNING): its runs are deleted, so the
     store then holds the finished study alone."""
@@ -173,6 +172,7 @@ def drop_the_stopped_study(uri: str) -> None:
             c.delete_run(r.info.run_id)
 
 
+@pytest.mark.e2e
 def test_submitted_as_a_ray_job(tmp_path):
     home = tmp_path / "home"  # runtime_env.yaml puts results under ${HOME}/lossfloor on the cluster
     env = job_env(home)
