@@ -186,6 +186,45 @@ def test_knn_carries_duplicates_as_weights():
     np.testing.assert_allclose(full.bias, 0.0, atol=1e-6 * exact.j_star.max())
 
 
+def heavy_duplicates(n_distinct: int, n: int = 40, copies_of_first: int = 30) -> np.ndarray:
+    """n samples in 16 dimensions: copies_of_first copies of one sample, the rest from n_distinct - 1 others."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 16))
+    x[n - copies_of_first:] = x[0]
+    if n_distinct < n - copies_of_first + 1:
+        x[1:n - copies_of_first] = x[1 + rng.integers(0, n_distinct - 1, n - copies_of_first - 1)]
+    return x
+
+
+def test_knn_draws_follow_the_data_not_its_distinct_points():
+    # 30 of 40 samples are one point: uniform draws over the 11 distinct points gave J*(20) = -25 at L = 8
+    x = heavy_duplicates(11)
+    sigmas = np.array([2.0, 8.0, 20.0])
+    errors = []
+    for seed in range(8):
+        common = dict(seed=seed, rows_per_batch=4)  # the same queries for both
+        exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", **common), progress=False)
+        knn = estimate(x, sigmas, EstimatorConfig(estimator="knn", subset_size=8, **common), progress=False)
+        assert np.all((knn.j_star > 0) & (knn.j_star < 1.05 * knn.total_variance)), knn.j_star
+        assert np.all(np.abs(knn.j_star - exact.j_star) <= knn.bias + 3.0 * knn.stderr), (seed, knn.j_star, exact.j_star)
+        errors.append(knn.j_star / exact.j_star - 1.0)
+    assert np.all(np.abs(np.mean(errors, 0)) < 0.05), np.mean(errors, 0)
+
+
+@pytest.mark.parametrize("n_distinct", [1, 2])
+def test_knn_with_fewer_distinct_points_than_its_subset_is_exact(n_distinct):
+    # A holds every distinct point: B is empty and each query is the exact one (NaN before: |B| / 0 draws)
+    x = heavy_duplicates(n_distinct, copies_of_first=40 if n_distinct == 1 else 30)
+    assert len(np.unique(x, axis=0)) == n_distinct
+    sigmas = np.array([0.5, 2.0, 20.0])
+    common = dict(seed=1, rows_per_batch=4)
+    exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", **common), progress=False)
+    knn = estimate(x, sigmas, EstimatorConfig(estimator="knn", subset_size=8, **common), progress=False)
+    # float32 kernels (the default dtype) on both sides: round-off agreement, as for L >= N
+    np.testing.assert_allclose(knn.j_star, exact.j_star, rtol=1e-5, atol=1e-6 * max(exact.total_variance, 1.0))
+    np.testing.assert_allclose(knn.bias, 0.0, atol=1e-6 * max(exact.total_variance, 1.0))
+
+
 @pytest.mark.parametrize("index", ["ivf", "hnsw", "torch"])
 def test_approximate_or_other_indexes_stay_valid(index):
     x = product_data(UNEVEN8)  # 576 samples

@@ -6,12 +6,16 @@ Per query (source s, y = x_s + σε) the posterior over the N samples is estimat
 
 1. A = {s} ∪ the k - 1 nearest distinct samples of y from a neighbour index (k = L/2). A may be any
    deterministic function of (s, y): an approximate index lowers efficiency, never validity.
-2. U = L - k distinct samples drawn uniformly from the rest (B, the complement of A), split into halves
-   U₁, U₂. [choice] One random order of the distinct samples is drawn per batch and every query takes the
-   first L - k of it that are not in its A (each query still sees a uniform draw from its B; the work
-   becomes GEMMs); `shared_draws=False` draws per query instead.
-3. With f_n = x_n - x_s, q_n = ||f_n||², multiplicities m_n (duplicates are merged and carried as weights)
-   and kernels w_n = m_n exp(ℓ_n - max), ℓ_n = -||y - x_n||²/2σ²: for each half j, λ_j = |B|/|U_j| and
+2. U = L - k samples drawn uniformly, without replacement, from the samples of the rest (B: the samples
+   whose distinct point is not in A; a duplicated point is drawn as often as it occurs, so the draw
+   follows the data's mass, not its distinct points), split into halves U₁, U₂. [choice] One random order
+   of the N samples is drawn per batch and every query takes the first L - k of it that are not in its A
+   (each query still sees a uniform draw from its B; the work becomes GEMMs); `shared_draws=False` draws
+   per query instead.
+3. With f_n = x_n - x_s, q_n = ||f_n||², multiplicities m_n (duplicates are merged and carried as weights
+   in A; a drawn sample counts once) and kernels w_n = m_n exp(ℓ_n - max), ℓ_n = -||y - x_n||²/2σ²: for
+   each half j, λ_j = |B|/|U_j| (in samples; 0 when B is empty: A then holds every point and the query
+   is exact) and
 
        δ_j = [Σ_A w f + λ_j Σ_{U_j} w f + β_j ē_j (T_f - λ_j Σ_{U_j} m f)] / [Σ_A w + λ_j Σ_{U_j} w]
        Q_j = [Σ_A w q + λ_j Σ_{U_j} w q + β'_j ē_j (T_q - λ_j Σ_{U_j} m q)] / [Σ_A w + λ_j Σ_{U_j} w]
@@ -68,6 +72,7 @@ class KnnData:
     stds: torch.Tensor | None = None  # (U, D) mixture components' standard deviations
     rows: torch.Tensor | None = None  # (N, 2D) the mixture's [mean, std] rows, for `totals`
     _totals: dict | None = None
+    _most_held: tuple[int, int] | None = None
 
     def totals(self, sigma: float) -> dict:
         """The mixture's sums over all N components at σ (`mixture.mixture_totals`), cached."""
@@ -85,6 +90,12 @@ class KnnData:
     @property
     def n_unique(self) -> int:
         return len(self.points)
+
+    def most_held(self, k: int) -> int:
+        """The samples that k distinct points can hold at most: the sum of the k largest multiplicities."""
+        if self._most_held is None or self._most_held[0] != k:
+            self._most_held = (k, int(torch.topk(self.mult, min(k, self.n_unique)).values.sum()))
+        return self._most_held[1]
 
 
 def deduplicate(x: torch.Tensor, cache=None):
@@ -177,11 +188,20 @@ def neighbour_sets(data: KnnData, y: torch.Tensor, src: torch.Tensor, k: int):
 
 
 def _draws(data: KnnData, n_draw: int, B: int, shared: bool, g: torch.Generator) -> torch.Tensor:
-    """Candidate order for U: (n_draw,) one uniform order of the distinct samples per batch, or (B, n_draw)."""
-    U = data.n_unique
+    """Candidate order for U: the distinct points of (n_draw,) samples in one uniform order of the N samples
+    per batch, or of (B, n_draw) samples in one order per query."""
+    N = data.n_samples
     if shared:
-        return torch.randperm(U, generator=g)[:n_draw].to(data.mult.device)
-    return torch.rand(B, U, generator=g).argsort(dim=1)[:, :n_draw].to(data.mult.device)
+        order = torch.randperm(N, generator=g)[:n_draw]
+    else:
+        order = torch.rand(B, N, generator=g).argsort(dim=1)[:, :n_draw]
+    return data.inverse[order.to(data.inverse.device)].to(data.mult.device)
+
+
+def _n_draw(data: KnnData, k: int, n_u: int) -> int:
+    """Samples to draw so that n_u remain outside any A: A's k points hold at most the samples of the k
+    largest multiplicities (k without duplicates)."""
+    return min(data.n_samples, n_u + data.most_held(k))
 
 
 def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *, subset_size: int,
@@ -189,13 +209,15 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     """Per-query channels (cross, plain - cross, Richardson - cross) for every σ: (B, 3, S) float64.
 
     xs_idx: (B,) distinct-sample index of each query's source; eps: (B, D) its noise ((B, 2D) for a
-    mixture: z then ε); L = subset_size < U.
+    mixture: z then ε). L = subset_size; from L >= U distinct points on, A holds all of them: B is empty
+    and every query is the exact one.
     """
     P, mixture = data.points, data.stds is not None
-    U, B, dev = data.n_unique, eps.shape[0], eps.device
-    k = subset_size // 2
+    B, dev = eps.shape[0], eps.device
+    everything = subset_size >= data.n_unique
+    k = data.n_unique if everything else subset_size // 2
     n_u = subset_size - k
-    n_draw = min(U, n_u + k)  # enough that n_u remain after removing any A
+    n_draw = 1 if everything else _n_draw(data, k, n_u)  # one draw keeps the shapes (it falls in A)
     xs = take_rows(P, xs_idx, dev)  # (B, D): the source (a mixture: its component's mean, the reference of f)
     if mixture:
         z, eps = query_noise(eps)
@@ -205,7 +227,7 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     xs64 = xs.double()
     C = _draws(data, n_draw, B, shared_draws, g)  # (n_draw,) or (B, n_draw)
     CB = C[None, :].expand(B, -1) if shared_draws else C
-    multC = data.mult[CB]
+    multC = torch.ones(CB.shape, dtype=data.mult.dtype, device=dev)  # each drawn sample counts once
     if not mixture:  # the candidates' σ-independent terms
         if shared_draws:
             XC = take_rows(P, C, dev)  # (n_draw, D)
@@ -226,7 +248,11 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     out = torch.empty(B, 3, len(sigmas), dtype=torch.float64, device=dev)
     for i, sigma in enumerate(np.asarray(sigmas, dtype=np.float64).tolist()):
         y = x0 + sigma * eps
-        A, validA = neighbour_sets(data, y, xs_idx, k)  # (B, k)
+        if everything:
+            A = torch.arange(k, device=dev).expand(B, -1)  # (B, U)
+            validA = torch.ones_like(A, dtype=torch.bool)
+        else:
+            A, validA = neighbour_sets(data, y, xs_idx, k)  # (B, k)
         if mixture:
             lgA, fA, qA = component_terms(y, xs, take_rows(P, A, dev), take_rows(data.stds, A, dev), sigma)
             lgC, fC, qC = component_terms(y, xs, take_rows(P, CB, dev), take_rows(data.stds, CB, dev),
@@ -245,14 +271,14 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
         inA = ((CB[:, :, None] == A[:, None, :]) & validA[:, None, :]).any(-1)  # (B, n_draw)
         free = ~inA
         rank = free.cumsum(1)
-        n_b = U - validA.sum(1)  # |B| per query
+        multA = data.mult[A] * validA
+        n_b = data.n_samples - multA.sum(1).round().long()  # |B| per query, in samples
         n_take = torch.minimum(torch.full_like(n_b, n_u), free.sum(1))
         half = n_take // 2
         M1 = free & (rank <= half[:, None])
         M2 = free & (rank > half[:, None]) & (rank <= n_take[:, None])
 
         m = torch.maximum(lgA.amax(1), lgC.masked_fill(~(M1 | M2), -torch.inf).amax(1))[:, None]
-        multA = data.mult[A] * validA
         wA = multA * torch.exp(lgA - m)  # (B, k), 0 where masked
         eC = torch.exp(lgC - m)
         SA_w = wA.sum(1, dtype=torch.float64)
@@ -276,8 +302,9 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
 
         deltas, Qs = [], []
         for s in sums:
-            lam = n_b.double() / s["n"]
-            e_bar = s["w"] / s["m"]
+            drawn = s["n"] > 0  # none drawn: B is empty (A holds every point), its terms are 0
+            lam = torch.where(drawn, n_b.double() / s["n"].clamp_min(1.0), 0.0)
+            e_bar = torch.where(drawn, s["w"] / s["m"].clamp_min(1.0), 0.0)
             beta = _shrinkage(s["wq"] / s["w"] - _sq(s["wf"] / s["w"][:, None]),
                               s["mq"] / s["m"] - _sq(s["mf"] / s["m"][:, None]), s["w"])
             beta_q = _shrinkage(s["wq2"] / s["w"] - (s["wq"] / s["w"]) ** 2,
