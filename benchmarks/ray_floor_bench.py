@@ -56,7 +56,8 @@ from _report import emit
 
 from lossfloor.floor import EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan, total_variance
 from lossfloor.floor.resume import estimate_passes
-from lossfloor.ray import RayEngine, estimate_ray
+from lossfloor.jobs.engine import Engine
+from lossfloor.ray import estimate_ray
 
 
 def make_data(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -96,7 +97,8 @@ def run_local(samples, sigmas, config, work_dir):
 def run_ray(samples, sigmas, config, work_dir, workers: int, cpus_per_worker: float):
     """The Ray engine as `lossfloor estimate --engine ray` runs it: it starts (and stops) a local cluster."""
     t0, cpu0 = time.perf_counter(), time.process_time()
-    rr = estimate_ray(samples, sigmas, config, engine=RayEngine(workers=workers, cpus_per_worker=cpus_per_worker),
+    rr = estimate_ray(samples, sigmas, config,
+                      engine=Engine(kind="ray", workers=workers, cpus_per_worker=cpus_per_worker),
                       fingerprint="bench", work_dir=work_dir, progress=False)
     wall_with_start = time.perf_counter() - t0
     p = rr.result.passes[0]
@@ -279,7 +281,7 @@ def memory_part(args, tmp: Path) -> dict:
             for kind, source in (("shard_folder", shards), ("in_memory_array", samples)):
                 with ActorMemory() as mem:
                     t0 = time.perf_counter()
-                    rr = estimate_ray(source, sigmas, cfg, engine=RayEngine(workers=2, cpus_per_worker=1),
+                    rr = estimate_ray(source, sigmas, cfg, engine=Engine(kind="ray", workers=2, cpus_per_worker=1),
                                       fingerprint=fp, work_dir=folder / f"work-{kind}", progress=False)
                     wall = time.perf_counter() - t0
                 cases.append({"n": n, "dim": args.memory_dim, "estimator": cfg.estimator, "data_mib": round(samples.nbytes / 2**20, 1), "source": kind,
@@ -326,7 +328,7 @@ def nodes_part(args, tmp: Path) -> dict:
             for i in range(n_nodes):
                 cluster.add_node(f"node_{i}", cpus=total // n_nodes)
             t0 = time.perf_counter()
-            rr = estimate_ray(shards, sigmas, cfg, engine=RayEngine(address=cluster.address, workers=total,
+            rr = estimate_ray(shards, sigmas, cfg, engine=Engine(kind="ray", address=cluster.address, workers=total,
                                                                    cpus_per_worker=1),
                               fingerprint=fp, work_dir=folder / "work", progress=False)
             wall = time.perf_counter() - t0 - rr.connect_s - rr.shutdown_s

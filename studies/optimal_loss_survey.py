@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ ensure_lossfloor()
 
 from lossfloor.atomic import write_json  # noqa: E402
 from lossfloor.errors import InputError  # noqa: E402
+from lossfloor.jobs.engine import Engine, add_engine_args  # noqa: E402
 
 log = logging.getLogger("optimal_loss_survey")
 
@@ -63,16 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"noisy queries per sample, M = K N (default 3; {SMOKE['queries_per_sample']} with --smoke)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda (local engine; the ray engine uses --gpus-per-worker)")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local (default): this process; ray: the batches on a Ray actor pool (lossfloor.ray)")
-    p.add_argument("--workers", type=int, default=1, help="ray engine: actors in the pool (default 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray engine: GPUs per actor (default 0)")
+    add_engine_args(p, ray="the batches on a Ray Data actor pool", workers_help="actors in the pool",
+                    worker="actor", gpus_help="> 0 runs the kernel on CUDA", address_env="RAY_ADDRESS")
     p.add_argument("--max-device-gb", type=float, default=None, metavar="GB",
                    help="cap on one J* actor's device memory: the batch is sized to it, and on CUDA the data stay in host "
                    "memory (each batch gathering its rows) unless they fit next to a batch (default: no cap)")
-    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
-                   help="ray engine: cluster address (default $RAY_ADDRESS, which a Ray job sets to its cluster; "
-                   "else a local Ray)")
     p.add_argument("--smoke", action="store_true",
                    help=f"fast check: grid {SMOKE['sigma_grid']}, K={SMOKE['queries_per_sample']}, "
                    f"at most {SMOKE['max_samples']} samples per data set")
@@ -134,7 +129,7 @@ def estimator_config(args: argparse.Namespace, estimator: str):
         subset_size=args.subset_size if estimator not in ("exact", "auto") else None,
         queries_per_sample=args.queries_per_sample,
         seed=args.seed,
-        device=args.device if args.engine == "local" else ("cuda" if args.gpus_per_worker > 0 else "cpu"),
+        device=args.device if args.engine.kind == "local" else args.engine.device,
         max_device_gb=args.max_device_gb,
     )
 
@@ -147,9 +142,9 @@ def describe_plan(args: argparse.Namespace, plan: list[DataPlan], sigmas, uri: s
                      f"estimator={d.estimator} ({how}), M={args.queries_per_sample * d.n_samples} queries")
     lines += [
         f"sigma grid: {args.sigma_grid} ({len(sigmas)} log-spaced sigmas, {sigmas[0]:.4g} to {sigmas[-1]:.4g})",
-        f"queries per sample: {args.queries_per_sample}; seed {args.seed}; engine {args.engine}"
-        + (f" ({args.workers} worker(s), {args.gpus_per_worker:g} GPU each)" if args.engine == "ray"
-           else f" (device {args.device})"),
+        f"queries per sample: {args.queries_per_sample}; seed {args.seed}; engine {args.engine.kind}"
+        + (f" ({args.engine.workers} worker(s), {args.engine.gpus_per_worker:g} GPU each)"
+           if args.engine.kind == "ray" else f" (device {args.device})"),
         f"targets: x0 (estimated), {', '.join(TARGETS[1:])} (converted); sigma* per data set",
         f"outputs: {args.out}/LABEL/jstar_TARGET.parquet, {args.out}/{STUDY}.html, {args.out}/summary.json, "
         f"{args.out}/work/",
@@ -163,13 +158,10 @@ def check_flags(args: argparse.Namespace) -> None:
     """Every flag a stage would refuse, refused before the first one."""
     from lossfloor.devices import check_device
 
-    for flag, value, low in (("--queries-per-sample", args.queries_per_sample, 1), ("--seed", args.seed, 0),
-                             ("--workers", args.workers, 1)):
+    for flag, value, low in (("--queries-per-sample", args.queries_per_sample, 1), ("--seed", args.seed, 0)):
         if value < low:
             raise InputError(f"{flag}: expected an integer >= {low}, got {value}")
-    if not (math.isfinite(args.gpus_per_worker) and args.gpus_per_worker >= 0):
-        raise InputError(f"--gpus-per-worker: expected a number >= 0, got {args.gpus_per_worker}")
-    if args.engine == "local":
+    if args.engine.kind == "local":
         check_device(args.device)
     estimator_config(args, "auto")  # its own checks (--max-device-gb)
 
@@ -178,8 +170,7 @@ def run_estimate(args: argparse.Namespace, d: DataPlan, samples, fingerprint: st
     """J*(σ) in x0 units with the chosen engine, resumable from OUT/work."""
     from lossfloor.jobs import estimate
 
-    ray = estimate.RayOptions(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
-    return estimate.estimate(samples, sigmas, estimator_config(args, d.estimator), engine=args.engine, ray=ray,
+    return estimate.estimate(samples, sigmas, estimator_config(args, d.estimator), engine=args.engine,
                              fingerprint=fingerprint, work_parent=args.out / "work")
 
 
@@ -189,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.tracking import tracking_uri
 
     log.info("lossfloor %s from %s", lossfloor.__version__, Path(lossfloor.__file__).parent)
+    args.engine = Engine.from_args(args)  # the engine flags as one checked setting
     sigmas = parse_sigma_grid(args.sigma_grid, flag="--sigma-grid")
     check_flags(args)
     plan = make_plan(args)
@@ -210,11 +202,11 @@ def run(args: argparse.Namespace) -> int:
                    tracking_uri=uri) as parent:
         parent.log_params({
             "data": [d.source for d in plan], "estimator": args.estimator, "sigma_grid": args.sigma_grid,
-            "queries_per_sample": args.queries_per_sample, "seed": args.seed, "engine": args.engine,
+            "queries_per_sample": args.queries_per_sample, "seed": args.seed, "engine": args.engine.kind,
             "targets": list(TARGETS), "smoke": args.smoke, "out": str(args.out),
         })
         for d in plan:
-            ds = load_for(d.source, args.engine, max_samples=args.max_samples)  # Ray: shard folders stay put
+            ds = load_for(d.source, args.engine.kind, max_samples=args.max_samples)  # Ray: shard folders stay put
             log.info("%s: %d samples of shape %s, %s estimator", d.label, len(ds), ds.sample_shape, d.estimator)
             est = run_estimate(args, d, ds.samples, ds.fingerprint, sigmas).estimate
             by_target = {t: build_table(est, target=t, fingerprint=ds.fingerprint) for t in TARGETS}
@@ -222,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
                 by_target["x0"], also=[by_target[t] for t in TARGETS[1:]], run_name=d.label,
                 parent_run_id=parent.run_id, experiment=args.experiment, tracking_uri=uri,
                 params={"data": d.source, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
-                        "engine": args.engine, "study": STUDY},
+                        "engine": args.engine.kind, "study": STUDY},
                 tags={"lossfloor.study": STUDY},
             )
             folder = args.out / d.label

@@ -52,6 +52,7 @@ from _scaling import Budget  # noqa: E402
 
 from lossfloor.atomic import write_json  # noqa: E402
 from lossfloor.errors import InputError, JStarNotBelowLoss  # noqa: E402
+from lossfloor.jobs.engine import Engine, add_engine_args  # noqa: E402
 from lossfloor.jobs.stages import Stage  # noqa: E402
 
 log = logging.getLogger("scaling_imagenet512")
@@ -97,24 +98,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates over models per fit "
                    "(default: smoke 100, tiny 10, imagenet512 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", choices=("local", "ray"), default=None,
-                   help="ray: J* on Ray Data and the ladder as Ray tasks; local: this process (default: ray "
-                   "inside a Ray job, i.e. when RAY_ADDRESS is set, else local)")
-    p.add_argument("--workers", type=int, default=2, help="ray engine: Ray Data actors of the J* estimate (default 2)")
-    p.add_argument("--trainer", choices=("ray-train", "tasks"), default="ray-train",
-                   help="ray engine: each model on Ray Train with --train-workers workers (default), or as one "
-                   "Ray task running the local loop (lighter: no worker group, no restarts); the models of the "
-                   "ladder run concurrently either way, as many as the cluster's resources allow")
-    p.add_argument("--train-workers", type=int, default=1, help="ray engine, ray-train: workers per model (DDP)")
-    p.add_argument("--cpus-per-worker", type=int, default=1,
-                   help="CPUs (and torch threads) per training worker and per J* actor (default 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="ray engine: GPUs per training worker and per J* actor (default 0: CPU)")
+    eng = add_engine_args(
+        p, kind="ray" if os.environ.get("RAY_ADDRESS") else "local", workers=2, cpus_per_worker=1,
+        workers_help="Ray Data actors of the J* estimate", worker="training worker and J* actor",
+        address_env="RAY_ADDRESS",
+        help={"--engine": "ray: J* on Ray Data and the ladder on Ray Train or as Ray tasks; local: this process "
+              "(default: ray inside a Ray job, i.e. when RAY_ADDRESS is set, else local)"})
+    eng.add_argument("--trainer", choices=("ray-train", "tasks"), default="ray-train",
+                     help="ray engine: each model on Ray Train with --train-workers workers (default), or as one "
+                     "Ray task running the local loop (lighter: no worker group, no restarts); the models of the "
+                     "ladder run concurrently either way, as many as the cluster's resources allow")
+    eng.add_argument("--train-workers", type=int, default=1, help="ray engine, ray-train: workers per model (DDP)")
     p.add_argument("--max-device-gb", type=float, default=None, metavar="GB",
                    help="cap on one J* actor's device memory: the batch is sized to it, and on CUDA the data stay in host "
                    "memory (each batch gathering its rows) unless they fit next to a batch (default: no cap)")
-    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
-                   help="ray engine: the cluster (default $RAY_ADDRESS, which a Ray job sets; else a local Ray)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the stages, budgets, models, FLOPs and devices, and exit without writing anything")
     add_output_args(p, STUDY, experiment="scaling")
@@ -122,7 +119,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.preset = args.preset or ("smoke" if args.data is None else "imagenet512")
     if args.data is None and args.preset == "smoke":
         args.data = "bundled:digits"
-    args.engine = args.engine or ("ray" if args.ray_address else "local")
     args.out = args.out or default_out(STUDY)
     return args
 
@@ -133,9 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_budget(args: argparse.Namespace, sample_shape: tuple[int, ...] | None) -> Budget:
     if not (math.isfinite(args.budget_scale) and args.budget_scale > 0):
         raise InputError(f"--budget-scale: expected a positive number like 0.1, got {args.budget_scale}")
-    for name in ("workers", "train_workers", "cpus_per_worker"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.train_workers < 1:
+        raise InputError(f"--train-workers: expected an integer >= 1, got {args.train_workers}")
     if args.max_samples is not None and args.max_samples < 2:
         raise InputError(f"--max-samples: expected an integer >= 2, got {args.max_samples}")
     if args.max_device_gb is not None:
@@ -186,18 +181,19 @@ def model_rows(b: Budget, conditional: bool) -> list[dict]:
 
 
 def devices(args: argparse.Namespace) -> str:
-    if args.engine == "ray":
-        kind = f"{args.gpus_per_worker:g} GPU + {args.cpus_per_worker} CPU" if args.gpus_per_worker > 0 \
-            else f"{args.cpus_per_worker} CPU"
+    engine = args.engine
+    if engine.kind == "ray":
+        kind = f"{engine.gpus_per_worker:g} GPU + {engine.cpus_per_worker:g} CPU" if engine.gpus_per_worker > 0 \
+            else f"{engine.cpus_per_worker:g} CPU"
         how = (f"Ray Train, {args.train_workers} worker(s) per model" if args.trainer == "ray-train"
                else "one Ray task per model")
-        return (f"ray engine at {args.ray_address or 'a local Ray'}: J* on {args.workers} Ray Data actor(s) x "
+        return (f"ray engine at {engine.address or 'a local Ray'}: J* on {engine.workers} Ray Data actor(s) x "
                 f"{kind}; the models concurrently, each on {how} ({kind} per worker, torch threads "
-                f"{args.cpus_per_worker})")
+                f"{engine.cpus_per_worker:g})")
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return f"local engine: this process, device {dev}, torch threads {args.cpus_per_worker}"
+    return f"local engine: this process, device {dev}, torch threads {engine.cpus_per_worker:g}"
 
 
 def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape, uri: str) -> str:
@@ -262,8 +258,8 @@ def estimator_config(args: argparse.Namespace, b: Budget):
 
     from lossfloor.floor import EstimatorConfig
 
-    if args.engine == "ray":
-        device = "cuda" if args.gpus_per_worker > 0 else "cpu"
+    if args.engine.kind == "ray":
+        device = args.engine.device
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return EstimatorConfig(estimator=b.estimator, subset_size=b.subset_size, queries_per_sample=b.queries_per_sample,
@@ -327,14 +323,13 @@ def run_estimate(args, b: Budget, ds, stage: Stage):
     sigmas = parse_sigma_grid(b.sigma_grid)
     cfg = estimator_config(args, b)
     t0 = time.monotonic()
-    ray = estimate.RayOptions(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                              cpus_per_worker=float(args.cpus_per_worker))
-    est = estimate.estimate(ds.samples, sigmas, cfg, engine=args.engine, ray=ray, fingerprint=ds.fingerprint,
+    est = estimate.estimate(ds.samples, sigmas, cfg, engine=args.engine, fingerprint=ds.fingerprint,
                             work_dir=folder / "work").estimate
     table = build_table(est, target="x0", fingerprint=ds.fingerprint)
     write_table(table, folder / "jstar.parquet")
     stage.finish({"jstar": "jstar.parquet", "sigma_star": table.sigma_star,
-                  "total_variance": est.total_variance, "seconds": time.monotonic() - t0, "engine": args.engine})
+                  "total_variance": est.total_variance, "seconds": time.monotonic() - t0,
+                  "engine": args.engine.kind})
     return table
 
 
@@ -472,6 +467,7 @@ def run(args: argparse.Namespace) -> int:
 
     t_start = time.monotonic()
     log.info("lossfloor %s from %s", lossfloor.__version__, Path(lossfloor.__file__).parent)
+    args.engine = Engine.from_args(args)  # the engine flags as one checked setting
     fit_sigmas = _scaling.parse_sigmas(args.fit_sigmas) if args.fit_sigmas else None
     if args.seed < 0:
         raise InputError(f"--seed: expected an integer >= 0, got {args.seed}")
@@ -492,17 +488,17 @@ def run(args: argparse.Namespace) -> int:
     count, shape = describe(args.data)
     args.n_source = count
     b = make_budget(args, shape)
-    ds = load_for(args.data, args.engine, max_samples=b.max_samples)  # Ray: a shard folder is not loaded here
+    ds = load_for(args.data, args.engine.kind, max_samples=b.max_samples)  # Ray: a shard folder is not loaded here
     log.info("data %s: %d samples of shape %s, fingerprint %s", args.data, len(ds), ds.sample_shape,
              ds.fingerprint[:12])
     given = given_table(args.j_star, ds) if args.j_star is not None else None  # checked before anything is written
     if fit_sigmas is not None:  # on the J* grid, known before the estimate: refused now, not after the ladder
         _check_fit_sigmas(fit_sigmas, given.x0().sigma if given is not None else parse_sigma_grid(b.sigma_grid))
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.engine == "ray":  # attach to the job's cluster by its address (or start a local Ray)
+    if args.engine.kind == "ray":  # attach to the job's cluster by its address (or start a local Ray)
         from lossfloor.ray.cluster import connect
 
-        connect(args.ray_address, flag="--ray-address")
+        connect(args.engine.address)
 
     study_tags = {"lossfloor.kind": "study", "lossfloor.study": STUDY, "lossfloor.preset": args.preset}
     skipped: dict[str, bool] = {}
@@ -512,8 +508,9 @@ def run(args: argparse.Namespace) -> int:
             "preset": args.preset, "smoke_budget": args.smoke_budget if args.preset == "smoke" else None,
             "data": args.data, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
             "dataset_fingerprint": ds.fingerprint, "schedule": args.schedule, "conditional": args.conditional,
-            "budget_scale": args.budget_scale, "models": [p.name for p in b.models], "engine": args.engine,
-            "workers": args.workers, "gpus_per_worker": args.gpus_per_worker, "seed": args.seed, "out": str(args.out),
+            "budget_scale": args.budget_scale, "models": [p.name for p in b.models], "engine": args.engine.kind,
+            "workers": args.engine.workers, "gpus_per_worker": args.engine.gpus_per_worker, "seed": args.seed,
+            "out": str(args.out),
         })
 
         # 2. J*(σ)
@@ -532,11 +529,12 @@ def run(args: argparse.Namespace) -> int:
             log.info("stage estimate: the given J* table %s into %s", args.j_star, est_stage.dir)
             use_given_table(args.j_star, given, est_stage)
         else:
-            log.info("stage estimate: %s estimator on %s engine into %s", b.estimator, args.engine, est_stage.dir)
+            log.info("stage estimate: %s estimator on %s engine into %s", b.estimator, args.engine.kind,
+                     est_stage.dir)
             run_estimate(args, b, ds, est_stage)
         jstar_path = est_stage.dir / "jstar.parquet"
         table = read_table(jstar_path)
-        log_estimate(table, params={"data": args.data, "engine": args.engine, "study": STUDY,
+        log_estimate(table, params={"data": args.data, "engine": args.engine.kind, "study": STUDY,
                                     "n_samples": len(ds), "stage_dir": str(est_stage.dir)},
                      experiment=args.experiment, run_name="estimate", parent_run_id=parent.run_id,
                      tracking_uri=uri, tags=_child_tags(est_stage, skipped["estimate"]))
@@ -568,11 +566,9 @@ def run(args: argparse.Namespace) -> int:
             log_train_child(parent, args, uri, stage, cached=False, samples=b.samples)
 
         log.info("stage train: %d model(s) to train, %d finished earlier", len(todo), len(stages) - len(todo))
-        resources = jobs_train.Resources(engine=args.engine, trainer=args.trainer, train_workers=args.train_workers,
-                                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                                         address=args.ray_address)
-        jobs_train.train_ladder(todo, data=args.data, ds=ds, out=args.out, resources=resources, on_done=finished,
-                                max_samples=b.max_samples, n_source=args.n_source)
+        jobs_train.train_ladder(todo, data=args.data, ds=ds, out=args.out, engine=args.engine, on_done=finished,
+                                trainer=args.trainer, train_workers=args.train_workers, max_samples=b.max_samples,
+                                n_source=args.n_source)
         for st in stages:
             if skipped[st.name]:
                 log_train_child(parent, args, uri, st, cached=True, samples=b.samples)

@@ -6,7 +6,7 @@ field of the space file) and reports the gain over the EDM2 baseline at the same
     python studies/schedule_sweep.py --dry-run
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \\
         python studies/schedule_sweep.py --preset img512-xs --data /shared/img512-latents.zip \\
-        --j-star /shared/jstar.parquet --images 20000000 --trials 32 --search optuna --gpus-per-trial 1
+        --j-star /shared/jstar.parquet --images 20000000 --trials 32 --search optuna --gpus-per-worker 1
 
 Everything runs through the job behind `lossfloor sweep` (lossfloor.jobs.sweep): the same flags, the
 same outputs (--out, default runs/schedule_sweep, $LOSSFLOOR_RUNS_DIR/schedule_sweep when set:
@@ -19,7 +19,6 @@ Inside a Ray job (RAY_ADDRESS set) the trials run on the job's cluster.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -44,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Ray Tune sweep of the optimal-loss schedule's w_max, focus (mu, varsigma), ... against the "
         "EDM2 baseline; ASHA stops weak trials early; MLflow parent run with one child per trial.",
     )
-    add_sweep_args(p, data="bundled:digits", space=str(DEFAULT_SPACE), trials=8, out=str(default_out(STUDY)))
-    p.set_defaults(**LAPTOP_BUDGET, address=os.environ.get("RAY_ADDRESS"))
+    add_sweep_args(p, data="bundled:digits", space=str(DEFAULT_SPACE), trials=8, out=str(default_out(STUDY)),
+                   address_env="RAY_ADDRESS")
+    p.set_defaults(**LAPTOP_BUDGET)
     p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
                    help="log the sweep to MLflow (default on)")
     p.add_argument("--experiment", dest="mlflow_experiment", default="schedule-sweep",

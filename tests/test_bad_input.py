@@ -141,6 +141,25 @@ CLI_ROWS = [
     ("model-info: unknown preset", ["model-info", "--preset", "huge"], ["--preset"]),
     ("argparse: unknown flag", ["estimate", "--bogus"], ["--help"]),
 ]
+# The engine flags (`lossfloor.jobs.engine`) are one set, refused the same way by every command
+DG = ["diagnose", "--model", "{ws}/model", "--data", D, "--sigmas", "0.1,1", "--out", "{out}.parquet"]
+ENGINE_COMMANDS = {"estimate": [*E, "--out", "{out}.parquet"], "train": [*TR, "--out", "{out}"], "diagnose": DG,
+                   "sweep": [*SW, "--out", "{out}"]}
+ENGINE_ROWS = [
+    ("--gpus-per-worker -1", ["--engine", "ray", "--gpus-per-worker", "-1"],
+     ["--gpus-per-worker: expected a number >= 0 (e.g. 1 or 0.5), got -1"]),
+    ("--workers 0", ["--engine", "ray", "--workers", "0"], ["--workers: expected an integer >= 1, got 0"]),
+    ("--cpus-per-worker nan", ["--engine", "ray", "--cpus-per-worker", "nan"],
+     ["--cpus-per-worker: expected a number > 0, got nan"]),
+    ("--address malformed", ["--engine", "ray", "--address", "nonsense"], ["--address", "HOST:PORT"]),
+    ("unknown engine", ["--engine", "spark"], ["--engine: expected one of local, ray, got 'spark'"]),
+    ("a Ray flag without --engine ray", ["--engine", "local", "--gpus-per-worker", "1"],
+     ["--gpus-per-worker: only with --engine ray"]),
+]
+CLI_ROWS += [(f"{command}: {case}", [*argv, *flags], words) for command, argv in ENGINE_COMMANDS.items()
+             for case, flags, words in ENGINE_ROWS]
+CLI_ROWS += [("sweep: --engine local", [*SW, "--out", "{out}", "--engine", "local"],  # a sweep runs on Ray only
+              ["--engine: a sweep runs its trials on Ray Tune: expected ray, got 'local'"])]
 
 SURVEY = ["--smoke", "--tracking-uri", "sqlite:///{ws}/ok.db"]
 SCALING = ["--smoke-budget", "tiny", "--tracking-uri", "sqlite:///{ws}/ok.db"]
@@ -180,6 +199,10 @@ STUDY_ROWS = [
      ["--j-star", "fingerprint"]),
     ("schedule_sweep", "--out unwritable", [*SWEEP, "--out", "/proc/lossfloor/ss"], ["--out", "cannot write"]),
 ]
+STUDY_ROWS += [(study, f"engine: {case}", [*argv, *flags, "--out", "{out}"], words)
+               for study, argv in (("optimal_loss_survey", SURVEY), ("scaling_imagenet512", SCALING),
+                                   ("schedule_sweep", SWEEP))
+               for case, flags, words in ENGINE_ROWS]
 
 
 def _argv(argv, ws, out):

@@ -17,6 +17,7 @@ from lossfloor.data import load
 from lossfloor.diagnose import PREDICTIONS, coefficients
 from lossfloor.diffusion import PROCESSES, jstar_factor
 from lossfloor.jobs.diagnose import DiagnoseSpec, diagnose
+from lossfloor.jobs.engine import Engine
 from lossfloor.train.evaluation import eval_noise
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -355,6 +356,6 @@ def test_the_ray_engine_gives_the_local_numbers(oracle_data, tmp_path, local_ray
 
     local = run("local.parquet")
     for workers in (1, 3):
-        on_ray = run("ray.parquet", engine="ray", workers=workers, cpus_per_worker=0.5)
+        on_ray = run("ray.parquet", engine=Engine(kind="ray", workers=workers, cpus_per_worker=0.5))
         for name in ("loss_x0", "loss_stderr", "gap_x0"):
             np.testing.assert_array_equal(on_ray.column(name), local.column(name), err_msg=f"{name}, {workers}")

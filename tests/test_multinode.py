@@ -25,8 +25,9 @@ import ray
 
 from lossfloor.data import load
 from lossfloor.floor import EstimatorConfig, estimate
+from lossfloor.jobs.engine import Engine
 from lossfloor.models import get_preset
-from lossfloor.ray import RayEngine, estimate_ray
+from lossfloor.ray import estimate_ray
 from lossfloor.ray.train import train_on_ray
 from lossfloor.train import TrainConfig, train
 from lossfloor.train.checkpoint import list_checkpoints
@@ -66,6 +67,11 @@ def cluster(tmp_path_factory):
         yield c
 
 
+def two_nodes(cluster: MultiNode) -> Engine:
+    """Two 1-CPU actors on the cluster: one on each node."""
+    return Engine(kind="ray", address=cluster.address, workers=2, cpus_per_worker=1)
+
+
 def assert_same(a, b):
     for name in ("j_star", "stderr", "ci_low", "ci_high"):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-9, atol=0, err_msg=name)
@@ -73,7 +79,7 @@ def assert_same(a, b):
 
 def test_an_estimate_across_two_nodes_equals_the_local_one(cluster, data, local):
     seen = []
-    run = estimate_ray(data, SIGMAS, CFG, engine=RayEngine(address=cluster.address, workers=2, cpus_per_worker=1),
+    run = estimate_ray(data, SIGMAS, CFG, engine=two_nodes(cluster),
                        progress=False, on_batch=lambda p: seen.append(p.batch_index))
     assert sorted(seen) == list(range(30))
     assert_same(run.result.estimate, local)
@@ -88,7 +94,7 @@ def test_a_shard_folder_across_two_nodes_equals_the_local_estimate_for_knn(clust
     shards = prepare_shards(tmp_path / "d.npy", tmp_path / "shards", rows_per_shard=700)
     knn = EstimatorConfig(estimator="knn", subset_size=32, queries_per_sample=1, seed=3, rows_per_batch=150)
     run = estimate_ray(str(shards), SIGMAS, knn, progress=False,
-                       engine=RayEngine(address=cluster.address, workers=2, cpus_per_worker=1))
+                       engine=two_nodes(cluster))
     assert_same(run.result.estimate, estimate(data, SIGMAS, knn, progress=False))
 
 
@@ -101,7 +107,7 @@ def test_a_node_killed_mid_run_loses_no_batch_and_counts_none_twice(cluster, dat
             cluster.kill("node_a")
             cluster.add_node("node_c")
 
-    run = estimate_ray(data, SIGMAS, CFG, engine=RayEngine(address=cluster.address, workers=2, cpus_per_worker=1),
+    run = estimate_ray(data, SIGMAS, CFG, engine=two_nodes(cluster),
                        work_dir=tmp_path / "w", progress=False, on_batch=kill_a_node)
     assert sorted(seen) == list(range(30))  # each batch exactly once (a second copy would raise)
     assert_same(run.result.estimate, local)

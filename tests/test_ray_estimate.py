@@ -20,7 +20,8 @@ from lossfloor.data import prepare_shards, read_meta
 from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig, estimate, total_variance
 from lossfloor.floor.resume import KEY_FILE
-from lossfloor.ray import RayEngine, estimate_ray
+from lossfloor.jobs.engine import Engine
+from lossfloor.ray import estimate_ray
 from lossfloor.ray.estimate import batches_per_task, shard_total_variance
 
 # Ray Data's own DataContext copy warns about its deprecated fields
@@ -48,7 +49,7 @@ def assert_same(a, b):
 def test_one_worker_matches_local(data):
     cfg = EstimatorConfig(estimator="cdol", subset_size=48, seed=5, rows_per_batch=30)
     local = estimate(data, SIGMAS, cfg, progress=False)
-    run = estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=1), progress=False)
+    run = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=1), progress=False)
     assert_same(run.result.estimate, local)
     assert run.result.computed == local.n_batches == 10
     assert run.kernel_s > 0
@@ -68,7 +69,7 @@ def test_two_workers_match_local_for_knn_with_automatic_L(data, monkeypatch):
     assert batches_per_task(12, 2) == 3
     cfg = EstimatorConfig(estimator="knn", subset_size=8, seed=11, rows_per_batch=25, rel_error=0.1)  # L 8..32
     local = estimate(data, SIGMAS, cfg, progress=False)
-    run = estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=2), progress=False)
+    run = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=2), progress=False)
     assert_same(run.result.estimate, local)
     assert len(run.result.passes) >= 2 and run.result.passes[0].computed == 12
     assert run.search_s > 0 and run.index_build_s > 0
@@ -90,12 +91,12 @@ def test_resume_after_interruption(data, tmp_path):
             raise Interrupt  # as if the job were killed half-way
 
     with pytest.raises(Interrupt):
-        estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=2), work_dir=tmp_path / "w",
+        estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=2), work_dir=tmp_path / "w",
                      progress=False, on_batch=stop_after_6)
     assert (tmp_path / "w" / KEY_FILE).is_file()
 
     second: list[int] = []
-    run = estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=2), work_dir=tmp_path / "w",
+    run = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=2), work_dir=tmp_path / "w",
                        progress=False, on_batch=lambda p: second.append(p.batch_index))
     (stats,) = run.result.passes
     assert (stats.reused, stats.computed) == (6, 9)
@@ -103,7 +104,7 @@ def test_resume_after_interruption(data, tmp_path):
     assert_same(run.result.estimate, local)
 
     # a finished work folder: nothing left to compute (no actor pool is even started)
-    again = estimate_ray(data, SIGMAS, cfg, engine=RayEngine(workers=2), work_dir=tmp_path / "w", progress=False)
+    again = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=2), work_dir=tmp_path / "w", progress=False)
     assert again.result.computed == 0 and again.kernel_s == 0
     assert_same(again.result.estimate, local)
 
@@ -149,7 +150,7 @@ def test_shard_folder_is_read_by_the_workers_with_the_local_numbers(data, tmp_pa
 
     # knn: the two actors map one node-cache copy of the data, its distinct points and its FAISS index
     knn = EstimatorConfig(estimator="knn", subset_size=16, rows_per_batch=25, seed=3)
-    run = estimate_ray(str(shards), SIGMAS, knn, engine=RayEngine(workers=2), progress=False)
+    run = estimate_ray(str(shards), SIGMAS, knn, engine=Engine(kind="ray", workers=2), progress=False)
     assert_same(run.result.estimate, estimate(data, SIGMAS, knn, progress=False))
     (entry,) = (Path(os.environ["LOSSFLOOR_NODE_CACHE"]) / read_meta(shards).fingerprint[:32]).parent.glob(
         read_meta(shards).fingerprint[:32])
@@ -158,8 +159,8 @@ def test_shard_folder_is_read_by_the_workers_with_the_local_numbers(data, tmp_pa
 
 def test_engine_input_errors(data):
     with pytest.raises(InputError, match="--workers"):
-        RayEngine(workers=0)
+        Engine(kind="ray", workers=0)
     with pytest.raises(InputError, match="--gpus-per-worker"):
-        RayEngine(gpus_per_worker=-1)
+        Engine(kind="ray", gpus_per_worker=-1)
     with pytest.raises(InputError, match="--gpus-per-worker"):
-        estimate_ray(data, SIGMAS, EstimatorConfig(device="cuda"), engine=RayEngine(), progress=False)
+        estimate_ray(data, SIGMAS, EstimatorConfig(device="cuda"), engine=Engine(kind="ray"), progress=False)

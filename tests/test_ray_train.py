@@ -18,6 +18,7 @@ import torch
 
 from lossfloor.data import load
 from lossfloor.errors import InputError
+from lossfloor.jobs.engine import Engine
 from lossfloor.models import get_preset
 from lossfloor.ray.train import train_on_ray
 from lossfloor.train import TrainConfig, latest_checkpoint, train
@@ -128,12 +129,13 @@ def test_input_errors_are_found_on_the_driver(tmp_path):
     cases = [
         ({"workers": -1}, "workers"),
         ({"workers": 3}, "batch_n_img"),  # 32 does not split over 3 workers
-        ({"workers": 1, "gpus_per_worker": -1}, "gpus_per_worker"),
         ({"workers": 1, "max_failures": -2}, "max_failures"),
     ]
     for kwargs, field in cases:
         with pytest.raises(InputError, match=field):
             train_on_ray(config(), "bundled:digits", storage_path=tmp_path, name="x", **kwargs)
+    with pytest.raises(InputError, match="--gpus-per-worker"):  # the engine's settings: checked by the Engine
+        Engine(kind="ray", workers=1, gpus_per_worker=-1)
     with pytest.raises(InputError, match=r"nope\.npy"):
         train_on_ray(config(), tmp_path / "nope.npy", workers=1, storage_path=tmp_path, name="x")
     with pytest.raises(InputError, match="expects"):

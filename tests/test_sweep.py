@@ -236,7 +236,7 @@ def test_optuna_search_multi_worker_trials_and_the_fd_objective(tmp_path, monkey
     rc, stdout = run_cli(["sweep", *TINY, "--space", str(tmp_path / "space.yaml"), "--trials", "1",
                           "--images", "256", "--evals", "2", "--search", "optuna", "--scheduler", "fifo",
                           "--objective", "fd", "--fd-samples", "32", "--fd-steps", "4",
-                          "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--out", str(tmp_path / "out")])
+                          "--workers", "2", "--cpus-per-worker", "0.5", "--out", str(tmp_path / "out")])
     assert rc == 0, stdout
     rows = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
     assert [r["schedule"] for r in rows] == ["edm2", "optimal"]
@@ -280,9 +280,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, jstar, capsys, monkeypatch):
     cases = [
         ([*base, "--space", str(bad), "--out", str(tmp_path / "o")], f"{bad}: w_max: uniform needs low < high"),
         ([*base, "--space", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")], "nope.yaml: search space"),
-        ([*base, "--space", str(good), "--gpus-per-trial", "0.5", "--workers-per-trial", "2", "--out",
-          str(tmp_path / "o")], "--gpus-per-trial: 0.5 GPUs cannot be split into whole GPUs over 2 workers"),
-        ([*base, "--space", str(good), "--gpus-per-trial", "1", "--out", str(tmp_path / "o")],
+        ([*base, "--space", str(good), "--gpus-per-worker", "0.25", "--workers", "2", "--out",
+          str(tmp_path / "o")], "--gpus-per-worker: 0.25 GPUs cannot be given to each of 2 workers"),
+        ([*base, "--space", str(good), "--gpus-per-worker", "1", "--out", str(tmp_path / "o")],
          "a trial needs 1 GPUs, the Ray cluster has 0"),
         ([*base, "--space", str(good), "--trials", "0", "--out", str(tmp_path / "o")], "--trials: expected"),
         ([*base, "--space", str(good), "--fd-weights", str(tmp_path / "file"), "--out", str(tmp_path / "o")],
@@ -295,7 +295,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, jstar, capsys, monkeypatch):
         (["sweep", *TINY, "--data", str(tmp_path / "missing.npy"), "--space", str(good), "--trials", "1", "--out",
           str(tmp_path / "o")], "missing.npy: no such file"),  # the data first, not a missing --j-star
         ([*base, "--space", str(good), "--preset", "tiny32", "--out", str(tmp_path / "o")], "expects (3, 32, 32)"),
-        ([*base, "--space", str(good), "--workers-per-trial", "3", "--out", str(tmp_path / "o")], "--batch: 64"),
+        ([*base, "--space", str(good), "--workers", "3", "--out", str(tmp_path / "o")], "--batch: 64"),
     ]
     for argv, message in cases:
         capsys.readouterr()

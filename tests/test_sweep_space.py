@@ -157,24 +157,31 @@ def test_asha_never_stops_the_baseline_but_stops_a_weak_trial():
 
 
 def test_resources_whole_gpus_for_multi_worker_trials_and_concurrency():
+    from lossfloor.jobs.engine import Engine
     from lossfloor.train.sweep import Resources
 
-    with pytest.raises(InputError, match=r"gpus_per_trial: 0.5 GPUs cannot be split into whole GPUs over 2 workers"):
-        Resources(workers_per_trial=2, gpus_per_trial=0.5)
+    def on(**engine):  # the trials' engine: workers per trial, CPUs and GPUs per worker
+        return Engine(kind="ray", **engine)
+
+    with pytest.raises(InputError, match=r"gpus_per_worker: 0.25 GPUs cannot be given to each of 2 workers"):
+        Resources(engine=on(workers=2, gpus_per_worker=0.25))
     with pytest.raises(InputError, match="whole GPUs"):
-        Resources(workers_per_trial=2, gpus_per_trial=3)
-    assert Resources(workers_per_trial=2, gpus_per_trial=4).trial_resources() == {"cpu": 0.01}
-    assert Resources(gpus_per_trial=0.25).trial_resources() == {"cpu": 1.0, "gpu": 0.25}
+        Resources(engine=on(workers=2, gpus_per_worker=1.5))
+    assert Resources(engine=on(workers=2, gpus_per_worker=2)).trial_resources() == {"cpu": 0.01}
+    assert Resources(engine=on(gpus_per_worker=0.25)).trial_resources() == {"cpu": 1.0, "gpu": 0.25}
     cluster = {"CPU": 16.0, "GPU": 8.0}
-    assert Resources(gpus_per_trial=0.25).max_concurrent_trials(cluster) == 16  # by CPUs: 16 x 1
-    assert Resources(gpus_per_trial=0.5, cpus_per_worker=0.5).max_concurrent_trials(cluster) == 16  # by GPUs
-    assert Resources(workers_per_trial=2, gpus_per_trial=2).max_concurrent_trials(cluster) == 4
-    assert Resources(workers_per_trial=2, gpus_per_trial=2, max_concurrent=3).max_concurrent_trials(cluster) == 3
-    assert Resources().max_concurrent_trials({"CPU": 2.0}) == 2
+    assert Resources(engine=on(gpus_per_worker=0.25)).max_concurrent_trials(cluster) == 16  # by CPUs: 16 x 1
+    by_gpus = Resources(engine=on(gpus_per_worker=0.5, cpus_per_worker=0.5))
+    assert by_gpus.max_concurrent_trials(cluster) == 16  # by GPUs
+    assert Resources(engine=on(workers=2, gpus_per_worker=1)).max_concurrent_trials(cluster) == 4
+    assert Resources(engine=on(workers=2, gpus_per_worker=1), max_concurrent=3).max_concurrent_trials(cluster) == 3
+    assert Resources(engine=on()).max_concurrent_trials({"CPU": 2.0}) == 2
     with pytest.raises(InputError, match="a trial needs 1 GPUs, the Ray cluster has 0"):
-        Resources(gpus_per_trial=1).max_concurrent_trials({"CPU": 2.0})
+        Resources(engine=on(gpus_per_worker=1)).max_concurrent_trials({"CPU": 2.0})
     with pytest.raises(InputError, match=r"a trial needs 2\.01 CPUs"):
-        Resources(workers_per_trial=2).max_concurrent_trials({"CPU": 2.0})
+        Resources(engine=on(workers=2)).max_concurrent_trials({"CPU": 2.0})
+    with pytest.raises(InputError, match="expected ray"):  # a sweep's trials run on Ray Tune only
+        Resources(engine=Engine(kind="local"))
 
 
 # --- Objectives ---------------------------------------------------------------------------------------------

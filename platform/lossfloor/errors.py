@@ -24,10 +24,3 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
 
-
-def check_ray_only(args, names, engine: str) -> None:
-    """The flags in `names` (attributes of `args`, None when not given) are only for `--engine ray`."""
-    if engine != "ray":
-        given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
-        if given:
-            raise InputError(f"{given[0]}: only with --engine ray")

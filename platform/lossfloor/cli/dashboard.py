@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     which.add_argument("--run", metavar="ID", help="the study's parent run (a child's id also works)")
     p.add_argument("--out", required=True, type=Path, help="output HTML file (written atomically)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///~/lossfloor/mlflow.db)")
     p.add_argument("--title", default=None, help="page title (default: 'Scaling study: RUN NAME')")
     p.add_argument("--sigma", type=float, action="append", default=None, metavar="S",
                    help="a σ panel of the loss-vs-compute figure (repeatable; default: the fitted σ)")

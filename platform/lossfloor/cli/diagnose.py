@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from lossfloor.errors import InputError
+from lossfloor.jobs.engine import Engine, add_engine_args
 
 N_SAMPLES = 4096  # default evaluation samples (at most the data's)
 
@@ -58,23 +59,15 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     p.add_argument("--precision", default="none", help="autocast of the network: none (fp32; a lossfloor run: its own) | bf16 | fp16 (CUDA)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    eng = p.add_argument_group("engine")
-    eng.add_argument("--engine", default="local",
-                     help="local (this process, default) | ray (sigma x sample-batch blocks over Ray actors; same numbers)")
-    eng.add_argument("--workers", type=int, default=None, metavar="N", help="ray: actors, all at once (default 1)")
-    eng.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
-                     help="ray: GPUs per actor; > 0 evaluates on CUDA (default 0)")
-    eng.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
-                     help="ray: CPUs (and torch threads) per actor (default: the cluster's CPUs / N)")
-    eng.add_argument("--address", default=None, metavar="ADDR",
-                     help="ray: connect to this cluster (default: start or attach a local one)")
+    add_engine_args(p, ray="sigma x sample-batch blocks over Ray actors; same numbers",
+                    workers_help="actors, all at once", worker="actor", gpus_help="> 0 evaluates on CUDA")
     trk = p.add_argument_group("tracking")
     trk.add_argument("--mlflow", action="store_true",
                      help="also log the diagnosis to MLflow (params, per-sigma metrics, the table, the figure)")
     trk.add_argument("--mlflow-experiment", default="diagnose", metavar="NAME", help="default diagnose")
     trk.add_argument("--run-name", default=None, help="MLflow run name (default: the model's name)")
     trk.add_argument("--tracking-uri", default=None,
-                     help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+                     help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///~/lossfloor/mlflow.db)")
     p.set_defaults(func=run)
 
 
@@ -94,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
                         prediction=args.prediction, process=args.process, ema=args.ema, seed=args.seed,
                         n_samples=args.n_samples, batch=args.batch, device=args.device, precision=args.precision,
                         mlflow=args.mlflow, experiment=args.mlflow_experiment, run_name=args.run_name,
-                        tracking_uri=args.tracking_uri, engine=args.engine, workers=args.workers,
-                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                        address=args.address)
+                        tracking_uri=args.tracking_uri, engine=Engine.from_args(args))
     d = diagnose(spec)
     if args.json:
         rows = [{k: (v if not isinstance(v, float) or (v == v and abs(v) != float("inf")) else str(v))

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 from pathlib import Path
 
 from lossfloor.atomic import check_writable
 from lossfloor.devices import check_device
-from lossfloor.errors import InputError, check_ray_only
-
-log = logging.getLogger(__name__)
+from lossfloor.errors import InputError
+from lossfloor.jobs.engine import Engine, add_engine_args
 
 
 def register(sub) -> None:
@@ -62,20 +60,12 @@ def register(sub) -> None:
                    help="print the rows as a JSON list instead of a table (non-finite numbers as \"inf\"/\"nan\")")
     p.add_argument("--out", required=True, help="output J* table, FILE.parquet")
 
-    eng = p.add_argument_group("engine and resume")
-    eng.add_argument("--engine", default="local", help="local (this process, default) | ray (Ray Data actor pool)")
+    eng = add_engine_args(p, ray="Ray Data actor pool", workers_help="actors in the pool", worker="actor",
+                          gpus_help="> 0 runs the kernel on CUDA")
     eng.add_argument("--work-dir", default=None, metavar="DIR",
                      help="keep finished batches here; a rerun computes only the missing ones (default: "
                      "with --engine ray, OUT's folder/lossfloor-work-<hash of config, data and sigmas>; "
                      "with --engine local, none)")
-    eng.add_argument("--address", default=None, metavar="ADDR",
-                     help="ray: connect to this cluster (auto, HOST:6379, ray://HOST:10001; default: start or "
-                     "attach a local one)")
-    eng.add_argument("--workers", type=int, default=None, metavar="N", help="ray: actors in the pool (default 1)")
-    eng.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
-                     help="ray: GPUs per actor; > 0 runs the kernel on CUDA (default 0)")
-    eng.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
-                     help="ray: CPUs (and torch threads) per actor (default: the cluster's CPUs / N)")
 
     trk = p.add_argument_group("tracking")
     trk.add_argument("--mlflow", action="store_true",
@@ -88,26 +78,15 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-ENGINES = ("local", "ray")
 MAX_QUERIES_PER_SAMPLE = 1024  # M = K N queries; beyond this the error is no longer the queries'.
-_RAY_ONLY = ("address", "workers", "gpus_per_worker", "cpus_per_worker")
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: argparse.Namespace, engine: Engine) -> None:
     from lossfloor.floor import ESTIMATORS
 
     if args.estimator not in ESTIMATORS:
         raise InputError(f"--estimator: expected one of {', '.join(ESTIMATORS)}, got {args.estimator!r}")
-    if args.engine not in ENGINES:
-        raise InputError(f"--engine: expected one of {', '.join(ENGINES)}, got {args.engine!r}")
-    check_ray_only(args, _RAY_ONLY, args.engine)
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"--workers: expected an integer >= 1, got {args.workers}")
-    if args.gpus_per_worker is not None and not (args.gpus_per_worker >= 0 and math.isfinite(args.gpus_per_worker)):
-        raise InputError(f"--gpus-per-worker: expected a number >= 0 (e.g. 1 or 0.5), got {args.gpus_per_worker}")
-    if args.cpus_per_worker is not None and not (args.cpus_per_worker > 0 and math.isfinite(args.cpus_per_worker)):
-        raise InputError(f"--cpus-per-worker: expected a number > 0, got {args.cpus_per_worker}")
-    if args.engine == "ray" and args.device.startswith("cuda") and not (args.gpus_per_worker or 0) > 0:
+    if engine.kind == "ray" and args.device.startswith("cuda") and engine.device != "cuda":
         raise InputError("--device: with --engine ray the workers' device follows --gpus-per-worker (cuda when > 0)")
     if args.rows_per_batch is not None and args.rows_per_batch < 1:
         raise InputError(f"--rows-per-batch: expected an integer >= 1, got {args.rows_per_batch}")
@@ -124,7 +103,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.queries_per_sample > MAX_QUERIES_PER_SAMPLE:
         raise InputError(f"--queries-per-sample: expected at most {MAX_QUERIES_PER_SAMPLE} noisy queries per sample, "
                          f"got {args.queries_per_sample}")
-    if args.engine == "local":
+    if engine.kind == "local":
         check_device(args.device)
     if args.index_pca is not None and args.index_pca < 1:
         raise InputError(f"--index-pca: expected an integer >= 1, got {args.index_pca}")
@@ -208,48 +187,19 @@ def _g(v) -> str:
     return "?" if v is None else f"{v:.4g}"
 
 
-def mlflow_params(args: argparse.Namespace, est, fingerprint: str, target: str) -> dict:
-    """What an MLflow run of an estimate records as params."""
-    cfg = est.config
-    return {
-        "dataset_fingerprint": fingerprint,
-        "data": args.data,
-        "estimator": cfg.estimator,
-        "subset_size": cfg.subset_size,
-        "c": cfg.c,
-        "queries_per_sample": cfg.queries_per_sample,
-        "seed": cfg.seed,
-        "sigma_grid": args.sigmas if args.sigmas is not None else args.sigma_grid,
-        "n_sigmas": len(est.sigmas),
-        "sigma_min": float(est.sigmas.min()),
-        "sigma_max": float(est.sigmas.max()),
-        "engine": args.engine,
-        "target": target,
-        "n_queries": est.n_queries,
-        "rows_per_batch": cfg.rows_per_batch,
-        "rel_error": cfg.rel_error,
-        "index": cfg.index if cfg.estimator == "knn" else None,
-    }
-
-
 def run(args: argparse.Namespace) -> int:
     from lossfloor.data import load, read_meta
     from lossfloor.data.shards import is_shard_dir
     from lossfloor.diffusion import check_target, parse_sigma_grid, parse_sigmas
-    from lossfloor.floor import EstimatorConfig, build_table, write_table
-    from lossfloor.jobs.estimate import RayOptions, estimate
+    from lossfloor.floor import EstimatorConfig
+    from lossfloor.jobs.estimate import estimate_table
+    from lossfloor.jobs.tracking import open_tracking
 
-    _check_args(args)
+    engine = Engine.from_args(args)
+    _check_args(args, engine)
     target = check_target(args.target, field="--target")
-    log_estimate = uri = None
-    if args.mlflow:  # before any work: a missing or broken tracking store is a setup error, not a late surprise
-        try:
-            from lossfloor.tracking import check_store, log_estimate
-        except ImportError as e:
-            raise InputError(f"--mlflow: MLflow tracking is not available ({e})") from None
-        uri = check_store(args.tracking_uri)
-    elif args.tracking_uri is not None:
-        raise InputError("--tracking-uri: only with --mlflow")
+    tracking = open_tracking(args.mlflow, args.tracking_uri, experiment=args.mlflow_experiment,
+                             run_name=args.run_name)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else parse_sigma_grid(args.sigma_grid)
     config = EstimatorConfig(
         estimator=args.estimator,
@@ -268,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.latents not in ("mean", "posterior"):
         raise InputError(f"--latents: expected mean or posterior, got {args.latents!r}")
-    if args.engine == "ray" and is_shard_dir(Path(args.data)):
+    if engine.kind == "ray" and is_shard_dir(Path(args.data)):
         meta = read_meta(args.data)  # the Ray workers read the shards themselves, not this process
         _check_count(meta.count, args)
         samples, fingerprint, normalisation = args.data, meta.fingerprint, meta.normalisation
@@ -278,19 +228,13 @@ def run(args: argparse.Namespace) -> int:
         samples, fingerprint, normalisation = data.samples, data.fingerprint, data.normalisation
     # the table says which floor it is for latent data (mean or posterior), nothing for other data
     latents = args.latents if normalisation.startswith("edm2-latent") else ""
-    ray = RayOptions(address=args.address, workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0.0,
-                     cpus_per_worker=args.cpus_per_worker)
     # the Ray engine always keeps a work folder: by default beside --out, named by the config's hash
-    work_parent = Path(args.out).resolve().parent if args.engine == "ray" and not args.work_dir else None
-    est = estimate(samples, sigmas, config, engine=args.engine, ray=ray, fingerprint=fingerprint,
-                   work_dir=args.work_dir, work_parent=work_parent).estimate
-    table = build_table(est, target=target, fingerprint=fingerprint, threshold=args.sigma_star_threshold,
-                        latents=latents)
-    write_table(table, args.out)
-    if log_estimate is not None:  # on the driver only: workers never write to MLflow
-        run_id = log_estimate(table, params=mlflow_params(args, est, fingerprint, target),
-                              experiment=args.mlflow_experiment, run_name=args.run_name, tracking_uri=uri)
-        log.info("MLflow: %s, experiment %s, run %s", uri, args.mlflow_experiment, run_id)
+    work_parent = Path(args.out).resolve().parent if engine.kind == "ray" and not args.work_dir else None
+    table = estimate_table(samples, sigmas, config, out=args.out, target=target, fingerprint=fingerprint,
+                           threshold=args.sigma_star_threshold, latents=latents, engine=engine,
+                           work_dir=args.work_dir, work_parent=work_parent, tracking=tracking,
+                           params={"data": args.data,
+                                   "sigma_grid": args.sigmas if args.sigmas is not None else args.sigma_grid})
     rows = table.rows()
     if args.json:
         rows = [{k: _json_value(v) for k, v in r.items()} for r in rows]

@@ -21,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--mlflow-experiment", default="schedule-sweep", metavar="NAME",
                    help="MLflow experiment (default schedule-sweep)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///~/lossfloor/mlflow.db)")
     p.set_defaults(func=run)
 
 

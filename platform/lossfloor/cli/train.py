@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
-import time
 from pathlib import Path
 
-from lossfloor.atomic import check_writable, output_folder
+from lossfloor.atomic import check_writable
 from lossfloor.devices import check_device
-from lossfloor.errors import InputError, check_ray_only
+from lossfloor.errors import InputError
 from lossfloor.fmt import num
+from lossfloor.jobs.engine import Engine, add_engine_args
+from lossfloor.jobs.train import MAX_FAILURES
 
-log = logging.getLogger(__name__)
-
-ENGINES = ("local", "ray")
 SCHEDULES = ("edm2", "fm", "optimal-loss")
-_RAY_ONLY = ("workers", "gpus_per_worker", "cpus_per_worker", "address", "max_failures")
 
 
 MAX_IMAGES = 10**11  # a bound on --images: 50x EDM2-XXL's budget; a typo beyond it would run for years
@@ -81,19 +77,12 @@ def register(sub) -> None:
                    "and exit without training")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
-    eng = p.add_argument_group("engine")
-    eng.add_argument("--engine", default="local", choices=ENGINES,
-                     help="local (this process, default) | ray (Ray Train, one process per worker)")
+    eng = add_engine_args(p, ray="Ray Train, one process per worker", workers_help="training workers (DDP ranks)",
+                          cpus_per_worker=1, gpus_help="> 0 trains on CUDA with NCCL, else on CPU with gloo")
     eng.add_argument("--device", default=None, help="local: cpu | cuda (default cuda when available)")
-    eng.add_argument("--workers", type=int, default=None, metavar="N", help="ray: training workers (default 1)")
-    eng.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
-                     help="ray: GPUs per worker; > 0 trains on CUDA with NCCL (default 0: CPU, gloo)")
-    eng.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
-                     help="ray: CPUs (and torch threads) per worker (default 1)")
-    eng.add_argument("--address", default=None, metavar="ADDR", help="ray: cluster address (default: this "
-                     "process's Ray or a local one)")
     eng.add_argument("--max-failures", type=int, default=None, metavar="F",
-                     help="ray: restarts from the last checkpoint after worker failures (default 2; -1 = no limit)")
+                     help=f"ray: restarts from the last checkpoint after worker failures (default {MAX_FAILURES}; "
+                     "-1 = no limit)")
 
     trk = p.add_argument_group("tracking")
     trk.add_argument("--mlflow", action="store_true", help="log the run to MLflow (params, per-step loss, "
@@ -110,20 +99,13 @@ def register(sub) -> None:
 # --- Checks and config ---------------------------------------------------------------------------------
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    check_ray_only(args, _RAY_ONLY, args.engine)
-    if args.engine == "ray" and args.device is not None:
+def _check_args(args: argparse.Namespace, engine: Engine) -> None:
+    if engine.kind == "ray" and args.device is not None:
         raise InputError("--device: with --engine ray the device follows --gpus-per-worker (cuda when > 0)")
     check_device(args.device)
     if args.images is not None and args.images > MAX_IMAGES:
         raise InputError(f"--images: expected at most {MAX_IMAGES:.0e} training images (EDM2-XXL trains 2.1e9), "
                          f"got {args.images}")
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"--workers: expected an integer >= 1, got {args.workers}")
-    if args.gpus_per_worker is not None and not (math.isfinite(args.gpus_per_worker) and args.gpus_per_worker >= 0):
-        raise InputError(f"--gpus-per-worker: expected a number >= 0 (e.g. 1 or 0.5), got {args.gpus_per_worker}")
-    if args.cpus_per_worker is not None and not (math.isfinite(args.cpus_per_worker) and args.cpus_per_worker > 0):
-        raise InputError(f"--cpus-per-worker: expected a number > 0, got {args.cpus_per_worker}")
     if args.max_failures is not None and args.max_failures < -1:
         raise InputError(f"--max-failures: expected an integer >= -1, got {args.max_failures}")
     for flag, value, low in (("--images", args.images, 1), ("--batch", args.batch, 1),
@@ -143,7 +125,7 @@ def _check_args(args: argparse.Namespace) -> None:
     check_writable(args.out, folder=True)
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace, engine: Engine):
     """The TrainConfig of the arguments; InputError naming the flag for what is wrong."""
     from lossfloor.models import get_preset
     from lossfloor.train import (
@@ -196,10 +178,10 @@ def build_config(args: argparse.Namespace):
     if R.duration_n_img < R.batch_n_img:
         raise InputError(f"--images: {R.duration_n_img} is less than one batch ({R.batch_n_img} images); "
                          f"give --images >= --batch")
-    workers = (args.workers or 1) if args.engine == "ray" else 1
+    workers = engine.workers if engine.kind == "ray" else 1
     if R.batch_n_img % workers:
         raise InputError(f"--batch: {R.batch_n_img} must split evenly over {workers} workers")
-    if args.precision == "fp16" and args.engine == "ray" and not args.gpus_per_worker:
+    if args.precision == "fp16" and engine.device == "cpu":
         raise InputError("--precision fp16: needs GPUs (--gpus-per-worker 1); use bf16 or none on CPUs")
     return config
 
@@ -297,15 +279,15 @@ def _json_value(v):
     return v
 
 
-def dry_run_text(config, args: argparse.Namespace) -> str:
+def dry_run_text(config, args: argparse.Namespace, engine: Engine) -> str:
     from lossfloor.train import forward_flops, resolve
 
     R = resolve(config)
-    workers = (args.workers or 1) if args.engine == "ray" else 1
+    workers = engine.workers if engine.kind == "ray" else 1
     steps = math.ceil(R.duration_n_img / R.batch_n_img)
     fwd = forward_flops(R.preset, config.flop_convention)
-    where = (f"ray: {workers} worker(s) x {args.gpus_per_worker or 0:g} GPU, {args.cpus_per_worker or 1:g} CPU"
-             if args.engine == "ray" else f"local: {args.device or 'cuda if available, else cpu'}")
+    where = (f"ray: {workers} worker(s) x {engine.gpus_per_worker:g} GPU, {engine.cpus_per_worker:g} CPU"
+             if engine.kind == "ray" else f"local: {args.device or 'cuda if available, else cpu'}")
     return "\n".join([
         f"run {R.run}: preset {R.preset.name}, process {config.process}, schedule {R.schedule.kind}",
         f"data {args.data} ({'class-conditional' if R.unet.label_dim else 'unconditional'}); J* {config.jstar or 'none'}",
@@ -322,68 +304,26 @@ def dry_run_text(config, args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
-    config = build_config(args)
+    from lossfloor.jobs.tracking import open_tracking
+    from lossfloor.jobs.train import train_run
+
+    engine = Engine.from_args(args, ray_only=("max_failures",))
+    _check_args(args, engine)
+    config = build_config(args, engine)
     _check_data(config, args.data)
     _check_out(args)
     if args.dry_run:
-        sys.stdout.write(dry_run_text(config, args) + "\n")
+        sys.stdout.write(dry_run_text(config, args, engine) + "\n")
         return 0
-    log_training = uri = None
-    if args.mlflow:  # before any work: a missing or broken tracking store is a setup error, not a late surprise
-        try:
-            from lossfloor.tracking.runs import check_store
-            from lossfloor.tracking.train import log_training
-        except ImportError as e:
-            raise InputError(f"--mlflow: MLflow tracking is not available ({e})") from None
-        uri = check_store(args.tracking_uri)
-    elif args.tracking_uri is not None:
-        raise InputError("--tracking-uri: only with --mlflow")
-    with output_folder(args.out) as out:
-        wall, images_run = _train(config, args, out)
-    run_id = None
-    if log_training is not None:  # on the driver only: workers never write to MLflow
-        run_id = log_training(out, params={"data": args.data, "engine": args.engine,
-                                           "workers": (args.workers or 1) if args.engine == "ray" else 1,
-                                           "out": str(out.absolute())},
-                              experiment=args.mlflow_experiment, samples=args.samples, tracking_uri=uri,
-                              device=args.device if args.engine == "local" else None)
-        log.info("MLflow: %s, experiment %s, run %s", uri, args.mlflow_experiment, run_id)
-    s = summary(out, wall_s=wall, images_run=images_run, engine=args.engine, mlflow_run=run_id)
+    tracking = open_tracking(args.mlflow, args.tracking_uri, experiment=args.mlflow_experiment)
+    done = train_run(config, data=args.data, out=args.out, engine=engine, device=args.device, resume=args.resume,
+                     max_failures=MAX_FAILURES if args.max_failures is None else args.max_failures,
+                     tracking=tracking, samples=args.samples)
+    s = summary(done.out, wall_s=done.wall_s, images_run=done.images_run, engine=engine.kind,
+                mlflow_run=done.mlflow_run)
     if args.json:
         json.dump(_json_value(s), sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(format_summary(s) + "\n")
     return 0
-
-
-def _train(config, args: argparse.Namespace, out: Path) -> tuple[float, int]:
-    """Train into OUT on the chosen engine; (wall seconds, images trained by this call)."""
-    t0 = time.monotonic()
-    if args.engine == "ray":
-        from lossfloor.ray.train import train_on_ray
-
-        before = _images_done(out)
-        res = train_on_ray(config, args.data, workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0,
-                           cpus_per_worker=args.cpus_per_worker, storage_path=out.absolute().parent, name=out.name,
-                           max_failures=2 if args.max_failures is None else args.max_failures,
-                           address=args.address, resume=args.resume)
-        images_run = int(res.metrics.get("n_img", before)) - before
-    else:
-        from lossfloor.data import load
-        from lossfloor.train import train
-
-        before = _images_done(out)
-        res = train(config, load(args.data, latents=args.latents), checkpoint_dir=out, resume=args.resume,
-                    device=args.device)
-        images_run = res.n_img - before
-    return time.monotonic() - t0, images_run
-
-
-def _images_done(out: Path) -> int:
-    """Images already trained in OUT (its newest checkpoint's name), 0 for a fresh run."""
-    from lossfloor.train import latest_checkpoint
-
-    newest = latest_checkpoint(out)
-    return 0 if newest is None else int(newest.name.rsplit("-", 1)[1])

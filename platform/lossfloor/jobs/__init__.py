@@ -1,5 +1,7 @@
 """Jobs: the one way commands and studies run work, locally or on Ray (ARCHITECTURE.md).
 
+    jobs.engine     where work runs: the one validated `Engine` (local | ray) and its flags
+    jobs.tracking   the MLflow store a job logs to, opened before any work
     jobs.estimate   J*(σ) of a data set on the local engine or Ray Data, resumable from a work folder
     jobs.stages     hash-addressed stage folders (DONE.json written last): a rerun skips finished work
     jobs.train      one model, or a ladder of models, in this process, as Ray tasks or on Ray Train

@@ -23,13 +23,12 @@ import numpy as np
 import torch
 
 from lossfloor.devices import check_device
-from lossfloor.errors import InputError, check_ray_only
+from lossfloor.errors import InputError
+from lossfloor.jobs.engine import LOCAL, Engine
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "diagnose"
-ENGINES = ("local", "ray")
-_RAY_ONLY = ("workers", "gpus_per_worker", "cpus_per_worker", "address")
 PROGRESS_SECONDS = 10.0
 
 
@@ -58,11 +57,9 @@ class DiagnoseSpec:
     experiment: str = EXPERIMENT
     run_name: str | None = None
     tracking_uri: str | None = None
-    engine: str = "local"  # "local" (this process) | "ray" (σ x sample-batch blocks over Ray actors)
-    workers: int | None = None  # ray: actors (default 1; all must fit the cluster at once)
-    gpus_per_worker: float | None = None  # ray: GPUs per actor; > 0 evaluates on CUDA
-    cpus_per_worker: float | None = None  # ray: CPUs (and torch threads) per actor
-    address: str | None = None  # ray: the cluster (default: start or attach a local one)
+    # local: this process; ray: σ x sample-batch blocks over `workers` Ray actors (all must fit the cluster
+    # at once), on CUDA when they have GPUs
+    engine: Engine = LOCAL
 
 
 def check_outputs(spec: DiagnoseSpec) -> None:
@@ -165,10 +162,7 @@ def diagnose(spec: DiagnoseSpec):
         raise InputError(f"--batch: expected an integer >= 1, got {spec.batch}")
     if spec.seed < 0:
         raise InputError(f"--seed: expected an integer >= 0, got {spec.seed}")
-    if spec.engine not in ENGINES:
-        raise InputError(f"--engine: expected one of {', '.join(ENGINES)}, got {spec.engine!r}")
-    check_ray_only(spec, _RAY_ONLY, spec.engine)
-    if spec.precision == "fp16" and not spec.device.startswith("cuda") and not (spec.gpus_per_worker or 0) > 0:
+    if spec.precision == "fp16" and not spec.device.startswith("cuda") and spec.engine.device != "cuda":
         raise InputError("--precision: fp16 autocast needs a CUDA device (--device cuda); use bf16 or none on the CPU")
     check_device(spec.device)
     data = _load_data(spec.data, "--data")
@@ -196,7 +190,7 @@ def diagnose(spec: DiagnoseSpec):
         seed=seed, n_samples=spec.n_samples, batch=spec.batch, device=spec.device,
         holdout=None if holdout is None else (holdout.samples, holdout.labels, holdout.fingerprint),
         progress=_Progress(passes * len(spec.sigmas), model.name))
-    if spec.engine == "local":
+    if spec.engine.kind == "local":
         d = run()
     else:
         from lossfloor.ray.cluster import ray_session  # Ray only here
@@ -204,10 +198,8 @@ def diagnose(spec: DiagnoseSpec):
 
         load = {"spec": spec.model, "prediction": spec.prediction, "process": spec.process, "ema": spec.ema,
                 "precision": spec.precision}
-        losses = RayLosses(load, workers=spec.workers or 1, gpus_per_worker=spec.gpus_per_worker or 0.0,
-                           cpus_per_worker=spec.cpus_per_worker)
-        with ray_session(spec.address):
-            d = run(losses=losses)
+        with ray_session(spec.engine.address):
+            d = run(losses=RayLosses(load, spec.engine))
     t_eval = time.monotonic() - t0 - t_jstar
     log.info("diagnose %s: J* %.3g s, evaluation %.3g s", model.name, t_jstar, t_eval)
     write_diagnosis(d, spec.out)

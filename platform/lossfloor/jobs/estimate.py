@@ -1,8 +1,9 @@
 """Estimate J*(σ): one entry for every command and study, on this process or on Ray Data.
 
-    run = estimate(samples, sigmas, EstimatorConfig(), engine="ray", ray=RayOptions(workers=4),
+    run = estimate(samples, sigmas, EstimatorConfig(), engine=Engine(kind="ray", workers=4),
                    fingerprint=ds.fingerprint, work_dir="runs/work")
     run.estimate.j_star, run.passes[0].computed
+    table = estimate_table(samples, sigmas, config, out="jstar.parquet", ...)   # `lossfloor estimate`
 
 Both engines run the same batches through `lossfloor.floor.resume` (the same numbers for the same seed)
 and keep finished batches in a work folder when one is given (`work_dir`, or `work_parent` for a
@@ -12,39 +13,57 @@ folder named by a hash of the config, data and σ grid); the Ray engine always k
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
 
-from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig
 from lossfloor.floor.resume import ResumableRun, estimate_resumable
+from lossfloor.floor.table import SIGMA_STAR_THRESHOLD
+from lossfloor.jobs.engine import LOCAL, Engine
+from lossfloor.jobs.tracking import Tracking
 
-ENGINES = ("local", "ray")
-
-
-@dataclass(frozen=True, kw_only=True)
-class RayOptions:
-    """Where the Ray engine runs: the cluster (None: this process's Ray, else a local one) and the pool."""
-
-    address: str | None = None
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None
+log = logging.getLogger(__name__)
 
 
-def estimate(samples, sigmas, config: EstimatorConfig, *, engine: str = "local", ray: RayOptions | None = None,
+def estimate(samples, sigmas, config: EstimatorConfig, *, engine: Engine = LOCAL,
              fingerprint: str | None = None, work_dir: str | os.PathLike | None = None,
              work_parent: str | os.PathLike | None = None, progress: bool = True) -> ResumableRun:
     """J*(σ) of `samples` with `config` on `engine` (module docstring)."""
-    if engine not in ENGINES:
-        raise InputError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "local":
+    if engine.kind == "local":
         return estimate_resumable(samples, sigmas, config, fingerprint=fingerprint, work_dir=work_dir,
                                   work_parent=work_parent, progress=progress)
-    from lossfloor.ray import RayEngine, estimate_ray  # Ray only here
+    from lossfloor.ray import estimate_ray  # Ray only here
 
-    opts = ray or RayOptions()
-    pool = RayEngine(address=opts.address, workers=opts.workers, gpus_per_worker=opts.gpus_per_worker,
-                     cpus_per_worker=opts.cpus_per_worker)
-    return estimate_ray(samples, sigmas, config, engine=pool, fingerprint=fingerprint, work_dir=work_dir,
+    return estimate_ray(samples, sigmas, config, engine=engine, fingerprint=fingerprint, work_dir=work_dir,
                         work_parent=work_parent, progress=progress).result
+
+
+def estimate_table(samples, sigmas, config: EstimatorConfig, *, out: str | os.PathLike, fingerprint: str,
+                   target: str = "x0", threshold: float = SIGMA_STAR_THRESHOLD, latents: str = "",
+                   engine: Engine = LOCAL, work_dir: str | os.PathLike | None = None,
+                   work_parent: str | os.PathLike | None = None, tracking: Tracking | None = None,
+                   params: Mapping[str, object] | None = None):
+    """`estimate`, then its J* table in `target` units (σ* at `threshold`) written to `out`, and with
+    `tracking` one MLflow run: the estimate's params and the caller's `params` (what the table does not
+    say: data source, grid, ...). Returns the table."""
+    from lossfloor.floor import build_table, write_table
+
+    est = estimate(samples, sigmas, config, engine=engine, fingerprint=fingerprint, work_dir=work_dir,
+                   work_parent=work_parent).estimate
+    table = build_table(est, target=target, fingerprint=fingerprint, threshold=threshold, latents=latents)
+    write_table(table, out)
+    if tracking is not None:
+        from lossfloor.tracking import log_estimate
+
+        cfg = est.config
+        run_id = log_estimate(table, params={
+            **(params or {}), "dataset_fingerprint": fingerprint, "estimator": cfg.estimator,
+            "subset_size": cfg.subset_size, "c": cfg.c, "queries_per_sample": cfg.queries_per_sample,
+            "seed": cfg.seed, "n_sigmas": len(est.sigmas), "sigma_min": float(est.sigmas.min()),
+            "sigma_max": float(est.sigmas.max()), "engine": engine.kind, "target": target,
+            "n_queries": est.n_queries, "rows_per_batch": cfg.rows_per_batch, "rel_error": cfg.rel_error,
+            "index": cfg.index if cfg.estimator == "knn" else None,
+        }, experiment=tracking.experiment, run_name=tracking.run_name, tracking_uri=tracking.uri)
+        log.info("MLflow: %s, experiment %s, run %s", tracking.uri, tracking.experiment, run_id)
+    return table

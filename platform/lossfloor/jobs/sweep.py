@@ -21,6 +21,7 @@ from pathlib import Path
 from lossfloor.atomic import check_writable
 from lossfloor.errors import InputError
 from lossfloor.fmt import num
+from lossfloor.jobs.engine import Engine, add_engine_args
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,10 @@ INTERRUPTED = 130  # exit code of an interrupted sweep (as ^C)
 
 
 def add_sweep_args(p: argparse.ArgumentParser, *, data: str | None = None, space: str | None = None,
-                   trials: int | None = None, out: str | None = None) -> None:
-    """The sweep's flags; the study passes defaults so it runs without arguments, the CLI requires them."""
+                   trials: int | None = None, out: str | None = None, address_env: str | None = None) -> None:
+    """The sweep's flags; the study passes defaults so it runs without arguments, the CLI requires them.
+    The trials run on the engine of `add_engine_args` (always Ray): --workers per trial, each with
+    --cpus-per-worker and --gpus-per-worker; address_env: its default --address (a Ray job's)."""
     p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
     p.add_argument("--data", default=data, required=data is None, metavar="SRC",
                    help="data source every trial can read (shared storage on a cluster), e.g. bundled:digits")
@@ -77,17 +80,14 @@ def add_sweep_args(p: argparse.ArgumentParser, *, data: str | None = None, space
     a.add_argument("--reduction-factor", type=float, default=2.0, metavar="R",
                    help="keep the best 1/R of the trials at each rung (default 2)")
 
-    r = p.add_argument_group("resources")
-    r.add_argument("--workers-per-trial", type=int, default=1, metavar="W",
-                   help="1: the training loop in the Tune trial itself (default); > 1: Ray Train with W workers")
-    r.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G",
-                   help="GPUs per trial (default 0: CPU); fractional (e.g. 0.25) only with --workers-per-trial 1, "
-                   "else whole GPUs per worker")
-    r.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs and torch threads (1)")
+    r = add_engine_args(p, kind="ray", help={"--engine": "ray: the trials on Ray Tune, the only engine of a sweep"},
+                        cpus_per_worker=1,
+                        workers_help="workers per trial: 1 runs the training loop in the Tune trial itself, N > 1 "
+                        "Ray Train with N workers", worker="worker of a trial", address_env=address_env,
+                        gpus_help="> 0 trains on CUDA; fractional (e.g. 0.25: four trials per GPU) only with "
+                        "--workers 1, else whole GPUs")
     r.add_argument("--max-concurrent", type=int, default=None, metavar="N",
                    help="at most N trials at once (default: as many as the cluster's GPUs, else CPUs, hold)")
-    r.add_argument("--address", default=None, metavar="ADDR", help="Ray cluster (default: this process's Ray "
-                   "or a new local one)")
 
     p.add_argument("--out", default=out, required=out is None, metavar="DIR",
                    help="sweep folder; rerunning with the same arguments resumes it")
@@ -103,14 +103,11 @@ def _check_args(args: argparse.Namespace) -> None:
                              ("--warmup", args.warmup, 0), ("--evals", args.evals, 1),
                              ("--eval-samples", args.eval_samples, 1), ("--seed", args.seed, 0),
                              ("--grace-images", args.grace_images, 1), ("--fd-samples", args.fd_samples, 2),
-                             ("--fd-steps", args.fd_steps, 2), ("--workers-per-trial", args.workers_per_trial, 1),
-                             ("--max-concurrent", args.max_concurrent, 1)):
+                             ("--fd-steps", args.fd_steps, 2)):
         if value is not None and value < low:
             raise InputError(f"{flag}: expected an integer >= {low}, got {value}")
     for flag, value, ok in (("--lr", args.lr, lambda v: v > 0), ("--reduction-factor", args.reduction_factor,
-                                                                   lambda v: v > 1),
-                            ("--gpus-per-trial", args.gpus_per_trial, lambda v: v >= 0),
-                            ("--cpus-per-worker", args.cpus_per_worker, lambda v: v > 0)):
+                                                                   lambda v: v > 1)):
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise InputError(f"--{flag.lstrip('-')}: got {value}, expected "
                              f"{'a number > 1' if flag == '--reduction-factor' else 'a positive number'}")
@@ -122,12 +119,12 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def build_resources(args: argparse.Namespace):
+    """The trials' resources: the engine of the flags and --max-concurrent."""
     from lossfloor.train.sweep import Resources
 
+    engine = Engine.from_args(args)
     try:
-        return Resources(workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
-                         cpus_per_worker=args.cpus_per_worker, max_concurrent=args.max_concurrent,
-                         address=args.address)
+        return Resources(engine=engine, max_concurrent=args.max_concurrent)
     except InputError as e:  # "field: message" -> "--flag: message"
         name, _, rest = str(e).partition(":")
         raise InputError(f"--{name.replace('_', '-')}:{rest}") from None
@@ -157,8 +154,9 @@ def jstar_path(args: argparse.Namespace, *, create: bool) -> str:
     return str(path)
 
 
-def build_spec(args: argparse.Namespace, *, create_jstar: bool = True):
-    """The SweepSpec of the arguments; InputError naming the flag for what is wrong."""
+def build_spec(args: argparse.Namespace, resources, *, create_jstar: bool = True):
+    """The SweepSpec of the arguments, for trials on `resources`; InputError naming the flag for what is
+    wrong."""
     from lossfloor.data import describe
     from lossfloor.models import get_preset
     from lossfloor.train import TrainConfig, resolve
@@ -181,8 +179,9 @@ def build_spec(args: argparse.Namespace, *, create_jstar: bool = True):
     budget = resolve(TrainConfig(preset=args.preset, batch_n_img=args.batch, duration_n_img=args.images))
     if budget.duration_n_img < budget.batch_n_img:
         raise InputError(f"--images: {budget.duration_n_img} is less than one batch ({budget.batch_n_img} images)")
-    if budget.batch_n_img % args.workers_per_trial:
-        raise InputError(f"--batch: {budget.batch_n_img} must split evenly over {args.workers_per_trial} workers")
+    workers = resources.engine.workers
+    if budget.batch_n_img % workers:
+        raise InputError(f"--batch: {budget.batch_n_img} must split evenly over {workers} workers")
     every = max(budget.batch_n_img, budget.duration_n_img // args.evals // budget.batch_n_img * budget.batch_n_img)
     jstar = jstar_path(args, create=create_jstar)
     if create_jstar or args.j_star is not None:
@@ -230,7 +229,8 @@ def plan_text(spec, resources, args: argparse.Namespace) -> str:
             m = math.ceil(m * spec.reduction_factor)
         stopping = (f"ASHA rungs at {', '.join(rungs) or 'none'} images (reduction factor "
                     f"{spec.reduction_factor:g}); the baseline always runs to the end")
-    where = (f"{resources.workers_per_trial} Ray Train workers per trial" if resources.workers_per_trial > 1
+    engine = resources.engine
+    where = (f"{engine.workers} Ray Train workers per trial" if engine.workers > 1
              else "the training loop in each Tune trial")
     return "\n".join([
         f"sweep: EDM2 baseline + {spec.trials} optimal-loss trials, {spec.search} search, {spec.scheduler} scheduler",
@@ -241,7 +241,7 @@ def plan_text(spec, resources, args: argparse.Namespace) -> str:
         f"objective {spec.objective.kind}" + (f" ({spec.objective.features}, {spec.objective.fd_samples} samples)"
                                                if spec.objective.kind == "fd" else " (fixed reference weighting)"),
         stopping,
-        f"resources: {where}, {resources.gpus_per_trial:g} GPU and {resources.cpus_per_worker:g} CPU per worker; "
+        f"resources: {where}, {engine.gpus_per_worker:g} GPU and {resources.cpus_per_worker:g} CPU per worker; "
         f"concurrency {resources.max_concurrent or 'from the cluster'}",
         f"J* {spec.base.jstar}; out {args.out}",
     ])
@@ -290,7 +290,8 @@ def write_figures(outcome, spec) -> None:
                                        budget=spec.duration_n_img), outcome.out / CURVES_FILE)
 
 
-def log_to_mlflow(outcome, spec, args: argparse.Namespace, *, experiment: str, tracking_uri: str | None) -> str:
+def log_to_mlflow(outcome, spec, resources, args: argparse.Namespace, *, experiment: str,
+                  tracking_uri: str | None) -> str:
     """The parent and child runs (lossfloor.tracking.sweep); the parent's id is added to best.json."""
     from lossfloor.tracking.sweep import log_sweep
     from lossfloor.train.sweep import write_best
@@ -300,7 +301,7 @@ def log_to_mlflow(outcome, spec, args: argparse.Namespace, *, experiment: str, t
               "search": spec.search, "scheduler": spec.scheduler, "objective": spec.objective.kind,
               "duration_n_img": R.duration_n_img, "batch_n_img": R.batch_n_img, "eval_every_n_img": R.eval_every_n_img,
               "grace_n_img": spec.grace, "reduction_factor": spec.reduction_factor, "seed": spec.base.seed,
-              "workers_per_trial": args.workers_per_trial, "gpus_per_trial": args.gpus_per_trial,
+              "workers": resources.engine.workers, "gpus_per_worker": resources.engine.gpus_per_worker,
               "conditional": spec.base.conditional}
     run_id = log_sweep(outcome, params=params, space_file=args.space, experiment=experiment, tracking_uri=tracking_uri)
     outcome.best["mlflow_run"] = run_id
@@ -317,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:
             raise InputError(f"--mlflow: MLflow tracking is not available ({e})") from None
         args.tracking_uri = check_store(args.tracking_uri)
-    spec = build_spec(args, create_jstar=not args.dry_run)
+    spec = build_spec(args, resources, create_jstar=not args.dry_run)
     if args.dry_run:
         sys.stdout.write(plan_text(spec, resources, args) + "\n")
         return 0
@@ -330,7 +331,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"lossfloor sweep: interrupted; rerun the same command to resume the sweep in {outcome.out}\n")
         return INTERRUPTED
     if args.mlflow and not outcome.best.get("mlflow_run"):
-        log_to_mlflow(outcome, spec, args, experiment=args.mlflow_experiment, tracking_uri=args.tracking_uri)
+        log_to_mlflow(outcome, spec, resources, args, experiment=args.mlflow_experiment,
+                      tracking_uri=args.tracking_uri)
     if args.json:
         json.dump(outcome.best, sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -1,7 +1,12 @@
 """Train one model, or a ladder of models into stage folders: in this process, as Ray tasks, or on Ray Train.
 
-    train_ladder(todo, data="bundled:digits", ds=ds, out=out, resources=Resources(engine="ray"),
+    run = train_run(config, data="bundled:digits", out="runs/tiny", engine=Engine(kind="ray", workers=2))
+    train_ladder(todo, data="bundled:digits", ds=ds, out=out, engine=Engine(kind="ray"),
                  on_done=lambda stage, summary: ...)
+
+`train_run` is `lossfloor train`: one model trains (or resumes from its newest checkpoint) in its run
+folder, in this process or on Ray Train with the engine's workers, and is then logged to MLflow when a
+store is given (on this process only: workers never write runs).
 
 `todo` holds (stage, TrainConfig) pairs, smallest model first. Each model trains (or resumes from its
 newest checkpoint) into its stage folder; when it is done its tables are in the folder, the stage's
@@ -9,7 +14,7 @@ DONE.json records `summary` (run, model, params, FLOPs, images, seconds, final t
 is called on this process (where MLflow is written: workers never write runs). With the Ray engine the
 models run concurrently, largest first, as many as the cluster's resources allow: each as one Ray task
 running the local loop (`trainer="tasks"`), or on Ray Train with `train_workers` workers
-(`trainer="ray-train"`, `lossfloor.ray.train.train_on_ray`).
+(`trainer="ray-train"`, `lossfloor.ray.train.train_on_ray`), each worker with the engine's CPUs and GPUs.
 """
 
 from __future__ import annotations
@@ -20,38 +25,72 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lossfloor.atomic import write_npz
+from lossfloor.atomic import output_folder, write_npz
 from lossfloor.errors import InputError
+from lossfloor.jobs.engine import LOCAL, Engine
 from lossfloor.jobs.stages import Stage
+from lossfloor.jobs.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
-ENGINES, TRAINERS = ("local", "ray"), ("ray-train", "tasks")
+TRAINERS = ("ray-train", "tasks")
+MAX_FAILURES = 2  # Ray Train: restarts of a run from its last checkpoint after worker failures
 
 
-@dataclass(frozen=True, kw_only=True)
-class Resources:
-    """Where the models train: this process, or Ray (the cluster at `address`, or this process's Ray)."""
+@dataclass(frozen=True)
+class TrainRun:
+    """What `train_run` did: the run folder, its wall time and images trained by this call, the MLflow run."""
 
-    engine: str = "local"
-    trainer: str = "ray-train"  # ray engine: each model on Ray Train, or as one Ray task
-    train_workers: int = 1  # ray-train: workers (DDP ranks) per model
-    cpus_per_worker: int = 1  # also the torch threads of a worker
-    gpus_per_worker: float = 0.0
-    address: str | None = None
+    out: Path
+    wall_s: float
+    images_run: int
+    mlflow_run: str | None
 
-    def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise InputError(f"engine: expected one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.trainer not in TRAINERS:
-            raise InputError(f"trainer: expected one of {', '.join(TRAINERS)}, got {self.trainer!r}")
 
-    @property
-    def device(self) -> str | None:
-        """The workers' device (None: the loop's choice, cuda if available)."""
-        if self.engine == "local":
-            return None
-        return "cuda" if self.gpus_per_worker > 0 else "cpu"
+def train_run(config, *, data: str, out, engine: Engine = LOCAL, device: str | None = None,
+              resume: bool = True, max_failures: int = MAX_FAILURES, tracking: Tracking | None = None,
+              samples: int | str = "auto") -> TrainRun:
+    """Train (or resume) `config` on `data` into the run folder `out` (module docstring); a failed first
+    run leaves no folder behind. device: the local engine's (None: cuda when available); with the Ray
+    engine the workers' device follows their GPUs. max_failures: Ray Train's restarts (-1 = no limit).
+    samples: the samples grid MLflow logs (`lossfloor.tracking.train.log_training`)."""
+    with output_folder(out) as folder:
+        t0 = time.monotonic()
+        before = _images_done(folder)
+        if engine.kind == "ray":
+            from lossfloor.ray.train import train_on_ray
+
+            res = train_on_ray(config, data, workers=engine.workers, gpus_per_worker=engine.gpus_per_worker,
+                               cpus_per_worker=engine.cpus_per_worker, storage_path=folder.absolute().parent,
+                               name=folder.name, max_failures=max_failures, address=engine.address, resume=resume)
+            images_run = int(res.metrics.get("n_img", before)) - before
+        else:
+            from lossfloor.data import load
+            from lossfloor.train import train
+
+            res = train(config, load(data, latents=config.latents), checkpoint_dir=folder, resume=resume,
+                        device=device)
+            images_run = res.n_img - before
+        wall = time.monotonic() - t0
+    run_id = None
+    if tracking is not None:  # on the driver only: workers never write to MLflow
+        from lossfloor.tracking.train import log_training
+
+        run_id = log_training(folder, params={"data": data, "engine": engine.kind,
+                                              "workers": engine.workers if engine.kind == "ray" else 1,
+                                              "out": str(folder.absolute())},
+                              experiment=tracking.experiment, run_name=tracking.run_name, samples=samples,
+                              tracking_uri=tracking.uri, device=device if engine.kind == "local" else None)
+        log.info("MLflow: %s, experiment %s, run %s", tracking.uri, tracking.experiment, run_id)
+    return TrainRun(out=folder, wall_s=wall, images_run=images_run, mlflow_run=run_id)
+
+
+def _images_done(out: Path) -> int:
+    """Images already trained in OUT (its newest checkpoint's name), 0 for a fresh run."""
+    from lossfloor.train import latest_checkpoint
+
+    newest = latest_checkpoint(out)
+    return 0 if newest is None else int(newest.name.rsplit("-", 1)[1])
 
 
 def train_one(config, data: str, max_samples: int | None, checkpoint_dir: str, device: str | None,
@@ -98,41 +137,45 @@ def summary(result: dict, engine: str) -> dict:
         "final_flops": totals[-1]["flops"] if totals else None, "n_evals": len(totals)}
 
 
-def train_ladder(todo: list[tuple[Stage, object]], *, data: str, ds, out: Path, resources: Resources,
-                 on_done: Callable[[Stage, dict], None], max_samples: int | None = None,
-                 n_source: int | None = None) -> None:
+def train_ladder(todo: list[tuple[Stage, object]], *, data: str, ds, out: Path, engine: Engine,
+                 on_done: Callable[[Stage, dict], None], trainer: str = "ray-train", train_workers: int = 1,
+                 max_samples: int | None = None, n_source: int | None = None) -> None:
     """Train the models of `todo` (module docstring). ds: the loaded data (`data` capped at max_samples;
-    n_source: the samples `data` holds, to know whether a cap applies)."""
+    n_source: the samples `data` holds, to know whether a cap applies). A worker takes the engine's CPUs
+    (1 when it names none; also its torch threads, and this process's with the local engine)."""
+    if trainer not in TRAINERS:
+        raise InputError(f"--trainer: expected one of {', '.join(TRAINERS)}, got {trainer!r}")
     if not todo:
         return
 
     def finished(stage: Stage, config, result: dict) -> None:
         write_tables(stage.dir, config, result)
-        stage.finish(summary(result, resources.engine))
+        stage.finish(summary(result, engine.kind))
         on_done(stage, stage.result())
 
-    if resources.engine == "local":
+    cpus = engine.cpus_per_worker or 1
+    if engine.kind == "local":
         for stage, cfg in todo:
             log.info("train %s: %d images in batches of %d, into %s", cfg.preset_obj.name, cfg.duration_n_img,
                      cfg.batch_n_img, stage.dir)
-            finished(stage, cfg, train_one(cfg, data, max_samples, str(stage.begin()), None,
-                                           resources.cpus_per_worker))
+            finished(stage, cfg, train_one(cfg, data, max_samples, str(stage.begin()), None, int(cpus)))
         return
-    if resources.trainer == "ray-train":
-        _ladder_on_ray_train(todo, _worker_data(data, ds, out, max_samples, n_source), resources, out, finished)
+    if trainer == "ray-train":
+        _ladder_on_ray_train(todo, _worker_data(data, ds, out, max_samples, n_source), engine, train_workers, out,
+                             finished)
     else:
-        _ladder_as_ray_tasks(todo, data, max_samples, resources, finished)
+        _ladder_as_ray_tasks(todo, data, max_samples, engine, finished)
 
 
-def _ladder_as_ray_tasks(todo, data: str, max_samples, resources: Resources, finished) -> None:
+def _ladder_as_ray_tasks(todo, data: str, max_samples, engine: Engine, finished) -> None:
     import ray
 
-    task = ray.remote(train_one).options(num_cpus=resources.cpus_per_worker,
-                                         num_gpus=resources.gpus_per_worker or None, max_retries=0)
+    cpus = engine.cpus_per_worker or 1
+    task = ray.remote(train_one).options(num_cpus=cpus, num_gpus=engine.gpus_per_worker or None, max_retries=0)
     pending = {}
     for stage, cfg in reversed(todo):  # largest first: the longest task starts first
         stage.begin()
-        ref = task.remote(cfg, data, max_samples, str(stage.dir), resources.device, resources.cpus_per_worker)
+        ref = task.remote(cfg, data, max_samples, str(stage.dir), engine.device, max(1, int(cpus)))
         pending[ref] = (stage, cfg)
         log.info("train %s: submitted as a Ray task (%d images in batches of %d)", cfg.preset_obj.name,
                  cfg.duration_n_img, cfg.batch_n_img)
@@ -159,7 +202,7 @@ def _worker_data(data: str, ds, out: Path, max_samples: int | None, n_source: in
     return str(path)
 
 
-def concurrent_models(resources: Resources, n_models: int) -> int:
+def concurrent_models(engine: Engine, train_workers: int, n_models: int) -> int:
     """How many models of a ladder train at once on Ray Train: as many whole worker groups as the
     cluster's CPUs (and GPUs) hold, at least 1. A worker group started beyond that would wait for
     resources and fail with Ray Train's start-up timeout (a traceback in a normal run) before retrying."""
@@ -167,11 +210,11 @@ def concurrent_models(resources: Resources, n_models: int) -> int:
 
     from lossfloor.ray.cluster import connect
 
-    connect(resources.address)
+    connect(engine.address)
     total = ray.cluster_resources()
-    need = {"CPU": resources.train_workers * resources.cpus_per_worker}
-    if resources.gpus_per_worker:
-        need["GPU"] = resources.train_workers * resources.gpus_per_worker
+    need = {"CPU": train_workers * (engine.cpus_per_worker or 1)}
+    if engine.gpus_per_worker:
+        need["GPU"] = train_workers * engine.gpus_per_worker
     fit = min(int(total.get(k, 0.0) // v) for k, v in need.items())
     at_once = max(1, min(n_models, fit))
     log.info("train: %d model(s), %d at a time (the cluster has %s; each model needs %s)", n_models, at_once,
@@ -179,7 +222,7 @@ def concurrent_models(resources: Resources, n_models: int) -> int:
     return at_once
 
 
-def _ladder_on_ray_train(todo, source: str, resources: Resources, out: Path, finished) -> None:
+def _ladder_on_ray_train(todo, source: str, engine: Engine, train_workers: int, out: Path, finished) -> None:
     """Each model by `lossfloor.ray.train.train_on_ray` into its stage folder, as many at once as the
     cluster's resources hold (`concurrent_models`; one driver thread per running model)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -191,9 +234,9 @@ def _ladder_on_ray_train(todo, source: str, resources: Resources, out: Path, fin
 
     def one(stage: Stage, cfg) -> dict:
         stage.begin()
-        run = train_on_ray(cfg, source, workers=resources.train_workers, gpus_per_worker=resources.gpus_per_worker,
-                           cpus_per_worker=resources.cpus_per_worker, storage_path=str(Path(out).absolute()),
-                           name=stage.dir.name, address=resources.address)
+        run = train_on_ray(cfg, source, workers=train_workers, gpus_per_worker=engine.gpus_per_worker,
+                           cpus_per_worker=engine.cpus_per_worker, storage_path=str(Path(out).absolute()),
+                           name=stage.dir.name, address=engine.address)
         table = pq.read_table(stage.dir / "loss_curve.parquet")
         curve = table.to_pylist()
         unet = resolve(cfg).unet
@@ -202,16 +245,16 @@ def _ladder_on_ray_train(todo, source: str, resources: Resources, out: Path, fin
                 "step": curve[-1]["step"], "loss_curve": curve,
                 "table_meta": {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()},
                 "train_log": pq.read_table(stage.dir / "train_log.parquet").to_pylist(), "train_s": run.wall_s,
-                "device": resources.device}
+                "device": engine.device}
 
-    at_once = concurrent_models(resources, len(todo))
+    at_once = concurrent_models(engine, train_workers, len(todo))
     pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="train")
     try:
         futures = {}
         for stage, cfg in reversed(todo):  # largest first
             futures[pool.submit(one, stage, cfg)] = (stage, cfg)
             log.info("train %s: on Ray Train, %d worker(s) (%d images in batches of %d)", cfg.preset_obj.name,
-                     resources.train_workers, cfg.duration_n_img, cfg.batch_n_img)
+                     train_workers, cfg.duration_n_img, cfg.batch_n_img)
         for future in as_completed(futures):
             stage, cfg = futures[future]
             finished(stage, cfg, future.result())

@@ -21,30 +21,30 @@ import ray
 from lossfloor.errors import InputError
 
 
-def _check_reachable(address: str, flag: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes)."""
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes); the address is an
+    Engine's (its form checked there)."""
     if "://" in address or address == "auto":
         return
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"{flag}: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise InputError(f"{flag} {address}: cannot connect ({e.strerror or e.__class__.__name__})") from None
+        raise InputError(f"--address {address}: cannot connect ({e.strerror or e.__class__.__name__})") from None
 
 
-def connect(address: str | None, *, state_api: bool = False, flag: str = "--address") -> tuple[bool, float]:
+def connect(address: str | None, *, state_api: bool = False) -> tuple[bool, float]:
     """Start or attach Ray unless this process already has it; (whether we did, seconds it took).
+    address: an Engine's (`--address`, the flag errors name).
 
     state_api: a local instance started here also runs the dashboard, which serves Ray's state API: Ray
     Train's placement-group cleaner polls it and warns every few seconds without it. The estimate engine
-    does without (faster start-up). flag: the option errors name (`--address`, `--ray-address`)."""
+    does without (faster start-up)."""
     t0 = time.monotonic()
     if ray.is_initialized():
         return False, 0.0
     if address is not None:
-        _check_reachable(address, flag)
+        _check_reachable(address)
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address is None:
         kwargs["include_dashboard"] = state_api  # used only if this starts a new local cluster
@@ -56,7 +56,7 @@ def connect(address: str | None, *, state_api: bool = False, flag: str = "--addr
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        where = f"{flag} {address}" if address else "a local Ray instance"
+        where = f"--address {address}" if address else "a local Ray instance"
         raise InputError(f"{where}: cannot connect ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") \
             from None
     finally:
@@ -67,9 +67,9 @@ def connect(address: str | None, *, state_api: bool = False, flag: str = "--addr
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, *, state_api: bool = False, flag: str = "--address"):
+def ray_session(address: str | None, *, state_api: bool = False):
     """`connect`, then `ray.shutdown()` on every exit path when this call started Ray; yields whether it did."""
-    started, _ = connect(address, state_api=state_api, flag=flag)
+    started, _ = connect(address, state_api=state_api)
     try:
         yield started
     finally:

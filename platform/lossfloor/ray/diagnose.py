@@ -1,12 +1,12 @@
 """`lossfloor diagnose --engine ray`: σ × sample-batch blocks over Ray actors, the local engine's numbers.
 
-    with ray_session(address):
-        d = measure(model, samples, labels, sigmas, jstar=..., fingerprint=..., losses=RayLosses(load, workers=4))
+    with ray_session(engine.address):
+        d = measure(model, samples, labels, sigmas, jstar=..., fingerprint=..., losses=RayLosses(load, engine))
 
-Each of `workers` actors (all must fit the cluster at once: blocks are handed out round-robin) loads
-the model once (`lossfloor.diagnose.load_model` with the driver's arguments, so the model's path must
-be readable where it runs) and gets the driver's evaluation samples. The work is cut into blocks of
-(grid point k, a run of whole forward batches); an actor draws a block's noise as the local engine does
+Each of the engine's `workers` actors (all must fit the cluster at once: blocks are handed out
+round-robin) loads the model once (`lossfloor.diagnose.load_model` with the driver's arguments, so the
+model's path must be readable where it runs) and gets the driver's evaluation samples. The work is cut
+into blocks of (grid point k, a run of whole forward batches); an actor draws a block's noise as the local engine does
 (`eval_noise(seed, k)`, its rows) and returns the per-batch sums of `batch_sums`; the driver adds them
 up per σ in batch order, exactly as `evaluate` does. So the results are the local engine's whatever the
 number of workers (DESIGN §2); with gpus_per_worker > 0 the actors run on CUDA (and match a local
@@ -21,8 +21,6 @@ from collections.abc import Callable
 import numpy as np
 import ray
 import torch
-
-from lossfloor.errors import InputError
 
 
 @ray.remote
@@ -48,18 +46,16 @@ class _Evaluator:
 
 
 class RayLosses:
-    """`local_losses` on `workers` Ray actors (module docstring)."""
+    """`local_losses` on the engine's Ray actors (module docstring).
 
-    def __init__(self, load_kwargs: dict, *, workers: int = 1, gpus_per_worker: float = 0.0,
-                 cpus_per_worker: float | None = None):
-        if not (isinstance(workers, int) and workers >= 1):
-            raise InputError(f"--workers: expected an integer >= 1, got {workers!r}")
-        if not (math.isfinite(gpus_per_worker) and gpus_per_worker >= 0):
-            raise InputError(f"--gpus-per-worker: expected a number >= 0, got {gpus_per_worker!r}")
-        if cpus_per_worker is not None and not (math.isfinite(cpus_per_worker) and cpus_per_worker > 0):
-            raise InputError(f"--cpus-per-worker: expected a number > 0, got {cpus_per_worker!r}")
-        self.load_kwargs, self.workers = dict(load_kwargs), workers
-        self.gpus, self.cpus = float(gpus_per_worker), cpus_per_worker
+    engine: a `lossfloor.jobs.engine.Engine` of kind ray, as it is (checked there): `workers` actors of
+      `cpus_per_worker` CPUs (default: the cluster's CPUs / workers; also their torch threads) and
+      `gpus_per_worker` GPUs (> 0: the actors run on CUDA).
+    """
+
+    def __init__(self, load_kwargs: dict, engine):
+        self.load_kwargs, self.workers = dict(load_kwargs), engine.workers
+        self.gpus, self.cpus = float(engine.gpus_per_worker), engine.cpus_per_worker
 
     def blocks(self, n: int, batch: int, n_sigmas: int) -> list[tuple[int, int, int]]:
         """(k, start, stop) blocks of whole forward batches: about two per worker in all."""

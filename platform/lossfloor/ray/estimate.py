@@ -69,39 +69,6 @@ _COLUMNS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_j
 _TIMES = ("kernel_s", "search_s", "index_build_s")
 
 
-@dataclass(frozen=True, kw_only=True)
-class RayEngine:
-    """Where and how wide the Ray engine runs.
-
-    address: an existing cluster ("auto", "ray://host:10001", "host:6379"); None: the Ray instance this
-      process already has, else a local one (attached if `ray start` runs here, else started).
-    workers: actors in the pool (each computes whole batches).
-    gpus_per_worker: num_gpus per actor; > 0 runs the kernel on CUDA.
-    cpus_per_worker: num_cpus per actor, also its torch thread count; default the cluster's CPUs / workers.
-    """
-
-    address: str | None = None
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise InputError(f"--workers: expected an integer >= 1, got {self.workers!r}")
-        if not (isinstance(self.gpus_per_worker, (int, float)) and math.isfinite(self.gpus_per_worker)
-                and self.gpus_per_worker >= 0):
-            raise InputError(f"--gpus-per-worker: expected a number >= 0 (e.g. 1 or 0.5), got {self.gpus_per_worker!r}")
-        if self.cpus_per_worker is not None and not (
-            isinstance(self.cpus_per_worker, (int, float)) and math.isfinite(self.cpus_per_worker)
-            and self.cpus_per_worker > 0
-        ):
-            raise InputError(f"--cpus-per-worker: expected a number > 0, got {self.cpus_per_worker!r}")
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self.gpus_per_worker > 0 else "cpu"
-
-
 @dataclass(frozen=True)
 class RayRun:
     """An estimate from the Ray engine, with where its time went (for the benchmark and the log)."""
@@ -229,7 +196,7 @@ def batches_per_task(n_batches: int, workers: int) -> int:
 class _RayRunner:
     """The `BatchRunner` of the Ray engine (see `lossfloor.floor.resume.run_pass`)."""
 
-    def __init__(self, data: tuple, fingerprint: str, engine: RayEngine, cpus_per_worker: float):
+    def __init__(self, data: tuple, fingerprint: str, engine, cpus_per_worker: float):
         self.data, self.fingerprint, self.engine, self.cpus = data, fingerprint, engine, cpus_per_worker
         self.kernel_times: list[float] = []  # seconds in `batch_terms` per computed batch, arrival order
         self.search_s = self.index_build_s = 0.0
@@ -313,7 +280,7 @@ def estimate_ray(
     sigmas,
     config: EstimatorConfig | None = None,
     *,
-    engine: RayEngine | None = None,
+    engine,
     fingerprint: str | None = None,
     work_dir=None,
     work_parent=None,
@@ -327,11 +294,15 @@ def estimate_ray(
       process reads only meta.json, J*(inf) comes from a Ray Data pass over the shards, and each worker
       reads the shards into its own device memory (one shard block of host memory at a time).
 
+    engine: a `lossfloor.jobs.engine.Engine` of kind ray, as it is (checked there): the cluster (`address`:
+      an existing one, "auto", "ray://host:10001", "host:6379"; None: the Ray instance this process already
+      has, else a local one, attached if `ray start` runs here, else started), `workers` actors each
+      computing whole batches, `gpus_per_worker` (> 0: the kernel runs on CUDA) and `cpus_per_worker`
+      (also the actors' torch threads; None: the cluster's CPUs / workers).
     The kernel runs on engine.device (config.device must agree: cuda needs gpus_per_worker > 0).
     work_dir / work_parent: the resumable work folder (see `lossfloor.floor.resume.estimate_resumable`).
     """
     config = config or EstimatorConfig()
-    engine = engine or RayEngine()
     if config.device.startswith("cuda") and engine.device == "cpu":
         raise InputError("--device cuda with --engine ray: give the workers GPUs with --gpus-per-worker 1")
     sigmas = check_sigmas(sigmas)

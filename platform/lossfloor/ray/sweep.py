@@ -1,6 +1,6 @@
 """The Tune side of `lossfloor sweep`: a schedule sweep (`lossfloor.train.sweep.SweepSpec`) on Ray Tune.
 
-    outcome = run_sweep(spec, "runs/sweep", Resources(gpus_per_trial=0.25))
+    outcome = run_sweep(spec, "runs/sweep", Resources(engine=Engine(kind="ray", gpus_per_worker=0.25)))
     outcome.best["gain"]        # baseline objective - best objective (lower is better)
 
 The plan:
@@ -17,11 +17,11 @@ The plan:
               (grace_n_img x reduction_factor^k) on the intermediate objective; the baseline is recorded
               at the rungs but never stopped. `fifo` runs every trial to the end.
     trial     one Tune function trainable per trial, reporting the objective at every evaluation:
-              - single-process trials (workers_per_trial = 1): the core loop `lossfloor.train.train` runs
+              - single-process trials (engine.workers = 1): the core loop `lossfloor.train.train` runs
                 in the Tune function itself; its report hook calls tune.report(metrics, checkpoint=
                 tune.Checkpoint of the checkpoint folder it just wrote); a restored trial continues from
                 tune.get_checkpoint(). Such a trial may take a fraction of a GPU.
-              - multi-worker trials (workers_per_trial > 1): the Tune function runs Ray Train V2
+              - multi-worker trials (engine.workers > 1): the Tune function runs Ray Train V2
                 (`lossfloor.ray.train.train_on_ray`, a TorchTrainer with whole GPUs per worker) with a
                 TuneReportCallback that adds the objective to rank 0's metrics and forwards them to Tune;
                 the Train run lives in OUT/trials/<trial id> and resumes from there. The callback runs in
@@ -104,7 +104,7 @@ def run_trial(config: dict, setup: dict) -> None:
     from lossfloor.train import train
 
     torch.set_num_threads(max(1, int(setup["cpus_per_worker"])))
-    device = "cuda" if setup["gpus"] > 0 else "cpu"
+    device = "cuda" if setup["gpus_per_worker"] > 0 else "cpu"
     data = load(setup["data"], latents=train_config.latents)
     objective = build_objective(setup, train_config, data, device)
 
@@ -131,8 +131,7 @@ def _run_multi_worker(config: TrainConfig, setup: dict, trial_id: str) -> None:
 
     storage = Path(setup["trials_dir"])
     _on_start(setup, trial_id, latest_checkpoint(storage / trial_id))
-    workers = setup["workers"]
-    train_on_ray(config, setup["data"], workers=workers, gpus_per_worker=setup["gpus"] / workers,
+    train_on_ray(config, setup["data"], workers=setup["workers"], gpus_per_worker=setup["gpus_per_worker"],
                  cpus_per_worker=setup["cpus_per_worker"], storage_path=storage, name=trial_id,
                  max_failures=setup["max_failures"], callbacks=[ObjectiveReportCallback(setup, config.to_dict())])
 
@@ -315,7 +314,7 @@ class SweepCallback(tune.Callback):
 def _setup(spec: SweepSpec, resources: Resources, out: Path, trial_hooks=None) -> dict:
     """What every trial gets (picklable): the base config, data, objective, resources, the caller's hooks."""
     return {"base": spec.base.to_dict(), "data": spec.data, "objective": dataclasses.asdict(spec.objective),
-            "workers": resources.workers_per_trial, "gpus": float(resources.gpus_per_trial),
+            "workers": resources.engine.workers, "gpus_per_worker": float(resources.engine.gpus_per_worker),
             "cpus_per_worker": float(resources.cpus_per_worker), "trials_dir": str(out / "trials"),
             "max_failures": 2, "hooks": trial_hooks}
 
@@ -345,7 +344,7 @@ def make_tuner(spec: SweepSpec, resources: Resources, out: Path, concurrent: int
     )
 
 
-def run_sweep(spec: SweepSpec, out, resources: Resources | None = None, *, callbacks=(),
+def run_sweep(spec: SweepSpec, out, resources: Resources, *, callbacks=(),
               trial_hooks=None) -> SweepOutcome:
     """Run (or resume, or just read back) the sweep `spec` in folder `out` (module docstring).
 
@@ -356,7 +355,6 @@ def run_sweep(spec: SweepSpec, out, resources: Resources | None = None, *, callb
     """
     from lossfloor.ray.cluster import ray_session
 
-    resources = resources or Resources()
     out = Path(out).absolute()
     check_spec(spec, resources)
     if check_same_sweep(spec, out) and (out / BEST_FILE).is_file():
@@ -365,7 +363,7 @@ def run_sweep(spec: SweepSpec, out, resources: Resources | None = None, *, callb
     # checkpoints follow evaluations, so Tune snapshots its state often; that is intended, not a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     t0 = time.monotonic()
-    with ray_session(resources.address, state_api=True):
+    with ray_session(resources.engine.address, state_api=True):
         concurrent = resources.max_concurrent_trials(ray.cluster_resources())  # before anything is written
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / SPEC_FILE, lambda p: p.write_text(json.dumps(spec.identity(), indent=1), encoding="utf-8"))

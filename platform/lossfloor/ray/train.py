@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -154,6 +153,7 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
     workers: 0 = Ray Train's in-process local mode (one rank, no process group; for smoke tests).
     gpus_per_worker: > 0 trains on the worker's CUDA device (NCCL), else on CPU (gloo).
     cpus_per_worker: Ray CPUs per worker, also its torch thread count (default 1).
+      (gpus_per_worker, cpus_per_worker and address are a `lossfloor.jobs.engine.Engine`'s, checked there.)
     storage_path, name: the run folder storage_path/name (a local or shared path, or a URI like s3://).
     max_failures: whole-group restarts from the last checkpoint before giving up (-1 = no limit).
     address: the Ray cluster to join (None: this process's Ray, else a local one).
@@ -165,10 +165,6 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
     """
     if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
         raise InputError(f"workers: expected an integer >= 0 (0 = in-process), like 2, got {workers!r}")
-    if not (isinstance(gpus_per_worker, (int, float)) and math.isfinite(gpus_per_worker) and gpus_per_worker >= 0):
-        raise InputError(f"gpus_per_worker: expected a number >= 0, like 1, got {gpus_per_worker!r}")
-    if cpus_per_worker is not None and not (isinstance(cpus_per_worker, (int, float)) and cpus_per_worker > 0):
-        raise InputError(f"cpus_per_worker: expected a number > 0, like 4, got {cpus_per_worker!r}")
     if not (isinstance(max_failures, int) and max_failures >= -1):
         raise InputError(f"max_failures: expected an integer >= -1 (-1 = no limit), like 2, got {max_failures!r}")
     if not (isinstance(name, str) and name.strip() and "/" not in name):

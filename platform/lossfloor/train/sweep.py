@@ -114,40 +114,44 @@ class SweepSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class Resources:
-    """Where trials run. GPUs: whole GPUs per worker of a multi-worker trial; a single-process trial may
-    take a fraction (0.25 = four trials per GPU)."""
+    """Where trials run: on `engine`, a `lossfloor.jobs.engine.Engine` of kind ray, as it is (it checked
+    its settings; the core imports no jobs): the cluster, the workers of one trial and the CPUs (default
+    1, also torch threads) and GPUs of each. A trial of one worker runs the loop in its Tune function and
+    may take a fraction of a GPU (0.25 = four trials per GPU); the workers of a multi-worker trial (Ray
+    Train, NCCL) take whole GPUs. At most `max_concurrent` trials at once (default: what the cluster holds)."""
 
-    workers_per_trial: int = 1
-    gpus_per_trial: float = 0.0  # in total per trial, split evenly over its workers
-    cpus_per_worker: float = 1.0  # Ray CPUs and torch threads per worker
-    max_concurrent: int | None = None  # at most this many trials at once (default: what the cluster holds)
-    address: str | None = None  # the Ray cluster (None: this process's Ray, else a local one)
+    engine: object
+    max_concurrent: int | None = None
 
     def __post_init__(self):
-        w, g, c = self.workers_per_trial, self.gpus_per_trial, self.cpus_per_worker
-        if not (isinstance(w, int) and not isinstance(w, bool) and w >= 1):
-            raise InputError(f"workers_per_trial: expected an integer >= 1, got {w!r}")
-        if not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 0):
-            raise InputError(f"gpus_per_trial: expected a number >= 0, like 1 or 0.25, got {g!r}")
-        if w > 1 and g and (g / w < 1 or not float(g / w).is_integer()):
-            raise InputError(f"gpus_per_trial: {g:g} GPUs cannot be split into whole GPUs over {w} workers; "
-                             f"a multi-worker trial takes whole GPUs per worker (e.g. {w}), fractional GPUs "
-                             "are only for single-process trials (workers_per_trial 1)")
-        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
-            raise InputError(f"cpus_per_worker: expected a number > 0, like 1, got {c!r}")
+        w, g = self.engine.workers, self.engine.gpus_per_worker
+        if self.engine.kind != "ray":
+            raise InputError(f"engine: a sweep runs its trials on Ray Tune: expected ray, got {self.engine.kind!r}")
+        if w > 1 and not float(g).is_integer():
+            raise InputError(f"gpus_per_worker: {g:g} GPUs cannot be given to each of {w} workers; a multi-worker "
+                             "trial takes whole GPUs per worker (e.g. 1), fractional GPUs are only for "
+                             "single-process trials (workers 1)")
         if self.max_concurrent is not None and not (isinstance(self.max_concurrent, int) and self.max_concurrent >= 1):
             raise InputError(f"max_concurrent: expected an integer >= 1, got {self.max_concurrent!r}")
 
+    @property
+    def cpus_per_worker(self) -> float:
+        return float(self.engine.cpus_per_worker or 1)
+
+    @property
+    def gpus_per_trial(self) -> float:
+        return self.engine.workers * float(self.engine.gpus_per_worker)
+
     def trial_resources(self) -> dict:
         """What one trial's Tune function holds (tune.with_resources)."""
-        if self.workers_per_trial > 1:  # the TorchTrainer's workers hold the CPUs and GPUs
+        if self.engine.workers > 1:  # the TorchTrainer's workers hold the CPUs and GPUs
             return {"cpu": MULTI_WORKER_DRIVER_CPU}
         return {"cpu": self.cpus_per_worker, "gpu": self.gpus_per_trial}
 
     def max_concurrent_trials(self, cluster: dict) -> int:
         """How many trials fit the cluster at once (its GPUs when trials use GPUs, and its CPUs), capped by
         max_concurrent. InputError when not even one fits: Ray Train would wait for workers forever."""
-        w = self.workers_per_trial
+        w = self.engine.workers
         need = {"CPU": w * self.cpus_per_worker + (MULTI_WORKER_DRIVER_CPU if w > 1 else 0.0)}
         if self.gpus_per_trial:
             need["GPU"] = self.gpus_per_trial
@@ -215,9 +219,9 @@ def check_spec(spec: SweepSpec, resources: Resources) -> None:
     from lossfloor.train.schedules import JStarCurve
 
     JStarCurve.from_path(spec.base.jstar)
-    check_source(spec.base, spec.data, ranks=resources.workers_per_trial)
-    if resources.workers_per_trial > 1 and spec.base.precision == "fp16" and not resources.gpus_per_trial:
-        raise InputError("precision: fp16 autocast needs GPUs (gpus_per_trial > 0); use 'bf16' or 'none'")
+    check_source(spec.base, spec.data, ranks=resources.engine.workers)
+    if resources.engine.workers > 1 and spec.base.precision == "fp16" and not resources.gpus_per_trial:
+        raise InputError("precision: fp16 autocast needs GPUs (gpus_per_worker > 0); use 'bf16' or 'none'")
     for k, v in spec.space.fixed.items():  # the fixed fields together (bounds were checked one by one)
         OptimalLossSchedule(**{k: v})
     if spec.objective.kind == "fd":
