@@ -241,10 +241,11 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     target = check_target(args.target, field="--target")
-    log_estimate = uri = None
+    record_estimate = uri = None
     if args.mlflow:  # before any work: a missing or broken tracking store is a setup error, not a late surprise
         try:
-            from lossfloor.tracking import check_store, log_estimate
+            from lossfloor.jobs.record import record_estimate
+            from lossfloor.tracking import check_store
         except ImportError as e:
             raise InputError(f"--mlflow: MLflow tracking is not available ({e})") from None
         uri = check_store(args.tracking_uri)
@@ -287,9 +288,9 @@ def run(args: argparse.Namespace) -> int:
     table = build_table(est, target=target, fingerprint=fingerprint, threshold=args.sigma_star_threshold,
                         latents=latents)
     write_table(table, args.out)
-    if log_estimate is not None:  # on the driver only: workers never write to MLflow
-        run_id = log_estimate(table, params=mlflow_params(args, est, fingerprint, target),
-                              experiment=args.mlflow_experiment, run_name=args.run_name, tracking_uri=uri)
+    if record_estimate is not None:  # on the driver only: workers never write to MLflow
+        run_id = record_estimate(table, params=mlflow_params(args, est, fingerprint, target),
+                                 experiment=args.mlflow_experiment, run_name=args.run_name, tracking_uri=uri)
         log.info("MLflow: %s, experiment %s, run %s", uri, args.mlflow_experiment, run_id)
     rows = table.rows()
     if args.json:

@@ -329,11 +329,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(dry_run_text(config, args) + "\n")
         return 0
-    log_training = uri = None
+    record_training = uri = None
     if args.mlflow:  # before any work: a missing or broken tracking store is a setup error, not a late surprise
         try:
+            from lossfloor.jobs.record import record_training
             from lossfloor.tracking.runs import check_store
-            from lossfloor.tracking.train import log_training
         except ImportError as e:
             raise InputError(f"--mlflow: MLflow tracking is not available ({e})") from None
         uri = check_store(args.tracking_uri)
@@ -342,12 +342,12 @@ def run(args: argparse.Namespace) -> int:
     with output_folder(args.out) as out:
         wall, images_run = _train(config, args, out)
     run_id = None
-    if log_training is not None:  # on the driver only: workers never write to MLflow
-        run_id = log_training(out, params={"data": args.data, "engine": args.engine,
-                                           "workers": (args.workers or 1) if args.engine == "ray" else 1,
-                                           "out": str(out.absolute())},
-                              experiment=args.mlflow_experiment, samples=args.samples, tracking_uri=uri,
-                              device=args.device if args.engine == "local" else None)
+    if record_training is not None:  # on the driver only: workers never write to MLflow
+        run_id = record_training(out, params={"data": args.data, "engine": args.engine,
+                                              "workers": (args.workers or 1) if args.engine == "ray" else 1,
+                                              "out": str(out.absolute())},
+                                 experiment=args.mlflow_experiment, samples=args.samples, tracking_uri=uri,
+                                 device=args.device if args.engine == "local" else None)
         log.info("MLflow: %s, experiment %s, run %s", uri, args.mlflow_experiment, run_id)
     s = summary(out, wall_s=wall, images_run=images_run, engine=args.engine, mlflow_run=run_id)
     if args.json:

@@ -12,6 +12,7 @@ folder named by a hash of the config, data and σ grid); the Ray engine always k
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -48,3 +49,13 @@ def estimate(samples, sigmas, config: EstimatorConfig, *, engine: str = "local",
                      cpus_per_worker=opts.cpus_per_worker)
     return estimate_ray(samples, sigmas, config, engine=pool, fingerprint=fingerprint, work_dir=work_dir,
                         work_parent=work_parent, progress=progress).result
+
+
+def stage_key(config: EstimatorConfig) -> dict:
+    """The estimator config as a study stage's key (`lossfloor.jobs.study.Step.key`): not the device (a
+    stage is the same estimate on any device), and the device cap only when set (it sizes the default
+    batch; keys from before the cap existed stay valid)."""
+    key = {**dataclasses.asdict(config), "device": None}
+    if key["max_device_gb"] is None:
+        del key["max_device_gb"]
+    return key

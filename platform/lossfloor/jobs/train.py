@@ -1,12 +1,13 @@
 """Train one model, or a ladder of models into stage folders: in this process, as Ray tasks, or on Ray Train.
 
     train_ladder(todo, data="bundled:digits", ds=ds, out=out, resources=Resources(engine="ray"),
-                 on_done=lambda stage, summary: ...)
+                 on_done=lambda stage, summary: stage.finish(summary))
 
 `todo` holds (stage, TrainConfig) pairs, smallest model first. Each model trains (or resumes from its
-newest checkpoint) into its stage folder; when it is done its tables are in the folder, the stage's
-DONE.json records `summary` (run, model, params, FLOPs, images, seconds, final total loss) and `on_done`
-is called on this process (where MLflow is written: workers never write runs). With the Ray engine the
+newest checkpoint) into its stage folder; when it is done its tables are in the folder and `on_done` is
+called on this process with its `summary` (run, model, params, FLOPs, images, seconds, final total loss),
+which the caller records in the stage's DONE.json (`lossfloor.jobs.study.Study.run_together` does, and
+logs the model: MLflow is written on this process, workers never write runs). With the Ray engine the
 models run concurrently, largest first, as many as the cluster's resources allow: each as one Ray task
 running the local loop (`trainer="tasks"`), or on Ray Train with `train_workers` workers
 (`trainer="ray-train"`, `lossfloor.ray.train.train_on_ray`).
@@ -108,8 +109,7 @@ def train_ladder(todo: list[tuple[Stage, object]], *, data: str, ds, out: Path, 
 
     def finished(stage: Stage, config, result: dict) -> None:
         write_tables(stage.dir, config, result)
-        stage.finish(summary(result, resources.engine))
-        on_done(stage, stage.result())
+        on_done(stage, summary(result, resources.engine))
 
     if resources.engine == "local":
         for stage, cfg in todo:
