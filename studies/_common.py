@@ -58,15 +58,6 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return ArgumentParser(prog=prog, description=description)
 
 
-def check_outputs(args: argparse.Namespace) -> str:
-    """Before a study's first stage: --out can be written and the tracking store opens; its URI."""
-    from lossfloor.atomic import check_writable
-    from lossfloor.tracking import check_store
-
-    check_writable(args.out, folder=True)
-    return check_store(args.tracking_uri)
-
-
 def run_study(name: str, parse_args, run, argv: list[str] | None = None) -> int:
     """A study's `main`: parse, set up logging, run; bad input ends as one line on stderr and exit code 2.
     On every exit path a Ray this process started is shut down (its daemons would outlive the study)."""

@@ -1,6 +1,6 @@
 """Helpers of the scaling study (studies/scaling_imagenet512.py): the model ladders and their budgets,
-the choice of σ, J* of the total loss from the loss curves, and the table of ρ it prints. Stages
-(`lossfloor.jobs.stages`) and training the ladder (`lossfloor.jobs.train`) are jobs of the package.
+the choice of σ, J* of the total loss from the loss curves, and the table of ρ it prints. Running the
+stages (`lossfloor.jobs.study`) and training the ladder (`lossfloor.jobs.train`) are jobs of the package.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Budget:
     bootstrap: int
     keep_checkpoints: int
     rows_per_batch: int | None = None  # J* batch (source samples); None: the estimator's default
-    samples: int | str = "auto"  # samples grid on each train run (lossfloor.tracking.train); 0: none
+    samples: int | str = "auto"  # samples grid on each train run (lossfloor.jobs.record.record_training); 0: none
 
 
 def _round_to(n: float, multiple: int) -> int:

@@ -2,8 +2,9 @@
 
 For the bundled data set and every `--data SRC`: one estimate of J*(σ) in the x0 target, converted to
 the eps, VP v-prediction and flow-matching-velocity targets (`build_table(est, target=...)`), and σ*.
-MLflow: one parent run `optimal-loss-survey` with one child run per data set (`log_estimate`); the
-comparison figure (offline HTML) on the parent and in --out.
+Each data set is a stage (`lossfloor.jobs.study`) in its own folder, keyed by the data, the σ grid and the
+estimator: a rerun skips the finished ones. MLflow: one parent run `optimal-loss-survey` with one child run
+per data set (`record_estimate`); the comparison figure (offline HTML) on the parent and in --out.
 
     python studies/optimal_loss_survey.py --smoke                       # a laptop, ~15 s
     python studies/optimal_loss_survey.py --data cifar10/ --dry-run     # what it would do
@@ -12,14 +13,16 @@ comparison figure (offline HTML) on the parent and in --out.
 
 Outputs (--out, default runs/optimal_loss_survey):
     LABEL/jstar_TARGET.parquet      the J* table of each data set and target
+    LABEL/DONE.json                 written last: the data set is finished (config.json: its key)
     optimal_loss_survey.html        the comparison figure
     summary.json                    data sets, N, estimator, σ*, MLflow run ids
-    work/                           finished batches of each estimate: a rerun computes only what is missing
+    work/                           finished batches of each estimate: a killed estimate resumes from them
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import re
@@ -29,13 +32,14 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_output_args, check_outputs, default_out, ensure_lossfloor, parser, run_study
+from _common import add_output_args, default_out, ensure_lossfloor, parser, run_study
 
 ensure_lossfloor()
 
 from lossfloor.atomic import write_json  # noqa: E402
 from lossfloor.errors import InputError  # noqa: E402
 from lossfloor.jobs.engine import Engine, add_engine_args  # noqa: E402
+from lossfloor.jobs.study import Done, Step, Study  # noqa: E402
 
 log = logging.getLogger("optimal_loss_survey")
 
@@ -166,18 +170,53 @@ def check_flags(args: argparse.Namespace) -> None:
     estimator_config(args, "auto")  # its own checks (--max-device-gb)
 
 
-def run_estimate(args: argparse.Namespace, d: DataPlan, samples, fingerprint: str, sigmas):
-    """J*(σ) in x0 units with the chosen engine, resumable from OUT/work."""
+def estimate_step(args: argparse.Namespace, d: DataPlan, ds, sigmas, study: Study) -> Step:
+    """A data set's stage in OUT/LABEL/, keyed by the data, the σ grid and the estimator; later stages get
+    its J* tables by target."""
+    from lossfloor.jobs.estimate import stage_key
+
+    key = {"data_fingerprint": ds.fingerprint, "n_samples": len(ds), "sigmas": [float(s) for s in sigmas],
+           "estimator": stage_key(estimator_config(args, d.estimator)), "targets": list(TARGETS)}
+    return Step(name=f"estimate-{d.label}", folder=d.label, key=key,
+                doing=f"{d.estimator} estimator on {args.engine.kind} engine",
+                work=functools.partial(estimate_into, args, d, ds, sigmas), read=read_tables,
+                log=functools.partial(log_data_set, args, d, ds, study))
+
+
+def estimate_into(args: argparse.Namespace, d: DataPlan, ds, sigmas, folder: Path) -> dict:
+    """J*(σ) in x0 units with the chosen engine (resumable from OUT/work), written in every target:
+    FOLDER/jstar_TARGET.parquet."""
+    from lossfloor.floor import build_table, write_table
     from lossfloor.jobs import estimate
 
-    return estimate.estimate(samples, sigmas, estimator_config(args, d.estimator), engine=args.engine,
-                             fingerprint=fingerprint, work_parent=args.out / "work")
+    est = estimate.estimate(ds.samples, sigmas, estimator_config(args, d.estimator), engine=args.engine,
+                            fingerprint=ds.fingerprint, work_parent=args.out / "work").estimate
+    for t in TARGETS:
+        write_table(build_table(est, target=t, fingerprint=ds.fingerprint), folder / f"jstar_{t}.parquet")
+    return {"tables": {t: f"jstar_{t}.parquet" for t in TARGETS}, "total_variance": est.total_variance}
+
+
+def read_tables(stage) -> dict:
+    from lossfloor.floor import read_table
+
+    return {t: read_table(stage.dir / f"jstar_{t}.parquet") for t in TARGETS}
+
+
+def log_data_set(args: argparse.Namespace, d: DataPlan, ds, study: Study, done: Done) -> str:
+    """The data set's child run: the x0 table with the other targets (`record_estimate`)."""
+    from lossfloor.jobs.record import record_estimate
+
+    by_target = done.value
+    return record_estimate(by_target["x0"], also=[by_target[t] for t in TARGETS[1:]],
+                           params={"data": d.source, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
+                                   "engine": args.engine.kind, "study": STUDY},
+                           **study.child(d.label, {"lossfloor.study": STUDY}))
 
 
 def run(args: argparse.Namespace) -> int:
     import lossfloor
     from lossfloor.diffusion import parse_sigma_grid
-    from lossfloor.tracking import tracking_uri
+    from lossfloor.jobs.study import check_outputs, tracking_uri
 
     log.info("lossfloor %s from %s", lossfloor.__version__, Path(lossfloor.__file__).parent)
     args.engine = Engine.from_args(args)  # the engine flags as one checked setting
@@ -187,19 +226,18 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_plan(args, plan, sigmas, tracking_uri(args.tracking_uri)))
         return 0
-    uri = check_outputs(args)  # before the first stage: --out writable, the tracking store opens
+    uri = check_outputs(args.out, args.tracking_uri)  # before the first stage: --out writable, the store opens
 
     from lossfloor.data import load_for
-    from lossfloor.floor import build_table, write_table
-    from lossfloor.pages.html import write_html
-    from lossfloor.pages.jstar import jstar_figure
-    from lossfloor.tracking import log_estimate, start_run
+    from lossfloor.jobs.record import jstar_page
+    from lossfloor.jobs.study import open_study
 
     args.out.mkdir(parents=True, exist_ok=True)
     tables, summary = {}, []
     study_tags = {"lossfloor.kind": "study", "lossfloor.study": STUDY}
-    with start_run(experiment=args.experiment, run_name="optimal-loss-survey", tags=study_tags,
-                   tracking_uri=uri) as parent:
+    with open_study(name=STUDY, out=args.out, log=log, experiment=args.experiment, run_name="optimal-loss-survey",
+                    tags=study_tags, tracking_uri=uri) as study:
+        parent = study.parent
         parent.log_params({
             "data": [d.source for d in plan], "estimator": args.estimator, "sigma_grid": args.sigma_grid,
             "queries_per_sample": args.queries_per_sample, "seed": args.seed, "engine": args.engine.kind,
@@ -208,27 +246,16 @@ def run(args: argparse.Namespace) -> int:
         for d in plan:
             ds = load_for(d.source, args.engine.kind, max_samples=args.max_samples)  # Ray: shard folders stay put
             log.info("%s: %d samples of shape %s, %s estimator", d.label, len(ds), ds.sample_shape, d.estimator)
-            est = run_estimate(args, d, ds.samples, ds.fingerprint, sigmas).estimate
-            by_target = {t: build_table(est, target=t, fingerprint=ds.fingerprint) for t in TARGETS}
-            child = log_estimate(
-                by_target["x0"], also=[by_target[t] for t in TARGETS[1:]], run_name=d.label,
-                parent_run_id=parent.run_id, experiment=args.experiment, tracking_uri=uri,
-                params={"data": d.source, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
-                        "engine": args.engine.kind, "study": STUDY},
-                tags={"lossfloor.study": STUDY},
-            )
-            folder = args.out / d.label
-            folder.mkdir(exist_ok=True)
-            for t, table in by_target.items():
-                write_table(table, folder / f"jstar_{t}.parquet")
+            done = study.run(estimate_step(args, d, ds, sigmas, study))
+            by_target = done.value
             s_star = by_target["x0"].sigma_star
             if s_star is not None:
                 parent.log_metrics({f"sigma_star.{d.label}": s_star})
             tables[d.label] = by_target
-            summary.append({**asdict(d), "sigma_star": s_star, "run_id": child,
-                            "tables": {t: str(folder / f"jstar_{t}.parquet") for t in TARGETS}})
-        fig = jstar_figure(tables, targets=TARGETS, title="Optimal loss J*(σ) per target (Xu et al., Fig. 1)")
-        html = write_html(fig, args.out / f"{STUDY}.html")
+            summary.append({**asdict(d), "sigma_star": s_star, "run_id": done.logged,
+                            "tables": {t: str(done.stage.dir / f"jstar_{t}.parquet") for t in TARGETS}})
+        html = jstar_page(tables, targets=TARGETS, title="Optimal loss J*(σ) per target (Xu et al., Fig. 1)",
+                          out=args.out / f"{STUDY}.html")
         parent.log_artifact(html)
         meta = {"tracking_uri": uri, "experiment": args.experiment, "parent_run_id": parent.run_id,
                 "sigma_grid": args.sigma_grid, "targets": list(TARGETS), "data_sets": summary}

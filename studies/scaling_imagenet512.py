@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, _scaling, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_output_args, check_outputs, default_out, ensure_lossfloor, parser, run_study
+from _common import add_output_args, default_out, ensure_lossfloor, parser, run_study
 
 ensure_lossfloor()
 
@@ -53,14 +54,14 @@ from _scaling import Budget  # noqa: E402
 from lossfloor.atomic import write_json  # noqa: E402
 from lossfloor.errors import InputError, JStarNotBelowLoss  # noqa: E402
 from lossfloor.jobs.engine import Engine, add_engine_args  # noqa: E402
-from lossfloor.jobs.stages import Stage  # noqa: E402
+from lossfloor.jobs.study import Done, Step, Study  # noqa: E402
 
 log = logging.getLogger("scaling_imagenet512")
 
 STUDY = "scaling_imagenet512"
 PRESETS = ("smoke", "imagenet512")
 SCHEDULES = ("edm2", "optimal")
-STAGE_TAG = "lossfloor.stage"  # lossfloor.tracking.artifacts.STAGE_TAG (not imported: --dry-run needs no mlflow)
+STAGE_TAG = "lossfloor.stage"  # the children's tag in the --dry-run plan (lossfloor.jobs.study.Study.stage_tags)
 LATENT_SHAPE = (4, 64, 64)  # what --preset imagenet512 expects (EDM2 SD-VAE latents of ImageNet-512)
 
 
@@ -267,15 +268,6 @@ def estimator_config(args: argparse.Namespace, b: Budget):
                            max_device_gb=args.max_device_gb)
 
 
-def _stage_estimator(cfg) -> dict:
-    """The estimator config as the estimate stage's key: not the device (the same numbers on any device
-    for the same batches), and the device cap only when set (it sizes the default batch)."""
-    key = {**dataclasses.asdict(cfg), "device": None}
-    if key["max_device_gb"] is None:
-        del key["max_device_gb"]  # keys from before the cap existed stay valid
-    return key
-
-
 def _check_fit_sigmas(fit_sigmas, grid) -> None:
     """The rule of the J* table's own reader (`floor.table.outside_grid`), before the table exists."""
     from lossfloor.floor.table import outside_grid
@@ -306,20 +298,36 @@ def given_table(path: Path, ds):
     return table
 
 
-def use_given_table(path: Path, table, stage: Stage) -> None:
+def estimate_step(args, b: Budget, ds, given, study: Study) -> Step:
+    """Stage 2, keyed by the data and the estimator (or the given table's bytes); later stages get the
+    J* table (`floor.read_table` of the stage's jstar.parquet)."""
+    from lossfloor.floor import read_table
+    from lossfloor.jobs.estimate import stage_key
+
+    if given is not None:
+        key = {"data_fingerprint": ds.fingerprint, "n_samples": len(ds), "given_sha256": _sha256(args.j_star)}
+        work, doing = functools.partial(use_given_table, args.j_star, given), f"the given J* table {args.j_star}"
+    else:
+        key = {"data_fingerprint": ds.fingerprint, "n_samples": len(ds), "sigma_grid": b.sigma_grid,
+               "estimator": stage_key(estimator_config(args, b))}
+        work, doing = functools.partial(run_estimate, args, b, ds), f"{b.estimator} estimator on {args.engine.kind} engine"
+    return Step(name="estimate", key=key, work=work, doing=doing,
+                read=lambda stage: read_table(stage.dir / "jstar.parquet"),
+                log=functools.partial(log_estimate_child, args, ds, study))
+
+
+def use_given_table(path: Path, table, folder: Path) -> dict:
     """Stage 2 from --j-star: the table copied into the stage folder (the later stages read it there)."""
-    folder = stage.begin()
     shutil.copyfile(path, folder / "jstar.parquet")
-    stage.finish({"jstar": "jstar.parquet", "sigma_star": table.sigma_star, "given": str(path),
-                  "total_variance": float(table.column("total_variance")[0]), "seconds": 0.0, "engine": "given"})
+    return {"jstar": "jstar.parquet", "sigma_star": table.sigma_star, "given": str(path),
+            "total_variance": float(table.column("total_variance")[0]), "seconds": 0.0, "engine": "given"}
 
 
-def run_estimate(args, b: Budget, ds, stage: Stage):
+def run_estimate(args, b: Budget, ds, folder: Path) -> dict:
     from lossfloor.diffusion import parse_sigma_grid
     from lossfloor.floor import build_table, write_table
     from lossfloor.jobs import estimate
 
-    folder = stage.begin()
     sigmas = parse_sigma_grid(b.sigma_grid)
     cfg = estimator_config(args, b)
     t0 = time.monotonic()
@@ -327,10 +335,8 @@ def run_estimate(args, b: Budget, ds, stage: Stage):
                             work_dir=folder / "work").estimate
     table = build_table(est, target="x0", fingerprint=ds.fingerprint)
     write_table(table, folder / "jstar.parquet")
-    stage.finish({"jstar": "jstar.parquet", "sigma_star": table.sigma_star,
-                  "total_variance": est.total_variance, "seconds": time.monotonic() - t0,
-                  "engine": args.engine.kind})
-    return table
+    return {"jstar": "jstar.parquet", "sigma_star": table.sigma_star, "total_variance": est.total_variance,
+            "seconds": time.monotonic() - t0, "engine": args.engine.kind}
 
 
 def _sha256(path: Path) -> str:
@@ -361,20 +367,44 @@ def train_configs(args, b: Budget, jstar_path: Path, eval_sigmas) -> list:
     return out
 
 
-def train_stage(args, config, estimate_stage: Stage, fingerprint: str, b: Budget) -> Stage:
+def train_step(args, config, estimate: Done, fingerprint: str, b: Budget, study: Study) -> Step:
+    """One model of the ladder, keyed by its TrainConfig, the J* it reads (by the estimate stage's hash, not
+    its path) and the data; trained by `train_ladder` with the others; later stages get its DONE.json summary."""
     d = config.to_dict()
-    d["jstar"] = f"estimate-{estimate_stage.hash}"  # the J* it reads, by hash, not by path
-    return Stage(f"train-{config.preset_obj.name}", {"train": d, "data_fingerprint": fingerprint,
-                                                     "max_samples": b.max_samples}, args.out)
+    d["jstar"] = f"estimate-{estimate.stage.hash}"  # the J* it reads, by hash, not by path
+    return Step(name=f"train-{config.preset_obj.name}", key={"train": d, "data_fingerprint": fingerprint,
+                                                             "max_samples": b.max_samples},
+                log=functools.partial(log_train_child, args, b, study))
+
+
+def train_ladder(args, b: Budget, ds, configs, todo, finished) -> None:
+    """Stage 3's work: the models of `todo` (stages named train-MODEL) on the chosen engine."""
+    from lossfloor.jobs import train as jobs_train
+
+    by_name = {f"train-{cfg.preset_obj.name}": cfg for cfg in configs}
+    jobs_train.train_ladder([(st, by_name[st.name]) for st in todo], data=args.data, ds=ds, out=args.out,
+                            engine=args.engine, on_done=finished, trainer=args.trainer,
+                            train_workers=args.train_workers, max_samples=b.max_samples, n_source=args.n_source)
 
 
 # --- Stage 4: fits ---------------------------------------------------------------------------------------
 
 
-def run_fits(args, b: Budget, stage: Stage, curves, table, fit_sigmas, total_js) -> dict:
+def fit_step(args, b: Budget, estimate: Done, trained: list[Done], curves, fit_sigmas, total_js,
+             study: Study) -> Step:
+    """Stage 4, keyed by the stages it reads (by hash) and the fits' settings; later stages get fits.json."""
+    key = {"estimate": estimate.stage.hash, "train": sorted(d.stage.hash for d in trained),
+           "sigmas": list(fit_sigmas), "bootstrap": b.bootstrap, "seed": args.seed, "holdout": "largest",
+           "total_j_star": list(total_js)}
+    return Step(name="fit", key=key, doing=f"{len(fit_sigmas) + 1} quantities, bootstrap {b.bootstrap}",
+                work=functools.partial(run_fits, args, b, curves, estimate.value, fit_sigmas, total_js),
+                read=lambda stage: json.loads((stage.dir / "fits.json").read_text(encoding="utf-8")),
+                log=functools.partial(log_fit_child, study))
+
+
+def run_fits(args, b: Budget, curves, table, fit_sigmas, total_js, folder: Path) -> dict:
     from lossfloor.scaling import JStarValue, fit_all
 
-    folder = stage.begin()
     # per σ: the J* table itself (read in x0 units with its interval); the total: its weighted sum
     total = JStarValue(*total_js, source="the schedule-weighted J*(σ) of the table")
     fits = {}
@@ -397,53 +427,54 @@ def run_fits(args, b: Budget, stage: Stage, curves, table, fit_sigmas, total_js)
         log.info("fit %s: raw |rho| %.4f, corrected |rho| %s", key, d["raw"]["abs_rho"],
                  "-" if d["corrected"] is None else f"{d['corrected']['abs_rho']:.4f}")
     write_json(folder / "fits.json", fits)
-    stage.finish({"fits": "fits.json", "quantities": list(fits), "seconds": time.monotonic() - t0,
-                  "rho": _scaling.rho_table(fits)})
-    return fits
+    return {"fits": "fits.json", "quantities": list(fits), "seconds": time.monotonic() - t0,
+            "rho": _scaling.rho_table(fits)}
 
 
 # --- MLflow children -------------------------------------------------------------------------------------
 
 
-def _child_tags(stage: Stage, cached: bool, **extra) -> dict:
-    return {STAGE_TAG: stage.name.split("-")[0], "lossfloor.study": STUDY, "lossfloor.stage_dir": str(stage.dir),
-            "lossfloor.stage_hash": stage.hash, "lossfloor.cached": str(cached).lower(), **extra}
+def log_estimate_child(args, ds, study: Study, done: Done) -> str:
+    """The J* table's run (lossfloor.jobs.record.record_estimate), tagged as the study's estimate child."""
+    from lossfloor.jobs.record import record_estimate
+
+    return record_estimate(done.value, params={"data": args.data, "engine": args.engine.kind, "study": STUDY,
+                                               "n_samples": len(ds), "stage_dir": str(done.stage.dir)},
+                           **study.child("estimate", study.stage_tags(done)))
 
 
-def log_train_child(parent, args, uri, stage: Stage, cached: bool, samples: int | str) -> str:
-    """The model's run (lossfloor.tracking.train.log_training: config, eval/train metrics, loss_curve.parquet,
+def log_train_child(args, b: Budget, study: Study, done: Done) -> str:
+    """The model's run (lossfloor.jobs.record.record_training: config, eval/train metrics, loss_curve.parquet,
     train_log.parquet, loss_curve.html, a samples grid), tagged as the study's train child."""
-    from lossfloor.tracking.train import log_training
+    from lossfloor.jobs.record import record_training
 
-    res = stage.result()
-    return log_training(
-        stage.dir, experiment=args.experiment, run_name=res["model"], parent_run_id=parent.run_id, tracking_uri=uri,
+    res = done.value
+    if not done.skipped:
+        log.info("train %s: %d images in %.0f s, final total loss %.4g", res["model"], res["n_img"], res["train_s"],
+                 res["final_total"])
+    return record_training(
+        done.stage.dir, samples=b.samples,
         params={"study": STUDY, "data": args.data, "engine": res["engine"], "device": res["device"],
-                "train_seconds": res["train_s"], "stage_dir": str(stage.dir)},
-        tags=_child_tags(stage, cached, **{"lossfloor.model": res["model"]}), samples=samples)
+                "train_seconds": res["train_s"], "stage_dir": str(done.stage.dir)},
+        **study.child(res["model"], study.stage_tags(done, **{"lossfloor.model": res["model"]})))
 
 
-def log_fit_child(parent, args, uri, stage: Stage, fits: dict, cached: bool) -> str:
-    from lossfloor.tracking import start_run
-    from lossfloor.tracking.artifacts import log_fits
+def log_fit_child(study: Study, done: Done) -> str:
+    """The fits' run (lossfloor.jobs.record.record_fits): |rho| per form and quantity, fits.json."""
+    from lossfloor.jobs.record import record_fits
 
-    with start_run(experiment=args.experiment, run_name="fit", parent_run_id=parent.run_id, tracking_uri=uri,
-                   tags=_child_tags(stage, cached)) as run:
-        cfg = stage.config
-        run.log_params({"sigmas": cfg["sigmas"], "bootstrap": cfg["bootstrap"], "seed": cfg["seed"],
-                        "holdout": "largest model", "total_j_star": cfg["total_j_star"][0],
-                        "total_j_star_ci_low": cfg["total_j_star"][1], "total_j_star_ci_high": cfg["total_j_star"][2]})
-        metrics, tags = {}, {}
-        for r in _scaling.rho_table(fits):
-            q = "total" if r["quantity"] == "total" else "sigma_" + r["quantity"].removeprefix("sigma=")
-            for form in ("raw", "corrected", "free_offset"):
-                if r[form] is not None:
-                    metrics[f"abs_rho/{form}/{q}"] = r[form]
-            tags[f"holdout_best.{q}"] = r["holdout_best"] or "none"
-        run.log_metrics(metrics)
-        run.set_tags(tags)
-        log_fits(run, fits.values())
-    return run.run_id
+    cfg, fits = done.stage.config, done.value
+    metrics, tags = {}, {}
+    for r in _scaling.rho_table(fits):
+        q = "total" if r["quantity"] == "total" else "sigma_" + r["quantity"].removeprefix("sigma=")
+        for form in ("raw", "corrected", "free_offset"):
+            if r[form] is not None:
+                metrics[f"abs_rho/{form}/{q}"] = r[form]
+        tags[f"holdout_best.{q}"] = r["holdout_best"] or "none"
+    params = {"sigmas": cfg["sigmas"], "bootstrap": cfg["bootstrap"], "seed": cfg["seed"], "holdout": "largest model",
+              "total_j_star": cfg["total_j_star"][0], "total_j_star_ci_low": cfg["total_j_star"][1],
+              "total_j_star_ci_high": cfg["total_j_star"][2]}
+    return record_fits(fits, params=params, metrics=metrics, **study.child("fit", {**study.stage_tags(done), **tags}))
 
 
 def build_dashboard(args, uri: str, parent_run_id: str, fit_sigmas) -> Path:
@@ -463,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
     import lossfloor
     from lossfloor.data import describe
     from lossfloor.diffusion import parse_sigma_grid
-    from lossfloor.tracking import tracking_uri
+    from lossfloor.jobs.study import check_outputs, tracking_uri
 
     t_start = time.monotonic()
     log.info("lossfloor %s from %s", lossfloor.__version__, Path(lossfloor.__file__).parent)
@@ -477,12 +508,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.data is None:
         raise InputError("--data: --preset imagenet512 needs the EDM2 latents (e.g. --data img512-latents.zip)")
-    uri = check_outputs(args)  # before the first stage: --out writable, the tracking store opens
+    uri = check_outputs(args.out, args.tracking_uri)  # before the first stage: --out writable, the store opens
 
     from lossfloor.data import load_for
-    from lossfloor.floor import read_table
-    from lossfloor.jobs import train as jobs_train
-    from lossfloor.tracking import log_estimate, start_run
+    from lossfloor.jobs.study import attach_ray, open_study
 
     # 1. data
     count, shape = describe(args.data)
@@ -496,14 +525,12 @@ def run(args: argparse.Namespace) -> int:
         _check_fit_sigmas(fit_sigmas, given.x0().sigma if given is not None else parse_sigma_grid(b.sigma_grid))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.engine.kind == "ray":  # attach to the job's cluster by its address (or start a local Ray)
-        from lossfloor.ray.cluster import connect
-
-        connect(args.engine.address)
+        attach_ray(args.engine.address)
 
     study_tags = {"lossfloor.kind": "study", "lossfloor.study": STUDY, "lossfloor.preset": args.preset}
-    skipped: dict[str, bool] = {}
-    with start_run(experiment=args.experiment, run_name=f"scaling-{args.preset}", tags=study_tags,
-                   tracking_uri=uri) as parent:
+    with open_study(name=STUDY, out=args.out, log=log, experiment=args.experiment, run_name=f"scaling-{args.preset}",
+                    tags=study_tags, tracking_uri=uri) as study:
+        parent = study.parent
         parent.log_params({
             "preset": args.preset, "smoke_budget": args.smoke_budget if args.preset == "smoke" else None,
             "data": args.data, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
@@ -514,30 +541,8 @@ def run(args: argparse.Namespace) -> int:
         })
 
         # 2. J*(σ)
-        est_cfg = estimator_config(args, b)
-        if given is not None:
-            est_stage = Stage("estimate", {"data_fingerprint": ds.fingerprint, "n_samples": len(ds),
-                                           "given_sha256": _sha256(args.j_star)}, args.out)
-        else:
-            est_stage = Stage("estimate", {
-                "data_fingerprint": ds.fingerprint, "n_samples": len(ds), "sigma_grid": b.sigma_grid,
-                "estimator": _stage_estimator(est_cfg)}, args.out)
-        skipped["estimate"] = est_stage.done
-        if est_stage.done:
-            log.info("stage estimate: finished earlier in %s, skipped", est_stage.dir)
-        elif given is not None:
-            log.info("stage estimate: the given J* table %s into %s", args.j_star, est_stage.dir)
-            use_given_table(args.j_star, given, est_stage)
-        else:
-            log.info("stage estimate: %s estimator on %s engine into %s", b.estimator, args.engine.kind,
-                     est_stage.dir)
-            run_estimate(args, b, ds, est_stage)
-        jstar_path = est_stage.dir / "jstar.parquet"
-        table = read_table(jstar_path)
-        log_estimate(table, params={"data": args.data, "engine": args.engine.kind, "study": STUDY,
-                                    "n_samples": len(ds), "stage_dir": str(est_stage.dir)},
-                     experiment=args.experiment, run_name="estimate", parent_run_id=parent.run_id,
-                     tracking_uri=uri, tags=_child_tags(est_stage, skipped["estimate"]))
+        estimate = study.run(estimate_step(args, b, ds, given, study))
+        table = estimate.value
         s_star = table.sigma_star
         if s_star is not None:
             parent.log_metrics({"sigma_star": s_star})
@@ -552,26 +557,11 @@ def run(args: argparse.Namespace) -> int:
                  ", ".join(f"{s:.4g}" for s in fit_sigmas), len(eval_sigmas))
 
         # 3. the ladder
-        configs = train_configs(args, b, jstar_path, eval_sigmas)
-        stages = [train_stage(args, cfg, est_stage, ds.fingerprint, b) for cfg in configs]
-        for st in stages:
-            skipped[st.name] = st.done
-            if st.done:
-                log.info("stage %s: finished earlier in %s, skipped", st.name, st.dir)
-        todo = [(st, cfg) for st, cfg in zip(stages, configs) if not st.done]
-
-        def finished(stage: Stage, result: dict) -> None:  # the stage's DONE.json summary
-            log.info("train %s: %d images in %.0f s, final total loss %.4g", result["model"], result["n_img"],
-                     result["train_s"], result["final_total"])
-            log_train_child(parent, args, uri, stage, cached=False, samples=b.samples)
-
-        log.info("stage train: %d model(s) to train, %d finished earlier", len(todo), len(stages) - len(todo))
-        jobs_train.train_ladder(todo, data=args.data, ds=ds, out=args.out, engine=args.engine, on_done=finished,
-                                trainer=args.trainer, train_workers=args.train_workers, max_samples=b.max_samples,
-                                n_source=args.n_source)
-        for st in stages:
-            if skipped[st.name]:
-                log_train_child(parent, args, uri, st, cached=True, samples=b.samples)
+        configs = train_configs(args, b, estimate.stage.dir / "jstar.parquet", eval_sigmas)
+        steps = [train_step(args, cfg, estimate, ds.fingerprint, b, study) for cfg in configs]
+        trained = study.run_together("train", steps, work=functools.partial(train_ladder, args, b, ds, configs),
+                                     what="model(s) to train")
+        stages = [d.stage for d in trained]
 
         # 4. fits
         import pyarrow as pa
@@ -580,17 +570,7 @@ def run(args: argparse.Namespace) -> int:
         curves = pa.concat_tables([pq.read_table(st.dir / "loss_curve.parquet").replace_schema_metadata(None)
                                    for st in stages])
         total_js = _scaling.total_j_star(curves)
-        fit_stage = Stage("fit", {"estimate": est_stage.hash, "train": sorted(st.hash for st in stages),
-                                  "sigmas": list(fit_sigmas), "bootstrap": b.bootstrap, "seed": args.seed,
-                                  "holdout": "largest", "total_j_star": list(total_js)}, args.out)
-        skipped["fit"] = fit_stage.done
-        if fit_stage.done:
-            log.info("stage fit: finished earlier in %s, skipped", fit_stage.dir)
-            fits = json.loads((fit_stage.dir / "fits.json").read_text(encoding="utf-8"))
-        else:
-            log.info("stage fit: %d quantities, bootstrap %d, into %s", len(fit_sigmas) + 1, b.bootstrap, fit_stage.dir)
-            fits = run_fits(args, b, fit_stage, curves, table, fit_sigmas, total_js)
-        log_fit_child(parent, args, uri, fit_stage, fits, skipped["fit"])
+        fits = study.run(fit_step(args, b, estimate, trained, curves, fit_sigmas, total_js, study)).value
         rows = _scaling.rho_table(fits)
         parent.log_metrics({f"abs_rho/{form}/{'total' if r['quantity'] == 'total' else 'sigma_' + r['quantity'][6:]}":
                             r[form] for r in rows for form in ("raw", "corrected") if r[form] is not None})
@@ -601,16 +581,15 @@ def run(args: argparse.Namespace) -> int:
             "study": STUDY, "preset": args.preset, "tracking_uri": uri, "experiment": args.experiment,
             "parent_run_id": parent.run_id, "dashboard": str(html), "sigma_star": s_star,
             "fit_sigmas": list(fit_sigmas), "eval_sigmas": list(eval_sigmas), "total_j_star": list(total_js),
-            "stages": {name: {"dir": str(st.dir), "skipped": skipped[name]} for name, st in
-                       [("estimate", est_stage), *[(s.name, s) for s in stages], ("fit", fit_stage)]},
+            "stages": {name: {"dir": str(d.stage.dir), "skipped": d.skipped} for name, d in study.done.items()},
             "rho": rows, "seconds": time.monotonic() - t_start,
         }
         parent.log_artifact(write_json(args.out / "summary.json", summary))
 
-    n_trained = sum(not skipped[st.name] for st in stages)
+    n_trained = sum(not d.skipped for d in trained)
     print(f"\nscaling study ({args.preset}) finished in {time.monotonic() - t_start:.0f} s: "
           f"{n_trained} model(s) trained, {len(stages) - n_trained} reused; "
-          f"stages skipped: {', '.join(k for k, v in skipped.items() if v) or 'none'}")
+          f"stages skipped: {', '.join(k for k, d in study.done.items() if d.skipped) or 'none'}")
     print(f"sigma* = {'undefined' if s_star is None else f'{s_star:.4g}'}; raw vs gap-corrected vs free-offset "
           f"power laws on the envelope of {len(stages)} models (|rho| of ln(J - offset) vs ln F):")
     print(_scaling.format_rho(rows))

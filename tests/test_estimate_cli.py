@@ -173,7 +173,7 @@ def test_mlflow_logs_the_table_with_params_from_the_driver(tmp_path, npy, capsys
     calls = []
 
     def log_estimate(table, *, params, experiment="optimal-loss", run_name=None, parent_run_id=None,
-                     tracking_uri=None):
+                     tracking_uri=None, also=(), figure_html=None):
         calls.append((table, params, experiment, run_name))
         return "run-123"
 

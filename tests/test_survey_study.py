@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +93,20 @@ def test_smoke_run_in_process(tmp_path, gauss):
     for target in TARGETS[1:]:  # one estimate in x0, converted
         t = read_table(out / "gauss" / f"jstar_{target}.parquet")
         np.testing.assert_allclose(t.column("j_star"), convert_jstar(x0.column("j_star"), x0.column("sigma"), target))
+
+
+def test_a_rerun_skips_the_finished_data_sets(tmp_path, caplog):
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    argv = ["--smoke", "--out", str(out), "--tracking-uri", uri]
+    assert _study().main(argv) == 0
+    marker = out / "digits" / "DONE.json"
+    first = marker.stat().st_mtime_ns, json.loads(marker.read_text(encoding="utf-8"))["hash"]
+    with caplog.at_level(logging.INFO, logger="optimal_loss_survey"):
+        assert _study().main(argv) == 0
+    assert "stage estimate-digits: finished earlier" in caplog.text
+    assert marker.stat().st_mtime_ns == first[0]  # nothing redone
+    assert _study().main([*argv, "--seed", "1"]) == 0  # another input: estimated again, in the same folder
+    assert json.loads(marker.read_text(encoding="utf-8"))["hash"] != first[1]
 
 
 # ---- as users submit it: a local Ray head, `ray job submit`, cluster/runtime_env.yaml ----

@@ -1,5 +1,6 @@
-"""lossfloor.tracking (MLflow) and lossfloor.pages.jstar: what an estimate run holds, run status on failure,
-parent/child runs, where runs go, and that the core stays free of mlflow/plotly/ray."""
+"""lossfloor.tracking (MLflow) and lossfloor.pages.jstar: what an estimate run holds (with the figure
+lossfloor.jobs.record draws), run status on failure, parent/child runs, where runs go, and that the core
+stays free of mlflow/plotly/ray."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig, build_table, estimate, read_table
+from lossfloor.jobs.record import record_estimate
 from lossfloor.pages.html import is_offline_html
 from lossfloor.pages.jstar import jstar_figure
 from lossfloor.tracking import PARENT_RUN_TAG, client, log_estimate, start_run, tracking_uri
@@ -40,8 +42,8 @@ def _artifact_text(c, run_id: str, path: str, tmp_path) -> str:
 def test_log_estimate_holds_params_metrics_table_and_offline_figure(uri, est, tmp_path):
     table = build_table(est, target="x0", fingerprint="fp-test")
     eps = build_table(est, target="eps", fingerprint="fp-test")
-    run_id = log_estimate(table, params={"data": "gauss.npy", "engine": "local", "estimator": "cdol"},
-                          run_name="gauss", tracking_uri=uri, also=[eps])
+    run_id = record_estimate(table, params={"data": "gauss.npy", "engine": "local", "estimator": "cdol"},
+                             run_name="gauss", tracking_uri=uri, also=[eps])
     c = client(uri)
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"

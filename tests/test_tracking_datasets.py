@@ -51,7 +51,7 @@ def test_a_training_run_has_its_data_set_as_input(uri, tmp_path):
     cfg = TrainConfig(preset="tiny", batch_n_img=32, duration_n_img=32, warmup_n_img=0, eval_n_samples=32,
                       eval_sigmas=(0.5,), seed=0)
     train(cfg, digits, checkpoint_dir=tmp_path / "run")
-    run_id = log_training(tmp_path / "run", params={"data": "bundled:digits"}, tracking_uri=uri, samples=0)
+    run_id = log_training(tmp_path / "run", params={"data": "bundled:digits"}, tracking_uri=uri)
     (inp,) = _inputs(uri, run_id)
     _check(inp, digits.fingerprint, "bundled:digits", "training")
 

@@ -203,22 +203,23 @@ def diagnose(spec: DiagnoseSpec):
     t_eval = time.monotonic() - t0 - t_jstar
     log.info("diagnose %s: J* %.3g s, evaluation %.3g s", model.name, t_jstar, t_eval)
     write_diagnosis(d, spec.out)
-    fig = None
+    page = None
     if spec.figure is not None or log_diagnosis is not None:
         from lossfloor.pages.diagnose import diagnose_figure
+        from lossfloor.pages.html import figure_page
 
-        fig = diagnose_figure({model.name: d}, title=f"Loss gap of {model.name} on {spec.data}")
+        page = figure_page(diagnose_figure({model.name: d}, title=f"Loss gap of {model.name} on {spec.data}"))
     if spec.figure is not None:
-        from lossfloor.pages.html import write_html
+        from lossfloor.pages.html import write_page
 
-        write_html(fig, spec.figure)
+        write_page(page, spec.figure)
     if log_diagnosis is not None:
         params = {"model": spec.model, "model_kind": model.kind, "data": spec.data, "j_star": spec.j_star,
                   "estimator": spec.estimator if spec.j_star is None else None, "holdout": spec.holdout,
                   "prediction": model.prediction, "process": model.process, "seed": seed,
                   "n_samples": int(d.column("n_samples")[0]), "device": spec.device, "precision": spec.precision,
                   "ema": spec.ema if model.kind == "lossfloor" else None, "dataset_fingerprint": data.fingerprint}
-        run_id = log_diagnosis(d, fig, params={k: v for k, v in params.items() if v is not None},
+        run_id = log_diagnosis(d, page, params={k: v for k, v in params.items() if v is not None},
                                experiment=spec.experiment, run_name=spec.run_name or model.name,
                                tracking_uri=spec.tracking_uri)
         log.info("logged MLflow run %s (experiment %s)", run_id, spec.experiment)

@@ -13,6 +13,7 @@ folder named by a hash of the config, data and σ grid); the Ray engine always k
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -54,10 +55,10 @@ def estimate_table(samples, sigmas, config: EstimatorConfig, *, out: str | os.Pa
     table = build_table(est, target=target, fingerprint=fingerprint, threshold=threshold, latents=latents)
     write_table(table, out)
     if tracking is not None:
-        from lossfloor.tracking import log_estimate
+        from lossfloor.jobs.record import record_estimate
 
         cfg = est.config
-        run_id = log_estimate(table, params={
+        run_id = record_estimate(table, params={
             **(params or {}), "dataset_fingerprint": fingerprint, "estimator": cfg.estimator,
             "subset_size": cfg.subset_size, "c": cfg.c, "queries_per_sample": cfg.queries_per_sample,
             "seed": cfg.seed, "n_sigmas": len(est.sigmas), "sigma_min": float(est.sigmas.min()),
@@ -67,3 +68,13 @@ def estimate_table(samples, sigmas, config: EstimatorConfig, *, out: str | os.Pa
         }, experiment=tracking.experiment, run_name=tracking.run_name, tracking_uri=tracking.uri)
         log.info("MLflow: %s, experiment %s, run %s", tracking.uri, tracking.experiment, run_id)
     return table
+
+
+def stage_key(config: EstimatorConfig) -> dict:
+    """The estimator config as a study stage's key (`lossfloor.jobs.study.Step.key`): not the device (a
+    stage is the same estimate on any device), and the device cap only when set (it sizes the default
+    batch; keys from before the cap existed stay valid)."""
+    key = {**dataclasses.asdict(config), "device": None}
+    if key["max_device_gb"] is None:
+        del key["max_device_gb"]
+    return key

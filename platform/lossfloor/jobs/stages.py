@@ -10,7 +10,9 @@
 The hash is `lossfloor.hashing.config_hash` of the stage's config, which names the stages it reads by
 their hashes, so a changed input reruns everything after it and an unchanged rerun does nothing. A stage
 killed half-way leaves no DONE.json: the rerun redoes it (training resumes from its newest checkpoint in
-the same folder, estimation from its work folder).
+the same folder, estimation from its work folder). A study may name the folder itself (`folder=`, e.g.
+the survey's OUT/<data set>/): the stage is then finished when its DONE.json records the same hash.
+`lossfloor.jobs.study` runs a study's stages: skip, run, log.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ MARKER = "DONE.json"  # written last: the stage is finished
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: `OUT/<name>-<hash of config>`, finished when its marker exists."""
+    """One stage: `OUT/<name>-<hash of config>` (or `OUT/<folder>`), finished when its marker exists."""
 
     name: str  # e.g. "estimate", "train-<model>", "fit"
     config: dict
     out: Path
+    folder: str | None = None  # the folder's name when the study names it; default <name>-<hash>
 
     @property
     def hash(self) -> str:
@@ -40,11 +43,15 @@ class Stage:
 
     @property
     def dir(self) -> Path:
-        return Path(self.out) / f"{self.name}-{self.hash}"
+        return Path(self.out) / (self.folder or f"{self.name}-{self.hash}")
 
     @property
     def done(self) -> bool:
-        return (self.dir / MARKER).is_file()
+        marker = self.dir / MARKER
+        if not marker.is_file():
+            return False
+        # a folder named by the study may hold another config's marker; one named by the hash cannot
+        return self.folder is None or json.loads(marker.read_text(encoding="utf-8"))["hash"] == self.hash
 
     def begin(self) -> Path:
         """Create the folder and record the config in it (config.json); returns the folder."""

@@ -2,16 +2,17 @@
 
     run = train_run(config, data="bundled:digits", out="runs/tiny", engine=Engine(kind="ray", workers=2))
     train_ladder(todo, data="bundled:digits", ds=ds, out=out, engine=Engine(kind="ray"),
-                 on_done=lambda stage, summary: ...)
+                 on_done=lambda stage, summary: stage.finish(summary))
 
 `train_run` is `lossfloor train`: one model trains (or resumes from its newest checkpoint) in its run
 folder, in this process or on Ray Train with the engine's workers, and is then logged to MLflow when a
 store is given (on this process only: workers never write runs).
 
 `todo` holds (stage, TrainConfig) pairs, smallest model first. Each model trains (or resumes from its
-newest checkpoint) into its stage folder; when it is done its tables are in the folder, the stage's
-DONE.json records `summary` (run, model, params, FLOPs, images, seconds, final total loss) and `on_done`
-is called on this process (where MLflow is written: workers never write runs). With the Ray engine the
+newest checkpoint) into its stage folder; when it is done its tables are in the folder and `on_done` is
+called on this process with its `summary` (run, model, params, FLOPs, images, seconds, final total loss),
+which the caller records in the stage's DONE.json (`lossfloor.jobs.study.Study.run_together` does, and
+logs the model: MLflow is written on this process, workers never write runs). With the Ray engine the
 models run concurrently, largest first, as many as the cluster's resources allow: each as one Ray task
 running the local loop (`trainer="tasks"`), or on Ray Train with `train_workers` workers
 (`trainer="ray-train"`, `lossfloor.ray.train.train_on_ray`), each worker with the engine's CPUs and GPUs.
@@ -53,7 +54,7 @@ def train_run(config, *, data: str, out, engine: Engine = LOCAL, device: str | N
     """Train (or resume) `config` on `data` into the run folder `out` (module docstring); a failed first
     run leaves no folder behind. device: the local engine's (None: cuda when available); with the Ray
     engine the workers' device follows their GPUs. max_failures: Ray Train's restarts (-1 = no limit).
-    samples: the samples grid MLflow logs (`lossfloor.tracking.train.log_training`)."""
+    samples: the samples grid MLflow logs (`lossfloor.jobs.record.record_training`)."""
     with output_folder(out) as folder:
         t0 = time.monotonic()
         before = _images_done(folder)
@@ -74,13 +75,13 @@ def train_run(config, *, data: str, out, engine: Engine = LOCAL, device: str | N
         wall = time.monotonic() - t0
     run_id = None
     if tracking is not None:  # on the driver only: workers never write to MLflow
-        from lossfloor.tracking.train import log_training
+        from lossfloor.jobs.record import record_training
 
-        run_id = log_training(folder, params={"data": data, "engine": engine.kind,
-                                              "workers": engine.workers if engine.kind == "ray" else 1,
-                                              "out": str(folder.absolute())},
-                              experiment=tracking.experiment, run_name=tracking.run_name, samples=samples,
-                              tracking_uri=tracking.uri, device=device if engine.kind == "local" else None)
+        run_id = record_training(folder, params={"data": data, "engine": engine.kind,
+                                                 "workers": engine.workers if engine.kind == "ray" else 1,
+                                                 "out": str(folder.absolute())},
+                                 experiment=tracking.experiment, run_name=tracking.run_name, samples=samples,
+                                 tracking_uri=tracking.uri, device=device if engine.kind == "local" else None)
         log.info("MLflow: %s, experiment %s, run %s", tracking.uri, tracking.experiment, run_id)
     return TrainRun(out=folder, wall_s=wall, images_run=images_run, mlflow_run=run_id)
 
@@ -150,8 +151,7 @@ def train_ladder(todo: list[tuple[Stage, object]], *, data: str, ds, out: Path, 
 
     def finished(stage: Stage, config, result: dict) -> None:
         write_tables(stage.dir, config, result)
-        stage.finish(summary(result, engine.kind))
-        on_done(stage, stage.result())
+        on_done(stage, summary(result, engine.kind))
 
     cpus = engine.cpus_per_worker or 1
     if engine.kind == "local":

@@ -9,7 +9,8 @@ What a run holds (names are stable: `lossfloor dashboard --experiment diagnose` 
             totals: total_reference/loss, total_reference/gap, total_reference/rel_gap, and total_own/...
             when the model's own weighting is known
   tags      lossfloor.kind=diagnose, lossfloor.model, dataset_fingerprint
-  artifacts diag.parquet (the table as written by `write_diagnosis`), diag.html (the figure; offline)
+  artifacts diag.parquet (the table as written by `write_diagnosis`), diag.html (the figure as an offline
+            page, drawn by the caller: `lossfloor.jobs.diagnose`)
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ FIGURE_FILE = "diag.html"
 SERIES = ("sigma", "loss_x0", "loss_stderr", "j_star_x0", "gap_x0", "rel_gap", *HOLDOUT_COLUMNS[::2])
 
 
-def log_diagnosis(d: Diagnosis, fig, *, params: Mapping[str, object], experiment: str = "diagnose",
-                  run_name: str | None = None, tracking_uri: str | None = None) -> str:
-    """Log one diagnosis as its own run (module docstring); returns the run id."""
+def log_diagnosis(d: Diagnosis, figure_html: str | None, *, params: Mapping[str, object],
+                  experiment: str = "diagnose", run_name: str | None = None, tracking_uri: str | None = None) -> str:
+    """Log one diagnosis as its own run (module docstring), with its figure's page when given; returns the
+    run id."""
     sigmas = d.column("sigma")
     row = d.rows()[0]
     with start_run(experiment=experiment, run_name=run_name, tracking_uri=tracking_uri,
@@ -50,8 +52,8 @@ def log_diagnosis(d: Diagnosis, fig, *, params: Mapping[str, object], experiment
         with tempfile.TemporaryDirectory(prefix="lossfloor-mlflow-") as tmp:
             write_diagnosis(d, Path(tmp) / TABLE_FILE)
             run.log_artifact(Path(tmp) / TABLE_FILE)
-        if fig is not None:
-            run.log_html_figure(fig, FIGURE_FILE)
+        if figure_html is not None:
+            run.log_html(figure_html, FIGURE_FILE)
     return run.run_id
 
 

@@ -14,7 +14,8 @@ What a run holds (names are stable: dashboards and comparisons read them):
   tags      lossfloor.kind=estimate, target, dataset_fingerprint, sigma_star ("undefined" when J* is
             above the threshold on the whole grid)
   artifacts jstar.parquet (the table as written by `write_table`), jstar_TARGET.parquet per extra
-            table, jstar.html (J*(σ) log-log, 95 % interval bars, σ* dashed; one panel per target; offline)
+            table, and jstar.html when given: the figure as an offline page, drawn by the caller
+            (`lossfloor.jobs.record.record_estimate`: J*(σ) log-log, 95 % interval bars, σ* dashed)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lossfloor.tracking.runs import TrackedRun, start_run
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "optimal-loss"
+FIGURE_FILE = "jstar.html"
 
 
 def table_params(table: JStarTable) -> dict[str, object]:
@@ -72,9 +74,10 @@ def log_jstar(
     *,
     params: Mapping[str, object] | None = None,
     also: Sequence[JStarTable] = (),
-    label: str | None = None,
+    figure_html: str | None = None,
 ) -> None:
-    """Log a J* table (and the same estimate in other targets, `also`) into an existing run."""
+    """Log a J* table (and the same estimate in other targets, `also`, and its figure's page, `figure_html`)
+    into an existing run."""
     target = table.rows()[0]["target"]
     run.log_params(_merge_params(table, params or {}))
     log_dataset(run, table.rows()[0]["dataset_fingerprint"], source=str((params or {}).get("data") or ""),
@@ -108,12 +111,8 @@ def log_jstar(
             name = f"jstar_{other.rows()[0]['target']}.parquet"
             write_table(other, Path(tmp) / name)
             run.log_artifact(Path(tmp) / name)
-
-    from lossfloor.pages.jstar import data_label, jstar_figure  # plotly: only when a figure is made
-
-    by_target = {target: table, **{o.rows()[0]["target"]: o for o in also}}
-    name = label or data_label(str((params or {}).get("data") or ""), table.rows()[0]["dataset_fingerprint"])
-    run.log_html_figure(jstar_figure({name: by_target}, title=f"J*(σ) of {name}"), "jstar.html")
+    if figure_html is not None:
+        run.log_html(figure_html, FIGURE_FILE)
 
 
 def log_estimate(
@@ -126,6 +125,7 @@ def log_estimate(
     tracking_uri: str | None = None,
     also: Sequence[JStarTable] = (),
     tags: Mapping[str, object] | None = None,
+    figure_html: str | None = None,
 ) -> str:
     """Log one estimate as its own MLflow run and return the run id (module docstring: what is logged).
 
@@ -133,9 +133,10 @@ def log_estimate(
       are logged with the table's resolved value.
     also: the same estimate in other targets (`build_table(est, target=...)`), logged as j_star_TARGET.
     parent_run_id: nest the run under a parent (e.g. a study's run).
+    figure_html: the figure as an offline page, logged as jstar.html (`jobs.record.record_estimate` draws it).
     The run ends FAILED, never left RUNNING, if logging fails part-way.
     """
     with start_run(experiment=experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
                    tracking_uri=tracking_uri) as run:
-        log_jstar(run, table, params=params, also=also, label=run_name)
+        log_jstar(run, table, params=params, also=also, figure_html=figure_html)
     return run.run_id

@@ -247,11 +247,9 @@ class TrackedRun:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, os.fspath(path), artifact_path)
 
-    def log_html_figure(self, fig, artifact_file: str) -> None:
-        """A Plotly figure as a standalone HTML artifact (`lossfloor.pages.html.figure_page`: opens offline)."""
-        from lossfloor.pages.html import figure_page
-
-        self.client.log_text(self.run_id, figure_page(fig), artifact_file)
+    def log_html(self, page: str, artifact_file: str) -> None:
+        """A finished HTML page (a figure drawn by `lossfloor.pages`) as the artifact `artifact_file`."""
+        self.client.log_text(self.run_id, page, artifact_file)
 
 
 def _default_tags(tags: Mapping[str, object] | None) -> dict[str, str]:

@@ -21,21 +21,19 @@ What a run holds (names are stable: dashboards and comparisons read them):
             checkpoints (JSON list of every checkpoint folder)
   artifacts loss_curve.parquet and train_log.parquet at the artifact root (the study contract of
             `lossfloor.tracking.artifacts`: tag the run lossfloor.stage=train to make it a study's
-            train child), config.json, loss_curve.html (eval loss per σ and training loss against
-            images; plotly.js embedded, opens offline), samples.png (a grid of EDM Heun samples of the
-            newest checkpoint, for pixel data: 1 or 3 channels; optional)
+            train child), config.json, and what the caller made of the run (`lossfloor.jobs.record.
+            record_training` makes both): loss_curve.html (a finished offline page: eval loss per σ and
+            training loss against images), samples.png (a grid of samples of the newest checkpoint)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from lossfloor.errors import InputError
@@ -47,7 +45,6 @@ CURVE_FILE = "loss_curve.parquet"
 LOG_FILE = "train_log.parquet"
 SAMPLES_FILE = "samples.png"
 FIGURE_FILE = "loss_curve.html"
-CHEAP_SAMPLING_FLOPS = 5e12  # "auto" samples on a CPU only when the grid costs less than this
 
 
 # --- Reading the run folder --------------------------------------------------------------------------------
@@ -101,13 +98,13 @@ def train_params(config) -> dict[str, object]:
 # --- Logging -------------------------------------------------------------------------------------------
 
 
-def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | None = None,
-                  samples: int | str | None = "auto", device: str | None = None, info: dict | None = None) -> dict:
+def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | None = None, info: dict | None = None,
+                  figure_html: str | None = None, samples_png: Path | None = None) -> dict:
     """Log a finished (or paused) training run's folder into an existing MLflow run.
 
-    samples: size of the samples grid; "auto" = 64 for pixel data (1 or 3 channels) when cheap (a GPU,
-      or under CHEAP_SAMPLING_FLOPS on the CPU), else none; 0 or None = none.
     info: the folder as `read_run` read it (read here when not given). Returns it.
+    figure_html, samples_png: the loss-curve figure's page and a samples grid (a PNG file), logged as
+      loss_curve.html and samples.png when given.
     """
     info = info if info is not None else read_run(out_dir)
     cfg = info["config"]
@@ -165,34 +162,30 @@ def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | No
             run.log_artifact(Path(out_dir) / name)
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n", encoding="utf-8")
         run.log_artifact(tmp / "config.json")
-        n = _grid_size(samples, cfg, info["forward_flops"], device)
-        if n and ckpts:
-            grid = samples_grid(ckpts[-1], n, device=device)
-            _write_png(grid, tmp / SAMPLES_FILE)
-            run.log_artifact(tmp / SAMPLES_FILE)
-    if curve_rows:
-        from lossfloor.pages.training import loss_curve_figure  # plotly: only when a figure is made
-
-        run.log_html_figure(loss_curve_figure(curve_rows, log_rows, title=info["run"]), FIGURE_FILE)
+    if samples_png is not None:
+        run.log_artifact(samples_png)
+    if figure_html is not None:
+        run.log_html(figure_html, FIGURE_FILE)
     return info
 
 
 def log_training(out_dir, *, params: Mapping[str, object] | None = None, experiment: str = EXPERIMENT,
                  run_name: str | None = None, parent_run_id: str | None = None,
                  tags: Mapping[str, object] | None = None, tracking_uri: str | None = None,
-                 samples: int | str | None = "auto", device: str | None = None) -> str:
+                 info: dict | None = None, figure_html: str | None = None, samples_png: Path | None = None) -> str:
     """Log the training run in `out_dir` as its own MLflow run; returns the run id (module docstring).
 
     run_name: default the training run's name (`TrainConfig.run` or its hash name).
+    info, figure_html, samples_png: as for `log_train_run`.
     The MLflow run ends FAILED, never left RUNNING, if logging fails part-way.
     """
-    run_info = read_run(out_dir)
+    run_info = info if info is not None else read_run(out_dir)
     if run_name is None:
         run_name = run_info["run"] or None
     start, end = run_info["span"]  # the training's own span: the run's duration is the work's, not the logging's
     with start_run(experiment=experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
                    tracking_uri=tracking_uri, start_time=start, end_time=end) as run:
-        log_train_run(run, out_dir, params=params, samples=samples, device=device, info=run_info)
+        log_train_run(run, out_dir, params=params, info=run_info, figure_html=figure_html, samples_png=samples_png)
     return run.run_id
 
 
@@ -205,68 +198,4 @@ def final_eval(curve_rows: list[dict]) -> list[dict]:
                   key=lambda r: r["sigma"])
 
 
-# --- Figures -------------------------------------------------------------------------------------------
-
-
-# --- Samples grid ------------------------------------------------------------------------------------------
-
-
-def _grid_size(samples, cfg, forward_flops: float, device: str | None) -> int:
-    from lossfloor.train import resolve
-
-    unet = resolve(cfg).preset.unet
-    if samples in (None, 0):
-        return 0
-    if samples != "auto":
-        if not (isinstance(samples, int) and samples > 0):
-            raise InputError(f"samples: expected a grid size like 64, 0 or 'auto', got {samples!r}")
-        return samples
-    if unet.img_channels not in (1, 3):
-        return 0  # latents: a grid would need the VAE decoder
-    import torch
-
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    n = 64
-    cost = n * 63 * forward_flops  # 32 Heun steps = 63 network evaluations per sample
-    return n if cuda or (math.isfinite(cost) and cost < CHEAP_SAMPLING_FLOPS) else 0
-
-
-def samples_grid(checkpoint, n: int, *, seed: int = 0, device: str | None = None, num_steps: int = 32) -> np.ndarray:
-    """(H', W', C) uint8 grid of n EDM Heun samples (lossfloor.train.generate) of a checkpoint's network
-    (its evaluated EMA if the config has eval_ema, else the raw weights); pixel data in [-1, 1]."""
-    import torch
-
-    from lossfloor.train import generate
-    from lossfloor.train.objectives import load_denoiser
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    den, shape, label_dim = load_denoiser(checkpoint, device=device)
-    x, _ = generate(den, n, shape, label_dim=label_dim, seed=seed, device=device, num_steps=num_steps)
-    return tile(x.numpy())
-
-
-def tile(x: np.ndarray, scale: int | None = None) -> np.ndarray:
-    """(n, C, H, W) values in [-1, 1] -> (rows*H*s, cols*W*s, C) uint8, a near-square grid, each image
-    enlarged s times (default: to at least 32 pixels) with a 1-pixel gap."""
-    n, c, h, w = x.shape
-    s = scale or max(1, math.ceil(32 / max(h, w)))
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    img = np.clip((x + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)  # (n, C, H, W)
-    img = img.repeat(s, axis=2).repeat(s, axis=3)  # (n, C, H*s, W*s)
-    H, W = h * s + 1, w * s + 1
-    grid = np.full((c, rows * H - 1, cols * W - 1), 255, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[:, r * H : r * H + h * s, q * W : q * W + w * s] = img[i]
-    return grid.transpose(1, 2, 0)  # (C, H', W') -> (H', W', C)
-
-
-def _write_png(grid: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-
-
-__all__ = ["final_eval", "log_train_run", "log_training", "read_run", "samples_grid", "tile",
-           "train_params"]
+__all__ = ["final_eval", "log_train_run", "log_training", "read_run", "train_params"]

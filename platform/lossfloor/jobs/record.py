@@ -1,0 +1,77 @@
+"""What a job keeps of its results in MLflow and on pages: the figures drawn here (`lossfloor.pages`, and
+`jobs.samples` for a samples grid), handed finished to `lossfloor.tracking`, which logs what it is given.
+
+    run_id = record_estimate(table, params={"data": "bundled:digits"})          # + jstar.html
+    run_id = record_training("runs/tiny", params={"data": "bundled:digits"})    # + loss_curve.html, samples.png
+    run_id = record_fits(fits, params={...}, metrics={...}, tags={...}, **study.child("fit", tags))
+    jstar_page({"digits": {"x0": table, "eps": eps}}, targets=("x0", "eps"), title="...", out="survey.html")
+
+The keyword arguments after the first are those of `lossfloor.tracking.log_estimate` / `log_training`
+(experiment, run_name, parent_run_id, tags, tracking_uri); what each run holds is documented there.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def record_estimate(table, *, params: Mapping[str, object], also: Sequence = (), run_name: str | None = None,
+                    **run) -> str:
+    """`lossfloor.tracking.log_estimate` with the estimate's figure (jstar.html: J*(σ) log-log with its
+    95 % interval, σ* dashed, one panel per target of `table` and `also`), named `run_name` or by the data."""
+    from lossfloor.pages.html import figure_page
+    from lossfloor.pages.jstar import data_label, jstar_figure
+    from lossfloor.tracking import log_estimate
+
+    by_target = {t.rows()[0]["target"]: t for t in (table, *also)}
+    name = run_name or data_label(str(params.get("data") or ""), table.rows()[0]["dataset_fingerprint"])
+    page = figure_page(jstar_figure({name: by_target}, title=f"J*(σ) of {name}"))
+    return log_estimate(table, params=params, also=also, run_name=run_name, figure_html=page, **run)
+
+
+def record_training(out_dir, *, samples: int | str | None = "auto", device: str | None = None, **run) -> str:
+    """`lossfloor.tracking.log_training` of the run folder `out_dir` with its loss-curve figure
+    (loss_curve.html) and, when `jobs.samples.grid_size(samples, ...)` > 0, a samples grid of its newest
+    checkpoint (samples.png; "auto": 64 for cheap pixel data, else none; 0 or None: none) on `device`."""
+    from lossfloor.jobs.samples import grid_size, samples_grid, write_png
+    from lossfloor.pages.html import figure_page
+    from lossfloor.pages.training import loss_curve_figure
+    from lossfloor.tracking.train import SAMPLES_FILE, log_training, read_run
+
+    info = read_run(out_dir)
+    curve_rows, log_rows = info["curve"].to_pylist(), info["log"].to_pylist()
+    page = figure_page(loss_curve_figure(curve_rows, log_rows, title=info["run"])) if curve_rows else None
+    n = grid_size(samples, info["config"], info["forward_flops"], device)
+    with tempfile.TemporaryDirectory(prefix="lossfloor-samples-") as tmp:
+        png = None
+        if n and info["checkpoints"]:
+            png = write_png(samples_grid(info["checkpoints"][-1], n, device=device), Path(tmp) / SAMPLES_FILE)
+        return log_training(out_dir, info=info, figure_html=page, samples_png=png, **run)
+
+
+def record_fits(fits: Mapping[str, dict], *, params: Mapping[str, object], metrics: Mapping[str, float],
+                **run) -> str:
+    """A scaling study's fit as its own run: params, metrics, and fits.json (`lossfloor.tracking.artifacts.
+    log_fits`: the contract the dashboard reads); `run`: start_run's arguments (experiment, run_name,
+    parent_run_id, tags, tracking_uri)."""
+    from lossfloor.tracking import start_run
+    from lossfloor.tracking.artifacts import log_fits
+
+    with start_run(**run) as tracked:
+        tracked.log_params(params)
+        tracked.log_metrics(metrics)
+        log_fits(tracked, fits.values())
+    return tracked.run_id
+
+
+def jstar_page(tables: Mapping[str, Mapping[str, object]], *, targets: Sequence[str], title: str,
+               out: str | os.PathLike) -> Path:
+    """The J* figure of several data sets (`lossfloor.pages.jstar.jstar_figure`: tables[data set][target])
+    written as an offline page to `out`; its path."""
+    from lossfloor.pages.html import write_html
+    from lossfloor.pages.jstar import jstar_figure
+
+    return write_html(jstar_figure(tables, targets=targets, title=title), out)

@@ -1,0 +1,78 @@
+"""A grid of samples from a training checkpoint: EDM Heun samples of its network, tiled into one PNG.
+
+    n = grid_size("auto", config, forward_flops, device=None)   # 64 for cheap pixel data, else 0
+    write_png(samples_grid(checkpoint, n), "samples.png")
+
+`lossfloor.jobs.record.record_training` hands the PNG to `lossfloor.tracking`, which logs it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from lossfloor.errors import InputError
+
+CHEAP_SAMPLING_FLOPS = 5e12  # "auto" samples on a CPU only when the grid costs less than this
+
+
+def grid_size(samples: int | str | None, config, forward_flops: float, device: str | None) -> int:
+    """The grid's size: `samples` itself, or for "auto" 64 on pixel data (1 or 3 channels) when cheap (a
+    GPU, or under CHEAP_SAMPLING_FLOPS on the CPU), else 0; 0 or None: no grid."""
+    from lossfloor.train import resolve
+
+    unet = resolve(config).preset.unet
+    if samples in (None, 0):
+        return 0
+    if samples != "auto":
+        if not (isinstance(samples, int) and samples > 0):
+            raise InputError(f"samples: expected a grid size like 64, 0 or 'auto', got {samples!r}")
+        return samples
+    if unet.img_channels not in (1, 3):
+        return 0  # latents: a grid would need the VAE decoder
+    import torch
+
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    n = 64
+    cost = n * 63 * forward_flops  # 32 Heun steps = 63 network evaluations per sample
+    return n if cuda or (math.isfinite(cost) and cost < CHEAP_SAMPLING_FLOPS) else 0
+
+
+def samples_grid(checkpoint, n: int, *, seed: int = 0, device: str | None = None, num_steps: int = 32) -> np.ndarray:
+    """(H', W', C) uint8 grid of n EDM Heun samples (lossfloor.train.generate) of a checkpoint's network
+    (its evaluated EMA if the config has eval_ema, else the raw weights); pixel data in [-1, 1]."""
+    import torch
+
+    from lossfloor.train import generate
+    from lossfloor.train.objectives import load_denoiser
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    den, shape, label_dim = load_denoiser(checkpoint, device=device)
+    x, _ = generate(den, n, shape, label_dim=label_dim, seed=seed, device=device, num_steps=num_steps)
+    return tile(x.numpy())
+
+
+def tile(x: np.ndarray, scale: int | None = None) -> np.ndarray:
+    """(n, C, H, W) values in [-1, 1] -> (rows*H*s, cols*W*s, C) uint8, a near-square grid, each image
+    enlarged s times (default: to at least 32 pixels) with a 1-pixel gap."""
+    n, c, h, w = x.shape
+    s = scale or max(1, math.ceil(32 / max(h, w)))
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    img = np.clip((x + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)  # (n, C, H, W)
+    img = img.repeat(s, axis=2).repeat(s, axis=3)  # (n, C, H*s, W*s)
+    H, W = h * s + 1, w * s + 1
+    grid = np.full((c, rows * H - 1, cols * W - 1), 255, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, r * H : r * H + h * s, q * W : q * W + w * s] = img[i]
+    return grid.transpose(1, 2, 0)  # (C, H', W') -> (H', W', C)
+
+
+def write_png(grid: np.ndarray, path: str | Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    return Path(path)
