@@ -132,16 +132,6 @@ def choose_sigmas(sigmas, j_star_x0, total_variance: float, sigma_star: float | 
     return fit_sigmas, eval_sigmas
 
 
-def parse_sigmas(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise InputError(f"--fit-sigmas: expected numbers like 0.5,2,4.38, got {text!r}") from None
-    if not values or not all(math.isfinite(v) and v > 0 for v in values):
-        raise InputError(f"--fit-sigmas: expected positive numbers like 0.5,2,4.38, got {text!r}")
-    return tuple(sorted(set(values)))
-
-
 # --- J* of the total loss -----------------------------------------------------------------------------
 
 

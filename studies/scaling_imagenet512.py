@@ -493,13 +493,13 @@ def build_dashboard(args, uri: str, parent_run_id: str, fit_sigmas) -> Path:
 def run(args: argparse.Namespace) -> int:
     import lossfloor
     from lossfloor.data import describe
-    from lossfloor.diffusion import parse_sigma_grid
+    from lossfloor.diffusion import parse_sigma_grid, parse_sigmas
     from lossfloor.jobs.study import check_outputs, tracking_uri
 
     t_start = time.monotonic()
     log.info("lossfloor %s from %s", lossfloor.__version__, Path(lossfloor.__file__).parent)
     args.engine = Engine.from_args(args)  # the engine flags as one checked setting
-    fit_sigmas = _scaling.parse_sigmas(args.fit_sigmas) if args.fit_sigmas else None
+    fit_sigmas = tuple(parse_sigmas(args.fit_sigmas, flag="--fit-sigmas").tolist()) if args.fit_sigmas else None
     if args.seed < 0:
         raise InputError(f"--seed: expected an integer >= 0, got {args.seed}")
     if args.dry_run:

@@ -379,10 +379,11 @@ def test_parse_sigmas():
     assert parsed.dtype == np.float64
     np.testing.assert_array_equal(parsed, [0.1, 0.5, 2.0])
     np.testing.assert_array_equal(parse_sigmas("0.5"), [0.5])
-    bad = ["", "abc", "0.1,,2", "0.1,abc", "0", "0.1,-1", "nan", "inf", "0.1;0.5", "1:2:3", "1e400"]
+    bad = ["", "abc", "0.1,,2", "0.1,abc", "0", "0.1,-1", "nan", "inf", "0.1;0.5", "1:2:3", "1e400", "1e-300,1",
+           "1e300", "5e-11"]
     for text in bad:
         with pytest.raises(
-            InputError, match=r"^--sigmas: expected positive numbers like 0.1,0.5,2, got "
+            InputError, match=r"^--sigmas: expected numbers in \[1e-10, 1e\+10\] like 0.1,0.5,2, got "
         ) as err:
             parse_sigmas(text)
         assert "\n" not in str(err.value)

@@ -13,6 +13,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from lossfloor.diffusion.grids import SIGMA_MAX, SIGMA_MIN, is_sigma
 from lossfloor.errors import InputError
 from lossfloor.hashing import config_hash
 from lossfloor.models import Preset, get_preset
@@ -122,8 +123,9 @@ class TrainConfig:
         if self.eval_sigmas is not None:
             sig = self.eval_sigmas
             if isinstance(sig, (str, bytes)) or not hasattr(sig, "__iter__") or not len(sig) or not all(
-                    _real(s) and s > 0 and math.isfinite(s) for s in sig):
-                raise InputError(f"eval_sigmas: expected positive numbers like [0.01, 0.1, 1, 10], got {sig!r}")
+                    is_sigma(s) for s in sig):
+                raise InputError(f"eval_sigmas: expected numbers in [{SIGMA_MIN:g}, {SIGMA_MAX:g}] like "
+                                 f"[0.01, 0.1, 1, 10], got {sig!r}")
             object.__setattr__(self, "eval_sigmas", tuple(sorted({float(s) for s in sig})))
         if self.run is not None and not (isinstance(self.run, str) and self.run.strip()):
             raise InputError(f"run: expected a non-empty name like 'tiny-edm-baseline', got {self.run!r}")
