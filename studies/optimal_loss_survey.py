@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         for d in plan:
             ds = load_for(d.source, args.engine, max_samples=args.max_samples)  # Ray: shard folders stay put
             log.info("%s: %d samples of shape %s, %s estimator", d.label, len(ds), ds.sample_shape, d.estimator)
-            est = run_estimate(args, d, ds.samples, ds.fingerprint, sigmas).estimate
+            est = run_estimate(args, d, ds.samples, ds.fingerprint, sigmas)
             by_target = {t: build_table(est, target=t, fingerprint=ds.fingerprint) for t in TARGETS}
             child = log_estimate(
                 by_target["x0"], also=[by_target[t] for t in TARGETS[1:]], run_name=d.label,

@@ -245,7 +245,7 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
 
 def _estimator_plan(args: argparse.Namespace, b: Budget, n: int | None, shape) -> str:
     """The estimator the estimate stage will use, resolved (as the stage will) when N is known."""
-    from lossfloor.floor.estimators import DEFAULT_KNN_SUBSET_SIZE, EXACT_MAX_N
+    from lossfloor.floor.config import DEFAULT_KNN_SUBSET_SIZE, EXACT_MAX_N
 
     if b.estimator == "auto" and n is None:
         return (f"auto estimator (exact up to {EXACT_MAX_N['cpu']} samples on a CPU, {EXACT_MAX_N['cuda']} on "
@@ -330,7 +330,7 @@ def run_estimate(args, b: Budget, ds, stage: Stage):
     ray = estimate.RayOptions(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                               cpus_per_worker=float(args.cpus_per_worker))
     est = estimate.estimate(ds.samples, sigmas, cfg, engine=args.engine, ray=ray, fingerprint=ds.fingerprint,
-                            work_dir=folder / "work").estimate
+                            work_dir=folder / "work")
     table = build_table(est, target="x0", fingerprint=ds.fingerprint)
     write_table(table, folder / "jstar.parquet")
     stage.finish({"jstar": "jstar.parquet", "sigma_star": table.sigma_star,

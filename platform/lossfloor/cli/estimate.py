@@ -157,7 +157,7 @@ def _check_data(samples, args: argparse.Namespace) -> None:
 
 
 def _check_count(n: int, args: argparse.Namespace) -> None:
-    from lossfloor.floor.estimators import MIN_BATCHES
+    from lossfloor.floor.config import MIN_BATCHES
 
     if n < 2:
         raise InputError(f"--data {args.data}: expected at least 2 samples, got {n}")
@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     # the Ray engine always keeps a work folder: by default beside --out, named by the config's hash
     work_parent = Path(args.out).resolve().parent if args.engine == "ray" and not args.work_dir else None
     est = estimate(samples, sigmas, config, engine=args.engine, ray=ray, fingerprint=fingerprint,
-                   work_dir=args.work_dir, work_parent=work_parent).estimate
+                   work_dir=args.work_dir, work_parent=work_parent)
     table = build_table(est, target=target, fingerprint=fingerprint, threshold=args.sigma_star_threshold,
                         latents=latents)
     write_table(table, args.out)

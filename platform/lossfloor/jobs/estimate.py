@@ -1,10 +1,10 @@
 """Estimate J*(σ): one entry for every command and study, on this process or on Ray Data.
 
-    run = estimate(samples, sigmas, EstimatorConfig(), engine="ray", ray=RayOptions(workers=4),
+    est = estimate(samples, sigmas, EstimatorConfig(), engine="ray", ray=RayOptions(workers=4),
                    fingerprint=ds.fingerprint, work_dir="runs/work")
-    run.estimate.j_star, run.passes[0].computed
+    est.j_star, est.passes[0].computed
 
-Both engines run the same batches through `lossfloor.floor.resume` (the same numbers for the same seed)
+Both engines run the same batches through `lossfloor.floor.estimate` (the same numbers for the same seed)
 and keep finished batches in a work folder when one is given (`work_dir`, or `work_parent` for a
 folder named by a hash of the config, data and σ grid); the Ray engine always keeps one (default:
 `work_parent`). `samples` is an (N, ...) array, or for the Ray engine a shard folder its workers read.
@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 
 from lossfloor.errors import InputError
-from lossfloor.floor import EstimatorConfig
-from lossfloor.floor.resume import ResumableRun, estimate_resumable
+from lossfloor.floor import Estimate, EstimatorConfig
+from lossfloor.floor import estimate as local_estimate
 
 ENGINES = ("local", "ray")
 
@@ -34,13 +34,13 @@ class RayOptions:
 
 def estimate(samples, sigmas, config: EstimatorConfig, *, engine: str = "local", ray: RayOptions | None = None,
              fingerprint: str | None = None, work_dir: str | os.PathLike | None = None,
-             work_parent: str | os.PathLike | None = None, progress: bool = True) -> ResumableRun:
+             work_parent: str | os.PathLike | None = None, progress: bool = True) -> Estimate:
     """J*(σ) of `samples` with `config` on `engine` (module docstring)."""
     if engine not in ENGINES:
         raise InputError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "local":
-        return estimate_resumable(samples, sigmas, config, fingerprint=fingerprint, work_dir=work_dir,
-                                  work_parent=work_parent, progress=progress)
+        return local_estimate(samples, sigmas, config, fingerprint=fingerprint, work_dir=work_dir,
+                              work_parent=work_parent, progress=progress)
     from lossfloor.ray import RayEngine, estimate_ray  # Ray only here
 
     opts = ray or RayOptions()
