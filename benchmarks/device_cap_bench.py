@@ -1,5 +1,5 @@
 """Data larger than the device cap: one estimator process on CUDA keeps them in host memory and each
-batch gathers its rows (`lossfloor.floor.estimators.floor_data`, `--max-device-gb`).
+batch gathers its rows (`lossfloor.floor.batch.floor_data`, `--max-device-gb`).
 
 cdol at a fixed batch (its working set does not depend on N) on N x D float32 data larger than the cap,
 twice: with the cap (the data on the host, rows gathered per batch) and without it (the data on the
@@ -33,8 +33,9 @@ from lossfloor.floor import (
     prepare_data,
     query_plan,
     reduce_estimate,
+    total_variance,
 )
-from lossfloor.floor.estimators import batch_bytes, total_variance
+from lossfloor.floor.config import batch_bytes
 
 
 def main(argv=None) -> int:

@@ -55,7 +55,7 @@ import ray
 from _report import emit
 
 from lossfloor.floor import EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan, total_variance
-from lossfloor.floor.resume import estimate_passes
+from lossfloor.floor.estimate import estimate_passes
 from lossfloor.jobs.engine import Engine
 from lossfloor.ray import estimate_ray
 
@@ -84,14 +84,14 @@ def run_local(samples, sigmas, config, work_dir):
             kernel.append(time.perf_counter() - t)
             yield part
 
-    run = estimate_passes(tuple(x.shape), sigmas, cfg, runner, tv=total_variance(x), fingerprint="bench",
+    est = estimate_passes(tuple(x.shape), sigmas, cfg, runner, tv=total_variance(x), fingerprint="bench",
                           work_dir=work_dir, resolve=lambda c: c.resolve(*x.shape), progress=False)
     wall = time.perf_counter() - t0
-    return run.estimate, {"wall_s": wall, "kernel_s": sum(kernel), "n_batches": run.passes[0].n_batches,
-                          "first_batch_s": run.passes[0].first_batch_s, "first_kernel_s": kernel[0],
-                          "driver_cpu_s": time.process_time() - cpu0,
-                          "kernel_s_per_batch_median": float(np.median(kernel)),
-                          "loadavg_1min_after": os.getloadavg()[0]}
+    return est, {"wall_s": wall, "kernel_s": sum(kernel), "n_batches": est.passes[0].n_batches,
+                 "first_batch_s": est.passes[0].first_batch_s, "first_kernel_s": kernel[0],
+                 "driver_cpu_s": time.process_time() - cpu0,
+                 "kernel_s_per_batch_median": float(np.median(kernel)),
+                 "loadavg_1min_after": os.getloadavg()[0]}
 
 
 def run_ray(samples, sigmas, config, work_dir, workers: int, cpus_per_worker: float):
@@ -102,14 +102,14 @@ def run_ray(samples, sigmas, config, work_dir, workers: int, cpus_per_worker: fl
                       fingerprint="bench", work_dir=work_dir, progress=False)
     wall_with_start = time.perf_counter() - t0
     p = rr.result.passes[0]
-    return rr.result.estimate, {"wall_s": wall_with_start - rr.connect_s - rr.shutdown_s,
-                                "cluster_start_s": rr.connect_s, "cluster_stop_s": rr.shutdown_s,
-                                "wall_with_cluster_start_s": wall_with_start, "kernel_s": rr.kernel_s,
-                                "n_batches": p.n_batches, "first_batch_s": p.first_batch_s,
-                                "workers": workers, "cpus_per_worker": cpus_per_worker,
-                                "driver_cpu_s": time.process_time() - cpu0, "first_kernel_s": rr.kernel_times[0],
-                                "kernel_s_per_batch_median": float(np.median(rr.kernel_times)),
-                                "loadavg_1min_after": os.getloadavg()[0]}
+    return rr.result, {"wall_s": wall_with_start - rr.connect_s - rr.shutdown_s,
+                       "cluster_start_s": rr.connect_s, "cluster_stop_s": rr.shutdown_s,
+                       "wall_with_cluster_start_s": wall_with_start, "kernel_s": rr.kernel_s,
+                       "n_batches": p.n_batches, "first_batch_s": p.first_batch_s,
+                       "workers": workers, "cpus_per_worker": cpus_per_worker,
+                       "driver_cpu_s": time.process_time() - cpu0, "first_kernel_s": rr.kernel_times[0],
+                       "kernel_s_per_batch_median": float(np.median(rr.kernel_times)),
+                       "loadavg_1min_after": os.getloadavg()[0]}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -332,7 +332,7 @@ def nodes_part(args, tmp: Path) -> dict:
                                                                    cpus_per_worker=1),
                               fingerprint=fp, work_dir=folder / "work", progress=False)
             wall = time.perf_counter() - t0 - rr.connect_s - rr.shutdown_s
-        est = rr.result.estimate
+        est = rr.result
         row = {"nodes": n_nodes, "cpus_per_node": total // n_nodes, "wall_s": round(wall, 2),
                "kernel_s": round(rr.kernel_s, 2), "first_batch_s": round(rr.result.passes[0].first_batch_s, 2),
                "overhead_vs_local": round(wall / lr["wall_s"] - 1.0, 3),

@@ -190,7 +190,7 @@ def estimate_into(args: argparse.Namespace, d: DataPlan, ds, sigmas, folder: Pat
     from lossfloor.jobs import estimate
 
     est = estimate.estimate(ds.samples, sigmas, estimator_config(args, d.estimator), engine=args.engine,
-                            fingerprint=ds.fingerprint, work_parent=args.out / "work").estimate
+                            fingerprint=ds.fingerprint, work_parent=args.out / "work")
     for t in TARGETS:
         write_table(build_table(est, target=t, fingerprint=ds.fingerprint), folder / f"jstar_{t}.parquet")
     return {"tables": {t: f"jstar_{t}.parquet" for t in TARGETS}, "total_variance": est.total_variance}

@@ -242,7 +242,7 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
 
 def _estimator_plan(args: argparse.Namespace, b: Budget, n: int | None, shape) -> str:
     """The estimator the estimate stage will use, resolved (as the stage will) when N is known."""
-    from lossfloor.floor.estimators import DEFAULT_KNN_SUBSET_SIZE, EXACT_MAX_N
+    from lossfloor.floor.config import DEFAULT_KNN_SUBSET_SIZE, EXACT_MAX_N
 
     if b.estimator == "auto" and n is None:
         return (f"auto estimator (exact up to {EXACT_MAX_N['cpu']} samples on a CPU, {EXACT_MAX_N['cuda']} on "
@@ -332,7 +332,7 @@ def run_estimate(args, b: Budget, ds, folder: Path) -> dict:
     cfg = estimator_config(args, b)
     t0 = time.monotonic()
     est = estimate.estimate(ds.samples, sigmas, cfg, engine=args.engine, fingerprint=ds.fingerprint,
-                            work_dir=folder / "work").estimate
+                            work_dir=folder / "work")
     table = build_table(est, target="x0", fingerprint=ds.fingerprint)
     write_table(table, folder / "jstar.parquet")
     return {"jstar": "jstar.parquet", "sigma_star": table.sigma_star, "total_variance": est.total_variance,

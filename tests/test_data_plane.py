@@ -16,7 +16,8 @@ from lossfloor.data import load, prepare_shards
 from lossfloor.data.node_cache import ENV, NodeCache, read_only_tensor, shard_matrix
 from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig, estimate, floor_data, prepare_data, run_batches
-from lossfloor.floor.estimators import batch_bytes, fits_device
+from lossfloor.floor.batch import fits_device
+from lossfloor.floor.config import batch_bytes
 from lossfloor.floor.neighbours import faiss_module
 
 SIGMAS = np.array([0.05, 0.3, 1.0, 4.0])

@@ -12,9 +12,8 @@ import pytest
 
 from cli_run import cli
 from lossfloor.errors import InputError
-from lossfloor.floor import EstimatorConfig, estimate, query_plan
-from lossfloor.floor.estimators import batch_terms, prepare_data
-from lossfloor.floor.resume import KEY_FILE, PartialStore, estimate_resumable, work_key
+from lossfloor.floor import EstimatorConfig, batch_terms, estimate, prepare_data, query_plan
+from lossfloor.floor.resume import KEY_FILE, PartialStore, work_key
 from lossfloor.floor.table import REQUIRED_COLUMNS
 
 TABLE_COLUMNS = [
@@ -217,11 +216,11 @@ def test_resume_computes_only_missing_batches(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        estimate_resumable(x, [0.1, 1.0], cfg, work_dir=tmp_path / "w", progress=False, on_batch=stop)
-    run = estimate_resumable(x, [0.1, 1.0], cfg, work_dir=tmp_path / "w", progress=False)
+        estimate(x, [0.1, 1.0], cfg, work_dir=tmp_path / "w", progress=False, on_batch=stop)
+    run = estimate(x, [0.1, 1.0], cfg, work_dir=tmp_path / "w", progress=False)
     assert (run.reused, run.computed) == (4, 6)
-    np.testing.assert_array_equal(run.estimate.j_star, full.j_star)
-    np.testing.assert_array_equal(run.estimate.stderr, full.stderr)
+    np.testing.assert_array_equal(run.j_star, full.j_star)
+    np.testing.assert_array_equal(run.stderr, full.stderr)
 
 
 def test_store_survives_debris_and_keeps_file_count_bounded(tmp_path):
@@ -244,10 +243,10 @@ def test_store_survives_debris_and_keeps_file_count_bounded(tmp_path):
         assert len(store.done) == 39  # the damaged part's batch is recomputed
         assert len(list((tmp_path / "w").glob("part-*.npz"))) == 1  # merged
         assert not list((tmp_path / "w").glob(".tmp-*"))
-    run = estimate_resumable(x, [0.5, 2.0], cfg, fingerprint="f", work_dir=tmp_path / "w", progress=False)
+    run = estimate(x, [0.5, 2.0], cfg, fingerprint="f", work_dir=tmp_path / "w", progress=False)
     assert (run.reused, run.computed) == (39, 21)
-    np.testing.assert_array_equal(run.estimate.j_star, full.j_star)
-    np.testing.assert_array_equal(run.estimate.stderr, full.stderr)
+    np.testing.assert_array_equal(run.j_star, full.j_star)
+    np.testing.assert_array_equal(run.stderr, full.stderr)
 
 
 def test_store_merges_parts_while_it_runs(tmp_path):

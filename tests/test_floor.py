@@ -145,7 +145,7 @@ def test_same_seed_same_numbers_and_seed_matters():
 def test_progress_line_reports_count_rate_and_eta(caplog):
     x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
     cfg = EstimatorConfig(estimator="cdol", subset_size=50, rows_per_batch=25)
-    with caplog.at_level(logging.INFO, logger="lossfloor.floor.estimators"):
+    with caplog.at_level(logging.INFO, logger="lossfloor.floor.estimate"):
         estimate(x, np.array([0.5, 2.0]), cfg)  # progress on: at least the final line, whatever the speed
     last = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()][-1]
     assert re.search(r"600/600 queries \(100%\), \d+ queries/s, ETA 00:00:00", last), last

@@ -82,7 +82,7 @@ def test_an_estimate_across_two_nodes_equals_the_local_one(cluster, data, local)
     run = estimate_ray(data, SIGMAS, CFG, engine=two_nodes(cluster),
                        progress=False, on_batch=lambda p: seen.append(p.batch_index))
     assert sorted(seen) == list(range(30))
-    assert_same(run.result.estimate, local)
+    assert_same(run.result, local)
 
 
 def test_a_shard_folder_across_two_nodes_equals_the_local_estimate_for_knn(cluster, data, tmp_path):
@@ -95,7 +95,7 @@ def test_a_shard_folder_across_two_nodes_equals_the_local_estimate_for_knn(clust
     knn = EstimatorConfig(estimator="knn", subset_size=32, queries_per_sample=1, seed=3, rows_per_batch=150)
     run = estimate_ray(str(shards), SIGMAS, knn, progress=False,
                        engine=two_nodes(cluster))
-    assert_same(run.result.estimate, estimate(data, SIGMAS, knn, progress=False))
+    assert_same(run.result, estimate(data, SIGMAS, knn, progress=False))
 
 
 def test_a_node_killed_mid_run_loses_no_batch_and_counts_none_twice(cluster, data, local, tmp_path):
@@ -110,7 +110,7 @@ def test_a_node_killed_mid_run_loses_no_batch_and_counts_none_twice(cluster, dat
     run = estimate_ray(data, SIGMAS, CFG, engine=two_nodes(cluster),
                        work_dir=tmp_path / "w", progress=False, on_batch=kill_a_node)
     assert sorted(seen) == list(range(30))  # each batch exactly once (a second copy would raise)
-    assert_same(run.result.estimate, local)
+    assert_same(run.result, local)
 
 
 TINY = get_preset("tiny")

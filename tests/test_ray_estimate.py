@@ -50,7 +50,7 @@ def test_one_worker_matches_local(data):
     cfg = EstimatorConfig(estimator="cdol", subset_size=48, seed=5, rows_per_batch=30)
     local = estimate(data, SIGMAS, cfg, progress=False)
     run = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=1), progress=False)
-    assert_same(run.result.estimate, local)
+    assert_same(run.result, local)
     assert run.result.computed == local.n_batches == 10
     assert run.kernel_s > 0
 
@@ -70,7 +70,7 @@ def test_two_workers_match_local_for_knn_with_automatic_L(data, monkeypatch):
     cfg = EstimatorConfig(estimator="knn", subset_size=8, seed=11, rows_per_batch=25, rel_error=0.1)  # L 8..32
     local = estimate(data, SIGMAS, cfg, progress=False)
     run = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=2), progress=False)
-    assert_same(run.result.estimate, local)
+    assert_same(run.result, local)
     assert len(run.result.passes) >= 2 and run.result.passes[0].computed == 12
     assert run.search_s > 0 and run.index_build_s > 0
 
@@ -101,12 +101,12 @@ def test_resume_after_interruption(data, tmp_path):
     (stats,) = run.result.passes
     assert (stats.reused, stats.computed) == (6, 9)
     assert not set(first) & set(second) and sorted(first + second) == list(range(15))
-    assert_same(run.result.estimate, local)
+    assert_same(run.result, local)
 
     # a finished work folder: nothing left to compute (no actor pool is even started)
     again = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=2), work_dir=tmp_path / "w", progress=False)
     assert again.result.computed == 0 and again.kernel_s == 0
-    assert_same(again.result.estimate, local)
+    assert_same(again.result, local)
 
 
 def test_cli_ray_engine_equals_local_and_reuses_default_work_dir(data, tmp_path, capsys):
@@ -151,7 +151,7 @@ def test_shard_folder_is_read_by_the_workers_with_the_local_numbers(data, tmp_pa
     # knn: the two actors map one node-cache copy of the data, its distinct points and its FAISS index
     knn = EstimatorConfig(estimator="knn", subset_size=16, rows_per_batch=25, seed=3)
     run = estimate_ray(str(shards), SIGMAS, knn, engine=Engine(kind="ray", workers=2), progress=False)
-    assert_same(run.result.estimate, estimate(data, SIGMAS, knn, progress=False))
+    assert_same(run.result, estimate(data, SIGMAS, knn, progress=False))
     (entry,) = (Path(os.environ["LOSSFLOOR_NODE_CACHE"]) / read_meta(shards).fingerprint[:32]).parent.glob(
         read_meta(shards).fingerprint[:32])
     assert {"x.npy", "dedup.npz"} <= {p.name for p in entry.iterdir()}

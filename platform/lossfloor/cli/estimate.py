@@ -136,7 +136,7 @@ def _check_data(samples, args: argparse.Namespace) -> None:
 
 
 def _check_count(n: int, args: argparse.Namespace) -> None:
-    from lossfloor.floor.estimators import MIN_BATCHES
+    from lossfloor.floor.config import MIN_BATCHES
 
     if n < 2:
         raise InputError(f"--data {args.data}: expected at least 2 samples, got {n}")

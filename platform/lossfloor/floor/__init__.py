@@ -1,26 +1,23 @@
 """The optimal loss J*(σ) of a data set (paper Theorem 1) and its estimators (Eq. 9-11, and kNN).
 
     est = estimate(samples, sigmas, EstimatorConfig())        # auto: exact for N <= 5000 (CPU) / 50 000 (CUDA), else knn
+    est = estimate(samples, sigmas, cfg, work_dir="work")     # resumable: a rerun computes only missing batches
     table = build_table(est, target="x0", fingerprint=dataset.fingerprint)
     write_table(table, "jstar.parquet")
 """
 
-from lossfloor.floor.estimators import (
-    ESTIMATORS,
-    Estimate,
-    EstimatorConfig,
+from lossfloor.floor.batch import (
     FloorData,
     batch_terms,
     floor_data,
     prepare_data,
     query_plan,
     query_terms,
-    reduce_estimate,
-    run_batches,
     total_variance,
 )
+from lossfloor.floor.config import ESTIMATORS, EstimatorConfig
+from lossfloor.floor.estimate import Estimate, estimate, reduce_estimate, run_batches
 from lossfloor.floor.queries import QueryPlan
-from lossfloor.floor.resume import estimate, estimate_resumable
 from lossfloor.floor.stats import BatchPartial, reduce_partials
 from lossfloor.floor.table import JStarTable, build_table, read_table, sigma_star, write_table
 
@@ -35,7 +32,6 @@ __all__ = [
     "batch_terms",
     "build_table",
     "estimate",
-    "estimate_resumable",
     "floor_data",
     "prepare_data",
     "query_plan",

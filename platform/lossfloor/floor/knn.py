@@ -1,5 +1,5 @@
 """The query-nearest-neighbour estimator of J*(σ) (`--estimator knn`), with a control variate and
-cross-fitting (`../shared/reference/estimators.md`; the kNN-proposal idea of Niedoba et al., ICML 2024,
+cross-fitting (docs/estimators.md; the kNN-proposal idea of Niedoba et al., ICML 2024,
 arXiv 2402.08018, applied to the optimal loss).
 
 Per query (source s, y = x_s + σε) the posterior over the N samples is estimated from L kernels:

@@ -53,7 +53,7 @@ def paper_exact_same_queries(x, sigmas, cfg) -> np.ndarray:
     """The exact estimator in the paper's form, ||x_s||² - ||μ||² (Theorem 1), averaged over the queries a
     resolved config draws (the same sources and noise as its batches): the reference for cDOL's subset
     error, query noise excluded (the exact estimator itself reports the posterior-variance form)."""
-    from lossfloor.floor.estimators import prepare_data, query_plan
+    from lossfloor.floor.batch import prepare_data, query_plan
     from lossfloor.floor.kernel import Level, optimal_loss_terms
     from lossfloor.floor.queries import NOISE_STREAM, generator
 

@@ -1,14 +1,14 @@
-"""Resumable estimation: a work folder of finished batches' partial sums, shared by every engine.
+"""The work folder of an estimate: finished batches' partial sums on disk, shared by every engine.
 
 A batch's partial sums are a pure function of (data, σ grid, resolved config, batch index) (see
 `queries`), so finished batches can be kept on disk and a rerun of the same estimate computes only the
-missing ones, with the same final numbers. The local engine (`estimate_resumable`) and the Ray engine
-(`lossfloor.ray.estimate`) both run through `run_pass`; only the function that turns a list of batch
-indices into partials differs.
+missing ones, with the same final numbers. The passes that fill a folder are `lossfloor.floor.estimate`'s,
+whichever engine computes the batches.
 
 Work folder layout (one estimate pass per folder; automatic-L passes at 2L, 4L, ... use DIR/L-<L>):
 
-    DIR/key.json               what the partials belong to (config, data fingerprint, σ grid, shape)
+    DIR/key.json               what the partials belong to (`work_key`: config, data fingerprint, σ grid,
+                               shape); a default folder is named by the key's hash (`default_work_dir`)
     DIR/part-<ns>-<pid>.npz    partials of some batches: batch_index (n,), count (n,), sum_a (n,),
                                sum_a2 (n,), sum_j (n, P), sum_j2 (n, P), sum_ja (n, P) with P = channels
                                × σ, all exact
@@ -19,20 +19,19 @@ when the pass ends or fails), each to a temporary name then renamed, so a killed
 parts and loses at most the unflushed batches. Whenever the folder holds more than `max_parts` parts
 (on open or after a flush) they are merged into one (the merged part is written before the others are
 removed), so the file count stays at most `max_parts` + 1 whatever the number of batches or restarts.
+A folder whose key differs from the run's is refused; an unreadable part is set aside and its batches
+are computed again.
 
 The local engine keeps a folder only when asked (`--work-dir`); the Ray engine always does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,20 +40,7 @@ import torch
 from lossfloor.atomic import write_atomic, write_npz
 from lossfloor.data.fingerprint import fingerprint
 from lossfloor.errors import InputError
-from lossfloor.floor.estimators import (
-    Estimate,
-    EstimatorConfig,
-    FloorData,
-    Progress,
-    batch_terms,
-    data_total_variance,
-    floor_data,
-    merge_estimates,
-    needs_larger_subset,
-    prepare_data,
-    query_plan,
-    reduce_estimate,
-)
+from lossfloor.floor.config import EstimatorConfig
 from lossfloor.floor.stats import BatchPartial
 from lossfloor.floor.uncertainty import channels
 from lossfloor.hashing import config_hash
@@ -64,11 +50,6 @@ log = logging.getLogger(__name__)
 KEY_FILE = "key.json"
 KEY_VERSION = 2  # 2: per-σ channels (bias levels, kNN self-check)
 _ARRAYS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_ja")
-
-# (resolved config, σ grid, batch indices to compute) -> partials of exactly those batches, in any order
-BatchRunner = Callable[[EstimatorConfig, np.ndarray, Sequence[int]], Iterable[BatchPartial]]
-# called on the driver after each new batch is stored (tests use it to interrupt a run)
-BatchHook = Callable[[BatchPartial], None]
 
 
 def work_key(cfg: EstimatorConfig, *, fingerprint: str, sigmas, n_samples: int, dim: int) -> dict:
@@ -235,9 +216,6 @@ class PartialStore:
         log.debug("work dir %s: merged %d parts into one", self.path, len(old))
 
     # -- writing ---------------------------------------------------------------------------------
-    def missing(self, n_batches: int) -> list[int]:
-        return [b for b in range(n_batches) if b not in self.done]
-
     def add(self, partial: BatchPartial) -> None:
         assert partial.sum_j.shape == (self.key["columns"],), partial.sum_j.shape
         self.done.setdefault(partial.batch_index, partial)
@@ -267,215 +245,3 @@ class PartialStore:
         write_npz(path, arrays)
         self._parts.append(path)
         return path
-
-
-@dataclass(frozen=True)
-class PassStats:
-    """What one pass did: batches in the plan, reused from the work folder, computed now."""
-
-    n_batches: int
-    reused: int
-    computed: int
-    wall_s: float
-    work_dir: Path | None
-    first_batch_s: float | None = None  # from the start of the pass to the first computed batch (start-up)
-
-
-def run_pass(
-    runner: BatchRunner,
-    cfg: EstimatorConfig,
-    sigmas: np.ndarray,
-    n_samples: int,
-    *,
-    store: PartialStore | None = None,
-    progress: bool = True,
-    on_batch: BatchHook | None = None,
-) -> tuple[list[BatchPartial], PassStats]:
-    """All partials of a resolved config: those in `store`, plus the missing ones computed by `runner`."""
-    t0 = time.monotonic()
-    plan = query_plan(cfg, n_samples)
-    done = dict(store.done) if store is not None else {}
-    done = {b: p for b, p in done.items() if b < plan.n_batches}
-    missing = [b for b in range(plan.n_batches) if b not in done]
-    if done:
-        log.info("work dir %s: %d of %d batches already done, computing %d",
-                 store.path, len(done), plan.n_batches, len(missing))
-    total = sum(len(plan.rows(b)) for b in missing) * cfg.queries_per_sample
-    bar = None
-    first_batch_s = None
-    wanted = set(missing)
-    for part in runner(cfg, sigmas, missing) if missing else ():
-        if part.batch_index not in wanted:
-            raise RuntimeError(f"engine returned batch {part.batch_index}, not asked for or already returned")
-        wanted.discard(part.batch_index)
-        done[part.batch_index] = part
-        if store is not None:
-            store.add(part)
-        if bar is None:  # rate and ETA from the first batch on, so an engine's start-up does not skew them
-            first_batch_s = time.monotonic() - t0
-            if progress:
-                log.info("estimate %s: first batch after %.1f s, %d of %d batches to go",
-                         cfg.estimator, first_batch_s, len(wanted), len(missing))
-            bar = Progress(f"estimate {cfg.estimator}", total, enabled=progress, already=part.count)
-        else:
-            bar.update(part.count)
-        if on_batch is not None:
-            on_batch(part)
-    if wanted:
-        raise RuntimeError(f"engine did not return {len(wanted)} batches (e.g. batch {min(wanted)})")
-    stats = PassStats(plan.n_batches, plan.n_batches - len(missing), len(missing), time.monotonic() - t0,
-                      store.path if store is not None else None, first_batch_s)
-    return [done[b] for b in range(plan.n_batches)], stats
-
-
-def local_runner(x: torch.Tensor) -> BatchRunner:
-    """The local engine: `batch_terms` for each batch in turn, on x's device.
-
-    The kNN estimator's deduplicated data and index are built once per (index, PCA, seed) and reused by
-    every pass; the runner's `timings` holds the index build and search seconds.
-    """
-    built: dict[tuple, FloorData] = {}
-
-    def run(cfg: EstimatorConfig, sigmas: np.ndarray, batches: Sequence[int]):
-        key = (cfg.estimator == "knn", cfg.index, cfg.index_pca, cfg.seed)
-        if key not in built:
-            built[key] = floor_data(x, cfg)
-        data = built[key]
-        plan = query_plan(cfg, x.shape[0])
-        for b in batches:
-            yield batch_terms(data, sigmas, cfg, plan, b)
-
-    def timings() -> dict:
-        return {"index_build_s": sum(d.index_build_s for d in built.values()),
-                "search_s": sum(d.search_s for d in built.values())}
-
-    run.timings = timings
-    return run
-
-
-def check_sigmas(sigmas) -> np.ndarray:
-    sigmas = np.asarray(sigmas, dtype=np.float64)
-    if sigmas.ndim != 1 or len(sigmas) == 0 or not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
-        raise InputError(f"sigmas: expected a non-empty list of positive numbers, got {sigmas.tolist()!r}")
-    return sigmas
-
-
-@dataclass(frozen=True)
-class ResumableRun:
-    estimate: Estimate
-    passes: tuple[PassStats, ...]  # one per subset size L (several with rel_error)
-
-    @property
-    def computed(self) -> int:
-        return sum(p.computed for p in self.passes)
-
-    @property
-    def reused(self) -> int:
-        return sum(p.reused for p in self.passes)
-
-
-def estimate_passes(
-    shape: tuple[int, int],
-    sigmas: np.ndarray,
-    cfg: EstimatorConfig,
-    runner: BatchRunner,
-    *,
-    tv: float,
-    fingerprint: str,
-    work_dir: str | os.PathLike | None = None,
-    work_parent: str | os.PathLike | None = None,
-    resolve: Callable[[EstimatorConfig], EstimatorConfig],
-    progress: bool = True,
-    on_batch: BatchHook | None = None,
-) -> ResumableRun:
-    """The engine-independent part of an estimate: its passes, resumable.
-
-    shape: (N, D) of the prepared data; cfg: resolved; resolve: resolves a config for this data and
-    engine (for the larger L of automatic-L passes). One pass at cfg's L over every σ; with
-    cfg.rel_error, more passes at 2L, 4L, ... over the σ whose bias allowance is still above
-    rel_error·J* (at L = N the pass is exact). Pass i keeps its batches in WORK_DIR (i = 0) or
-    WORK_DIR/L-<L>. Without work_dir and work_parent nothing is kept on disk.
-    """
-    n, d = shape
-    key = work_key(cfg, fingerprint=fingerprint, sigmas=sigmas, n_samples=n, dim=d)
-    if work_dir is None and work_parent is not None:
-        work_dir = default_work_dir(work_parent, key)
-    todo = np.arange(len(sigmas))
-    parts, passes = [], []
-    c = cfg
-    t0 = time.monotonic()
-    while True:
-        sig = sigmas[todo]
-        if work_dir is None:
-            store_cm = contextlib.nullcontext(None)
-        else:
-            first = not passes
-            path = Path(work_dir) if first else Path(work_dir) / f"L-{c.subset_size}"
-            k = key if first else work_key(c, fingerprint=fingerprint, sigmas=sig, n_samples=n, dim=d)
-            store_cm = PartialStore(path, k)
-        with store_cm as store:
-            partials, stats = run_pass(runner, c, sig, n, store=store, progress=progress, on_batch=on_batch)
-        est = reduce_estimate(partials, sig, c, tv)
-        passes.append(stats)
-        if stats.work_dir is not None:
-            log.info("work dir %s: %d batches computed, %d reused", stats.work_dir, stats.computed, stats.reused)
-        if cfg.rel_error is None or c.estimator == "exact":
-            parts.append((est, todo))
-            break
-        more = needs_larger_subset(est, cfg.rel_error)
-        parts.append((_take(est, ~more), todo[~more]))
-        if not more.any():
-            break
-        todo = todo[more]
-        c = resolve(replace(cfg, subset_size=min(2 * c.subset_size, n), rows_per_batch=None, c=None
-                            if cfg.c is None else cfg.c))
-        log.info("automatic L: %d σ above %.3g relative error, next pass at L = %s",
-                 len(todo), cfg.rel_error, c.subset_size if c.estimator != "exact" else f"N ({c.estimator})")
-    timings = getattr(runner, "timings", dict)()
-    timings["total_s"] = time.monotonic() - t0
-    est = merge_estimates(parts, sigmas)
-    return ResumableRun(replace(est, timings=timings), tuple(passes))
-
-
-def _take(est: Estimate, keep: np.ndarray) -> Estimate:
-    cols = ("sigmas", "j_star", "stderr", "bias", "ci_low", "ci_high", "allowance", "subset_size")
-    return replace(est, **{name: getattr(est, name)[keep] for name in cols})
-
-
-def estimate_resumable(
-    samples,
-    sigmas,
-    config: EstimatorConfig | None = None,
-    *,
-    fingerprint: str | None = None,
-    work_dir: str | os.PathLike | None = None,
-    work_parent: str | os.PathLike | None = None,
-    progress: bool = True,
-    on_batch: BatchHook | None = None,
-) -> ResumableRun:
-    """Estimate J*(σ) (x0 target, VE coordinates) of samples (N, ...) for every σ, on this process.
-
-    work_dir: keep finished batches there, so a rerun computes only the missing ones (the same numbers);
-    or work_parent: the folder's parent, the folder being named by a hash of the config, data
-    fingerprint and σ grid; neither: nothing on disk. fingerprint: the data set's (default: a hash of
-    the samples).
-    """
-    config = config or EstimatorConfig()
-    sigmas = check_sigmas(sigmas)
-    x = prepare_data(samples, replace(config, device="cpu"))  # `floor_data` moves it to the device if it fits
-    cfg = config.resolve(x.shape[0], x.shape[1])
-    if fingerprint is None:
-        fingerprint = data_fingerprint(x.cpu())
-    return estimate_passes(
-        tuple(x.shape), sigmas, cfg, local_runner(x),
-        tv=data_total_variance(x, cfg), fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
-        resolve=lambda c: c.resolve(x.shape[0], x.shape[1]), progress=progress, on_batch=on_batch,
-    )
-
-
-def estimate(samples, sigmas, config: EstimatorConfig | None = None, *, progress: bool = True) -> Estimate:
-    """Estimate J*(σ) (x0 target, VE coordinates) of a data set for every σ in `sigmas` (nothing on disk).
-
-    samples: (N, ...) array or tensor, one sample per leading index, used as given.
-    """
-    return estimate_resumable(samples, sigmas, config, fingerprint="", progress=progress).estimate

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from lossfloor.atomic import make_parents, write_atomic
 from lossfloor.diffusion import check_target, convert_jstar
 from lossfloor.errors import InputError
-from lossfloor.floor.estimators import Estimate
+from lossfloor.floor.estimate import Estimate
 
 SIGMA_STAR_THRESHOLD = 1e-3
 SIGMA_RTOL = 1e-5  # two σ are the same grid point when |a - b| <= SIGMA_RTOL * b (keys like "sigma=1.70998" carry 6 digits)

@@ -10,7 +10,7 @@ kernels; their means over the queries (with Monte-Carlo standard errors from `st
                    if it falls as 1/L: J*_L - J*_∞ = J*_{L/2} - J*_L under a 1/L extrapolation); signed,
                    negative = the estimate is low;
     knn            the spread max - min of its cross-fitted, plain and Richardson estimates (unsigned),
-                   which bounded the true error in every case measured (reference/estimators.md);
+                   which bounded the true error in every case measured (docs/estimators.md);
 - ci_low, ci_high: [J* - lo - t·stderr, J* + hi + t·stderr] with t Student's 97.5 % quantile for the
   error's degrees of freedom, clipped to [0, J*(∞)] (J* lies there for every data set), where
     exact          lo = hi = 0;

@@ -123,7 +123,7 @@ def _estimate_jstar(data, sigmas, spec: DiagnoseSpec):
     from lossfloor.jobs.estimate import estimate
 
     config = EstimatorConfig(estimator=spec.estimator, seed=spec.seed, device=spec.device)
-    est = estimate(data.samples, sigmas, config, fingerprint=data.fingerprint).estimate
+    est = estimate(data.samples, sigmas, config, fingerprint=data.fingerprint)
     table = build_table(est, fingerprint=data.fingerprint)
     x0 = table.x0()
     return x0, table

@@ -1,11 +1,11 @@
 """Estimate J*(σ): one entry for every command and study, on this process or on Ray Data.
 
-    run = estimate(samples, sigmas, EstimatorConfig(), engine=Engine(kind="ray", workers=4),
+    est = estimate(samples, sigmas, EstimatorConfig(), engine=Engine(kind="ray", workers=4),
                    fingerprint=ds.fingerprint, work_dir="runs/work")
-    run.estimate.j_star, run.passes[0].computed
+    est.j_star, est.passes[0].computed
     table = estimate_table(samples, sigmas, config, out="jstar.parquet", ...)   # `lossfloor estimate`
 
-Both engines run the same batches through `lossfloor.floor.resume` (the same numbers for the same seed)
+Both engines run the same batches through `lossfloor.floor.estimate` (the same numbers for the same seed)
 and keep finished batches in a work folder when one is given (`work_dir`, or `work_parent` for a
 folder named by a hash of the config, data and σ grid); the Ray engine always keeps one (default:
 `work_parent`). `samples` is an (N, ...) array, or for the Ray engine a shard folder its workers read.
@@ -18,8 +18,8 @@ import logging
 import os
 from collections.abc import Mapping
 
-from lossfloor.floor import EstimatorConfig
-from lossfloor.floor.resume import ResumableRun, estimate_resumable
+from lossfloor.floor import Estimate, EstimatorConfig
+from lossfloor.floor import estimate as local_estimate
 from lossfloor.floor.table import SIGMA_STAR_THRESHOLD
 from lossfloor.jobs.engine import LOCAL, Engine
 from lossfloor.jobs.tracking import Tracking
@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 
 def estimate(samples, sigmas, config: EstimatorConfig, *, engine: Engine = LOCAL,
              fingerprint: str | None = None, work_dir: str | os.PathLike | None = None,
-             work_parent: str | os.PathLike | None = None, progress: bool = True) -> ResumableRun:
+             work_parent: str | os.PathLike | None = None, progress: bool = True) -> Estimate:
     """J*(σ) of `samples` with `config` on `engine` (module docstring)."""
     if engine.kind == "local":
-        return estimate_resumable(samples, sigmas, config, fingerprint=fingerprint, work_dir=work_dir,
-                                  work_parent=work_parent, progress=progress)
+        return local_estimate(samples, sigmas, config, fingerprint=fingerprint, work_dir=work_dir,
+                              work_parent=work_parent, progress=progress)
     from lossfloor.ray import estimate_ray  # Ray only here
 
     return estimate_ray(samples, sigmas, config, engine=engine, fingerprint=fingerprint, work_dir=work_dir,
@@ -51,7 +51,7 @@ def estimate_table(samples, sigmas, config: EstimatorConfig, *, out: str | os.Pa
     from lossfloor.floor import build_table, write_table
 
     est = estimate(samples, sigmas, config, engine=engine, fingerprint=fingerprint, work_dir=work_dir,
-                   work_parent=work_parent).estimate
+                   work_parent=work_parent)
     table = build_table(est, target=target, fingerprint=fingerprint, threshold=threshold, latents=latents)
     write_table(table, out)
     if tracking is not None:

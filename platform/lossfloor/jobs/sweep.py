@@ -148,7 +148,7 @@ def jstar_path(args: argparse.Namespace, *, create: bool) -> str:
         log.info("no --j-star: estimating J* of %s (exact, %s) into %s", args.data, JSTAR_GRID, path)
         cfg = EstimatorConfig(estimator="exact", queries_per_sample=1, seed=args.seed)
         est = estimate(ds.samples, parse_sigma_grid(JSTAR_GRID), cfg, fingerprint=ds.fingerprint,
-                       progress=False).estimate
+                       progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_table(build_table(est, target="x0", fingerprint=ds.fingerprint), path)
     return str(path)

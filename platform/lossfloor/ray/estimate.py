@@ -23,7 +23,7 @@ The data reach the actors once per node, never once per actor:
   the node's cache file (`lossfloor.data.node_cache`) and every actor of the node maps it read-only
   (ImageNet-512 latents, 1.28M x 16384 float32 = 84 GB, do not fit the object store of most nodes).
 knn's distinct points and FAISS index are likewise made once per node and mapped by its actors.
-On a GPU the data move to the device when they fit next to a batch (`floor.estimators.floor_data`,
+On a GPU the data move to the device when they fit next to a batch (`floor.batch.floor_data`,
 `max_device_gb`); otherwise they stay in host memory and each batch gathers its rows onto the GPU, so an
 actor's device memory is its batch working set, whatever N is.
 """
@@ -47,15 +47,11 @@ from lossfloor.data import read_meta, read_shard_rows, shard_paths
 from lossfloor.data.node_cache import NodeCache, read_only_tensor, shard_matrix
 from lossfloor.data.shards import is_shard_dir
 from lossfloor.errors import InputError
-from lossfloor.floor import EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan
-from lossfloor.floor.estimators import data_total_variance, default_rows_per_batch
-from lossfloor.floor.resume import (
-    BatchHook,
-    ResumableRun,
-    check_sigmas,
-    data_fingerprint,
-    estimate_passes,
-)
+from lossfloor.floor import Estimate, EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan
+from lossfloor.floor.batch import data_total_variance
+from lossfloor.floor.config import default_rows_per_batch
+from lossfloor.floor.estimate import BatchHook, check_sigmas, estimate_passes
+from lossfloor.floor.resume import data_fingerprint
 from lossfloor.floor.stats import BatchPartial
 from lossfloor.ray.cluster import connect
 
@@ -73,7 +69,7 @@ _TIMES = ("kernel_s", "search_s", "index_build_s")
 class RayRun:
     """An estimate from the Ray engine, with where its time went (for the benchmark and the log)."""
 
-    result: ResumableRun
+    result: Estimate
     connect_s: float  # starting or attaching the Ray cluster
     shutdown_s: float  # stopping the local Ray instance this call started (0 when it attached)
     kernel_times: tuple[float, ...]  # seconds inside `batch_terms` in the workers, per computed batch
@@ -194,7 +190,7 @@ def batches_per_task(n_batches: int, workers: int) -> int:
 
 
 class _RayRunner:
-    """The `BatchRunner` of the Ray engine (see `lossfloor.floor.resume.run_pass`)."""
+    """The `BatchRunner` of the Ray engine (see `lossfloor.floor.estimate.run_pass`)."""
 
     def __init__(self, data: tuple, fingerprint: str, engine, cpus_per_worker: float):
         self.data, self.fingerprint, self.engine, self.cpus = data, fingerprint, engine, cpus_per_worker
@@ -300,7 +296,7 @@ def estimate_ray(
       computing whole batches, `gpus_per_worker` (> 0: the kernel runs on CUDA) and `cpus_per_worker`
       (also the actors' torch threads; None: the cluster's CPUs / workers).
     The kernel runs on engine.device (config.device must agree: cuda needs gpus_per_worker > 0).
-    work_dir / work_parent: the resumable work folder (see `lossfloor.floor.resume.estimate_resumable`).
+    work_dir / work_parent: the resumable work folder (see `lossfloor.floor.estimate.estimate`).
     """
     config = config or EstimatorConfig()
     if config.device.startswith("cuda") and engine.device == "cpu":

@@ -1,0 +1,228 @@
+"""One batch of an estimate: the data it runs on, and its queries' terms for every σ of a grid.
+
+A batch b holds `rows_per_batch` source samples with k queries y = x_s + σ ε each (`queries`); its noise
+and reference draws come from (seed, b) only, so any process computes the same numbers for it. Per query
+and σ it returns a = ||x_s||² and the estimator's channels (`uncertainty.channels`):
+
+- exact (paper Eq. 9): the posterior over all N samples, as the query's posterior variance
+  Σ_n w̃_n ||x_n - μ||² (the same expectation as the paper's ||x_s||² - ||μ||², Theorem 1, with less query
+  noise; `kernel`).
+- snis / dol / cdol (Eq. 10-11): the paper's Â - B̂ term ||x_s||² - ||μ̂||² over a reference subset, and in
+  the same pass the same at L/2 and L/4 (prefixes of the subset), reported as the shifts J_{L/2} - J_L and
+  J_{L/4} - J_{L/2} for the bias estimate.
+- knn: the cross-fitted posterior variance and its self-check (`knn`).
+
+A batch of queries shares one random reference subset [our choice; the paper does not say how subsets
+are drawn]: each query still sees a uniform random subset, and the work becomes GEMMs. For DOL/cDOL
+the subset R holds L samples in random draw order; a query whose source is in R hides that copy
+(its source term replaces it), any other query hides R's last draw, so every query sees exactly L-1
+uniformly drawn others plus its source.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lossfloor.errors import InputError
+from lossfloor.floor import mixture
+from lossfloor.floor.config import EstimatorConfig, batch_bytes
+from lossfloor.floor.kernel import Level, optimal_loss_terms, take_rows
+from lossfloor.floor.knn import KnnData, knn_terms, prepare_knn
+from lossfloor.floor.queries import NOISE_STREAM, SUBSET_STREAM, QueryPlan, generator
+from lossfloor.floor.stats import BatchPartial
+
+log = logging.getLogger(__name__)
+
+
+def query_plan(cfg: EstimatorConfig, n_samples: int) -> QueryPlan:
+    """The batches of a resolved config over N samples."""
+    return QueryPlan(n_samples=n_samples, queries_per_sample=cfg.queries_per_sample, rows_per_batch=cfg.rows_per_batch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The data an estimator runs on
+
+
+def prepare_data(samples, cfg: EstimatorConfig) -> torch.Tensor:
+    """Flatten (N, ...) samples to (N, D) on the compute device in the compute dtype, checking values."""
+    x = torch.as_tensor(np.asarray(samples) if not isinstance(samples, torch.Tensor) else samples)
+    if x.ndim < 2:
+        raise InputError(f"data: expected an array of shape (N, ...) with one sample per row, got shape {tuple(x.shape)}")
+    x = x.reshape(x.shape[0], -1)  # (N, D)
+    if not torch.isfinite(x).all():
+        raise InputError("data: contains NaN or infinite values")
+    if cfg.latents == "posterior" and (x.shape[1] % 2 or (x[:, x.shape[1] // 2:] < 0).any()):
+        raise InputError("data: latents=posterior expects rows [mean, std] with std >= 0 (load the source with "
+                         "latents='posterior')")
+    return x.to(device=cfg.device, dtype=getattr(torch, cfg.dtype)).contiguous()
+
+
+def total_variance(x: torch.Tensor) -> float:
+    """J*(∞) = E||x0||² - ||E x0||², the limit of J*(σ) as σ → ∞, in float64."""
+    xd = x.double()
+    return float((xd - xd.mean(0)).pow(2).sum(1).mean())
+
+
+def data_total_variance(x: torch.Tensor, cfg: EstimatorConfig) -> float:
+    """J*(∞) of prepared data: of the samples, or of the Gaussian mixture for posterior latents."""
+    return mixture.total_variance(x) if cfg.latents == "posterior" else total_variance(x)
+
+
+@dataclass(eq=False)
+class FloorData:
+    """The prepared (N, D) samples, and what the kNN estimator adds to them.
+
+    x lives on the compute `device`, or in host memory (a node-shared mapping, `floor_data`) while the
+    kernel runs on `device`: each batch then gathers its rows (`take_rows`).
+    """
+
+    x: torch.Tensor
+    knn: KnnData | None = None
+    device: torch.device | None = None
+
+    def __post_init__(self):
+        if self.device is None:
+            self.device = self.x.device
+
+    @property
+    def on_host(self) -> bool:
+        return self.x.device != self.device
+
+    @property
+    def index_build_s(self) -> float:
+        return 0.0 if self.knn is None else self.knn.index.build_s
+
+    @property
+    def search_s(self) -> float:
+        return 0.0 if self.knn is None else self.knn.index.search_s
+
+
+def floor_data(x: torch.Tensor, cfg: EstimatorConfig, *, cache=None) -> FloorData:
+    """FloorData for a resolved config: for knn the samples are deduplicated and indexed (once).
+
+    x: the prepared (N, D) samples on the compute device, or in host memory with the kernel on a GPU:
+    they move to the GPU when they fit it next to one batch (`fits_device`); else they stay on the host
+    and every batch gathers its rows (exact and posterior-latent subset estimators need all N samples
+    per batch on the device: InputError then). cache: a `lossfloor.data.node_cache.NodeCache` of this
+    data set: knn's distinct points and FAISS index are made once per machine and shared by mapping.
+    """
+    device = torch.device(cfg.device)
+    if x.device != device:
+        if fits_device(cfg, x):
+            x = x.to(device)
+        elif cfg.estimator == "exact" or (cfg.latents == "posterior" and cfg.estimator != "knn"):
+            raise InputError(
+                f"--max-device-gb: the {cfg.estimator} estimator needs all {x.shape[0]} samples "
+                f"({_gib(x.numel() * x.element_size())} GiB) on {device} for every batch, more than fits next to a "
+                f"batch; use --estimator knn (it gathers each batch's rows from host memory) or a larger cap")
+        else:
+            log.info("data %s GiB stay in host memory, each batch gathers its rows onto %s",
+                     _gib(x.numel() * x.element_size()), device)
+    if cfg.estimator == "knn":
+        return FloorData(x, prepare_knn(x, index=cfg.index, pca=cfg.index_pca, seed=cfg.seed,
+                                        mixture=cfg.latents == "posterior", cache=cache, device=device), device)
+    return FloorData(x, device=device)
+
+
+def fits_device(cfg: EstimatorConfig, x: torch.Tensor) -> bool:
+    """Whether the (N, D) data (and for knn its index) fit on cfg.device next to one batch: within
+    max_device_gb when given, else 90 % of the device's free memory."""
+    device = torch.device(cfg.device)
+    if device.type != "cuda":
+        return True
+    cap = cfg.max_device_gb * 2**30 if cfg.max_device_gb is not None else 0.9 * torch.cuda.mem_get_info(device)[0]
+    data = x.numel() * x.element_size() * (2 if cfg.estimator == "knn" else 1)  # knn: points + a GPU index
+    return data + batch_bytes(cfg, x.shape[1]) <= cap
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# One batch
+
+
+def _subset_levels(cfg: EstimatorConfig, n: int, sources: torch.Tensor, batch_index: int):
+    """The random subset R (L,) and the kernel levels L, L/2, L/4 (prefixes of R, in draw order)."""
+    L = cfg.subset_size
+    g = generator(cfg.seed, batch_index, SUBSET_STREAM, "cpu")
+    R = torch.randperm(n, generator=g)[:L]  # in draw order
+    position = torch.full((n,), n, dtype=torch.long)
+    position[R] = torch.arange(L)
+    pos = position[sources]  # (B,), n when the source is not in R
+    B = len(sources)
+    levels = []
+    for size in (L, L // 2, L // 4):
+        in_R = pos < size
+        if cfg.estimator == "snis":
+            hide = torch.where(in_R, pos, -1)
+            log_factor = torch.where(in_R, 0.0, -math.inf).to(torch.float64)
+        else:  # dol, cdol: size-1 random others plus the source weighted by 1/C
+            # the paper's default C = 4N/L is re-derived for each level; a C given by the user stays fixed
+            c = 4.0 * n / size if cfg.estimator == "cdol" and math.isclose(cfg.c, 4.0 * n / L) else cfg.c
+            hide = torch.where(in_R, pos, size - 1)
+            log_factor = torch.full((B,), -math.log(c) if math.isfinite(c) else -math.inf, dtype=torch.float64)
+        levels.append((size, hide, log_factor))
+    return R, levels
+
+
+def query_terms(
+    data: FloorData | torch.Tensor, sigmas: np.ndarray, cfg: EstimatorConfig, plan: QueryPlan, batch_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query a = ||x_s||² (B,) float64 and the channels (B, C, S) of one batch (cfg resolved).
+
+    data: `floor_data(x, cfg)` (or the (N, D) samples themselves, on the compute device and dtype).
+    """
+    if isinstance(data, torch.Tensor):
+        data = floor_data(data, cfg)
+    x, device = data.x, data.device
+    sources = plan.sources(batch_index)  # (B,)
+    B, D = sources.shape[0], x.shape[1]
+    noise_device = device if cfg.rng_device == "compute" else torch.device("cpu")
+    g = generator(cfg.seed, batch_index, NOISE_STREAM, noise_device)
+    # drawn in float32 whatever the compute dtype, so a float64 run is a reference for the float32 one
+    posterior = cfg.latents == "posterior"
+    eps = torch.randn(B, D // 2 if posterior else D, generator=g, device=noise_device, dtype=torch.float32)
+    if posterior:  # ε first (the same as for the means alone), then z: x0 = m + s z (`mixture.query_noise`)
+        eps = torch.cat([torch.randn(eps.shape, generator=g, device=noise_device, dtype=torch.float32), eps], 1)
+    eps = eps.to(device, x.dtype)
+    src = sources.to(device)
+    xs = take_rows(x, src, device)  # the sources' rows, gathered once (x may be in host memory)
+    sig = torch.as_tensor(sigmas, dtype=torch.float64)
+    if cfg.estimator == "knn":
+        gd = generator(cfg.seed, batch_index, SUBSET_STREAM, "cpu")
+        j = knn_terms(data.knn, data.knn.inverse[src], eps, sig, subset_size=cfg.subset_size,
+                      shared_draws=cfg.shared_draws, g=gd, precision=cfg.matmul_precision)
+    elif cfg.estimator == "exact":
+        lvl = Level(x.shape[0], src, torch.zeros(B, dtype=torch.float64, device=device))
+        if posterior:
+            j = mixture.mixture_terms(x, src, eps, sig, None, [lvl], "posterior-variance")
+        else:
+            j = optimal_loss_terms(xs, eps, x, sig, levels=[lvl], form="posterior-variance",
+                                   precision=cfg.matmul_precision)  # x is on the device (`floor_data`)
+    else:
+        R, levels = _subset_levels(cfg, x.shape[0], sources, batch_index)
+        levels = [Level(n, hide.to(device), lf.to(device)) for n, hide, lf in levels]
+        R = R.to(device)
+        if posterior:
+            j = mixture.mixture_terms(x, src, eps, sig, R, levels, "paper")
+        else:
+            j = optimal_loss_terms(xs, eps, take_rows(x, R, device), sig, levels=levels, form="paper",
+                                   precision=cfg.matmul_precision)
+        j = torch.stack([j[:, 0], j[:, 1] - j[:, 0], j[:, 2] - j[:, 1]], 1)  # (B, 3, S): j, shifts
+    a = mixture.second_moments(xs) if posterior else (xs.double() ** 2).sum(1)
+    return a, j
+
+
+def batch_terms(
+    data: FloorData | torch.Tensor, sigmas: np.ndarray, cfg: EstimatorConfig, plan: QueryPlan, batch_index: int
+) -> BatchPartial:
+    """One batch's partial sums (see `query_terms`)."""
+    a, j = query_terms(data, sigmas, cfg, plan, batch_index)
+    return BatchPartial.from_terms(batch_index, a.cpu().numpy(), j.double().cpu().numpy())

@@ -1,0 +1,214 @@
+"""How J*(σ) is estimated: the estimators, their configuration, and the memory budget of a batch.
+
+The estimators differ in the reference set each query's posterior runs over (docs/estimators.md):
+
+- exact: all N samples; the source's own term uses its exact distance σ²||ε||² (paper Eq. 9).
+- snis:  a random subset of L samples; the source counts only if it happens to be in it.
+- dol:   L-1 random other samples plus the source (Eq. 10; biased: J* too low).
+- cdol:  as DOL with the source's kernel weight multiplied by 1/C (Eq. 11; default C = 4N/L, the paper's;
+         C=1 is DOL, C=inf is SNIS on L-1 samples that exclude the source). Consistent as N → ∞ (Theorem 2),
+         but its worst σ is 20-86 % off at L = 512…32 on the digits (docs/estimators.md): kept as the
+         paper's baseline.
+- knn:   the L/2 nearest samples of the noisy query plus L/2 uniform draws with a control variate and
+         cross-fitting (`lossfloor.floor.knn`): its worst σ 0.07-3 % off at the same L (equal kernel cost).
+- auto:  exact when N ≤ EXACT_MAX_N (5000 on a CPU, 50 000 on CUDA), else knn (the default).
+
+At L = N every subset estimator *is* the exact estimator (the subset holds every sample: C = 1), and a
+config asking for it resolves to `exact`.
+
+A batch is `rows_per_batch` source samples with k queries each (`lossfloor.floor.queries`); by default as
+many rows as fit a memory budget: 512 MiB on a CPU, 8 GiB on CUDA, or `max_device_gb` when smaller.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+from lossfloor.devices import check_device
+from lossfloor.errors import InputError
+from lossfloor.floor.kernel import MATMUL_PRECISIONS
+from lossfloor.floor.neighbours import INDEXES
+
+log = logging.getLogger(__name__)
+
+ESTIMATORS = ("auto", "exact", "snis", "dol", "cdol", "knn")
+LATENTS = ("mean", "posterior")
+SUBSET_ESTIMATORS = ("snis", "dol", "cdol")
+# auto: exact up to this many samples, knn above. CPU: measured (benchmarks/results/estimator_accuracy-*.json,
+# 2 cores, D = 64, 32 σ): exact 46 s vs knn 38 s at N = 5000, 783 s vs 214 s at N = 20 000 — exact costs
+# O(N²), knn O(N) with an index. CUDA: the exact estimator's 64-σ curve of CIFAR-10 (N = 50 000) is meant
+# to take about a minute (not measured in this repository yet).
+EXACT_MAX_N = {"cpu": 5_000, "cuda": 50_000}
+DEFAULT_SUBSET_SIZE = 4096  # snis/dol/cdol
+DEFAULT_KNN_SUBSET_SIZE = 128
+MIN_SUBSET_SIZE = {"snis": 8, "dol": 8, "cdol": 8, "knn": 4}  # L/4 >= 2 for the bias levels; two U halves
+MIN_BATCHES = 8  # subset estimators: the standard error is estimated from batch totals
+_DEFAULT_MIN_BATCHES = 16
+_MEMORY_BUDGET_BYTES = {"cpu": 512 * 2**20, "cuda": 8 * 2**30}
+_MAX_QUERIES_PER_BATCH = 4096
+
+
+@dataclass(frozen=True, kw_only=True)
+class EstimatorConfig:
+    """How to estimate J*(σ). Validated against the data by `resolve`.
+
+    estimator: auto | exact | snis | dol | cdol | knn (see the module docstring).
+    subset_size: L, kernels per query (snis/dol/cdol: reference subset, default min(4096, N); knn:
+      neighbours and uniform draws together, default 128, so equal L is equal kernel cost).
+    c: cDOL's source down-weighting C; default 4N/L (paper §3); math.inf allowed.
+    queries_per_sample: k, every sample is the source of exactly k queries (M = kN).
+    seed: every batch's randomness derives from (seed, batch index).
+    device: "cpu" or "cuda" (or "cuda:1", ...).
+    dtype: "float32" (GEMMs in fp32, sums in float64) or "float64" (a reference computation).
+    rows_per_batch: source samples per batch (k queries each); default from a memory budget. Subset
+      estimators need at least 8 batches (their standard error comes from batch totals).
+    rng_device: "compute" draws noise on the compute device (fast); "cpu" draws it on the CPU so CPU
+      and CUDA runs with the same seed use identical noise.
+    matmul_precision: float32 GEMMs as fp32 (default, TF32 off), 3xtf32 (split TF32, near-fp32 accuracy,
+      faster on CUDA tensor cores) or tf32 (fastest, ~1e-3 error; for speed comparisons).
+    rel_error: automatic L: start at L (default 128) and double it for the σ whose bias allowance exceeds
+      rel_error·J* (where J* > 1e-3·J*(∞)), until it does not or L = N (then exact).
+    index, index_pca, shared_draws: knn's neighbour index (see `neighbours`), PCA dimension of its
+      search, and one uniform draw per batch (True) or per query.
+    latents: "mean" (the samples as given) or "posterior": each row is [mean, std] of an EDM2 latent's
+      encoder posterior and J* is that of the Gaussian mixture the model trains on (`mixture`).
+    max_device_gb: a cap on the device memory of one estimator process (GiB): the default batch fits
+      it, and on CUDA the data set stays in host memory (each batch gathering its rows) unless data and
+      batch fit together (`batch.floor_data`). Default: no cap (8 GiB batches on CUDA, 512 MiB on a CPU;
+      the data on the GPU when it fits 90 % of its free memory). It changes the default rows per batch,
+      hence the random draws: a resolved config records the batch it chose.
+    """
+
+    estimator: str = "auto"
+    subset_size: int | None = None
+    c: float | None = None
+    queries_per_sample: int = 3
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    rows_per_batch: int | None = None
+    rng_device: str = "compute"
+    matmul_precision: str = "fp32"
+    rel_error: float | None = None
+    index: str = "auto"
+    index_pca: int | None = None
+    shared_draws: bool = True
+    latents: str = "mean"
+    max_device_gb: float | None = None
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise InputError(f"estimator: expected one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.subset_size is not None and (not isinstance(self.subset_size, int) or self.subset_size < 2):
+            raise InputError(f"subset size L: expected an integer >= 2, got {self.subset_size!r}")
+        if self.c is not None and not (isinstance(self.c, (int, float)) and self.c > 0 and not math.isnan(self.c)):
+            raise InputError(f"C: expected a number > 0 (e.g. 4N/L, or inf), got {self.c!r}")
+        if not isinstance(self.queries_per_sample, int) or self.queries_per_sample < 1:
+            raise InputError(f"queries per sample: expected an integer >= 1, got {self.queries_per_sample!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise InputError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise InputError(f"dtype: expected float32 or float64, got {self.dtype!r}")
+        if self.rng_device not in ("compute", "cpu"):
+            raise InputError(f"rng_device: expected 'compute' or 'cpu', got {self.rng_device!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise InputError(
+                f"matmul precision: expected one of {', '.join(MATMUL_PRECISIONS)}, got {self.matmul_precision!r}"
+            )
+        if self.rows_per_batch is not None and (not isinstance(self.rows_per_batch, int) or self.rows_per_batch < 1):
+            raise InputError(f"rows_per_batch: expected an integer >= 1, got {self.rows_per_batch!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise InputError(f"device: expected cpu or cuda, got {self.device!r}")
+        if self.rel_error is not None and not (isinstance(self.rel_error, (int, float)) and 0 < self.rel_error < 1):
+            raise InputError(f"rel-error: expected a fraction in (0, 1) like 0.01, got {self.rel_error!r}")
+        if self.index not in INDEXES:
+            raise InputError(f"index: expected one of {', '.join(INDEXES)}, got {self.index!r}")
+        if self.index_pca is not None and (not isinstance(self.index_pca, int) or self.index_pca < 1):
+            raise InputError(f"index-pca: expected an integer >= 1, got {self.index_pca!r}")
+        if self.latents not in LATENTS:
+            raise InputError(f"latents: expected one of {', '.join(LATENTS)}, got {self.latents!r}")
+        if self.max_device_gb is not None and not (
+            isinstance(self.max_device_gb, (int, float)) and math.isfinite(self.max_device_gb) and self.max_device_gb > 0
+        ):
+            raise InputError(f"--max-device-gb: expected a number of GiB > 0 (e.g. 40), got {self.max_device_gb!r}")
+
+    def resolve(self, n_samples: int, dim: int, *, compute_device: str | None = None) -> EstimatorConfig:
+        """Fill in the data-dependent defaults (estimator, L, C, batch size) and check them against N.
+
+        compute_device: where the kernel will run, for `auto`'s choice (default: `device`).
+        """
+        if n_samples < 2:
+            raise InputError(f"data: expected at least 2 samples, got {n_samples}")
+        est = self.estimator
+        if est == "auto":
+            kind = "cpu" if (compute_device or self.device) == "cpu" else "cuda"
+            est = "exact" if n_samples <= EXACT_MAX_N[kind] else "knn"
+        cfg = replace(self, estimator=est)
+        if est != "exact":
+            default = DEFAULT_KNN_SUBSET_SIZE if est == "knn" else DEFAULT_SUBSET_SIZE
+            L = self.subset_size if self.subset_size is not None else min(default, n_samples)
+            if L > n_samples:
+                raise InputError(f"subset size L: expected at most N = {n_samples} (the number of samples), got {L}")
+            if L < MIN_SUBSET_SIZE[est] and L < n_samples:
+                raise InputError(f"subset size L: {est} needs L >= {MIN_SUBSET_SIZE[est]}, got {L}")
+            if L == n_samples:  # the subset holds every sample: the estimator is the exact one (C = 1)
+                log.info("L = N = %d: %s is the exact estimator", n_samples, est)
+                est = "exact"
+                cfg = replace(cfg, estimator="exact")
+            else:
+                c = {"snis": math.inf, "dol": 1.0, "knn": 1.0}.get(est, self.c if self.c is not None else 4.0 * n_samples / L)
+                cfg = replace(cfg, subset_size=L, c=float(c))
+        if est == "exact":
+            cfg = replace(cfg, subset_size=n_samples, c=1.0)
+        if cfg.rows_per_batch is None:
+            cfg = replace(cfg, rows_per_batch=default_rows_per_batch(cfg, n_samples, dim))
+        elif cfg.max_device_gb is not None and batch_bytes(cfg, dim) > cfg.max_device_gb * 2**30:
+            raise InputError(
+                f"rows per batch: {cfg.rows_per_batch} rows need ~{batch_bytes(cfg, dim) / 2**30:.3g} GiB of device "
+                f"memory, above --max-device-gb {cfg.max_device_gb:g}: give fewer rows, or leave the batch to the cap"
+            )
+        if est != "exact" and self.rows_per_batch is not None:
+            n_batches = math.ceil(n_samples / cfg.rows_per_batch)
+            if n_batches < MIN_BATCHES:
+                raise InputError(
+                    f"rows per batch: {est} needs at least {MIN_BATCHES} batches for its standard error (the "
+                    f"queries of a batch share random draws); {cfg.rows_per_batch} rows give {n_batches} of "
+                    f"N = {n_samples}: use at most {n_samples // MIN_BATCHES}"
+                )
+        check_device(cfg.device, "device")
+        return cfg
+
+
+def bytes_per_query(cfg: EstimatorConfig, dim: int) -> int:
+    """The working memory one query of a resolved config needs on the device (an estimate)."""
+    L = cfg.subset_size
+    bytes_per_value = 8 if cfg.dtype == "float64" else 4
+    if cfg.estimator == "knn":
+        # per σ: the (k, D) gathered neighbours twice, (n_draw,) work rows, the (n_draw, k) membership test
+        k = L // 2
+        return bytes_per_value * (3 * k * dim + 24 * L + 16 * dim) + 2 * L * k
+    # (B, L) work arrays of the kernel and its levels, and the (B, D) noise/sources/δ
+    return bytes_per_value * (12 * L + 4 * dim)
+
+
+def batch_bytes(cfg: EstimatorConfig, dim: int) -> int:
+    """The working memory of one batch of a resolved config (its rows_per_batch x k queries)."""
+    return bytes_per_query(cfg, dim) * cfg.rows_per_batch * cfg.queries_per_sample
+
+
+def default_rows_per_batch(cfg: EstimatorConfig, n_samples: int, dim: int) -> int:
+    """Rows whose queries fit the memory budget of the device, or of max_device_gb when it is smaller."""
+    budget = _MEMORY_BUDGET_BYTES["cpu" if cfg.device == "cpu" else "cuda"]
+    if cfg.max_device_gb is not None:
+        budget = min(budget, int(cfg.max_device_gb * 2**30))
+    per_query = bytes_per_query(cfg, dim)
+    if cfg.max_device_gb is not None and per_query * cfg.queries_per_sample > budget:
+        raise InputError(f"--max-device-gb {cfg.max_device_gb:g}: below the working memory of a single row's "
+                         f"{cfg.queries_per_sample} queries (~{per_query * cfg.queries_per_sample / 2**30:.3g} GiB)")
+    queries = max(1, min(_MAX_QUERIES_PER_BATCH, budget // per_query))
+    rows = max(1, queries // cfg.queries_per_sample)
+    if cfg.estimator != "exact":
+        rows = min(rows, max(1, n_samples // _DEFAULT_MIN_BATCHES))
+    return int(min(rows, n_samples))

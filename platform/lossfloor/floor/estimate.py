@@ -1,0 +1,369 @@
+"""Estimating J*(σ): the passes over a config's batches, their reduction, and `estimate()`.
+
+    est = estimate(samples, sigmas, EstimatorConfig())              # nothing on disk
+    est = estimate(samples, sigmas, cfg, work_dir="work")           # a rerun computes only missing batches
+    est.j_star, est.ci_low, est.ci_high, est.passes[0].computed
+
+J*(σ) = E||x0||² - E||E[x0|x_σ]||² (paper Theorem 1) is estimated as the mean of the M = kN stratified
+queries' terms (`batch`). A pass computes every batch of one resolved config: the batches already in the
+work folder are read back (`resume`), the others come from a runner that turns batch indices into
+partial sums — `local_runner` on this process, or the Ray engine's (`lossfloor.ray.estimate`) — and the
+partials reduce to each channel's mean and standard error (`stats`), then to J*, its bias allowance and
+95 % interval per σ (`uncertainty`).
+
+With `rel_error` (automatic L) the first pass runs at the config's L and further passes at 2L, 4L, ...
+run over the σ whose bias allowance is still above rel_error·J* (where J* > 1e-3·J*(∞)), until no σ is or
+L = N (the exact estimator); each σ keeps the estimate of the last pass that ran it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lossfloor.errors import InputError
+from lossfloor.floor.batch import (
+    FloorData,
+    batch_terms,
+    data_total_variance,
+    floor_data,
+    prepare_data,
+    query_plan,
+)
+from lossfloor.floor.config import EstimatorConfig
+from lossfloor.floor.resume import PartialStore, data_fingerprint, default_work_dir, work_key
+from lossfloor.floor.stats import BatchPartial, reduce_partials
+from lossfloor.floor.uncertainty import bias_and_interval, channels
+
+log = logging.getLogger(__name__)
+
+# (resolved config, σ grid, batch indices to compute) -> partials of exactly those batches, in any order
+BatchRunner = Callable[[EstimatorConfig, np.ndarray, Sequence[int]], Iterable[BatchPartial]]
+# called on the driver after each new batch is stored (tests use it to interrupt a run)
+BatchHook = Callable[[BatchPartial], None]
+
+
+class Progress:
+    """A periodic log line with rate and ETA (every `every_s` seconds and at the end).
+
+    already: units done before the clock starts (counted in the line, not in the rate: e.g. the first
+    batch, whose time includes an engine's start-up).
+    """
+
+    def __init__(self, label: str, total: int, unit: str = "queries", every_s: float = 2.0, enabled: bool = True,
+                 already: int = 0):
+        self.label, self.total, self.unit, self.every_s, self.enabled = label, total, unit, every_s, enabled
+        self.done = self.already = already
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self.last >= self.every_s or self.done >= self.total):
+            self.last = now
+            rate = (self.done - self.already) / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info(
+                "%s: %d/%d %s (%.0f%%), %.0f %s/s, ETA %s",
+                self.label, self.done, self.total, self.unit, 100.0 * self.done / max(self.total, 1),
+                rate, self.unit, time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?",
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The estimate and its reduction
+
+
+@dataclass(frozen=True)
+class PassStats:
+    """What one pass did: batches in the plan, reused from the work folder, computed now."""
+
+    n_batches: int
+    reused: int
+    computed: int
+    wall_s: float
+    work_dir: Path | None
+    first_batch_s: float | None = None  # from the start of the pass to the first computed batch (start-up)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """J*(σ) in x0 units from one estimator run, with its uncertainty (see `uncertainty`).
+
+    bias, ci_low, ci_high: per σ, x0 units. subset_size: the L used per σ (it varies with rel_error).
+    timings: seconds spent building the neighbour index and searching it (knn), and in total.
+    passes: what each pass did (one per L; several with rel_error): batches computed and reused.
+    """
+
+    sigmas: np.ndarray
+    j_star: np.ndarray
+    stderr: np.ndarray
+    bias: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    allowance: np.ndarray
+    total_variance: float  # J*(∞) = E||x0 - E x0||²
+    config: EstimatorConfig  # resolved (the first pass's, with rel_error)
+    n_queries: int
+    n_batches: int
+    subset_size: np.ndarray
+    timings: dict = field(default_factory=dict)
+    passes: tuple[PassStats, ...] = ()
+
+    @property
+    def computed(self) -> int:
+        """Batches computed by this run, over all passes."""
+        return sum(p.computed for p in self.passes)
+
+    @property
+    def reused(self) -> int:
+        """Batches read back from work folders, over all passes."""
+        return sum(p.reused for p in self.passes)
+
+
+def reduce_estimate(partials, sigmas, cfg: EstimatorConfig, tv: float, timings: dict | None = None) -> Estimate:
+    """Reduce a pass's partials to J*, its standard error, bias and interval per σ."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    red = reduce_partials(partials, per_batch_error=cfg.estimator != "exact")
+    n_ch = len(channels(cfg.estimator))
+    means = red.j_star.reshape(n_ch, len(sigmas))  # (C, S)
+    errs = red.stderr.reshape(n_ch, len(sigmas))
+    u = bias_and_interval(cfg.estimator, means, errs, red.dof, tv)
+    return Estimate(
+        sigmas=sigmas, j_star=means[0], stderr=errs[0], bias=u.bias, ci_low=u.ci_low, ci_high=u.ci_high,
+        allowance=np.maximum(u.lo, u.hi),
+        total_variance=tv, config=cfg, n_queries=red.n_queries, n_batches=red.n_batches,
+        subset_size=np.full(len(sigmas), cfg.subset_size, dtype=np.int64), timings=dict(timings or {}),
+    )
+
+
+def needs_larger_subset(est: Estimate, rel_error: float, threshold: float = 1e-3) -> np.ndarray:
+    """Per σ: the bias allowance exceeds rel_error·J* where J* > threshold·J*(∞) (automatic L)."""
+    return (est.j_star > threshold * est.total_variance) & (est.allowance > rel_error * np.abs(est.j_star))
+
+
+def _take(est: Estimate, keep: np.ndarray) -> Estimate:
+    """The estimate at the σ where `keep` is True."""
+    cols = ("sigmas", "j_star", "stderr", "bias", "ci_low", "ci_high", "allowance", "subset_size")
+    return replace(est, **{name: getattr(est, name)[keep] for name in cols})
+
+
+def merge_estimates(parts: list[tuple[Estimate, np.ndarray]], sigmas: np.ndarray) -> Estimate:
+    """One estimate from passes over parts of the σ grid: (estimate of the pass, the grid positions it gives)."""
+    first = parts[0][0]
+    cols = {name: np.empty(len(sigmas)) for name in ("j_star", "stderr", "bias", "ci_low", "ci_high", "allowance")}
+    L = np.empty(len(sigmas), dtype=np.int64)
+    timings: dict = {}
+    for est, where in parts:
+        for name in cols:
+            cols[name][where] = getattr(est, name)
+        L[where] = est.subset_size
+        for k, v in est.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    return replace(first, sigmas=np.asarray(sigmas, dtype=np.float64), subset_size=L, timings=timings, **cols)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Passes and the local runner
+
+
+def run_pass(
+    runner: BatchRunner,
+    cfg: EstimatorConfig,
+    sigmas: np.ndarray,
+    n_samples: int,
+    *,
+    store: PartialStore | None = None,
+    progress: bool = True,
+    on_batch: BatchHook | None = None,
+) -> tuple[list[BatchPartial], PassStats]:
+    """All partials of a resolved config: those in `store`, plus the missing ones computed by `runner`."""
+    t0 = time.monotonic()
+    plan = query_plan(cfg, n_samples)
+    done = dict(store.done) if store is not None else {}
+    done = {b: p for b, p in done.items() if b < plan.n_batches}
+    missing = [b for b in range(plan.n_batches) if b not in done]
+    if done:
+        log.info("work dir %s: %d of %d batches already done, computing %d",
+                 store.path, len(done), plan.n_batches, len(missing))
+    total = sum(len(plan.rows(b)) for b in missing) * cfg.queries_per_sample
+    bar = None
+    first_batch_s = None
+    wanted = set(missing)
+    for part in runner(cfg, sigmas, missing) if missing else ():
+        if part.batch_index not in wanted:
+            raise RuntimeError(f"engine returned batch {part.batch_index}, not asked for or already returned")
+        wanted.discard(part.batch_index)
+        done[part.batch_index] = part
+        if store is not None:
+            store.add(part)
+        if bar is None:  # rate and ETA from the first batch on, so an engine's start-up does not skew them
+            first_batch_s = time.monotonic() - t0
+            if progress:
+                log.info("estimate %s: first batch after %.1f s, %d of %d batches to go",
+                         cfg.estimator, first_batch_s, len(wanted), len(missing))
+            bar = Progress(f"estimate {cfg.estimator}", total, enabled=progress, already=part.count)
+        else:
+            bar.update(part.count)
+        if on_batch is not None:
+            on_batch(part)
+    if wanted:
+        raise RuntimeError(f"engine did not return {len(wanted)} batches (e.g. batch {min(wanted)})")
+    stats = PassStats(plan.n_batches, plan.n_batches - len(missing), len(missing), time.monotonic() - t0,
+                      store.path if store is not None else None, first_batch_s)
+    return [done[b] for b in range(plan.n_batches)], stats
+
+
+def _computed(data: FloorData, sigmas: np.ndarray, cfg: EstimatorConfig, batches: Iterable[int]) -> Iterator[BatchPartial]:
+    """The partials of the given batches, computed in turn on this process."""
+    plan = query_plan(cfg, data.x.shape[0])
+    for b in batches:
+        yield batch_terms(data, sigmas, cfg, plan, b)
+
+
+def run_batches(
+    data: FloorData | torch.Tensor, sigmas: np.ndarray, cfg: EstimatorConfig, batches=None, *, progress: bool = True
+) -> list[BatchPartial]:
+    """Compute the partials of the given batches (default: all) for a resolved config, nothing on disk."""
+    if isinstance(data, torch.Tensor):
+        data = floor_data(data, cfg)
+    plan = query_plan(cfg, data.x.shape[0])
+    batches = range(plan.n_batches) if batches is None else batches
+    bar = Progress(f"estimate {cfg.estimator}", len(batches) * plan.rows_per_batch * cfg.queries_per_sample,
+                   enabled=progress)
+    out = []
+    for part in _computed(data, sigmas, cfg, batches):
+        out.append(part)
+        bar.update(part.count)
+    return out
+
+
+def local_runner(x: torch.Tensor) -> BatchRunner:
+    """The local engine: `batch.batch_terms` for each batch in turn, on x's device.
+
+    The kNN estimator's deduplicated data and index are built once per (index, PCA, seed) and reused by
+    every pass; the runner's `timings` holds the index build and search seconds.
+    """
+    built: dict[tuple, FloorData] = {}
+
+    def run(cfg: EstimatorConfig, sigmas: np.ndarray, batches: Sequence[int]):
+        key = (cfg.estimator == "knn", cfg.index, cfg.index_pca, cfg.seed)
+        if key not in built:
+            built[key] = floor_data(x, cfg)
+        return _computed(built[key], sigmas, cfg, batches)
+
+    def timings() -> dict:
+        return {"index_build_s": sum(d.index_build_s for d in built.values()),
+                "search_s": sum(d.search_s for d in built.values())}
+
+    run.timings = timings
+    return run
+
+
+def check_sigmas(sigmas) -> np.ndarray:
+    """The σ grid as float64, refusing an empty one or σ that are not finite and positive."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    if sigmas.ndim != 1 or len(sigmas) == 0 or not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
+        raise InputError(f"sigmas: expected a non-empty list of positive numbers, got {sigmas.tolist()!r}")
+    return sigmas
+
+
+def estimate_passes(
+    shape: tuple[int, int],
+    sigmas: np.ndarray,
+    cfg: EstimatorConfig,
+    runner: BatchRunner,
+    *,
+    tv: float,
+    fingerprint: str,
+    work_dir: str | os.PathLike | None = None,
+    work_parent: str | os.PathLike | None = None,
+    resolve: Callable[[EstimatorConfig], EstimatorConfig],
+    progress: bool = True,
+    on_batch: BatchHook | None = None,
+) -> Estimate:
+    """The engine-independent part of an estimate: its passes, resumable (module docstring).
+
+    shape: (N, D) of the prepared data; cfg: resolved; resolve: resolves a config for this data and
+    engine (for the larger L of automatic-L passes). Pass i keeps its batches in WORK_DIR (i = 0) or
+    WORK_DIR/L-<L>. Without work_dir and work_parent nothing is kept on disk.
+    """
+    n, d = shape
+    key = work_key(cfg, fingerprint=fingerprint, sigmas=sigmas, n_samples=n, dim=d)
+    if work_dir is None and work_parent is not None:
+        work_dir = default_work_dir(work_parent, key)
+    todo = np.arange(len(sigmas))
+    parts, passes = [], []
+    c = cfg
+    t0 = time.monotonic()
+    while True:
+        sig = sigmas[todo]
+        if work_dir is None:
+            store_cm = contextlib.nullcontext(None)
+        else:
+            first = not passes
+            path = Path(work_dir) if first else Path(work_dir) / f"L-{c.subset_size}"
+            k = key if first else work_key(c, fingerprint=fingerprint, sigmas=sig, n_samples=n, dim=d)
+            store_cm = PartialStore(path, k)
+        with store_cm as store:
+            partials, stats = run_pass(runner, c, sig, n, store=store, progress=progress, on_batch=on_batch)
+        est = reduce_estimate(partials, sig, c, tv)
+        passes.append(stats)
+        if stats.work_dir is not None:
+            log.info("work dir %s: %d batches computed, %d reused", stats.work_dir, stats.computed, stats.reused)
+        if cfg.rel_error is None or c.estimator == "exact":
+            parts.append((est, todo))
+            break
+        more = needs_larger_subset(est, cfg.rel_error)
+        parts.append((_take(est, ~more), todo[~more]))
+        if not more.any():
+            break
+        todo = todo[more]
+        c = resolve(replace(cfg, subset_size=min(2 * c.subset_size, n), rows_per_batch=None, c=None
+                            if cfg.c is None else cfg.c))
+        log.info("automatic L: %d σ above %.3g relative error, next pass at L = %s",
+                 len(todo), cfg.rel_error, c.subset_size if c.estimator != "exact" else f"N ({c.estimator})")
+    timings = getattr(runner, "timings", dict)()
+    timings["total_s"] = time.monotonic() - t0
+    return replace(merge_estimates(parts, sigmas), timings=timings, passes=tuple(passes))
+
+
+def estimate(
+    samples,
+    sigmas,
+    config: EstimatorConfig | None = None,
+    *,
+    fingerprint: str | None = None,
+    work_dir: str | os.PathLike | None = None,
+    work_parent: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_batch: BatchHook | None = None,
+) -> Estimate:
+    """Estimate J*(σ) (x0 target, VE coordinates) of samples (N, ...) for every σ, on this process.
+
+    samples: (N, ...) array or tensor, one sample per leading index, used as given.
+    work_dir: keep finished batches there, so a rerun computes only the missing ones (the same numbers);
+    or work_parent: the folder's parent, the folder being named by a hash of the config, data
+    fingerprint and σ grid; neither: nothing on disk. fingerprint: the data set's, for the work folder
+    (default: a hash of the samples). on_batch: called after each computed batch is stored.
+    """
+    config = config or EstimatorConfig()
+    sigmas = check_sigmas(sigmas)
+    x = prepare_data(samples, replace(config, device="cpu"))  # `floor_data` moves it to the device if it fits
+    cfg = config.resolve(x.shape[0], x.shape[1])
+    if fingerprint is None:  # only a work folder's key needs it: hashing large data is not free
+        fingerprint = data_fingerprint(x) if work_dir is not None or work_parent is not None else ""
+    return estimate_passes(
+        tuple(x.shape), sigmas, cfg, local_runner(x),
+        tv=data_total_variance(x, cfg), fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
+        resolve=lambda c: c.resolve(x.shape[0], x.shape[1]), progress=progress, on_batch=on_batch,
+    )
