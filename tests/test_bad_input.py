@@ -123,6 +123,8 @@ CLI_ROWS = [
     ("train: corrupt tracking db", [*TR, "--out", "{out}", "--mlflow", "--tracking-uri", "sqlite:///{ws}/bad.db"],
      ["--tracking-uri", "not an SQLite database"]),
     ("train: bad --eval-sigmas", [*TR, "--out", "{out}", "--eval-sigmas=-1,abc"], ["--eval-sigmas"]),
+    ("train: images between two batches", [*TR[:3], "--images", "100", "--batch", "32", "--out", "{out}"],
+     ["--images", "100", "give 96 or 128"]),
     ("train: --eval-sigmas that underflow", [*TR, "--out", "{out}", "--eval-sigmas", "1e-300,1"],
      ["--eval-sigmas", "[1e-10, 1e+10]"]),
     ("train: NaN data", ["train", "--data", "{ws}/nan.npy", "--images", "64", "--batch", "32", "--eval-samples", "8", "--out", "{out}",

@@ -136,6 +136,7 @@ def build_config(args: argparse.Namespace, engine: Engine):
         TrainConfig,
         resolve,
     )
+    from lossfloor.train.config import check_budget
 
     try:
         get_preset(args.preset)
@@ -174,13 +175,7 @@ def build_config(args: argparse.Namespace, engine: Engine):
         eval_sigmas=sigmas, eval_n_samples=args.eval_samples, keep_checkpoints=args.keep, seed=args.seed, run=args.run_name,
         latents=args.latents, conditional=conditional,
     )
-    R = resolve(config)
-    if R.duration_n_img < R.batch_n_img:
-        raise InputError(f"--images: {R.duration_n_img} is less than one batch ({R.batch_n_img} images); "
-                         f"give --images >= --batch")
-    workers = engine.workers if engine.kind == "ray" else 1
-    if R.batch_n_img % workers:
-        raise InputError(f"--batch: {R.batch_n_img} must split evenly over {workers} workers")
+    check_budget(resolve(config), workers=engine.workers if engine.kind == "ray" else 1)
     if args.precision == "fp16" and engine.device == "cpu":
         raise InputError("--precision fp16: needs GPUs (--gpus-per-worker 1); use bf16 or none on CPUs")
     return config

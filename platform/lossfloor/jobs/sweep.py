@@ -160,6 +160,7 @@ def build_spec(args: argparse.Namespace, resources, *, create_jstar: bool = True
     from lossfloor.data import describe
     from lossfloor.models import get_preset
     from lossfloor.train import TrainConfig, resolve
+    from lossfloor.train.config import check_budget
     from lossfloor.train.schedules import JStarCurve
     from lossfloor.train.space import load_space
     from lossfloor.train.sweep import ObjectiveSpec, SweepSpec
@@ -177,11 +178,7 @@ def build_spec(args: argparse.Namespace, resources, *, create_jstar: bool = True
 
         sigmas = tuple(float(x) for x in parse_sigmas(args.eval_sigmas, flag="--eval-sigmas"))
     budget = resolve(TrainConfig(preset=args.preset, batch_n_img=args.batch, duration_n_img=args.images))
-    if budget.duration_n_img < budget.batch_n_img:
-        raise InputError(f"--images: {budget.duration_n_img} is less than one batch ({budget.batch_n_img} images)")
-    workers = resources.engine.workers
-    if budget.batch_n_img % workers:
-        raise InputError(f"--batch: {budget.batch_n_img} must split evenly over {workers} workers")
+    check_budget(budget, workers=resources.engine.workers)
     every = max(budget.batch_n_img, budget.duration_n_img // args.evals // budget.batch_n_img * budget.batch_n_img)
     jstar = jstar_path(args, create=create_jstar)
     if create_jstar or args.j_star is not None:

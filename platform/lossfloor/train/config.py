@@ -216,6 +216,22 @@ class Resolved:
         return get_preconditioning(self.config.process, sigma_data=self.preset.sigma_data if edm else None)
 
 
+def check_budget(R: Resolved, *, workers: int = 1, images_flag: str = "--images", batch_flag: str = "--batch") -> None:
+    """A run of whole batches, each split evenly over `workers`: the loop trains whole batches, so a
+    duration between two multiples of the batch would train the next one (100 images in batches of 32
+    trained 128). InputError naming the flags."""
+    images, batch = R.duration_n_img, R.batch_n_img
+    if images < batch:
+        raise InputError(f"{images_flag}: {images} is less than one batch ({batch} images); "
+                         f"give {images_flag} >= {batch_flag}")
+    if images % batch:
+        lower, upper = images // batch * batch, (images // batch + 1) * batch
+        raise InputError(f"{images_flag}: {images} is not a whole number of batches of {batch} images; "
+                         f"give {lower} or {upper}")
+    if batch % workers:
+        raise InputError(f"{batch_flag}: {batch} must split evenly over {workers} workers")
+
+
 EVAL_SIGMA_DEFAULT = (0.002, 80.0, 16)  # log grid (min, max, count) of the default evaluation
 LOG_ROWS = 1000  # default number of train-log rows per run
 
