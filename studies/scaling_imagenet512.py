@@ -285,14 +285,11 @@ def given_table(path: Path, ds):
     if not path.is_file():
         raise InputError(f"--j-star {path}: file not found (a J* table written by `lossfloor estimate`)")
     table = read_table(path)
-    made_from = str(table.column("dataset_fingerprint")[0])
-    if made_from != ds.fingerprint:
-        raise InputError(f"--j-star {path}: estimated on data with fingerprint {made_from[:16]}..., but --data "
-                         f"(with --max-samples) has {ds.fingerprint[:16]}...; estimate J* on the same data")
     try:
-        table.x0()  # x0 units and an interval, converted from the table's target if needed
+        x0 = table.x0()  # x0 units and an interval, converted from the table's target if needed
     except InputError as e:
         raise InputError(f"--j-star: {e}") from None
+    x0.check_data(ds.fingerprint, table=f"--j-star {path}", data="--data (with --max-samples)")
     if "total_variance" not in table.table.column_names:
         raise InputError(f"--j-star {path}: expected column total_variance (write it with `lossfloor estimate`)")
     return table
@@ -565,10 +562,10 @@ def run(args: argparse.Namespace) -> int:
 
         # 4. fits
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        curves = pa.concat_tables([pq.read_table(st.dir / "loss_curve.parquet").replace_schema_metadata(None)
-                                   for st in stages])
+        from lossfloor.train.run_folder import read_run_folder
+
+        curves = pa.concat_tables([read_run_folder(st.dir).curve.replace_schema_metadata(None) for st in stages])
         total_js = _scaling.total_j_star(curves)
         fits = study.run(fit_step(args, b, estimate, trained, curves, fit_sigmas, total_js, study)).value
         rows = _scaling.rho_table(fits)

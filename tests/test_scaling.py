@@ -20,7 +20,6 @@ from lossfloor.scaling import (
     fit_corrected,
     fit_free_offset,
     fit_raw,
-    j_star_at,
     load_j_star_table,
 )
 
@@ -285,8 +284,8 @@ def test_per_sigma_fit_reads_j_star_log_interpolated_from_the_table(tmp_path):
     path = tmp_path / "j_star.parquet"
     table.write_parquet(path)
     # sigma = 1 lies halfway between 0.5 and 2 in ln sigma: J* = 0.01 + 0.09 / 2, the interval likewise
-    assert j_star_at(load_j_star_table(path), 1.0) == pytest.approx((0.055, 0.0535, 0.0565), rel=1e-12)
-    assert j_star_at(load_j_star_table(table), 2.0) == (0.1, 0.098, 0.102)  # a table row: exact
+    assert load_j_star_table(path).at(1.0) == pytest.approx((0.055, 0.0535, 0.0565), rel=1e-12)
+    assert load_j_star_table(table).at(2.0) == (0.1, 0.098, 0.102)  # a table row: exact
 
     at1, (_, alpha) = ladder(j_star=0.055, noise=0.001, n_models=5, sigma=1.0)
     at4, _ = ladder(j_star=0.2, n_models=5, sigma=4.0)
@@ -479,5 +478,5 @@ def test_j_star_tables_of_every_target_are_read_in_x0_units(tmp_path, fit_cli, t
         assert d["j_star"] == pytest.approx(est.j_star[1], rel=1e-9)
         assert d["j_star_interval"] == pytest.approx([est.ci_low[1], est.ci_high[1]], rel=1e-9)
         curve = JStarCurve.from_path(p)
-        np.testing.assert_allclose(curve.j_star, np.maximum(est.j_star, 0), rtol=1e-9)
-        np.testing.assert_allclose(curve.ci_high, est.ci_high, rtol=1e-9)
+        np.testing.assert_allclose(curve.table.j_star, np.maximum(est.j_star, 0), rtol=1e-9)
+        np.testing.assert_allclose(curve.table.ci_high, est.ci_high, rtol=1e-9)

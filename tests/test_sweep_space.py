@@ -209,7 +209,7 @@ def test_gap_objective_uses_one_fixed_weighting(jstar):
     gaps = {gap_key(s): g for s, g in zip(sigmas, (0.5, 1.0, 2.0, 4.0))}
     # by hand: w_ref = min(1/J*, 1/(1e-3 J*(inf))), pi ∝ trapezoid widths in ln sigma (uniform density)
     j = curve(torch.tensor(sigmas, dtype=torch.float64)).numpy()
-    w = np.minimum(1 / np.maximum(j, 1e-300), 1 / (1e-3 * curve.total_variance))
+    w = np.minimum(1 / np.maximum(j, 1e-300), 1 / (1e-3 * curve.table.total_variance))
     x = np.log(sigmas)
     widths = np.zeros(4)
     widths[1:] += np.diff(x) / 2

@@ -69,7 +69,7 @@ def test_jstar_curve_interpolates_in_log_sigma_and_is_constant_beyond(curve):
     expected = interp_jstar(s.numpy())
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
     assert got[0] == got[1] and got[-1] == got[-2]
-    assert curve.sigma_star == pytest.approx(0.06) and curve.total_variance == TV
+    assert curve.table.sigma_star == pytest.approx(0.06) and curve.table.total_variance == TV
 
 
 def test_optimal_weight_equals_the_formula_at_hand_picked_sigmas(curve):

@@ -91,6 +91,8 @@ def _check_same_data(curves: Path, j_star: Path) -> None:
     """Curves written by `lossfloor train` name their data's fingerprint: it must be the J* table's."""
     import pyarrow.parquet as pq
 
+    from lossfloor.floor import read_table
+
     if curves.suffix != ".parquet" or not curves.is_file():
         return  # fit_all names a missing or unreadable file
     try:
@@ -98,13 +100,10 @@ def _check_same_data(curves: Path, j_star: Path) -> None:
     except Exception:
         return
     try:
-        table = pq.read_table(j_star)
-    except Exception:
+        table = read_table(j_star).x0()
+    except InputError:
         return  # fit_all names an unreadable table
-    table_on = str(table.column("dataset_fingerprint")[0]) if "dataset_fingerprint" in table.column_names else ""
-    if made_on and table_on and made_on != table_on:
-        raise InputError(f"--j-star {j_star}: estimated on data with fingerprint {table_on[:16]}..., but --curves "
-                         f"{curves} were trained on {made_on[:16]}...: the floor must be of the data the models saw")
+    table.check_data(made_on, table=f"--j-star {j_star}", data=f"--curves {curves} (the models' training data)")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -151,18 +151,16 @@ def build_config(args: argparse.Namespace, engine: Engine):
             curve = JStarCurve.from_path(args.j_star)  # read it now: a bad table fails before any work
         except InputError as e:
             raise InputError(f"--j-star: {e}") from None
-        if (curve.latents == "posterior") != (args.latents == "posterior"):
-            raise InputError(f"--j-star {args.j_star}: estimated with latents={curve.latents or 'mean'}, but training "
-                             f"uses --latents {args.latents}: the floor must be of the data the model sees")
-        from lossfloor.data import check_same_data
+        from lossfloor.data import source_fingerprint
 
-        check_same_data(curve.fingerprint, args.data, args.latents, f"--j-star {args.j_star}")
+        curve.table.check_data(source_fingerprint(args.data, args.latents), args.latents, table=f"--j-star {args.j_star}",
+                               data=f"--data {args.data}")
     conditional = args.conditional
     if conditional is None:  # labels when the preset, the data and the floor all have classes
         from lossfloor.data import open_source
 
         labelled = get_preset(args.preset).unet.label_dim > 0 and open_source(args.data, args.latents).info().has_labels
-        conditional = labelled and (args.j_star is None or curve.class_conditional)
+        conditional = labelled and (args.j_star is None or curve.table.class_conditional)
     sigmas = None
     if args.eval_sigmas is not None:
         from lossfloor.diffusion import parse_sigmas
@@ -203,22 +201,15 @@ def _check_out(args: argparse.Namespace) -> None:
 
 def summary(out_dir, *, wall_s: float, images_run: int, engine: str, mlflow_run: str | None) -> dict:
     """What a run reports, read from its folder's tables (the same for both engines)."""
-    import pyarrow.parquet as pq
-
-    from lossfloor.train import latest_checkpoint
+    from lossfloor.train.run_folder import CURVE_FILE, LOG_FILE, read_run_folder
 
     out = Path(out_dir)
-    curve = pq.read_table(out / "loss_curve.parquet")
-    log_rows = pq.read_table(out / "train_log.parquet").to_pylist()
-    meta = {k.decode(): v.decode() for k, v in (curve.schema.metadata or {}).items()}
-    rows = curve.to_pylist()
-    last_img = max((r["images"] for r in rows), default=None)
-    final = sorted((r for r in rows if r["images"] == last_img and r["sigma"] is not None), key=lambda r: r["sigma"])
-    total = next((r for r in rows if r["images"] == last_img and r["sigma"] is None), None)
-    last = log_rows[-1] if log_rows else {}
-    newest = latest_checkpoint(out)
+    folder = read_run_folder(out)
+    last_img, final, total = folder.last_eval()
+    last = folder.log_rows[-1] if folder.log_rows else {}
+    newest = folder.checkpoints[-1] if folder.checkpoints else None
     return {
-        "run": meta.get("run"),
+        "run": folder.meta.get("run"),
         "model": last.get("model"),
         "params": last.get("params"),
         "n_img": last.get("images"),
@@ -229,15 +220,15 @@ def summary(out_dir, *, wall_s: float, images_run: int, engine: str, mlflow_run:
         "eval_total": None if total is None else total["loss"],
         "eval_total_gap": None if total is None else total["gap"],
         "per_sigma": [{"sigma": r["sigma"], "loss": r["loss"], "j_star": r["j_star"], "gap": r["gap"]} for r in final],
-        "forward_flops": float(meta.get("forward_flops", "nan")),
+        "forward_flops": folder.forward_flops,
         "training_flops": last.get("flops"),
         "engine": engine,
         "wall_s": wall_s,
         "images_per_s": images_run / wall_s if wall_s > 0 and images_run else None,
         "out": str(out),
         "checkpoint": None if newest is None else str(newest),
-        "loss_curve": str(out / "loss_curve.parquet"),
-        "train_log": str(out / "train_log.parquet"),
+        "loss_curve": str(out / CURVE_FILE),
+        "train_log": str(out / LOG_FILE),
         "mlflow_run": mlflow_run,
     }
 

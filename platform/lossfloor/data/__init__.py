@@ -15,7 +15,6 @@ from lossfloor.data.bundled import DEFAULT as DEFAULT_SOURCE
 from lossfloor.data.dataset import (
     Dataset,
     ShardRef,
-    check_same_data,
     describe,
     iter_chunks,
     load,
@@ -34,7 +33,6 @@ __all__ = [
     "Dataset",
     "ShardRef",
     "Fingerprinter",
-    "check_same_data",
     "ShardMeta",
     "ShardRows",
     "SourceInfo",

@@ -198,18 +198,6 @@ def source_fingerprint(src: str | os.PathLike, latents: str = "mean") -> str:
     return hasher.hexdigest()
 
 
-def check_same_data(table_fingerprint: str, src: str | os.PathLike, latents: str, what: str) -> None:
-    """InputError naming `what` (a flag and file) when a J* table was estimated on other data than SRC.
-
-    Tables without a fingerprint (written by the Python API with fingerprint="") are not checked."""
-    if not table_fingerprint:
-        return
-    data_fp = source_fingerprint(src, latents)
-    if table_fingerprint != data_fp:
-        raise InputError(f"{what}: estimated on data with fingerprint {table_fingerprint[:16]}..., but --data "
-                         f"{os.fspath(src)} has {data_fp[:16]}...; estimate J* on the same data (and --latents)")
-
-
 def _check_max_samples(max_samples: int | None) -> None:
     if max_samples is not None and not (
         isinstance(max_samples, numbers.Integral) and not isinstance(max_samples, bool) and max_samples >= 2

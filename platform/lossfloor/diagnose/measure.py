@@ -80,18 +80,11 @@ class Diagnosis:
         return self.table.to_pylist()
 
 
-def curve_of(jstar: JStarX0) -> JStarCurve:
-    """The J* curve (linear in ln σ) of an x0 J* table, as the training loop reads it."""
-    return JStarCurve(sigma=jstar.sigma, j_star=jstar.j_star, total_variance=jstar.total_variance,
-                      sigma_star=jstar.sigma_star, ci_low=jstar.ci_low, ci_high=jstar.ci_high,
-                      fingerprint=jstar.fingerprint)
-
-
 def check_sigmas(sigmas, jstar: JStarX0 | None, model: Model | None, *, flag: str = "--sigma-grid") -> None:
     """Every σ inside the J* table's grid and the model's range (InputError naming the file or flag)."""
+    if jstar is not None:
+        jstar.at(np.asarray(sigmas, dtype=np.float64))  # InputError naming the table
     for s in np.asarray(sigmas, dtype=np.float64):
-        if jstar is not None:
-            jstar.at(s)  # InputError naming the table
         if model is not None and model.sigma_range is not None:
             lo, hi = model.sigma_range
             if not lo * (1 - SIGMA_RTOL) <= s <= hi * (1 + SIGMA_RTOL):
@@ -146,18 +139,14 @@ def measure(model: Model, samples, labels, sigmas, *, jstar: JStarX0, fingerprin
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     check_sigmas(sigmas, jstar, model)
-    curve = curve_of(jstar)
     K = len(sigmas)
     loss, stderr, n = _run(model, samples, labels, sigmas, seed=seed, n_samples=n_samples, batch=batch,
                            device=device, losses=losses,
                            progress=None if progress is None else (lambda k: progress(k + 1)))
-    sig_t = torch.as_tensor(sigmas)
-    j_star = curve(sig_t).numpy()
-    lo, hi = (v.numpy() for v in curve.interval(sig_t))
-    j_se = np.interp(np.log(sigmas), np.log(jstar.sigma), jstar.stderr)
+    j_star, lo, hi, j_se = jstar.at(sigmas, columns=("j_star", "ci_low", "ci_high", "stderr"))
     gap = loss - j_star
     seen = loss > ROUNDOFF * jstar.total_variance  # below: float round-off of an exact model, no relative gap
-    ref = reference_weights(curve, sigmas)
+    ref = reference_weights(JStarCurve(jstar), sigmas)
     own = None if model.weighting is None else _weights(model.weighting, sigmas)
     cols = {
         "sigma": pa.array(sigmas, pa.float64()),
@@ -246,5 +235,5 @@ def format_diagnosis(d: Diagnosis) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["HOLDOUT_COLUMNS", "Diagnosis", "check_sigmas", "curve_of", "evaluation_subset", "format_diagnosis",
+__all__ = ["HOLDOUT_COLUMNS", "Diagnosis", "check_sigmas", "evaluation_subset", "format_diagnosis",
            "local_losses", "measure", "read_diagnosis", "write_diagnosis"]

@@ -13,12 +13,18 @@ Columns (all rows of a table share the non-σ values except `subset_size`):
 `stderr` is the Monte-Carlo standard error only; `bias` the estimator's bias estimate and
 `ci_low..ci_high` a 95 % interval that includes its allowance (see `lossfloor.floor.uncertainty`).
 The schema metadata holds `sigma_star`, `sigma_star_low`, `sigma_star_high` (σ* from the estimate and from
-the interval's two ends; JSON numbers or null), `sigma_star_threshold` and `timings` (JSON).
+the interval's two ends; JSON numbers or null), `sigma_star_threshold` and `timings` (JSON); a table of
+J* = Σ_c π_c J*_c (per-class data) also `class_conditional` = true.
+
+This module is the only reader of J* tables: `read_table` (a file) or `JStarTable` (a pyarrow table), then
+`JStarTable.x0()`, the view every consumer reads; `JStarX0.at` is the one lookup of J*(σ) and
+`JStarX0.check_data` the one check that a table is the floor of a model's data.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from lossfloor.atomic import make_parents, write_atomic
 from lossfloor.diffusion import check_target, convert_jstar
@@ -38,6 +45,8 @@ SIGMA_RTOL = 1e-5  # two σ are the same grid point when |a - b| <= SIGMA_RTOL *
 REQUIRED_COLUMNS = ("sigma", "j_star", "stderr", "estimator", "target", "n_queries", "subset_size", "c",
                     "dataset_fingerprint")
 VALUE_COLUMNS = ("j_star", "stderr", "bias", "ci_low", "ci_high")  # each with an _x0 twin
+OUTSIDE = ("error", "clamp")  # the rules of `JStarX0.at` beyond the grid
+log = logging.getLogger(__name__)
 
 
 def sigma_star(sigmas, j_star_x0, total_var: float, threshold: float = SIGMA_STAR_THRESHOLD) -> float | None:
@@ -74,6 +83,16 @@ def outside_grid(sigmas, grid) -> list[float]:
     return [float(s) for s in sigmas if not (s > 0 and lo * (1 - SIGMA_RTOL) <= s <= hi * (1 + SIGMA_RTOL))]
 
 
+def _grid_row(s: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """(n,) the row k that each σ of `s` (n,) reads on the ascending `grid` (K,): the nearest grid point
+    when within SIGMA_RTOL of it (the same grid point) or beyond that end of the grid; else -1."""
+    k = torch.searchsorted(grid, s).clamp(max=len(grid) - 1)  # grid[k-1] < σ <= grid[k]
+    k = torch.where((k > 0) & ((s - grid[k - 1]).abs() < (grid[k] - s).abs()), k - 1, k)  # the nearest
+    near = (s - grid[k]).abs() <= SIGMA_RTOL * grid[k]
+    beyond = ((k == 0) & (s < grid[0])) | ((k == len(grid) - 1) & (s > grid[-1]))
+    return torch.where(near | beyond, k, -1)
+
+
 @dataclass(frozen=True, eq=False)
 class JStarX0:
     """A J* table in x0 units, sorted by σ: what training, fits, dashboards and diagnosis read.
@@ -89,18 +108,75 @@ class JStarX0:
     ci_high: np.ndarray
     total_variance: float
     sigma_star: float | None
-    fingerprint: str
+    fingerprint: str  # the data set the table was estimated on ("" when not recorded)
     estimator: str
+    latents: str  # "mean" | "posterior" for EDM2 latents: which data the floor is of; "" for other data
+    class_conditional: bool  # J* = Σ_c π_c J*_c, the floor of a model that sees the class labels
     source: str
 
-    def at(self, sigma: float) -> tuple[float, float, float]:
-        """(J*, ci_low, ci_high) at σ, linear in ln σ between grid points; an error outside the grid."""
-        s = float(sigma)
-        if outside_grid([s], self.sigma):
-            raise InputError(f"J* table {self.source}: σ = {s:g} is outside its grid "
-                             f"[{self.sigma[0]:g}, {self.sigma[-1]:g}]")
-        x, xp = math.log(s), np.log(self.sigma)
-        return tuple(float(np.interp(x, xp, v)) for v in (self.j_star, self.ci_low, self.ci_high))
+    def at(self, sigma, *, outside: str = "error", columns: tuple[str, ...] = ("j_star", "ci_low", "ci_high")):
+        """The table's `columns` (x0 units) at σ: a tuple of floats for a number, of arrays for an array,
+        of tensors (σ's device and dtype) for a tensor.
+
+        A σ within SIGMA_RTOL of a grid point σ_k reads row k; between grid points every column is linear
+        in ln σ:  v(σ) = v_k + (ln σ - ln σ_k) / (ln σ_{k+1} - ln σ_k) · (v_{k+1} - v_k).
+        Beyond the grid (`outside_grid`) the rule is named: "error" refuses (InputError naming the table,
+        the σ and the grid), "clamp" reads the end row (training samples σ beyond any grid).
+        """
+        if outside not in OUTSIDE:
+            raise ValueError(f"outside: expected one of {', '.join(OUTSIDE)}, got {outside!r}")
+        is_tensor = isinstance(sigma, torch.Tensor)
+        s = sigma.to(torch.float64) if is_tensor else torch.as_tensor(np.asarray(sigma, dtype=np.float64))
+        if outside == "error":
+            bad = outside_grid(s.flatten().cpu().numpy(), self.sigma)
+            if bad:
+                raise InputError(f"J* table {self.source}: σ = {bad[0]:g} is outside its grid "
+                                 f"[{self.sigma[0]:g}, {self.sigma[-1]:g}]")
+        n = s.flatten()
+        grid = torch.as_tensor(np.stack([self.sigma, np.log(self.sigma)]), dtype=torch.float64, device=s.device)
+        fp = torch.as_tensor(np.stack([getattr(self, c) for c in columns]), dtype=torch.float64, device=s.device)
+        row = _grid_row(n, grid[0])
+        v = fp[:, row.clamp(min=0)]  # (columns, n): the row's values where σ reads a row
+        if len(self.sigma) > 1:
+            x, xp, K = torch.log(n), grid[1], len(self.sigma)
+            i = torch.searchsorted(xp, x, right=True).clamp(1, K - 1)  # xp[i-1] <= x < xp[i] inside the grid
+            f = ((x - xp[i - 1]) / (xp[i] - xp[i - 1])).clamp(0, 1)
+            v = torch.where(row >= 0, v, fp[:, i - 1] + f * (fp[:, i] - fp[:, i - 1]))
+        values = [c.view(s.shape) for c in v]
+        if is_tensor:
+            return tuple(c.to(sigma.dtype) for c in values)
+        if s.ndim == 0:
+            return tuple(float(c) for c in values)
+        return tuple(c.numpy() for c in values)
+
+    def check_data(self, fingerprint: str | None = None, latents: str | None = None, conditional: bool | None = None,
+                   *, table: str, data: str) -> None:
+        """Refuse a table that is not the floor of the data a model sees: InputError, one line naming
+        `table` (e.g. "--j-star J.parquet") and `data` (the data it is checked against, e.g. "--data SRC").
+        What is None is not checked.
+
+        fingerprint: the data's; not checked when either side is "" (not recorded).
+        latents: how the model reads EDM2 latents, "mean" | "posterior": a floor of the posterior is not
+          one of the means, nor the reverse (a table of other data, latents "", counts as the means).
+        conditional: whether the model sees class labels. A class-conditional floor Σ_c π_c J*_c lies below
+          what a model without labels can reach: refused. A conditional model can go below an
+          unconditional floor (mostly at large σ, negative gaps there): a warning, not refused.
+        """
+        if latents is not None and (self.latents == "posterior") != (latents == "posterior"):
+            raise InputError(f"{table}: estimated with latents={self.latents or 'mean'}, but {data} is read with "
+                             f"latents={latents}: the floor must be of the data the model sees (estimate with "
+                             f"--latents {latents})")
+        if fingerprint and self.fingerprint and fingerprint != self.fingerprint:
+            raise InputError(f"{table}: estimated on data with fingerprint {self.fingerprint[:16]}..., but {data} "
+                             f"has {fingerprint[:16]}...; estimate J* on the same data")
+        if conditional is False and self.class_conditional:
+            raise InputError(f"{table}: a class-conditional floor (J* = Σ_c π_c J*_c), but the model has no class "
+                             "labels and cannot reach it: use the unconditional floor")
+        if conditional and not self.class_conditional:
+            log.warning("%s: the model is class-conditional but the J* table is not: a conditional model can go below "
+                        "the unconditional J* (mostly at large sigma), giving negative gaps there. Train it "
+                        "unconditional or use a class-conditional table (J* = sum_c pi_c J*_c, metadata "
+                        "class_conditional=true).", table)
 
 
 @dataclass(frozen=True)
@@ -164,10 +240,14 @@ class JStarTable:
         order = np.argsort(sigma)
         tv = float(self.column("total_variance")[0]) if "total_variance" in names else float(np.max(j))
         fp = str(self.table.column("dataset_fingerprint")[0]) if "dataset_fingerprint" in names else ""
+        latents = str(self.table.column("latents")[0]) if "latents" in names else ""
+        meta = self.table.schema.metadata or {}
+        conditional = meta.get(b"class_conditional", b"false").strip().lower() == b"true"
         return JStarX0(
             sigma=sigma[order], j_star=np.maximum(j[order], 0.0), stderr=se[order],
             ci_low=np.maximum(lo[order], 0.0), ci_high=hi[order], total_variance=tv,
-            sigma_star=self.sigma_star, fingerprint=fp, estimator="/".join(sorted(estimators)), source=self.source,
+            sigma_star=self.sigma_star, fingerprint=fp, estimator="/".join(sorted(estimators)), latents=latents,
+            class_conditional=conditional, source=self.source,
         )
 
 

@@ -89,9 +89,7 @@ def _read_jstar(path: str, fingerprint: str, data: str):
     from lossfloor.floor import read_table
 
     x0 = read_table(path).x0()
-    if x0.fingerprint and x0.fingerprint != fingerprint:
-        raise InputError(f"--j-star {path}: a J* table of another data set (fingerprint {x0.fingerprint[:12]}, "
-                         f"but --data {data} is {fingerprint[:12]})")
+    x0.check_data(fingerprint, table=f"--j-star {path}", data=f"--data {data}")
     return x0
 
 

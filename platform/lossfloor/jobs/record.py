@@ -39,16 +39,17 @@ def record_training(out_dir, *, samples: int | str | None = "auto", device: str 
     from lossfloor.jobs.samples import grid_size, samples_grid, write_png
     from lossfloor.pages.html import figure_page
     from lossfloor.pages.training import loss_curve_figure
-    from lossfloor.tracking.train import SAMPLES_FILE, log_training, read_run
+    from lossfloor.tracking.train import SAMPLES_FILE, log_training
+    from lossfloor.train.run_folder import read_run_folder
 
-    info = read_run(out_dir)
-    curve_rows, log_rows = info["curve"].to_pylist(), info["log"].to_pylist()
-    page = figure_page(loss_curve_figure(curve_rows, log_rows, title=info["run"])) if curve_rows else None
-    n = grid_size(samples, info["config"], info["forward_flops"], device)
+    info = read_run_folder(out_dir)
+    curve_rows, log_rows = info.curve_rows, info.log_rows
+    page = figure_page(loss_curve_figure(curve_rows, log_rows, title=info.run)) if curve_rows else None
+    n = grid_size(samples, info.config, info.forward_flops, device)
     with tempfile.TemporaryDirectory(prefix="lossfloor-samples-") as tmp:
         png = None
-        if n and info["checkpoints"]:
-            png = write_png(samples_grid(info["checkpoints"][-1], n, device=device), Path(tmp) / SAMPLES_FILE)
+        if n and info.checkpoints:
+            png = write_png(samples_grid(info.checkpoints[-1], n, device=device), Path(tmp) / SAMPLES_FILE)
         return log_training(out_dir, info=info, figure_html=page, samples_png=png, **run)
 
 

@@ -186,9 +186,10 @@ def build_spec(args: argparse.Namespace, resources, *, create_jstar: bool = True
             curve = JStarCurve.from_path(jstar)
         except InputError as e:
             raise InputError(f"--j-star: {e}") from None
-        from lossfloor.data import check_same_data
+        from lossfloor.data import source_fingerprint
 
-        check_same_data(curve.fingerprint, args.data, "mean", f"--j-star {jstar}")
+        curve.table.check_data(source_fingerprint(args.data, "mean"), "mean", table=f"--j-star {jstar}",
+                               data=f"--data {args.data}")
     base = TrainConfig(preset=args.preset, jstar=jstar, conditional=args.conditional, batch_n_img=args.batch,
                        duration_n_img=args.images, lr_ref=args.lr, warmup_n_img=args.warmup, eval_every_n_img=every,
                        checkpoint_every_n_img=every, eval_sigmas=sigmas, eval_n_samples=args.eval_samples,

@@ -227,25 +227,22 @@ def _ladder_on_ray_train(todo, source: str, engine: Engine, train_workers: int, 
     cluster's resources hold (`concurrent_models`; one driver thread per running model)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    import pyarrow.parquet as pq
-
     from lossfloor.ray.train import train_on_ray
     from lossfloor.train import forward_flops, resolve
+    from lossfloor.train.run_folder import read_run_folder
 
     def one(stage: Stage, cfg) -> dict:
         stage.begin()
         run = train_on_ray(cfg, source, workers=train_workers, gpus_per_worker=engine.gpus_per_worker,
                            cpus_per_worker=engine.cpus_per_worker, storage_path=str(Path(out).absolute()),
                            name=stage.dir.name, address=engine.address)
-        table = pq.read_table(stage.dir / "loss_curve.parquet")
-        curve = table.to_pylist()
+        folder = read_run_folder(stage.dir)
+        curve = folder.curve_rows
         unet = resolve(cfg).unet
         return {"run": curve[-1]["run"], "model": curve[-1]["model"], "params": curve[-1]["params"],
                 "forward_flops": forward_flops(unet, cfg.flop_convention), "n_img": curve[-1]["images"],
-                "step": curve[-1]["step"], "loss_curve": curve,
-                "table_meta": {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()},
-                "train_log": pq.read_table(stage.dir / "train_log.parquet").to_pylist(), "train_s": run.wall_s,
-                "device": engine.device}
+                "step": curve[-1]["step"], "loss_curve": curve, "table_meta": folder.meta,
+                "train_log": folder.log_rows, "train_s": run.wall_s, "device": engine.device}
 
     at_once = concurrent_models(engine, train_workers, len(todo))
     pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="train")

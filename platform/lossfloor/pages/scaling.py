@@ -26,7 +26,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from lossfloor.errors import InputError
-from lossfloor.floor.table import SIGMA_RTOL  # rows, fits and panels of the same σ
+from lossfloor.floor.table import SIGMA_RTOL, outside_grid  # rows, fits and panels of the same σ
 from lossfloor.fmt import num
 from lossfloor.pages.html import Section, page_html, write_page
 from lossfloor.pages.jstar import data_label, jstar_figure
@@ -146,7 +146,7 @@ def j_star_of(fit: dict | None, jstar=None, sigma: float | None = None) -> float
     if jstar is None or sigma is None:
         return None
     x0 = jstar.x0()
-    if not x0.sigma[0] * (1 - SIGMA_RTOL) <= sigma <= x0.sigma[-1] * (1 + SIGMA_RTOL):
+    if outside_grid([sigma], x0.sigma):
         return None
     return x0.at(sigma)[0]
 

@@ -13,7 +13,7 @@ three fits), `fits` (bootstrap over runs, hold-out, `fit_all`). No plotting here
     fits.corrected.fit.alpha, fits.corrected.intervals["alpha"], fits.to_dict()
 """
 
-from lossfloor.scaling.data import Curves, as_curves, j_star_at, load_j_star_table
+from lossfloor.scaling.data import Curves, as_curves, load_j_star_table
 from lossfloor.scaling.envelope import Envelope, envelope
 from lossfloor.scaling.fits import (
     FormResult,
@@ -49,6 +49,5 @@ __all__ = [
     "fit_forms",
     "fit_free_offset",
     "fit_raw",
-    "j_star_at",
     "load_j_star_table",
 ]

@@ -247,13 +247,3 @@ def load_j_star_table(obj) -> JStarX0:
             f"{source}: column 'sigma' has repeated values; keep one row per sigma (one estimator)"
         )
     return x0
-
-
-def j_star_at(table: JStarX0, sigma: float) -> tuple[float, float, float]:
-    """(J*, ci_low, ci_high) in x0 units at `sigma`: the table row if sigma is in it, else linear
-    interpolation in log sigma; InputError outside [min sigma, max sigma] of the table (no extrapolation)."""
-    hit = np.flatnonzero(np.abs(table.sigma - sigma) <= SIGMA_RTOL * sigma)
-    if len(hit):
-        i = hit[0]
-        return float(table.j_star[i]), float(table.ci_low[i]), float(table.ci_high[i])
-    return table.at(sigma)

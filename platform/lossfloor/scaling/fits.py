@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lossfloor.errors import InputError, JStarNotBelowLoss
-from lossfloor.scaling.data import SIGMA_RTOL, Curves, as_curves, j_star_at, load_j_star_table
+from lossfloor.scaling.data import SIGMA_RTOL, Curves, as_curves, load_j_star_table
 from lossfloor.scaling.envelope import N_GRID, Envelope, envelope_from_runs, interpolate_runs, log_grid
 from lossfloor.scaling.powerlaw import (
     FORMS,
@@ -418,7 +418,7 @@ class JStarValue:
 
 def resolve_j_star(j_star, j_star_stderr: float | None, sigma: float | None) -> JStarValue | None:
     """J* from a number (± 1.96 j_star_stderr), a `JStarValue`, or a J* table (path / pyarrow / polars /
-    mapping) at `sigma`: its x0 columns and interval, linear in ln sigma between rows."""
+    mapping) at `sigma`: its x0 columns and interval (`JStarX0.at`: linear in ln sigma between rows)."""
     if j_star is None:
         if j_star_stderr:
             raise InputError("j_star_stderr: given without a J* value")
@@ -445,7 +445,7 @@ def resolve_j_star(j_star, j_star_stderr: float | None, sigma: float | None) -> 
         )
     if j_star_stderr is not None:
         raise InputError("j_star_stderr: the J* table's interval (ci_low_x0, ci_high_x0) is used; do not pass one")
-    value, low, high = j_star_at(table, sigma)
+    value, low, high = table.at(sigma)
     return JStarValue(value, low, high, f"{table.source} at sigma={sigma:g}")
 
 

@@ -33,50 +33,20 @@ import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from lossfloor.errors import InputError
 from lossfloor.tracking.datasets import log_dataset
 from lossfloor.tracking.estimate import EXPERIMENT
 from lossfloor.tracking.runs import TrackedRun, sigma_name, start_run
 
+if TYPE_CHECKING:
+    from lossfloor.train.run_folder import RunFolder
+
 CURVE_FILE = "loss_curve.parquet"
 LOG_FILE = "train_log.parquet"
 SAMPLES_FILE = "samples.png"
 FIGURE_FILE = "loss_curve.html"
-
-
-# --- Reading the run folder --------------------------------------------------------------------------------
-
-
-def _read(path: Path):
-    if not path.is_file():
-        raise InputError(f"{path}: not found (expected the tables a training run writes to its folder)")
-    try:
-        return pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise InputError(f"{path}: not a readable parquet file ({e.__class__.__name__})") from None
-
-
-def read_run(out_dir) -> dict:
-    """The run folder's tables and what their metadata says: curve, log (pyarrow tables), config (a
-    TrainConfig), forward_flops, run, checkpoints (paths, oldest first)."""
-    from lossfloor.train import TrainConfig
-    from lossfloor.train.checkpoint import list_checkpoints
-
-    out = Path(out_dir)
-    curve, train_log = _read(out / CURVE_FILE), _read(out / LOG_FILE)
-    meta = {k.decode(): v.decode() for k, v in (curve.schema.metadata or {}).items()}
-    if "config" not in meta:
-        raise InputError(f"{out / CURVE_FILE}: no training config in its metadata (not written by lossfloor.train?)")
-    return {
-        "curve": curve, "log": train_log, "config": TrainConfig.from_dict(json.loads(meta["config"])),
-        "forward_flops": float(meta.get("forward_flops", "nan")), "run": meta.get("run", ""),
-        "flop_convention": meta.get("flop_convention", ""), "fingerprint": meta.get("dataset_fingerprint", ""),
-        "checkpoints": [p for _, p in list_checkpoints(out)],
-        "span": (float(meta["started_at"]), float(meta["written_at"])) if "started_at" in meta else (None, None),
-    }
 
 
 def train_params(config) -> dict[str, object]:
@@ -98,26 +68,31 @@ def train_params(config) -> dict[str, object]:
 # --- Logging -------------------------------------------------------------------------------------------
 
 
-def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | None = None, info: dict | None = None,
-                  figure_html: str | None = None, samples_png: Path | None = None) -> dict:
+def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | None = None,
+                  info: RunFolder | None = None, figure_html: str | None = None,
+                  samples_png: Path | None = None) -> RunFolder:
     """Log a finished (or paused) training run's folder into an existing MLflow run.
 
-    info: the folder as `read_run` read it (read here when not given). Returns it.
+    info: the folder as `lossfloor.train.run_folder.read_run_folder` read it (read here when not given).
+      Returns it.
     figure_html, samples_png: the loss-curve figure's page and a samples grid (a PNG file), logged as
       loss_curve.html and samples.png when given.
     """
-    info = info if info is not None else read_run(out_dir)
-    cfg = info["config"]
-    curve_rows, log_rows = info["curve"].to_pylist(), info["log"].to_pylist()
+    from lossfloor.train.run_folder import read_run_folder
+
+    info = info if info is not None else read_run_folder(out_dir)
+    cfg = info.config
+    curve_rows, log_rows = info.curve_rows, info.log_rows
     if not log_rows:
         raise InputError(f"{Path(out_dir) / LOG_FILE}: no rows (the run has not taken a step)")
     model, n_params = log_rows[-1]["model"], log_rows[-1]["params"]
-    run.log_params({**(params or {}), **train_params(cfg), "run": info["run"], "model": model,
-                    "n_params": n_params, "forward_flops": info["forward_flops"],
-                    "flop_convention": info["flop_convention"]})
-    log_dataset(run, info["fingerprint"], source=str((params or {}).get("data") or ""), context="training")
-    ckpts = [str(p) for p in info["checkpoints"]]
-    run.set_tags({"lossfloor.kind": "train", "lossfloor.model": model, "lossfloor.run": info["run"],
+    run.log_params({**(params or {}), **train_params(cfg), "run": info.run, "model": model,
+                    "n_params": n_params, "forward_flops": info.forward_flops,
+                    "flop_convention": info.meta.get("flop_convention", "")})
+    log_dataset(run, info.meta.get("dataset_fingerprint", ""), source=str((params or {}).get("data") or ""),
+                context="training")
+    ckpts = [str(p) for p in info.checkpoints]
+    run.set_tags({"lossfloor.kind": "train", "lossfloor.model": model, "lossfloor.run": info.run,
                   "out_dir": str(Path(out_dir).absolute()), "checkpoint": ckpts[-1] if ckpts else "none",
                   "checkpoints": ckpts})
 
@@ -144,7 +119,7 @@ def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | No
                 m[f"eval/gap/sigma_{sigma_name(r['sigma'])}"] = r["gap"]
     for step, metrics in sorted(by_step.items()):
         run.log_metrics(metrics, step=step)
-    final = final_eval(curve_rows)
+    _, final, _ = info.last_eval()
     if final:
         curves = {"final/sigma": [r["sigma"] for r in final], "final/loss": [r["loss"] for r in final]}
         if all(r["gap"] is not None for r in final):
@@ -153,7 +128,7 @@ def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | No
         run.log_series(curves)
     last = log_rows[-1]
     run.log_metrics({"n_img": last["images"], "steps": last["step"], "training_flops": last["flops"],
-                     "forward_flops": info["forward_flops"], "n_params": n_params}, step=last["step"])
+                     "forward_flops": info.forward_flops, "n_params": n_params}, step=last["step"])
 
     # artifacts
     with tempfile.TemporaryDirectory(prefix="lossfloor-mlflow-") as tmp:
@@ -179,23 +154,16 @@ def log_training(out_dir, *, params: Mapping[str, object] | None = None, experim
     info, figure_html, samples_png: as for `log_train_run`.
     The MLflow run ends FAILED, never left RUNNING, if logging fails part-way.
     """
-    run_info = info if info is not None else read_run(out_dir)
+    from lossfloor.train.run_folder import read_run_folder
+
+    run_info = info if info is not None else read_run_folder(out_dir)
     if run_name is None:
-        run_name = run_info["run"] or None
-    start, end = run_info["span"]  # the training's own span: the run's duration is the work's, not the logging's
+        run_name = run_info.run or None
+    start, end = run_info.span  # the training's own span: the run's duration is the work's, not the logging's
     with start_run(experiment=experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags,
                    tracking_uri=tracking_uri, start_time=start, end_time=end) as run:
         log_train_run(run, out_dir, params=params, info=run_info, figure_html=figure_html, samples_png=samples_png)
     return run.run_id
 
 
-def final_eval(curve_rows: list[dict]) -> list[dict]:
-    """The per-σ rows of the last evaluation, ascending σ."""
-    if not curve_rows:
-        return []
-    last = max(r["images"] for r in curve_rows)
-    return sorted((r for r in curve_rows if r["images"] == last and r["sigma"] is not None),
-                  key=lambda r: r["sigma"])
-
-
-__all__ = ["final_eval", "log_train_run", "log_training", "read_run", "train_params"]
+__all__ = ["log_train_run", "log_training", "train_params"]

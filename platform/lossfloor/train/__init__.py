@@ -8,8 +8,8 @@
 
 Modules: config (TrainConfig), schedules (EDM2 / FM / optimal-loss + gap tracker), losses (denoiser,
 x0 and EDM2 losses), ema (power-function EMA, post-hoc reconstruction), evaluation (fixed-grid per-sigma
-losses), flops, checkpoint, curves (parquet tables), loop (train), sampling (EDM Heun), metrics
-(Fréchet distance and feature extractors). Imports only torch, numpy, scipy and pyarrow.
+losses), flops, checkpoint, curves (parquet tables), run_folder (a run's folder read back), loop (train),
+sampling (EDM Heun), metrics (Fréchet distance and feature extractors). Imports only torch, numpy, scipy and pyarrow.
 """
 
 from lossfloor.train.checkpoint import latest_checkpoint, load_checkpoint, read_snapshots

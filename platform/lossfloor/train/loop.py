@@ -183,15 +183,9 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     samples, labels = _data_arrays(data, unet_cfg, posterior)
     precond = R.preconditioning()
     curve = JStarCurve.from_path(cfg.jstar) if cfg.jstar else None
-    if curve is not None and (curve.latents == "posterior") != posterior:
-        raise InputError(f"jstar {cfg.jstar}: a J* table of the {'posterior' if curve.latents == 'posterior' else 'mean'}"
-                         f" latents, but training uses latents={cfg.latents}: the floor must be of the data the "
-                         f"model sees (estimate with --latents {cfg.latents})")
-    if curve is not None and unet_cfg.label_dim and not curve.class_conditional:
-        log.warning("%s: the model is class-conditional but the J* table %s is not: a conditional model can go "
-                    "below the unconditional J* (mostly at large sigma), giving negative gaps there. Set "
-                    "conditional=False or use a class-conditional table (J* = sum_c pi_c J*_c, metadata "
-                    "class_conditional=true).", R.run, cfg.jstar)
+    if curve is not None:
+        curve.table.check_data(latents=cfg.latents, conditional=bool(unet_cfg.label_dim), table=f"jstar {cfg.jstar}",
+                               data="the training data")
     schedule = build_schedule(R.schedule, precond, P_mean=R.preset.P_mean, P_std=R.preset.P_std, jstar=curve)
     net = build_unet(unet_cfg, device=device, seed=cfg.seed)
     head = build_uncertainty_head(unet_cfg, device=device, seed=cfg.seed) if schedule.uncertainty else None

@@ -30,7 +30,7 @@ import torch
 
 from lossfloor.diffusion import Preconditioning
 from lossfloor.errors import InputError
-from lossfloor.floor.table import SIGMA_STAR_THRESHOLD, read_table, sigma_star
+from lossfloor.floor.table import SIGMA_STAR_THRESHOLD, JStarX0, read_table, sigma_star
 
 SQRT_2PI = math.sqrt(2 * math.pi)
 log = logging.getLogger(__name__)
@@ -124,59 +124,28 @@ SCHEDULES = {cls.kind: cls for cls in (EDM2Schedule, FMSchedule, OptimalLossSche
 
 @dataclass(frozen=True, eq=False)
 class JStarCurve:
-    """J*(sigma) in x0 units from a J* table, linear in ln sigma between grid points, constant beyond
-    (training samples sigma beyond any grid)."""
+    """J*(sigma) as training reads it: a view of a J* table (`JStarX0.at` with outside="clamp": linear in
+    ln sigma between grid points, the end values beyond, as training samples sigma beyond any grid);
+    tensors in, tensors out on their device."""
 
-    sigma: np.ndarray  # (K,) float64, ascending
-    j_star: np.ndarray  # (K,) float64, x0 units, clipped at 0
-    total_variance: float  # J*(inf)
-    sigma_star: float | None  # from the table's metadata
-    class_conditional: bool = False  # metadata "class_conditional": J* = sum_c pi_c J*_c (per-class data)
-    ci_low: np.ndarray | None = None  # (K,) the 95 % interval of J* (bias allowance included), x0 units
-    ci_high: np.ndarray | None = None
-    fingerprint: str = ""  # the data set the table was estimated on
-    latents: str = ""  # "mean" | "posterior" for EDM2 latents: which data the floor is of
+    table: JStarX0
 
     @classmethod
     def from_path(cls, path: str | os.PathLike) -> JStarCurve:
         """Read a J* table in x0 units (`JStarTable.x0`: converted from its target if needed)."""
-        table = read_table(path)
-        x0 = table.x0()
-        meta = table.table.schema.metadata or {}
-        conditional = meta.get(b"class_conditional", b"false").strip().lower() == b"true"
-        return cls(sigma=x0.sigma, j_star=x0.j_star, total_variance=x0.total_variance, sigma_star=x0.sigma_star,
-                   class_conditional=conditional, ci_low=x0.ci_low, ci_high=x0.ci_high, fingerprint=x0.fingerprint,
-                   latents=_latents(table))
+        return cls(read_table(path).x0())
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
         """J*(sigma) for a tensor of sigmas, same dtype and device."""
-        return self._interp(self.j_star, sigma)
+        return self.table.at(sigma, outside="clamp", columns=("j_star",))[0]
 
-    def interval(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(ci_low, ci_high) of J* at sigma, interpolated like J*; None for a table without an interval."""
-        if self.ci_low is None or self.ci_high is None:
-            return None
-        return self._interp(self.ci_low, sigma), self._interp(self.ci_high, sigma)
-
-    def _interp(self, values: np.ndarray, sigma: torch.Tensor) -> torch.Tensor:
-        shape = sigma.shape
-        x = torch.log(sigma.to(torch.float64)).flatten()  # (n,)
-        xp = torch.as_tensor(np.log(self.sigma), device=sigma.device)  # (K,)
-        fp = torch.as_tensor(values, dtype=torch.float64, device=sigma.device)
-        if len(xp) == 1:
-            return fp.expand(shape).to(sigma.dtype)
-        i = (x[:, None] >= xp).sum(1).clamp(1, len(xp) - 1)  # (n, K) -> (n,): xp[i-1] <= x < xp[i] inside
-        f = ((x - xp[i - 1]) / (xp[i] - xp[i - 1])).clamp(0, 1)  # clamp: constant beyond the ends
-        return (fp[i - 1] + f * (fp[i] - fp[i - 1])).view(shape).to(sigma.dtype)
+    def interval(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ci_low, ci_high) of J* at sigma, read like J*."""
+        return self.table.at(sigma, outside="clamp", columns=("ci_low", "ci_high"))
 
 
 def _g(v: float | None) -> str:
     return "undefined" if v is None else f"{v:.4g}"
-
-
-def _latents(table) -> str:
-    names = table.table.column_names
-    return str(table.table.column("latents")[0]) if "latents" in names and table.table.num_rows else ""
 
 
 # --- Runtime schedules ----------------------------------------------------------------------------
@@ -214,19 +183,19 @@ class OptimalLoss:
 
     def __init__(self, config: OptimalLossSchedule, curve: JStarCurve):
         self.config, self.curve, self.uncertainty = config, curve, config.uncertainty
-        c = config
+        c, t = config, curve.table
         # Resolve the open choices (OptimalLossSchedule's field comments)
-        self.w_max = c.w_max if c.w_max is not None else 1.0 / (c.sigma_star_threshold * curve.total_variance)
-        s_star = c.sigma_star if c.sigma_star is not None else curve.sigma_star
+        self.w_max = c.w_max if c.w_max is not None else 1.0 / (c.sigma_star_threshold * t.total_variance)
+        s_star = c.sigma_star if c.sigma_star is not None else t.sigma_star
         if s_star is None:
-            s_star = sigma_star(curve.sigma, curve.j_star, curve.total_variance, c.sigma_star_threshold)
+            s_star = sigma_star(t.sigma, t.j_star, t.total_variance, c.sigma_star_threshold)
         self.sigma_star = s_star
         # σ* moves with J*: its range over J*'s 95 % interval (ci_high crosses the threshold first)
         self.sigma_star_interval = None
-        if curve.ci_low is not None and c.sigma_star is None:
+        if c.sigma_star is None:
             self.sigma_star_interval = (
-                sigma_star(curve.sigma, curve.ci_high, curve.total_variance, c.sigma_star_threshold),
-                sigma_star(curve.sigma, curve.ci_low, curve.total_variance, c.sigma_star_threshold))
+                sigma_star(t.sigma, t.ci_high, t.total_variance, c.sigma_star_threshold),
+                sigma_star(t.sigma, t.ci_low, t.total_variance, c.sigma_star_threshold))
             lo, hi = self.sigma_star_interval
             log.info("optimal-loss schedule: sigma* = %s, [%s, %s] over J*'s 95%% interval", _g(s_star), _g(lo), _g(hi))
         self.mu = c.mu if c.mu is not None else (math.log(s_star) if s_star is not None else None)
