@@ -51,7 +51,7 @@ from lossfloor.train.loop import zero_nonfinite_grads_
 from lossfloor.train.losses import Denoiser
 
 EDM2_PRESETS = ("img512-xs", "img512-s", "img512-m", "img512-l", "img512-xl", "img512-xxl")
-# Official EDM2 training throughput: H100, batch 32, fp16 (edm2.md / DESIGN §4)
+# Official EDM2 training throughput: H100, batch 32, fp16 (the EDM2 paper's published throughput)
 REFERENCE = {"source": "official EDM2 code, H100, batch 32 per GPU, fp16, img/s",
              "img_per_s": {"img512-xs": 197, "img512-s": 207, "img512-m": 172, "img512-l": 121,
                            "img512-xl": 96, "img512-xxl": 74}}

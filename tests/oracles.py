@@ -1,4 +1,4 @@
-"""Ground truth for the optimal loss, independent of lossfloor's estimators (DESIGN §3).
+"""Ground truth for the optimal loss, independent of lossfloor's estimators.
 
 Product data sets: all combinations of per-coordinate values. Under the posterior the coordinates stay
 independent, so J*(σ) is the sum over coordinates of the 1-D optimal loss

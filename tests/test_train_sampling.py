@@ -140,7 +140,7 @@ def test_heun_with_the_exact_posterior_mean_lands_on_the_data_points():
     calls = []
 
     def posterior_mean(x, sigma, labels):
-        """E[x0 | x_hat] = softmax_n(-||x - x_n||^2 / 2 sigma^2) x_n (DESIGN §1)."""
+        """E[x0 | x_hat] = softmax_n(-||x - x_n||^2 / 2 sigma^2) x_n (Bayes' rule over the data set)."""
         calls.append(1)
         d2 = ((x[:, None, :] - points[None]) ** 2).sum(-1)  # (B, 2)
         w = torch.softmax(-d2 / (2 * sigma.view(-1, 1) ** 2), dim=1)

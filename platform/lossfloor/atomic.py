@@ -1,4 +1,4 @@
-"""Writing files so that nobody ever sees half of one (DESIGN §2: nothing half-written is left behind).
+"""Writing files so that nobody ever sees half of one (nothing half-written is left behind).
 
     write_atomic(path, lambda p: pq.write_table(table, p))     # any writer that takes a path
     write_npz(path, {"x": x, "labels": labels})                # numpy arrays

@@ -255,7 +255,7 @@ def build_table(
     est: Estimate, *, target: str = "x0", fingerprint: str = "", threshold: float = SIGMA_STAR_THRESHOLD,
     latents: str = "",
 ) -> JStarTable:
-    """Turn an estimate into the J* table, converting J* and its uncertainty to `target` units (DESIGN §1)."""
+    """Turn an estimate into the J* table, converting J* and its uncertainty to `target` units (`lossfloor.diffusion.targets`)."""
     target = check_target(target)
     cfg = est.config
     n = len(est.sigmas)

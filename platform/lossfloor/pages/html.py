@@ -5,7 +5,7 @@
     write_page(text, "page.html"); write_html(fig, "jstar.html")  # atomic, folders created
     is_offline_html(text)                                       # plotly.js embedded, nothing loaded
 
-`page_html` lays out sections around ONE embedded copy of plotly.js (no CDN: DESIGN §5), so a page opens
+`page_html` lays out sections around ONE embedded copy of plotly.js (no CDN: pages open offline), so a page opens
 offline. A page reports whether it rendered: `<body data-rendered="ok: N plots">` once every
 `Plotly.newPlot` promise has resolved, or `data-rendered="error: ..."` plus a red banner on the first
 script error (what the headless browser test reads).

@@ -1,4 +1,4 @@
-"""Thin Ray adapters around the core (DESIGN §2): the core never imports ray, these modules do.
+"""Thin Ray adapters around the core: the core never imports ray, these modules do.
 
     estimate_ray(samples, sigmas, EstimatorConfig(...), engine=Engine(kind="ray", workers=2))   # --engine ray
 

@@ -9,7 +9,7 @@ model's path must be readable where it runs) and gets the driver's evaluation sa
 into blocks of (grid point k, a run of whole forward batches); an actor draws a block's noise as the local engine does
 (`eval_noise(seed, k)`, its rows) and returns the per-batch sums of `batch_sums`; the driver adds them
 up per σ in batch order, exactly as `evaluate` does. So the results are the local engine's whatever the
-number of workers (DESIGN §2); with gpus_per_worker > 0 the actors run on CUDA (and match a local
+number of workers; with gpus_per_worker > 0 the actors run on CUDA (and match a local
 `--device cuda` run).
 """
 

@@ -1,6 +1,6 @@
 """Scaling-law study on one quantity: envelope, three forms, run-level bootstrap, hold-out check.
 
-Follows the protocol of `reference/scaling-fits.md` §6 for Eq. 13 of Xu et al. (2026, §5):
+The fitting protocol for Eq. 13 of Xu et al. (2026, §5):
   1. envelope of the runs' loss-vs-FLOPs curves (`lossfloor.scaling.envelope`);
   2. the raw, gap-corrected and free-offset forms on the same envelope points (`lossfloor.scaling.powerlaw`);
   3. bootstrap over runs (models), never over checkpoints (checkpoints of a run are correlated): each

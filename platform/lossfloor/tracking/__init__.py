@@ -1,4 +1,4 @@
-"""A thin MLflow adapter (DESIGN §2): the core never imports mlflow, this package does.
+"""A thin MLflow adapter: the core never imports mlflow, this package does.
 
     run_id = log_estimate(table, params={"data": "bundled:digits", "engine": "local"})
 

@@ -1,4 +1,4 @@
-"""The run's tables, written as parquet (DESIGN §2: loss curves (run, model, params, step, images, flops,
+"""The run's tables, written as parquet (loss curves (run, model, params, step, images, flops,
 sigma, loss, gap)).
 
 loss_curve.parquet, one row per (evaluation, sigma) plus one row with sigma null per evaluation:

@@ -7,7 +7,7 @@ Per step (EDM2 recipe, edm2.md §4-§5; schedule from paper §4):
   1. The global batch is drawn from a generator seeded by (seed, step): data indices from per-epoch
      permutations seeded by (seed, epoch), then sigma ~ p(sigma) and the noise eps. Each rank takes its
      contiguous slice of the global batch, so the numbers do not depend on the number of ranks
-     (DESIGN §2) and a resumed run reproduces an uninterrupted one bit for bit. Dropout alone draws
+     and a resumed run reproduces an uninterrupted one bit for bit. Dropout alone draws
      from the global torch RNG, reseeded per (seed, step, rank).
   2. Loss per sample L = w(sigma) ||D - x0||^2 (or EDM2's w/e^u ||D - x0||^2 + d u), summed over the rank's
      samples in `accum_rounds` rounds and divided by the global batch; gradients all-reduced (summed)

@@ -8,7 +8,7 @@ Configs (frozen, keyword-only; pick one as `TrainConfig.schedule`):
   preconditioning; EDM2 paper Eq. 5 / edm2.md §4), plus EDM2's learned log-variance u(sigma) by default.
 - `FMSchedule`: flow matching / SD3 (paper §1): t ~ logit-normal(t_mean, t_std), sigma = t/(1-t), so
   ln sigma = logit t ~ N(t_mean, t_std^2); w = 1/c_out^2, i.e. ||v - (eps - x0)||^2 with the "fm" table.
-- `OptimalLossSchedule`: the paper's schedule (paper §4, DESIGN §1):
+- `OptimalLossSchedule`: the paper's schedule (paper §4):
       w(sigma) = a min(1/J*(sigma), w_max) + b N(ln sigma; mu, varsigma^2) 1[sigma < sigma*]
       p(sigma) ∝ w(sigma) (J_sigma(theta) - J*(sigma)), tracked online by `GapTracker`.
 
