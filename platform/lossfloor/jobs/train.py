@@ -122,10 +122,11 @@ def write_tables(folder: Path, config, result: dict) -> None:
     written from the rows that came back, with the loop's metadata (lossfloor.tracking.train reads it)."""
     from lossfloor.train import CURVE_SCHEMA, TRAIN_LOG_SCHEMA
     from lossfloor.train.curves import write_rows
+    from lossfloor.train.run_folder import CURVE_FILE, LOG_FILE
 
     meta = result["table_meta"]  # the loop's own metadata: config, FLOPs, data fingerprint, span
-    for name, rows, schema in (("loss_curve.parquet", result["loss_curve"], CURVE_SCHEMA),
-                               ("train_log.parquet", result["train_log"], TRAIN_LOG_SCHEMA)):
+    for name, rows, schema in ((CURVE_FILE, result["loss_curve"], CURVE_SCHEMA),
+                               (LOG_FILE, result["train_log"], TRAIN_LOG_SCHEMA)):
         if not (Path(folder) / name).is_file():
             write_rows(rows, schema, Path(folder) / name, meta)
 

@@ -39,12 +39,11 @@ from lossfloor.errors import InputError
 from lossfloor.tracking.datasets import log_dataset
 from lossfloor.tracking.estimate import EXPERIMENT
 from lossfloor.tracking.runs import TrackedRun, sigma_name, start_run
+from lossfloor.train.run_folder import CURVE_FILE, LOG_FILE
 
 if TYPE_CHECKING:
     from lossfloor.train.run_folder import RunFolder
 
-CURVE_FILE = "loss_curve.parquet"
-LOG_FILE = "train_log.parquet"
 SAMPLES_FILE = "samples.png"
 FIGURE_FILE = "loss_curve.html"
 

@@ -59,6 +59,7 @@ from lossfloor.train.ema import PowerFunctionEMA
 from lossfloor.train.evaluation import EvalResult, evaluate
 from lossfloor.train.flops import FLOP_CONVENTION, forward_flops, training_flops
 from lossfloor.train.losses import Denoiser, training_loss
+from lossfloor.train.run_folder import CURVE_FILE, LOG_FILE
 from lossfloor.train.schedules import JStarCurve, build_schedule
 
 log = logging.getLogger("lossfloor.train")
@@ -246,8 +247,8 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     def tables() -> dict:
         meta = table_meta()
         return {
-            "loss_curve.parquet": lambda p: write_rows(loss_curve, CURVE_SCHEMA, p, meta),
-            "train_log.parquet": lambda p: write_rows(train_log, TRAIN_LOG_SCHEMA, p, meta),
+            CURVE_FILE: lambda p: write_rows(loss_curve, CURVE_SCHEMA, p, meta),
+            LOG_FILE: lambda p: write_rows(train_log, TRAIN_LOG_SCHEMA, p, meta),
         }
 
     def run_eval() -> EvalResult:
