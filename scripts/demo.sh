@@ -86,8 +86,7 @@ import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"dashboard (opens offline): {s['dashboard']}")
 print(f"MLflow runs: {s['tracking_uri']}, experiment {s['experiment']!r}, parent run {s['parent_run_id']}")
-print(f"open the MLflow UI:  {sys.executable.rsplit('/', 1)[0]}/mlflow ui --backend-store-uri {s['tracking_uri']}"
-      "   (then http://127.0.0.1:5000)")
+print(f"open the MLflow UI:  {sys.executable.rsplit('/', 1)[0]}/{s['mlflow_ui']}")
 EOF
 else
   echo "demo: results are on the cluster's head node under ~/lossfloor (runs/scaling_imagenet512, mlflow.db)"

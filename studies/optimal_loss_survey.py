@@ -231,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.data import load_for
     from lossfloor.jobs.record import jstar_page
     from lossfloor.jobs.study import open_study
+    from lossfloor.jobs.tracking import ui_hint
 
     args.out.mkdir(parents=True, exist_ok=True)
     tables, summary = {}, []
@@ -264,7 +265,8 @@ def run(args: argparse.Namespace) -> int:
     for s in summary:
         star = "undefined" if s["sigma_star"] is None else f"{s['sigma_star']:.4g}"
         print(f"{s['label']:<16} N={s['n_samples']:<8} {s['estimator']:<6} sigma*={star:<10} run {s['run_id']}")
-    print(f"figure: {html}\nMLflow: {uri} experiment {args.experiment!r} parent run {parent.run_id}")
+    print(f"figure: {html}\nMLflow: {uri} experiment {args.experiment!r} parent run {parent.run_id}\n"
+          f"open the runs: {ui_hint(uri, parent.experiment_id)}")
     return 0
 
 

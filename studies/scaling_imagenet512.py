@@ -492,6 +492,7 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.data import describe
     from lossfloor.diffusion import parse_sigma_grid, parse_sigmas
     from lossfloor.jobs.study import check_outputs, tracking_uri
+    from lossfloor.jobs.tracking import ui_hint
 
     t_start = time.monotonic()
     log.info("lossfloor %s from %s", lossfloor.__version__, Path(lossfloor.__file__).parent)
@@ -576,7 +577,8 @@ def run(args: argparse.Namespace) -> int:
         html = build_dashboard(args, uri, parent.run_id, fit_sigmas)
         summary = {
             "study": STUDY, "preset": args.preset, "tracking_uri": uri, "experiment": args.experiment,
-            "parent_run_id": parent.run_id, "dashboard": str(html), "sigma_star": s_star,
+            "parent_run_id": parent.run_id, "mlflow_ui": ui_hint(uri, parent.experiment_id),
+            "dashboard": str(html), "sigma_star": s_star,
             "fit_sigmas": list(fit_sigmas), "eval_sigmas": list(eval_sigmas), "total_j_star": list(total_js),
             "stages": {name: {"dir": str(d.stage.dir), "skipped": d.skipped} for name, d in study.done.items()},
             "rho": rows, "seconds": time.monotonic() - t_start,
@@ -592,7 +594,7 @@ def run(args: argparse.Namespace) -> int:
     print(_scaling.format_rho(rows))
     print(f"dashboard: {html}")
     print(f"MLflow: {uri}, experiment {args.experiment!r}, parent run {parent.run_id}")
-    print(f"open the runs: mlflow ui --backend-store-uri {uri}")
+    print(f"open the runs: {summary['mlflow_ui']}")
     return 0
 
 

@@ -39,4 +39,12 @@ def open_tracking(mlflow: bool, tracking_uri: str | None, *, experiment: str,
     return Tracking(uri=check_store(tracking_uri), experiment=experiment, run_name=run_name)
 
 
-__all__ = ["Tracking", "open_tracking"]
+def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """How to see a run: the `mlflow ui` command for the store and the page to open (the runs table in
+    MLflow's model-training view, `lossfloor.tracking.runs.ui_link`)."""
+    from lossfloor.tracking.runs import ui_link
+
+    return f"mlflow ui --backend-store-uri {uri}, then open {ui_link(experiment_id, run_id)}"
+
+
+__all__ = ["Tracking", "open_tracking", "ui_hint"]

@@ -41,9 +41,10 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's limits per log_batch call
 _SQLITE = re.compile(r"sqlite:///(?P<path>.+)")
-# MLflow >= 3 opens an experiment without this tag in its GenAI view (traces, evaluation runs); lossfloor's
-# are model-development experiments, shown as runs with their metrics
+# lossfloor's experiments are model-development experiments (runs with their metrics). The tag is what
+# MLflow records for that; its 3.x UI does not decide its view by it (see `ui_link`).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 def default_tracking_uri() -> str:
@@ -138,6 +139,17 @@ def _check_database(uri: str, where: str) -> None:
         engine.dispose()
     except Exception as e:  # drivers raise their own types (missing driver, refused, bad password)
         raise InputError(f"{where}: cannot connect ({str(e).splitlines()[0][:200]})") from None
+
+
+def ui_link(experiment_id: str, run_id: str | None = None, *, address: str = UI_ADDRESS) -> str:
+    """The MLflow UI page of an experiment's runs table (or of one run) in its model-training view.
+
+    MLflow 3's UI chooses between its GenAI view (traces, "Detect Issues", runs as evaluations) and its
+    model-training view from the page address's `workflowType` query parameter (genai | machine_learning),
+    else from the browser's last choice, else GenAI; not from the experiment's tags. So every link
+    lossfloor prints names the view (tests/test_mlflow_ui.py opens one in Chromium)."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{address}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
 
 
 def sigma_name(sigma: float) -> str:
