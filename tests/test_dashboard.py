@@ -118,8 +118,10 @@ def test_zero_j_star_is_marked_and_the_legend_names_the_data(jstar, curves, fits
     assert zeros > 0  # σ = 0.01 on this data: J* is 0 in floating point
     fig = jstar_figure({"gauss": {"x0": jstar}})
     (marks,) = [t for t in fig.data if t.name == ZERO_LABEL]
-    positive = jstar.column("j_star")[jstar.column("j_star") > 0]
-    assert len(marks.x) == zeros and np.all(np.asarray(marks.y) < positive.min())  # at the axis floor, not missing
+    (line,) = [t for t in fig.data if t.name == "gauss"]
+    # every σ is drawn, as J* or as ≈ 0 (J* = 0 and 7e-11 at σ = 0.054, below what the estimate resolves)
+    assert len(marks.x) >= zeros and len(marks.x) + len(line.x) == len(jstar.column("sigma"))
+    assert np.all(np.asarray(marks.y) <= np.min(line.y))  # at the axis floor, not missing
     page = scaling.build_dashboard(jstar, curves, fits, data="bundled:digits")
     assert shows(ZERO_LABEL, page) and '"name":"digits"' in page.replace(" ", "")
     assert data_label("", "b21c7228fc4a2c28") == "b21c7228fc4a" and data_label("/x/img512.zip", "f") == "img512.zip"
@@ -175,6 +177,124 @@ def test_bad_inputs_raise_input_error(jstar, curves, fits, case, message):
         kwargs["sigmas"] = [123.0]
     with pytest.raises(InputError, match=re.escape(message)):
         scaling.build_dashboard(jstar, curves, fits, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every figure: the J* floor, one number format, whole legends, J* in the legend, whose |ρ|
+
+LEGEND_ITEM_PX = 29  # one legend entry with its group gap, measured in Chromium (986 px for 34 entries)
+
+
+def tiny_jstar_table(low):
+    """A J* table as an estimate at tiny σ gives it: 1e-49 and 1e-20, positive but with ci_low = 0."""
+    from lossfloor.floor.estimate import Estimate
+
+    j = np.array([1e-49, 1e-20, 3e-6, 1e-3, 0.1, 0.8, 1.0, 1.0])
+    low = np.asarray(low, dtype=np.float64)
+    est = Estimate(sigmas=np.geomspace(0.002, 80.0, 8), j_star=j, stderr=(j - low) / 1.96, bias=np.zeros(8),
+                   ci_low=low, ci_high=j + (j - low), allowance=np.zeros(8), total_variance=1.0,
+                   config=EstimatorConfig(estimator="exact"), n_queries=64, n_batches=1,
+                   subset_size=np.full(8, 64, dtype=np.int64))
+    return build_table(est, target="x0", fingerprint="tiny")
+
+
+def test_jstar_panel_shows_the_resolvable_range_and_marks_the_rest_as_zero():
+    from lossfloor.pages.jstar import RESOLVED_DECADES, ZERO_LABEL, jstar_figure
+
+    fig = jstar_figure({"tiny": {"x0": tiny_jstar_table([0.0, 0.0, 0.0, 4e-4, 0.08, 0.75, 0.98, 0.99])}})
+    low, high = fig.layout.yaxis.range
+    floor = 0.5 * 1e-3  # half the smallest J* whose interval excludes 0 (3e-6's does not)
+    assert low == pytest.approx(np.log10(floor) - 0.1) and high == pytest.approx(np.log10(1.01) + 0.1, abs=0.01)
+    assert high - low <= RESOLVED_DECADES + 0.2  # not 1e-49 … 1
+    (line,) = [t for t in fig.data if t.name == "tiny"]
+    (marks,) = [t for t in fig.data if t.name == ZERO_LABEL]
+    assert "≈ 0" in ZERO_LABEL and list(marks.y) == [floor] * 3  # 1e-49, 1e-20, 3e-6 (ci_low 0): ≈ 0
+    bottoms = np.asarray(line.y) - np.asarray(line.error_y.arrayminus)
+    assert np.all(bottoms >= floor * (1 - 1e-12)) and bottoms.min() == pytest.approx(floor)  # capped, no spike
+
+    # no interval excludes 0: the floor is RESOLVED_DECADES below the largest J*, 3e-6 drawn with a capped bar
+    fig = jstar_figure({"tiny": {"x0": tiny_jstar_table(np.zeros(8))}})
+    assert fig.layout.yaxis.range[0] == pytest.approx(-RESOLVED_DECADES - 0.1)
+    (line,) = [t for t in fig.data if t.name == "tiny"]
+    assert line.y[0] == 3e-6 and line.y[0] - line.error_y.arrayminus[0] == pytest.approx(10.0**-RESOLVED_DECADES)
+
+
+def _figures(jstar, curves, fits) -> dict:
+    """One of each figure lossfloor draws with axes (16 σ in the training run's)."""
+    from lossfloor.diagnose import Diagnosis
+    from lossfloor.pages.diagnose import diagnose_figure
+    from lossfloor.pages.jstar import jstar_figure
+    from lossfloor.pages.sweep import objective_curves_figure
+    from lossfloor.pages.training import loss_curve_figure
+
+    s = jstar.column("sigma")
+    j, lo, hi = (jstar.column(c) for c in ("j_star_x0", "ci_low_x0", "ci_high_x0"))
+    loss = j + 1e-3
+    diag = Diagnosis(pa.table({"sigma": s, "loss_x0": loss, "loss_stderr": 1e-4 * loss, "j_star_x0": j,
+                               "j_star_ci_low": lo, "j_star_ci_high": hi, "rel_gap": (loss - j) / loss}))
+    rows = [{"trial_id": "t0", "is_baseline": True}, {"trial_id": "t1", "is_baseline": False, "stopped_early": True}]
+    history = {"t0": [(100, 2e-18), (200, 1e-18)], "t1": [(100, 3e-3), (200, 2e-6)]}
+    return {
+        "jstar": jstar_figure({"gauss": {"x0": jstar}}),
+        "loss vs flops": scaling.loss_vs_flops_figure(curves, fits, jstar=jstar),
+        "fit lines": scaling.fit_lines_figure(fits),
+        "hold-out": scaling.holdout_figure(curves, fits),
+        "training": loss_curve_figure(*training_rows(16)),
+        "diagnose": diagnose_figure({"m": diag}),
+        "sweep": objective_curves_figure(rows, history, objective="gap", budget=200),
+    }
+
+
+def training_rows(n_sigma: int) -> tuple[list[dict], list[dict]]:
+    """A training run's eval rows at `n_sigma` σ (J* known) and its training-loss rows, from 1e-18 to 1."""
+    curve = [{"sigma": float(s), "images": im, "loss": float(s) * 1e-18 ** (1 - k / 2) + 1e-18,
+              "j_star": float(s) * 1e-18} for s in np.geomspace(0.002, 80, n_sigma) for k, im in enumerate((64, 128, 256))]
+    return curve, [{"images": 64 * k, "loss": 10.0 ** -k} for k in range(1, 19)]
+
+
+def test_every_axis_of_every_figure_writes_powers_of_ten(jstar, curves, fits):
+    """No axis mixes SI prefixes (µ, m: plotly's default) with 10⁻¹⁸: one format on every axis."""
+    for name, fig in _figures(jstar, curves, fits).items():
+        layout = fig.to_dict()["layout"]
+        axes = {k: v for k, v in layout.items() if re.fullmatch(r"[xy]axis\d*", k)}
+        assert axes and {k: v.get("exponentformat") for k, v in axes.items()} == dict.fromkeys(axes, "power"), name
+
+
+def _plot_area_px(fig) -> float:
+    margin = fig.layout.margin
+    return fig.layout.height - (100 if margin.t is None else margin.t) - (80 if margin.b is None else margin.b)
+
+
+@pytest.mark.parametrize("n_sigma", [16, 32])
+def test_every_legend_entry_fits_and_the_j_star_lines_have_one(n_sigma):
+    """plotly scrolls a legend taller than the plot area (cut off on a page or a screenshot): the figure grows
+    with its entries. The J* lines: one entry for all of them, not one per σ, and not none."""
+    from lossfloor.pages.training import J_STAR_LABEL, loss_curve_figure
+
+    fig = loss_curve_figure(*training_rows(n_sigma))
+    in_legend = [t for t in fig.data if t.showlegend is not False]
+    names = [t.name for t in in_legend]
+    assert [n for n in names if n.startswith("σ=")] == [f"σ={s:.3g}" for s in np.geomspace(0.002, 80, n_sigma)]
+    assert names.count(J_STAR_LABEL) == 1 and "training loss" in names and len(names) == n_sigma + 2
+    j_lines = [t for t in fig.data if t.line.dash == "dot"]
+    assert len(j_lines) == n_sigma and {t.legendgroup for t in j_lines} == {"J*"}  # one entry toggles them all
+    assert fig.layout.legend.orientation in (None, "v") and _plot_area_px(fig) >= LEGEND_ITEM_PX * len(names)
+
+
+def test_j_star_lines_have_a_legend_entry_in_every_figure(jstar, curves, fits):
+    figs = _figures(jstar, curves, fits)
+    flops_j = [t for t in figs["loss vs flops"].data if t.legendgroup == "J*"]
+    assert flops_j and [t.showlegend for t in flops_j].count(True) == 1 and flops_j[0].name.startswith("J*")
+    diag_j = [t for t in figs["diagnose"].data if t.line.dash == "dot"]
+    assert [t.name for t in diag_j] == ["J* of m (dotted)"] and diag_j[0].showlegend is not False
+    for name, fig in figs.items():  # and every legend fits its figure
+        entries = sum(t.showlegend is not False for t in fig.data) + bool(fig.layout.legend.title.text)
+        assert _plot_area_px(fig) >= LEGEND_ITEM_PX * entries, name
+
+
+def test_the_papers_correlation_is_labelled_as_the_papers(fits):
+    sub = scaling.fit_lines_figure(fits).layout.title.text.split("<br>", 1)[1]
+    assert "the paper reports |ρ| 0.82 → 0.94" in sub and "|ρ| (ours, in the panel titles)" in sub
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,3 +480,18 @@ def test_page_renders_offline_in_headless_chromium(chromium, page, tmp_path):
     (tmp_path / "cdn.html").write_text(cdn, encoding="utf-8")
     failed = render(chromium, tmp_path / "cdn.html", tmp_path / "chromium-cdn", screenshot=False)
     assert _body_marker(failed.dom).startswith("error: plotly.js is not loaded")
+
+
+@pytest.mark.e2e
+def test_legends_of_16_and_32_sigma_are_whole_in_headless_chromium(chromium, tmp_path):
+    """plotly.js scrolls a legend taller than its plot area (a scrollbar rect of non-zero height): none does."""
+    from lossfloor.pages.html import Section, page_html
+    from lossfloor.pages.training import loss_curve_figure
+
+    figs = [loss_curve_figure(*training_rows(n)) for n in (16, 32)]
+    (tmp_path / "legends.html").write_text(page_html("legends", [Section("", figs)]), encoding="utf-8")
+    shot = render(chromium, tmp_path / "legends.html", tmp_path / "chromium", screenshot=False)
+    assert _body_marker(shot.dom) == "ok: 2 plots", shot.log[-3000:]
+    bars = re.findall(r'<rect class="scrollbar"[^>]*\bheight="([^"]*)"', shot.dom)
+    assert len(bars) == 2 and all(float(h) == 0 for h in bars), bars
+    assert shot.dom.count('<g class="traces"') == (16 + 2) + (32 + 2)  # every legend entry drawn: σ, J*, training

@@ -1,6 +1,7 @@
 """Pages: every figure and HTML page lossfloor draws, standalone and offline (plotly.js embedded once).
 
     html       the one page writer (sections, single figures), atomic writes, the offline check
+    layout     what every figure shares: powers of ten on every axis, a height that holds the whole legend
     jstar      J*(σ) with its interval and σ*
     scaling    loss vs compute with the envelope, raw vs gap-corrected fits, hold-out predictions, the
                fits table, and the scaling study's dashboard page

@@ -14,6 +14,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from lossfloor.pages.layout import finish
+
 
 def _rgba(color: str, alpha: float) -> str:
     h = color.lstrip("#")
@@ -41,8 +43,8 @@ def diagnose_figure(diagnoses: Mapping[str, object], *, title: str = "Loss gap J
         js, lo, hi = (np.maximum(d.column(c), floor) for c in ("j_star_x0", "j_star_ci_low", "j_star_ci_high"))
         keep = loss > 0
         group = label
-        fig.add_trace(go.Scatter(x=s[keep], y=js[keep], mode="lines", line={"color": color, "dash": "dot"},
-                                 legendgroup=group, showlegend=False, hoverinfo="skip"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=s[keep], y=js[keep], mode="lines", line={"color": color, "width": 0},
+                                 legendgroup=group, showlegend=False, hoverinfo="skip"), row=1, col=1)  # the fill's base
         fig.add_trace(go.Scatter(  # the gap: filled from J* up to J
             x=s[keep], y=loss[keep], mode="lines+markers", name=label, legendgroup=group, fill="tonexty",
             fillcolor=_rgba(color, 0.18), line={"color": color}, marker={"size": 5},
@@ -52,8 +54,9 @@ def diagnose_figure(diagnoses: Mapping[str, object], *, title: str = "Loss gap J
         fig.add_trace(go.Scatter(x=np.concatenate([s[keep], s[keep][::-1]]), y=band,
                                  fill="toself", fillcolor=_rgba(color, 0.10), line={"width": 0},
                                  legendgroup=group, showlegend=False, hoverinfo="skip"), row=1, col=1)
-        fig.add_trace(go.Scatter(x=s[keep], y=js[keep], mode="markers", marker={"color": color, "size": 4,
-                                 "symbol": "x"}, legendgroup=group, showlegend=False,
+        fig.add_trace(go.Scatter(x=s[keep], y=js[keep], mode="lines+markers", line={"color": color, "dash": "dot"},
+                                 marker={"color": color, "size": 4, "symbol": "x"}, name=f"J* of {label} (dotted)",
+                                 legendgroup=group,
                                  hovertemplate="σ=%{x:.4g}<br>J*=%{y:.4g}<extra>J* " + label + "</extra>"),
                       row=1, col=1)
         fig.add_trace(go.Scatter(x=s, y=d.column("rel_gap"), mode="lines+markers", line={"color": color},
@@ -64,18 +67,18 @@ def diagnose_figure(diagnoses: Mapping[str, object], *, title: str = "Loss gap J
             stars.append(f"{label}: {d.sigma_star:.3g}")
             for row in (1, 2):  # a shape's x is a data value even on a log axis (plotly.py issue 4012)
                 fig.add_vline(x=d.sigma_star, line={"dash": "dash", "color": color, "width": 1}, row=row, col=1)
-    fig.update_xaxes(type="log", exponentformat="power")
+    fig.update_xaxes(type="log")
     fig.update_xaxes(title_text="σ", row=2, col=1)
     top = max(float(np.max(d.column(c))) for d in diagnoses.values() for c in ("loss_x0", "j_star_ci_high"))
-    fig.update_yaxes(type="log", exponentformat="power", title_text="x0 loss", row=1, col=1,
+    fig.update_yaxes(type="log", title_text="x0 loss", row=1, col=1,
                      range=[np.log10(floor), np.log10(max(top, floor)) + 0.2])
     fig.update_yaxes(title_text="(J − J*) / J", row=2, col=1)
     sub = "dotted: J* (band: its 95 % interval; at the axis floor where J* ≈ 0); bars: J ± 1.96 stderr; dashed: σ*"
     if stars:
         sub += " (" + ", ".join(stars) + ")"
     fig.update_layout(title={"text": f"{title}<br><sup>{sub}</sup>"}, template="plotly_white", height=760,
-                      legend={"title": {"text": "model"}})
-    return fig
+                      legend={"title": {"text": "model"}, "traceorder": "grouped"})  # not reversed for fills
+    return finish(fig)
 
 
 def diagnose_page(diagnoses: Mapping[str, object], *, title: str, about: Mapping[str, str] | None = None) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lossfloor.atomic import write_output
+from lossfloor.pages.layout import DEFAULT_HEIGHT
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; margin: 0 auto;
@@ -84,9 +85,9 @@ def figure_html(fig, div_id: str) -> str:
     """A figure's <div> and script, without plotly.js (the page embeds it once)."""
     import plotly.io as pio
 
-    height = fig.layout.height
+    height = fig.layout.height or DEFAULT_HEIGHT
     return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id,
-                       default_height=f"{height}px" if height else "480px",
+                       default_height=f"{height}px",
                        config={"responsive": True, "displaylogo": False})
 
 

@@ -30,6 +30,7 @@ from lossfloor.floor.table import SIGMA_RTOL, outside_grid  # rows, fits and pan
 from lossfloor.fmt import num
 from lossfloor.pages.html import Section, page_html, write_page
 from lossfloor.pages.jstar import data_label, jstar_figure
+from lossfloor.pages.layout import finish
 from lossfloor.scaling.fits import check_fits_json
 from lossfloor.train.curves import check_curves
 
@@ -161,8 +162,8 @@ def _grid(rows_n: int, cols: int, titles: list[str]) -> go.Figure:
 def _log_axes(fig: go.Figure, n: int, cols: int, y_title: str) -> None:
     for p in range(n):
         row, col = p // cols + 1, p % cols + 1
-        fig.update_xaxes(type="log", title_text="training FLOPs F", exponentformat="power", row=row, col=col)
-        fig.update_yaxes(type="log", title_text=y_title, exponentformat="power", row=row, col=col)
+        fig.update_xaxes(type="log", title_text="training FLOPs F", row=row, col=col)
+        fig.update_yaxes(type="log", title_text=y_title, row=row, col=col)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,6 +196,7 @@ def loss_vs_flops_figure(
     fig = _grid(rows_n, cols, [quantity_label(s) for s in panels])
     colors = model_colors(curves)
     shown: set[str] = set()
+    j_star_shown = False
     for p, sigma in enumerate(panels):
         row, col = p // cols + 1, p % cols + 1
         per_model = model_curves(curves, sigma)
@@ -215,17 +217,19 @@ def loss_vs_flops_figure(
         js = j_star_of(fit, jstar, sigma)
         if js is not None and js > 0:  # a trace, not add_hline: its annotation's y would be log10 units
             fig.add_trace(go.Scatter(
-                x=[min(f.min() for _, f, _ in per_model), max(f.max() for _, f, _ in per_model)], y=[js, js], mode="lines", name="J*", legendgroup="J*", showlegend=p == 0,
+                x=[min(f.min() for _, f, _ in per_model), max(f.max() for _, f, _ in per_model)], y=[js, js],
+                mode="lines", name="J* (dotted, one per panel)", legendgroup="J*", showlegend=not j_star_shown,
                 line={"dash": "dot", "color": "#7f7f7f", "width": 1.5},
                 hovertemplate=f"J* = {js:.5g}<extra></extra>",
             ), row=row, col=col)
+            j_star_shown = True
     _log_axes(fig, len(panels), cols, "loss J")
     fig.update_layout(
         title={"text": f"{title}<br><sup>one line per model; dashed: envelope (lower frontier over models); "
                        "dotted: J*</sup>"},
         template="plotly_white", height=PANEL_HEIGHT * rows_n + 120, legend={"title": {"text": "model"}},
     )
-    return fig
+    return finish(fig)
 
 
 def _form_title(label: str, form: str, fit: dict | None) -> str:
@@ -278,15 +282,16 @@ def fit_lines_figure(fits: Mapping[str, dict], *, title: str = "Raw vs gap-corre
         fig.update_yaxes(title_text="J − J*", row=i + 1, col=2)
     for i in range(len(items)):
         for c in (1, 2):
-            fig.update_xaxes(type="log", title_text="training FLOPs F", exponentformat="power", row=i + 1, col=c)
-            fig.update_yaxes(type="log", exponentformat="power", row=i + 1, col=c)
+            fig.update_xaxes(type="log", title_text="training FLOPs F", row=i + 1, col=c)
+            fig.update_yaxes(type="log", row=i + 1, col=c)
     fig.update_annotations(font_size=12)
     fig.update_layout(
-        title={"text": f"{title}<br><sup>fitted on the envelope points; |ρ|: Pearson correlation of "
-                       "(ln F, ln(J − offset)), the paper's measure (0.82 → 0.94 at high σ)</sup>"},
-        template="plotly_white", height=PANEL_HEIGHT * len(items) + 120,
+        title={"text": f"{title}<br><sup>fitted on the envelope points; |ρ| (ours, in the panel titles): Pearson "
+                       "correlation of (ln F, ln(J − offset)); the paper reports |ρ| 0.82 → 0.94 (raw → corrected) "
+                       "at a high σ</sup>"},
+        template="plotly_white", height=PANEL_HEIGHT * len(items) + 140, margin={"t": 140},  # 2-line panel titles
     )
-    return fig
+    return finish(fig)
 
 
 def holdout_figure(curves: pa.Table, fits: Mapping[str, dict], *,
@@ -345,7 +350,7 @@ def holdout_figure(curves: pa.Table, fits: Mapping[str, dict], *,
                        "prediction at the held-out model's last point, with the bootstrap 95% interval</sup>"},
         template="plotly_white", height=PANEL_HEIGHT * rows_n + 160, margin={"t": 160},
     )
-    return fig
+    return finish(fig)
 
 
 # ---------------------------------------------------------------------------------------------------

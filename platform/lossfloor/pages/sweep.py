@@ -16,6 +16,8 @@ import math
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
+from lossfloor.pages.layout import finish
+
 OBJECTIVE_TITLES = {"gap": "weighted gap (fixed reference weighting)", "fd": "Fréchet distance of samples"}
 
 
@@ -83,7 +85,7 @@ def objective_curves_figure(rows: list[dict], histories: dict, *, objective: str
         xaxis_title="training images", yaxis_title=objective, template="plotly_white",
         legend={"title": {"text": "trial"}},
     )
-    return fig
+    return finish(fig)
 
 
 __all__ = ["objective_curves_figure", "parallel_coordinates_figure"]
