@@ -71,6 +71,22 @@ def ws(tmp_path_factory):
         ds = load(src)
         est = estimate(ds.samples, sigmas, EstimatorConfig(estimator="exact", queries_per_sample=1), progress=False)
         write_table(build_table(est, target="x0", fingerprint=ds.fingerprint), t / f"{name}.parquet")
+    # trainfix: a J* table of the digits at σ = 0.002 alone, one without rows, identical samples and their
+    # J* (J*(∞) = 0), a 16x16 RGB PNG folder, a feature network file that is none
+    digits = load(D)
+    est = estimate(digits.samples, parse_sigmas("0.002"), EstimatorConfig(estimator="exact", queries_per_sample=1),
+                   progress=False)
+    narrow = build_table(est, target="x0", fingerprint=digits.fingerprint)
+    write_table(narrow, t / "narrow.parquet")
+    write_table(type(narrow)(narrow.table.slice(0, 0)), t / "empty.parquet")
+    np.save(t / "same.npy", np.full((40, 1, 8, 8), 0.5, dtype=np.float32))
+    same = load(str(t / "same.npy"))
+    est = estimate(same.samples, sigmas, EstimatorConfig(estimator="exact", queries_per_sample=1), progress=False)
+    write_table(build_table(est, target="x0", fingerprint=same.fingerprint), t / "same.parquet")
+    (t / "rgb16").mkdir()
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(t / "rgb16" / f"{i:02d}.png")
+    (t / "weights.pt").write_bytes(b"not a network " * 20)
     return t
 
 
@@ -212,6 +228,31 @@ STUDY_ROWS += [(study, f"engine: {case}", [*argv, *flags, "--out", "{out}"], wor
                for study, argv in (("optimal_loss_survey", SURVEY), ("scaling_imagenet512", SCALING),
                                    ("schedule_sweep", SWEEP))
                for case, flags, words in ENGINE_ROWS]
+# trainfix: `lossfloor train` and `lossfloor sweep` (issue 19)
+RGB = ["train", "--data", "{ws}/rgb16", "--images", "64", "--batch", "32", "--eval-samples", "8", "--out", "{out}"]
+CLI_ROWS += [
+    ("train: --eval-sigmas outside the J* grid", [*TR, "--out", "{out}", "--j-star", "{ws}/narrow.parquet",
+                                                  "--eval-sigmas", "0.1,1,10"],
+     ["--eval-sigmas", "σ = 0.1, 1, 10 outside", "[0.002, 0.002]", "--j-star"]),
+    ("train: default evaluation grid beyond the J* grid", [*TR, "--out", "{out}", "--j-star", "{ws}/digits.parquet"],
+     ["--eval-sigmas", "default evaluation grid", "[0.05, 5]", "give --eval-sigmas within"]),
+    ("train: optimal-loss on identical samples", ["train", "--data", "{ws}/same.npy", "--images", "64", "--batch",
+                                                  "32", "--eval-samples", "8", "--eval-sigmas", "0.5",
+                                                  "--schedule", "optimal-loss", "--j-star", "{ws}/same.parquet",
+                                                  "--out", "{out}", "--mlflow", "--tracking-uri", "sqlite:///{out}.db"],
+     ["--j-star", "J*(inf) = 0", "edm2"]),
+    ("train: J* table without rows", [*TR, "--out", "{out}", "--j-star", "{ws}/empty.parquet"],
+     ["--j-star", "empty.parquet", "no rows"]),
+    ("train: 16x16 RGB data with the tiny preset", RGB, ["--data", "(3, 16, 16)", "expects (1, 8, 8)", "--preset auto"]),
+    ("train: --conditional with --preset auto", [*RGB, "--preset", "auto", "--conditional"],
+     ["--conditional", "no classes"]),
+    ("sweep: --grace-images beyond --images", [*SW, "--out", "{out}", "--images", "64", "--batch", "32",
+                                               "--grace-images", "128"], ["--grace-images", "128", "--images"]),
+    ("sweep: corrupt --fd-weights in a dry run", [*SW, "--out", "{out}", "--objective", "fd", "--fd-weights",
+                                                  "{ws}/weights.pt", "--dry-run"], ["--fd-weights", "weights.pt"]),
+    ("sweep: --eval-sigmas outside the J* grid", [*SW, "--out", "{out}", "--j-star", "{ws}/digits.parquet",
+                                                  "--eval-sigmas", "0.01,1"], ["--eval-sigmas", "σ = 0.01 outside"]),
+]
 
 
 def _argv(argv, ws, out):
@@ -264,6 +305,18 @@ def test_a_failed_training_leaves_no_empty_run_folder(tmp_path, capsys):
                         "--eval-samples", "8", "--out", str(labels_out)], capsys)
     assert code == 2 and "labels" in err, err
     assert not (tmp_path / "new").exists()  # the folders this run made are gone; nothing else was there
+
+
+def test_a_training_refused_after_the_store_is_opened_leaves_no_store(tmp_path, capsys):
+    # trainfix: the data's labels are checked by the loop, after --mlflow's store is opened (issue 19: a 0-byte store)
+    x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "bad_labels.npz", x=x, labels=np.full(64, 99))
+    db = tmp_path / "store" / "mlflow.db"
+    code, _, err = cli(["train", "--data", str(tmp_path / "bad_labels.npz"), "--images", "64", "--batch", "32",
+                        "--eval-samples", "8", "--out", str(tmp_path / "run"), "--mlflow", "--tracking-uri",
+                        f"sqlite:///{db}"], capsys)
+    assert code == 2 and "labels" in err, err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "run").exists()
 
 
 def test_missing_parent_folders_of_outputs_are_made(ws, tmp_path, capsys):

@@ -94,6 +94,9 @@ def test_rerun_of_a_finished_run_does_nothing_and_prints_the_gap_table(finished,
     assert (finished / "checkpoint-000000000064" / "state.pt").stat().st_mtime_ns == before
     lines = out.splitlines()
     assert "64 images in 2 steps" in lines[0] and "tiny" in lines[0]
+    # which loss is which: the training objective of the last steps, the evaluation's weighted total
+    assert lines[1].startswith("training: loss ") and "σ drawn by the schedule" in lines[1]
+    assert lines[2].startswith("evaluation at 64 images: weighted total ") and "3 evaluation σ below" in lines[2]
     assert lines[3].split() == ["sigma", "loss", "j_star", "gap", "gap/loss"]
     assert [float(line.split()[0]) for line in lines[4:7]] == [0.05, 0.5, 5.0]
     assert lines[7].startswith("FLOPs: ") and f"checkpoint {finished / 'checkpoint-000000000064'}" in out
@@ -256,3 +259,47 @@ def test_resume_with_another_config_is_refused_naming_the_field(finished, capsys
     code, _, err = cli(train_args(finished, "--images", "64", "--eval-every", "32", "--schedule", "optimal-loss",
                                   "--j-star", jstar, "--seed", "3", "--lr", "0.02"), capsys)
     assert code == 2 and "lr_ref" in err and err.count("\n") == 1
+
+
+def test_resume_with_the_presets_own_lr_given_continues_the_same_run(tmp_path, capsys):
+    # lr_ref left to the preset, then given as the preset's value: the same run (issue 19)
+    out = tmp_path / "r"
+    code, stdout, err = cli(train_args(out, "--images", "32", "--json"), capsys)
+    assert code == 0, err
+    first = last_json(stdout)
+    code, stdout, err = cli(train_args(out, "--images", "64", "--lr", str(get_preset("tiny").lr_ref), "--json"), capsys)
+    assert code == 0, err
+    s = last_json(stdout)
+    assert (s["n_img"], s["run"]) == (64, first["run"])
+    assert {r["run"] for r in pq.read_table(out / "loss_curve.parquet").to_pylist()} == {first["run"]}
+
+
+def test_preset_auto_sizes_the_tiny_unet_for_the_data():
+    from lossfloor.models import sized_preset
+
+    tiny = get_preset("tiny")
+    assert sized_preset((1, 8, 8)) == dataclasses.replace(tiny, name="auto-8x8x1",
+                                                          unet=dataclasses.replace(tiny.unet, label_dim=0))
+    for shape, resolutions, attention in (((3, 16, 16), (16, 8, 4), (4,)), ((3, 12, 12), (12, 6), (6,)),
+                                          ((2, 7, 7), (7,), (7,)), ((3, 256, 256), (256, 128, 64, 32), ())):
+        unet = sized_preset(shape).unet
+        assert (unet.img_channels, unet.resolutions, unet.attn_resolutions) == (shape[0], resolutions, attention)
+
+
+def test_preset_auto_trains_ones_own_16x16_rgb_folder(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    argv = ["train", "--data", str(folder), "--images", "32", "--batch", "32", "--eval-samples", "8",
+            "--eval-sigmas", "0.5", "--out", str(tmp_path / "run"), "--json"]
+    code, _, err = cli(argv, capsys)  # tiny is 8x8x1: the error names the shape and the flag
+    assert code == 2 and "(3, 16, 16)" in err and "--preset auto" in err, err
+    code, stdout, err = cli([*argv, "--preset", "auto"], capsys)
+    assert code == 0, err
+    s = last_json(stdout)
+    assert (s["model"], s["n_img"], s["steps"]) == ("auto-16x16x3", 32, 1)
+    assert np.isfinite(s["train_loss"]) and np.isfinite(s["eval_total"])

@@ -323,3 +323,19 @@ def test_posterior_latents_are_sampled_every_step_and_need_a_posterior_floor(tmp
         train(config(jstar=str(post_table), **kw), means)
     run = train(config(jstar=str(post_table), latents="posterior", **kw), rows)
     assert all(r["j_star"] is not None for r in run.loss_curve if r["sigma"] is not None)
+
+
+def test_evaluation_sigmas_beyond_the_jstar_grid_are_refused_before_training(digits, tmp_path):
+    # a J* table at sigma = 0.002 alone held flat would read J* = 0 at sigma = 1: a gap of 100 % of the loss
+    from lossfloor.train import JStarCurve
+
+    est = estimate(digits.samples, np.array([0.002]), EstimatorConfig(estimator="exact", queries_per_sample=1),
+                   progress=False)
+    path = write_table(build_table(est, fingerprint=digits.fingerprint), tmp_path / "narrow.parquet")
+    with pytest.raises(InputError, match=r"eval_sigmas: σ = 0.02, 0.2, 1, 5 outside the σ grid \[0.002, 0.002\]"):
+        train(config(jstar=str(path)), digits, checkpoint_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    one = lambda s: torch.ones_like(s)  # noqa: E731
+    with pytest.raises(InputError, match="outside its grid"):  # the evaluation itself never holds J* flat
+        evaluate(lambda x, s, lab: x, torch.as_tensor(digits.samples[:4]), None, [1.0], seed=0, weight=one, reference_density=one,
+                 j_star=JStarCurve.from_path(path).table)

@@ -41,13 +41,13 @@ def jstar_formula(s):
     return TV * np.maximum(s**2 - 0.05**2, 0) / (s**2 + 1)
 
 
-def write_jstar(path, sigmas=GRID, j=None, sigma_star=0.06):
+def write_jstar(path, sigmas=GRID, j=None, sigma_star=0.06, tv=TV):
     j = jstar_formula(sigmas) if j is None else j
     n = len(sigmas)
     table = pa.table({
         "sigma": sigmas, "j_star": j, "stderr": np.zeros(n), "j_star_x0": j, "stderr_x0": np.zeros(n),
         "estimator": ["exact"] * n, "target": ["x0"] * n, "n_queries": [1] * n, "subset_size": [1] * n,
-        "c": [1.0] * n, "total_variance": [TV] * n, "dataset_fingerprint": ["test"] * n,
+        "c": [1.0] * n, "total_variance": [tv] * n, "dataset_fingerprint": ["test"] * n,
     }).replace_schema_metadata({"sigma_star": str(sigma_star), "sigma_star_threshold": "0.001"})
     pq.write_table(table, path)
     return str(path)
@@ -245,3 +245,10 @@ def test_bad_schedule_fields_raise_input_error_naming_the_field(kwargs, field):
         EDM2Schedule(P_std=-1.0)
     with pytest.raises(TypeError):
         OptimalLossSchedule(1.0)  # keyword-only
+
+
+def test_optimal_loss_schedule_refuses_a_floor_without_variance(tmp_path):
+    # identical samples: J* = 0 at every sigma and J*(inf) = 0; w_max = 1/(threshold J*(inf)) divided by zero
+    zero = JStarCurve.from_path(write_jstar(tmp_path / "zero.parquet", j=np.zeros(len(GRID)), sigma_star=0.06, tv=0.0))
+    with pytest.raises(InputError, match=r"J\*\(inf\) = 0 .*edm2 schedule"):
+        build_schedule(OptimalLossSchedule(), get_preconditioning("edm"), P_mean=-0.4, P_std=1.0, jstar=zero)

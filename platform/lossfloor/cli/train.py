@@ -33,8 +33,9 @@ def register(sub) -> None:
         description="Train an EDM2 U-Net on a data set with the EDM2, flow-matching or optimal-loss schedule "
         "(Xu et al. §4); write checkpoints and the loss-curve tables to --out and print a summary.",
     )
-    p.add_argument("--preset", default="tiny", help="model preset: tiny, tiny32, img512-xs..img512-xxl, "
-                   "img64-s..img64-xl (default tiny)")
+    p.add_argument("--preset", default="tiny", help="model preset: tiny (8x8x1), tiny32 (32x32x3), "
+                   "img512-xs..img512-xxl, img64-s..img64-xl, or auto: tiny's recipe with an unconditional U-Net "
+                   "sized for the data's resolution and channels (default tiny)")
     p.add_argument("--data", required=True, help="data source (as for `lossfloor estimate`), e.g. bundled:digits")
     p.add_argument("--j-star", default=None, metavar="TABLE",
                    help="J* table from `lossfloor estimate` (read in x0 units, any --target): needed by --schedule "
@@ -127,7 +128,6 @@ def _check_args(args: argparse.Namespace, engine: Engine) -> None:
 
 def build_config(args: argparse.Namespace, engine: Engine):
     """The TrainConfig of the arguments; InputError naming the flag for what is wrong."""
-    from lossfloor.models import get_preset
     from lossfloor.train import (
         EDM2Schedule,
         FMSchedule,
@@ -136,12 +136,11 @@ def build_config(args: argparse.Namespace, engine: Engine):
         TrainConfig,
         resolve,
     )
-    from lossfloor.train.config import check_budget
+    from lossfloor.train.config import check_budget, check_eval_grid
+    from lossfloor.train.schedules import check_floor
 
-    try:
-        get_preset(args.preset)
-    except InputError as e:
-        raise InputError(f"--preset: {e}") from None
+    preset = _preset(args)
+    unet = preset.unet if not isinstance(preset, str) else _named(preset).unet
     schedule = args.schedule or ("edm2" if args.process == "edm" else "fm")
     if schedule == "optimal-loss" and args.j_star is None:
         raise InputError("--j-star: --schedule optimal-loss needs a J* table; make one with "
@@ -149,6 +148,8 @@ def build_config(args: argparse.Namespace, engine: Engine):
     if args.j_star is not None:
         try:
             curve = JStarCurve.from_path(args.j_star)  # read it now: a bad table fails before any work
+            if schedule == "optimal-loss":
+                check_floor(curve.table)
         except InputError as e:
             raise InputError(f"--j-star: {e}") from None
         from lossfloor.data import source_fingerprint
@@ -156,10 +157,13 @@ def build_config(args: argparse.Namespace, engine: Engine):
         curve.table.check_data(source_fingerprint(args.data, args.latents), args.latents, table=f"--j-star {args.j_star}",
                                data=f"--data {args.data}")
     conditional = args.conditional
+    if conditional and not unet.label_dim:
+        raise InputError(f"--conditional: --preset {args.preset} has no classes; give a preset with classes "
+                         "(tiny, tiny32, img512-*, img64-*) or leave out --conditional")
     if conditional is None:  # labels when the preset, the data and the floor all have classes
         from lossfloor.data import open_source
 
-        labelled = get_preset(args.preset).unet.label_dim > 0 and open_source(args.data, args.latents).info().has_labels
+        labelled = unet.label_dim > 0 and open_source(args.data, args.latents).info().has_labels
         conditional = labelled and (args.j_star is None or curve.table.class_conditional)
     sigmas = None
     if args.eval_sigmas is not None:
@@ -168,15 +172,46 @@ def build_config(args: argparse.Namespace, engine: Engine):
         sigmas = tuple(float(x) for x in parse_sigmas(args.eval_sigmas, flag="--eval-sigmas"))
     sched = {"edm2": EDM2Schedule, "fm": FMSchedule, "optimal-loss": OptimalLossSchedule}[schedule]()
     config = TrainConfig(
-        preset=args.preset, process=args.process, schedule=sched, jstar=args.j_star, batch_n_img=args.batch,
+        preset=preset, process=args.process, schedule=sched, jstar=args.j_star, batch_n_img=args.batch,
         duration_n_img=args.images, lr_ref=args.lr, precision=args.precision, eval_every_n_img=args.eval_every,
         eval_sigmas=sigmas, eval_n_samples=args.eval_samples, keep_checkpoints=args.keep, seed=args.seed, run=args.run_name,
         latents=args.latents, conditional=conditional,
     )
     check_budget(resolve(config), workers=engine.workers if engine.kind == "ray" else 1)
+    if args.j_star is not None:
+        check_eval_grid(resolve(config), curve.table, flag="--eval-sigmas", table_name=f"--j-star {args.j_star}")
     if args.precision == "fp16" and engine.device == "cpu":
         raise InputError("--precision fp16: needs GPUs (--gpus-per-worker 1); use bf16 or none on CPUs")
     return config
+
+
+def _named(name: str):
+    from lossfloor.models import get_preset
+
+    try:
+        return get_preset(name)
+    except InputError as e:
+        raise InputError(f"--preset: {e}") from None
+
+
+def _preset(args: argparse.Namespace):
+    """--preset: a preset's name, or for `auto` a Preset sized for --data's samples (`sized_preset`; the
+    [mean, std] of posterior latents are 2C channels of a C-channel model)."""
+    from lossfloor.models import sized_preset
+    from lossfloor.models.presets import AUTO
+
+    if args.preset != AUTO:
+        _named(args.preset)
+        return args.preset
+    from lossfloor.data import open_source
+
+    shape = tuple(open_source(args.data, args.latents).info().sample_shape)
+    if args.latents == "posterior" and shape:
+        shape = (shape[0] // 2, *shape[1:])
+    try:
+        return sized_preset(shape)
+    except InputError as e:
+        raise InputError(f"--preset: --data {args.data}: {e}") from None
 
 
 def _check_data(config, source: str) -> None:
@@ -184,7 +219,8 @@ def _check_data(config, source: str) -> None:
     from lossfloor.train.config import check_source
 
     check_source(config, source, names={"data": "--data", "preset": "--preset", "eval_n_samples": "--eval-samples",
-                                        "batch_n_img": "--batch", "conditional=False": "--unconditional"})
+                                        "batch_n_img": "--batch", "conditional=False": "--unconditional",
+                                        "auto": "--preset auto"})
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -237,10 +273,13 @@ def format_summary(s: dict) -> str:
     lines = [f"run {s['run']}: {s['model']} ({num(s['params'], ',')} parameters), {s['n_img']} images in "
              f"{s['steps']} steps ({s['engine']}, {s['wall_s']:.1f} s"
              + (f", {s['images_per_s']:.1f} img/s overall)" if s["images_per_s"] else ")")]
-    lines.append(f"final training loss {num(s['train_loss'], '.5g')}" + (f", gap {num(s['train_gap'], '.5g')}" if s["train_gap"]
-                                                                     is not None else ""))
-    lines.append(f"eval at {s['eval_images']} images: weighted total {num(s['eval_total'], '.5g')}"
-                 + (f", total gap {num(s['eval_total_gap'], '.5g')}" if s["eval_total_gap"] is not None else ""))
+    lines.append(f"training: loss {num(s['train_loss'], '.5g')}"
+                 + (f", gap {num(s['train_gap'], '.5g')}" if s["train_gap"] is not None else "")
+                 + " (the objective w(σ)·‖D − x0‖² of the last logged steps, σ drawn by the schedule)")
+    n_sigma = len(s["per_sigma"])
+    lines.append(f"evaluation at {s['eval_images']} images: weighted total {num(s['eval_total'], '.5g')}"
+                 + (f", total gap {num(s['eval_total_gap'], '.5g')}" if s["eval_total_gap"] is not None else "")
+                 + f" (Σ π(σ)·w(σ)·loss over the {n_sigma} evaluation σ below; loss per σ = ‖D − x0‖² in x0 units)")
     lines.append(f"{'sigma':>10} {'loss':>12} {'j_star':>12} {'gap':>12} {'gap/loss':>9}")
     for r in s["per_sigma"]:
         ratio = r["gap"] / r["loss"] if r["gap"] is not None and r["loss"] else None

@@ -203,6 +203,9 @@ class JStarTable:
         """The table in x0 units with its interval; converted from the target columns if the x0 columns
         are missing, refused if it has no interval and its estimator is biased."""
         names = self.table.column_names
+        if self.table.num_rows == 0:
+            raise InputError(f"J* table {self.source}: has no rows (no σ): estimate J* on a grid with "
+                             "`lossfloor estimate --sigma-grid 0.002:80:32`")
         sigma = self.column("sigma").astype(np.float64)
         if not (np.all(np.isfinite(sigma)) and np.all(sigma > 0)):
             raise InputError(f"J* table {self.source}: sigma must be finite and > 0")

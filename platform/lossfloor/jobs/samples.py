@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,9 @@ import numpy as np
 from lossfloor.errors import InputError
 
 CHEAP_SAMPLING_FLOPS = 5e12  # "auto" samples on a CPU only when the grid costs less than this
+PROGRESS_SECONDS = 30.0  # a progress line at most this often while a grid is sampled
+BATCH = 256  # samples per sampler batch (lossfloor.train.generate's default)
+log = logging.getLogger(__name__)
 
 
 def grid_size(samples: int | str | None, config, forward_flops: float, device: str | None) -> int:
@@ -50,7 +55,25 @@ def samples_grid(checkpoint, n: int, *, seed: int = 0, device: str | None = None
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     den, shape, label_dim = load_denoiser(checkpoint, device=device)
-    x, _ = generate(den, n, shape, label_dim=label_dim, seed=seed, device=device, num_steps=num_steps)
+    total = math.ceil(n / BATCH) * (2 * num_steps - 1)  # Heun: 2 evaluations per step but the last
+    log.info("sampling a %d-image grid from the newest checkpoint %s (EDM Heun, %d steps, %d network evaluations "
+             "of %d images at most) on %s", n, Path(checkpoint).name, num_steps, total, min(n, BATCH), device)
+    t0 = time.monotonic()
+    done, shown = 0, t0
+
+    def counted(x, sigma, labels):  # the denoiser, with a progress line every PROGRESS_SECONDS
+        nonlocal done, shown
+        out = den(x, sigma, labels)
+        done += 1
+        if time.monotonic() - shown > PROGRESS_SECONDS:
+            shown = time.monotonic()
+            rate = done / (shown - t0)
+            log.info("samples grid: %d/%d network evaluations (%.0f%%), ETA %.0f s", done, total, 100 * done / total,
+                     (total - done) / rate)
+        return out
+
+    x, _ = generate(counted, n, shape, label_dim=label_dim, seed=seed, batch=BATCH, device=device, num_steps=num_steps)
+    log.info("samples grid: %d images in %.1f s", n, time.monotonic() - t0)
     return tile(x.numpy())
 
 

@@ -160,8 +160,8 @@ def build_spec(args: argparse.Namespace, resources, *, create_jstar: bool = True
     from lossfloor.data import describe
     from lossfloor.models import get_preset
     from lossfloor.train import TrainConfig, resolve
-    from lossfloor.train.config import check_budget
-    from lossfloor.train.schedules import JStarCurve
+    from lossfloor.train.config import check_budget, check_eval_grid
+    from lossfloor.train.schedules import JStarCurve, check_floor
     from lossfloor.train.space import load_space
     from lossfloor.train.sweep import ObjectiveSpec, SweepSpec
 
@@ -179,11 +179,17 @@ def build_spec(args: argparse.Namespace, resources, *, create_jstar: bool = True
         sigmas = tuple(float(x) for x in parse_sigmas(args.eval_sigmas, flag="--eval-sigmas"))
     budget = resolve(TrainConfig(preset=args.preset, batch_n_img=args.batch, duration_n_img=args.images))
     check_budget(budget, workers=resources.engine.workers)
+    if args.scheduler == "asha" and args.grace_images is not None and args.grace_images >= budget.duration_n_img:
+        raise InputError(f"--grace-images: {args.grace_images} is not below the {budget.duration_n_img} training "
+                         "images of a trial (--images): ASHA's first rung would come at the end and stop no trial; "
+                         "give fewer, or --scheduler fifo")
     every = max(budget.batch_n_img, budget.duration_n_img // args.evals // budget.batch_n_img * budget.batch_n_img)
     jstar = jstar_path(args, create=create_jstar)
+    curve = None
     if create_jstar or args.j_star is not None:
         try:
             curve = JStarCurve.from_path(jstar)
+            check_floor(curve.table)  # every trial but the baseline runs the optimal-loss schedule
         except InputError as e:
             raise InputError(f"--j-star: {e}") from None
         from lossfloor.data import source_fingerprint
@@ -194,6 +200,8 @@ def build_spec(args: argparse.Namespace, resources, *, create_jstar: bool = True
                        duration_n_img=args.images, lr_ref=args.lr, warmup_n_img=args.warmup, eval_every_n_img=every,
                        checkpoint_every_n_img=every, eval_sigmas=sigmas, eval_n_samples=args.eval_samples,
                        keep_checkpoints=2, seed=args.seed)
+    if curve is not None:
+        check_eval_grid(resolve(base), curve.table, flag="--eval-sigmas", table_name=f"--j-star {jstar}")
     features = "pixels" if args.fd_weights is None else f"{args.fd_network}:{Path(args.fd_weights).absolute()}"
     objective = ObjectiveSpec(kind=args.objective, features=features, fd_samples=args.fd_samples,
                               fd_steps=args.fd_steps)
@@ -318,6 +326,13 @@ def run(args: argparse.Namespace) -> int:
         args.tracking_uri = check_store(args.tracking_uri)
     spec = build_spec(args, resources, create_jstar=not args.dry_run)
     if args.dry_run:
+        if args.fd_weights is not None:  # the run reads it before its first trial (train.sweep.check_spec)
+            from lossfloor.train.metrics import feature_extractor
+
+            try:
+                feature_extractor(spec.objective.features)
+            except InputError as e:
+                raise InputError(f"--fd-weights: {e}") from None
         sys.stdout.write(plan_text(spec, resources, args) + "\n")
         return 0
     from lossfloor.ray import sweep as ray_sweep  # Ray only when a sweep runs

@@ -77,6 +77,7 @@ def train_run(config, *, data: str, out, engine: Engine = LOCAL, device: str | N
     if tracking is not None:  # on the driver only: workers never write to MLflow
         from lossfloor.jobs.record import record_training
 
+        log.info("MLflow: logging the run to %s, experiment %s", tracking.uri, tracking.experiment)
         run_id = record_training(folder, params={"data": data, "engine": engine.kind,
                                                  "workers": engine.workers if engine.kind == "ray" else 1,
                                                  "out": str(folder.absolute())},

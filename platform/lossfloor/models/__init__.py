@@ -18,7 +18,7 @@ from lossfloor.models.mp import (
     normalize,
     set_forced_wn,
 )
-from lossfloor.models.presets import PRESETS, get_preset
+from lossfloor.models.presets import PRESETS, get_preset, sized_preset
 from lossfloor.models.unet import Block, UncertaintyHead, UNet, build_uncertainty_head, build_unet
 
 __all__ = [
@@ -42,4 +42,5 @@ __all__ = [
     "normalize",
     "params_of",
     "set_forced_wn",
+    "sized_preset",
 ]

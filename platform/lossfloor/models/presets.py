@@ -6,10 +6,13 @@ All EDM2 presets: batch 2048, sigma_data 0.5, Adam(0.9, 0.99), 10M-image lr warm
 
 tiny / tiny32 are ours **[choice]**, for tests and CPU smoke studies: `tiny` for 8x8x1 data with 10
 classes (scikit-learn digits), `tiny32` for 32x32x3 data with 10 classes (CIFAR-10). Their recipes
-(lr_ref, t_ref, batch, duration) are untuned starting points, not EDM2 numbers.
+(lr_ref, t_ref, batch, duration) are untuned starting points, not EDM2 numbers. `sized_preset` (the CLI's
+`--preset auto`) is `tiny` sized for data of any square resolution and any number of channels.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from lossfloor.errors import InputError
 from lossfloor.models.config import Preset, UNetConfig
@@ -55,6 +58,33 @@ PRESETS["tiny32"] = Preset(
     lr_ref=0.01, t_ref_iters=2_000, batch_n_img=256, duration_n_img=2 * Mi, warmup_n_img=128 * 1024,
     P_mean=-0.8, P_std=1.6,
 )
+
+
+AUTO = "auto"  # the name under which a command offers `sized_preset` (sized from its data)
+MAX_HALVINGS = 3  # EDM2's U-Net: 4 levels, 64 -> 8
+
+
+def sized_preset(sample_shape: tuple[int, ...]) -> Preset:
+    """`tiny`'s recipe with an unconditional U-Net sized for samples of shape (C, H, H) **[choice]**.
+
+    The U-Net halves the side once per level, so every level's side must be whole: the side is halved
+    while it is even and its half is at least 4, at most MAX_HALVINGS times (8 -> (8, 4): `tiny`'s levels;
+    16 -> (16, 8, 4); an odd side -> one level). channel_mult (1, 2, ..., 2), 2 blocks per level, 32
+    channels, attention at the lowest level when its side is at most 16. Named auto-HxWxC.
+    InputError for samples that are not square images (C, H, H).
+    """
+    if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2] or min(sample_shape) < 1:
+        raise InputError(f"preset {AUTO}: expected square images of shape (C, H, H), got samples of shape "
+                         f"{tuple(sample_shape)}")
+    channels, side = int(sample_shape[0]), int(sample_shape[1])
+    levels = 1
+    while levels <= MAX_HALVINGS and (side >> (levels - 1)) % 2 == 0 and side >> levels >= 4:
+        levels += 1
+    lowest = side >> (levels - 1)
+    tiny = PRESETS["tiny"]
+    unet = replace(tiny.unet, img_resolution=side, img_channels=channels, label_dim=0,
+                   channel_mult=(1,) + (2,) * (levels - 1), attn_resolutions=(lowest,) if lowest <= 16 else ())
+    return replace(tiny, name=f"{AUTO}-{side}x{side}x{channels}", unet=unet)
 
 
 def get_preset(name: str) -> Preset:

@@ -232,6 +232,39 @@ def check_budget(R: Resolved, *, workers: int = 1, images_flag: str = "--images"
         raise InputError(f"{batch_flag}: {batch} must split evenly over {workers} workers")
 
 
+def check_eval_grid(R: Resolved, table, *, flag: str = "eval_sigmas", table_name: str | None = None) -> None:
+    """Every evaluation σ inside the J* table's grid (`lossfloor.floor.table.outside_grid`): the gap J − J*
+    is a reported number, and J* beyond the grid is not known (held flat, a table at σ = 0.002 alone read
+    J* = 0 at σ = 1 and 10, a gap of 100 % of the loss). table: a `JStarX0`. InputError naming `flag`
+    (the default grid too, when `flag` was not given), the table and its range."""
+    from lossfloor.floor.table import outside_grid
+
+    bad = outside_grid(R.eval_sigmas, table.sigma)
+    if not bad:
+        return
+    lo, hi = float(table.sigma[0]), float(table.sigma[-1])
+    name = table_name or f"J* table {table.source}"
+    fix = f"give {flag} within [{lo:g}, {hi:g}] or estimate J* over the evaluation σ"
+    if R.config.eval_sigmas is None:
+        raise InputError(f"{flag}: the default evaluation grid ({len(R.eval_sigmas)} σ in [{R.eval_sigmas[0]:g}, "
+                         f"{R.eval_sigmas[-1]:g}]) reaches beyond the σ grid [{lo:g}, {hi:g}] of {name}; {fix}")
+    raise InputError(f"{flag}: σ = {', '.join(f'{s:g}' for s in bad)} outside the σ grid [{lo:g}, {hi:g}] of "
+                     f"{name}; {fix}")
+
+
+def resume_view(config: TrainConfig) -> dict:
+    """What a resumed run must share with its checkpoint: `config.to_dict()` with the defaults `resolve`
+    fills in (batch, lr_ref, t_ref, warm-up, schedule, evaluation σ) as their values, so a value left to
+    the preset and the same value given equal each other; the RESUME_MUTABLE fields left out."""
+    R = resolve(config)
+    d = config.to_dict()
+    for name in ("batch_n_img", "lr_ref", "t_ref_iters", "warmup_n_img"):
+        d[name] = getattr(R, name)
+    d["eval_sigmas"] = list(R.eval_sigmas)
+    d["schedule"] = {"kind": R.schedule.kind, **dataclasses.asdict(R.schedule)}
+    return {k: v for k, v in d.items() if k not in RESUME_MUTABLE}
+
+
 EVAL_SIGMA_DEFAULT = (0.002, 80.0, 16)  # log grid (min, max, count) of the default evaluation
 LOG_ROWS = 1000  # default number of train-log rows per run
 
@@ -287,13 +320,14 @@ def check_source(config: TrainConfig, source, *, ranks: int = 1, names: dict | N
     channels for posterior latents), labels of a class-conditional preset, the evaluation subset, the
     batch split over ranks. Returns the source's SourceInfo.
 
-    names: how errors name "data", "preset", "eval_n_samples", "batch_n_img" and "conditional=False" (a CLI
-    passes its flags).
+    names: how errors name "data", "preset", "eval_n_samples", "batch_n_img", "conditional=False" and "auto"
+    (a preset sized for the data) (a CLI passes its flags).
     """
     from lossfloor.data import open_source
 
     n = {"data": "data", "preset": "preset", "eval_n_samples": "eval_n_samples", "batch_n_img": "batch_n_img",
-         "conditional=False": "conditional=False", **(names or {})}
+         "conditional=False": "conditional=False", "auto": "preset=lossfloor.models.sized_preset(shape)",
+         **(names or {})}
     R = resolve(config)
     info = open_source(source, config.latents).info()  # InputError for a missing / unknown source
     unet = R.preset.unet
@@ -301,7 +335,7 @@ def check_source(config: TrainConfig, source, *, ranks: int = 1, names: dict | N
     expected = (channels, unet.img_resolution, unet.img_resolution)
     if tuple(info.sample_shape) != expected:
         raise InputError(f"{n['data']} {source}: samples of shape {tuple(info.sample_shape)}, but {n['preset']} "
-                         f"{R.preset.name} expects {expected}")
+                         f"{R.preset.name} expects {expected}; {n['auto']} sizes a small U-Net for the data")
     if config.conditional and unet.label_dim > 0 and not info.has_labels:
         raise InputError(f"{n['data']} {source}: {n['preset']} {R.preset.name} is class-conditional but the data "
                          f"has no labels; pass labelled data or set {n['conditional=False']}")

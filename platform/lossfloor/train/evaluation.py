@@ -123,8 +123,9 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
              progress: Callable[[int], None] | None = None, grid_index=None) -> EvalResult:
     """Evaluate denoiser(x_hat, sigma, labels) on the fixed subset x0 (N, C, H, W) at each sigma.
 
-    j_star: J*(sigma) as a callable of a sigma tensor (a `JStarCurve`, whose `interval` also gives the
-    interval), or None.
+    j_star: a J* table in x0 units (`lossfloor.floor.table.JStarX0`), read at the sigmas with its interval
+    by `JStarX0.at(..., outside="error")`: a sigma beyond its grid is refused, never held flat (the gap
+    is a reported number); or None.
     With world_size > 1 each rank evaluates samples rank, rank + world_size, ... and the per-sigma sums
     are all-reduced, so every rank returns the same result.
     progress: called with k after grid point k is done.
@@ -149,9 +150,10 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
     sig_t = torch.as_tensor(sigmas)
     w = weight(sig_t).to(torch.float64).numpy()
     pi = quadrature_weights(sigmas, reference_density)
-    js = None if j_star is None else j_star(sig_t).to(torch.float64).numpy()
-    ci = None if j_star is None or not hasattr(j_star, "interval") else j_star.interval(sig_t)
-    ci = None if ci is None else tuple(v.to(torch.float64).numpy() for v in ci)
+    js, ci = None, None
+    if j_star is not None:
+        js, lo, hi = j_star.at(sigmas, outside="error")  # (K,) float64 each
+        ci = (lo, hi)
     gap = None if js is None else loss - js
     return EvalResult(
         sigma=sigmas, loss=loss, j_star=js, j_star_ci=ci, gap=gap, weight=w, quadrature=pi,

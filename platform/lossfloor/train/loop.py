@@ -23,6 +23,7 @@ Ray Train runs this function per worker (lossfloor.ray); the loop itself never i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -53,7 +54,7 @@ from lossfloor.train.checkpoint import (
     save_checkpoint,
     save_snapshot,
 )
-from lossfloor.train.config import RESUME_MUTABLE, Resolved, TrainConfig, learning_rate, resolve
+from lossfloor.train.config import Resolved, TrainConfig, check_eval_grid, learning_rate, resolve, resume_view
 from lossfloor.train.curves import CURVE_SCHEMA, TRAIN_LOG_SCHEMA, to_table, write_rows
 from lossfloor.train.ema import PowerFunctionEMA
 from lossfloor.train.evaluation import EvalResult, evaluate
@@ -187,6 +188,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     if curve is not None:
         curve.table.check_data(latents=cfg.latents, conditional=bool(unet_cfg.label_dim), table=f"jstar {cfg.jstar}",
                                data="the training data")
+        check_eval_grid(R, curve.table, table_name=f"jstar {cfg.jstar}")
     schedule = build_schedule(R.schedule, precond, P_mean=R.preset.P_mean, P_std=R.preset.P_std, jstar=curve)
     net = build_unet(unet_cfg, device=device, seed=cfg.seed)
     head = build_uncertainty_head(unet_cfg, device=device, seed=cfg.seed) if schedule.uncertainty else None
@@ -219,6 +221,9 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     if ckpt_path is not None:
         started_at = float(state.get("started_at", started_at))
         check_resume(state, cfg, ckpt_path)
+        if cfg.run is None:  # the same run, whatever spelling of its defaults resumed it (its hash may differ)
+            R = dataclasses.replace(R, run=state.get("run", R.run))
+            base_row["run"] = R.run
         net.load_state_dict(state["net"])
         if head is not None:
             head.load_state_dict(state["uncertainty"])
@@ -260,7 +265,8 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
         eval_den.eval()
         try:
             return evaluate(eval_den, eval_x0, eval_labels, R.eval_sigmas, seed=cfg.seed, weight=schedule.weight,
-                            reference_density=schedule.reference_density, j_star=curve, batch=cfg.eval_batch,
+                            reference_density=schedule.reference_density,
+                            j_star=None if curve is None else curve.table, batch=cfg.eval_batch,
                             rank=rank, world_size=world_size, device=device)
         finally:
             denoiser.train()
@@ -509,12 +515,12 @@ def _resume_state(resume, checkpoint_dir, device) -> tuple[Path | None, dict | N
 
 
 def check_resume(state: dict, config: TrainConfig, path: Path) -> None:
-    """Refuse to continue a checkpoint written by a different config (except the RESUME_MUTABLE fields)."""
+    """Refuse to continue a checkpoint written by a different config (except the RESUME_MUTABLE fields),
+    compared as resolved (`config.resume_view`: lr_ref left to the preset equals the preset's value given)."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"resume: {path} is not a lossfloor training checkpoint (format {state.get('format')!r})")
-    saved, now = state["config"], config.to_dict()
-    keys = (set(saved) | set(now)) - set(RESUME_MUTABLE)
-    differ = sorted(k for k in keys if saved.get(k) != now.get(k))
+    saved, now = resume_view(TrainConfig.from_dict(state["config"])), resume_view(config)
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in differ[:3])
         raise InputError(f"resume: {path} was written by a different config ({detail}); train into another "

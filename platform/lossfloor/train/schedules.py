@@ -77,6 +77,15 @@ class OptimalLossSchedule:
     and held constant beyond the table's ends. p(sigma) is read as a density of ln sigma **[choice]** (the
     measure EDM's log-normal uses), supported on [sigma_min, sigma_max] and tracked by `GapTracker`:
     a bin is drawn with its tracked probability, then sigma log-uniformly within the bin.
+
+    Where the schedule clamps **[choice]**: the weight and the tracker read J* beyond the table's grid
+    [sigma_lo, sigma_hi] at its end values (`JStarCurve`), as training draws sigma wherever p puts it.
+    J* is non-decreasing in sigma, so below the grid J*(sigma) <= J*(sigma_lo) and the clamped weight is
+    the truncated w_max wherever J*(sigma_lo) is under the sigma* level (the true one); above it
+    J*(sigma_hi) <= J*(sigma) <= J*(inf) and the clamped weight overstates a/J*(sigma) by at most
+    J*(inf)/J*(sigma_hi). That moves only where training puts its effort. No reported gap is read there:
+    the evaluation's sigmas must lie in the grid (`lossfloor.train.config.check_eval_grid`). The schedule
+    needs J*(inf) > 0 (`check_floor`).
     """
 
     kind: ClassVar[str] = "optimal"
@@ -125,8 +134,10 @@ SCHEDULES = {cls.kind: cls for cls in (EDM2Schedule, FMSchedule, OptimalLossSche
 @dataclass(frozen=True, eq=False)
 class JStarCurve:
     """J*(sigma) as training reads it: a view of a J* table (`JStarX0.at` with outside="clamp": linear in
-    ln sigma between grid points, the end values beyond, as training samples sigma beyond any grid);
-    tensors in, tensors out on their device."""
+    ln sigma between grid points, the end values beyond, as training samples sigma beyond any grid) for
+    the schedule's weight, its tracker and the per-step training gap; the evaluation reads `table` with
+    outside="error" (`OptimalLossSchedule` says where clamping is allowed). Tensors in, tensors out on
+    their device."""
 
     table: JStarX0
 
@@ -142,6 +153,16 @@ class JStarCurve:
     def interval(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ci_low, ci_high) of J* at sigma, read like J*."""
         return self.table.at(sigma, outside="clamp", columns=("ci_low", "ci_high"))
+
+
+def check_floor(table: JStarX0) -> None:
+    """The optimal-loss schedule needs J*(inf) > 0: its weight a min(1/J*, w_max) is truncated at
+    w_max = 1/(threshold J*(inf)) and sigma* is where J* crosses threshold J*(inf) (paper §4). Data
+    without variance (all samples identical) have J* = 0 at every sigma: nothing to scale by.
+    InputError naming the table."""
+    if not table.total_variance > 0:
+        raise InputError(f"J* table {table.source}: J*(inf) = {table.total_variance:g} (data without variance, "
+                         "e.g. identical samples): the optimal-loss weight 1/J* has no scale; use the edm2 schedule")
 
 
 def _g(v: float | None) -> str:
@@ -184,6 +205,7 @@ class OptimalLoss:
     def __init__(self, config: OptimalLossSchedule, curve: JStarCurve):
         self.config, self.curve, self.uncertainty = config, curve, config.uncertainty
         c, t = config, curve.table
+        check_floor(t)
         # Resolve the open choices (OptimalLossSchedule's field comments)
         self.w_max = c.w_max if c.w_max is not None else 1.0 / (c.sigma_star_threshold * t.total_variance)
         s_star = c.sigma_star if c.sigma_star is not None else t.sigma_star
