@@ -8,7 +8,8 @@
 #   4. where the dashboard is and how to open the MLflow UI on the runs.
 #
 # Results go where cluster/runtime_env.yaml puts them: MLflow at sqlite:///$HOME/lossfloor/mlflow.db and
-# outputs under $HOME/lossfloor/runs/scaling_imagenet512/ (a rerun reuses finished stages).
+# outputs under $HOME/lossfloor/runs/scaling_imagenet512/ (a rerun reuses finished stages and continues the
+# same MLflow parent run and children instead of logging new ones: lossfloor.jobs.study.open_study).
 # Extra arguments go to the study, e.g. `scripts/demo.sh --smoke-budget tiny`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

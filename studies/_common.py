@@ -75,7 +75,7 @@ def run_study(name: str, parse_args, run, argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except InputError as e:
-        print(f"{name}: {e}", file=sys.stderr)
+        print(f"{name}: {e.flag_message()}", file=sys.stderr)
         return 2
     finally:
         ray = sys.modules.get("ray")

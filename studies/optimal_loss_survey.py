@@ -167,6 +167,10 @@ def check_flags(args: argparse.Namespace) -> None:
             raise InputError(f"{flag}: expected an integer >= {low}, got {value}")
     if args.engine.kind == "local":
         check_device(args.device)
+    else:
+        from lossfloor.data.node_cache import check_cache_root
+
+        check_cache_root()  # the Ray actors' data cache on this machine
     estimator_config(args, "auto")  # its own checks (--max-device-gb)
 
 
@@ -210,7 +214,7 @@ def log_data_set(args: argparse.Namespace, d: DataPlan, ds, study: Study, done: 
     return record_estimate(by_target["x0"], also=[by_target[t] for t in TARGETS[1:]],
                            params={"data": d.source, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
                                    "engine": args.engine.kind, "study": STUDY},
-                           **study.child(d.label, {"lossfloor.study": STUDY}))
+                           **study.child(d.label, study.stage_tags(done)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -233,19 +237,20 @@ def run(args: argparse.Namespace) -> int:
     from lossfloor.jobs.study import open_study
     from lossfloor.jobs.tracking import ui_hint
 
+    # every data set read and checked (shape, finite values) before the first stage; Ray: shard folders stay put
+    datasets = [load_for(d.source, args.engine.kind, max_samples=args.max_samples) for d in plan]
     args.out.mkdir(parents=True, exist_ok=True)
     tables, summary = {}, []
     study_tags = {"lossfloor.kind": "study", "lossfloor.study": STUDY}
+    params = {
+        "data": [d.source for d in plan], "estimator": args.estimator, "sigma_grid": args.sigma_grid,
+        "queries_per_sample": args.queries_per_sample, "seed": args.seed, "engine": args.engine.kind,
+        "targets": list(TARGETS), "smoke": args.smoke, "out": str(args.out),
+    }
     with open_study(name=STUDY, out=args.out, log=log, experiment=args.experiment, run_name="optimal-loss-survey",
-                    tags=study_tags, tracking_uri=uri) as study:
+                    tags=study_tags, params=params, tracking_uri=uri) as study:
         parent = study.parent
-        parent.log_params({
-            "data": [d.source for d in plan], "estimator": args.estimator, "sigma_grid": args.sigma_grid,
-            "queries_per_sample": args.queries_per_sample, "seed": args.seed, "engine": args.engine.kind,
-            "targets": list(TARGETS), "smoke": args.smoke, "out": str(args.out),
-        })
-        for d in plan:
-            ds = load_for(d.source, args.engine.kind, max_samples=args.max_samples)  # Ray: shard folders stay put
+        for d, ds in zip(plan, datasets):
             log.info("%s: %d samples of shape %s, %s estimator", d.label, len(ds), ds.sample_shape, d.estimator)
             done = study.run(estimate_step(args, d, ds, sigmas, study))
             by_target = done.value

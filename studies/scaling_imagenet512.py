@@ -479,8 +479,8 @@ def build_dashboard(args, uri: str, parent_run_id: str, fit_sigmas) -> Path:
     from lossfloor.jobs.dashboard import dashboard
 
     path = args.out / f"dashboard-{args.preset}.html"
-    dashboard(run_id=parent_run_id, tracking_uri=uri, out=path, log=True, sigmas=list(fit_sigmas),
-              title=f"EDM2 scaling study ({args.preset}): raw vs gap-corrected power laws")
+    dashboard(run_id=parent_run_id, tracking_uri=uri, out=path, log=True, sigmas=list(fit_sigmas))  # its title
+    # is the one `lossfloor dashboard` gives the same page
     return path
 
 
@@ -526,17 +526,17 @@ def run(args: argparse.Namespace) -> int:
         attach_ray(args.engine.address)
 
     study_tags = {"lossfloor.kind": "study", "lossfloor.study": STUDY, "lossfloor.preset": args.preset}
+    params = {
+        "preset": args.preset, "smoke_budget": args.smoke_budget if args.preset == "smoke" else None,
+        "data": args.data, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
+        "dataset_fingerprint": ds.fingerprint, "schedule": args.schedule, "conditional": args.conditional,
+        "budget_scale": args.budget_scale, "models": [p.name for p in b.models], "engine": args.engine.kind,
+        "workers": args.engine.workers, "gpus_per_worker": args.engine.gpus_per_worker, "seed": args.seed,
+        "out": str(args.out),
+    }
     with open_study(name=STUDY, out=args.out, log=log, experiment=args.experiment, run_name=f"scaling-{args.preset}",
-                    tags=study_tags, tracking_uri=uri) as study:
+                    tags=study_tags, params=params, tracking_uri=uri) as study:
         parent = study.parent
-        parent.log_params({
-            "preset": args.preset, "smoke_budget": args.smoke_budget if args.preset == "smoke" else None,
-            "data": args.data, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
-            "dataset_fingerprint": ds.fingerprint, "schedule": args.schedule, "conditional": args.conditional,
-            "budget_scale": args.budget_scale, "models": [p.name for p in b.models], "engine": args.engine.kind,
-            "workers": args.engine.workers, "gpus_per_worker": args.engine.gpus_per_worker, "seed": args.seed,
-            "out": str(args.out),
-        })
 
         # 2. J*(σ)
         estimate = study.run(estimate_step(args, b, ds, given, study))

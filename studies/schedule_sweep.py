@@ -24,13 +24,12 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when imported by tests
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, default_out, ensure_lossfloor, parser, run_study
+from _common import default_out, ensure_lossfloor, parser, run_study
 
 ensure_lossfloor()
 
 
 STUDY = "schedule_sweep"
-DEFAULT_SPACE = REPO_ROOT / "studies" / "spaces" / "optimal_loss.yaml"
 # A laptop-sized default on the bundled digits: 16k images per trial (~1 min on one core), 8 evaluations
 LAPTOP_BUDGET = {"images": 16384, "batch": 128, "warmup": 2048}
 
@@ -43,8 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Ray Tune sweep of the optimal-loss schedule's w_max, focus (mu, varsigma), ... against the "
         "EDM2 baseline; ASHA stops weak trials early; MLflow parent run with one child per trial.",
     )
-    add_sweep_args(p, data="bundled:digits", space=str(DEFAULT_SPACE), trials=8, out=str(default_out(STUDY)),
-                   address_env="RAY_ADDRESS")
+    add_sweep_args(p, data="bundled:digits", trials=8, out=str(default_out(STUDY)), address_env="RAY_ADDRESS")
     p.set_defaults(**LAPTOP_BUDGET)
     p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
                    help="log the sweep to MLflow (default on)")

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from cli_run import cli
+from lossfloor.train.space import DEFAULT_SPACE
 
 ROOT = Path(__file__).resolve().parent.parent
-SPACE = str(ROOT / "studies" / "spaces" / "optimal_loss.yaml")
+SPACE = str(DEFAULT_SPACE)
 D = "bundled:digits"
 
 
@@ -87,6 +88,15 @@ def ws(tmp_path_factory):
     for i in range(40):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(t / "rgb16" / f"{i:02d}.png")
     (t / "weights.pt").write_bytes(b"not a network " * 20)
+    np.save(t / "flat.npy", np.arange(40, dtype=np.float32))  # 40 scalars, not 40 samples
+    (t / "table.npy").write_text("a,b\n1,2\n3,4\n")  # a CSV under a .npy name
+    prepare_shards(t / "other.npy", t / "short", rows_per_shard=16)  # 40 rows; meta.json will claim 50
+    meta = (t / "short" / "meta.json").read_text()
+    (t / "short" / "meta.json").write_text(meta.replace('"count": 40', '"count": 50'))
+    (t / "emptyjpg").mkdir()
+    (t / "emptyjpg" / "0.jpg").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(t / "emptyjpg" / "1.jpg")
+    (t / "dup.yaml").write_text("w_max: {loguniform: [5, 500]}\nmu: {uniform: [-3, -1]}\nw_max: 100\n")
     return t
 
 
@@ -253,6 +263,47 @@ CLI_ROWS += [
     ("sweep: --eval-sigmas outside the J* grid", [*SW, "--out", "{out}", "--j-star", "{ws}/digits.parquet",
                                                   "--eval-sigmas", "0.01,1"], ["--eval-sigmas", "σ = 0.01 outside"]),
 ]
+# issue 19: tracking, Ray, data reading, fit, the survey and the command line's words
+CLI_ROWS += [
+    ("estimate: a tracking URI of no store", [*E, "--out", "{out}.parquet", "--mlflow", "--tracking-uri", "garbage://x"],
+     ["--tracking-uri garbage://x", "no tracking store for garbage://"]),
+    ("fit: absurd --bootstrap", ["fit", "--curves", "{ws}/c.parquet", "--bootstrap", "1000000000", "--out", "{out}.json"],
+     ["--bootstrap: expected an integer in [0, 100000]"]),
+    ("estimate: a 1-D array", ["estimate", "--data", "{ws}/flat.npy", "--sigmas", "1", "--out", "{out}.parquet"],
+     ["flat.npy", "shape (40,)", "40 scalars", "(40, 1)"]),
+    ("data describe: shards claiming more rows", ["data", "describe", "{ws}/short"],
+     ["expected 50 samples", "holds only 40"]),
+    ("estimate: a CSV named .npy", ["estimate", "--data", "{ws}/table.npy", "--sigmas", "1", "--out", "{out}.parquet"],
+     ["table.npy", "not a .npy file"]),
+    ("estimate: --max-device-gb inf", [*E, "--out", "{out}.parquet", "--max-device-gb", "inf"],
+     ["--max-device-gb: expected a finite number", "got inf"]),
+    ("data describe: a zero-byte JPEG", ["data", "describe", "{ws}/emptyjpg"], ["0.jpg", "empty file (0 bytes)"]),
+    ("estimate: --c with exact", [*E, "--out", "{out}.parquet", "--estimator", "exact", "--c", "2"],
+     ["--c:", "only with --estimator cdol", "--estimator exact would ignore it"]),
+    ("estimate: --index-pca with exact", [*E, "--out", "{out}.parquet", "--estimator", "exact", "--index-pca", "4"],
+     ["--index-pca:", "only with --estimator knn", "--estimator exact would ignore it"]),
+    ("sweep: a key twice in --space", ["sweep", "--data", D, "--space", "{ws}/dup.yaml", "--trials", "2", "--out",
+                                       "{out}"], ["dup.yaml", "'w_max' is given twice (line 3)"]),
+    ("estimate: unknown --dtype", [*E, "--out", "{out}.parquet", "--dtype", "float16"],
+     ["--dtype: expected float32 or float64"]),
+    ("estimate: --index-pca 0", [*E, "--out", "{out}.parquet", "--estimator", "knn", "--index-pca", "0"],
+     ["--index-pca: expected an integer >= 1"]),
+    ("estimate: --index-pca on the torch search", [*E, "--out", "{out}.parquet", "--estimator", "knn", "--index",
+                                                   "torch", "--index-pca", "4"], ["--index-pca: needs a FAISS index"]),
+    ("estimate: knn --subset-size below 4", [*E, "--out", "{out}.parquet", "--estimator", "knn", "--subset-size", "3"],
+     ["--subset-size: knn needs L >= 4"]),
+]
+STUDY_ROWS += [
+    ("optimal_loss_survey", "a bad --data after the digits", [*SURVEY, "--data", "{ws}/nan.npy", "--out", "{out}"],
+     ["nan.npy", "sample 3"]),
+]
+# the same, for settings in the environment: (what it is, variables, argv, words the error line must hold)
+ENV_ROWS = [
+    ("MLFLOW_TRACKING_URI of no store", {"MLFLOW_TRACKING_URI": "garbage://x"},
+     [*E, "--out", "{out}.parquet", "--mlflow"], ["MLFLOW_TRACKING_URI garbage://x", "no tracking store"]),
+    ("LOSSFLOOR_NODE_CACHE unwritable", {"LOSSFLOOR_NODE_CACHE": "/proc/lossfloor/cache"},
+     [*E, "--out", "{out}.parquet", "--engine", "ray"], ["$LOSSFLOOR_NODE_CACHE /proc/lossfloor/cache", "cannot write"]),
+]
 
 
 def _argv(argv, ws, out):
@@ -295,6 +346,17 @@ def test_every_study_refuses_bad_input_in_one_line(ws, tmp_path, capsys, study, 
     _, err = capsys.readouterr()
     _check(code, err, words, out, t0)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("case", "env", "argv", "words"), ENV_ROWS, ids=[r[0] for r in ENV_ROWS])
+def test_a_bad_environment_is_refused_in_one_line(ws, tmp_path, capsys, monkeypatch, case, env, argv, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    code, _, err = cli(_argv(argv, ws, out), capsys)
+    _check(code, err, words, out, t0)
+    assert not list(tmp_path.glob("lossfloor-work-*"))  # no work folder of the Ray engine
 
 
 def test_a_failed_training_leaves_no_empty_run_folder(tmp_path, capsys):

@@ -167,12 +167,12 @@ def test_the_device_cap_sizes_the_batch_and_refuses_what_cannot_fit():
     capped = EstimatorConfig(estimator="knn", max_device_gb=0.05).resolve(n, d)
     assert capped.rows_per_batch < free.rows_per_batch
     assert batch_bytes(capped, d) <= 0.05 * 2**30 < batch_bytes(free, d)
-    with pytest.raises(InputError, match="max-device-gb"):
+    with pytest.raises(InputError, match="max_device_gb"):
         EstimatorConfig(estimator="knn", max_device_gb=1e-6).resolve(n, d)  # below one row's queries
-    with pytest.raises(InputError, match=r"rows per batch.*max-device-gb"):
+    with pytest.raises(InputError, match=r"rows_per_batch.*max_device_gb"):
         EstimatorConfig(estimator="knn", max_device_gb=0.05, rows_per_batch=4000).resolve(n, d)
     for bad in (0, -1, float("nan"), float("inf"), "8"):
-        with pytest.raises(InputError, match="max-device-gb"):
+        with pytest.raises(InputError, match="max_device_gb"):
             EstimatorConfig(max_device_gb=bad)
 
 

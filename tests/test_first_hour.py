@@ -69,9 +69,10 @@ def test_every_readme_command_line_parses(line):
 
 @pytest.mark.e2e
 def test_the_first_hour_runs_as_written_in_a_fresh_folder(tmp_path):
-    (tmp_path / "studies").symlink_to(ROOT / "studies")  # the README's commands run from a checkout
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "LOSSFLOOR_"))}
-    env |= {"LOSSFLOOR_HOME": str(tmp_path / "home"), "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
+    assert not tmp_path.resolve().is_relative_to(ROOT)  # an empty folder outside the clone
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "LOSSFLOOR"))}
+    env |= {"LOSSFLOOR": str(ROOT),  # the clone, as the README says to set it
+            "LOSSFLOOR_HOME": str(tmp_path / "home"), "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
             "RAY_AUTH_MODE": "disabled"}
     for line in FIRST_HOUR:
         done = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -236,14 +236,14 @@ def test_table_round_trip_and_target_conversion(tmp_path):
     "kwargs, match",
     [
         (dict(estimator="nope"), "estimator"),
-        (dict(subset_size=1), "subset size"),
-        (dict(c=0.0), "C"),
-        (dict(c=-2.0), "C"),
-        (dict(queries_per_sample=0), "queries per sample"),
+        (dict(subset_size=1), "subset_size"),
+        (dict(c=0.0), "c:"),
+        (dict(c=-2.0), "c:"),
+        (dict(queries_per_sample=0), "queries_per_sample"),
         (dict(seed=-1), "seed"),
-        (dict(rel_error=1.5), "rel-error"),
+        (dict(rel_error=1.5), "rel_error"),
         (dict(index="kd-tree"), "index"),
-        (dict(index_pca=0), "index-pca"),
+        (dict(index_pca=0), "index_pca"),
     ],
 )
 def test_bad_config(kwargs, match):

@@ -101,10 +101,13 @@ def test_a_rerun_skips_the_finished_data_sets(tmp_path, caplog):
     assert _study().main(argv) == 0
     marker = out / "digits" / "DONE.json"
     first = marker.stat().st_mtime_ns, json.loads(marker.read_text(encoding="utf-8"))["hash"]
+    runs = _check_store(uri, ["digits"])
     with caplog.at_level(logging.INFO, logger="optimal_loss_survey"):
         assert _study().main(argv) == 0
     assert "stage estimate-digits: finished earlier" in caplog.text
     assert marker.stat().st_mtime_ns == first[0]  # nothing redone
+    again = _check_store(uri, ["digits"])  # the same parent and child: a rerun adds no runs
+    assert again["digits"].info.run_id == runs["digits"].info.run_id
     assert _study().main([*argv, "--seed", "1"]) == 0  # another input: estimated again, in the same folder
     assert json.loads(marker.read_text(encoding="utf-8"))["hash"] != first[1]
 

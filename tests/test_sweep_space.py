@@ -3,7 +3,6 @@ the searchers (baseline first, seeded random draws, save/restore), ASHA that nev
 resource rules, and the objectives (fixed-weighting gap, Fréchet distance of a checkpoint)."""
 
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,10 +16,9 @@ from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
 from lossfloor.train import OptimalLossSchedule, TrainConfig, train
 from lossfloor.train.objectives import FDObjective, GapObjective, gap_key, reference_weights
 from lossfloor.train.schedules import JStarCurve
-from lossfloor.train.space import load_space, parse_space
+from lossfloor.train.space import DEFAULT_SPACE, load_space, parse_space
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "studies" / "spaces" / "optimal_loss.yaml"
+EXAMPLE = DEFAULT_SPACE
 
 
 def write(tmp_path, text, name="space.yaml"):

@@ -8,7 +8,21 @@ class InputError(ValueError):
     """Bad input from a user: a file, flag or config field. The message names it and what was expected.
 
     The CLI turns it into one line on stderr and exit code 2; the Python API lets it propagate.
+    field: the Python-API name (a config field or argument, e.g. `subset_size`) the message starts with;
+    a command line or study says it as its flag (`flag_message`: `--subset-size`).
     """
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def flag_message(self) -> str:
+        """The message as the command line says it: its field as the flag of the same name (subset_size:
+        --subset-size). The one mapping of API names to flags, applied where a command or study prints."""
+        text = str(self)
+        if self.field is None or not text.startswith(self.field):
+            return text
+        return "--" + self.field.replace("_", "-") + text[len(self.field):]
 
 
 class JStarNotBelowLoss(InputError):

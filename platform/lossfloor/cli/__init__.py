@@ -15,6 +15,8 @@ from lossfloor.errors import ArgumentParser, InputError
 
 # Sub-command modules, each defining `register(subparsers)`; imported lazily so `lossfloor --help`
 # stays fast and a command's heavy imports (ray, mlflow) load only when it runs.
+DESCRIPTION = ("The optimal loss J*(sigma) of diffusion models (Xu et al.): estimate it, train with it, diagnose "
+               "a model's gap to it, and fit scaling laws to the loss above it.")
 COMMANDS = [
     "lossfloor.cli.estimate",
     "lossfloor.cli.fit",
@@ -28,7 +30,7 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="lossfloor", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="lossfloor", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for name in COMMANDS:
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except InputError as e:
-        sys.stderr.write(f"lossfloor {args.command}: error: {e}\n")
+        sys.stderr.write(f"lossfloor {args.command}: error: {e.flag_message()}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("lossfloor: interrupted\n")

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
         default=None,
         help="fit the rows with this sigma (default: the total-loss rows, sigma null)",
     )
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates over models (0: none)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates over models (0: none; at most 100000)")
     p.add_argument(
         "--holdout-largest",
         action="store_true",
@@ -68,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--j-star-value: expected a number >= 0 (an optimal loss, x0 units), got {args.j_star_value}")
     if args.j_star_stderr is not None and not (math.isfinite(args.j_star_stderr) and args.j_star_stderr >= 0):
         raise InputError(f"--j-star-stderr: expected a number >= 0, got {args.j_star_stderr}")
-    if args.bootstrap < 0:
-        raise InputError(f"--bootstrap: expected an integer >= 0, got {args.bootstrap}")
     check_writable(args.out)
     if args.j_star is not None:
         _check_same_data(args.curves, args.j_star)

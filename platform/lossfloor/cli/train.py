@@ -29,7 +29,7 @@ MAX_IMAGES = 10**11  # a bound on --images: 50x EDM2-XXL's budget; a typo beyond
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train an EDM2 model (EDM2 or optimal-loss schedule), locally or on Ray",
+        help="train an EDM2 model (edm2, fm or optimal-loss schedule), locally or on Ray",
         description="Train an EDM2 U-Net on a data set with the EDM2, flow-matching or optimal-loss schedule "
         "(Xu et al. §4); write checkpoints and the loss-curve tables to --out and print a summary.",
     )

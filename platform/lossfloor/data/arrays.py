@@ -69,6 +69,14 @@ class NpyReader(Reader):
     @functools.cached_property
     def _array(self) -> np.ndarray:
         try:
+            with open(self.file, "rb") as f:
+                magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot read ({error_text(e)})") from e
+        if magic != np.lib.format.MAGIC_PREFIX:  # numpy would take it for a pickle and say so
+            raise InputError(f"{self.path}: not a .npy file (it does not start with the NumPy header; a text "
+                             "or CSV file must be converted, e.g. np.save(path, np.loadtxt(csv, delimiter=','))")
+        try:
             array = np.load(self.file, mmap_mode="r", allow_pickle=False)
         except READ_ERRORS as e:
             raise InputError(f"{self.path}: cannot read as .npy ({error_text(e)})") from e

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from lossfloor.data.files import DirTree, ZipTree
 from lossfloor.data.source import Chunk, Reader, SourceInfo
@@ -40,10 +40,15 @@ def scale_pixels(pixels: np.ndarray) -> np.ndarray:
 
 
 def _open(data: bytes, where: str) -> Image.Image:
+    if not data:
+        raise InputError(f"{where}: expected a PNG or JPEG image, got an empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+        raise InputError(f"{where}: expected a PNG or JPEG image, its {len(data)} bytes are no image format "
+                         "Pillow knows") from None
     except _OPEN_ERRORS as e:
         raise InputError(f"{where}: expected a PNG or JPEG image ({e})") from e
     if image.mode not in _MODES:

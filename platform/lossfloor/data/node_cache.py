@@ -8,6 +8,7 @@ keeps one copy of the pages, shared by all processes of the node, paged in as ro
 dropped under memory pressure (a file-backed mapping can even exceed RAM). Nothing is copied per
 actor or per batch; each batch gathers only its rows.
 
+    check_cache_root()                                # on the driver, before Ray starts
     cache = NodeCache(fingerprint)                    # a folder under $LOSSFLOOR_NODE_CACHE
     x = cache.array("x", (n, d), np.float32, blocks)  # blocks() yields its rows, written once per node
     path = cache.file("index-ivf", write)             # write(path) once per node, e.g. a FAISS index
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lossfloor.atomic import check_writable
 from lossfloor.errors import InputError
 
 ENV = "LOSSFLOOR_NODE_CACHE"
@@ -48,6 +50,13 @@ _NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
 def cache_root() -> Path:
     """$LOSSFLOOR_NODE_CACHE, else <tmp>/lossfloor-node-cache."""
     return Path(os.environ.get(ENV) or Path(tempfile.gettempdir()) / "lossfloor-node-cache").expanduser()
+
+
+def check_cache_root() -> Path:
+    """Before Ray starts: this machine's cache folder (`cache_root`) can be made and written, else an
+    InputError naming $LOSSFLOOR_NODE_CACHE (in the actors it would be one traceback per actor). Nothing
+    is created. Nodes of a remote cluster check their own folder when an actor first needs it."""
+    return check_writable(cache_root(), f"${ENV}", folder=True)
 
 
 class NodeCache:

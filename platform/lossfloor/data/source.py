@@ -95,8 +95,8 @@ def chunks(reader: Reader, rows: int, *, limit: int | None = None) -> Iterator[C
                 break
     finally:
         blocks.close()
-    if done != total:
-        raise InputError(f"{reader.path}: expected {total} samples, the source holds only {done}")
+    if done != total:  # rows still buffered were read: the source holds them too
+        raise InputError(f"{reader.path}: expected {total} samples, the source holds only {done + buffer.rows}")
 
 
 def _check_block(path: str, info: SourceInfo, samples, labels, *, first_row: int) -> None:

@@ -100,39 +100,38 @@ class EstimatorConfig:
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
-            raise InputError(f"estimator: expected one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+            raise _field("estimator", f"expected one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.subset_size is not None and (not isinstance(self.subset_size, int) or self.subset_size < 2):
-            raise InputError(f"subset size L: expected an integer >= 2, got {self.subset_size!r}")
+            raise _field("subset_size", f"expected an integer >= 2, got {self.subset_size!r}")
         if self.c is not None and not (isinstance(self.c, (int, float)) and self.c > 0 and not math.isnan(self.c)):
-            raise InputError(f"C: expected a number > 0 (e.g. 4N/L, or inf), got {self.c!r}")
+            raise _field("c", f"expected a number > 0 (e.g. 4N/L, or inf), got {self.c!r}")
         if not isinstance(self.queries_per_sample, int) or self.queries_per_sample < 1:
-            raise InputError(f"queries per sample: expected an integer >= 1, got {self.queries_per_sample!r}")
+            raise _field("queries_per_sample", f"expected an integer >= 1, got {self.queries_per_sample!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise InputError(f"seed: expected an integer >= 0, got {self.seed!r}")
+            raise _field("seed", f"expected an integer >= 0, got {self.seed!r}")
         if self.dtype not in ("float32", "float64"):
-            raise InputError(f"dtype: expected float32 or float64, got {self.dtype!r}")
+            raise _field("dtype", f"expected float32 or float64, got {self.dtype!r}")
         if self.rng_device not in ("compute", "cpu"):
-            raise InputError(f"rng_device: expected 'compute' or 'cpu', got {self.rng_device!r}")
+            raise _field("rng_device", f"expected 'compute' or 'cpu', got {self.rng_device!r}")
         if self.matmul_precision not in MATMUL_PRECISIONS:
-            raise InputError(
-                f"matmul precision: expected one of {', '.join(MATMUL_PRECISIONS)}, got {self.matmul_precision!r}"
-            )
+            raise _field("matmul_precision",
+                         f"expected one of {', '.join(MATMUL_PRECISIONS)}, got {self.matmul_precision!r}")
         if self.rows_per_batch is not None and (not isinstance(self.rows_per_batch, int) or self.rows_per_batch < 1):
-            raise InputError(f"rows_per_batch: expected an integer >= 1, got {self.rows_per_batch!r}")
+            raise _field("rows_per_batch", f"expected an integer >= 1, got {self.rows_per_batch!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise InputError(f"device: expected cpu or cuda, got {self.device!r}")
+            raise _field("device", f"expected cpu, cuda or cuda:N, got {self.device!r}")
         if self.rel_error is not None and not (isinstance(self.rel_error, (int, float)) and 0 < self.rel_error < 1):
-            raise InputError(f"rel-error: expected a fraction in (0, 1) like 0.01, got {self.rel_error!r}")
+            raise _field("rel_error", f"expected a fraction in (0, 1) like 0.01, got {self.rel_error!r}")
         if self.index not in INDEXES:
-            raise InputError(f"index: expected one of {', '.join(INDEXES)}, got {self.index!r}")
+            raise _field("index", f"expected one of {', '.join(INDEXES)}, got {self.index!r}")
         if self.index_pca is not None and (not isinstance(self.index_pca, int) or self.index_pca < 1):
-            raise InputError(f"index-pca: expected an integer >= 1, got {self.index_pca!r}")
+            raise _field("index_pca", f"expected an integer >= 1, got {self.index_pca!r}")
         if self.latents not in LATENTS:
-            raise InputError(f"latents: expected one of {', '.join(LATENTS)}, got {self.latents!r}")
+            raise _field("latents", f"expected one of {', '.join(LATENTS)}, got {self.latents!r}")
         if self.max_device_gb is not None and not (
             isinstance(self.max_device_gb, (int, float)) and math.isfinite(self.max_device_gb) and self.max_device_gb > 0
         ):
-            raise InputError(f"--max-device-gb: expected a number of GiB > 0 (e.g. 40), got {self.max_device_gb!r}")
+            raise _field("max_device_gb", f"expected a finite number of GiB > 0 (e.g. 40), got {self.max_device_gb!r}")
 
     def resolve(self, n_samples: int, dim: int, *, compute_device: str | None = None) -> EstimatorConfig:
         """Fill in the data-dependent defaults (estimator, L, C, batch size) and check them against N.
@@ -150,9 +149,9 @@ class EstimatorConfig:
             default = DEFAULT_KNN_SUBSET_SIZE if est == "knn" else DEFAULT_SUBSET_SIZE
             L = self.subset_size if self.subset_size is not None else min(default, n_samples)
             if L > n_samples:
-                raise InputError(f"subset size L: expected at most N = {n_samples} (the number of samples), got {L}")
+                raise _field("subset_size", f"expected at most N = {n_samples} (the number of samples), got {L}")
             if L < MIN_SUBSET_SIZE[est] and L < n_samples:
-                raise InputError(f"subset size L: {est} needs L >= {MIN_SUBSET_SIZE[est]}, got {L}")
+                raise _field("subset_size", f"{est} needs L >= {MIN_SUBSET_SIZE[est]}, got {L}")
             if L == n_samples:  # the subset holds every sample: the estimator is the exact one (C = 1)
                 log.info("L = N = %d: %s is the exact estimator", n_samples, est)
                 est = "exact"
@@ -165,20 +164,24 @@ class EstimatorConfig:
         if cfg.rows_per_batch is None:
             cfg = replace(cfg, rows_per_batch=default_rows_per_batch(cfg, n_samples, dim))
         elif cfg.max_device_gb is not None and batch_bytes(cfg, dim) > cfg.max_device_gb * 2**30:
-            raise InputError(
-                f"rows per batch: {cfg.rows_per_batch} rows need ~{batch_bytes(cfg, dim) / 2**30:.3g} GiB of device "
-                f"memory, above --max-device-gb {cfg.max_device_gb:g}: give fewer rows, or leave the batch to the cap"
-            )
+            raise _field("rows_per_batch",
+                         f"{cfg.rows_per_batch} rows need ~{batch_bytes(cfg, dim) / 2**30:.3g} GiB of device memory, "
+                         f"above max_device_gb = {cfg.max_device_gb:g}: give fewer rows, or leave the batch to the cap")
         if est != "exact" and self.rows_per_batch is not None:
             n_batches = math.ceil(n_samples / cfg.rows_per_batch)
             if n_batches < MIN_BATCHES:
-                raise InputError(
-                    f"rows per batch: {est} needs at least {MIN_BATCHES} batches for its standard error (the "
+                raise _field(
+                    "rows_per_batch", f"{est} needs at least {MIN_BATCHES} batches for its standard error (the "
                     f"queries of a batch share random draws); {cfg.rows_per_batch} rows give {n_batches} of "
                     f"N = {n_samples}: use at most {n_samples // MIN_BATCHES}"
                 )
         check_device(cfg.device, "device")
         return cfg
+
+
+def _field(name: str, text: str) -> InputError:
+    """An error about config field `name`, named by it (a command line names its flag: `InputError.field`)."""
+    return InputError(f"{name}: {text}", field=name)
 
 
 def bytes_per_query(cfg: EstimatorConfig, dim: int) -> int:
@@ -205,8 +208,9 @@ def default_rows_per_batch(cfg: EstimatorConfig, n_samples: int, dim: int) -> in
         budget = min(budget, int(cfg.max_device_gb * 2**30))
     per_query = bytes_per_query(cfg, dim)
     if cfg.max_device_gb is not None and per_query * cfg.queries_per_sample > budget:
-        raise InputError(f"--max-device-gb {cfg.max_device_gb:g}: below the working memory of a single row's "
-                         f"{cfg.queries_per_sample} queries (~{per_query * cfg.queries_per_sample / 2**30:.3g} GiB)")
+        raise InputError(f"max_device_gb {cfg.max_device_gb:g}: below the working memory of a single row's "
+                         f"{cfg.queries_per_sample} queries (~{per_query * cfg.queries_per_sample / 2**30:.3g} GiB)",
+                         field="max_device_gb")
     queries = max(1, min(_MAX_QUERIES_PER_BATCH, budget // per_query))
     rows = max(1, queries // cfg.queries_per_sample)
     if cfg.estimator != "exact":

@@ -153,7 +153,7 @@ def build_index(points: torch.Tensor, kind: str = "auto", *, pca: int | None = N
             kind = "flat" if len(points) <= AUTO_FLAT_MAX else "ivf"
     if kind == "torch":
         if pca is not None:
-            raise InputError("index-pca: needs a FAISS index (--index flat|ivf|hnsw), not the torch search")
+            raise InputError("index_pca: needs a FAISS index (index flat, ivf or hnsw), not the torch search", field="index_pca")
         return TorchIndex(points)
     if faiss is None:
         raise InputError(f"index {kind}: FAISS is not installed (pip install faiss-cpu), use --index torch")
@@ -161,7 +161,7 @@ def build_index(points: torch.Tensor, kind: str = "auto", *, pca: int | None = N
     faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
     n, d = points.shape
     if pca is not None and not (isinstance(pca, int) and 1 <= pca <= d):
-        raise InputError(f"index-pca: expected an integer in [1, D = {d}], got {pca!r}")
+        raise InputError(f"index_pca: expected an integer in [1, D = {d}], got {pca!r}", field="index_pca")
     label = kind + (f"+pca{pca}" if pca is not None else "")
     if kind == "flat" and pca is None and not on_cuda and points.dtype == torch.float32 and points.is_contiguous():
         return FlatSearch(faiss, points)

@@ -199,7 +199,7 @@ def diagnose(spec: DiagnoseSpec):
         with ray_session(spec.engine.address):
             d = run(losses=RayLosses(load, spec.engine))
     t_eval = time.monotonic() - t0 - t_jstar
-    log.info("diagnose %s: J* %.3g s, evaluation %.3g s", model.name, t_jstar, t_eval)
+    log.info("diagnose %s: %.3g s for J*, %.3g s for the evaluation", model.name, t_jstar, t_eval)
     write_diagnosis(d, spec.out)
     page = None
     if spec.figure is not None or log_diagnosis is not None:

@@ -34,6 +34,9 @@ def estimate(samples, sigmas, config: EstimatorConfig, *, engine: Engine = LOCAL
     if engine.kind == "local":
         return local_estimate(samples, sigmas, config, fingerprint=fingerprint, work_dir=work_dir,
                               work_parent=work_parent, progress=progress)
+    from lossfloor.data.node_cache import check_cache_root
+
+    check_cache_root()  # the actors' data cache, checked here before Ray starts
     from lossfloor.ray import estimate_ray  # Ray only here
 
     return estimate_ray(samples, sigmas, config, engine=engine, fingerprint=fingerprint, work_dir=work_dir,

@@ -1,8 +1,7 @@
 """A study: its stages declared as data, one runner that skips, runs and logs each, under one MLflow parent run.
 
     with open_study(name="scaling_imagenet512", out=out, log=log, experiment="scaling", tracking_uri=uri,
-                    run_name="scaling-smoke", tags={"lossfloor.kind": "study"}) as study:
-        study.parent.log_params({...})
+                    run_name="scaling-smoke", tags={"lossfloor.kind": "study"}, params={...}) as study:
         est = study.run(Step(name="estimate", key={"data_fingerprint": fp, ...}, work=estimate_into,
                              read=read_jstar, log=log_estimate, doing="exact estimator on local engine"))
         est.value, est.skipped, est.logged      # the J* table, whether it was reused, its MLflow run id
@@ -16,7 +15,9 @@ A stage (`Step`) names
   read   what later stages get from it, read back from the folder: the same for a stage run now and one
          finished earlier (default: the DONE.json summary);
   log    what is recorded once it is done, run or skipped (e.g. its MLflow child run; `Done.skipped`
-         says which); its return value is kept as `Done.logged`;
+         says which); its return value is kept as `Done.logged`. A rerun of the same study continues
+         its earlier parent run (`open_study`): a skipped stage then keeps the child run it has there
+         (its id is `Done.logged`) instead of logging another;
   doing  what the log says while it runs.
 
 The runner, for each stage: DONE.json there -> "stage NAME: finished earlier in DIR, skipped"; else
@@ -38,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lossfloor.jobs.stages import Stage
+
+STUDY_KEY_TAG = "lossfloor.study_key"  # a study parent run: the hash of the study, its run name and params
+STAGE_HASH_TAG = "lossfloor.stage_hash"  # a stage's child run: the stage's hash (`Study.stage_tags`)
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,11 @@ class Study:
     """The runner of a study's stages in `out`, logging on `log` (the study's logger), under the study's
     MLflow parent run (`parent`, in `experiment` of the store at `tracking_uri`; made by `open_study`)."""
 
-    def __init__(self, *, name: str, out: Path, log: logging.Logger, parent, experiment: str, tracking_uri: str):
+    def __init__(self, *, name: str, out: Path, log: logging.Logger, parent, experiment: str, tracking_uri: str,
+                 continued: bool = False):
         self.name, self.out, self.log = name, Path(out), log
         self.parent, self.experiment, self.tracking_uri = parent, experiment, tracking_uri
+        self.continued = continued  # the parent run is an earlier run of the same study (`open_study`)
         self.done: dict[str, Done] = {}
 
     def run(self, step: Step) -> Done:
@@ -118,7 +124,18 @@ class Study:
 
     def _through(self, step: Step, stage: Stage, skipped: bool) -> Done:
         done = Done(stage, step.read(stage), skipped)
-        return dataclasses.replace(done, logged=step.log(done)) if step.log is not None else done
+        if step.log is None:
+            return done
+        return dataclasses.replace(done, logged=(skipped and self._logged_earlier(stage)) or step.log(done))
+
+    def _logged_earlier(self, stage: Stage) -> str | None:
+        """The child run a continued parent already holds for this stage (by its hash), else None."""
+        if not self.continued:
+            return None
+        from lossfloor.tracking.runs import finished_run
+
+        return finished_run(self.tracking_uri, self.experiment, {STAGE_HASH_TAG: stage.hash},
+                            parent_run_id=self.parent.run_id)
 
     def child(self, run_name: str, tags: Mapping[str, object]) -> dict:
         """The keyword arguments that make a `lossfloor.jobs.record` run a child of this study's parent run."""
@@ -133,19 +150,33 @@ class Study:
 
         stage = done.stage
         return {STAGE_TAG: stage.name.split("-")[0], "lossfloor.study": self.name,
-                "lossfloor.stage_dir": str(stage.dir), "lossfloor.stage_hash": stage.hash,
+                "lossfloor.stage_dir": str(stage.dir), STAGE_HASH_TAG: stage.hash,
                 "lossfloor.cached": str(done.skipped).lower(), **extra}
 
 
 @contextlib.contextmanager
 def open_study(*, name: str, out: Path, log: logging.Logger, experiment: str, run_name: str,
-               tags: Mapping[str, object], tracking_uri: str) -> Iterator[Study]:
-    """A `Study` with its MLflow parent run (`study.parent`), which ends FINISHED, or FAILED / KILLED
-    when the study stops on an error or a signal (lossfloor.tracking.start_run)."""
-    from lossfloor.tracking import start_run
+               tags: Mapping[str, object], params: Mapping[str, object], tracking_uri: str) -> Iterator[Study]:
+    """A `Study` with its MLflow parent run (`study.parent`, holding `params`), which ends FINISHED, or
+    FAILED / KILLED when the study stops on an error or a signal (lossfloor.tracking.start_run).
 
-    with start_run(experiment=experiment, run_name=run_name, tags=tags, tracking_uri=tracking_uri) as parent:
-        yield Study(name=name, out=out, log=log, parent=parent, experiment=experiment, tracking_uri=tracking_uri)
+    A rerun adds no runs: the parent is tagged with the hash of the study, its run name and params
+    (STUDY_KEY_TAG); a FINISHED parent with that tag is continued instead of a new one made, and a
+    stage it skips keeps the child run that parent holds for it (`Study.run`)."""
+    from lossfloor.hashing import config_hash
+    from lossfloor.tracking import start_run
+    from lossfloor.tracking.runs import finished_run
+
+    key = config_hash({"study": name, "run_name": run_name, "params": dict(params)})
+    earlier = finished_run(tracking_uri, experiment, {STUDY_KEY_TAG: key})
+    with start_run(experiment=experiment, run_name=run_name, tags={**tags, STUDY_KEY_TAG: key},
+                   tracking_uri=tracking_uri, run_id=earlier) as parent:
+        if earlier is None:
+            parent.log_params(params)
+        else:
+            log.info("MLflow: the same study ran before: continuing its parent run %s", earlier)
+        yield Study(name=name, out=out, log=log, parent=parent, experiment=experiment, tracking_uri=tracking_uri,
+                    continued=earlier is not None)
 
 
 def tracking_uri(uri: str | None) -> str:

@@ -30,9 +30,10 @@ JSTAR_GRID = "0.002:80:32"  # the grid of a J* estimated here (bundled data, exa
 INTERRUPTED = 130  # exit code of an interrupted sweep (as ^C)
 
 
-def add_sweep_args(p: argparse.ArgumentParser, *, data: str | None = None, space: str | None = None,
+def add_sweep_args(p: argparse.ArgumentParser, *, data: str | None = None,
                    trials: int | None = None, out: str | None = None, address_env: str | None = None) -> None:
-    """The sweep's flags; the study passes defaults so it runs without arguments, the CLI requires them.
+    """The sweep's flags; the study passes defaults so it runs without arguments, the CLI requires them
+    (not --space: both default to the space shipped with the package, `train.space.DEFAULT_SPACE`).
     The trials run on the engine of `add_engine_args` (always Ray): --workers per trial, each with
     --cpus-per-worker and --gpus-per-worker; address_env: its default --address (a Ray job's)."""
     p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
@@ -40,9 +41,12 @@ def add_sweep_args(p: argparse.ArgumentParser, *, data: str | None = None, space
                    help="data source every trial can read (shared storage on a cluster), e.g. bundled:digits")
     p.add_argument("--j-star", default=None, metavar="TABLE",
                    help="J* table (lossfloor estimate); omitted on bundled data: estimated into OUT/jstar.parquet")
-    p.add_argument("--space", default=space, required=space is None, metavar="SPACE.yaml",
+    from lossfloor.train.space import DEFAULT_SPACE
+
+    p.add_argument("--space", default=str(DEFAULT_SPACE), metavar="SPACE.yaml",
                    help="search space: OptimalLossSchedule fields -> {uniform|loguniform|randint: [lo, hi]} or "
-                   "{choice: [...]} or a fixed value")
+                   "{choice: [...]} or a fixed value (default: the package's optimal-loss space, w_max, mu, "
+                   "varsigma and uniform_mix)")
     p.add_argument("--trials", type=int, default=trials, required=trials is None, metavar="N",
                    help="trials drawn from the space (the EDM2 baseline runs on top)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",

@@ -78,11 +78,15 @@ def check_store(uri: str | None = None, *, flag: str = "--tracking-uri", must_ex
     sqlite: the file, if present, must be an SQLite database (an MLflow one if it has tables), and its
     folder writable; must_exist: the file must be there (a reader such as the dashboard). http(s): the
     server must answer GET /health within SERVER_TIMEOUT_S (MLflow's client would retry for minutes).
-    Other databases (postgresql://, mysql://): one connection through SQLAlchemy, with a timeout."""
+    Other databases (postgresql://, mysql://): one connection through SQLAlchemy, with a timeout.
+    A scheme MLflow has no store for (`store_schemes`) is refused here, not when the run is logged."""
     resolved = tracking_uri(uri)
     source = _uri_source(uri, flag)
     where = f"{source} {resolved}"
-    scheme = resolved.split("://", 1)[0].split("+", 1)[0]
+    scheme = resolved.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in store_schemes():
+        raise InputError(f"{where}: MLflow has no tracking store for {scheme}:// "
+                         f"(expected one of {', '.join(sorted(store_schemes()))})")
     db = sqlite_path(resolved)
     if db is not None:
         _check_sqlite(db, where, source, must_exist)
@@ -91,6 +95,17 @@ def check_store(uri: str | None = None, *, flag: str = "--tracking-uri", must_ex
     elif scheme in ("postgresql", "mysql", "mssql"):
         _check_database(resolved, where)
     return resolved
+
+
+def store_schemes() -> frozenset[str]:
+    """The URI schemes MLflow opens a tracking store for: its own (databases, servers, Databricks; not the
+    plain file store, see `tracking_uri`) and those plugins register (entry points mlflow.tracking_store)."""
+    from importlib.metadata import entry_points
+
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    plugins = {e.name for e in entry_points(group="mlflow.tracking_store")}
+    return frozenset({*DATABASE_ENGINES, "http", "https", "databricks", *plugins})
 
 
 def _check_sqlite(db: Path, where: str, source: str, must_exist: bool) -> None:
@@ -195,6 +210,21 @@ def experiment_id(c: MlflowClient, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def finished_run(uri: str, experiment: str, tags: Mapping[str, str], *,
+                 parent_run_id: str | None = None) -> str | None:
+    """The id of the newest FINISHED run of `experiment` carrying every tag of `tags` (a child of
+    `parent_run_id` when given), or None: what a rerun continues instead of logging the same run again."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage != "active":
+        return None
+    tags = {**tags, **({PARENT_RUN_TAG: parent_run_id} if parent_run_id is not None else {})}
+    where = " and ".join([*(f"tags.`{k}` = '{v}'" for k, v in tags.items()), "attributes.status = 'FINISHED'"])
+    runs = c.search_runs([exp.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"],
+                         max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def param_value(value) -> str:

@@ -23,6 +23,7 @@ import dataclasses
 import math
 import numbers
 import os
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import numpy as np
 from lossfloor.errors import InputError
 from lossfloor.train.schedules import OptimalLossSchedule
 
+DEFAULT_SPACE = Path(__file__).parent / "spaces" / "optimal_loss.yaml"  # shipped with the package
 DISTRIBUTIONS = ("choice", "loguniform", "randint", "uniform")
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(OptimalLossSchedule))
 INTEGER_FIELDS = ("n_bins", "halflife_n_img")
@@ -97,11 +99,26 @@ def load_space(path: str | os.PathLike) -> SearchSpace:
     """Read and check a space file (module docstring); InputError naming the file and key on any problem."""
     import yaml
 
+    class UniqueKeys(yaml.SafeLoader):
+        """YAML whose mappings refuse a key given twice (PyYAML keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    continue  # SafeLoader's own error names it
+                if key in seen:
+                    raise InputError(f"{path}: key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                                     "give each field once")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: search space file not found (expected YAML like `{EXAMPLE}`)")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeys)  # safe: a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

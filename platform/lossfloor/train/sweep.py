@@ -3,7 +3,7 @@
 and the study drive it (`lossfloor.jobs.sweep`), the figures are `lossfloor.pages.sweep`'s.
 
     spec = SweepSpec(base=TrainConfig(preset="tiny", jstar="jstar.parquet", duration_n_img=8192, ...),
-                     data="bundled:digits", space=load_space("studies/spaces/optimal_loss.yaml"), trials=8)
+                     data="bundled:digits", space=load_space(DEFAULT_SPACE), trials=8)
     summarize(rows, spec)["gain"]        # baseline objective - best objective (lower is better)
 
 Trial 1 is always the baseline, {"schedule": "edm2"} (EDM2Schedule at its defaults, same preset, budget
