@@ -8,6 +8,7 @@ must hold). The outputs a row names (`{out}...`) must not exist afterwards.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 import time
 import zipfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cli_run import cli
 from lossfloor.train.space import DEFAULT_SPACE
@@ -33,10 +35,43 @@ def _study(name):
     return module.main
 
 
+class _First(torch.nn.Module):  # the batch's first sample only
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x[:1]
+
+
+class _Mean(torch.nn.Module):  # one number
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x.mean()
+
+
+class _PerSample(torch.nn.Module):  # (B, 1, 1, 1)
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2, 3), keepdim=True)
+
+
+class _Inf(torch.nn.Module):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, float("inf"))
+
+
+class _NaNAbove1(torch.nn.Module):  # NaN where t > 1 only
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t.view(-1, 1, 1, 1) > 1.0, torch.full_like(x, float("nan")), x)
+
+
+class _RaisesAbove1(torch.nn.Module):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if bool((t > 1.0).any()):
+            raise RuntimeError("t above 1 is out of my range")
+        return x
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """Hostile files: a file where a folder should be, a corrupt MLflow database, NaN samples, a torn
-    shard, a corrupt PNG in a folder and in a zip, mixed image sizes, and J* tables of two data sets."""
+    shard, a corrupt PNG in a folder and in a zip, mixed image sizes, J* tables of two data sets, broken
+    TorchScript models and a corrupt torch.export file, and a lossfloor run with and without EMA snapshots."""
     from PIL import Image
 
     from lossfloor.data import load, prepare_shards
@@ -97,6 +132,18 @@ def ws(tmp_path_factory):
     (t / "emptyjpg" / "0.jpg").write_bytes(b"")
     Image.new("RGB", (8, 8)).save(t / "emptyjpg" / "1.jpg")
     (t / "dup.yaml").write_text("w_max: {loguniform: [5, 500]}\nmu: {uniform: [-3, -1]}\nw_max: 100\n")
+    # diagnose: TorchScript models with the wrong output, a corrupt .pt2, a run with and without snapshots
+    x = torch.zeros(2, 1, 8, 8)
+    for name, module in (("first", _First()), ("mean", _Mean()), ("inf", _Inf()), ("nan_above_1", _NaNAbove1()),
+                         ("raises_above_1", _RaisesAbove1())):
+        torch.jit.save(torch.jit.script(module), str(t / f"{name}.pt"))
+    torch.jit.save(torch.jit.trace(_PerSample(), (x, torch.ones(2))), str(t / "per_sample.pt"))
+    (t / "corrupt.pt2").write_bytes(b"PK\x03\x04" + b"not a torch.export archive" * 20)
+    from lossfloor.train import TrainConfig, train
+
+    train(TrainConfig(preset="tiny", batch_n_img=32, duration_n_img=32, warmup_n_img=0, eval_n_samples=8,
+                      eval_sigmas=(0.5,), snapshot_every_n_img=32), load(D), checkpoint_dir=t / "run")
+    shutil.copytree(t / "run", t / "run-no-snapshots", ignore=shutil.ignore_patterns("ema-*.pt"))
     return t
 
 
@@ -303,6 +350,33 @@ ENV_ROWS = [
      [*E, "--out", "{out}.parquet", "--mlflow"], ["MLFLOW_TRACKING_URI garbage://x", "no tracking store"]),
     ("LOSSFLOOR_NODE_CACHE unwritable", {"LOSSFLOOR_NODE_CACHE": "/proc/lossfloor/cache"},
      [*E, "--out", "{out}.parquet", "--engine", "ray"], ["$LOSSFLOOR_NODE_CACHE /proc/lossfloor/cache", "cannot write"]),
+]
+
+# issue 19, diagnose: models with the wrong output shape, NaN or inf, or an exception at some σ; a corrupt
+# .pt2; --ema and --estimator named with their choices before any work
+DGB = ["diagnose", "--data", D, "--j-star", "{ws}/digits.parquet", "--sigmas", "0.05,5", "--n-samples", "64",
+       "--out", "{out}.parquet"]
+DTS = [*DGB, "--prediction", "x0", "--model"]
+CLI_ROWS += [
+    ("diagnose: output of the first sample only", [*DTS, "{ws}/first.pt"],
+     ["--model", "first.pt", "output of shape (1, 1, 8, 8) for an input of shape (3, 1, 8, 8)"]),
+    ("diagnose: scalar output", [*DTS, "{ws}/mean.pt"], ["--model", "mean.pt", "output of shape ()"]),
+    ("diagnose: (B, 1, 1, 1) output", [*DTS, "{ws}/per_sample.pt"], ["--model", "per_sample.pt", "(3, 1, 1, 1)"]),
+    ("diagnose: inf output", [*DTS, "{ws}/inf.pt"], ["--model", "inf.pt", "NaN or inf at σ = 0.05"]),
+    ("diagnose: NaN above σ = 1", [*DTS, "{ws}/nan_above_1.pt"], ["--model", "nan_above_1.pt", "NaN or inf at σ = 5"]),
+    ("diagnose: raises above σ = 1", [*DTS, "{ws}/raises_above_1.pt"],
+     ["--model", "raises_above_1.pt", "fails at σ = 5", "t above 1 is out of my range"]),
+    ("diagnose: corrupt .pt2", [*DTS, "{ws}/corrupt.pt2"], ["--model", "corrupt.pt2"]),
+    ("diagnose: --ema posthoc without snapshots", [*DGB, "--model", "{ws}/run-no-snapshots", "--ema", "posthoc:0.1"],
+     ["--ema: posthoc:0.1 needs EMA snapshots", "run-no-snapshots", "--ema raw, --ema 0.05, --ema 0.1"]),
+    ("diagnose: --ema posthoc out of range", [*DGB, "--model", "{ws}/run", "--ema", "posthoc:0.3"],
+     ["--ema: posthoc:0.3 is out of range", "(run ", "--ema posthoc:SIGMA_REL"]),
+    ("diagnose: --ema not a choice", [*DGB, "--model", "{ws}/run", "--ema", "best"],
+     ["--ema: best is not", "--ema auto, --ema raw"]),
+    ("diagnose: unknown --estimator", [*DGB[:3], *DGB[5:], "--model", "{ws}/first.pt", "--prediction", "x0",
+                                       "--estimator", "foo"], ["--estimator", "exact", "'foo'"]),
+    ("diagnose: --estimator with --j-star", [*DTS, "{ws}/first.pt", "--estimator", "exact"],
+     ["--estimator exact: only without --j-star"]),
 ]
 
 

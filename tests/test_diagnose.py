@@ -270,6 +270,67 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(oracle_data, diffuse
         assert not any(out.parent.iterdir()), (extra, list(out.parent.iterdir()))
 
 
+class _FailsInBatches(torch.nn.Module):  # passes the three-sample probe, fails in the evaluation above t = 1
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 3 and bool((t > 1.0).any()):
+            raise ValueError("batch of 8 above t = 1")
+        return x
+
+
+class _NaNInBatches(torch.nn.Module):  # passes the three-sample probe, NaN in the evaluation above t = 1
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 3 and bool((t > 1.0).any()):
+            return x * float("nan")
+        return x
+
+
+@pytest.mark.parametrize(("module", "words"), [(_FailsInBatches, ["fails at σ = 3", "ValueError: batch of 8"]),
+                                               (_NaNInBatches, ["loss nan", "at σ = 3", "NaN or inf"])])
+def test_a_model_that_fails_in_the_evaluation_leaves_nothing(oracle_data, tmp_path, capsys, module, words):
+    from lossfloor.tracking import client
+
+    torch.jit.save(torch.jit.script(module()), str(tmp_path / "m.pt"))
+    (tmp_path / "out").mkdir()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, _, err = cli(["diagnose", "--model", str(tmp_path / "m.pt"), "--prediction", "x0", "--data",
+                        str(oracle_data / "train.npy"), "--j-star", str(oracle_data / "jstar.parquet"), "--sigmas",
+                        "0.3,3", "--n-samples", "16", "--batch", "8", "--out", str(tmp_path / "out" / "d.parquet"),
+                        "--mlflow", "--tracking-uri", uri], capsys)
+    lines = [line for line in err.splitlines() if " INFO " not in line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert all(w in lines[0] for w in ["--model", "m.pt", *words]), lines[0]
+    assert not any((tmp_path / "out").iterdir())  # no table, no figure
+    experiment = client(uri).get_experiment_by_name("diagnose")
+    assert experiment is None or not client(uri).search_runs([experiment.experiment_id])
+
+
+def test_a_corrupt_torch_export_file_is_one_line(oracle_data, tmp_path):
+    """In a fresh process: torch logs through handlers of its own, bound to the real stderr at import."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "corrupt.pt2").write_bytes(b"PK\x03\x04" + b"not a torch.export archive" * 20)
+    platform = str(Path(__file__).resolve().parent.parent / "platform")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([platform, os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "lossfloor", "diagnose", "--model", str(tmp_path / "corrupt.pt2"),
+                          "--prediction", "x0", "--data", str(oracle_data / "train.npy"), "--j-star",
+                          str(oracle_data / "jstar.parquet"), "--sigmas", "0.3", "--out", str(tmp_path / "d.parquet")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        f"lossfloor diagnose: error: --model {tmp_path / 'corrupt.pt2'}: not a TorchScript or torch.export file, a "
+        "lossfloor checkpoint or a diffusers folder (BadZipFile)"], res.stderr
+
+
+def test_an_unknown_estimator_is_refused_before_any_log_line(tmp_path, capsys):
+    code, _, err = cli(["diagnose", "--model", str(tmp_path / "m.pt"), "--prediction", "x0", "--data",
+                        "bundled:digits", "--sigmas", "0.3,3", "--estimator", "foo", "--out",
+                        str(tmp_path / "d.parquet")], capsys)
+    assert code == 2 and err.splitlines() == [
+        "lossfloor diagnose: error: --estimator: expected one of auto, exact, snis, dol, cdol, knn, got 'foo'"]
+
+
 def test_flow_matching_diffusers_loss_is_the_one_computed_through_scale_noise(oracle_data, tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
 

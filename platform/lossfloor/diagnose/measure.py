@@ -120,12 +120,17 @@ def local_losses(model: Model, x0: torch.Tensor, labels, sigmas, *, seed: int, b
     return res.loss, res.stderr
 
 
-def _run(model: Model, samples, labels, sigmas, *, seed, n_samples, batch, device, progress, losses) -> tuple[
+def _run(model: Model, samples, labels, sigmas, *, seed, n_samples, batch, device, progress, losses, flag) -> tuple[
         np.ndarray, np.ndarray, int]:
     idx = torch.from_numpy(evaluation_subset(len(samples), n_samples, seed))
     x0 = torch.as_tensor(np.asarray(samples, dtype=np.float32))[idx]
     lab = None if labels is None or not model.label_dim else torch.as_tensor(np.asarray(labels))[idx]
     loss, stderr = losses(model, x0, lab, sigmas, seed=seed, batch=batch, device=device, progress=progress)
+    bad = ~(np.isfinite(loss) & np.isfinite(stderr))
+    if bad.any():  # a number that cannot be trusted is never written
+        k = int(np.argmax(bad))
+        raise InputError(f"--model {model.spec}: outputs NaN or inf at σ = {sigmas[k]:.4g} on {flag} samples (loss "
+                         f"{loss[k]:g}, stderr {stderr[k]:g}; or outputs too large for float32)")
     return loss, stderr, len(idx)
 
 
@@ -136,12 +141,13 @@ def measure(model: Model, samples, labels, sigmas, *, jstar: JStarX0, fingerprin
 
     holdout: (samples, labels, fingerprint) of held-out data, evaluated the same way; progress: called
     with the number of σ done (over both passes with holdout); losses: the engine (`local_losses`).
+    A NaN or inf loss (the model's output) is an InputError naming --model and the σ.
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     check_sigmas(sigmas, jstar, model)
     K = len(sigmas)
     loss, stderr, n = _run(model, samples, labels, sigmas, seed=seed, n_samples=n_samples, batch=batch,
-                           device=device, losses=losses,
+                           device=device, losses=losses, flag="--data",
                            progress=None if progress is None else (lambda k: progress(k + 1)))
     j_star, lo, hi, j_se = jstar.at(sigmas, columns=("j_star", "ci_low", "ci_high", "stderr"))
     gap = loss - j_star
@@ -175,7 +181,7 @@ def measure(model: Model, samples, labels, sigmas, *, jstar: JStarX0, fingerprin
     if holdout is not None:
         h_samples, h_labels, h_fp = holdout
         h_loss, h_stderr, _ = _run(model, h_samples, h_labels, sigmas, seed=seed, n_samples=n_samples, batch=batch,
-                                   device=device, losses=losses,
+                                   device=device, losses=losses, flag="--holdout",
                                    progress=None if progress is None else (lambda k: progress(K + k + 1)))
         cols["loss_holdout_x0"] = pa.array(h_loss, pa.float64())
         cols["loss_holdout_stderr"] = pa.array(h_stderr, pa.float64())

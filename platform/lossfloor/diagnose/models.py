@@ -27,10 +27,11 @@ MSE, i.e. w = 1/c_out^2), else None.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,11 +71,16 @@ class Model:
 
 
 class ForeignDenoiser(torch.nn.Module):
-    """D(x_hat, sigma) of a network F(x_t, t) in `process` coordinates predicting `prediction`."""
+    """D(x_hat, sigma) of a network F(x_t, t) in `process` coordinates predicting `prediction`.
 
-    def __init__(self, call: Callable, *, prediction: str, process: str, precision: str = "none"):
+    F must have x_t's shape: D = c_skip x_hat + c_out F would broadcast a (1, ...), (B, 1, 1, 1) or scalar
+    F into a full-size D and a loss of the wrong model, so any other shape is an InputError naming
+    --model `spec`.
+    """
+
+    def __init__(self, call: Callable, *, spec: str, prediction: str, process: str, precision: str = "none"):
         super().__init__()
-        self.call, self.prediction, self.process = call, prediction, get_process(process)
+        self.call, self.spec, self.prediction, self.process = call, spec, prediction, get_process(process)
         self.dtype = PRECISIONS[precision]
 
     def forward(self, x_hat: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
@@ -84,12 +90,47 @@ class ForeignDenoiser(torch.nn.Module):
         cast = nullcontext() if self.dtype is None else torch.autocast(x_hat.device.type, dtype=self.dtype)
         with cast:
             F = self.call(a * x_hat, t)
+        if not isinstance(F, torch.Tensor) or F.shape != x_hat.shape:
+            got = tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__
+            raise InputError(f"--model {self.spec}: output of shape {got} for an input of shape "
+                             f"{tuple(x_hat.shape)}: expected the input's shape (batch and sample shape)")
         return to_x0(self.prediction, F.to(torch.float32), x_hat, s)
 
 
 def load_model(spec: str, *, prediction: str | None = None, process: str | None = None, ema: str = "auto",
                device="cpu", precision: str = "none") -> Model:
-    """The model at `spec` (module docstring); InputError naming --model and what was expected."""
+    """The model at `spec` (module docstring); InputError naming --model and what was expected. Its
+    denoiser raises InputError, naming --model, σ and the network's exception, where the network fails."""
+    model = _load(spec, prediction=prediction, process=process, ema=ema, device=device, precision=precision)
+    return replace(model, denoiser=_guarded(model.denoiser, model.spec))
+
+
+def _guarded(denoiser: Callable, spec: str) -> Callable:
+    """`denoiser`, its failures turned into one line naming --model, σ and the exception (no traceback):
+    a network that cannot take some σ or input is a fault of the model the user passed."""
+    def call(x_hat: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+        try:
+            return denoiser(x_hat, sigma, labels)
+        except InputError:
+            raise
+        except Exception as e:  # whatever a foreign network raises
+            raise InputError(f"--model {spec}: fails at σ = {float(sigma.flatten()[0]):.4g} on an input of shape "
+                             f"{tuple(x_hat.shape)} ({_one_line(e)})") from None
+    return call
+
+
+def _one_line(e: Exception) -> str:
+    """'Type: message' of an exception, first line; a TorchScript error's last line is the exception its
+    code raised (the lines above it are the interpreter's traceback)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return e.__class__.__name__
+    if isinstance(e, torch.jit.Error):
+        return lines[-1].removeprefix("builtins.")[:200]
+    return f"{e.__class__.__name__}: {lines[0][:200]}"
+
+
+def _load(spec: str, *, prediction: str | None, process: str | None, ema: str, device, precision: str) -> Model:
     path = Path(spec)
     if precision not in PRECISIONS:
         raise InputError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -116,7 +157,7 @@ def load_model(spec: str, *, prediction: str | None = None, process: str | None 
     if process not in PROCESSES:
         raise InputError(f"--process: expected one of {', '.join(PROCESSES)}, got {process!r}")
     net = _load_scripted(path, kind, device)
-    den = ForeignDenoiser(net, prediction=prediction, process=process, precision=precision)
+    den = ForeignDenoiser(net, spec=spec, prediction=prediction, process=process, precision=precision)
     return Model(spec=spec, name=path.name, kind=kind, prediction=prediction, process=process, denoiser=den)
 
 
@@ -144,24 +185,53 @@ def _text(path: Path) -> str:
         return ""
 
 
+class _Held(logging.Handler):
+    """Keeps the records it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def _load_scripted(path: Path, kind: str, device):
+    """The network in a TorchScript or torch.export file. torch's log records are held while it loads
+    (on a corrupt file torch.export.load logs a traceback before it raises: the InputError is the one
+    line the user gets) and passed on only when it loads."""
+    # torch gives many of its loggers their own handler and no propagation: hold each one's records
+    loggers = [logging.getLogger("torch")] + [logger for name, logger in list(logging.root.manager.loggerDict.items())
+                                              if name.startswith("torch.") and isinstance(logger, logging.Logger)]
+    saved, held = [(logger.handlers, logger.propagate) for logger in loggers], _Held()
+    for logger in loggers:
+        logger.handlers, logger.propagate = [held], False
     try:
-        if kind == "torch.export":
-            net = torch.export.load(str(path)).module()
-        else:
-            net = torch.jit.load(str(path), map_location="cpu")
-            net.eval()
+        net = _read_scripted(path, kind)
     except Exception as e:  # torch raises many types for foreign files
         raise InputError(f"--model {path}: not a TorchScript or torch.export file, a lossfloor checkpoint or a "
                          f"diffusers folder ({e.__class__.__name__})") from None
+    finally:
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers, logger.propagate = handlers, propagate
+    for record in held.records:
+        logging.getLogger(record.name).handle(record)
     return net.to(device)
+
+
+def _read_scripted(path: Path, kind: str):
+    if kind == "torch.export":
+        return torch.export.load(str(path)).module()
+    net = torch.jit.load(str(path), map_location="cpu")
+    net.eval()
+    return net
 
 
 # --- lossfloor runs -------------------------------------------------------------------------------
 
 
 def _lossfloor(path: Path, *, ema: str, device, precision: str = "none") -> Model:
-    from lossfloor.train.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, read_snapshots
+    from lossfloor.train.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint
     from lossfloor.train.config import TrainConfig, resolve
     from lossfloor.train.objectives import denoiser_from_state
     from lossfloor.train.schedules import JStarCurve, build_schedule
@@ -171,23 +241,7 @@ def _lossfloor(path: Path, *, ema: str, device, precision: str = "none") -> Mode
     if not isinstance(state, dict) or "config" not in state or "net" not in state:
         raise InputError(f"--model {path}: not a lossfloor training checkpoint")
     cfg = TrainConfig.from_dict(state["config"])
-    weights = None  # "auto": what the run evaluated
-    if ema == "raw":
-        weights = state["net"]
-    elif ema.startswith("posthoc:"):
-        from lossfloor.train.ema import posthoc_ema
-
-        run_dir = Path(ckpt).parent if Path(ckpt).is_dir() else Path(ckpt).parent.parent
-        weights = posthoc_ema(read_snapshots(run_dir), sigma_rel=_float(ema.split(":", 1)[1], "--ema"),
-                              n_img=int(state["n_img"]))
-    elif ema != "auto":
-        sigma_rel = _float(ema, "--ema")
-        tracked = state["ema"]["sigma_rels"]
-        found = [w for s, w in zip(tracked, state["ema"]["states"]) if math.isclose(s, sigma_rel)]
-        if not found:
-            raise InputError(f"--ema: {ema} is not tracked by {path} (tracked: {', '.join(f'{s:g}' for s in tracked)}; "
-                             "or raw, auto, posthoc:SIGMA_REL)")
-        weights = found[0]
+    weights = _ema_weights(ema, state, ckpt)
     den, _, label_dim = denoiser_from_state(state, device=device, weights=weights)
     if precision != "none":  # else the run's own precision (where the device allows it)
         den.precision = precision
@@ -206,14 +260,42 @@ def _lossfloor(path: Path, *, ema: str, device, precision: str = "none") -> Mode
                  denoiser=den, weighting=weighting, label_dim=label_dim)
 
 
-def _float(text: str, flag: str) -> float:
+def _ema_weights(ema: str, state: dict, ckpt: Path) -> dict | None:
+    """The weights `--ema` picks from a checkpoint's state (module docstring; None: "auto", what the run
+    evaluated). A choice the run cannot give is an InputError naming --ema, the run folder and the
+    choices it has."""
+    from lossfloor.train.checkpoint import SNAPSHOT_RE, read_snapshots
+    from lossfloor.train.ema import SIGMA_REL_MAX, posthoc_ema
+
+    if ema == "auto":
+        return None
+    if ema == "raw":
+        return state["net"]
+    run_dir = ckpt.parent if ckpt.is_dir() else ckpt.parent.parent
+    tracked = [float(s) for s in state["ema"]["sigma_rels"]]
+    snapshots = any(SNAPSHOT_RE.fullmatch(p.name) for p in run_dir.iterdir())
+    choices = ["auto", "raw", *(f"{s:g}" for s in tracked)] + (
+        [f"posthoc:SIGMA_REL (0 < SIGMA_REL < {SIGMA_REL_MAX:.4f})"] if snapshots else [])
+
+    def refuse(why: str):
+        return InputError(f"--ema: {ema} {why} (run {run_dir}); choose one of " + ", ".join(f"--ema {c}" for c in choices))
+
+    posthoc = ema.startswith("posthoc:")
+    text = ema.split(":", 1)[1] if posthoc else ema
     try:
-        value = float(text)
+        sigma_rel = float(text)
     except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise InputError(f"{flag}: expected raw, auto, a sigma_rel like 0.1 or posthoc:0.1, got {text!r}")
-    return value
+        raise refuse("is not auto, raw, a tracked sigma_rel or posthoc:SIGMA_REL") from None
+    if posthoc:
+        if not snapshots:
+            raise refuse("needs EMA snapshots (ema-*.pt) and the run kept none")
+        if not 0 < sigma_rel < SIGMA_REL_MAX:
+            raise refuse(f"is out of range: SIGMA_REL must be in (0, {SIGMA_REL_MAX:.4f})")
+        return posthoc_ema(read_snapshots(run_dir), sigma_rel=sigma_rel, n_img=int(state["n_img"]))
+    found = [w for s, w in zip(tracked, state["ema"]["states"]) if math.isclose(s, sigma_rel)]
+    if not found:
+        raise refuse("is not tracked")
+    return found[0]
 
 
 # --- diffusers ------------------------------------------------------------------------------------
@@ -310,7 +392,7 @@ def _diffusers(path: Path, *, device, precision: str) -> Model:
         out = net(x_t, ts)
         return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) else out)
 
-    den = ForeignDenoiser(call, prediction=prediction, process=process, precision=precision)
+    den = ForeignDenoiser(call, spec=str(path), prediction=prediction, process=process, precision=precision)
     return Model(spec=str(path), name=path.name, kind="diffusers", prediction=prediction, process=process,
                  denoiser=den, weighting=weighting, sigma_range=sigma_range)
 

@@ -5,9 +5,11 @@
 
 Everything that can be wrong with the input is checked before any expensive work, in this order:
 the output paths; the data; the J* table (same data by fingerprint, every σ inside its grid); the
-model (its kind, its σ range, one forward pass on two samples: shape and labels); only then is J*
-estimated (when no table is given: the default estimator, `auto`) and the model evaluated. Nothing is
-written on an error; the table and the figure are written atomically, then (with `mlflow`) logged.
+model (its kind, its σ range, one forward pass on three samples at each σ: it runs, its shape, its labels,
+finite values); only then is J* estimated (when no table is given: the default estimator, `auto`) and the
+model evaluated. Nothing is written on an error (a model that fails or gives a NaN or inf loss during the
+evaluation included: no table, no figure, no MLflow run); the table and the figure are written atomically,
+then (with `mlflow`) logged.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from lossfloor.devices import check_device
 from lossfloor.errors import InputError
+from lossfloor.floor import ESTIMATORS
 from lossfloor.jobs.engine import LOCAL, Engine
 
 log = logging.getLogger(__name__)
@@ -93,9 +96,10 @@ def _read_jstar(path: str, fingerprint: str, data: str):
     return x0
 
 
-def probe(model, samples, labels, sigma: float, *, device) -> None:
-    """One forward pass on three samples (an odd batch: a file exported for a fixed batch fails here): a
-    model that fails or returns another shape is refused."""
+def probe(model, samples, labels, sigmas, *, device) -> None:
+    """One forward pass on three samples (an odd batch: a file exported for a fixed batch fails here) at
+    each σ: a model that fails (its denoiser names --model, σ and the exception), returns another shape
+    or a NaN or inf is refused before any expensive work."""
     x0 = torch.as_tensor(np.asarray(samples[:3], dtype=np.float32)).to(device)
     lab = None
     if model.label_dim:
@@ -103,17 +107,16 @@ def probe(model, samples, labels, sigma: float, *, device) -> None:
             raise InputError(f"--model {model.spec}: class-conditional ({model.label_dim} classes) but --data "
                              "has no labels")
         lab = torch.as_tensor(np.asarray(labels[:3])).to(device)
-    s = torch.full((len(x0),), float(sigma), device=device)
-    try:
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    for sigma in np.asarray(sigmas, dtype=np.float64):
+        s = torch.full((len(x0),), float(sigma), device=device)
         with torch.no_grad():
-            D = model.denoiser(x0 + s.view(-1, *[1] * (x0.ndim - 1)) * torch.randn_like(x0), s, lab)
-    except Exception as e:  # whatever a foreign network raises on input it cannot take
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise InputError(f"--model {model.spec}: fails on --data samples of shape {tuple(x0.shape[1:])} "
-                         f"({e.__class__.__name__}: {first})") from None
-    if tuple(D.shape) != tuple(x0.shape):
-        raise InputError(f"--model {model.spec}: output of shape {tuple(D.shape[1:])}, but --data samples have "
-                         f"shape {tuple(x0.shape[1:])}")
+            D = model.denoiser(x0 + s.view(-1, *[1] * (x0.ndim - 1)) * eps, s, lab)
+        if tuple(D.shape) != tuple(x0.shape):
+            raise InputError(f"--model {model.spec}: output of shape {tuple(D.shape[1:])}, but --data samples have "
+                             f"shape {tuple(x0.shape[1:])}")
+        if not torch.isfinite(D).all():
+            raise InputError(f"--model {model.spec}: outputs NaN or inf at σ = {sigma:.4g}")
 
 
 def _estimate_jstar(data, sigmas, spec: DiagnoseSpec):
@@ -154,6 +157,10 @@ def diagnose(spec: DiagnoseSpec):
             from lossfloor.tracking.diagnose import log_diagnosis
         except ImportError as e:
             raise InputError(f"--mlflow: MLflow tracking is not available ({e})") from None
+    if spec.estimator not in ESTIMATORS:
+        raise InputError(f"--estimator: expected one of {', '.join(ESTIMATORS)}, got {spec.estimator!r}")
+    if spec.j_star is not None and spec.estimator != "auto":
+        raise InputError(f"--estimator {spec.estimator}: only without --j-star (J* comes from the table)")
     if spec.n_samples is not None and spec.n_samples < 2:
         raise InputError(f"--n-samples: expected an integer >= 2, got {spec.n_samples}")
     if spec.batch < 1:
@@ -173,7 +180,7 @@ def diagnose(spec: DiagnoseSpec):
     model = load_model(spec.model, prediction=spec.prediction, process=spec.process, ema=spec.ema,
                        device=spec.device, precision=spec.precision)
     check_sigmas(spec.sigmas, None, model, flag=spec.sigma_flag)
-    probe(model, data.samples, data.labels, float(spec.sigmas[0]), device=spec.device)
+    probe(model, data.samples, data.labels, spec.sigmas, device=spec.device)
 
     t0 = time.monotonic()
     if jstar is None:

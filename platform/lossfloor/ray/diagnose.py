@@ -22,6 +22,8 @@ import numpy as np
 import ray
 import torch
 
+from lossfloor.errors import InputError
+
 
 @ray.remote
 class _Evaluator:
@@ -80,16 +82,19 @@ class RayLosses:
         futures = [actors[i % len(actors)].run.remote(int(index[k]), float(sigmas[k]), start, stop)
                    for i, (k, start, stop) in enumerate(blocks)]
         sums = torch.zeros(2, len(sigmas), dtype=torch.float64)
-        done = 0
-        for (k, _, stop), future in zip(blocks, futures):  # blocks in (k, row) order: the local sum order
-            for part in ray.get(future):
-                sums[:, k] += part
-            if stop == len(x0):
-                done += 1
-                if progress is not None:
+        try:
+            for (k, _, stop), future in zip(blocks, futures):  # blocks in (k, row) order: the local sum order
+                for part in ray.get(future):
+                    sums[:, k] += part
+                if stop == len(x0) and progress is not None:
                     progress(k)
-        for actor in actors:
-            ray.kill(actor)
+        except ray.exceptions.RayTaskError as e:  # the model failed in an actor: its one line, as locally
+            if isinstance(e.cause, InputError):
+                raise InputError(str(e.cause)) from None
+            raise
+        finally:
+            for actor in actors:
+                ray.kill(actor)
         return mean_stderr(sums, len(x0))
 
 
