@@ -131,6 +131,8 @@ def _check_data(samples, args: argparse.Namespace) -> None:
     if samples.ndim < 2:
         raise InputError(f"--data {args.data}: expected at least 2 samples, got {len(samples)}")
     _check_count(len(samples), args)
+    if samples[0].size == 0:
+        raise InputError(f"--data {args.data}: samples of shape {samples.shape[1:]} hold no values")
     if not np.isfinite(samples).all():
         raise InputError(f"--data {args.data}: contains NaN or infinite values")
 
