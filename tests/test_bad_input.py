@@ -144,6 +144,21 @@ def ws(tmp_path_factory):
     train(TrainConfig(preset="tiny", batch_n_img=32, duration_n_img=32, warmup_n_img=0, eval_n_samples=8,
                       eval_sigmas=(0.5,), snapshot_every_n_img=32), load(D), checkpoint_dir=t / "run")
     shutil.copytree(t / "run", t / "run-no-snapshots", ignore=shutil.ignore_patterns("ema-*.pt"))
+    # numbers (issue 19): digits J* tables with numbers that cannot be trusted, data without values
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = pq.read_table(t / "digits.parquet")
+    names = good.column_names
+    swapped = good.set_column(names.index("ci_low_x0"), "ci_low_x0", good.column("ci_high_x0"))
+    swapped = swapped.set_column(names.index("ci_high_x0"), "ci_high_x0", good.column("ci_low_x0"))
+    pq.write_table(swapped, t / "swapped.parquet")
+    j = good.column("j_star_x0").to_numpy().copy()
+    j[1] = np.nan
+    pq.write_table(good.set_column(names.index("j_star_x0"), "j_star_x0", [j]), t / "nanj.parquet")
+    pq.write_table(pa.table({"model": ["a", "b", "c"], "flops": [1.0, 2.0, 4.0], "loss": [0.9, 0.8, 0.7],
+                             "sigma": [0.5] * 3}), t / "c_sigma.parquet")
+    np.save(t / "novalues.npy", np.zeros((40, 0), np.float32))
     return t
 
 
@@ -377,6 +392,25 @@ CLI_ROWS += [
                                        "--estimator", "foo"], ["--estimator", "exact", "'foo'"]),
     ("diagnose: --estimator with --j-star", [*DTS, "{ws}/first.pt", "--estimator", "exact"],
      ["--estimator exact: only without --j-star"]),
+# numbers (issue 19): a J* table that cannot be trusted is refused by every reader; data without values are
+# refused before any estimate
+CLI_ROWS += [
+    ("estimate: data without values", ["estimate", "--data", "{ws}/novalues.npy", "--sigmas", "1", "--out",
+                                       "{out}.parquet"], ["--data", "novalues.npy", "hold no values"]),
+    ("fit: zero-row J* table", ["fit", "--curves", "{ws}/c_sigma.parquet", "--j-star", "{ws}/empty.parquet", "--sigma",
+                                "0.5", "--out", "{out}.json"], ["empty.parquet", "no rows"]),
+    ("fit: ci_low above ci_high", ["fit", "--curves", "{ws}/c_sigma.parquet", "--j-star", "{ws}/swapped.parquet",
+                                   "--sigma", "0.5", "--out", "{out}.json"], ["swapped.parquet", "row 1", "is above ci_high_x0"]),
+    ("diagnose: J* table with NaN", [*DG, "--j-star", "{ws}/nanj.parquet"], ["nanj.parquet", "row 1", "j_star_x0"]),
+    ("train: ci_low above ci_high", [*TR, "--out", "{out}", "--j-star", "{ws}/swapped.parquet", "--schedule",
+                                     "optimal-loss"], ["swapped.parquet", "is above"]),
+    ("sweep: zero-row J* table", [*SW, "--out", "{out}", "--j-star", "{ws}/empty.parquet"], ["empty.parquet", "no rows"]),
+]
+STUDY_ROWS += [
+    ("scaling_imagenet512", "J* table with NaN", [*SCALING, "--j-star", "{ws}/nanj.parquet", "--out", "{out}"],
+     ["--j-star", "nanj.parquet", "j_star_x0"]),
+    ("schedule_sweep", "ci_low above ci_high", [*SWEEP, "--j-star", "{ws}/swapped.parquet", "--out", "{out}"],
+     ["swapped.parquet", "is above"]),
 ]
 
 

@@ -232,6 +232,27 @@ def test_table_round_trip_and_target_conversion(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
+def test_an_estimate_with_nan_or_inf_is_never_a_table():
+    import dataclasses
+
+    x = product_data(BINARY10)
+    sig = np.array([0.5, 1.0, 2.0])
+    est = estimate(x, sig, EstimatorConfig(estimator="exact", queries_per_sample=1), progress=False)
+    for name in ("j_star", "ci_high", "stderr"):
+        bad = getattr(est, name).copy()
+        bad[1] = math.nan if name != "ci_high" else math.inf
+        with pytest.raises(InputError, match=f"{name} = (nan|inf) at sigma = 1, from the exact estimator"):
+            build_table(dataclasses.replace(est, **{name: bad}))
+    with pytest.raises(InputError, match=r"total_variance = inf at J\*\(inf\)"):
+        build_table(dataclasses.replace(est, total_variance=math.inf))
+
+
+def test_data_without_values_is_refused():
+    # a (40, 0) array gave a J* = 0 table
+    with pytest.raises(InputError, match=r"hold no values \(got shape \(40, 0\)\)"):
+        estimate(np.zeros((40, 0), np.float32), [1.0], progress=False)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

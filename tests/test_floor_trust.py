@@ -118,6 +118,69 @@ def test_sigma_star_interval_holds_sigma_star():
     assert meta["sigma_star_low"] <= meta["sigma_star"] <= meta["sigma_star_high"]
 
 
+def _true_sigma_star(values, threshold=1e-3):
+    """σ* of a product set: the root of J*(σ) = threshold·J*(∞) of the quadrature J*, in ln σ."""
+    from scipy.optimize import brentq
+
+    level = threshold * sum(np.var(v) for v in values)
+    return math.exp(brentq(lambda u: product_optimal_loss(values, math.exp(u)) - level, math.log(1e-3),
+                           math.log(10.0), xtol=1e-12))
+
+
+@pytest.mark.parametrize("sigmas, tight", [([0.01, 1.0, 10.0], False), (np.geomspace(0.2, 0.6, 24), True)],
+                         ids=["coarse", "fine"])
+def test_sigma_star_bracket_holds_the_true_sigma_star(sigmas, tight):
+    # J* is non-decreasing in σ but can cross the level anywhere between two grid points: on 0.01, 1, 10 the
+    # table printed σ* = 0.0102 [0.01018, 0.01019] (the true σ* is 0.3); the bracket is the whole [0.01, 1]
+    from lossfloor.floor import build_table
+
+    truth = _true_sigma_star(BINARY10)
+    est = estimate(product_data(BINARY10), np.asarray(sigmas), EstimatorConfig(estimator="exact"), progress=False)
+    meta = build_table(est, threshold=1e-3).table.schema.metadata
+    low, star, high = (float(meta[k]) for k in (b"sigma_star_low", b"sigma_star", b"sigma_star_high"))
+    assert low <= truth <= high and low <= star <= high
+    if tight:  # one grid step (a factor 1.05) or two
+        assert high / low < 1.05**2 + 1e-9
+    else:
+        assert (low, high) == (0.01, 1.0)
+
+
+@pytest.mark.parametrize("estimator, L", [("exact", None), ("knn", 16)])
+@pytest.mark.parametrize("factor", [1e30, 1e-30])
+def test_data_far_from_unit_scale_have_the_scaled_floor(estimator, L, factor):
+    # float32 data x1e30 gave an all-NaN table (squared distances overflow float32), x1e-30 NaN at small σ
+    # and J*(1) = 0 (they underflow); J*(σ; c x) = c² J*(σ/c; x) exactly
+    x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    sigmas = np.array([0.05, 0.3, 1.0, 4.0])
+    cfg = EstimatorConfig(estimator=estimator, subset_size=L)
+    unit = estimate(x, sigmas, cfg, progress=False)
+    far = estimate(x * np.float32(factor), sigmas * factor, cfg, progress=False)
+    np.testing.assert_array_equal(far.sigmas, sigmas * factor)
+    assert far.total_variance == pytest.approx(factor**2 * unit.total_variance, rel=1e-6)
+    for name in ("j_star", "stderr", "ci_low", "ci_high"):
+        np.testing.assert_allclose(getattr(far, name), factor**2 * getattr(unit, name), rtol=1e-4,
+                                   atol=1e-9 * factor**2 * unit.total_variance, err_msg=name)
+    assert np.all(unit.j_star[1:] > 1e-3 * unit.total_variance)  # the comparison is not of zeros
+
+
+def test_posterior_latents_far_from_unit_scale_have_the_scaled_floor():
+    # EDM2 latents with std 1e20 under latents=posterior gave an all-NaN table
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.normal(size=(60, 4)), rng.uniform(0.1, 0.5, size=(60, 4))], 1).astype(np.float32)
+    sigmas = np.array([0.1, 1.0, 5.0])
+    cfg = EstimatorConfig(estimator="exact", latents="posterior")
+    unit = estimate(rows, sigmas, cfg, progress=False)
+    far = estimate(rows * np.float32(1e20), sigmas * 1e20, cfg, progress=False)
+    np.testing.assert_allclose(far.j_star, 1e40 * unit.j_star, rtol=1e-4)
+    np.testing.assert_allclose(far.ci_high, 1e40 * unit.ci_high, rtol=1e-4)
+
+
+def test_data_whose_floor_is_beyond_float64_are_refused():
+    x = np.random.default_rng(0).normal(size=(40, 4)) * 1e300
+    with pytest.raises(InputError, match=r"data: values of RMS 9.65e\+299: J\* \(in their units squared\) is beyond float64"):
+        estimate(x, [1.0], progress=False)
+
+
 def test_too_few_batches_are_refused():
     x = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
     with pytest.raises(InputError, match="at least 8 batches"):
@@ -194,6 +257,24 @@ def heavy_duplicates(n_distinct: int, n: int = 40, copies_of_first: int = 30) ->
     if n_distinct < n - copies_of_first + 1:
         x[1:n - copies_of_first] = x[1 + rng.integers(0, n_distinct - 1, n - copies_of_first - 1)]
     return x
+
+
+def test_exact_intervals_stay_honest_against_the_bound_of_j_star():
+    # 30 of 40 samples one point, σ = 20: exact gave J* 28.66 with the interval [26.982, 26.982] = J*(∞),
+    # holding neither the estimate nor the truth (an interval wholly above the bound, clipped to a point)
+    x = heavy_duplicates(11)
+    sigmas = np.array([2.0, 8.0, 20.0])
+    truth = estimate(x, sigmas, EstimatorConfig(estimator="exact", queries_per_sample=1000, seed=99),
+                     progress=False)
+    assert np.all(truth.stderr < 0.01 * truth.j_star)
+    covered = []
+    for seed in range(40):
+        est = estimate(x, sigmas, EstimatorConfig(estimator="exact", seed=seed), progress=False)
+        assert np.all(est.j_star <= est.total_variance)  # J* <= J*(∞) for every data set
+        assert np.all((est.ci_low <= est.j_star) & (est.j_star <= est.ci_high))
+        covered.append((est.ci_low <= truth.j_star) & (truth.j_star <= est.ci_high))
+    covered = np.array(covered)
+    assert covered.mean() >= 0.85 and np.all(covered.mean(0) >= 0.8), covered.mean(0)
 
 
 def test_knn_draws_follow_the_data_not_its_distinct_points():

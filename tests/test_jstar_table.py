@@ -85,10 +85,10 @@ def test_the_lookup_takes_numbers_arrays_and_tensors_and_gives_the_same_kind_bac
 
 
 def test_a_one_point_grid_reads_its_row_at_the_point_and_beyond_only_when_clamped():
-    x0 = hand_table(sigma=[2.0], j=[0.1])
-    assert x0.at(2.0) == (0.1, LOW[0], HIGH[0])
-    assert x0.at(2.0 * (1 + 0.5 * SIGMA_RTOL))[0] == 0.1
-    assert x0.at(0.1, outside="clamp")[0] == 0.1 and x0.at(50.0, outside="clamp")[0] == 0.1
+    x0 = hand_table(sigma=[2.0], j=[J[0]])  # J* within its interval (0.1 outside [LOW[0], HIGH[0]] is refused)
+    assert x0.at(2.0) == (J[0], LOW[0], HIGH[0])
+    assert x0.at(2.0 * (1 + 0.5 * SIGMA_RTOL))[0] == J[0]
+    assert x0.at(0.1, outside="clamp")[0] == J[0] and x0.at(50.0, outside="clamp")[0] == J[0]
     with pytest.raises(InputError, match="outside its grid"):
         x0.at(2.1)
 
@@ -126,3 +126,45 @@ def test_check_data_refuses_a_class_conditional_floor_for_a_model_without_labels
     with caplog.at_level(logging.WARNING, logger="lossfloor.floor.table"):
         hand_table().check_data(conditional=True, table="jstar hand.parquet", data="d")  # can go below it: a warning
     assert "jstar hand.parquet: the model is class-conditional but the J* table is not" in caplog.text
+
+
+def _bad(**change) -> JStarTable:
+    """The hand table's columns with some changed (x0 units)."""
+    cols = {"sigma": GRID, "j_star_x0": J, "stderr_x0": STDERR, "ci_low_x0": LOW, "ci_high_x0": HIGH,
+            "target": ["x0"] * 3, "estimator": ["knn"] * 3, "total_variance": [1.0] * 3}
+    return JStarTable(pa.table({**cols, **change}), source="bad.parquet")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"ci_low_x0": [0.009, 0.102, 0.29], "ci_high_x0": [0.011, 0.098, 0.31]}, ["row 1", "ci_low_x0 = 0.102 is above"]),
+    ({"j_star_x0": [0.01, math.nan, 0.3]}, ["row 1", "'j_star_x0' must be finite"]),
+    ({"ci_high_x0": [0.011, 0.102, math.inf]}, ["row 2", "'ci_high_x0' must be finite"]),
+    ({"j_star_x0": [0.01, 0.2, 0.3]}, ["row 1", "j_star_x0 = 0.2 lies outside its interval [0.098, 0.102]"]),
+    ({"ci_low_x0": [-0.5, 0.098, 0.29]}, ["row 0", "'ci_low_x0' must be finite and >= 0"]),
+    ({"stderr_x0": [1e-4, -1e-3, 3e-3]}, ["row 1", "'stderr_x0'"]),
+    ({"total_variance": [math.nan] * 3}, ["row 0", "'total_variance'"]),
+    ({"sigma": [0.5, math.nan, 8.0]}, ["row 1", "sigma must be finite and > 0"]),
+], ids=["ci_low above ci_high", "nan j_star", "inf ci_high", "j_star outside", "negative ci_low",
+        "negative stderr", "nan total variance", "nan sigma"])
+def test_a_table_whose_numbers_cannot_be_trusted_is_refused_naming_the_row(change, words):
+    # fit, diagnose and train took a table with ci_low > ci_high (fit: 771/1000 bootstrap replicates invalid)
+    with pytest.raises(InputError) as e:
+        _bad(**change).x0()
+    message = str(e.value)
+    assert message.startswith("J* table bad.parquet: ") and "\n" not in message
+    for w in words:
+        assert w in message, message
+
+
+def test_a_table_without_rows_is_refused():
+    # fit on a zero-row table crashed (IndexError)
+    empty = {name: pa.array([], pa.float64()) for name in ("sigma", "j_star_x0", "stderr_x0", "ci_low_x0",
+                                                           "ci_high_x0", "total_variance")}
+    table = JStarTable(pa.table({**empty, "target": pa.array([], pa.string())}), source="empty.parquet")
+    with pytest.raises(InputError, match=r"J\* table empty.parquet: no rows"):
+        table.x0()
+
+
+def test_round_off_below_zero_and_at_the_interval_ends_reads_as_valid():
+    x0 = _bad(j_star_x0=[-1e-19, 0.1, 0.31 + 1e-16], ci_low_x0=[0.0, 0.098, 0.29]).x0()
+    assert x0.j_star[0] == 0.0

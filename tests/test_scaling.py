@@ -79,6 +79,17 @@ def test_raw_recovers_a_pure_power_law_exactly():
     assert fits.free_offset.fit.alpha == pytest.approx(alpha, abs=1e-5)
 
 
+def test_a_flat_curve_has_no_goodness_of_fit():
+    # a constant loss (float32 round-off in its last digits) printed R² = 0.90: the free offset E near min J
+    # magnifies those digits into a "trend". A line through round-off has any R²: rho and R² are undefined
+    flops = np.geomspace(1e15, 1e19, 12)
+    loss = np.float32(0.5) * (1 + 1e-7 * np.random.default_rng(0).standard_normal(12)).astype(np.float32)
+    data = {"model": [f"m{i // 3}" for i in range(12)], "flops": flops, "loss": loss.astype(np.float64)}
+    fits = fit_all(data, j_star=0.1, bootstrap=0, holdout=False, n_grid=GRID)
+    for form in (fits.raw, fits.corrected, fits.free_offset):
+        assert math.isnan(form.fit.r2) and math.isnan(form.fit.rho), (form.fit.form, form.fit.r2)
+
+
 def test_forms_as_pure_functions():
     f = np.geomspace(1e16, 1e20, 30)
     j = 0.2 + 5.0 * f**-0.1

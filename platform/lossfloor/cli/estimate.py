@@ -140,6 +140,8 @@ def _check_data(samples, args: argparse.Namespace) -> None:
                          f"(N, C, H, W); got shape {samples.shape}, {n} scalars (as one-value samples: reshape to "
                          f"({n}, 1))")
     _check_count(len(samples), args)
+    if samples[0].size == 0:
+        raise InputError(f"--data {args.data}: samples of shape {samples.shape[1:]} hold no values")
 
 
 def _check_count(n: int, args: argparse.Namespace) -> None:

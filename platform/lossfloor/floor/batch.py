@@ -48,12 +48,67 @@ def query_plan(cfg: EstimatorConfig, n_samples: int) -> QueryPlan:
 # The data an estimator runs on
 
 
+UNIT_RMS = (2.0**-20, 2.0**20)  # data whose RMS lies here are estimated as given (every golden number)
+MAX_SCALE_EXPONENT = 500  # s = 2^±500 at most: s² J* stays a normal float64 (2^±1022)
+_CHUNK_VALUES = 2**22  # values per float64 chunk of `data_scale` (32 MiB)
+
+
+def data_scale(samples) -> float:
+    """The power of two s the estimators divide (N, ...) samples by: 1 when their RMS value lies in
+    UNIT_RMS, else the power of two nearest the RMS (computed in float64 without overflow).
+
+    J* scales exactly: J*(σ; x) = s² J*(σ/s; x/s) (posterior latents: means and stds alike), and dividing
+    by a power of two is exact in floating point, so data far from unit scale (×1e30 in float32, whose
+    squared distances overflow; ×1e-30, whose underflow) are estimated as the same numbers as unit data.
+    Data with NaN/inf, or all zero, give 1 (`prepare_data` refuses the former). Data so far from unit scale
+    that J* (in their units squared) is beyond float64 are refused (InputError).
+    """
+    x = samples if isinstance(samples, torch.Tensor) else torch.as_tensor(np.asarray(samples))
+    if x.ndim < 1 or x.numel() == 0 or x.dtype == torch.bool or x.is_complex():
+        return 1.0
+    rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
+    step = max(1, _CHUNK_VALUES // rows.shape[1])  # in chunks: no float64 copy of the whole data set
+    unit, ssq = 0.0, 0.0  # Σ (x / unit)², unit a power of two above max |x| so far: no overflow (one pass)
+    for i in range(0, rows.shape[0], step):
+        c = rows[i:i + step].double()
+        top = float(c.abs().max())
+        if not math.isfinite(top):
+            return 1.0
+        if top >= unit and top > 0:
+            grown = 2.0 ** math.frexp(top)[1]
+            ssq *= (unit / grown) ** 2
+            unit = grown
+        if unit > 0:
+            ssq += float(((c / unit) ** 2).sum())
+    return scale_of_rms(unit * math.sqrt(ssq / x.numel()))
+
+
+def scale_of_rms(rms: float) -> float:
+    """`data_scale` of data whose RMS value is `rms`."""
+    if not (math.isfinite(rms) and rms > 0) or UNIT_RMS[0] <= rms <= UNIT_RMS[1]:
+        return 1.0
+    exponent = round(math.log2(rms))
+    if not -MAX_SCALE_EXPONENT <= exponent <= MAX_SCALE_EXPONENT:
+        raise InputError(f"data: values of RMS {rms:.3g}: J* (in their units squared) is beyond float64; "
+                         "multiply the data by a constant nearer 1/RMS first (J* scales by its square)")
+    return 2.0 ** exponent
+
+
+def divided(samples, scale: float):
+    """samples / scale (exact: a power of two, `data_scale`), the samples themselves when scale is 1."""
+    if scale == 1:
+        return samples
+    return (samples if isinstance(samples, torch.Tensor) else np.asarray(samples)) / scale
+
+
 def prepare_data(samples, cfg: EstimatorConfig) -> torch.Tensor:
     """Flatten (N, ...) samples to (N, D) on the compute device in the compute dtype, checking values."""
     x = torch.as_tensor(np.asarray(samples) if not isinstance(samples, torch.Tensor) else samples)
     if x.ndim < 2:
         raise InputError(f"data: expected an array of shape (N, ...) with one sample per row, got shape {tuple(x.shape)}")
     x = x.reshape(x.shape[0], -1)  # (N, D)
+    if x.shape[1] == 0:
+        raise InputError(f"data: samples of shape {tuple(x.shape[1:])} hold no values (got shape {tuple(x.shape)})")
     if not torch.isfinite(x).all():
         raise InputError("data: contains NaN or infinite values")
     if cfg.latents == "posterior" and (x.shape[1] % 2 or (x[:, x.shape[1] // 2:] < 0).any()):

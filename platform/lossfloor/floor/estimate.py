@@ -34,7 +34,9 @@ from lossfloor.errors import InputError
 from lossfloor.floor.batch import (
     FloorData,
     batch_terms,
+    data_scale,
     data_total_variance,
+    divided,
     floor_data,
     prepare_data,
     query_plan,
@@ -139,11 +141,22 @@ def reduce_estimate(partials, sigmas, cfg: EstimatorConfig, tv: float, timings: 
     errs = red.stderr.reshape(n_ch, len(sigmas))
     u = bias_and_interval(cfg.estimator, means, errs, red.dof, tv)
     return Estimate(
-        sigmas=sigmas, j_star=means[0], stderr=errs[0], bias=u.bias, ci_low=u.ci_low, ci_high=u.ci_high,
+        sigmas=sigmas, j_star=u.j_star, stderr=errs[0], bias=u.bias, ci_low=u.ci_low, ci_high=u.ci_high,
         allowance=np.maximum(u.lo, u.hi),
         total_variance=tv, config=cfg, n_queries=red.n_queries, n_batches=red.n_batches,
         subset_size=np.full(len(sigmas), cfg.subset_size, dtype=np.int64), timings=dict(timings or {}),
     )
+
+
+def rescaled(est: Estimate, scale: float, sigmas: np.ndarray) -> Estimate:
+    """The estimate of data divided by `scale` (at σ/scale) in the data's own units: J*(σ; x) =
+    scale² J*(σ/scale; x/scale) for J* and every column of its uncertainty (`batch.data_scale`)."""
+    if scale == 1:
+        return est
+    s2 = scale * scale
+    cols = ("j_star", "stderr", "bias", "ci_low", "ci_high", "allowance")
+    return replace(est, sigmas=np.asarray(sigmas, dtype=np.float64), total_variance=est.total_variance * s2,
+                   **{name: getattr(est, name) * s2 for name in cols})
 
 
 def needs_larger_subset(est: Estimate, rel_error: float, threshold: float = 1e-3) -> np.ndarray:
@@ -350,7 +363,8 @@ def estimate(
 ) -> Estimate:
     """Estimate J*(σ) (x0 target, VE coordinates) of samples (N, ...) for every σ, on this process.
 
-    samples: (N, ...) array or tensor, one sample per leading index, used as given.
+    samples: (N, ...) array or tensor, one sample per leading index, used as given (data whose RMS value is
+    far from 1 divided by a power of two first, J* multiplied back: `batch.data_scale`).
     work_dir: keep finished batches there, so a rerun computes only the missing ones (the same numbers);
     or work_parent: the folder's parent, the folder being named by a hash of the config, data
     fingerprint and σ grid; neither: nothing on disk. fingerprint: the data set's, for the work folder
@@ -358,12 +372,14 @@ def estimate(
     """
     config = config or EstimatorConfig()
     sigmas = check_sigmas(sigmas)
-    x = prepare_data(samples, replace(config, device="cpu"))  # `floor_data` moves it to the device if it fits
+    scale = data_scale(samples)  # data far from unit scale are estimated at unit scale, exactly (`rescaled`)
+    x = prepare_data(divided(samples, scale), replace(config, device="cpu"))  # `floor_data` moves it to the device
     cfg = config.resolve(x.shape[0], x.shape[1])
     if fingerprint is None:  # only a work folder's key needs it: hashing large data is not free
         fingerprint = data_fingerprint(x) if work_dir is not None or work_parent is not None else ""
-    return estimate_passes(
-        tuple(x.shape), sigmas, cfg, local_runner(x),
+    est = estimate_passes(
+        tuple(x.shape), sigmas / scale, cfg, local_runner(x),
         tv=data_total_variance(x, cfg), fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
         resolve=lambda c: c.resolve(x.shape[0], x.shape[1]), progress=progress, on_batch=on_batch,
     )
+    return rescaled(est, scale, sigmas)

@@ -12,8 +12,9 @@ Columns (all rows of a table share the non-σ values except `subset_size`):
   dataset_fingerprint                     str
 `stderr` is the Monte-Carlo standard error only; `bias` the estimator's bias estimate and
 `ci_low..ci_high` a 95 % interval that includes its allowance (see `lossfloor.floor.uncertainty`).
-The schema metadata holds `sigma_star`, `sigma_star_low`, `sigma_star_high` (σ* from the estimate and from
-the interval's two ends; JSON numbers or null), `sigma_star_threshold` and `timings` (JSON); a table of
+The schema metadata holds `sigma_star` (σ* from the estimate, interpolated on the grid), `sigma_star_low`,
+`sigma_star_high` (the bracket the grid and the intervals allow, `sigma_star_bracket`; JSON numbers or null
+for an open end), `sigma_star_threshold` and `timings` (JSON); a table of
 J* = Σ_c π_c J*_c (per-class data) also `class_conditional` = true.
 
 This module is the only reader of J* tables: `read_table` (a file) or `JStarTable` (a pyarrow table), then
@@ -74,6 +75,27 @@ def sigma_star(sigmas, j_star_x0, total_var: float, threshold: float = SIGMA_STA
     else:
         f = (level - j0) / (j1 - j0)
     return float(math.exp(math.log(s[i]) + f * (math.log(s[i + 1]) - math.log(s[i]))))
+
+
+def sigma_star_bracket(sigmas, ci_low, ci_high, total_var: float,
+                       threshold: float = SIGMA_STAR_THRESHOLD) -> tuple[float | None, float | None]:
+    """Where σ* can lie given the grid and J*'s 95 % intervals: (low, high), None for an open end.
+
+    J*(σ) is non-decreasing in σ, so the true crossing of the level threshold·J*(∞) lies at or after every
+    grid σ whose ci_high ≤ level and before every grid σ whose ci_low > level; between two grid points
+    the grid says nothing about where it crosses. low is the largest σ of the first kind (None: σ* may lie
+    below the grid), high the smallest of the second (None: the grid stops before J* surely crosses).
+    A coarse grid gives a wide bracket (0.01, 1, 10: σ* somewhere in [0.01, 1]); a fine one a tight one.
+    """
+    s = np.asarray(sigmas, dtype=np.float64)
+    level = threshold * total_var
+    below = s[np.asarray(ci_high, dtype=np.float64) <= level]
+    above = s[np.asarray(ci_low, dtype=np.float64) > level]
+    low = float(below.max()) if len(below) else None
+    high = float(above.min()) if len(above) else None
+    if low is not None and high is not None and low > high:  # intervals at odds with monotonicity: span both
+        low, high = high, low
+    return low, high
 
 
 def outside_grid(sigmas, grid) -> list[float]:
@@ -201,14 +223,16 @@ class JStarTable:
 
     def x0(self) -> JStarX0:
         """The table in x0 units with its interval; converted from the target columns if the x0 columns
-        are missing, refused if it has no interval and its estimator is biased."""
+        are missing, refused if it has no interval and its estimator is biased, or numbers that cannot be
+        trusted (`_check_rows`)."""
         names = self.table.column_names
         if self.table.num_rows == 0:
             raise InputError(f"J* table {self.source}: has no rows (no σ): estimate J* on a grid with "
                              "`lossfloor estimate --sigma-grid 0.002:80:32`")
         sigma = self.column("sigma").astype(np.float64)
-        if not (np.all(np.isfinite(sigma)) and np.all(sigma > 0)):
-            raise InputError(f"J* table {self.source}: sigma must be finite and > 0")
+        bad = np.nonzero(~(np.isfinite(sigma) & (sigma > 0)))[0]
+        if len(bad):
+            raise InputError(f"J* table {self.source}: row {bad[0]}: sigma must be finite and > 0, got {sigma[bad[0]]}")
         if "target" not in names:
             raise InputError(f"J* table {self.source}: no 'target' column: its units are unknown (write it with "
                              "`lossfloor estimate`)")
@@ -218,11 +242,13 @@ class JStarTable:
         target = check_target(targets.pop(), field=f"J* table {self.source}: target")
         factor = np.asarray(convert_jstar(np.ones_like(sigma), sigma, target), dtype=np.float64)
 
+        read: dict[str, str] = {}  # the column each x0 value is read from, for messages
+
         def x0_column(name: str) -> np.ndarray | None:
-            if f"{name}_x0" in names:
-                return self.column(f"{name}_x0").astype(np.float64)
-            if name in names:
-                return self.column(name).astype(np.float64) / factor
+            for column, scale in ((f"{name}_x0", 1.0), (name, factor)):
+                if column in names:
+                    read[name] = column
+                    return self.column(column).astype(np.float64) / scale
             return None
 
         j, se = x0_column("j_star"), x0_column("stderr")
@@ -233,15 +259,16 @@ class JStarTable:
                 raise InputError(
                     f"J* table {self.source}: no ci_low/ci_high columns (written by an older lossfloor) and its "
                     f"{'/'.join(sorted(estimators))} J* has no bias allowance: re-run `lossfloor estimate`")
-            lo, hi = j - 1.96 * se, j + 1.96 * se  # exact: unbiased, the interval is its standard error
-        if not (np.all(np.isfinite(j)) and np.all(np.isfinite(se)) and np.all(se >= 0)):
-            raise InputError(f"J* table {self.source}: j_star and stderr must be finite (stderr >= 0)")
-        # J* >= 0 by definition, but an unbiased estimate of a J* near 0 (small sigma) can come out a hair
-        # below it: that (within 4 standard errors, or float64 round-off of the largest value) reads as 0.
-        if (j < -(4 * se + 1e-12 * np.abs(j).max())).any():
-            raise InputError(f"J* table {self.source}: column 'j_star' must be finite and >= 0")
+            # exact: unbiased, the interval is its standard error
+            lo, hi = np.maximum(j - 1.96 * se, 0.0), j + 1.96 * se
+            read.update(ci_low="j_star - 1.96 stderr", ci_high="j_star + 1.96 stderr")
+        tv_column = (self.column("total_variance").astype(np.float64) if "total_variance" in names
+                     else np.full(len(j), np.max(j)))
+        _check_rows(self.source, sigma, {read[k]: v for k, v in
+                                         (("j_star", j), ("stderr", se), ("ci_low", lo), ("ci_high", hi))},
+                    tv_column)
         order = np.argsort(sigma)
-        tv = float(self.column("total_variance")[0]) if "total_variance" in names else float(np.max(j))
+        tv = float(tv_column[0])
         fp = str(self.table.column("dataset_fingerprint")[0]) if "dataset_fingerprint" in names else ""
         latents = str(self.table.column("latents")[0]) if "latents" in names else ""
         meta = self.table.schema.metadata or {}
@@ -254,14 +281,55 @@ class JStarTable:
         )
 
 
+def _check_rows(source: str, sigma: np.ndarray, values: dict[str, np.ndarray], total_variance: np.ndarray) -> None:
+    """Refuse a J* table whose numbers cannot be trusted: InputError naming the table and its first bad row.
+
+    values: j_star, stderr, ci_low, ci_high in x0 units, keyed by the column each was read from. Every value
+    and total_variance must be finite and >= 0, ci_low <= ci_high, and J* within [ci_low, ci_high] — each
+    up to float64 round-off of the table's largest value. J* >= 0 by definition, but an unbiased estimate
+    of a J* near 0 (small σ) can come out a hair below it: within 4 standard errors that reads as 0.
+    """
+    (nj, j), (ns, se), (nl, lo), (nh, hi) = values.items()
+    nt = "total_variance"
+    finite = np.concatenate([v[np.isfinite(v)] for v in (j, se, lo, hi, total_variance)])
+    tol = 1e-12 * (np.abs(finite).max() if len(finite) else 0.0)
+
+    def refuse(bad: np.ndarray, what) -> None:
+        rows = np.nonzero(bad)[0]
+        if len(rows):
+            i = int(rows[0])
+            raise InputError(f"J* table {source}: row {i} (sigma={sigma[i]:g}): {what(i)}; re-run `lossfloor estimate`")
+
+    def not_number(name: str, v: np.ndarray, floor: np.ndarray | float) -> None:
+        refuse(~np.isfinite(v) | (v < floor), lambda i: f"column '{name}' must be finite and >= 0, got {v[i]:g}")
+
+    not_number(nj, j, -(4 * se + tol))
+    for name, v in ((ns, se), (nl, lo), (nh, hi), (nt, total_variance)):
+        not_number(name, v, -tol)
+    refuse(lo > hi + tol, lambda i: f"{nl} = {lo[i]:g} is above {nh} = {hi[i]:g}")
+    jc = np.maximum(j, 0.0)
+    refuse((jc < lo - tol) | (jc > hi + tol),
+           lambda i: f"{nj} = {j[i]:g} lies outside its interval [{lo[i]:g}, {hi[i]:g}]")
+
+
 def build_table(
     est: Estimate, *, target: str = "x0", fingerprint: str = "", threshold: float = SIGMA_STAR_THRESHOLD,
     latents: str = "",
 ) -> JStarTable:
-    """Turn an estimate into the J* table, converting J* and its uncertainty to `target` units (`lossfloor.diffusion.targets`)."""
+    """Turn an estimate into the J* table, converting J* and its uncertainty to `target` units (`lossfloor.diffusion.targets`).
+
+    An estimate with a NaN or infinite value is refused (InputError naming the σ and the estimator): such
+    a table is never written."""
     target = check_target(target)
     cfg = est.config
     n = len(est.sigmas)
+    for name in ("total_variance", *VALUE_COLUMNS):
+        v = np.atleast_1d(np.asarray(getattr(est, name), dtype=np.float64))
+        bad = np.nonzero(~np.isfinite(v))[0]
+        if len(bad):
+            where = "J*(inf)" if name == "total_variance" else f"sigma = {est.sigmas[bad[0]]:g}"
+            raise InputError(f"J* estimate: {name} = {v[bad[0]]} at {where}, from the {cfg.estimator} estimator on "
+                             "this data: a number that cannot be trusted, no table written")
     factor = np.asarray(convert_jstar(np.ones(n), est.sigmas, target), dtype=np.float64)
     values = {name: getattr(est, name) for name in VALUE_COLUMNS}
     cols = {"sigma": pa.array(est.sigmas, pa.float64())}
@@ -281,14 +349,11 @@ def build_table(
     })
     tv = est.total_variance
     point = sigma_star(est.sigmas, est.j_star, tv, threshold)
-    ends = [sigma_star(est.sigmas, v, tv, threshold) for v in (est.ci_high, est.ci_low)]
-    # the interval holds the point: an end whose J* bound is 0 below the crossing is interpolated linearly,
-    # the point in log J*, and can cross the level first (seen: σ* = 0.383 [0.203, 0.371], knn on 8 σ)
-    low, high = (None, None) if None in ends else (min(*ends, point), max(*ends, point))
+    low, high = sigma_star_bracket(est.sigmas, est.ci_low, est.ci_high, tv, threshold)
     meta = {
         "sigma_star": json.dumps(point),
-        "sigma_star_low": json.dumps(low if low is not None else ends[0]),
-        "sigma_star_high": json.dumps(high if high is not None else ends[1]),
+        "sigma_star_low": json.dumps(low),
+        "sigma_star_high": json.dumps(high),
         "sigma_star_threshold": json.dumps(threshold),
         "timings": json.dumps({k: round(float(v), 6) for k, v in est.timings.items()}),
     }

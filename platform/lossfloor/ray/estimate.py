@@ -48,9 +48,9 @@ from lossfloor.data.node_cache import NodeCache, read_only_tensor, shard_matrix
 from lossfloor.data.shards import is_shard_dir
 from lossfloor.errors import InputError
 from lossfloor.floor import Estimate, EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan
-from lossfloor.floor.batch import data_total_variance
+from lossfloor.floor.batch import data_scale, data_total_variance, divided, scale_of_rms
 from lossfloor.floor.config import default_rows_per_batch
-from lossfloor.floor.estimate import BatchHook, check_sigmas, estimate_passes
+from lossfloor.floor.estimate import BatchHook, check_sigmas, estimate_passes, rescaled
 from lossfloor.floor.resume import data_fingerprint
 from lossfloor.floor.stats import BatchPartial
 from lossfloor.ray.cluster import connect
@@ -86,8 +86,9 @@ class FloorWorker:
     """The actor of the pool: the data set on its device (and, for knn, its index), and `batch_terms` for
     each batch index.
 
-    data: ("ref", [object ref of the prepared (N, D) array]) or ("shards", folder) for a shard folder,
-    mapped from this node's cache (`lossfloor.data.node_cache`, written by the node's first actor).
+    data: ("ref", [object ref of the prepared (N, D) array]) or ("shards", (folder, scale)) for a shard
+    folder, mapped from this node's cache (`lossfloor.data.node_cache`, written by the node's first actor)
+    and divided by scale (`lossfloor.floor.batch.data_scale`).
     fingerprint: the data set's, naming its node cache entries (knn's distinct points and index).
     """
 
@@ -98,8 +99,10 @@ class FloorWorker:
         if kind == "ref":
             arr = ray.get(where[0])  # (N, D), read-only and zero-copy on this node
         else:
-            arr = shard_matrix(where, cache)
+            arr = shard_matrix(where[0], cache)
         x = read_only_tensor(arr)
+        if kind == "shards" and where[1] != 1:
+            x = x / where[1]  # data far from unit scale (`batch.data_scale`): a private copy
         if x.dtype != getattr(torch, cfg.dtype):
             x = x.to(getattr(torch, cfg.dtype))  # a float64 reference run: a private copy
         self.sigmas, self.cfg = sigmas, cfg
@@ -137,9 +140,10 @@ def _moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "m2": np.array([((x - mean) ** 2).sum()]), "finite": np.array([bool(np.isfinite(x).all())])}
 
 
-def shard_total_variance(folder: Path) -> float:
+def shard_total_variance(folder: Path) -> tuple[float, float]:
     """J*(inf) = E||x - E x||^2 of a shard folder through Ray Data (read_parquet -> map_batches -> per-block
-    moments, merged in index order with Chan et al.'s pairwise update); also refuses NaN/inf values."""
+    moments, merged in index order with Chan et al.'s pairwise update), and E||x||^2; also refuses NaN/inf
+    values."""
     ds = ray.data.read_parquet([str(p) for p in shard_paths(folder)]).select_columns(["index", "x"])
     parts = []
     for b in ds.map_batches(_moments, batch_size=None, batch_format="numpy").iter_batches(
@@ -158,7 +162,7 @@ def shard_total_variance(folder: Path) -> float:
         m2 += m2b + float(delta @ delta) * n * nb / (n + nb)
         mean = mean + delta * nb / (n + nb)
         n += nb
-    return m2 / n
+    return m2 / n, m2 / n + float(mean @ mean)
 
 
 def _partials(columns: dict[str, np.ndarray]) -> list[tuple[BatchPartial, dict]]:
@@ -313,10 +317,13 @@ def estimate_ray(
                 meta = read_meta(shards)
                 n, d = meta.count, meta.dim
                 fingerprint = fingerprint or meta.fingerprint
-                tv = shard_total_variance(shards)
-                data = ("shards", str(shards))
+                tv, mean_square = shard_total_variance(shards)
+                scale = scale_of_rms(math.sqrt(mean_square / d))
+                tv /= scale * scale
+                data = ("shards", (str(shards), scale))
             else:
-                x = prepare_data(samples, replace(config, device="cpu"))  # (N, D) on the driver, checked
+                scale = data_scale(samples)
+                x = prepare_data(divided(samples, scale), replace(config, device="cpu"))  # (N, D) on the driver
                 n, d = x.shape
                 fingerprint = fingerprint or data_fingerprint(x)
                 tv = data_total_variance(x, config)
@@ -329,7 +336,7 @@ def estimate_ray(
             log.info("ray engine: %d worker(s) x %g CPU%s, %s", engine.workers, cpus,
                      f" x {engine.gpus_per_worker:g} GPU" if engine.gpus_per_worker else "", cfg.device)
             result = estimate_passes(
-                (n, d), sigmas, cfg, runner,
+                (n, d), sigmas / scale, cfg, runner,
                 tv=tv, fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
                 resolve=lambda c: resolve_for(c, n, d, engine.device), progress=progress, on_batch=on_batch,
             )
@@ -338,5 +345,5 @@ def estimate_ray(
         if started:
             ray.shutdown()
         shutdown_s = time.monotonic() - t_stop
-    return RayRun(result=result, connect_s=connect_s, shutdown_s=shutdown_s, kernel_times=tuple(runner.kernel_times),
+    return RayRun(result=rescaled(result, scale, sigmas), connect_s=connect_s, shutdown_s=shutdown_s, kernel_times=tuple(runner.kernel_times),
                   workers=engine.workers, search_s=runner.search_s, index_build_s=runner.index_build_s)

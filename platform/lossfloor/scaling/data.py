@@ -239,8 +239,6 @@ def load_j_star_table(obj) -> JStarX0:
     """A J* table in x0 units with its interval (`lossfloor.floor.table.JStarTable.x0`), one row per sigma."""
     table, source = read_table(obj, "J* table")
     _require(table, ("sigma", "j_star", "stderr"), source)
-    if table.num_rows == 0:
-        raise InputError(f"{source}: the J* table is empty")
     x0 = FloorTable(table, source=source).x0()
     if (np.diff(x0.sigma) <= 0).any():
         raise InputError(

@@ -16,6 +16,9 @@ Goodness of fit, per form, with offset c = 0 (raw), J* (corrected) or E (free_of
             rho is |rho| (`abs_rho`). Compare forms only on identical point sets.
   r2        1 - SS_res / SS_tot of the straight line in (ln F, ln(J - c)); equals rho^2 for the two OLS forms.
   log_rmse  sqrt(mean (ln J - ln J_hat)^2), on ln J for every form, so it is comparable across forms.
+rho and r2 are undefined (NaN, printed "-") on a curve that is flat within the loss's round-off: ln(J - c)
+then varies by no more than LOSS_RESOLUTION·max J / min(J - c), and a line through round-off has any R²
+(a constant curve printed R² = 0.90: the free offset E near min J magnifies J's last digits).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ HUBER_DELTA = 1e-3  # on ln J residuals, as in Hoffmann et al. (2022) and OLMo's
 E_STARTS = (0.0, 0.25, 0.5, 0.75, 0.9, 0.97)  # free-offset starts, as fractions of min J
 N_STARTS = 2  # free-offset starts refined by least squares (the best by Huber loss at the start)
 E_MARGIN = 1e-6  # E <= (1 - E_MARGIN) min J
+LOSS_RESOLUTION = 1e-6  # relative round-off of a loss (float32 losses, 6e-8, averaged over batches)
 
 
 @dataclass(frozen=True)
@@ -62,12 +66,17 @@ def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(slope), float(intercept)
 
 
-def _line_stats(log_f: np.ndarray, y: np.ndarray, alpha: float, log_beta: float) -> tuple[float, float]:
-    """(rho, r2) of the line y = log_beta + alpha ln F on the points (ln F, y); rho is Pearson's r."""
-    rho = float(np.corrcoef(log_f, y)[0, 1]) if np.ptp(y) > 0 else math.nan
+def _line_stats(log_f: np.ndarray, y: np.ndarray, alpha: float, log_beta: float,
+                loss: np.ndarray, offset: float) -> tuple[float, float]:
+    """(rho, r2) of the line y = log_beta + alpha ln F on the points (ln F, y = ln(loss - offset)); rho is
+    Pearson's r. Both NaN when y varies by no more than its round-off (module docstring)."""
+    round_off = LOSS_RESOLUTION * float(loss.max()) / float((loss - offset).min())
+    if not np.ptp(y) > 2 * round_off:
+        return math.nan, math.nan
+    rho = float(np.corrcoef(log_f, y)[0, 1])
     ss_res = float(np.sum((y - log_beta - alpha * log_f) ** 2))
     ss_tot = float(np.sum((y - y.mean()) ** 2))
-    return rho, (1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan)
+    return rho, 1.0 - ss_res / ss_tot
 
 
 def _log_rmse(loss: np.ndarray, predicted: np.ndarray) -> float:
@@ -77,7 +86,7 @@ def _log_rmse(loss: np.ndarray, predicted: np.ndarray) -> float:
 def _ols(form: str, log_f: np.ndarray, loss: np.ndarray, offset: float) -> PowerLawFit:
     y = np.log(loss - offset)
     alpha, log_beta = _line(log_f, y)
-    rho, r2 = _line_stats(log_f, y, alpha, log_beta)
+    rho, r2 = _line_stats(log_f, y, alpha, log_beta, loss, offset)
     predicted = offset + np.exp(log_beta + alpha * log_f)
     return PowerLawFit(form, alpha, math.exp(log_beta), offset, rho, r2, _log_rmse(loss, predicted), len(y))
 
@@ -154,7 +163,7 @@ def fit_free_offset(
     e, b, alpha = (float(v) for v in best.x)
     log_beta = b - alpha * x0
     y = np.log(loss - e)
-    rho, r2 = _line_stats(log_f, y, alpha, log_beta)
+    rho, r2 = _line_stats(log_f, y, alpha, log_beta, loss, e)
     predicted = e + np.exp(b + alpha * x)
     return PowerLawFit(
         "free_offset",

@@ -30,7 +30,7 @@ import torch
 
 from lossfloor.diffusion import Preconditioning
 from lossfloor.errors import InputError
-from lossfloor.floor.table import SIGMA_STAR_THRESHOLD, JStarX0, read_table, sigma_star
+from lossfloor.floor.table import SIGMA_STAR_THRESHOLD, JStarX0, read_table, sigma_star, sigma_star_bracket
 
 SQRT_2PI = math.sqrt(2 * math.pi)
 log = logging.getLogger(__name__)
@@ -212,14 +212,14 @@ class OptimalLoss:
         if s_star is None:
             s_star = sigma_star(t.sigma, t.j_star, t.total_variance, c.sigma_star_threshold)
         self.sigma_star = s_star
-        # σ* moves with J*: its range over J*'s 95 % interval (ci_high crosses the threshold first)
+        # where σ* can lie given the grid and J*'s 95 % intervals (None: an open end)
         self.sigma_star_interval = None
         if c.sigma_star is None:
-            self.sigma_star_interval = (
-                sigma_star(t.sigma, t.ci_high, t.total_variance, c.sigma_star_threshold),
-                sigma_star(t.sigma, t.ci_low, t.total_variance, c.sigma_star_threshold))
+            self.sigma_star_interval = sigma_star_bracket(t.sigma, t.ci_low, t.ci_high, t.total_variance,
+                                                          c.sigma_star_threshold)
             lo, hi = self.sigma_star_interval
-            log.info("optimal-loss schedule: sigma* = %s, [%s, %s] over J*'s 95%% interval", _g(s_star), _g(lo), _g(hi))
+            log.info("optimal-loss schedule: sigma* = %s, in [%s, %s] given the grid and J*'s 95%% interval",
+                     _g(s_star), _g(lo), _g(hi))
         self.mu = c.mu if c.mu is not None else (math.log(s_star) if s_star is not None else None)
         b = c.b if c.b is not None else c.a * self.w_max * c.varsigma * SQRT_2PI
         self.b = 0.0 if s_star is None or self.mu is None else b  # no sigma*: no focus term
