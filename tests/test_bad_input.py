@@ -392,6 +392,7 @@ CLI_ROWS += [
                                        "--estimator", "foo"], ["--estimator", "exact", "'foo'"]),
     ("diagnose: --estimator with --j-star", [*DTS, "{ws}/first.pt", "--estimator", "exact"],
      ["--estimator exact: only without --j-star"]),
+]
 # numbers (issue 19): a J* table that cannot be trusted is refused by every reader; data without values are
 # refused before any estimate
 CLI_ROWS += [
