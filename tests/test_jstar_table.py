@@ -161,7 +161,7 @@ def test_a_table_without_rows_is_refused():
     empty = {name: pa.array([], pa.float64()) for name in ("sigma", "j_star_x0", "stderr_x0", "ci_low_x0",
                                                            "ci_high_x0", "total_variance")}
     table = JStarTable(pa.table({**empty, "target": pa.array([], pa.string())}), source="empty.parquet")
-    with pytest.raises(InputError, match=r"J\* table empty.parquet: no rows"):
+    with pytest.raises(InputError, match=r"J\* table empty.parquet: has no rows"):
         table.x0()
 
 

@@ -339,3 +339,13 @@ def test_evaluation_sigmas_beyond_the_jstar_grid_are_refused_before_training(dig
     with pytest.raises(InputError, match="outside its grid"):  # the evaluation itself never holds J* flat
         evaluate(lambda x, s, lab: x, torch.as_tensor(digits.samples[:4]), None, [1.0], seed=0, weight=one, reference_density=one,
                  j_star=JStarCurve.from_path(path).table)
+
+
+def test_a_nonfinite_evaluation_loss_ends_the_run_before_it_is_written(digits, tmp_path):
+    # digits x 1e20 in float32: (D(x) - x0)^2 overflows to inf; the curve must never hold it (issue 19)
+    big = tmp_path / "big.npy"
+    np.save(big, (digits.samples[:64] * 1e20).astype(np.float32))
+    with pytest.raises(InputError, match=r"evaluation loss at σ = 0.2 is inf after 32 images; the run stops"):
+        train(config(duration_n_img=32, eval_n_samples=8, conditional=False), load(str(big)),
+              checkpoint_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

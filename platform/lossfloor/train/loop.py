@@ -357,6 +357,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
         metrics = None
         if (due(R.eval_every_n_img) or final) and n_img not in done_eval:
             result = run_eval()
+            _check_finite(result, R.run, n_img)
             evals.append((n_img, result))
             loss_curve.extend({**base_row, "step": step, "images": n_img, "flops": flops, **row}
                               for row in result.rows())
@@ -529,3 +530,15 @@ def check_resume(state: dict, config: TrainConfig, path: Path) -> None:
 
 __all__ = ["EpochSampler", "Resolved", "TrainResult", "check_resume", "loss_curve_table", "split_indices", "stream_seed", "train",
            "train_log_table", "zero_nonfinite_grads_"]
+
+
+
+def _check_finite(result: EvalResult, run: str, n_img: int) -> None:
+    """A NaN or inf evaluation loss ends the run before it is written: a curve of such numbers would be
+    read back as a measurement (diagnosis, scaling fits)."""
+    bad = np.nonzero(~np.isfinite(result.loss))[0]
+    if len(bad):
+        k = bad[0]
+        raise InputError(f"run {run}: the evaluation loss at σ = {result.sigma[k]:g} is {result.loss[k]} after "
+                         f"{n_img} images; the run stops before writing it (the model diverged, or the data's "
+                         "scale overflows float32: see `lossfloor data describe`)")
