@@ -85,6 +85,11 @@ def smoke_budget(size: str, budget_scale: float) -> Budget:
 
 
 IMG512_LADDER = ("img512-xs", "img512-s", "img512-m", "img512-l", "img512-xl", "img512-xxl")
+# The post-hoc EMA width EDM2 reports for each of its ImageNet-512 networks (the σ_rel at which it
+# quotes FID, chosen per network by post-hoc reconstruction; the EDM2 paper's ImageNet-512 results
+# table): the study's default --ema for these models when their runs keep EMA snapshots.
+EDM2_SIGMA_REL = {"img512-xs": 0.135, "img512-s": 0.130, "img512-m": 0.100, "img512-l": 0.085,
+                  "img512-xl": 0.085, "img512-xxl": 0.070}
 
 
 def imagenet512_budget(budget_scale: float) -> Budget:

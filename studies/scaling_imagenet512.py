@@ -9,8 +9,10 @@ Stages, each an MLflow child run of one parent run (tag `lossfloor.stage`, the c
                the paper's), per-σ loss and gap on a fixed evaluation set with fixed noise at several
                checkpoints, FLOPs = 3 x forward FLOPs x images                   -> loss_curve.parquet
   4. fit       per σ (σ* and above, up to a high σ) and for the total loss: raw, gap-corrected and
-               free-offset power laws on the envelope, bootstrap over models, hold-out of the largest
-                                                                                    -> fits.json
+               free-offset power laws on the envelope, bootstrap over models, hold-out of the largest;
+               the curves are those of the weights --ema picks (raw: the loop's own; a tracked or
+               post-hoc EMA: the same evaluation repeated at every evaluation point from the EMA
+               snapshots, lossfloor.train.ema_curve)          -> fits.json (+ loss_curve.parquet)
   5. dashboard the offline HTML page (lossfloor.pages.scaling), in --out and on the parent run
 
     python studies/scaling_imagenet512.py                                  # smoke: 3 tiny models, digits
@@ -22,7 +24,7 @@ Stages, each an MLflow child run of one parent run (tag `lossfloor.stage`, the c
 Outputs (--out, default runs/scaling_imagenet512, $LOSSFLOOR_RUNS_DIR/scaling_imagenet512 when set):
     estimate-HASH/    jstar.parquet, work/ (finished batches), DONE.json
     train-MODEL-HASH/ loss_curve.parquet, train_log.parquet, checkpoint-*/, DONE.json
-    fit-HASH/         fits.json, DONE.json
+    fit-HASH/         fits.json, DONE.json (and loss_curve.parquet: the fitted curves, when not raw)
     dashboard-PRESET.html, summary.json
 HASH is a hash of the stage's config (and of the stages it reads); DONE.json is written last.
 """
@@ -61,6 +63,7 @@ log = logging.getLogger("scaling_imagenet512")
 STUDY = "scaling_imagenet512"
 PRESETS = ("smoke", "imagenet512")
 SCHEDULES = ("edm2", "optimal")
+FITTED_CURVES = "loss_curve.parquet"  # in the fit stage: the curves fitted, when not the loop's raw ones
 STAGE_TAG = "lossfloor.stage"  # the children's tag in the --dry-run plan (lossfloor.jobs.study.Study.stage_tags)
 LATENT_SHAPE = (4, 64, 64)  # what --preset imagenet512 expects (EDM2 SD-VAE latents of ImageNet-512)
 
@@ -93,6 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conditional", action="store_true",
                    help="train class-conditional models (default unconditional: J* here is the unconditional "
                    "floor, below which a conditional model can go at large sigma)")
+    p.add_argument("--ema", default=None, metavar="PROFILE",
+                   help="the weights whose loss curves are fitted: raw, a tracked EMA width (0.05 or 0.1) or "
+                   "posthoc:SIGMA_REL (EDM2's post-hoc EMA, reconstructed at every evaluation point from the EMA "
+                   "snapshots taken up to it); default: the width EDM2 reports for each of its networks "
+                   "(imagenet512: posthoc:0.135 for img512-xs ... posthoc:0.07 for img512-xxl), raw for the smoke "
+                   "ladder (EDM2 reports none) and with --no-ema-snapshots")
+    p.add_argument("--no-ema-snapshots", action="store_true",
+                   help="train without EMA snapshots (one per evaluation point, both EMAs: disk); --ema is then raw")
     p.add_argument("--fit-sigmas", default=None, metavar="S1,S2,...",
                    help="the per-sigma fits (default: sigma* and the sigmas where J*/J*(inf) reaches "
                    f"{', '.join(f'{v:g}' for v in _scaling.FIT_LEVELS)}, on the J* grid)")
@@ -166,6 +177,45 @@ def _fit_shape(preset, shape):
     return dataclasses.replace(preset, unet=unet)
 
 
+def ema_flag(args: argparse.Namespace):
+    """--ema as one checked choice (None: the default), refused before any work when the ladder's runs
+    cannot give it: a width they do not track, or any EMA without snapshots."""
+    from lossfloor.train import TrainConfig
+    from lossfloor.train.ema import ema_unavailable, parse_ema
+
+    if args.ema is None:
+        return None
+    choice = parse_ema(args.ema)
+    if choice.kind != "raw" and args.no_ema_snapshots:
+        raise InputError(f"--ema: {choice} needs EMA snapshots at the evaluation points, which --no-ema-snapshots "
+                         "turns off; give --ema raw or drop --no-ema-snapshots")
+    tracked = TrainConfig().ema_stds
+    why = ema_unavailable(choice, tracked=tracked, snapshots=True)
+    if why is not None:
+        raise InputError(f"--ema: {choice} {why}; the models track {', '.join(f'{s:g}' for s in tracked)}: give "
+                         "raw, one of those or posthoc:SIGMA_REL")
+    return choice
+
+
+def ema_choices(args: argparse.Namespace, b: Budget) -> dict:
+    """Per model of the ladder: the weights its fitted curve evaluates (--ema, or the default: EDM2's
+    reported post-hoc width for an EDM2 network whose run keeps snapshots, else raw)."""
+    from lossfloor.train.ema import EmaChoice
+
+    choice = ema_flag(args)
+    if choice is not None:
+        return {p.name: choice for p in b.models}
+    return {p.name: EmaChoice(kind="posthoc", sigma_rel=_scaling.EDM2_SIGMA_REL[p.name])
+            if p.name in _scaling.EDM2_SIGMA_REL and not args.no_ema_snapshots else EmaChoice(kind="raw")
+            for p in b.models}
+
+
+def ema_label(choices: dict) -> str:
+    """The --ema of a ladder in one line: "posthoc:0.1", or per model when they differ."""
+    names = {str(c) for c in choices.values()}
+    return names.pop() if len(names) == 1 else ", ".join(f"{m} {c}" for m, c in choices.items())
+
+
 def model_rows(b: Budget, conditional: bool) -> list[dict]:
     """Per model: params, forward FLOPs per image (lossfloor.train.flops), images, steps, training FLOPs."""
     from lossfloor.models import params_of
@@ -227,6 +277,8 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
         f"t_ref {b.t_ref_iters if b.t_ref_iters is not None else 'preset'} steps)",
         f"4 fit: sigma {args.fit_sigmas or 'from J*: sigma* and J*/J*(inf) = ' + ', '.join(f'{v:g}' for v in _scaling.FIT_LEVELS)}"
         f" + the total loss; bootstrap {b.bootstrap} over models, hold-out of the largest model",
+        f"  weights of the fitted curves (--ema): {ema_label(ema_choices(args, b))}; EMA snapshots "
+        + ("off" if args.no_ema_snapshots else "at every evaluation point"),
         f"5 dashboard: {args.out}/dashboard-{args.preset}.html, also on the parent run",
         f"devices: {devices(args)}",
         f"outputs: {args.out}/<stage>-<hash>/ (DONE.json marks a finished stage; a rerun skips it), "
@@ -359,6 +411,7 @@ def train_configs(args, b: Budget, jstar_path: Path, eval_sigmas) -> list:
             batch_n_img=b.batch_n_img, duration_n_img=n_img, warmup_n_img=b.warmup_n_img,
             t_ref_iters=b.t_ref_iters, eval_every_n_img=every, eval_sigmas=tuple(eval_sigmas),
             eval_n_samples=b.eval_n_samples, keep_checkpoints=b.keep_checkpoints, seed=args.seed,
+            snapshot_every_n_img=None if args.no_ema_snapshots else every,  # snapshots = evaluation points
             flop_convention="edm2", run=preset.name,
         ))
     return out
@@ -387,21 +440,57 @@ def train_ladder(args, b: Budget, ds, configs, todo, finished) -> None:
 # --- Stage 4: fits ---------------------------------------------------------------------------------------
 
 
-def fit_step(args, b: Budget, estimate: Done, trained: list[Done], curves, fit_sigmas, total_js,
-             study: Study) -> Step:
-    """Stage 4, keyed by the stages it reads (by hash) and the fits' settings; later stages get fits.json."""
+def fit_step(args, b: Budget, ds, estimate: Done, trained: list[Done], curves, fit_sigmas, total_js,
+             choices: dict, study: Study) -> Step:
+    """Stage 4, keyed by the stages it reads (by hash), the weights of every model (--ema) and the fits'
+    settings; later stages get fits.json."""
     key = {"estimate": estimate.stage.hash, "train": sorted(d.stage.hash for d in trained),
            "sigmas": list(fit_sigmas), "bootstrap": b.bootstrap, "seed": args.seed, "holdout": "largest",
-           "total_j_star": list(total_js)}
-    return Step(name="fit", key=key, doing=f"{len(fit_sigmas) + 1} quantities, bootstrap {b.bootstrap}",
-                work=functools.partial(run_fits, args, b, curves, estimate.value, fit_sigmas, total_js),
+           "total_j_star": list(total_js), "ema": {m: str(c) for m, c in choices.items()}}
+    return Step(name="fit", key=key, doing=f"{len(fit_sigmas) + 1} quantities, bootstrap {b.bootstrap}, "
+                f"weights {ema_label(choices)}",
+                work=functools.partial(run_fits, args, b, ds, curves, trained, choices, estimate.value,
+                                       fit_sigmas, total_js),
                 read=lambda stage: json.loads((stage.dir / "fits.json").read_text(encoding="utf-8")),
                 log=functools.partial(log_fit_child, study))
 
 
-def run_fits(args, b: Budget, curves, table, fit_sigmas, total_js, folder: Path) -> dict:
-    from lossfloor.scaling import JStarValue, fit_all
+def fitted_curves(args, b: Budget, ds, curves, trained: list[Done], choices: dict):
+    """The curves the fits are made on: per model the loop's own (raw) or, under an EMA choice, the same
+    evaluation at every snapshot point with those weights (`lossfloor.train.ema_curve.ema_curve`, on this
+    process's device). ds: the study's data (a shard folder the Ray engine left unloaded is loaded here)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
+    from lossfloor.data import Dataset, load
+    from lossfloor.train import CURVE_SCHEMA
+    from lossfloor.train.curves import to_table
+    from lossfloor.train.ema_curve import ema_curve
+
+    if all(c.kind == "raw" for c in choices.values()):
+        return curves
+    data = ds if isinstance(ds, Dataset) else load(args.data, max_samples=b.max_samples)  # what the models trained on
+    tables = []
+    for done in trained:
+        model = done.value["model"]
+        if choices[model].kind == "raw":
+            tables.append(curves.filter(pc.equal(curves.column("model"), model)))
+            continue
+        log.info("fit: evaluating %s under --ema %s at its snapshot points", model, choices[model])
+        tables.append(to_table(ema_curve(done.stage.dir, data, choices[model]), CURVE_SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def run_fits(args, b: Budget, ds, curves, trained: list[Done], choices: dict, table, fit_sigmas, total_js,
+             folder: Path) -> dict:
+    from lossfloor.scaling import JStarValue, fit_all
+    from lossfloor.train.curves import write_rows
+
+    t0 = time.monotonic()
+    curves = fitted_curves(args, b, ds, curves, trained, choices)
+    ema_s = time.monotonic() - t0
+    if any(c.kind != "raw" for c in choices.values()):  # the fitted curves, for the dashboard (record_fits)
+        write_rows(curves.to_pylist(), curves.schema, folder / FITTED_CURVES)
     # per σ: the J* table itself (read in x0 units with its interval); the total: its weighted sum
     total = JStarValue(*total_js, source="the schedule-weighted J*(σ) of the table")
     fits = {}
@@ -425,7 +514,7 @@ def run_fits(args, b: Budget, curves, table, fit_sigmas, total_js, folder: Path)
                  "-" if d["corrected"] is None else f"{d['corrected']['abs_rho']:.4f}")
     write_json(folder / "fits.json", fits)
     return {"fits": "fits.json", "quantities": list(fits), "seconds": time.monotonic() - t0,
-            "rho": _scaling.rho_table(fits)}
+            "rho": _scaling.rho_table(fits), "ema": {m: str(c) for m, c in choices.items()}, "ema_seconds": ema_s}
 
 
 # --- MLflow children -------------------------------------------------------------------------------------
@@ -470,8 +559,10 @@ def log_fit_child(study: Study, done: Done) -> str:
         tags[f"holdout_best.{q}"] = r["holdout_best"] or "none"
     params = {"sigmas": cfg["sigmas"], "bootstrap": cfg["bootstrap"], "seed": cfg["seed"], "holdout": "largest model",
               "total_j_star": cfg["total_j_star"][0], "total_j_star_ci_low": cfg["total_j_star"][1],
-              "total_j_star_ci_high": cfg["total_j_star"][2]}
-    return record_fits(fits, params=params, metrics=metrics, **study.child("fit", {**study.stage_tags(done), **tags}))
+              "total_j_star_ci_high": cfg["total_j_star"][2], "ema": ema_label(cfg["ema"])}
+    fitted = done.stage.dir / FITTED_CURVES
+    return record_fits(fits, params=params, metrics=metrics, curves=fitted if fitted.is_file() else None,
+                       **study.child("fit", {**study.stage_tags(done), **tags}))
 
 
 def build_dashboard(args, uri: str, parent_run_id: str, fit_sigmas) -> Path:
@@ -500,6 +591,7 @@ def run(args: argparse.Namespace) -> int:
     fit_sigmas = tuple(parse_sigmas(args.fit_sigmas, flag="--fit-sigmas").tolist()) if args.fit_sigmas else None
     if args.seed < 0:
         raise InputError(f"--seed: expected an integer >= 0, got {args.seed}")
+    ema_flag(args)  # before anything is read or written
     if args.dry_run:
         count, shape = describe(args.data) if args.data else (None, None)
         print(describe_plan(args, make_budget(args, shape), count, shape, tracking_uri(args.tracking_uri)))
@@ -515,6 +607,7 @@ def run(args: argparse.Namespace) -> int:
     count, shape = describe(args.data)
     args.n_source = count
     b = make_budget(args, shape)
+    choices = ema_choices(args, b)
     ds = load_for(args.data, args.engine.kind, max_samples=b.max_samples)  # Ray: a shard folder is not loaded here
     log.info("data %s: %d samples of shape %s, fingerprint %s", args.data, len(ds), ds.sample_shape,
              ds.fingerprint[:12])
@@ -532,7 +625,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset_fingerprint": ds.fingerprint, "schedule": args.schedule, "conditional": args.conditional,
         "budget_scale": args.budget_scale, "models": [p.name for p in b.models], "engine": args.engine.kind,
         "workers": args.engine.workers, "gpus_per_worker": args.engine.gpus_per_worker, "seed": args.seed,
-        "out": str(args.out),
+        "out": str(args.out), "ema": ema_label(choices), "ema_snapshots": not args.no_ema_snapshots,
     }
     with open_study(name=STUDY, out=args.out, log=log, experiment=args.experiment, run_name=f"scaling-{args.preset}",
                     tags=study_tags, params=params, tracking_uri=uri) as study:
@@ -568,7 +661,8 @@ def run(args: argparse.Namespace) -> int:
 
         curves = pa.concat_tables([read_run_folder(st.dir).curve.replace_schema_metadata(None) for st in stages])
         total_js = _scaling.total_j_star(curves)
-        fits = study.run(fit_step(args, b, estimate, trained, curves, fit_sigmas, total_js, study)).value
+        fit = study.run(fit_step(args, b, ds, estimate, trained, curves, fit_sigmas, total_js, choices, study))
+        fits = fit.value
         rows = _scaling.rho_table(fits)
         parent.log_metrics({f"abs_rho/{form}/{'total' if r['quantity'] == 'total' else 'sigma_' + r['quantity'][6:]}":
                             r[form] for r in rows for form in ("raw", "corrected") if r[form] is not None})
@@ -580,6 +674,7 @@ def run(args: argparse.Namespace) -> int:
             "parent_run_id": parent.run_id, "mlflow_ui": ui_hint(uri, parent.experiment_id),
             "dashboard": str(html), "sigma_star": s_star,
             "fit_sigmas": list(fit_sigmas), "eval_sigmas": list(eval_sigmas), "total_j_star": list(total_js),
+            "ema": {m: str(c) for m, c in choices.items()}, "ema_seconds": fit.stage.result()["ema_seconds"],
             "stages": {name: {"dir": str(d.stage.dir), "skipped": d.skipped} for name, d in study.done.items()},
             "rho": rows, "seconds": time.monotonic() - t_start,
         }
@@ -592,6 +687,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"sigma* = {'undefined' if s_star is None else f'{s_star:.4g}'}; raw vs gap-corrected vs free-offset "
           f"power laws on the envelope of {len(stages)} models (|rho| of ln(J - offset) vs ln F):")
     print(_scaling.format_rho(rows))
+    print(f"weights of the fitted curves (--ema): {ema_label(choices)}")
     print(f"dashboard: {html}")
     print(f"MLflow: {uri}, experiment {args.experiment!r}, parent run {parent.run_id}")
     print(f"open the runs: {summary['mlflow_ui']}")

@@ -413,6 +413,22 @@ STUDY_ROWS += [
     ("schedule_sweep", "ci_low above ci_high", [*SWEEP, "--j-star", "{ws}/swapped.parquet", "--out", "{out}"],
      ["swapped.parquet", "is above"]),
 ]
+# issue 20, post-hoc EMA in the scaling study: --ema is refused before any work, with the same parser as
+# diagnose's (lossfloor.train.ema.parse_ema)
+STUDY_ROWS += [
+    ("scaling_imagenet512", "--ema posthoc out of range", [*SCALING, "--ema", "posthoc:0.3", "--out", "{out}"],
+     ["--ema: posthoc:0.3 is out of range", "(0, 0.2887)"]),
+    ("scaling_imagenet512", "--ema not a choice", [*SCALING, "--ema", "best", "--out", "{out}"],
+     ["--ema: best is not raw, a tracked sigma_rel or posthoc:SIGMA_REL"]),
+    ("scaling_imagenet512", "--ema not tracked", [*SCALING, "--ema", "0.07", "--out", "{out}"],
+     ["--ema: 0.07 is not tracked", "0.05, 0.1", "posthoc:SIGMA_REL"]),
+    ("scaling_imagenet512", "--ema posthoc without snapshots",
+     [*SCALING, "--ema", "posthoc:0.1", "--no-ema-snapshots", "--out", "{out}"],
+     ["--ema: posthoc:0.1 needs EMA snapshots", "--no-ema-snapshots"]),
+    ("scaling_imagenet512", "--ema posthoc without snapshots, dry run",
+     [*SCALING, "--dry-run", "--ema", "posthoc:0.1", "--no-ema-snapshots", "--out", "{out}"],
+     ["--ema: posthoc:0.1 needs EMA snapshots"]),
+]
 
 
 def _argv(argv, ws, out):

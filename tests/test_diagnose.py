@@ -196,13 +196,15 @@ def test_a_lossfloor_run_diagnoses_as_its_own_last_evaluation(tmp_path, capsys):
                    progress=False)
     write_table(build_table(est, fingerprint=digits.fingerprint), tmp_path / "jstar.parquet")
     losses = {}
-    for ema in ("raw", "0.1", "posthoc:0.07"):  # the weights a run keeps, each selectable
+    for ema in ("raw", "0.1", "posthoc:0.07", "posthoc:0.1"):  # the weights a run keeps, each selectable
         code, _, err = cli(["diagnose", "--model", str(tmp_path / "run"), "--data", "bundled:digits", "--sigmas",
                             "0.5", "--n-samples", "16", "--ema", ema, "--out", str(out), "--figure", "none",
                             "--j-star", str(tmp_path / "jstar.parquet")], capsys)
         assert code == 0, err
         losses[ema] = pq.read_table(out).column("loss_x0").to_numpy()[0]
-    assert len(set(losses.values())) == 3, losses
+    assert len({losses[k] for k in ("raw", "0.1", "posthoc:0.07")}) == 3, losses
+    # the reconstruction of a tracked width is that EMA itself (its profile is one of the snapshots')
+    assert losses["posthoc:0.1"] == pytest.approx(losses["0.1"], rel=1e-6)
     code, _, err = cli(["diagnose", "--model", str(tmp_path / "run"), "--data", "bundled:digits", "--sigmas", "0.5",
                         "--ema", "0.3", "--out", str(tmp_path / "e.parquet"), "--j-star", str(tmp_path / "jstar.parquet")],
                        capsys)

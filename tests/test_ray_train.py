@@ -83,8 +83,8 @@ def test_two_gloo_workers_survive_a_killed_worker_and_match_one_plain_process(pl
     # FailureConfig restarts the group, which resumes from that checkpoint
     marker = tmp_path / "died"
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers do not have tests/
-    run = train_on_ray(config(), "bundled:digits", workers=2, storage_path=tmp_path, name="two", max_failures=1,
-                       hooks=KillLastRankOnce(marker))
+    run = train_on_ray(config(snapshot_every_n_img=64), "bundled:digits", workers=2, storage_path=tmp_path,
+                       name="two", max_failures=1, hooks=KillLastRankOnce(marker))
     assert marker.read_text() == "died at n_img 64\n"
     starts = (tmp_path / "died.starts").read_text().splitlines()
     resumed = tmp_path / "two" / "checkpoint-000000000064"
@@ -104,6 +104,8 @@ def test_two_gloo_workers_survive_a_killed_worker_and_match_one_plain_process(pl
     for a, b in zip(curve, plain.loss_curve):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     assert pq.read_table(folder / "train_log.parquet").num_rows == 3
+    # the EMA snapshots (no part of Ray's checkpoints) in the run folder, the one before the kill included
+    assert sorted(p.name for p in folder.glob("ema-*.pt")) == ["ema-000000000064.pt", "ema-000000000096.pt"]
 
 
 def test_in_process_mode_continues_a_local_engine_run(plain, digits, tmp_path):

@@ -155,6 +155,71 @@ def test_given_j_star_table_replaces_the_estimate(first_run, tmp_path, capsys):
     assert fits[0]["total"]["raw"]["alpha"] == pytest.approx(fits[1]["total"]["raw"]["alpha"], rel=1e-9)
 
 
+def test_posthoc_ema_curves_are_fitted_in_a_new_fit_stage(first_run, tmp_path):
+    """--ema posthoc:0.1 on the finished ladder: estimate and train are reused, the fit is a new stage whose
+    curves (at every evaluation point, from the snapshots up to it) differ from the raw ones and, at the
+    final point, equal a direct evaluation of the EMA the loop tracked at that width (0.1 is tracked, so
+    its reconstruction must be that EMA itself)."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from lossfloor.data import load
+    from lossfloor.diagnose.measure import evaluation_subset, local_losses
+    from lossfloor.diagnose.models import load_model
+    from lossfloor.tracking.artifacts import read_study
+    from lossfloor.train.evaluation import quadrature_weights
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    shutil.copytree(first_run[0], out)
+    raw = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert set(raw["ema"].values()) == {"raw"}  # the smoke ladder's default: EDM2 reports no width for it
+    assert _study().main([*TINY, "--engine", "local", "--ema", "posthoc:0.1", "--out", str(out),
+                          "--tracking-uri", uri]) == 0
+    summary = _check_outputs(out)
+    assert summary["ema"] == {"tiny-c4": "posthoc:0.1", "tiny-c8": "posthoc:0.1"} and summary["ema_seconds"] > 0
+    assert [k for k, s in summary["stages"].items() if not s["skipped"]] == ["fit"]
+    assert summary["stages"]["fit"]["dir"] != raw["stages"]["fit"]["dir"]  # a changed --ema: a new stage
+
+    fitted = pq.read_table(Path(summary["stages"]["fit"]["dir"]) / "loss_curve.parquet").to_pylist()
+    loop = {}
+    for name, stage in summary["stages"].items():
+        if name.startswith("train-"):
+            for r in pq.read_table(Path(stage["dir"]) / "loss_curve.parquet").to_pylist():
+                loop[r["model"], r["images"], r["sigma"]] = r
+    assert len(fitted) == len(loop)  # every evaluation point has its snapshot
+    for r in fitted:
+        same = loop[r["model"], r["images"], r["sigma"]]
+        assert r["loss"] != same["loss"] and r["flops"] == same["flops"]
+        assert r["j_star"] == pytest.approx(same["j_star"], rel=1e-12)
+
+    # the final point, evaluated directly: the tracked EMA 0.1 of the final checkpoint (no snapshots read)
+    data = load("bundled:digits", max_samples=600)
+    for name, stage in summary["stages"].items():
+        if not name.startswith("train-"):
+            continue
+        model = load_model(stage["dir"], ema="0.1")
+        rows = [r for r in fitted if r["model"] == model.name]
+        last = max(r["images"] for r in rows)
+        per_sigma = sorted((r for r in rows if r["images"] == last and r["sigma"] is not None), key=lambda r: r["sigma"])
+        sigmas = np.array([r["sigma"] for r in per_sigma])
+        x0 = torch.as_tensor(data.samples)[torch.from_numpy(evaluation_subset(len(data), 64, 0))]
+        loss, _ = local_losses(model, x0, None, sigmas, seed=0, batch=64, device="cpu")
+        np.testing.assert_allclose([r["loss"] for r in per_sigma], loss, rtol=1e-5)
+        coef = quadrature_weights(sigmas, model.weighting.density) * model.weighting.weight(
+            torch.as_tensor(sigmas)).numpy()
+        total = next(r for r in rows if r["images"] == last and r["sigma"] is None)
+        assert total["loss"] == pytest.approx(float(np.sum(coef * loss)), rel=1e-5)
+
+    # MLflow: the choice is a param of the study and of its fit, whose curves the dashboard reads
+    study = read_study(experiment="scaling", tracking_uri=uri)
+    assert study.ema == "posthoc:0.1" and study.about()["weights (EMA)"] == "posthoc:0.1"
+    assert sorted(study.curves.column("loss").to_pylist()) == sorted(r["loss"] for r in fitted)
+    fit_run = client(uri).get_run(study.runs["fit"][0])
+    assert fit_run.data.params["ema"] == "posthoc:0.1"
+
+
 # ---- as users submit it: a local Ray head, `ray job submit`, cluster/runtime_env.yaml ----
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -122,10 +123,38 @@ def test_posthoc_reconstruction_reproduces_a_tracked_ema_and_interpolates():
         tracked = next(s for s in snaps if s["n_img"] == t)["emas"][ema.sigma_rels.index(sigma_rel)]["state"]
         for k in tracked:
             torch.testing.assert_close(rec[k], tracked[k], rtol=1e-4, atol=1e-5)
-    # an untracked width: the profile mean of theta_t = t comes out as (gamma+1)/(gamma+2) t
+    # an untracked width: the profile mean of theta_t = t comes out as (gamma+1)/(gamma+2) t, which lies
+    # between the two tracked EMAs' (the mean falls as sigma_rel grows)
     g = sigma_rel_to_gamma(0.075)
     rec = posthoc_ema(snaps_lin, sigma_rel=0.075)
     assert rec["theta"].item() == pytest.approx((g + 1) / (g + 2) * n, rel=5e-3)
+    wide, narrow = (snaps_lin[-1]["emas"][ema_lin.sigma_rels.index(s)]["state"]["theta"].item() for s in (0.10, 0.05))
+    assert wide < rec["theta"].item() < narrow
+    # a point before the last snapshot is reconstructed from the snapshots up to it alone
+    t = 400 * batch
+    for sigma_rel in (0.075, 0.2):
+        early = posthoc_ema(snaps[:4], sigma_rel=sigma_rel, n_img=t)
+        for k, v in posthoc_ema(snaps, sigma_rel=sigma_rel, n_img=t).items():
+            assert torch.equal(v, early[k])
+    with pytest.raises(InputError, match="none taken at or before 10 images"):
+        posthoc_ema(snaps, sigma_rel=0.1, n_img=10)
+
+
+def test_the_ema_choice_is_parsed_once_for_diagnose_and_the_study():
+    from lossfloor.train.ema import EmaChoice, ema_unavailable, parse_ema
+
+    for text, kind, s in (("raw", "raw", None), ("0.1", "tracked", 0.1), ("posthoc:0.135", "posthoc", 0.135)):
+        choice = parse_ema(text)
+        assert choice == EmaChoice(kind=kind, sigma_rel=s) and str(choice) == text
+    assert parse_ema("auto", auto=True).kind == "auto"
+    for text, message in (("auto", "--ema: auto is not raw, a tracked sigma_rel"), ("best", "best is not"),
+                          ("posthoc:0.3", "out of range: SIGMA_REL must be in (0, 0.2887)"),
+                          ("posthoc:0", "out of range"), ("posthoc:nan", "out of range")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            parse_ema(text)
+    assert ema_unavailable(parse_ema("posthoc:0.1"), tracked=(0.05, 0.1), snapshots=False) == "needs EMA snapshots"
+    assert ema_unavailable(parse_ema("0.07"), tracked=(0.05, 0.1), snapshots=True) == "is not tracked"
+    assert ema_unavailable(parse_ema("0.1"), tracked=(0.05, 0.1), snapshots=False) is None
 
 
 def test_learning_rate_is_inverse_sqrt_with_warmup():

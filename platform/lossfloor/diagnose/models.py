@@ -262,40 +262,32 @@ def _lossfloor(path: Path, *, ema: str, device, precision: str = "none") -> Mode
 
 def _ema_weights(ema: str, state: dict, ckpt: Path) -> dict | None:
     """The weights `--ema` picks from a checkpoint's state (module docstring; None: "auto", what the run
-    evaluated). A choice the run cannot give is an InputError naming --ema, the run folder and the
-    choices it has."""
+    evaluated; posthoc: reconstructed at the checkpoint's images from the snapshots up to it). A choice
+    the run cannot give is an InputError naming --ema, the run folder and the choices it has."""
     from lossfloor.train.checkpoint import SNAPSHOT_RE, read_snapshots
-    from lossfloor.train.ema import SIGMA_REL_MAX, posthoc_ema
+    from lossfloor.train.ema import SIGMA_REL_MAX, ema_unavailable, parse_ema, posthoc_ema
 
-    if ema == "auto":
-        return None
-    if ema == "raw":
-        return state["net"]
     run_dir = ckpt.parent if ckpt.is_dir() else ckpt.parent.parent
     tracked = [float(s) for s in state["ema"]["sigma_rels"]]
     snapshots = any(SNAPSHOT_RE.fullmatch(p.name) for p in run_dir.iterdir())
     choices = ["auto", "raw", *(f"{s:g}" for s in tracked)] + (
         [f"posthoc:SIGMA_REL (0 < SIGMA_REL < {SIGMA_REL_MAX:.4f})"] if snapshots else [])
-
-    def refuse(why: str):
-        return InputError(f"--ema: {ema} {why} (run {run_dir}); choose one of " + ", ".join(f"--ema {c}" for c in choices))
-
-    posthoc = ema.startswith("posthoc:")
-    text = ema.split(":", 1)[1] if posthoc else ema
+    where = f" (run {run_dir}); choose one of " + ", ".join(f"--ema {c}" for c in choices)
     try:
-        sigma_rel = float(text)
-    except ValueError:
-        raise refuse("is not auto, raw, a tracked sigma_rel or posthoc:SIGMA_REL") from None
-    if posthoc:
-        if not snapshots:
-            raise refuse("needs EMA snapshots (ema-*.pt) and the run kept none")
-        if not 0 < sigma_rel < SIGMA_REL_MAX:
-            raise refuse(f"is out of range: SIGMA_REL must be in (0, {SIGMA_REL_MAX:.4f})")
-        return posthoc_ema(read_snapshots(run_dir), sigma_rel=sigma_rel, n_img=int(state["n_img"]))
-    found = [w for s, w in zip(tracked, state["ema"]["states"]) if math.isclose(s, sigma_rel)]
-    if not found:
-        raise refuse("is not tracked")
-    return found[0]
+        choice = parse_ema(ema, auto=True)
+    except InputError as e:
+        raise InputError(f"{e}{where}") from None
+    why = ema_unavailable(choice, tracked=tracked, snapshots=snapshots)
+    if why is not None:
+        kept = " (ema-*.pt) and the run kept none" if choice.kind == "posthoc" else ""
+        raise InputError(f"--ema: {ema} {why}{kept}{where}")
+    if choice.kind == "auto":
+        return None
+    if choice.kind == "raw":
+        return state["net"]
+    if choice.kind == "posthoc":
+        return posthoc_ema(read_snapshots(run_dir), sigma_rel=choice.sigma_rel, n_img=int(state["n_img"]))
+    return next(w for s, w in zip(tracked, state["ema"]["states"]) if math.isclose(s, choice.sigma_rel))
 
 
 # --- diffusers ------------------------------------------------------------------------------------

@@ -54,10 +54,11 @@ def record_training(out_dir, *, samples: int | str | None = "auto", device: str 
 
 
 def record_fits(fits: Mapping[str, dict], *, params: Mapping[str, object], metrics: Mapping[str, float],
-                **run) -> str:
+                curves: str | os.PathLike | None = None, **run) -> str:
     """A scaling study's fit as its own run: params, metrics, and fits.json (`lossfloor.tracking.artifacts.
-    log_fits`: the contract the dashboard reads); `run`: start_run's arguments (experiment, run_name,
-    parent_run_id, tags, tracking_uri)."""
+    log_fits`: the contract the dashboard reads); `curves`: a file loss_curve.parquet of the curves the fits
+    were made on, when they are not the train runs' own (the dashboard then draws it); `run`: start_run's
+    arguments (experiment, run_name, parent_run_id, tags, tracking_uri)."""
     from lossfloor.tracking import start_run
     from lossfloor.tracking.artifacts import log_fits
 
@@ -65,6 +66,8 @@ def record_fits(fits: Mapping[str, dict], *, params: Mapping[str, object], metri
         tracked.log_params(params)
         tracked.log_metrics(metrics)
         log_fits(tracked, fits.values())
+        if curves is not None:  # a file named CURVE_ARTIFACT, at the artifact root
+            tracked.log_artifact(curves)
     return tracked.run_id
 
 

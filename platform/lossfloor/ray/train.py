@@ -27,7 +27,8 @@ rank; Ray persists nothing there, so the loop writes straight into storage_path/
 Persisted checkpoints are named like the local engine's (`checkpoint-<n_img:012d>`), so
 `storage_path/name` has the layout of a local `checkpoint_dir`: either engine can continue the other's
 run, and `lossfloor.train.latest_checkpoint` finds them. For local storage the driver also copies the
-final loss_curve.parquet and train_log.parquet to the top of the run folder.
+final loss_curve.parquet and train_log.parquet to the top of the run folder, and rank 0 copies the EMA
+snapshots (ema-<n_img>.pt, no part of Ray's checkpoints) there at every report, for post-hoc EMA.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def train_worker(loop_config: dict) -> None:
     hooks = loop_config.get("hooks")
 
     def report(metrics: dict, path: Path | None) -> None:
+        if rank == 0 and loop_config.get("snapshot_dir"):
+            _keep_snapshots(local, loop_config["snapshot_dir"])
         checkpoint = None if path is None else Checkpoint.from_directory(os.fspath(path))
         name = None if path is None else path.name  # persisted under the loop's own name
         ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
@@ -113,6 +116,17 @@ def train_worker(loop_config: dict) -> None:
     finally:
         if not loop_config.get("checkpoint_dir"):
             shutil.rmtree(local, ignore_errors=True)
+
+
+def _keep_snapshots(src: str, dst: str) -> None:
+    """Copy the EMA snapshots (ema-<n_img>.pt) of the worker's folder `src` that the run folder `dst`
+    lacks, atomically: post-hoc EMA reads them there (`lossfloor.train.read_snapshots`)."""
+    from lossfloor.train.checkpoint import SNAPSHOT_RE
+
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(src).iterdir()):
+        if SNAPSHOT_RE.fullmatch(path.name) and not (Path(dst) / path.name).is_file():
+            write_atomic(Path(dst) / path.name, lambda p, s=path: shutil.copyfile(s, p))
 
 
 def _quiet_report_lines() -> None:
@@ -201,6 +215,8 @@ def train_on_ray(config: TrainConfig, data_source: str, *, workers: int, gpus_pe
         "config": config.to_dict(), "data": source, "use_gpu": gpus_per_worker > 0, "threads": threads,
         "initial_checkpoint": initial, "hooks": hooks,
         "checkpoint_dir": str(_local_dir(run_dir)) if workers == 0 else None,
+        # EMA snapshots are no part of Ray's checkpoints: rank 0 copies them into the run folder itself
+        "snapshot_dir": str(_local_dir(run_dir)) if workers and local_storage else None,
     }
     resources = {"CPU": float(cpus_per_worker or 1)}
     if gpus_per_worker:

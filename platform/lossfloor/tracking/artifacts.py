@@ -17,6 +17,9 @@ The contract (names are stable; `lossfloor dashboard`, i.e. `lossfloor.jobs.dash
     fit       exactly one. Artifact `fits.json` at the artifact root: a JSON object whose keys are
               "total" (the sigma-null rows) or "sigma=<σ formatted with .6g>" and whose values are
               `ScalingFits.to_dict()`; write it with `log_fits(run, [fits_total, fits_at_sigma, ...])`.
+              Optional artifact `loss_curve.parquet` (the train runs' schema, all models): the curves
+              the fits were made on when they are not the train runs' own (e.g. the networks under a
+              post-hoc EMA); the page then draws these.
   Children that ended FAILED or KILLED are ignored (a retried stage leaves one behind); FINISHED and
   RUNNING ones are read. Other children (no `lossfloor.stage` tag) are ignored.
 
@@ -111,6 +114,7 @@ class Study:
     fits: dict[str, dict]  # fits.json: "total" | "sigma=..." -> ScalingFits.to_dict()
     runs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> child run ids
     data: str = ""  # the data set's name as the study was given it (its `data` param)
+    ema: str = ""  # the weights the fitted curves evaluate (the parent's `ema` param), "" when not recorded
 
     def about(self) -> dict[str, str]:
         """Where the page came from, for its header."""
@@ -119,6 +123,7 @@ class Study:
             "experiment": self.experiment,
             "study run": f"{self.parent_run_name} ({self.parent_run_id})",
             **{f"{stage} runs": ", ".join(ids) for stage, ids in self.runs.items()},
+            **({"weights (EMA)": self.ema} if self.ema else {}),
         }
 
 
@@ -265,7 +270,8 @@ def read_study(*, experiment: str | None = None, run_id: str | None = None,
     with tempfile.TemporaryDirectory(prefix="lossfloor-study-") as tmp:
         dst = Path(tmp)
         jstar = _read_jstar(_download(c, estimate, JSTAR_ARTIFACT, dst), estimate)
-        curves = _read_curves([(r, _download(c, r, CURVE_ARTIFACT, dst)) for r in stages["train"]])
+        fitted = CURVE_ARTIFACT in {f.path for f in c.list_artifacts(fit.info.run_id)}  # the fits' own curves
+        curves = _read_curves([(r, _download(c, r, CURVE_ARTIFACT, dst)) for r in ([fit] if fitted else stages["train"])])
         fits = _read_fits(_download(c, fit, FITS_ARTIFACT, dst), fit)
     return Study(
         tracking_uri=c.tracking_uri,
@@ -277,6 +283,7 @@ def read_study(*, experiment: str | None = None, run_id: str | None = None,
         fits=fits,
         runs={s: tuple(r.info.run_id for r in stages[s]) for s in STAGES},
         data=parent.data.params.get("data", "") or estimate.data.params.get("data", ""),
+        ema=parent.data.params.get("ema", ""),
     )
 
 

@@ -104,7 +104,9 @@ def save_snapshot(directory: str | os.PathLike, snapshot: dict) -> Path:
 
 
 def read_snapshots(directory: str | os.PathLike) -> list[dict]:
-    """Every EMA snapshot in `directory`, oldest first (input of `posthoc_ema`)."""
+    """Every EMA snapshot in `directory`, oldest first (input of `posthoc_ema`). The tensors are memory-
+    mapped from the files, not read into memory: a large network's snapshots (both EMAs, float32, at
+    every evaluation point) can exceed the machine's memory many times over."""
     directory = Path(directory)
     paths = sorted(p for p in directory.iterdir() if SNAPSHOT_RE.fullmatch(p.name)) if directory.is_dir() else []
-    return [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    return [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,6 +54,55 @@ def check_sigma_rel(value, field: str) -> float:
     if not (real and 0 < value < SIGMA_REL_MAX):
         raise InputError(f"{field}: expected a relative EMA width in (0, {SIGMA_REL_MAX:.4f}), like 0.05, got {value!r}")
     return float(value)
+
+
+# --- Which weights to evaluate: the `--ema` choice of `lossfloor diagnose` and of the scaling study ---
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmaChoice:
+    """Which weights of a run are evaluated: "raw" (the trained weights), "tracked" (the EMA of width
+    sigma_rel the loop kept), "posthoc" (the EMA of width sigma_rel reconstructed from the run's EMA
+    snapshots, `posthoc_ema`), or "auto" (`diagnose`: the weights the run's own evaluation used)."""
+
+    kind: str
+    sigma_rel: float | None = None
+
+    def __str__(self) -> str:
+        """The flag's spelling: raw | auto | 0.1 | posthoc:0.1."""
+        if self.kind == "tracked":
+            return f"{self.sigma_rel:g}"
+        return f"posthoc:{self.sigma_rel:g}" if self.kind == "posthoc" else self.kind
+
+
+def parse_ema(text: str, *, flag: str = "--ema", auto: bool = False) -> EmaChoice:
+    """`raw`, a tracked width (`0.1`), `posthoc:SIGMA_REL` with 0 < SIGMA_REL < 1/sqrt(12), or (auto=True)
+    `auto`. Only the spelling and the posthoc range are checked here (before any run is read); whether a
+    run has that EMA is `ema_unavailable`'s. InputError naming `flag`."""
+    text = str(text).strip()
+    if text == "raw" or (auto and text == "auto"):
+        return EmaChoice(kind=text)
+    posthoc = text.startswith("posthoc:")
+    try:
+        sigma_rel = float(text.split(":", 1)[1] if posthoc else text)
+    except ValueError:
+        raise InputError(f"{flag}: {text} is not {'auto, ' if auto else ''}raw, a tracked sigma_rel or "
+                         "posthoc:SIGMA_REL") from None
+    if not posthoc:
+        return EmaChoice(kind="tracked", sigma_rel=sigma_rel)
+    if not 0 < sigma_rel < SIGMA_REL_MAX:
+        raise InputError(f"{flag}: {text} is out of range: SIGMA_REL must be in (0, {SIGMA_REL_MAX:.4f})")
+    return EmaChoice(kind="posthoc", sigma_rel=sigma_rel)
+
+
+def ema_unavailable(choice: EmaChoice, *, tracked: Sequence[float], snapshots: bool) -> str | None:
+    """Why a run that tracks the widths `tracked` and keeps EMA snapshots (or not) cannot give `choice`
+    ("needs EMA snapshots", "is not tracked"), else None."""
+    if choice.kind == "posthoc" and not snapshots:
+        return "needs EMA snapshots"
+    if choice.kind == "tracked" and not any(math.isclose(s, choice.sigma_rel) for s in tracked):
+        return "is not tracked"
+    return None
 
 
 def ema_beta(gamma: float, n_img: int, batch_n_img: int) -> float:
@@ -144,12 +194,17 @@ def posthoc_ema(snapshots: Sequence[Mapping], *, sigma_rel: float, n_img: int | 
     """Reconstruct the EMA of width sigma_rel at n_img (default: the latest snapshot) from snapshots.
 
     snapshots: dicts as written by `PowerFunctionEMA.snapshot` (or read by `read_snapshots`). Every EMA
-    of every snapshot is one basis profile. Returns a state dict (fp32, CPU).
+    of every snapshot taken at or before n_img is one basis profile; later snapshots are left out, so the
+    result is the network as it could be reconstructed at n_img, from the weights trained by then (they
+    would otherwise enter through the least squares). Returns a state dict (fp32, CPU).
     """
     basis = [(s["n_img"], e["gamma"], e["state"]) for s in snapshots for e in s["emas"]]
     if not basis:
         raise InputError("snapshots: expected at least one EMA snapshot (set snapshot_every_n_img)")
     t_out = max(t for t, _, _ in basis) if n_img is None else int(n_img)
+    basis = [b for b in basis if b[0] <= t_out]
+    if not basis:
+        raise InputError(f"snapshots: none taken at or before {t_out} images, the point to reconstruct")
     x = posthoc_coefficients([b[0] for b in basis], [b[1] for b in basis], t_out, sigma_rel_to_gamma(sigma_rel))
     out = {}
     for name, first in basis[0][2].items():

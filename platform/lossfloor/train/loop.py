@@ -138,6 +138,18 @@ def split_indices(n: int, n_eval: int, holdout: bool, seed: int) -> tuple[np.nda
     return train_idx, eval_idx
 
 
+def eval_subset(cfg: TrainConfig, samples: torch.Tensor, labels: torch.Tensor | None):
+    """(training indices, evaluation x0, evaluation labels or None) of a run: the fixed evaluation subset
+    of `split_indices`; posterior latents: one fixed draw x0 ~ N(mean, std²) per evaluation sample
+    (common random numbers). samples, labels: as `_data_arrays` returns them."""
+    train_idx, eval_idx = split_indices(len(samples), cfg.eval_n_samples, cfg.eval_holdout, cfg.seed)
+    eval_x0 = samples[torch.from_numpy(eval_idx)]
+    if cfg.latents == "posterior":
+        ge = torch.Generator().manual_seed(stream_seed(cfg.seed, POSTERIOR_EVAL_STREAM, 0))
+        eval_x0 = sample_posterior(eval_x0, torch.randn(eval_x0[:, : eval_x0.shape[1] // 2].shape, generator=ge))
+    return train_idx, eval_x0, None if labels is None else labels[torch.from_numpy(eval_idx)]
+
+
 def train(config: TrainConfig, data, *, rank: int = 0, world_size: int = 1, report: Report | None = None,
           checkpoint_dir: str | os.PathLike | None = None, resume: bool | str | os.PathLike = True,
           device: str | torch.device | None = None, stop_n_img: int | None = None) -> TrainResult:
@@ -200,13 +212,8 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.Adam(params, lr=0.0, betas=R.preset.adam_betas, eps=R.preset.adam_eps)
     ema = PowerFunctionEMA(net, cfg.ema_stds)
-    train_idx, eval_idx = split_indices(len(samples), cfg.eval_n_samples, cfg.eval_holdout, cfg.seed)
+    train_idx, eval_x0, eval_labels = eval_subset(cfg, samples, labels)
     sampler = EpochSampler(train_idx, cfg.seed)
-    eval_x0 = samples[torch.from_numpy(eval_idx)]
-    if posterior:  # one fixed draw x0 ~ N(mean, std²) per evaluation sample (common random numbers)
-        ge = torch.Generator().manual_seed(stream_seed(cfg.seed, POSTERIOR_EVAL_STREAM, 0))
-        eval_x0 = sample_posterior(eval_x0, torch.randn(eval_x0[:, : eval_x0.shape[1] // 2].shape, generator=ge))
-    eval_labels = None if labels is None else labels[torch.from_numpy(eval_idx)]
     fwd_flops = forward_flops(unet_cfg, cfg.flop_convention)
     n_params = params_of(unet_cfg)
     base_row = {"run": R.run, "model": R.preset.name, "params": n_params}
