@@ -62,6 +62,13 @@ class ShrinkDenoiser(torch.nn.Module):
         return x / (1 + t.view(-1, 1, 1, 1) ** 2)
 
 
+class ZeroDenoiser(torch.nn.Module):
+    """D = 0 (the mean of the data, nothing else)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
 def _script(module, path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -73,7 +80,8 @@ def _script(module, path):
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("evaluate")
     return {"net": _script(ChannelMeans(), d / "net.pt"), "net2": _script(ChannelMeans(2.0), d / "net2.pt"),
-            "model": _script(ShrinkDenoiser(), d / "model.pt"), "dir": d}
+            "model": _script(ShrinkDenoiser(), d / "model.pt"), "zero": _script(ZeroDenoiser(), d / "zero.pt"),
+            "dir": d}
 
 
 # --- Fréchet distance and feature sums ---------------------------------------------------------------
@@ -256,6 +264,13 @@ def test_cli_reference_then_model_then_samples(files, tmp_path, capsys):
     # a rerun gives the same numbers (samples from (seed, index))
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["fd"] == fd
+    # guided by itself the model is itself (D_g + S (D - D_g) = D); another guide moves the samples
+    assert main([*args[:-1], "--guidance", "2", "--guide-model", str(files["model"]), "--out", str(tmp_path / "g"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fd"] == fd
+    assert main([*args[:-1], "--guidance", "2", "--guide-model", str(files["zero"]), "--out", str(tmp_path / "g2"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fd"]["mean"] != fd["mean"]
     # a folder of PNGs is scored as it is: the digits themselves have FD 0 to their own statistics
     from PIL import Image
 

@@ -54,7 +54,8 @@ def register(sub) -> None:
     p.add_argument("--rho", type=float, default=7.0, help="default 7")
     p.add_argument("--ema", default="auto",
                    help="lossfloor runs: auto | raw | SIGMA_REL | posthoc:SIGMA_REL (as lossfloor diagnose)")
-    p.add_argument("--prediction", default=None, help="TorchScript / torch.export models: as lossfloor diagnose")
+    p.add_argument("--prediction", default=None,
+                   help="TorchScript / torch.export models (and such a --guide-model): as lossfloor diagnose")
     p.add_argument("--process", default=None, help="TorchScript / torch.export models: as lossfloor diagnose")
     p.add_argument("--guidance", type=float, default=1.0, metavar="S",
                    help="D = D_guide + S (D - D_guide) with --guide-model (default 1: no guidance)")

@@ -153,8 +153,11 @@ def _work(spec: EvaluateSpec, ref, extractors):
 
     main = {"spec": spec.model, "ema": spec.ema, "prediction": spec.prediction, "process": spec.process,
             "precision": spec.precision}
-    guide = None if spec.guide_model is None else {"spec": spec.guide_model, "ema": spec.guide_ema,
-                                                   "precision": spec.precision}
+    guide = None
+    if spec.guide_model is not None:
+        guide = {"spec": spec.guide_model, "ema": spec.guide_ema, "precision": spec.precision}
+        if Path(spec.guide_model).is_file() and Path(spec.guide_model).name != "state.pt":  # a network file:
+            guide.update(prediction=spec.prediction, process=spec.process)  # the model's --prediction, --process
     sampler = load_sampler(main, guide=guide, scale=spec.guidance, device=spec.device)
     shape = _model_shape(sampler.model) or ref.shape
     if shape[0] not in (1, 3):
