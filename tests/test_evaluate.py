@@ -318,3 +318,52 @@ def test_resume_reuses_finished_blocks(files, tmp_path, monkeypatch, capsys):
     calls.clear()
     assert job.evaluate(spec2)["fd"]["mean"] == clean  # same numbers, only the missing blocks computed
     assert calls == [16, 24]
+
+
+def test_mlflow_gets_the_metrics_and_the_statistics(files, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    stats = tmp_path / "s.npz"
+    write_reference(reference_statistics(load("bundled:digits"), feature_extractors("pixels:2")), stats)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["evaluate", "--model", str(files["model"]), "--prediction", "x0", "--reference-stats", str(stats),
+                 "--features", "pixels:2", "--out", str(tmp_path / "o"), "--n-samples", "16", "--seeds", "2",
+                 "--steps", "3", "--batch", "8", "--json", "--mlflow", "--tracking-uri", uri]) == 0
+    result = json.loads(capsys.readouterr().out)
+    c = MlflowClient(uri)
+    run = c.search_runs([c.get_experiment_by_name("evaluate").experiment_id])[0]
+    assert run.data.metrics["fd"] == pytest.approx(result["fd"]["mean"])
+    assert [m.value for m in c.get_metric_history(run.info.run_id, "fd/seed")] == pytest.approx(result["fd"]["per_seed"])
+    names = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "samples-seed0.stats.npz", "samples-seed1.stats.npz", "s.npz"} <= names
+
+
+def test_a_conditional_run_is_sampled_with_the_datas_class_frequencies(tmp_path, monkeypatch):
+    from lossfloor.jobs import evaluate as job
+    from lossfloor.train import TrainConfig, sampling, train
+
+    digits = load("bundled:digits")
+    train(TrainConfig(preset="tiny", batch_n_img=32, duration_n_img=32, warmup_n_img=0, eval_n_samples=8,
+                      eval_sigmas=(0.5,)), digits, checkpoint_dir=tmp_path / "run")
+    keep = digits.labels < 3  # data with 3 classes of unequal counts: the statistics hold their counts
+    from lossfloor.data import Dataset
+
+    part = Dataset(samples=digits.samples[keep][:300], labels=digits.labels[keep][:300], fingerprint="part",
+                   source="part", normalisation="none")
+    stats = tmp_path / "s.npz"
+    write_reference(reference_statistics(part, feature_extractors("pixels:2")), stats)
+    probs = np.bincount(part.labels) / len(part.labels)
+    seen, real = [], sampling.heun_sample
+
+    def spy(denoiser, noise, *, labels=None, **kw):
+        seen.append(labels.clone())
+        return real(denoiser, noise, labels=labels, **kw)
+    monkeypatch.setattr(sampling, "heun_sample", spy)
+    spec = job.EvaluateSpec(model=str(tmp_path / "run"), reference_stats=str(stats), features="pixels:2",
+                            out=str(tmp_path / "o"), n_samples=600, seeds=1, batch=200,
+                            settings=SamplerSettings(num_steps=2))
+    assert np.isfinite(job.evaluate(spec)["fd"]["mean"])
+    counts = np.bincount(torch.cat(seen).numpy(), minlength=10)
+    assert counts[3:].sum() == 0 and counts.sum() == 600
+    for c, p in zip(counts[:3], probs):
+        assert abs(c - 600 * p) <= 4 * np.sqrt(600 * p * (1 - p))

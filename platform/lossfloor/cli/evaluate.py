@@ -77,8 +77,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _only_for_models(args) -> None:
-    flags = {"--reference-stats": args.reference_stats, "--n-samples": args.n_samples, "--seeds": args.seeds,
+def _only_for_models(args, engine: Engine) -> None:
+    flags = {"--engine": None if engine.kind == "local" else engine.kind, "--reference-stats": args.reference_stats, "--n-samples": args.n_samples, "--seeds": args.seeds,
              "--guide-model": args.guide_model, "--mlflow": args.mlflow or None}
     for flag, value in flags.items():
         if value is not None:
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine = Engine.from_args(args)
     if args.reference:
-        _only_for_models(args)
+        _only_for_models(args, engine)
         if args.data is None:
             raise InputError("--data: --reference needs the data set")
         ref = reference(ReferenceSpec(data=args.data, features=args.features, out=args.out, batch=args.batch,
