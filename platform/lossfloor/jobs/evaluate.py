@@ -19,7 +19,6 @@ seed (samples-seed<s>.stats.npz) and the work folder is removed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -145,7 +144,7 @@ def _load_samples(src: str):
     return data
 
 
-def _work(spec: EvaluateSpec, ref, extractors):
+def _work(spec: EvaluateSpec, ref):
     """The SampleWork of a model evaluation, checked: shape, latents, labels, one forward pass."""
     import torch
 
@@ -263,7 +262,7 @@ def evaluate(spec: EvaluateSpec) -> dict:
             seeds = [0]
             n = len(data.samples)
     else:
-        work = _work(spec, ref, extractors)
+        work = _work(spec, ref)
         key = config_hash({"work": asdict(work), "networks": {k: ex.network_sha256 for k, ex in extractors.items()},
                            "n": spec.n_samples, "device": spec.engine.device or spec.device,
                            "models": [_stamp(p) for p in (spec.model, spec.guide_model) if p is not None]})
@@ -319,10 +318,11 @@ def _data_fingerprint(src: str) -> str:
 def _sample_seeds(work, spec: EvaluateSpec, extractors, folder: Path, seeds: list[int]) -> list[dict]:
     """Each seed's feature sums: finished blocks read from `folder`, the others computed (here or on Ray)
     and saved as they finish; summed in block order."""
+    from lossfloor.atomic import write_json
     from lossfloor.train.quality import blocks
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "work.json").write_text(json.dumps(asdict(work), default=str))
+    write_json(folder / "work.json", asdict(work))
     bounds = blocks(spec.n_samples, _block_size(spec.n_samples, spec.batch))
     totals: dict[int, dict] = {}
     done: dict[tuple[int, int, int], dict] = {}
