@@ -441,6 +441,12 @@ CLI_ROWS += [
      ["--guide-model", "--guidance"]),
     ("evaluate: no statistics", ["evaluate", "--model", "{ws}/run", "--features", "pixels", "--out", "{out}"],
      ["--reference-stats"]),
+    ("evaluate: a model that outputs inf", ["evaluate", "--model", "{ws}/inf.pt", "--prediction", "x0",
+                                            "--reference-stats", "{ws}/digits.stats.npz", "--features", "pixels:2",
+                                            "--out", "{out}"], ["--model", "inf.pt", "NaN or inf"]),
+    ("evaluate: a model that raises at large σ", ["evaluate", "--model", "{ws}/raises_above_1.pt", "--prediction",
+                                                  "x0", "--reference-stats", "{ws}/digits.stats.npz", "--features",
+                                                  "pixels:2", "--out", "{out}"], ["--model", "raises_above_1.pt", "σ = 80"]),
 ]
 
 def _argv(argv, ws, out):

@@ -367,3 +367,21 @@ def test_a_conditional_run_is_sampled_with_the_datas_class_frequencies(tmp_path,
     assert counts[3:].sum() == 0 and counts.sum() == 600
     for c, p in zip(counts[:3], probs):
         assert abs(c - 600 * p) <= 4 * np.sqrt(600 * p * (1 - p))
+
+
+class NaNBelow1(torch.nn.Module):
+    """Fine at large σ (passes the probe), NaN below σ = 1: fails mid-sampling."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t.view(-1, 1, 1, 1) < 1.0, torch.full_like(x, float("nan")), x * 0)
+
+
+def test_a_model_failing_mid_way_leaves_nothing(tmp_path, capsys):
+    stats = tmp_path / "s.npz"
+    write_reference(reference_statistics(load("bundled:digits"), feature_extractors("pixels:2")), stats)
+    model = _script(NaNBelow1(), tmp_path / "nan.pt")
+    code = main(["evaluate", "--model", str(model), "--prediction", "x0", "--reference-stats", str(stats),
+                 "--features", "pixels:2", "--out", str(tmp_path / "out" / "o"), "--n-samples", "16", "--seeds", "1",
+                 "--steps", "3", "--batch", "8"])
+    assert code == 2 and "NaN or inf in the samples 0..7 of seed 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

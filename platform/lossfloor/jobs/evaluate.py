@@ -181,6 +181,8 @@ def _work(spec: EvaluateSpec, ref):
     if tuple(D.shape) != tuple(x.shape):
         raise InputError(f"--model {spec.model}: output of shape {tuple(D.shape[1:])} for samples of shape {shape} "
                          "(the reference statistics' images)")
+    if not torch.isfinite(D).all():
+        raise InputError(f"--model {spec.model}: outputs NaN or inf at σ = {spec.settings.sigma_max:g}")
     work = SampleWork(main=main, guide=guide, scale=float(spec.guidance), features=spec.features, shape=tuple(shape),
                       class_probs=probs, sampler=spec.settings, batch=spec.batch)
     return work
@@ -268,7 +270,11 @@ def evaluate(spec: EvaluateSpec) -> dict:
                            "models": [_stamp(p) for p in (spec.model, spec.guide_model) if p is not None]})
         seeds, n = list(range(spec.seeds)), spec.n_samples
         with output_folder(out, "--out"):
-            per_seed = _sample_seeds(work, spec, extractors, out / "work" / key, seeds)
+            try:
+                per_seed = _sample_seeds(work, spec, extractors, out / "work" / key, seeds)
+            except InputError:  # the model failed mid-way (NaN samples, an exception): nothing is kept
+                shutil.rmtree(out / "work", ignore_errors=True)
+                raise
     elapsed = time.monotonic() - t0
     result: dict = {"metrics": list(extractors), "seeds": seeds, "n_samples": n,
                     "reference_stats": str(spec.reference_stats), "dataset_fingerprint": ref.fingerprint,
