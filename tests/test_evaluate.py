@@ -385,3 +385,14 @@ def test_a_model_failing_mid_way_leaves_nothing(tmp_path, capsys):
                  "--steps", "3", "--batch", "8"])
     assert code == 2 and "NaN or inf in the samples 0..7 of seed 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_statistics_of_a_subset_of_the_reference_features(files, tmp_path, capsys):
+    stats = tmp_path / "s.npz"
+    assert main(["evaluate", "--reference", "--data", "bundled:digits", "--features",
+                 f"pixels:2,dinov2:{files['net']}", "--out", str(stats)]) == 0
+    assert main(["evaluate", "--model", str(files["model"]), "--prediction", "x0", "--reference-stats", str(stats),
+                 "--features", f"dinov2:{files['net']}", "--out", str(tmp_path / "o"), "--n-samples", "8",
+                 "--seeds", "1", "--steps", "2", "--batch", "8", "--json"]) == 0
+    capsys.readouterr()
+    assert set(read_reference(tmp_path / "o" / "samples-seed0.stats.npz").stats) == {"fd_dinov2"}

@@ -23,6 +23,7 @@ import logging
 import math
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -227,8 +228,8 @@ def _read_sums(path: Path, metrics) -> dict[str, FeatureSums] | None:
         with np.load(path, allow_pickle=False) as z:
             return {k: FeatureSums(count=int(z[f"count_{k}"]), total=z[f"total_{k}"], outer=z[f"outer_{k}"])
                     for k in metrics}
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged block is computed again
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # a missing or damaged block is computed again
 
 
 def _summary(values: list[float]) -> dict:
@@ -294,7 +295,7 @@ def evaluate(spec: EvaluateSpec) -> dict:
     files = [write_json(out / METRICS_FILE, result)]
     for seed, sums in zip(seeds, per_seed):
         stats = ReferenceStats(fingerprint="", source=spec.model or spec.samples, shape=tuple(ref.shape),
-                               class_counts=None, extractors=ref.extractors,
+                               class_counts=None, extractors={k: ref.extractors[k] for k in sums},
                                stats={k: (v.count, *v.statistics()) for k, v in sums.items()})
         files.append(write_reference(stats, out / f"samples-seed{seed}.stats.npz"))
     shutil.rmtree(out / "work", ignore_errors=True)
