@@ -159,6 +159,11 @@ def ws(tmp_path_factory):
     pq.write_table(pa.table({"model": ["a", "b", "c"], "flops": [1.0, 2.0, 4.0], "loss": [0.9, 0.8, 0.7],
                              "sigma": [0.5] * 3}), t / "c_sigma.parquet")
     np.save(t / "novalues.npy", np.zeros((40, 0), np.float32))
+    # evaluate: reference statistics of the digits in pixels:2
+    from lossfloor.train.metrics import feature_extractors
+    from lossfloor.train.quality import reference_statistics, write_reference
+
+    write_reference(reference_statistics(load(D), feature_extractors("pixels:2")), t / "digits.stats.npz")
     return t
 
 
@@ -430,6 +435,35 @@ STUDY_ROWS += [
      ["--ema: posthoc:0.1 needs EMA snapshots"]),
 ]
 
+# evaluate (issue 21): feature networks, reference statistics, guidance, counts
+EV = ["evaluate", "--model", "{ws}/run", "--reference-stats", "{ws}/digits.stats.npz", "--features", "pixels:2"]
+CLI_ROWS += [
+    ("evaluate: a feature network file that is none", ["evaluate", "--reference", "--data", D, "--features",
+                                                      "network:{ws}/weights.pt", "--out", "{out}.npz"],
+     ["--features", "weights.pt", "not a TorchScript file"]),
+    ("evaluate: CFG without an unconditional branch", [*EV, "--out", "{out}", "--guidance", "2"],
+     ["--guidance 2", "no unconditional branch", "--guide-model"]),
+    ("evaluate: 0 samples", [*EV, "--out", "{out}", "--n-samples", "0"], ["--n-samples", ">= 2"]),
+    ("evaluate: 0 seeds", [*EV, "--out", "{out}", "--seeds", "0"], ["--seeds", ">= 1"]),
+    ("evaluate: statistics of other data", [*EV, "--out", "{out}", "--data", "{ws}/other.npy"],
+     ["--reference-stats", "other data"]),
+    ("evaluate: statistics of other features", ["evaluate", "--model", "{ws}/run", "--reference-stats",
+                                                "{ws}/digits.stats.npz", "--features", "pixels", "--out", "{out}"],
+     ["--reference-stats", "features pixels:2, not pixels"]),
+    ("evaluate: a statistics file that is none", ["evaluate", "--model", "{ws}/run", "--reference-stats",
+                                                  "{ws}/weights.pt", "--features", "pixels:2", "--out", "{out}"],
+     ["--reference-stats", "not a lossfloor statistics file"]),
+    ("evaluate: a guide model without guidance", [*EV, "--out", "{out}", "--guide-model", "{ws}/run"],
+     ["--guide-model", "--guidance"]),
+    ("evaluate: no statistics", ["evaluate", "--model", "{ws}/run", "--features", "pixels", "--out", "{out}"],
+     ["--reference-stats"]),
+    ("evaluate: a model that outputs inf", ["evaluate", "--model", "{ws}/inf.pt", "--prediction", "x0",
+                                            "--reference-stats", "{ws}/digits.stats.npz", "--features", "pixels:2",
+                                            "--out", "{out}"], ["--model", "inf.pt", "NaN or inf"]),
+    ("evaluate: a model that raises at large σ", ["evaluate", "--model", "{ws}/raises_above_1.pt", "--prediction",
+                                                  "x0", "--reference-stats", "{ws}/digits.stats.npz", "--features",
+                                                  "pixels:2", "--out", "{out}"], ["--model", "raises_above_1.pt", "σ = 80"]),
+]
 
 def _argv(argv, ws, out):
     return [a.format(ws=ws, out=out) for a in argv]

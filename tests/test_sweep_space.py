@@ -227,7 +227,7 @@ def test_fd_objective_of_a_checkpoint_is_finite_and_deterministic(digits, jstar,
     a, b = fd({}, run.checkpoint), fd({}, run.checkpoint)
     assert math.isfinite(a) and a > 0 and a == b
     # a barely trained model is far from the data; the data against itself is at ~0
-    mu, cov = fd.reference()
+    _, mu, cov = fd.reference().stats["fd"]
     from lossfloor.train.metrics import frechet_distance
 
     assert frechet_distance(mu, cov, mu, cov) == pytest.approx(0, abs=1e-6) and a > 1

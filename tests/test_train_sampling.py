@@ -21,7 +21,6 @@ from lossfloor.train import (
     NetworkFeatures,
     PixelFeatures,
     compute_statistics,
-    dinov2_features,
     edm_sigma_steps,
     feature_extractor,
     feature_statistics,
@@ -29,9 +28,9 @@ from lossfloor.train import (
     frechet_distance_of,
     generate,
     heun_sample,
-    inception_features,
-    sample_fd,
+    to_uint8,
 )
+from lossfloor.train.metrics import dinov2_input, inception_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,7 +59,7 @@ def test_frechet_distance_closed_form_for_gaussians():
 
 def test_frechet_distance_of_a_distribution_with_itself_is_zero_on_digits():
     x = load("bundled:digits").samples
-    mu, cov = feature_statistics(PixelFeatures()(torch.from_numpy(x)))
+    mu, cov = feature_statistics(PixelFeatures()(to_uint8(torch.from_numpy(x))))
     assert abs(frechet_distance(mu, cov, mu, cov)) < 1e-6
     halves = frechet_distance_of(PixelFeatures(2), x[::2], x[1::2])
     noise = frechet_distance_of(PixelFeatures(2), x[::2], np.random.default_rng(0).uniform(-1, 1, x[1::2].shape))
@@ -100,21 +99,20 @@ def network_files(tmp_path_factory):
 def test_feature_networks_load_from_local_files(network_files, tmp_path):
     net, pt, pt2 = network_files
     x = torch.from_numpy(load("bundled:digits").samples[:64])  # (64, 1, 8, 8): grey, repeated to RGB
-    for extractor in (inception_features(pt), dinov2_features(pt), feature_extractor(f"dinov2:{pt}")):
-        f = extractor(x)
+    for extractor in (NetworkFeatures(pt, kind="inception"), feature_extractor(f"dinov2:{pt}")):
+        f = extractor(to_uint8(x))
         assert f.shape == (64, 6) and torch.isfinite(f).all()
         mu, cov = compute_statistics(extractor, x, batch=16)
         assert abs(frechet_distance(mu, cov, mu, cov)) < 1e-9
-    # the documented preprocessing, by hand: RGB, bicubic resize to 16, [-1, 1] -> [0, 1], normalise
-    x3 = torch.nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=(16, 16), mode="bicubic", antialias=True)
-    mean, std = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1), torch.tensor([0.5, 0.6, 0.7]).view(1, 3, 1, 1)
-    expected = net(((x3 + 1) / 2 - mean) / std)
+    # each kind's preprocessing, then the network; the .pt2 program was exported for 16 x 16 RGB inputs
+    u8 = to_uint8(x)
+    for kind, prep in (("inception", inception_input), ("dinov2", dinov2_input)):
+        torch.testing.assert_close(NetworkFeatures(pt, kind=kind)(u8), net(prep(u8)))
+    rgb = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for path in (pt, pt2):
-        got = NetworkFeatures(path, channels=3, resize=16, input_range="0,1", mean=(0.1, 0.2, 0.3),
-                              std=(0.5, 0.6, 0.7))(x)
-        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(NetworkFeatures(path, kind="network")(rgb), net(rgb.float() / 127.5 - 1))
     with pytest.raises(InputError, match="not found"):
-        inception_features(tmp_path / "missing.pt")
+        NetworkFeatures(tmp_path / "missing.pt", kind="inception")
     (tmp_path / "bad.pt").write_bytes(b"not a model")
     with pytest.raises(InputError, match="TorchScript"):
         NetworkFeatures(tmp_path / "bad.pt")
@@ -164,5 +162,5 @@ def test_generate_with_a_model_denoiser():
     x2, labels2 = generate(den, 5, (1, 8, 8), label_dim=10, seed=1, batch=3, num_steps=4)
     assert torch.equal(x, x2) and torch.equal(labels, labels2)
     digits = load("bundled:digits")
-    fd = sample_fd(den, digits, PixelFeatures(2), n=40, label_dim=10, num_steps=3)
+    fd = frechet_distance_of(PixelFeatures(2), x, digits.samples)
     assert np.isfinite(fd) and fd > 0

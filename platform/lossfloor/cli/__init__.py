@@ -26,6 +26,7 @@ COMMANDS = [
     "lossfloor.cli.train",
     "lossfloor.cli.sweep",
     "lossfloor.cli.diagnose",
+    "lossfloor.cli.evaluate",
 ]
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lossfloor.errors import InputError
 
@@ -84,7 +85,9 @@ def tile(x: np.ndarray, scale: int | None = None) -> np.ndarray:
     s = scale or max(1, math.ceil(32 / max(h, w)))
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    img = np.clip((x + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)  # (n, C, H, W)
+    from lossfloor.train.metrics import to_uint8
+
+    img = to_uint8(torch.as_tensor(np.asarray(x))).numpy()  # (n, C, H, W), the bytes a PNG would hold
     img = img.repeat(s, axis=2).repeat(s, axis=3)  # (n, C, H*s, W*s)
     H, W = h * s + 1, w * s + 1
     grid = np.full((c, rows * H - 1, cols * W - 1), 255, dtype=np.uint8)

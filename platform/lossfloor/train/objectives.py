@@ -62,7 +62,9 @@ class GapObjective:
 
 class FDObjective:
     """Fréchet distance of `n` EDM Heun samples of a checkpoint to the data, in `features` (a
-    `feature_extractor` spec: "pixels", "inception:PATH", "dinov2:PATH")."""
+    `feature_extractor` spec: "pixels", "inception:PATH", "dinov2:PATH"): `lossfloor evaluate`'s protocol
+    and code (`lossfloor.train.quality`: samples seeded per index, uint8, feature sums) on fewer samples;
+    labels of a conditional model follow the data's class frequencies."""
 
     name = "fd"
 
@@ -77,25 +79,35 @@ class FDObjective:
         self.extractor = feature_extractor(features, device=device)
         self._reference = None
 
-    def reference(self) -> tuple[np.ndarray, np.ndarray]:
-        """(mu, C) of the data's features (at most max_reference samples), computed once."""
-        from lossfloor.train.metrics import compute_statistics
+    def reference(self):
+        """The data's `ReferenceStats` (at most max_reference samples), computed once."""
+        from lossfloor.data import Dataset
+        from lossfloor.train.quality import reference_statistics
 
         if self._reference is None:
-            samples = getattr(self.data, "samples", self.data)[: self.max_reference]
-            self._reference = compute_statistics(self.extractor, torch.as_tensor(np.asarray(samples)))
+            d = self.data
+            samples = np.asarray(getattr(d, "samples", d))[: self.max_reference]
+            labels = getattr(d, "labels", None)
+            part = Dataset(samples=samples, labels=None if labels is None else np.asarray(labels)[: self.max_reference],
+                           fingerprint=getattr(d, "fingerprint", ""), source=str(getattr(d, "source", "data")),
+                           normalisation=getattr(d, "normalisation", "none"))
+            self._reference = reference_statistics(part, {"fd": self.extractor})
         return self._reference
 
     def __call__(self, metrics: dict, checkpoint=None) -> float:
-        from lossfloor.train.metrics import compute_statistics, frechet_distance
-        from lossfloor.train.sampling import generate
+        from lossfloor.train.quality import SamplerSettings, SampleSpec, block_sums, fd_metrics
 
         if checkpoint is None:
             raise InputError("objective fd: needs the checkpoint of the evaluation (checkpoint at every evaluation)")
         den, shape, label_dim = load_denoiser(checkpoint, device=self.device)
-        images, _ = generate(den, self.n, shape, label_dim=label_dim, seed=self.seed, device=self.device,
-                             num_steps=self.num_steps)
-        return frechet_distance(*compute_statistics(self.extractor, images), *self.reference())
+        ref = self.reference()
+        probs = ref.class_probs() if label_dim else None
+        if probs is not None and len(probs) < label_dim:
+            probs = probs + (0.0,) * (label_dim - len(probs))
+        spec = SampleSpec(shape=tuple(shape), seed=self.seed, class_probs=probs,
+                          sampler=SamplerSettings(num_steps=self.num_steps))
+        sums = block_sums(den, {"fd": self.extractor}, spec, start=0, stop=self.n, device=self.device)
+        return fd_metrics(sums, ref)["fd"]
 
 
 def load_denoiser(checkpoint: str | os.PathLike, *, device="cpu"):

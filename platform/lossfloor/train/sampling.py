@@ -52,20 +52,57 @@ def heun_sample(denoiser: Callable, noise: torch.Tensor, *, labels: torch.Tensor
     return x
 
 
+def sample_inputs(seed: int, start: int, stop: int, sample_shape: tuple[int, ...], *,
+                  class_probs=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The noise (m, *sample_shape) and class labels (m,) or None of samples start..stop-1.
+
+    Sample i's noise and label come from its own generator, seeded by (seed, i), so they do not depend
+    on the batching, the device or the number of workers. Its label is the inverse CDF of class_probs
+    (K,) at a uniform u from the same generator: class k with probability class_probs[k].
+    """
+    cdf = None if class_probs is None else torch.cumsum(torch.as_tensor(class_probs, dtype=torch.float64), 0)
+    noise, labels = [], []
+    for i in range(start, stop):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 7, i]).generate_state(1)[0]))
+        noise.append(torch.randn(sample_shape, generator=g))
+        if cdf is not None:
+            u = torch.rand((), generator=g, dtype=torch.float64) * cdf[-1]
+            labels.append(torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1))
+    return torch.stack(noise), (torch.stack(labels).to(torch.int64) if cdf is not None else None)
+
+
+def guided(denoiser: Callable, guide: Callable, scale: float, *, guide_labels: bool = True) -> Callable:
+    """EDM2's guidance: D = D_guide + scale (D - D_guide) (a lerp from the guide to the main model).
+
+    With an unconditional guide (guide_labels False: called without labels) it is classifier-free
+    guidance; with a smaller or less-trained conditional model, autoguidance. scale = 1 is the main model
+    alone (the guide is not evaluated), exactly.
+    """
+    if scale == 1:
+        return denoiser
+
+    def call(x, sigma, labels=None):
+        D = denoiser(x, sigma, labels).to(torch.float32)
+        G = guide(x, sigma, labels if guide_labels else None).to(torch.float32)
+        return G + scale * (D - G)
+    return call
+
+
 @torch.no_grad()
 def generate(denoiser: Callable, n: int, sample_shape: tuple[int, ...], *, label_dim: int = 0,
-             seed: int = 0, batch: int = 256, device="cpu", **sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n samples (n, *sample_shape) fp32 on the CPU, and their class labels (n,) or None.
+             class_probs=None, seed: int = 0, batch: int = 256, device="cpu", start: int = 0,
+             **sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples start..start+n-1 (n, *sample_shape) fp32 on the CPU, and their class labels (n,) or None.
 
-    Batch k's noise and labels come from a generator seeded by (seed, k), so the output does not
-    depend on the device's random streams. Labels are uniform over label_dim classes when label_dim > 0.
+    Noise and labels from (seed, sample index) (`sample_inputs`): the output does not depend on `batch`.
+    Labels follow class_probs (K,) when given, else are uniform over label_dim classes (label_dim > 0).
     """
+    if class_probs is None and label_dim:
+        class_probs = np.full(label_dim, 1.0 / label_dim)
     outs, labels_out = [], []
-    for k, start in enumerate(range(0, n, batch)):
-        m = min(batch, n - start)
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 7, k]).generate_state(1)[0]))
-        noise = torch.randn((m, *sample_shape), generator=g)
-        labels = torch.randint(0, label_dim, (m,), generator=g) if label_dim else None
+    for lo in range(start, start + n, batch):
+        hi = min(lo + batch, start + n)
+        noise, labels = sample_inputs(seed, lo, hi, sample_shape, class_probs=class_probs)
         x = heun_sample(denoiser, noise.to(device), labels=None if labels is None else labels.to(device), **sampler)
         outs.append(x.to("cpu", torch.float32))
         if labels is not None:
