@@ -71,7 +71,7 @@ def register(subparsers) -> None:
     encode.add_argument("--batch", type=int, default=8, metavar="N", help="images per encoder call (default 8)")
     encode.add_argument("--device", default=None, help="local: cpu | cuda (default cuda when available)")
     add_engine_args(encode, ray="Ray Data batch inference on an actor pool", workers_help="encoder actors",
-                    worker="actor", gpus_help="> 0 encodes on CUDA")
+                    worker="actor", cpus_per_worker=1, gpus_help="> 0 encodes on CUDA")
     encode.set_defaults(func=run_encode)
 
     decode = commands.add_parser(

@@ -56,11 +56,12 @@ def load_vae(folder: str | Path, *, device: str = "cpu", flag: str = "--vae"):
     check_vae_folder(folder, flag)
     try:
         vae = diffusers.AutoencoderKL.from_pretrained(str(Path(folder).expanduser()), use_safetensors=True,
-                                                      local_files_only=True)
+                                                      local_files_only=True, torch_dtype=torch.float32,
+                                                      low_cpu_mem_usage=False)  # no `accelerate` needed
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise InputError(f"{flag} {folder}: cannot load it as an AutoencoderKL "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def downsampling(config) -> int:

@@ -41,7 +41,7 @@ def encode_ray(plan: EncodePlan, work: WorkFolder, missing: Sequence[int], engin
     """Encode the `missing` chunks on Ray (`engine`: a `lossfloor.jobs.engine.Engine` of kind ray);
     yields each finished chunk's number of images as it arrives."""
     with ray_session(engine.address), _quiet_ray_data():
-        cpus = engine.cpus_per_worker or 1.0
+        cpus = engine.cpus_per_worker or 1.0  # also the actor's torch threads (reading and cropping: one each)
         ds = ray.data.from_items([{"chunk": int(i)} for i in missing], override_num_blocks=len(missing))
         out = ds.map_batches(
             EncodeWorker,
