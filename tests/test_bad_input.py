@@ -164,6 +164,21 @@ def ws(tmp_path_factory):
     from lossfloor.train.quality import reference_statistics, write_reference
 
     write_reference(reference_statistics(load(D), feature_extractors("pixels:2")), t / "digits.stats.npz")
+    # encode (issue 20): a tiny AutoencoderKL, one without weights, images both in the root and in a class folder
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                  sample_size=16).save_pretrained(t / "vae")
+    (t / "vae-noweights").mkdir()
+    (t / "vae-noweights" / "config.json").write_text((t / "vae" / "config.json").read_text())
+    (t / "mixedlabels" / "cat").mkdir(parents=True)
+    Image.new("RGB", (9, 12)).save(t / "mixedlabels" / "0.png")
+    Image.new("RGB", (12, 9)).save(t / "mixedlabels" / "cat" / "1.png")
+    (t / "labels.json").write_text('{"labels": [["cat/1.png", 0]]}')
+    for name in ("a/0.png", "b/1.png"):
+        (t / "classes" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (10, 10)).save(t / "classes" / name)
     return t
 
 
@@ -464,6 +479,38 @@ CLI_ROWS += [
                                                   "x0", "--reference-stats", "{ws}/digits.stats.npz", "--features",
                                                   "pixels:2", "--out", "{out}"], ["--model", "raises_above_1.pt", "σ = 80"]),
 ]
+# encode (issue 20): `lossfloor data encode` / `decode` refuse a VAE folder without weights, undecodable
+# images, mixed label schemes, a resolution that is no multiple of 8, an existing --out
+ENC = ["data", "encode", "--vae", "{ws}/vae", "--resolution", "8", "--device", "cpu"]
+CLI_ROWS += [
+    ("data encode: VAE without weights", [*ENC[:3], "{ws}/vae-noweights", *ENC[4:], "--data", "{ws}/rgb16", "--out",
+                                          "{out}"], ["--vae", "vae-noweights", "no weights"]),
+    ("data encode: VAE folder missing", [*ENC[:3], "{ws}/novae", *ENC[4:], "--data", "{ws}/rgb16", "--out", "{out}"],
+     ["--vae", "no such folder"]),
+    ("data encode: undecodable image", [*ENC, "--data", "{ws}/corrupt", "--out", "{out}"], ["1.png", "PNG"]),
+    ("data encode: empty image in a folder", [*ENC, "--data", "{ws}/emptyjpg", "--out", "{out}"], ["0.jpg", "empty"]),
+    ("data encode: undecodable image in a zip", [*ENC, "--data", "{ws}/badzip.zip", "--out", "{out}.zip", "--format",
+                                                 "edm2"], ["badzip.zip:1.png"]),
+    ("data encode: images in the root and in class folders", [*ENC, "--data", "{ws}/mixedlabels", "--out", "{out}"],
+     ["mixedlabels", "found both"]),
+    ("data encode: labels file and class folders", [*ENC, "--data", "{ws}/classes", "--labels", "{ws}/labels.json",
+                                                    "--out", "{out}"], ["--labels", "class sub-folders"]),
+    ("data encode: labels file without an image", [*ENC, "--data", "{ws}/rgb16", "--labels", "{ws}/labels.json",
+                                                   "--out", "{out}"], ["--labels", "labels.json", "none for 00.png"]),
+    ("data encode: --resolution 12", [*ENC[:5], "12", "--data", "{ws}/rgb16", "--out", "{out}"],
+     ["--resolution", "multiple of 8"]),
+    ("data encode: --resolution 0", [*ENC[:5], "0", "--data", "{ws}/rgb16", "--out", "{out}"], ["--resolution"]),
+    ("data encode: existing --out", [*ENC, "--data", "{ws}/rgb16", "--out", "{ws}/rgb16"], ["--out", "exists"]),
+    ("data encode: unknown --format", [*ENC, "--data", "{ws}/rgb16", "--out", "{out}", "--format", "npz"],
+     ["--format", "shards, edm2"]),
+    ("data encode: --device with --engine ray", [*ENC, "--data", "{ws}/rgb16", "--out", "{out}", "--engine", "ray"],
+     ["--device", "--gpus-per-worker"]),
+    ("data decode: VAE without weights", ["data", "decode", "--data", "{ws}/other.npy", "--vae", "{ws}/vae-noweights",
+                                          "--out", "{out}"], ["--vae", "no weights"]),
+    ("data decode: not latents", ["data", "decode", "--data", "{ws}/rgb16", "--vae", "{ws}/vae", "--out", "{out}",
+                                  "--device", "cpu"], ["--data", "latent set"]),
+]
+
 
 def _argv(argv, ws, out):
     return [a.format(ws=ws, out=out) for a in argv]

@@ -154,7 +154,7 @@ def test_existing_dir_of_other_data_or_other_things(labelled_npz, tmp_path):
 
 def test_interrupted_write_leaves_no_dir(labelled_npz, tmp_path, monkeypatch):
     src, _, _ = labelled_npz
-    real_write, calls = lossfloor.data.prepare._write_shard, []
+    real_write, calls = lossfloor.data.prepare.write_shard, []
 
     def interrupted(file, batch):
         calls.append(file)
@@ -162,7 +162,7 @@ def test_interrupted_write_leaves_no_dir(labelled_npz, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_write(file, batch)
 
-    monkeypatch.setattr(lossfloor.data.prepare, "_write_shard", interrupted)
+    monkeypatch.setattr(lossfloor.data.prepare, "write_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(src, tmp_path / "s", rows_per_shard=3)
     assert len(calls) == 2 and calls[0].parent.name.startswith(".s.tmp-")

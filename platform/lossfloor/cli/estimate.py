@@ -201,7 +201,7 @@ def _g(v) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from lossfloor.data import load, read_meta
-    from lossfloor.data.shards import is_shard_dir
+    from lossfloor.data.shards import is_plain_shard_dir
     from lossfloor.diffusion import check_target, parse_sigma_grid, parse_sigmas
     from lossfloor.jobs.estimate import estimate_table
     from lossfloor.jobs.tracking import open_tracking
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     tracking = open_tracking(args.mlflow, args.tracking_uri, experiment=args.mlflow_experiment,
                              run_name=args.run_name)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else parse_sigma_grid(args.sigma_grid)
-    if engine.kind == "ray" and is_shard_dir(Path(args.data)):
+    if engine.kind == "ray" and is_plain_shard_dir(Path(args.data)):
         meta = read_meta(args.data)  # the Ray workers read the shards themselves, not this process
         _check_count(meta.count, args)
         samples, fingerprint, normalisation = args.data, meta.fingerprint, meta.normalisation

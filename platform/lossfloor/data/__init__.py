@@ -8,7 +8,10 @@
 
 SRC forms are listed in `lossfloor.data.dataset`. Imports only numpy, pyarrow, pillow and (for
 `bundled:digits`) scikit-learn. `lossfloor.data.node_cache` (one memory-mapped copy of a data set per
-machine, for the estimation actors; torch) is imported where it is used.
+machine, for the estimation actors; torch) is imported where it is used, and so are the modules of
+`lossfloor data encode` (torch and diffusers, inside their functions): `preprocess` (EDM2's crop rule),
+`image_list` (an encode source's images and labels), `vae` (the AutoencoderKL: encode, decode),
+`encoding` (chunks in a work folder), `latent_sets` (the set written as shards or in EDM2's layout).
 """
 
 from lossfloor.data.bundled import DEFAULT as DEFAULT_SOURCE

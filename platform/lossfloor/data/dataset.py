@@ -95,7 +95,7 @@ def _open(src: str | os.PathLike, latents: str) -> Reader:
             return edm2.edm2_reader(text, tree, tree.names(), latents)
         raise InputError(f"{text}: unknown source kind, expected {_KINDS}")
     if shards.is_shard_dir(path):
-        return shards.ShardReader(text, path)
+        return shards.ShardReader(text, path, latents)
     if cifar.is_cifar_dir(path):
         return cifar.CifarReader(text, path)
     tree = DirTree(path, label=text)
@@ -148,7 +148,7 @@ def load(src: str | os.PathLike, *, max_samples: int | None = None, latents: str
         hasher.update(chunk_samples)
         done += len(chunk_samples)
     digest = hasher.hexdigest()
-    if isinstance(reader, shards.ShardReader) and max_samples is None and digest != reader.meta.fingerprint:
+    if isinstance(reader, shards.ShardReader) and max_samples is None and digest != reader.fingerprint:
         raise InputError(f"{reader.path}: samples do not match the fingerprint in meta.json (damaged?)")
     log.debug("loaded %s: %d samples of shape %s (%s)", reader.path, count, info.sample_shape, digest[:12])
     return Dataset(samples=samples, labels=labels, fingerprint=digest, source=os.fspath(src),
@@ -177,7 +177,7 @@ def load_for(src: str | os.PathLike, engine: str, *, max_samples: int | None = N
     """`load(src)`, except that a shard folder used whole by the Ray engine is not loaded: a `ShardRef`
     (the driver of a study then never holds the data set)."""
     path = Path(src).expanduser()
-    if engine == "ray" and latents == "mean" and shards.is_shard_dir(path):
+    if engine == "ray" and latents == "mean" and shards.is_plain_shard_dir(path):
         meta = shards.read_meta(path)
         if max_samples is None or max_samples >= meta.count:
             return ShardRef(samples=str(path.absolute()), fingerprint=meta.fingerprint,
@@ -190,7 +190,7 @@ def source_fingerprint(src: str | os.PathLike, latents: str = "mean") -> str:
     folder's from its meta.json, any other source hashed as it streams."""
     reader = open_source(src, latents)
     if isinstance(reader, shards.ShardReader):
-        return reader.meta.fingerprint
+        return reader.fingerprint
     info = reader.info()
     hasher = Fingerprinter(shape=(info.count, *info.sample_shape))
     for samples, _ in chunks(reader, LOAD_ROWS):

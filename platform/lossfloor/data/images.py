@@ -63,15 +63,21 @@ def image_shape(data: bytes, where: str) -> tuple[int, int, int]:
     return channels, image.height, image.width
 
 
-def decode_image(data: bytes, where: str) -> np.ndarray:
-    """Image bytes -> uint8 array (C, H, W)."""
+def open_image(data: bytes, where: str, mode: str | None = None) -> Image.Image:
+    """Image bytes -> a decoded PIL image in its 8-bit grey or colour mode, or in `mode` ("RGB": grey
+    and CMYK converted, alpha dropped)."""
     image = _open(data, where)
+    target = mode or _MODES[image.mode]
     try:
         image.load()
-        image = image.convert(_MODES[image.mode]) if image.mode != _MODES[image.mode] else image
-        pixels = np.asarray(image, dtype=np.uint8)
+        return image.convert(target) if image.mode != target else image
     except (OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{where}: expected a PNG or JPEG image, cannot decode it ({e})") from e
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Image bytes -> uint8 array (C, H, W)."""
+    pixels = np.asarray(open_image(data, where), dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
 
 
@@ -113,6 +119,14 @@ class ImageReader(Reader):
 def image_folder_reader(path: str, tree: DirTree, names: list[str]) -> ImageReader:
     """Images directly under the tree's root (no labels) or in class sub-folders (labels in sorted folder
     order); `names` are the tree's file names."""
+    names, labels = folder_labels(path, names)
+    return ImageReader(path, tree, names, labels)
+
+
+def folder_labels(path: str, names: list[str]) -> tuple[list[str], np.ndarray | None]:
+    """The image names among `names` and their labels: none when all lie directly in the root, the index
+    of their top folder in sorted order when all lie in sub-folders (ImageNet's training layout:
+    one folder per class); InputError for a mix of the two or no image at all."""
     names = [n for n in names if is_image_name(n)]
     if not names:
         raise InputError(
@@ -126,8 +140,7 @@ def image_folder_reader(path: str, tree: DirTree, names: list[str]) -> ImageRead
             f"found both (e.g. {top[0]})"
         )
     if top:
-        return ImageReader(path, tree, names, None)
+        return names, None
     classes = sorted({n.split("/", 1)[0] for n in names})
     index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[n.split("/", 1)[0]] for n in names], dtype=np.int64)
-    return ImageReader(path, tree, names, labels)
+    return names, np.array([index[n.split("/", 1)[0]] for n in names], dtype=np.int64)

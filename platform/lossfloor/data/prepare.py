@@ -72,7 +72,7 @@ def _write(reader: Reader, info: SourceInfo, tmp: Path, rows: int) -> ShardMeta:
     progress = _Progress(reader.path, info.count)
     done = 0
     for number, (samples, labels) in enumerate(chunks(reader, rows)):
-        _write_shard(tmp / shard_name(number), to_record_batch(done, samples, labels))
+        write_shard(tmp / shard_name(number), to_record_batch(done, samples, labels))
         hasher.update(samples)
         done += len(samples)
         progress.update(done)
@@ -86,7 +86,7 @@ def _write(reader: Reader, info: SourceInfo, tmp: Path, rows: int) -> ShardMeta:
     return meta
 
 
-def _write_shard(file: Path, batch: pa.RecordBatch) -> None:
+def write_shard(file: Path, batch: pa.RecordBatch) -> None:
     # snappy: ~free on float noise (latents), ~2x smaller on pixel-valued floats; one row group per shard
     pq.write_table(pa.Table.from_batches([batch]), file, compression="snappy", use_dictionary=False,
                    row_group_size=max(1, batch.num_rows))

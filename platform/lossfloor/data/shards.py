@@ -7,6 +7,13 @@ DIR/shard-00000.parquet, shard-00001.parquet, ... hold columns
     label  int64, null when the source has no labels
 and DIR/meta.json holds `ShardMeta` (sample_shape, dtype, count, normalisation, fingerprint, source,
 rows_per_shard, has_labels, format_version). The fingerprint is that of the samples as `load` returns them.
+
+Latent shards (`lossfloor data encode`) hold each image's VAE posterior mean and std in raw VAE units
+(normalisation RAW_LATENTS, sample_shape (8, h, w)) and the set's per-channel statistics (`latent_stats`):
+a reader whitens them with those (`lossfloor.data.edm2.whiten_latent`), giving the whitened means
+(4, h, w) (`fingerprint`) or, with latents="posterior", the whitened [mean, std] (8, h, w)
+(`posterior_fingerprint`), as for EDM2 latents. Only plain shards (`is_plain_shard_dir`: rows are the
+samples) are read row by row by the Ray estimate's workers.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lossfloor.data.edm2 import LATENT_NORMALISATION, POSTERIOR_NORMALISATION, LatentStats, whiten_latent
 from lossfloor.data.source import Chunk, Reader, SourceInfo
 from lossfloor.errors import InputError
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 SHARD_GLOB = "shard-*.parquet"
+RAW_LATENTS = "vae-posterior-mean-std"  # raw [mean, std] rows, whitened by the reader
 
 
 def shard_name(number: int) -> str:
@@ -48,6 +57,8 @@ class ShardMeta:
     has_labels: bool  # whether `label` is set (else all null)
     dtype: str = "float32"
     format_version: int = FORMAT_VERSION
+    latent_stats: dict | None = None  # latent shards: {"mean": [...], "std": [...]} per channel (LatentStats)
+    posterior_fingerprint: str | None = None  # latent shards: of the samples load(latents="posterior") gives
 
     @property
     def dim(self) -> int:
@@ -56,11 +67,18 @@ class ShardMeta:
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
         fields["sample_shape"] = list(self.sample_shape)
+        if self.latent_stats is None:  # plain shards: the fields of every shard folder before latent shards
+            del fields["latent_stats"], fields["posterior_fingerprint"]
         return json.dumps(fields, indent=2, sort_keys=True) + "\n"
 
 
 def is_shard_dir(path: Path) -> bool:
     return (path / META_NAME).is_file()
+
+
+def is_plain_shard_dir(path: Path) -> bool:
+    """A shard folder whose rows are the samples themselves (not latent shards, which a reader whitens)."""
+    return is_shard_dir(path) and read_meta(path).latent_stats is None
 
 
 def read_meta(directory: str | Path) -> ShardMeta:
@@ -85,11 +103,20 @@ def read_meta(directory: str | Path) -> ShardMeta:
             rows_per_shard=int(fields["rows_per_shard"]),
             has_labels=bool(fields["has_labels"]),
             dtype=str(fields["dtype"]),
+            latent_stats=fields.get("latent_stats"),
+            posterior_fingerprint=fields.get("posterior_fingerprint"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"{file}: {expected}, field {e} is missing or malformed") from e
     if meta.dtype != "float32" or meta.count < 2 or meta.rows_per_shard < 1:
         raise InputError(f"{file}: {expected}, got dtype={meta.dtype} count={meta.count}")
+    latent = meta.normalisation == RAW_LATENTS
+    if latent != (meta.latent_stats is not None) or (latent and (meta.sample_shape[:1] != (8,)
+                                                                 or meta.posterior_fingerprint is None)):
+        raise InputError(f"{file}: {expected}: normalisation {RAW_LATENTS} goes with 8 channels, latent_stats "
+                         "and posterior_fingerprint")
+    if latent:
+        LatentStats.from_dict(meta.latent_stats, f"{file}: latent_stats")
     return meta
 
 
@@ -182,20 +209,32 @@ def _numpy_labels(labels) -> np.ndarray | None:
 
 
 class ShardReader(Reader):
-    """Reads a shard directory back, checking count, order and sample width against meta.json."""
+    """Reads a shard directory back, checking count, order and sample width against meta.json; latent
+    shards whitened (module docstring), their whitened means or with latents="posterior" [mean, std]."""
 
-    def __init__(self, path: str, directory: Path):
+    def __init__(self, path: str, directory: Path, latents: str = "mean"):
         super().__init__(path)
-        self.directory = directory
+        self.directory, self.latents = directory, latents
 
     @functools.cached_property
     def meta(self) -> ShardMeta:
         return read_meta(self.directory)
 
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the samples this reader yields."""
+        posterior = self.meta.latent_stats is not None and self.latents == "posterior"
+        return self.meta.posterior_fingerprint if posterior else self.meta.fingerprint
+
     def info(self) -> SourceInfo:
         meta = self.meta
-        return SourceInfo(count=meta.count, sample_shape=meta.sample_shape, has_labels=meta.has_labels,
-                          normalisation=meta.normalisation)
+        shape, normalisation = meta.sample_shape, meta.normalisation
+        if meta.latent_stats is not None:
+            posterior = self.latents == "posterior"
+            shape = (8 if posterior else 4, *shape[1:])
+            normalisation = POSTERIOR_NORMALISATION if posterior else LATENT_NORMALISATION
+        return SourceInfo(count=meta.count, sample_shape=shape, has_labels=meta.has_labels,
+                          normalisation=normalisation)
 
     def blocks(self, rows: int) -> Iterator[Chunk]:
         meta = self.meta
@@ -203,6 +242,8 @@ class ShardReader(Reader):
         if not files:
             raise InputError(f"{self.path}: expected shard-*.parquet files next to meta.json, found none")
         next_index = 0
+        stats = None if meta.latent_stats is None else LatentStats.from_dict(meta.latent_stats, self.path)
+        posterior = self.latents == "posterior"
         for file in files:
             try:
                 parquet = pq.ParquetFile(file)
@@ -217,6 +258,12 @@ class ShardReader(Reader):
                     samples = shard_rows.x.reshape(len(expected), *meta.sample_shape)
                     if (shard_rows.labels is not None) != meta.has_labels:
                         raise InputError(f"{file}: labels disagree with has_labels={meta.has_labels}")
+                    if stats is not None:
+                        if (samples[:, 4:] < 0).any():
+                            raise InputError(f"{file}: expected a posterior std >= 0 in channels 4..7")
+                        samples = np.stack([whiten_latent(s, posterior, stats) for s in samples])
+                        yield samples, shard_rows.labels
+                        continue
                     yield samples.copy(), shard_rows.labels  # copy: writable, independent of arrow buffers
             except (OSError, pa.ArrowException, ValueError) as e:
                 if isinstance(e, InputError):

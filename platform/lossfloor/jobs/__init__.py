@@ -11,6 +11,7 @@
     jobs.dashboard  a study's (or the diagnosed models') page, read back from MLflow
     jobs.record     the figures drawn (pages) and handed finished to MLflow (tracking)
     jobs.samples    a samples grid of a training checkpoint
+    jobs.encode     images -> VAE latents (locally or on Ray Data, resumable) and latents -> PNGs
 
 A command (`lossfloor.cli`) or a study (`studies/`) parses its flags, builds configs and calls a job, never
 an adapter; a job imports Ray only in its Ray branch, and `lossfloor.ray` / `lossfloor.tracking` /

@@ -10,6 +10,7 @@ Modules (import the one you need; each pulls in only its part of Ray):
     lossfloor.ray.train      train_on_ray: the training loop under Ray Train's TorchTrainer
     lossfloor.ray.sweep      schedule sweeps with Ray Tune (trials run train_on_ray)
     lossfloor.ray.diagnose   a diagnosis's σ × sample-batch blocks over Ray actors
+    lossfloor.ray.encode     images encoded to VAE latents by Ray Data actors (one VAE each)
     lossfloor.ray.cluster    the one connection to a Ray cluster
 """
 

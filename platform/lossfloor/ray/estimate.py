@@ -45,7 +45,7 @@ import torch
 
 from lossfloor.data import read_meta, read_shard_rows, shard_paths
 from lossfloor.data.node_cache import NodeCache, read_only_tensor, shard_matrix
-from lossfloor.data.shards import is_shard_dir
+from lossfloor.data.shards import is_plain_shard_dir
 from lossfloor.errors import InputError
 from lossfloor.floor import Estimate, EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan
 from lossfloor.floor.batch import data_scale, data_total_variance, divided, scale_of_rms
@@ -126,7 +126,7 @@ class FloorWorker:
 
 def _shard_folder(samples) -> Path | None:
     """The folder when `samples` names a `lossfloor data prepare` shard folder (a str or path), else None."""
-    if isinstance(samples, (str, os.PathLike)) and is_shard_dir(Path(samples)):
+    if isinstance(samples, (str, os.PathLike)) and is_plain_shard_dir(Path(samples)):
         return Path(samples).expanduser().absolute()  # workers may run on other nodes: shared storage
     return None
 
