@@ -208,7 +208,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
         eval_x0 = sample_posterior(eval_x0, torch.randn(eval_x0[:, : eval_x0.shape[1] // 2].shape, generator=ge))
     eval_labels = None if labels is None else labels[torch.from_numpy(eval_idx)]
     fwd_flops = forward_flops(unet_cfg, cfg.flop_convention)
-    n_params = params_of(unet_cfg)
+    n_params = params_of(unet_cfg, uncertainty_head=head is not None)  # F, and u(sigma) when trained
     base_row = {"run": R.run, "model": R.preset.name, "params": n_params}
 
     # --- State, possibly from a checkpoint ----------------------------------------------------------
@@ -267,7 +267,8 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
             return evaluate(eval_den, eval_x0, eval_labels, R.eval_sigmas, seed=cfg.seed, weight=schedule.weight,
                             reference_density=schedule.reference_density,
                             j_star=None if curve is None else curve.table, batch=cfg.eval_batch,
-                            rank=rank, world_size=world_size, device=device)
+                            rank=rank, world_size=world_size, device=device,
+                            log_var=None if head is None else denoiser.log_var)  # u: the raw head (EMA: F only)
         finally:
             denoiser.train()
 
@@ -413,6 +414,8 @@ def _eval_metrics(result: EvalResult) -> dict:
     m = {"eval/total": result.total}
     if result.total_gap is not None:
         m["eval/total_gap"] = result.total_gap
+    if result.total_learned is not None:
+        m["eval/total_learned"] = result.total_learned
     for k, s in enumerate(result.sigma):
         m[f"eval/loss/sigma_{s:.4g}"] = float(result.loss[k])
         if result.gap is not None:
