@@ -159,6 +159,23 @@ def ws(tmp_path_factory):
     pq.write_table(pa.table({"model": ["a", "b", "c"], "flops": [1.0, 2.0, 4.0], "loss": [0.9, 0.8, 0.7],
                              "sigma": [0.5] * 3}), t / "c_sigma.parquet")
     np.save(t / "novalues.npy", np.zeros((40, 0), np.float32))
+    # snapshots (issue 20): an EDM2 pickle that would run a command, a class-conditional tiny EDM2 snapshot, a
+    # snapshot folder holding a .pkl of another name
+    import os
+    import pickle
+
+    import edm2_pickles
+    from lossfloor.models import build_uncertainty_head, build_unet, get_preset
+
+    class _System:
+        def __reduce__(self):
+            return os.system, (f"touch {t / 'pwned'}",)
+
+    (t / "evil.pkl").write_bytes(pickle.dumps({"ema": _System()}))
+    tiny = get_preset("tiny")
+    edm2_pickles.write_snapshot(t / "network-snapshot-0000001-0.100.pkl", build_unet(tiny), build_uncertainty_head(tiny))
+    (t / "foreignpkl").mkdir()
+    (t / "foreignpkl" / "model.pkl").write_bytes(pickle.dumps({"net": 1}))
     return t
 
 
@@ -412,6 +429,21 @@ STUDY_ROWS += [
      ["--j-star", "nanj.parquet", "j_star_x0"]),
     ("schedule_sweep", "ci_low above ci_high", [*SWEEP, "--j-star", "{ws}/swapped.parquet", "--out", "{out}"],
      ["swapped.parquet", "is above"]),
+]
+# snapshots (issue 20): EDM2 network pickles
+CLI_ROWS += [
+    ("diagnose: an EDM2 pickle that would run a command", [*DGB, "--model", "{ws}/evil.pkl"],
+     ["evil.pkl", "refused global", "system", "nothing from this file was run"]),
+    ("diagnose: a class-conditional snapshot on unlabelled data",
+     ["diagnose", "--data", "{ws}/other.npy", "--j-star", "{ws}/other.parquet", "--sigmas", "0.05,5", "--out",
+      "{out}.parquet", "--model", "{ws}/network-snapshot-0000001-0.100.pkl"],
+     ["network-snapshot-0000001-0.100.pkl", "class-conditional (10 classes)", "no labels"]),
+]
+STUDY_ROWS += [
+    ("scaling_imagenet512", "--snapshots: no such folder", [*SCALING, "--snapshots", "{ws}/nosuch", "--out", "{out}"],
+     ["--snapshots", "nosuch", "not a folder"]),
+    ("scaling_imagenet512", "--snapshots: a .pkl of another name",
+     [*SCALING, "--snapshots", "{ws}/foreignpkl", "--out", "{out}"], ["--snapshots", "model.pkl", "EDM2 file name"]),
 ]
 
 
