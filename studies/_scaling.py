@@ -152,6 +152,137 @@ def total_j_star(curves) -> tuple[float, float, float]:
     return tuple(float(v) for v in values.pop())
 
 
+# --- EDM2 snapshots instead of training ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Snapshot:
+    """One EDM2 network pickle of the --snapshots folder, as its file name describes it."""
+
+    path: object  # pathlib.Path
+    model: str  # the size: a post-hoc file's name (edm2-img512-xs), a raw snapshot's folder name
+    kimg: int  # thousands of training images
+    std: float  # EMA length sigma_rel
+
+
+def find_snapshots(folder, std: float | None = None) -> dict[str, list[Snapshot]]:
+    """model -> its snapshots, fewest training images first, from the EDM2 pickles under `folder`:
+    network-snapshot-{kimg}-{std}.pkl (the model: its folder's name) or edm2-{name}-{kimg}-{std}.pkl (the
+    model: edm2-{name}). One EMA length per model: `std`, or each model's longest. InputError naming
+    --snapshots: no such folder, no snapshots, a .pkl of another name, a std a model lacks."""
+    from pathlib import Path
+
+    from lossfloor.models.edm2_pickle import snapshot_info
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--snapshots {folder}: not a folder (expected a folder of EDM2 network pickles)")
+    by_model: dict[str, list[Snapshot]] = {}
+    for path in sorted(folder.rglob("*.pkl")):
+        try:
+            name, kimg, s = snapshot_info(path)
+        except InputError as e:
+            raise InputError(f"--snapshots: {e}") from None
+        model = name or path.parent.name
+        by_model.setdefault(model, []).append(Snapshot(path=path, model=model, kimg=kimg, std=s))
+    if not by_model:
+        raise InputError(f"--snapshots {folder}: no EDM2 network pickles (network-snapshot-KIMG-STD.pkl or "
+                         "edm2-NAME-KIMG-STD.pkl)")
+    out = {}
+    for model, snaps in sorted(by_model.items()):
+        stds = sorted({s.std for s in snaps})
+        want = stds[-1] if std is None else next((v for v in stds if math.isclose(v, std)), None)
+        if want is None:
+            raise InputError(f"--snapshot-std {std:g}: model {model} has snapshots of EMA std "
+                             f"{', '.join(f'{v:g}' for v in stds)} only")
+        chosen = sorted((s for s in snaps if s.std == want), key=lambda s: s.kimg)
+        kimgs = [s.kimg for s in chosen]
+        if len(set(kimgs)) < len(kimgs):
+            raise InputError(f"--snapshots {folder}: model {model} has two snapshots of {kimgs[0]} kimg and std "
+                             f"{want:g}")
+        out[model] = chosen
+    return out
+
+
+def snapshot_curve(snaps: list[Snapshot], x0, labels, sigmas, *, j_star, seed: int, batch: int, device,
+                   precision: str = "none") -> list[dict]:
+    """Loss-curve rows (`lossfloor.train.curves` schema) of one model's snapshots: per snapshot the
+    evaluation of `lossfloor.train.evaluation.evaluate` on the fixed subset x0 with fixed noise (EDM2's
+    weighting: w = 1/c_out^2, ln sigma ~ N(P_mean, P_std^2) of its stored loss, and its learned u(sigma)),
+    images = 1000 kimg, FLOPs = 3 x forward FLOPs (counted on the network, EDM2 convention) x images."""
+    import numpy as np
+    import torch
+
+    from lossfloor.diffusion import get_preconditioning
+    from lossfloor.models import params_of
+    from lossfloor.models.edm2_pickle import load_edm2_network
+    from lossfloor.train import forward_flops, training_flops
+    from lossfloor.train.evaluation import evaluate
+    from lossfloor.train.losses import Denoiser
+    from lossfloor.train.schedules import LogNormalSchedule
+
+    rows = []
+    for snap in snaps:
+        edm2 = load_edm2_network(snap.path, device=device)
+        cfg = edm2.config
+        shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
+        if tuple(x0.shape[1:]) != shape:
+            raise InputError(f"--snapshots {snap.path}: a network of samples {shape}, but --data samples have shape "
+                             f"{tuple(x0.shape[1:])}")
+        lab = None
+        if cfg.label_dim:
+            if labels is None:
+                raise InputError(f"--snapshots {snap.path}: class-conditional ({cfg.label_dim} classes), but --data "
+                                 "has no labels")
+            if int(np.max(labels)) >= cfg.label_dim:
+                raise InputError(f"--snapshots {snap.path}: class-conditional with {cfg.label_dim} classes, but "
+                                 f"--data has label {int(np.max(labels))}")
+            lab = torch.as_tensor(np.asarray(labels))
+        precond = get_preconditioning("edm", sigma_data=edm2.sigma_data)
+        schedule = LogNormalSchedule(*(edm2.loss or EDM2_LOSS), precond, True)
+        den = Denoiser(edm2.net, precond, edm2.head, precision)
+        res = evaluate(den, x0, lab, sigmas, seed=seed, weight=schedule.weight,
+                       reference_density=schedule.reference_density, j_star=j_star, batch=batch, device=device,
+                       log_var=den.log_var)
+        images = 1000 * snap.kimg
+        fwd = forward_flops(cfg, "edm2")
+        base = {"run": snap.model, "model": snap.model, "params": params_of(cfg), "step": None, "images": images,
+                "flops": training_flops(fwd, images)}
+        rows += [{**base, **row} for row in res.rows()]
+        log.info("snapshot %s: %d kimg, total loss %.4g", snap.path.name, snap.kimg, res.total)
+    return rows
+
+
+EDM2_LOSS = (-0.4, 1.0)  # (P_mean, P_std) of EDM2's ImageNet-512 loss, when a pickle stores none
+
+
+# --- The total under EDM2's learned weighting -------------------------------------------------------------
+
+LEARNED_KEY = "total_learned"  # its quantity in the ρ table and the metrics
+LEARNED_FILE = "fits_learned.json"  # the fit stage's file of its fit (fits.json keeps the dashboard's contract)
+LEARNED_NOTE = ("corrected: not fitted: each model learns its own weighting u(σ), so the learned total has no "
+                "single J*")
+
+
+def learned_total_curves(curves):
+    """The total rows (σ null) with `loss` replaced by `total_learned` = Σ_k π_k w_k e^{-u_k} J_k, the total
+    under the model's learned log-variance u(σ) (lossfloor.train.evaluation), as the paper weighted its
+    total-loss law; None when any model was trained without the uncertainty head."""
+    import pyarrow.compute as pc
+
+    if "total_learned" not in curves.column_names:
+        return None
+    rows = curves.filter(pc.is_null(curves["sigma"]))
+    if rows.num_rows == 0 or rows["total_learned"].null_count:
+        return None
+    return rows.set_column(rows.schema.get_field_index("loss"), "loss", rows["total_learned"])
+
+
+def metric_quantity(key: str) -> str:
+    """A ρ table quantity as a metric name part: total, total_learned, sigma_<σ>."""
+    return key if key in ("total", LEARNED_KEY) else "sigma_" + key.removeprefix("sigma=")
+
+
 # --- The ρ table --------------------------------------------------------------------------------------
 
 
@@ -180,7 +311,8 @@ def format_rho(rows: list[dict]) -> str:
     lines.append(f"gap correction vs raw |rho|: higher for {sum(d > 0 for d in diff)}, lower for "
                  f"{sum(d < 0 for d in diff)}, equal (to 4 decimals) for {sum(d == 0 for d in diff)} of {len(both)} "
                  "quantities with a corrected fit"
-                 + (f"; {len(rows) - len(both)} without one (J* not below the smallest loss)" if len(both) < len(rows)
+                 + (f"; {len(rows) - len(both)} without one (J* not below the smallest loss, or no single J*: "
+                    f"{LEARNED_KEY})" if len(both) < len(rows)
                     else "")
                  + ". Choose between forms by the hold-out, not by rho.")
     caveat = [r["quantity"] for r in rows if "free_offset" in r["unidentified"]]

@@ -13,10 +13,19 @@ Stages, each an MLflow child run of one parent run (tag `lossfloor.stage`, the c
                the curves are those of the weights --ema picks (raw: the loop's own; a tracked or
                post-hoc EMA: the same evaluation repeated at every evaluation point from the EMA
                snapshots, lossfloor.train.ema_curve)          -> fits.json (+ loss_curve.parquet)
+               and, for models trained with EDM2's uncertainty head, the total under its learned
+               weighting Σ π w e^{-u} J (raw and free offset: u, hence its J*, is each model's own)
+                                                                                    -> fits_learned.json
   5. dashboard the offline HTML page (lossfloor.pages.scaling), in --out and on the parent run
+
+With --snapshots DIR, stage 3 trains nothing: it evaluates NVIDIA's published EDM2 network pickles in DIR
+(network-snapshot-KIMG-STD.pkl in one folder per model, or post-hoc edm2-NAME-KIMG-STD.pkl), read without
+running code from them (lossfloor.models.edm2_pickle), on the same evaluation subset, grid and noise; model
+and training images come from the file names, FLOPs from the network (3 x forward FLOPs x images).
 
     python studies/scaling_imagenet512.py                                  # smoke: 3 tiny models, digits
     python studies/scaling_imagenet512.py --dry-run --preset imagenet512 --data latents.zip
+    python studies/scaling_imagenet512.py --data latents.zip --snapshots edm2-snapshots/   # no training
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \\
         python studies/scaling_imagenet512.py --preset imagenet512 --data /shared/img512-latents.zip \\
         --workers 8 --gpus-per-worker 1 --budget-scale 0.05
@@ -24,7 +33,9 @@ Stages, each an MLflow child run of one parent run (tag `lossfloor.stage`, the c
 Outputs (--out, default runs/scaling_imagenet512, $LOSSFLOOR_RUNS_DIR/scaling_imagenet512 when set):
     estimate-HASH/    jstar.parquet, work/ (finished batches), DONE.json
     train-MODEL-HASH/ loss_curve.parquet, train_log.parquet, checkpoint-*/, DONE.json
-    fit-HASH/         fits.json, DONE.json (and loss_curve.parquet: the fitted curves, when not raw)
+                      (--snapshots: loss_curve.parquet of the model's snapshots, DONE.json)
+    fit-HASH/         fits.json, fits_learned.json (models trained with the uncertainty head), DONE.json
+                      (and loss_curve.parquet: the fitted curves, when not raw)
     dashboard-PRESET.html, summary.json
 HASH is a hash of the stage's config (and of the stages it reads); DONE.json is written last.
 """
@@ -104,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "ladder (EDM2 reports none) and with --no-ema-snapshots")
     p.add_argument("--no-ema-snapshots", action="store_true",
                    help="train without EMA snapshots (one per evaluation point, both EMAs: disk); --ema is then raw")
+    p.add_argument("--snapshots", type=Path, default=None, metavar="DIR",
+                   help="evaluate the EDM2 network pickles in DIR instead of training the ladder: raw "
+                   "network-snapshot-KIMG-STD.pkl (one folder per model, the folder names the model) or post-hoc "
+                   "edm2-NAME-KIMG-STD.pkl; no code from them is run")
+    p.add_argument("--snapshot-std", type=float, default=None, metavar="STD",
+                   help="--snapshots: the EMA length of the snapshots to use (default: each model's longest)")
     p.add_argument("--fit-sigmas", default=None, metavar="S1,S2,...",
                    help="the per-sigma fits (default: sigma* and the sigmas where J*/J*(inf) reaches "
                    f"{', '.join(f'{v:g}' for v in _scaling.FIT_LEVELS)}, on the J* grid)")
@@ -186,6 +203,9 @@ def ema_flag(args: argparse.Namespace):
     if args.ema is None:
         return None
     choice = parse_ema(args.ema)
+    if args.snapshots is not None and choice.kind != "raw":
+        raise InputError(f"--ema: {choice} with --snapshots: the EDM2 pickles are already EMA networks; pick "
+                         "their EMA length with --snapshot-std")
     if choice.kind != "raw" and args.no_ema_snapshots:
         raise InputError(f"--ema: {choice} needs EMA snapshots at the evaluation points, which --no-ema-snapshots "
                          "turns off; give --ema raw or drop --no-ema-snapshots")
@@ -203,6 +223,8 @@ def ema_choices(args: argparse.Namespace, b: Budget) -> dict:
     from lossfloor.train.ema import EmaChoice
 
     choice = ema_flag(args)
+    if args.snapshots is not None:  # the snapshot pickles are evaluated as they are (--snapshot-std picks them)
+        return {p.name: EmaChoice(kind="raw") for p in b.models}
     if choice is not None:
         return {p.name: choice for p in b.models}
     return {p.name: EmaChoice(kind="posthoc", sigma_rel=_scaling.EDM2_SIGMA_REL[p.name])
@@ -257,7 +279,8 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
     lines = [
         f"scaling study: dry run (nothing is computed or written); preset {args.preset}{size}, "
         f"budget scale {args.budget_scale:g}, seed {args.seed}",
-        "stages: 1 data, 2 estimate J*, 3 train the ladder, 4 fit (raw | corrected | free offset), 5 dashboard",
+        f"stages: 1 data, 2 estimate J*, 3 {'evaluate the snapshots' if args.snapshots else 'train the ladder'}, "
+        "4 fit (raw | corrected | free offset), 5 dashboard",
         f"1 data: {args.data or '(none: --data is required to run)'}"
         + (f"  N={n}  shape={tuple(shape)}" if n is not None else f"  expected shape {LATENT_SHAPE}"),
         (f"2 estimate: none, the given J* table {args.j_star}" if args.j_star is not None else
@@ -268,13 +291,17 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
         f"{b.evals} evaluations per model on {b.eval_n_samples} training samples with fixed noise",
         f"  {'model':<12}{'params':>14}{'GFLOP/img fwd':>15}{'images':>15}{'steps':>10}{'train FLOPs':>13}",
     ]
-    for r in rows:
-        lines.append(f"  {r['model']:<12}{r['params']:>14,}{r['forward_flops'] / 1e9:>15.4g}{r['n_img']:>15,}"
-                     f"{r['steps']:>10,}{r['train_flops']:>13.3e}")
+    if args.snapshots is not None:  # stage 3 evaluates the snapshots instead (the budget's models are not trained)
+        lines[4:] = [f"3 snapshots: the EDM2 network pickles in {args.snapshots} evaluated instead of training, "
+                     f"{b.eval_n_samples} samples with fixed noise"]
+    else:
+        for r in rows:
+            lines.append(f"  {r['model']:<12}{r['params']:>14,}{r['forward_flops'] / 1e9:>15.4g}{r['n_img']:>15,}"
+                         f"{r['steps']:>10,}{r['train_flops']:>13.3e}")
+        lines.append(f"  total training FLOPs {sum(r['train_flops'] for r in rows):.3e} (FLOPs = 3 x forward FLOPs x "
+                     f"images; warm-up {b.warmup_n_img if b.warmup_n_img is not None else 'preset'} images, "
+                     f"t_ref {b.t_ref_iters if b.t_ref_iters is not None else 'preset'} steps)")
     lines += [
-        f"  total training FLOPs {sum(r['train_flops'] for r in rows):.3e} (FLOPs = 3 x forward FLOPs x images; "
-        f"warm-up {b.warmup_n_img if b.warmup_n_img is not None else 'preset'} images, "
-        f"t_ref {b.t_ref_iters if b.t_ref_iters is not None else 'preset'} steps)",
         f"4 fit: sigma {args.fit_sigmas or 'from J*: sigma* and J*/J*(inf) = ' + ', '.join(f'{v:g}' for v in _scaling.FIT_LEVELS)}"
         f" + the total loss; bootstrap {b.bootstrap} over models, hold-out of the largest model",
         f"  weights of the fitted curves (--ema): {ema_label(ema_choices(args, b))}; EMA snapshots "
@@ -437,6 +464,60 @@ def train_ladder(args, b: Budget, ds, configs, todo, finished) -> None:
                             train_workers=args.train_workers, max_samples=b.max_samples, n_source=args.n_source)
 
 
+# --- Stage 3 from EDM2 snapshots -------------------------------------------------------------------------
+
+
+def snapshot_step(args, b: Budget, ds, estimate: Done, model: str, snaps, eval_sigmas, study: Study) -> Step:
+    """One model of --snapshots, keyed by its files (name and size), the data, the J* it reads (by hash) and
+    the evaluation; named train-MODEL (the study contract's train stage); later stages get its curves."""
+    import pyarrow.parquet as pq
+
+    from lossfloor.train.run_folder import CURVE_FILE
+
+    key = {"snapshots": [[str(s.path.relative_to(args.snapshots)), s.path.stat().st_size] for s in snaps],
+           "data_fingerprint": ds.fingerprint, "n_samples": len(ds), "estimate": estimate.stage.hash,
+           "eval_sigmas": list(eval_sigmas), "eval_n_samples": b.eval_n_samples, "seed": args.seed}
+    return Step(name=f"train-{model}", key=key, doing=f"{len(snaps)} EDM2 snapshot(s) of {model}, evaluated",
+                work=functools.partial(run_snapshots, args, b, ds, estimate.value, snaps, eval_sigmas),
+                read=lambda stage: pq.read_table(stage.dir / CURVE_FILE),
+                log=functools.partial(log_snapshot_child, args, study, model))
+
+
+def run_snapshots(args, b: Budget, ds, table, snaps, eval_sigmas, folder: Path) -> dict:
+    """Stage 3's work for one model of --snapshots: its loss curve (`_scaling.snapshot_curve`) on the first
+    eval_n_samples of the study's evaluation split, written as loss_curve.parquet."""
+    import numpy as np
+    import torch
+
+    from lossfloor.train.curves import CURVE_SCHEMA, write_rows
+    from lossfloor.train.loop import split_indices
+    from lossfloor.train.run_folder import CURVE_FILE
+
+    t0 = time.monotonic()
+    _, idx = split_indices(len(ds), min(b.eval_n_samples, len(ds)), False, args.seed)
+    x0 = torch.as_tensor(np.asarray(ds.samples[idx], dtype=np.float32))
+    labels = None if ds.labels is None else np.asarray(ds.labels)[idx]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # this process, whatever the engine
+    rows = _scaling.snapshot_curve(snaps, x0, labels, eval_sigmas, j_star=table.x0(), seed=args.seed, batch=256,
+                                   device=device)
+    write_rows(rows, CURVE_SCHEMA, folder / CURVE_FILE, {"snapshots": json.dumps([str(s.path) for s in snaps])})
+    return {"model": snaps[0].model, "snapshots": len(snaps), "final_total": rows[-1]["loss"],
+            "device": str(device), "seconds": time.monotonic() - t0}
+
+
+def log_snapshot_child(args, study: Study, model: str, done: Done) -> str:
+    """The model's curves as the study's train child (`lossfloor.jobs.record.record_curves`)."""
+    from lossfloor.jobs.record import record_curves
+    from lossfloor.train.run_folder import CURVE_FILE
+
+    totals = [r["loss"] for r in done.value.to_pylist() if r["sigma"] is None]
+    return record_curves(done.stage.dir / CURVE_FILE,
+                         params={"study": STUDY, "data": args.data, "snapshots": str(args.snapshots), "model": model,
+                                 "stage_dir": str(done.stage.dir)},
+                         metrics={"final_total": totals[-1]},
+                         **study.child(model, study.stage_tags(done, **{"lossfloor.model": model})))
+
+
 # --- Stage 4: fits ---------------------------------------------------------------------------------------
 
 
@@ -446,7 +527,8 @@ def fit_step(args, b: Budget, ds, estimate: Done, trained: list[Done], curves, f
     settings; later stages get fits.json."""
     key = {"estimate": estimate.stage.hash, "train": sorted(d.stage.hash for d in trained),
            "sigmas": list(fit_sigmas), "bootstrap": b.bootstrap, "seed": args.seed, "holdout": "largest",
-           "total_j_star": list(total_js), "ema": {m: str(c) for m, c in choices.items()}}
+           "total_j_star": list(total_js), "ema": {m: str(c) for m, c in choices.items()},
+           "learned": _scaling.learned_total_curves(curves) is not None}
     return Step(name="fit", key=key, doing=f"{len(fit_sigmas) + 1} quantities, bootstrap {b.bootstrap}, "
                 f"weights {ema_label(choices)}",
                 work=functools.partial(run_fits, args, b, ds, curves, trained, choices, estimate.value,
@@ -513,8 +595,21 @@ def run_fits(args, b: Budget, ds, curves, trained: list[Done], choices: dict, ta
         log.info("fit %s: raw |rho| %.4f, corrected |rho| %s", key, d["raw"]["abs_rho"],
                  "-" if d["corrected"] is None else f"{d['corrected']['abs_rho']:.4f}")
     write_json(folder / "fits.json", fits)
+    learned = _scaling.learned_total_curves(curves)
+    if learned is not None:  # the total under the learned weighting, beside the schedule's
+        d = fit_all(learned, sigma=None, bootstrap=b.bootstrap, holdout=True, seed=args.seed).to_dict()
+        d["notes"] = [_scaling.LEARNED_NOTE, *[n for n in d["notes"] if not n.startswith("corrected: no J* given")]]
+        write_json(folder / _scaling.LEARNED_FILE, {_scaling.LEARNED_KEY: d})
+        log.info("fit %s: raw |rho| %.4f", _scaling.LEARNED_KEY, d["raw"]["abs_rho"])
+        fits = {**fits, _scaling.LEARNED_KEY: d}
     return {"fits": "fits.json", "quantities": list(fits), "seconds": time.monotonic() - t0,
             "rho": _scaling.rho_table(fits), "ema": {m: str(c) for m, c in choices.items()}, "ema_seconds": ema_s}
+
+
+def read_learned_fit(folder: Path) -> dict:
+    """{total_learned: its fit} from a fit stage's folder, or {} (a model trained without the head)."""
+    path = folder / _scaling.LEARNED_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 # --- MLflow children -------------------------------------------------------------------------------------
@@ -551,8 +646,8 @@ def log_fit_child(study: Study, done: Done) -> str:
 
     cfg, fits = done.stage.config, done.value
     metrics, tags = {}, {}
-    for r in _scaling.rho_table(fits):
-        q = "total" if r["quantity"] == "total" else "sigma_" + r["quantity"].removeprefix("sigma=")
+    for r in _scaling.rho_table({**fits, **read_learned_fit(done.stage.dir)}):
+        q = _scaling.metric_quantity(r["quantity"])
         for form in ("raw", "corrected", "free_offset"):
             if r[form] is not None:
                 metrics[f"abs_rho/{form}/{q}"] = r[form]
@@ -598,6 +693,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.data is None:
         raise InputError("--data: --preset imagenet512 needs the EDM2 latents (e.g. --data img512-latents.zip)")
+    snapshots = _scaling.find_snapshots(args.snapshots, args.snapshot_std) if args.snapshots is not None else None
     uri = check_outputs(args.out, args.tracking_uri)  # before the first stage: --out writable, the store opens
 
     from lossfloor.data import load_for
@@ -623,7 +719,9 @@ def run(args: argparse.Namespace) -> int:
         "preset": args.preset, "smoke_budget": args.smoke_budget if args.preset == "smoke" else None,
         "data": args.data, "n_samples": len(ds), "sample_shape": list(ds.sample_shape),
         "dataset_fingerprint": ds.fingerprint, "schedule": args.schedule, "conditional": args.conditional,
-        "budget_scale": args.budget_scale, "models": [p.name for p in b.models], "engine": args.engine.kind,
+        "budget_scale": args.budget_scale, "engine": args.engine.kind,
+        "models": list(snapshots) if snapshots else [p.name for p in b.models],
+        "snapshots": None if snapshots is None else str(args.snapshots),
         "workers": args.engine.workers, "gpus_per_worker": args.engine.gpus_per_worker, "seed": args.seed,
         "out": str(args.out), "ema": ema_label(choices), "ema_snapshots": not args.no_ema_snapshots,
     }
@@ -647,24 +745,30 @@ def run(args: argparse.Namespace) -> int:
         log.info("sigma*: %s; fits at sigma %s; evaluation at %d sigmas", s_star,
                  ", ".join(f"{s:.4g}" for s in fit_sigmas), len(eval_sigmas))
 
-        # 3. the ladder
-        configs = train_configs(args, b, estimate.stage.dir / "jstar.parquet", eval_sigmas)
-        steps = [train_step(args, cfg, estimate, ds.fingerprint, b, study) for cfg in configs]
-        trained = study.run_together("train", steps, work=functools.partial(train_ladder, args, b, ds, configs),
-                                     what="model(s) to train")
-        stages = [d.stage for d in trained]
-
-        # 4. fits
+        # 3. the ladder: trained, or evaluated from EDM2 snapshots
         import pyarrow as pa
 
         from lossfloor.train.run_folder import read_run_folder
 
-        curves = pa.concat_tables([read_run_folder(st.dir).curve.replace_schema_metadata(None) for st in stages])
+        if snapshots is not None:
+            trained = [study.run(snapshot_step(args, b, ds, estimate, model, snaps, eval_sigmas, study))
+                       for model, snaps in snapshots.items()]
+            tables = [d.value for d in trained]
+        else:
+            configs = train_configs(args, b, estimate.stage.dir / "jstar.parquet", eval_sigmas)
+            steps = [train_step(args, cfg, estimate, ds.fingerprint, b, study) for cfg in configs]
+            trained = study.run_together("train", steps, work=functools.partial(train_ladder, args, b, ds, configs),
+                                         what="model(s) to train")
+            tables = [read_run_folder(d.stage.dir).curve for d in trained]
+        stages = [d.stage for d in trained]
+
+        # 4. fits
+        curves = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
         total_js = _scaling.total_j_star(curves)
-        fit = study.run(fit_step(args, b, ds, estimate, trained, curves, fit_sigmas, total_js, choices, study))
-        fits = fit.value
+        fitted = study.run(fit_step(args, b, ds, estimate, trained, curves, fit_sigmas, total_js, choices, study))
+        fits = {**fitted.value, **read_learned_fit(fitted.stage.dir)}
         rows = _scaling.rho_table(fits)
-        parent.log_metrics({f"abs_rho/{form}/{'total' if r['quantity'] == 'total' else 'sigma_' + r['quantity'][6:]}":
+        parent.log_metrics({f"abs_rho/{form}/{_scaling.metric_quantity(r['quantity'])}":
                             r[form] for r in rows for form in ("raw", "corrected") if r[form] is not None})
 
         # 5. dashboard
@@ -674,7 +778,7 @@ def run(args: argparse.Namespace) -> int:
             "parent_run_id": parent.run_id, "mlflow_ui": ui_hint(uri, parent.experiment_id),
             "dashboard": str(html), "sigma_star": s_star,
             "fit_sigmas": list(fit_sigmas), "eval_sigmas": list(eval_sigmas), "total_j_star": list(total_js),
-            "ema": {m: str(c) for m, c in choices.items()}, "ema_seconds": fit.stage.result()["ema_seconds"],
+            "ema": {m: str(c) for m, c in choices.items()}, "ema_seconds": fitted.stage.result()["ema_seconds"],
             "stages": {name: {"dir": str(d.stage.dir), "skipped": d.skipped} for name, d in study.done.items()},
             "rho": rows, "seconds": time.monotonic() - t_start,
         }
@@ -682,7 +786,8 @@ def run(args: argparse.Namespace) -> int:
 
     n_trained = sum(not d.skipped for d in trained)
     print(f"\nscaling study ({args.preset}) finished in {time.monotonic() - t_start:.0f} s: "
-          f"{n_trained} model(s) trained, {len(stages) - n_trained} reused; "
+          f"{n_trained} model(s) {'evaluated from snapshots' if snapshots else 'trained'}, "
+          f"{len(stages) - n_trained} reused; "
           f"stages skipped: {', '.join(k for k, d in study.done.items() if d.skipped) or 'none'}")
     print(f"sigma* = {'undefined' if s_star is None else f'{s_star:.4g}'}; raw vs gap-corrected vs free-offset "
           f"power laws on the envelope of {len(stages)} models (|rho| of ln(J - offset) vs ln F):")

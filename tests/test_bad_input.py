@@ -179,6 +179,23 @@ def ws(tmp_path_factory):
     for name in ("a/0.png", "b/1.png"):
         (t / "classes" / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (10, 10)).save(t / "classes" / name)
+    # snapshots (issue 20): an EDM2 pickle that would run a command, a class-conditional tiny EDM2 snapshot, a
+    # snapshot folder holding a .pkl of another name
+    import os
+    import pickle
+
+    import edm2_pickles
+    from lossfloor.models import build_uncertainty_head, build_unet, get_preset
+
+    class _System:
+        def __reduce__(self):
+            return os.system, (f"touch {t / 'pwned'}",)
+
+    (t / "evil.pkl").write_bytes(pickle.dumps({"ema": _System()}))
+    tiny = get_preset("tiny")
+    edm2_pickles.write_snapshot(t / "network-snapshot-0000001-0.100.pkl", build_unet(tiny), build_uncertainty_head(tiny))
+    (t / "foreignpkl").mkdir()
+    (t / "foreignpkl" / "model.pkl").write_bytes(pickle.dumps({"net": 1}))
     return t
 
 
@@ -509,6 +526,21 @@ CLI_ROWS += [
                                           "--out", "{out}"], ["--vae", "no weights"]),
     ("data decode: not latents", ["data", "decode", "--data", "{ws}/rgb16", "--vae", "{ws}/vae", "--out", "{out}",
                                   "--device", "cpu"], ["--data", "latent set"]),
+]
+# snapshots (issue 20): EDM2 network pickles
+CLI_ROWS += [
+    ("diagnose: an EDM2 pickle that would run a command", [*DGB, "--model", "{ws}/evil.pkl"],
+     ["evil.pkl", "refused global", "system", "nothing from this file was run"]),
+    ("diagnose: a class-conditional snapshot on unlabelled data",
+     ["diagnose", "--data", "{ws}/other.npy", "--j-star", "{ws}/other.parquet", "--sigmas", "0.05,5", "--out",
+      "{out}.parquet", "--model", "{ws}/network-snapshot-0000001-0.100.pkl"],
+     ["network-snapshot-0000001-0.100.pkl", "class-conditional (10 classes)", "no labels"]),
+]
+STUDY_ROWS += [
+    ("scaling_imagenet512", "--snapshots: no such folder", [*SCALING, "--snapshots", "{ws}/nosuch", "--out", "{out}"],
+     ["--snapshots", "nosuch", "not a folder"]),
+    ("scaling_imagenet512", "--snapshots: a .pkl of another name",
+     [*SCALING, "--snapshots", "{ws}/foreignpkl", "--out", "{out}"], ["--snapshots", "model.pkl", "EDM2 file name"]),
 ]
 
 

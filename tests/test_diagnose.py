@@ -169,6 +169,83 @@ def test_diffusers_loss_is_the_one_computed_through_the_scheduler(oracle_data, d
     assert res.totals["own"] is not None and res.totals["own"]["loss"] > 0
 
 
+# --- class-conditional models: EDM2 snapshots, diffusers with class embeddings -------------------------
+
+
+def _by_hand_edm(net, x0, labels, sigmas, seed):
+    """mean ||D - x0||^2 per sigma of D = c_skip x_hat + c_out F(c_in x_hat; ln(sigma)/4, labels), EDM with
+    sigma_data 0.5 written out, on the evaluation's noise."""
+    out = []
+    with torch.no_grad():
+        for k, s in enumerate(sigmas):
+            x_hat = x0 + s * eval_noise(seed, k, len(x0), x0.shape[1:])
+            c_skip, c_out, c_in = 0.25 / (s**2 + 0.25), s * 0.5 / np.sqrt(s**2 + 0.25), 1 / np.sqrt(s**2 + 0.25)
+            F = net(c_in * x_hat, torch.full((len(x0),), np.log(s) / 4), labels)
+            out.append((c_skip * x_hat + c_out * F - x0).double().square().flatten(1).sum(1).mean().item())
+    return out
+
+
+def test_an_edm2_snapshot_diagnoses_as_our_network_with_the_data_labels(tmp_path):
+    """A class-conditional EDM2 snapshot in the published layout (tests/edm2_pickles.py, from our tiny network):
+    `diagnose --model snapshot.pkl` passes the data's labels, with EDM2's preconditioning."""
+    import edm2_pickles
+    from lossfloor.diagnose.measure import evaluation_subset
+    from lossfloor.models import build_uncertainty_head, build_unet, get_preset
+
+    preset = get_preset("tiny")
+    net, head = build_unet(preset, seed=3), build_uncertainty_head(preset, seed=3)
+    with torch.no_grad():  # non-zero gains (0 at init): the output and the embedding (noise, label) matter
+        net.out_gain.fill_(0.8)
+        for b in [*net.enc, *net.dec]:
+            b.emb_gain.fill_(0.5)
+    path = tmp_path / "network-snapshot-0000008-0.100.pkl"
+    edm2_pickles.write_snapshot(path, net, head)
+    sigmas, n, seed = np.array([0.05, 0.5, 5.0]), 64, 3
+    res = diagnose(DiagnoseSpec(model=str(path), data="bundled:digits", sigmas=sigmas, out=str(tmp_path / "d.parquet"),
+                                j_star=None, seed=seed, n_samples=n))
+    ds = load("bundled:digits")
+    idx = torch.from_numpy(evaluation_subset(len(ds), n, seed))
+    x0, labels = torch.as_tensor(ds.samples)[idx], torch.as_tensor(ds.labels)[idx]
+    net.eval()
+    np.testing.assert_allclose(res.column("loss_x0"), _by_hand_edm(net, x0, labels, sigmas, seed), rtol=1e-5)
+    other = _by_hand_edm(net, x0, (labels + 1) % 10, sigmas, seed)  # the labels matter
+    assert not np.allclose(res.column("loss_x0"), other, rtol=1e-3)
+    assert set(res.column("prediction")) == {"edm"} and res.totals["own"] is not None
+
+
+def test_a_diffusers_model_with_class_embeddings_gets_the_data_labels(tmp_path):
+    """A UNet2DModel with num_class_embeds is class-conditional: diagnose calls it with class_labels."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from lossfloor.diagnose.measure import evaluation_subset
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=10).eval()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon")
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(tmp_path / "cond"))
+    steps = [50, 500]
+    abar = scheduler.alphas_cumprod.to(torch.float64)
+    sigmas = [float(torch.sqrt((1 - abar[t]) / abar[t])) for t in steps]
+    n, seed = 32, 1
+    res = diagnose(DiagnoseSpec(model=str(tmp_path / "cond"), data="bundled:digits", sigmas=np.array(sigmas),
+                                out=str(tmp_path / "d.parquet"), j_star=None, seed=seed, n_samples=n))
+    ds = load("bundled:digits")
+    idx = torch.from_numpy(evaluation_subset(len(ds), n, seed))
+    x0, labels = torch.as_tensor(ds.samples)[idx], torch.as_tensor(ds.labels)[idx]
+    by_hand = []
+    with torch.no_grad():
+        for k, (t, s) in enumerate(zip(steps, sigmas)):
+            noise = eval_noise(seed, k, n, x0.shape[1:])
+            tt = torch.full((n,), t)
+            pred = unet(scheduler.add_noise(x0, noise, tt), tt, class_labels=labels).sample
+            by_hand.append(s**2 * (pred - noise).double().square().flatten(1).sum(1).mean().item())
+            other = unet(scheduler.add_noise(x0, noise, tt), tt, class_labels=(labels + 1) % 10).sample
+            assert not torch.allclose(other, pred, rtol=1e-3)  # the labels matter
+    np.testing.assert_allclose(res.column("loss_x0"), by_hand, rtol=1e-4)
+
+
 # --- a lossfloor run -------------------------------------------------------------------------------
 
 

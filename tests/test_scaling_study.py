@@ -104,8 +104,12 @@ def first_run(tmp_path_factory):
 
 def test_tiny_run_in_process(first_run):
     out, uri = first_run
-    _check_store(uri)
+    (kids,) = _check_store(uri)
     summary = _check_outputs(out)
+    for run in kids["train"]:  # the last total under the learned weighting, as the train child's metric
+        stage = summary["stages"][f"train-{run.data.tags['lossfloor.model']}"]
+        last = [r for r in pq.read_table(Path(stage["dir"]) / "loss_curve.parquet").to_pylist() if r["sigma"] is None][-1]
+        assert run.data.metrics["eval/total_learned"] == pytest.approx(last["total_learned"], rel=1e-12)
     assert not any(s["skipped"] for s in summary["stages"].values())
     for name, stage in summary["stages"].items():
         if name.startswith("train-"):  # J* of the total loss = the loop's own total - total gap
@@ -113,6 +117,10 @@ def test_tiny_run_in_process(first_run):
                     if r["sigma"] is None]
             assert all(r["loss"] - r["gap"] == pytest.approx(summary["total_j_star"][0], rel=1e-9) for r in rows)
             assert len(rows) == 4 and rows[-1]["flops"] > rows[0]["flops"] > 0
+            assert all(r["total_learned"] is not None for r in rows)  # EDM2's schedule trains the head
+    learned = json.loads((Path(summary["stages"]["fit"]["dir"]) / "fits_learned.json").read_text(encoding="utf-8"))
+    assert learned["total_learned"]["raw"]["abs_rho"] is not None and learned["total_learned"]["n_models"] == 2
+    assert "total_learned" in [r["quantity"] for r in summary["rho"]]
 
 
 def test_rerun_skips_finished_stages(first_run, caplog):
@@ -218,6 +226,68 @@ def test_posthoc_ema_curves_are_fitted_in_a_new_fit_stage(first_run, tmp_path):
     assert sorted(study.curves.column("loss").to_pylist()) == sorted(r["loss"] for r in fitted)
     fit_run = client(uri).get_run(study.runs["fit"][0])
     assert fit_run.data.params["ema"] == "posthoc:0.1"
+def test_snapshots_replace_training(tmp_path):
+    """--snapshots: the loss curves from a folder of EDM2 pickles in the published layout (tests/edm2_pickles.py,
+    written from tiny class-conditional networks of two widths: raw snapshots in a folder per model, post-hoc
+    names for the other), then the fits and the dashboard as usual; nothing is trained."""
+    import numpy as np
+    import torch
+
+    import edm2_pickles
+    from lossfloor.data import load
+    from lossfloor.diffusion import get_preconditioning
+    from lossfloor.models import build_uncertainty_head, build_unet, params_of
+    from lossfloor.train import forward_flops
+    from lossfloor.train.evaluation import evaluate
+    from lossfloor.train.loop import split_indices
+    from lossfloor.train.losses import Denoiser
+
+    study = _study()
+    import _scaling
+
+    snaps, nets = tmp_path / "snaps", {}
+    for mc, model in ((4, "tiny-c4"), (8, "edm2-tiny-c8")):
+        preset = _scaling.tiny_width(mc)
+        for i, kimg in enumerate((1, 4)):
+            net, head = build_unet(preset, seed=mc + i), build_uncertainty_head(preset, seed=mc + i)
+            with torch.no_grad():
+                net.out_gain.fill_(1.0 / (1 + i))
+            path = (snaps / model / f"network-snapshot-{kimg:07d}-0.100.pkl" if mc == 4
+                    else snaps / f"{model}-{kimg:07d}-0.100.pkl")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            edm2_pickles.write_snapshot(path, net, head)
+            nets[model, kimg] = (preset, net.eval(), head.eval())
+    edm2_pickles.write_snapshot(snaps / "tiny-c4" / "network-snapshot-0000001-0.050.pkl", net, head)  # left out
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    assert study.main([*TINY, "--engine", "local", "--snapshots", str(snaps), "--out", str(out),
+                       "--tracking-uri", uri]) == 0
+    _check_store(uri)
+    summary = _check_outputs(out)
+    assert sorted(summary["stages"]) == ["estimate", "fit", "train-edm2-tiny-c8", "train-tiny-c4"]
+    ds = load("bundled:digits", max_samples=600)
+    _, idx = split_indices(len(ds), 64, False, 0)
+    x0, labels = torch.as_tensor(ds.samples[idx]), torch.as_tensor(ds.labels[idx])
+    for model in ("tiny-c4", "edm2-tiny-c8"):
+        stage = Path(summary["stages"][f"train-{model}"]["dir"])
+        assert not list(stage.glob("checkpoint-*"))
+        rows = pq.read_table(stage / "loss_curve.parquet").to_pylist()
+        totals = [r for r in rows if r["sigma"] is None]
+        preset = nets[model, 1][0]
+        assert [r["images"] for r in totals] == [1000, 4000]
+        for r in rows:
+            assert r["flops"] == pytest.approx(3 * forward_flops(preset.unet, "edm2") * r["images"], rel=1e-12)
+            assert r["params"] == params_of(preset.unet) and r["model"] == model
+        # the snapshot of 4 kimg, evaluated with our own network (not the pickle): the same per-σ loss
+        _, net, head = nets[model, 4]
+        den = Denoiser(net, get_preconditioning("edm", sigma_data=0.5), head)
+        res = evaluate(den, x0, labels, summary["eval_sigmas"], seed=0, weight=lambda s: torch.ones_like(s),
+                       reference_density=lambda s: torch.ones_like(s))
+        got = [r["loss"] for r in rows if r["images"] == 4000 and r["sigma"] is not None]
+        assert np.allclose(got, res.loss, rtol=1e-5)
+    learned = json.loads((Path(summary["stages"]["fit"]["dir"]) / "fits_learned.json").read_text(encoding="utf-8"))
+    assert learned["total_learned"]["raw"]["abs_rho"] is not None and learned["total_learned"]["n_models"] == 2
+    assert "total_learned" in [r["quantity"] for r in summary["rho"]]
 
 
 # ---- as users submit it: a local Ray head, `ray job submit`, cluster/runtime_env.yaml ----

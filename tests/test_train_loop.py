@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lossfloor.data import load
 from lossfloor.errors import InputError
 from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
-from lossfloor.models import build_unet, get_preset
+from lossfloor.models import build_uncertainty_head, build_unet, get_preset
 from lossfloor.scaling.data import as_curves
 from lossfloor.train import (
     EDM2Schedule,
@@ -218,6 +218,15 @@ def test_run_outputs_loss_curve_gap_and_flops(digits, jstar_path, tmp_path, capl
     assert [p is not None for _, p in reports] == [True, True]
     assert reports[-1][0]["eval/total"] == pytest.approx(rows[-1]["loss"])
 
+    # EDM2's learned weighting: u(sigma) of the trained head per sigma, the total under it beside the schedule's
+    head = build_uncertainty_head(MICRO)
+    head.load_state_dict(state["uncertainty"])
+    with torch.no_grad():
+        u = head(torch.log(torch.tensor(SIGMAS)) / 4).double().numpy()  # c_noise = ln(sigma) / 4
+    assert [r["log_var"] for r in per_sigma] == pytest.approx(u.tolist(), rel=1e-5, abs=1e-6)
+    assert rows[-1]["total_learned"] == pytest.approx(float(np.sum(pi * w * np.exp(-u) * ev.loss)), rel=1e-5)
+    assert reports[-1][0]["eval/total_learned"] == rows[-1]["total_learned"]
+
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(digits, jstar_path, tmp_path, caplog):
     sched = OptimalLossSchedule(n_bins=8, halflife_n_img=256, sigma_min=0.01, sigma_max=20.0)
@@ -225,6 +234,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(digits, jstar_path, tmp
                  checkpoint_every_n_img=64, snapshot_every_n_img=64, accum_rounds=2, keep_checkpoints=2,
                  log_every_n_img=64)
     full = train(cfg, digits, checkpoint_dir=tmp_path / "full")
+    assert all(r["total_learned"] is None and r["log_var"] is None for r in full.loss_curve)  # no head
     part = train(cfg, digits, checkpoint_dir=tmp_path / "cut", stop_n_img=96)
     assert part.n_img == 96 and [n for n, _ in list_checkpoints(tmp_path / "cut")] == [64, 96]
     # the newest checkpoint is torn (the machine died while it was flushed): resume from the one before

@@ -14,7 +14,12 @@ SPEC kinds:
   eps, so sigma_t = sqrt((1 - abar_t) / abar_t) and the prediction_type (epsilon | v_prediction | sample)
   is the target eps | vp-v | x0. FlowMatchEulerDiscreteScheduler: x_t = (1 - t) x0 + t eps with
   timestep = the scheduler's `timesteps` at its `sigmas` = t, target eps - x0 ("fm-velocity").
-  Between the scheduler's timesteps the (float) timestep is interpolated, linear in ln sigma.
+  Between the scheduler's timesteps the (float) timestep is interpolated, linear in ln sigma. A model
+  with class embeddings (config num_class_embeds) is class-conditional: it is given the data's labels.
+- edm2: an EDM2 network pickle (`network-snapshot-*.pkl` or a post-hoc `edm2-*.pkl`, any `.pkl`), read
+  without running code from it into our network (`lossfloor.models.edm2_pickle`): EDM preconditioning at
+  its sigma_data, c_noise = ln(sigma)/4; class-conditional snapshots are given the data's labels; its
+  weighting is EDM2's (w = 1/c_out^2, ln sigma ~ N(P_mean, P_std^2) of the stored loss).
 - TorchScript (torch.jit.save) or torch.export (.pt2) file: forward(x, t) with x = x_t and t the time of
   `process` (ve: x_hat and sigma; vp: x_hat / sqrt(1 + sigma^2) and sigma; fm: x_hat / (1 + sigma) and
   sigma / (1 + sigma)), returning `prediction` (lossfloor.diagnose.predictions).
@@ -61,7 +66,7 @@ class Model:
 
     spec: str  # what the user passed
     name: str  # a short label (run name, folder name, file name)
-    kind: str  # "lossfloor" | "diffusers" | "torchscript" | "torch.export"
+    kind: str  # "lossfloor" | "edm2" | "diffusers" | "torchscript" | "torch.export"
     prediction: str  # what the network predicts (a lossfloor.diffusion target, or "edm")
     process: str  # the coordinates the network sees: "ve", "vp" or "fm"
     denoiser: Callable
@@ -78,10 +83,12 @@ class ForeignDenoiser(torch.nn.Module):
     --model `spec`.
     """
 
-    def __init__(self, call: Callable, *, spec: str, prediction: str, process: str, precision: str = "none"):
+    def __init__(self, call: Callable, *, spec: str, prediction: str, process: str, precision: str = "none",
+                 conditional: bool = False):
         super().__init__()
         self.call, self.spec, self.prediction, self.process = call, spec, prediction, get_process(process)
         self.dtype = PRECISIONS[precision]
+        self.conditional = conditional  # call(x_t, t, labels)
 
     def forward(self, x_hat: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
         s = sigma.to(torch.float32).view(-1, *([1] * (x_hat.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
@@ -89,7 +96,7 @@ class ForeignDenoiser(torch.nn.Module):
         t = self.process.t(sigma.to(torch.float32))  # (B,)
         cast = nullcontext() if self.dtype is None else torch.autocast(x_hat.device.type, dtype=self.dtype)
         with cast:
-            F = self.call(a * x_hat, t)
+            F = self.call(a * x_hat, t, labels) if self.conditional else self.call(a * x_hat, t)
         if not isinstance(F, torch.Tensor) or F.shape != x_hat.shape:
             got = tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__
             raise InputError(f"--model {self.spec}: output of shape {got} for an input of shape "
@@ -149,6 +156,8 @@ def _load(spec: str, *, prediction: str | None, process: str | None, ema: str, d
         return _lossfloor(path, ema=ema, device=device, precision=precision)
     if kind == "diffusers":
         return _diffusers(path, device=device, precision=precision)
+    if kind == "edm2":
+        return _edm2(path, device=device, precision=precision)
     if prediction is None:
         raise InputError(f"--prediction: a {kind} model needs it: one of {', '.join(PREDICTIONS)}")
     if prediction not in PREDICTIONS:
@@ -175,6 +184,8 @@ def _kind(path: Path) -> str:
                          "scheduler_config.json)")
     if path.name == STATE_FILE:
         return "lossfloor"
+    if path.suffix == ".pkl":
+        return "edm2"
     return "torch.export" if path.suffix == ".pt2" else "torchscript"
 
 
@@ -290,6 +301,27 @@ def _ema_weights(ema: str, state: dict, ckpt: Path) -> dict | None:
     return next(w for s, w in zip(tracked, state["ema"]["states"]) if math.isclose(s, choice.sigma_rel))
 
 
+# --- EDM2 network pickles ---------------------------------------------------------------------------
+
+
+def _edm2(path: Path, *, device, precision: str) -> Model:
+    from lossfloor.diffusion import get_preconditioning
+    from lossfloor.models.edm2_pickle import load_edm2_network
+    from lossfloor.train.losses import Denoiser
+    from lossfloor.train.schedules import LogNormalSchedule
+
+    edm2 = load_edm2_network(path, device=device)
+    precond = get_preconditioning("edm", sigma_data=edm2.sigma_data)
+    weighting = None
+    if edm2.loss is not None:
+        schedule = LogNormalSchedule(*edm2.loss, precond, True)
+        weighting = Weighting(name=f"EDM2 (1/c_out^2, ln sigma ~ N({edm2.loss[0]:g}, {edm2.loss[1]:g}^2))",
+                              weight=schedule.weight, density=schedule.reference_density)
+    den = Denoiser(edm2.net, precond, edm2.head, precision)
+    return Model(spec=str(path), name=path.name, kind="edm2", prediction="edm", process="ve", denoiser=den,
+                 weighting=weighting, label_dim=edm2.config.label_dim)
+
+
 # --- diffusers ------------------------------------------------------------------------------------
 
 
@@ -342,6 +374,7 @@ def _diffusers(path: Path, *, device, precision: str) -> Model:
         raise InputError(f"--model {model_dir}: cannot load {model_cls.__name__} ({e.__class__.__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     net = net.to(device).eval()
+    label_dim = int(getattr(net.config, "num_class_embeds", None) or 0)
     if sched_cls.__name__ == "FlowMatchEulerDiscreteScheduler":
         prediction, process = "fm-velocity", "fm"
         t_table = scheduler.sigmas.to(torch.float64).numpy()  # t, descending
@@ -378,15 +411,16 @@ def _diffusers(path: Path, *, device, precision: str) -> Model:
 
         weighting = Weighting(name=f"diffusers {kind} (t uniform, MSE)", weight=weight, density=density)
 
-    def call(x_t, t):
+    def call(x_t, t, labels=None):
         ts = torch.as_tensor(timestep(t.detach().to(torch.float64).cpu().numpy()), dtype=torch.float32,
                              device=x_t.device)
-        out = net(x_t, ts)
+        out = net(x_t, ts) if labels is None else net(x_t, ts, class_labels=labels.long())
         return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) else out)
 
-    den = ForeignDenoiser(call, spec=str(path), prediction=prediction, process=process, precision=precision)
+    den = ForeignDenoiser(call, spec=str(path), prediction=prediction, process=process, precision=precision,
+                          conditional=label_dim > 0)
     return Model(spec=str(path), name=path.name, kind="diffusers", prediction=prediction, process=process,
-                 denoiser=den, weighting=weighting, sigma_range=sigma_range)
+                 denoiser=den, weighting=weighting, sigma_range=sigma_range, label_dim=label_dim)
 
 
 __all__ = ["DIFFUSERS_PREDICTIONS", "DIFFUSERS_SCHEDULERS", "ForeignDenoiser", "Model", "Weighting", "load_model"]

@@ -106,6 +106,10 @@ def probe(model, samples, labels, sigmas, *, device) -> None:
         if labels is None:
             raise InputError(f"--model {model.spec}: class-conditional ({model.label_dim} classes) but --data "
                              "has no labels")
+        top = int(np.max(labels))
+        if top >= model.label_dim:
+            raise InputError(f"--model {model.spec}: class-conditional with {model.label_dim} classes, but --data has "
+                             f"label {top}")
         lab = torch.as_tensor(np.asarray(labels[:3])).to(device)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
     for sigma in np.asarray(sigmas, dtype=np.float64):
@@ -181,6 +185,9 @@ def diagnose(spec: DiagnoseSpec):
                        device=spec.device, precision=spec.precision)
     check_sigmas(spec.sigmas, None, model, flag=spec.sigma_flag)
     probe(model, data.samples, data.labels, spec.sigmas, device=spec.device)
+    if model.label_dim and holdout is not None and holdout.labels is None:
+        raise InputError(f"--holdout {spec.holdout}: --model {model.spec} is class-conditional ({model.label_dim} "
+                         "classes) but the held-out data have no labels")
 
     t0 = time.monotonic()
     if jstar is None:

@@ -53,6 +53,19 @@ def record_training(out_dir, *, samples: int | str | None = "auto", device: str 
         return log_training(out_dir, info=info, figure_html=page, samples_png=png, **run)
 
 
+def record_curves(curve_path, *, params: Mapping[str, object], metrics: Mapping[str, float], **run) -> str:
+    """A model's loss curves measured without training (a scaling study on EDM2 snapshots) as its own run:
+    params, metrics and the artifact loss_curve.parquet (`lossfloor.train.curves` schema, the contract
+    `lossfloor.tracking.artifacts` reads); `run`: start_run's arguments."""
+    from lossfloor.tracking import start_run
+
+    with start_run(**run) as tracked:
+        tracked.log_params(params)
+        tracked.log_metrics(metrics)
+        tracked.log_artifact(curve_path)
+    return tracked.run_id
+
+
 def record_fits(fits: Mapping[str, dict], *, params: Mapping[str, object], metrics: Mapping[str, float],
                 curves: str | os.PathLike | None = None, **run) -> str:
     """A scaling study's fit as its own run: params, metrics, and fits.json (`lossfloor.tracking.artifacts.

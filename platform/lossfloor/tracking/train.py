@@ -12,7 +12,8 @@ What a run holds (names are stable: dashboards and comparisons read them):
   metrics   per train-log row, step = optimizer step:
               train/loss, train/loss_x0, train/gap (with a J* table), train/lr, images, flops
             per evaluation, step = optimizer step (the loop's own report names):
-              eval/total, eval/total_gap, eval/loss/sigma_<σ:.4g>, eval/gap/sigma_<σ:.4g>
+              eval/total, eval/total_gap, eval/total_learned (with EDM2's uncertainty head),
+              eval/loss/sigma_<σ:.4g>, eval/gap/sigma_<σ:.4g>
             the last evaluation as curves over σ, step = σ index (ascending σ):
               final/sigma, final/loss, final/gap, final/j_star
             scalars: n_img, steps, training_flops (3 x forward FLOPs x images), forward_flops, n_params
@@ -112,6 +113,8 @@ def log_train_run(run: TrackedRun, out_dir, *, params: Mapping[str, object] | No
             m["eval/total"] = r["loss"]
             if r["gap"] is not None:
                 m["eval/total_gap"] = r["gap"]
+            if r.get("total_learned") is not None:
+                m["eval/total_learned"] = r["total_learned"]
         else:
             m[f"eval/loss/sigma_{sigma_name(r['sigma'])}"] = r["loss"]
             if r["gap"] is not None:

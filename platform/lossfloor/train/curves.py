@@ -6,7 +6,9 @@ loss_curve.parquet, one row per (evaluation, sigma) plus one row with sigma null
     sigma float64 (null = the schedule-weighted total), loss float64 (x0 units per sigma; weighted
     total for the null row), gap float64 (J - J*, null without a J* table), j_star, j_star_ci_low,
     j_star_ci_high float64 (J* and its 95 % interval, x0 units; for the null row the same weighted total;
-    null without a table)
+    null without a table), log_var float64 (u(sigma) of the uncertainty head per sigma row; null on the
+    total row and without a head), total_learned float64 (total row: sum_k pi_k w_k e^{-u_k} J_k, the total
+    under EDM2's learned weighting; null elsewhere and without a head)
   `lossfloor.scaling` reads it directly (model, flops, loss, params, sigma; extra columns ignored).
 train_log.parquet, one row per logged step (sigma always null):
     run, model, params, step, images, flops, sigma, loss (the training objective per image, averaged
@@ -28,7 +30,7 @@ CURVE_SCHEMA = pa.schema([
     ("run", pa.string()), ("model", pa.string()), ("params", pa.int64()), ("step", pa.int64()),
     ("images", pa.int64()), ("flops", pa.float64()), ("sigma", pa.float64()), ("loss", pa.float64()),
     ("gap", pa.float64()), ("j_star", pa.float64()), ("j_star_ci_low", pa.float64()),
-    ("j_star_ci_high", pa.float64()),
+    ("j_star_ci_high", pa.float64()), ("log_var", pa.float64()), ("total_learned", pa.float64()),
 ])
 TRAIN_LOG_SCHEMA = pa.schema([
     ("run", pa.string()), ("model", pa.string()), ("params", pa.int64()), ("step", pa.int64()),

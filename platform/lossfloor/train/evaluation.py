@@ -10,7 +10,9 @@ Reported per sigma_k: J_k = mean over the subset of ||D - x0||^2 (x0 units), J*_
 pi_k ∝ rho(sigma_k) dlnsigma_k, rho the schedule's reference density of ln sigma (EDM2/FM: the log-normal
 it samples from; optimal-loss: uniform over its range) and dlnsigma_k the trapezoid widths of the grid in
 ln sigma; the same sum of w J*_k (and of the interval's ends) as the total's J*, and of w (J_k - J*_k) as
-the total gap.
+the total gap. With EDM2's learned log-variance u(sigma) (the uncertainty head), also the total under the
+learned weighting, sum_k pi_k w(sigma_k) e^{-u(sigma_k)} J_k (`total_learned`: the weighting EDM2's loss
+applies to the x0 loss), beside the schedule's; J_k itself is always the plain x0 loss, the quantity J* bounds.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lossfloor.train.losses import x0_loss
+from lossfloor.train.losses import learned_weight, x0_loss
 
 EVAL_STREAM = 3  # seed stream of the evaluation noise
 
@@ -41,22 +43,38 @@ class EvalResult:
     total: float  # sum_k pi_k w_k J_k
     total_gap: float | None  # sum_k pi_k w_k (J_k - J*_k)
     stderr: np.ndarray | None = None  # standard error of J_sigma over the subset's samples, x0 units
+    log_var: np.ndarray | None = None  # u(sigma_k) of the model's uncertainty head, None without one
 
     @property
     def coefficients(self) -> np.ndarray:
         """c_k = pi_k w_k: the total of any per-sigma quantity q is sum_k c_k q_k."""
         return self.quadrature * self.weight
 
+    @property
+    def learned_coefficients(self) -> np.ndarray | None:
+        """pi_k w_k e^{-u_k}: the coefficients of the total under EDM2's learned weighting (None without u)."""
+        if self.log_var is None:
+            return None
+        return self.quadrature * learned_weight(torch.as_tensor(self.weight), torch.as_tensor(self.log_var)).numpy()
+
+    @property
+    def total_learned(self) -> float | None:
+        """sum_k pi_k w_k e^{-u_k} J_k, the total under the learned weighting (None without u)."""
+        c = self.learned_coefficients
+        return None if c is None else float(np.sum(c * self.loss))
+
     def rows(self) -> list[dict]:
         """One dict per sigma plus one with sigma None for the totals: sigma, loss, gap, j_star and its
-        interval (j_star_ci_low, j_star_ci_high), the total row's the weighted sums."""
+        interval (j_star_ci_low, j_star_ci_high), the total row's the weighted sums; log_var (u(sigma) per
+        sigma) and total_learned (the total row's) where the model has an uncertainty head, else None."""
         def at(values, k):
             return None if values is None else float(values[k])
 
         lo, hi = self.j_star_ci if self.j_star_ci is not None else (None, None)
         out = [
             {"sigma": float(s), "loss": float(self.loss[k]), "gap": at(self.gap, k), "j_star": at(self.j_star, k),
-             "j_star_ci_low": at(lo, k), "j_star_ci_high": at(hi, k)}
+             "j_star_ci_low": at(lo, k), "j_star_ci_high": at(hi, k), "log_var": at(self.log_var, k),
+             "total_learned": None}
             for k, s in enumerate(self.sigma)
         ]
         c = self.coefficients
@@ -65,7 +83,8 @@ class EvalResult:
             return None if values is None else float(np.sum(c * values))
 
         out.append({"sigma": None, "loss": self.total, "gap": self.total_gap, "j_star": total(self.j_star),
-                    "j_star_ci_low": total(lo), "j_star_ci_high": total(hi)})
+                    "j_star_ci_low": total(lo), "j_star_ci_high": total(hi), "log_var": None,
+                    "total_learned": self.total_learned})
         return out
 
 
@@ -120,7 +139,8 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
              reference_density: Callable[[torch.Tensor], torch.Tensor],
              j_star=None, batch: int = 256,
              rank: int = 0, world_size: int = 1, device="cpu",
-             progress: Callable[[int], None] | None = None, grid_index=None) -> EvalResult:
+             progress: Callable[[int], None] | None = None, grid_index=None,
+             log_var: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
     """Evaluate denoiser(x_hat, sigma, labels) on the fixed subset x0 (N, C, H, W) at each sigma.
 
     j_star: a J* table in x0 units (`lossfloor.floor.table.JStarX0`), read at the sigmas with its interval
@@ -131,6 +151,8 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
     progress: called with k after grid point k is done.
     grid_index: the noise of sigmas[k] is that of grid point grid_index[k] (default k): a part of a grid
     evaluated on its own draws the noise the whole grid would.
+    log_var: sigma (K,) -> u(sigma) (K,), the model's uncertainty head (`Denoiser.log_var`); with it the
+    result also holds u and the total under the learned weighting.
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     n = x0.shape[0]
@@ -155,8 +177,11 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
         js, lo, hi = j_star.at(sigmas, outside="error")  # (K,) float64 each
         ci = (lo, hi)
     gap = None if js is None else loss - js
+    u = None
+    if log_var is not None:
+        u = log_var(torch.as_tensor(sigmas, dtype=torch.float32, device=device)).to("cpu", torch.float64).numpy()
     return EvalResult(
         sigma=sigmas, loss=loss, j_star=js, j_star_ci=ci, gap=gap, weight=w, quadrature=pi,
         total=float(np.sum(pi * w * loss)), total_gap=None if gap is None else float(np.sum(pi * w * gap)),
-        stderr=stderr,
+        stderr=stderr, log_var=u,
     )

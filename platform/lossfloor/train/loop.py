@@ -215,7 +215,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     train_idx, eval_x0, eval_labels = eval_subset(cfg, samples, labels)
     sampler = EpochSampler(train_idx, cfg.seed)
     fwd_flops = forward_flops(unet_cfg, cfg.flop_convention)
-    n_params = params_of(unet_cfg)
+    n_params = params_of(unet_cfg, uncertainty_head=head is not None)  # F, and u(sigma) when trained
     base_row = {"run": R.run, "model": R.preset.name, "params": n_params}
 
     # --- State, possibly from a checkpoint ----------------------------------------------------------
@@ -274,7 +274,8 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
             return evaluate(eval_den, eval_x0, eval_labels, R.eval_sigmas, seed=cfg.seed, weight=schedule.weight,
                             reference_density=schedule.reference_density,
                             j_star=None if curve is None else curve.table, batch=cfg.eval_batch,
-                            rank=rank, world_size=world_size, device=device)
+                            rank=rank, world_size=world_size, device=device,
+                            log_var=None if head is None else denoiser.log_var)  # u: the raw head (EMA: F only)
         finally:
             denoiser.train()
 
@@ -420,6 +421,8 @@ def _eval_metrics(result: EvalResult) -> dict:
     m = {"eval/total": result.total}
     if result.total_gap is not None:
         m["eval/total_gap"] = result.total_gap
+    if result.total_learned is not None:
+        m["eval/total_learned"] = result.total_learned
     for k, s in enumerate(result.sigma):
         m[f"eval/loss/sigma_{s:.4g}"] = float(result.loss[k])
         if result.gap is not None:

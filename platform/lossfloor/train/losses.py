@@ -59,6 +59,13 @@ def x0_loss(D: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return (D - x0).square().flatten(1).sum(1)
 
 
+def learned_weight(weight: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """w(sigma) / e^{u(sigma)}: the weight EDM2's loss puts on the x0 loss under the learned log-variance u
+    (edm2.md §4). For a fixed per-sample x0 loss l with mean J over d elements, w e^{-u} J + d u is smallest
+    at u = ln(w J / d), where the learned weight is d / J: every sigma then contributes equally."""
+    return weight * torch.exp(-log_var)
+
+
 def training_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
                   labels: torch.Tensor | None, weight: torch.Tensor, *, uncertainty: bool):
     """Per-sample training objective and x0 loss.
@@ -76,4 +83,4 @@ def training_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noi
         return weight * lx0, lx0, None
     u = denoiser.log_var(sigma)
     d = x0[0].numel()
-    return weight / torch.exp(u) * lx0 + d * u, lx0, u
+    return learned_weight(weight, u) * lx0 + d * u, lx0, u
