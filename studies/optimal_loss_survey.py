@@ -1,7 +1,8 @@
 """The optimal-loss survey (the paper's Fig. 1): J*(σ) of several data sets in four prediction targets.
 
 For the bundled data set and every `--data SRC`: one estimate of J*(σ) in the x0 target, converted to
-the eps, VP v-prediction and flow-matching-velocity targets (`build_table(est, target=...)`), and σ*.
+the eps, VP v-prediction and flow-matching-velocity targets (`build_table(est, target=...)`), and σ*;
+with --conditional the class-conditional floor Σ_c π_c J*_c of every (labelled) data set instead.
 Each data set is a stage (`lossfloor.jobs.study`) in its own folder, keyed by the data, the σ grid and the
 estimator: a rerun skips the finished ones. MLflow: one parent run `optimal-loss-survey` with one child run
 per data set (`record_estimate`); the comparison figure (offline HTML) on the parent and in --out.
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queries-per-sample", type=int, default=None, metavar="K",
                    help=f"noisy queries per sample, M = K N (default 3; {SMOKE['queries_per_sample']} with --smoke)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--conditional", action="store_true",
+                   help="the class-conditional floor sum_c pi_c J*_c of every data set (all must be labelled)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (local engine; the ray engine uses --gpus-per-worker)")
     add_engine_args(p, ray="the batches on a Ray Data actor pool", workers_help="actors in the pool",
                     worker="actor", gpus_help="> 0 runs the kernel on CUDA", address_env="RAY_ADDRESS")
@@ -149,7 +152,9 @@ def describe_plan(args: argparse.Namespace, plan: list[DataPlan], sigmas, uri: s
         f"queries per sample: {args.queries_per_sample}; seed {args.seed}; engine {args.engine.kind}"
         + (f" ({args.engine.workers} worker(s), {args.engine.gpus_per_worker:g} GPU each)"
            if args.engine.kind == "ray" else f" (device {args.device})"),
-        f"targets: x0 (estimated), {', '.join(TARGETS[1:])} (converted); sigma* per data set",
+        f"targets: x0 (estimated), {', '.join(TARGETS[1:])} (converted); sigma* per data set"
+        + ("; the class-conditional floor, each class's J*_c over its own samples (estimator resolved per class)"
+           if args.conditional else ""),
         f"outputs: {args.out}/LABEL/jstar_TARGET.parquet, {args.out}/{STUDY}.html, {args.out}/summary.json, "
         f"{args.out}/work/",
         f"MLflow: {uri}, experiment {args.experiment!r}: parent run 'optimal-loss-survey', "
@@ -177,10 +182,14 @@ def check_flags(args: argparse.Namespace) -> None:
 def estimate_step(args: argparse.Namespace, d: DataPlan, ds, sigmas, study: Study) -> Step:
     """A data set's stage in OUT/LABEL/, keyed by the data, the σ grid and the estimator; later stages get
     its J* tables by target."""
+    from lossfloor.data import labels_fingerprint
     from lossfloor.jobs.estimate import stage_key
 
     key = {"data_fingerprint": ds.fingerprint, "n_samples": len(ds), "sigmas": [float(s) for s in sigmas],
-           "estimator": stage_key(estimator_config(args, d.estimator)), "targets": list(TARGETS)}
+           "estimator": stage_key(estimator_config(args, d.estimator), conditional=args.conditional),
+           "targets": list(TARGETS)}
+    if args.conditional:
+        key["labels_fingerprint"] = labels_fingerprint(ds.labels)
     return Step(name=f"estimate-{d.label}", folder=d.label, key=key,
                 doing=f"{d.estimator} estimator on {args.engine.kind} engine",
                 work=functools.partial(estimate_into, args, d, ds, sigmas), read=read_tables,
@@ -194,7 +203,8 @@ def estimate_into(args: argparse.Namespace, d: DataPlan, ds, sigmas, folder: Pat
     from lossfloor.jobs import estimate
 
     est = estimate.estimate(ds.samples, sigmas, estimator_config(args, d.estimator), engine=args.engine,
-                            fingerprint=ds.fingerprint, work_parent=args.out / "work")
+                            labels=ds.labels if args.conditional else None, fingerprint=ds.fingerprint,
+                            work_parent=args.out / "work")
     for t in TARGETS:
         write_table(build_table(est, target=t, fingerprint=ds.fingerprint), folder / f"jstar_{t}.parquet")
     return {"tables": {t: f"jstar_{t}.parquet" for t in TARGETS}, "total_variance": est.total_variance}
@@ -232,20 +242,27 @@ def run(args: argparse.Namespace) -> int:
         return 0
     uri = check_outputs(args.out, args.tracking_uri)  # before the first stage: --out writable, the store opens
 
-    from lossfloor.data import load_for
+    from lossfloor.data import load, load_for
     from lossfloor.jobs.record import jstar_page
     from lossfloor.jobs.study import open_study
     from lossfloor.jobs.tracking import ui_hint
 
     # every data set read and checked (shape, finite values) before the first stage; Ray: shard folders stay put
-    datasets = [load_for(d.source, args.engine.kind, max_samples=args.max_samples) for d in plan]
+    if args.conditional:  # the classes are read on this process
+        datasets = [load(d.source, max_samples=args.max_samples) for d in plan]
+        for d, ds in zip(plan, datasets):
+            if ds.labels is None:
+                raise InputError(f"--conditional: --data {d.source} has no class labels (the class-conditional floor "
+                                 "needs labelled data)")
+    else:
+        datasets = [load_for(d.source, args.engine.kind, max_samples=args.max_samples) for d in plan]
     args.out.mkdir(parents=True, exist_ok=True)
     tables, summary = {}, []
     study_tags = {"lossfloor.kind": "study", "lossfloor.study": STUDY}
     params = {
         "data": [d.source for d in plan], "estimator": args.estimator, "sigma_grid": args.sigma_grid,
         "queries_per_sample": args.queries_per_sample, "seed": args.seed, "engine": args.engine.kind,
-        "targets": list(TARGETS), "smoke": args.smoke, "out": str(args.out),
+        "targets": list(TARGETS), "smoke": args.smoke, "out": str(args.out), "conditional": args.conditional,
     }
     with open_study(name=STUDY, out=args.out, log=log, experiment=args.experiment, run_name="optimal-loss-survey",
                     tags=study_tags, params=params, tracking_uri=uri) as study:

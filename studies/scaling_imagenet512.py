@@ -5,9 +5,12 @@ Stages, each an MLflow child run of one parent run (tag `lossfloor.stage`, the c
 
   1. data      --data SRC (EDM2 latents, image folder, ...; default bundled:digits with --preset smoke)
   2. estimate  J*(σ) in x0 units, on Ray Data (--engine ray) or in this process   -> jstar.parquet
+               (on labelled data the class-conditional floor Σ_c π_c J*_c, `lossfloor.floor.conditional`)
   3. train     the model ladder, one child per model (EDM2's schedule by default, --schedule optimal for
                the paper's), per-σ loss and gap on a fixed evaluation set with fixed noise at several
                checkpoints, FLOPs = 3 x forward FLOPs x images                   -> loss_curve.parquet
+               (on labelled data class-conditional models, as EDM2's; --unconditional: unconditional
+               models with the unconditional floor; unlabelled data: unconditional)
   4. fit       per σ (σ* and above, up to a high σ) and for the total loss: raw, gap-corrected and
                free-offset power laws on the envelope, bootstrap over models, hold-out of the largest;
                the curves are those of the weights --ema picks (raw: the loop's own; a tracked or
@@ -104,9 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=SCHEDULES, default="edm2",
                    help="training schedule: edm2 (EDM2's own, what the paper's scaling study uses; default) or "
                    "optimal (the paper's optimal-loss schedule, §4); evaluation is the same for both")
-    p.add_argument("--conditional", action="store_true",
-                   help="train class-conditional models (default unconditional: J* here is the unconditional "
-                   "floor, below which a conditional model can go at large sigma)")
+    p.add_argument("--unconditional", action="store_true",
+                   help="train unconditional models, measured against the unconditional floor J* (default on "
+                   "labelled data: class-conditional models, as EDM2 trains them, against the class-conditional "
+                   "floor sum_c pi_c J*_c; unlabelled data: always unconditional)")
     p.add_argument("--ema", default=None, metavar="PROFILE",
                    help="the weights whose loss curves are fitted: raw, a tracked EMA width (0.05 or 0.1) or "
                    "posthoc:SIGMA_REL (EDM2's post-hoc EMA, reconstructed at every evaluation point from the EMA "
@@ -150,6 +154,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.data = "bundled:digits"
     args.out = args.out or default_out(STUDY)
     return args
+
+
+def is_conditional(args: argparse.Namespace) -> bool:
+    """Class-conditional models and floor: labelled data without --unconditional (no --data: the dry-run
+    plan for labelled ImageNet latents)."""
+    if args.unconditional:
+        return False
+    if args.data is None:
+        return True
+    from lossfloor.data import open_source
+
+    return open_source(args.data).info().has_labels
 
 
 # --- The plan -------------------------------------------------------------------------------------------
@@ -284,7 +300,7 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
         f"1 data: {args.data or '(none: --data is required to run)'}"
         + (f"  N={n}  shape={tuple(shape)}" if n is not None else f"  expected shape {LATENT_SHAPE}"),
         (f"2 estimate: none, the given J* table {args.j_star}" if args.j_star is not None else
-         f"2 estimate: {_estimator_plan(args, b, n, shape)}"
+         f"2 estimate: {'the class-conditional floor, ' if args.conditional else ''}{_estimator_plan(args, b, n, shape)}"
          + f", {b.queries_per_sample} queries per sample, sigma grid {b.sigma_grid} ({len(sig)} sigmas), x0 target"),
         f"3 train: {len(rows)} models, schedule {args.schedule}, "
         f"{'class-conditional' if args.conditional else 'unconditional'}, batch {b.batch_n_img}, "
@@ -323,6 +339,9 @@ def _estimator_plan(args: argparse.Namespace, b: Budget, n: int | None, shape) -
     """The estimator the estimate stage will use, resolved (as the stage will) when N is known."""
     from lossfloor.floor.config import DEFAULT_KNN_SUBSET_SIZE, EXACT_MAX_N
 
+    if args.conditional:
+        return (f"{b.estimator} estimator resolved for each class's own samples (auto: exact for a class of up to "
+                f"{EXACT_MAX_N['cpu']} samples on a CPU, {EXACT_MAX_N['cuda']} on CUDA, else knn)")
     if b.estimator == "auto" and n is None:
         return (f"auto estimator (exact up to {EXACT_MAX_N['cpu']} samples on a CPU, {EXACT_MAX_N['cuda']} on "
                 f"CUDA, above knn with L={b.subset_size or DEFAULT_KNN_SUBSET_SIZE}: 1.28M ImageNet latents -> knn)")
@@ -357,8 +376,16 @@ def _check_fit_sigmas(fit_sigmas, grid) -> None:
                          f"[{min(grid):.4g}, {max(grid):.4g}] (J* is known only there)")
 
 
-def given_table(path: Path, ds):
-    """The J* table of --j-star, checked against the data: same fingerprint, x0 units available."""
+def labels_key(args, ds) -> str | None:
+    """The fingerprint of the labels of a class-conditional study (its floor's classes), else None."""
+    from lossfloor.data import labels_fingerprint
+
+    return labels_fingerprint(ds.labels) if args.conditional else None
+
+
+def given_table(path: Path, ds, args):
+    """The J* table of --j-star, checked against the data: same fingerprint (and labels), the floor of the
+    models' kind (class-conditional or not), x0 units available."""
     from lossfloor.floor import read_table
 
     if not path.is_file():
@@ -368,7 +395,8 @@ def given_table(path: Path, ds):
         x0 = table.x0()  # x0 units and an interval, converted from the table's target if needed
     except InputError as e:
         raise InputError(f"--j-star: {e}") from None
-    x0.check_data(ds.fingerprint, table=f"--j-star {path}", data="--data (with --max-samples)")
+    x0.check_data(ds.fingerprint, conditional=args.conditional, labels=labels_key(args, ds), table=f"--j-star {path}",
+                  data="--data (with --max-samples)")
     if "total_variance" not in table.table.column_names:
         raise InputError(f"--j-star {path}: expected column total_variance (write it with `lossfloor estimate`)")
     return table
@@ -385,8 +413,12 @@ def estimate_step(args, b: Budget, ds, given, study: Study) -> Step:
         work, doing = functools.partial(use_given_table, args.j_star, given), f"the given J* table {args.j_star}"
     else:
         key = {"data_fingerprint": ds.fingerprint, "n_samples": len(ds), "sigma_grid": b.sigma_grid,
-               "estimator": stage_key(estimator_config(args, b))}
-        work, doing = functools.partial(run_estimate, args, b, ds), f"{b.estimator} estimator on {args.engine.kind} engine"
+               "estimator": stage_key(estimator_config(args, b), conditional=args.conditional)}
+        if args.conditional:
+            key["labels_fingerprint"] = labels_key(args, ds)
+        kind = "class-conditional floor, " if args.conditional else ""
+        work = functools.partial(run_estimate, args, b, ds)
+        doing = f"{kind}{b.estimator} estimator on {args.engine.kind} engine"
     return Step(name="estimate", key=key, work=work, doing=doing,
                 read=lambda stage: read_table(stage.dir / "jstar.parquet"),
                 log=functools.partial(log_estimate_child, args, ds, study))
@@ -407,8 +439,8 @@ def run_estimate(args, b: Budget, ds, folder: Path) -> dict:
     sigmas = parse_sigma_grid(b.sigma_grid)
     cfg = estimator_config(args, b)
     t0 = time.monotonic()
-    est = estimate.estimate(ds.samples, sigmas, cfg, engine=args.engine, fingerprint=ds.fingerprint,
-                            work_dir=folder / "work")
+    est = estimate.estimate(ds.samples, sigmas, cfg, engine=args.engine, labels=ds.labels if args.conditional else None,
+                            fingerprint=ds.fingerprint, work_dir=folder / "work")
     table = build_table(est, target="x0", fingerprint=ds.fingerprint)
     write_table(table, folder / "jstar.parquet")
     return {"jstar": "jstar.parquet", "sigma_star": table.sigma_star, "total_variance": est.total_variance,
@@ -687,6 +719,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise InputError(f"--seed: expected an integer >= 0, got {args.seed}")
     ema_flag(args)  # before anything is read or written
+    args.conditional = is_conditional(args)
     if args.dry_run:
         count, shape = describe(args.data) if args.data else (None, None)
         print(describe_plan(args, make_budget(args, shape), count, shape, tracking_uri(args.tracking_uri)))
@@ -704,10 +737,15 @@ def run(args: argparse.Namespace) -> int:
     args.n_source = count
     b = make_budget(args, shape)
     choices = ema_choices(args, b)
-    ds = load_for(args.data, args.engine.kind, max_samples=b.max_samples)  # Ray: a shard folder is not loaded here
-    log.info("data %s: %d samples of shape %s, fingerprint %s", args.data, len(ds), ds.sample_shape,
-             ds.fingerprint[:12])
-    given = given_table(args.j_star, ds) if args.j_star is not None else None  # checked before anything is written
+    if args.conditional:  # the classes of the conditional floor are read on this process
+        from lossfloor.data import load
+
+        ds = load(args.data, max_samples=b.max_samples)
+    else:
+        ds = load_for(args.data, args.engine.kind, max_samples=b.max_samples)  # Ray: a shard folder is not loaded here
+    log.info("data %s: %d samples of shape %s, fingerprint %s; %s", args.data, len(ds), ds.sample_shape,
+             ds.fingerprint[:12], "class-conditional models and floor" if args.conditional else "unconditional")
+    given = given_table(args.j_star, ds, args) if args.j_star is not None else None  # checked before anything is written
     if fit_sigmas is not None:  # on the J* grid, known before the estimate: refused now, not after the ladder
         _check_fit_sigmas(fit_sigmas, given.x0().sigma if given is not None else parse_sigma_grid(b.sigma_grid))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,11 @@ class _NaNAbove1(torch.nn.Module):  # NaN where t > 1 only
         return torch.where(t.view(-1, 1, 1, 1) > 1.0, torch.full_like(x, float("nan")), x)
 
 
+class _Same(torch.nn.Module):  # x0 = the noisy input: a valid (poor) unconditional model
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class _RaisesAbove1(torch.nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if bool((t > 1.0).any()):
@@ -196,6 +201,13 @@ def ws(tmp_path_factory):
     edm2_pickles.write_snapshot(t / "network-snapshot-0000001-0.100.pkl", build_unet(tiny), build_uncertainty_head(tiny))
     (t / "foreignpkl").mkdir()
     (t / "foreignpkl" / "model.pkl").write_bytes(pickle.dumps({"net": 1}))
+    # condfloor (issue 20): the class-conditional J* of the digits, a valid unconditional TorchScript model
+    from lossfloor.floor import estimate_conditional
+
+    est = estimate_conditional(digits.samples, digits.labels, sigmas,
+                               EstimatorConfig(estimator="exact", queries_per_sample=1), progress=False)
+    write_table(build_table(est, target="x0", fingerprint=digits.fingerprint), t / "cond.parquet")
+    torch.jit.save(torch.jit.script(_Same()), str(t / "same.pt"))
     return t
 
 
@@ -541,6 +553,44 @@ STUDY_ROWS += [
      ["--snapshots", "nosuch", "not a folder"]),
     ("scaling_imagenet512", "--snapshots: a .pkl of another name",
      [*SCALING, "--snapshots", "{ws}/foreignpkl", "--out", "{out}"], ["--snapshots", "model.pkl", "EDM2 file name"]),
+]
+
+# condfloor (issue 20): the class-conditional floor needs labels, and every model is measured against the floor
+# of its kind: a class-conditional model against the class-conditional floor, an unconditional one against the
+# unconditional floor
+CLI_ROWS += [
+    ("estimate: --conditional on unlabelled data", ["estimate", "--data", "{ws}/other.npy", "--sigmas", "1",
+                                                    "--conditional", "--out", "{out}.parquet"],
+     ["--conditional", "other.npy", "has no class labels"]),
+    ("estimate: --conditional with --rel-error", [*E, "--out", "{out}.parquet", "--conditional", "--rel-error", "0.1"],
+     ["--rel-error", "not supported for the class-conditional floor"]),
+    ("train: a conditional model against the unconditional floor", [*TR, "--out", "{out}", "--conditional",
+                                                                    "--j-star", "{ws}/digits.parquet"],
+     ["--j-star", "the unconditional floor, but the model is class-conditional", "--conditional"]),
+    ("train: an unconditional model against the class-conditional floor", [*TR, "--out", "{out}", "--unconditional",
+                                                                           "--j-star", "{ws}/cond.parquet"],
+     ["--j-star", "a class-conditional floor", "has no class labels"]),
+    ("diagnose: a conditional run against the unconditional floor", [*DGB, "--model", "{ws}/run"],
+     ["--j-star", "digits.parquet", "the unconditional floor, but the model is class-conditional"]),
+    ("diagnose: an unconditional model against the class-conditional floor",
+     [*DGB[:3], "--j-star", "{ws}/cond.parquet", *DGB[5:], "--model", "{ws}/same.pt", "--prediction", "x0"],
+     ["--j-star", "cond.parquet", "a class-conditional floor", "has no class labels"]),
+    ("fit: conditional models against the unconditional floor", ["fit", "--curves", "{ws}/run/loss_curve.parquet",
+                                                                 "--j-star", "{ws}/digits.parquet", "--sigma", "0.5",
+                                                                 "--out", "{out}.json"],
+     ["--j-star", "the unconditional floor, but the model is class-conditional"]),
+    ("sweep: --conditional against the unconditional floor", [*SW, "--out", "{out}", "--conditional", "--j-star",
+                                                              "{ws}/digits.parquet"],
+     ["--j-star", "the unconditional floor, but the model is class-conditional"]),
+]
+WHOLE = ["--tracking-uri", "sqlite:///{ws}/ok.db"]  # the normal smoke budget: all the digits, as the tables
+STUDY_ROWS += [
+    ("scaling_imagenet512", "conditional models against the unconditional floor",
+     [*WHOLE, "--j-star", "{ws}/digits.parquet", "--out", "{out}"],
+     ["--j-star", "the unconditional floor, but the model is class-conditional"]),
+    ("scaling_imagenet512", "--unconditional with the class-conditional floor",
+     [*WHOLE, "--unconditional", "--j-star", "{ws}/cond.parquet", "--out", "{out}"],
+     ["--j-star", "a class-conditional floor", "has no class labels"]),
 ]
 
 

@@ -266,11 +266,11 @@ def test_a_lossfloor_run_diagnoses_as_its_own_last_evaluation(tmp_path, capsys):
     totals = json.loads(table.schema.metadata[b"totals"])
     assert totals["own"]["loss"] == pytest.approx(last.total, rel=1e-6)
     assert not (tmp_path / "d.html").exists()
-    from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
+    from lossfloor.floor import EstimatorConfig, build_table, estimate_conditional, write_table
 
-    digits = load("bundled:digits")
-    est = estimate(digits.samples, np.array([0.5]), EstimatorConfig(estimator="exact", queries_per_sample=1),
-                   progress=False)
+    digits = load("bundled:digits")  # the run is class-conditional: its floor is the class-conditional one
+    est = estimate_conditional(digits.samples, digits.labels, np.array([0.5]),
+                               EstimatorConfig(estimator="exact", queries_per_sample=1), progress=False)
     write_table(build_table(est, fingerprint=digits.fingerprint), tmp_path / "jstar.parquet")
     losses = {}
     for ema in ("raw", "0.1", "posthoc:0.07", "posthoc:0.1"):  # the weights a run keeps, each selectable

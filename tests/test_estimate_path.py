@@ -82,3 +82,15 @@ def test_the_walk_from_jobs_estimate_enters_each_module_once(cfg, tmp_path):
     walked = {m for s in stacks for m in s}
     assert {"lossfloor.floor.estimate", "lossfloor.floor.config", "lossfloor.floor.resume", "lossfloor.floor.batch",
             "lossfloor.floor.knn" if cfg.estimator == "knn" else "lossfloor.floor.kernel"} <= walked
+
+
+def test_the_class_conditional_walk_enters_each_module_once(tmp_path):
+    # jobs.estimate → floor.conditional → floor.estimate.run_pass → floor.classes (the class's batches) → floor.batch
+    x = np.random.default_rng(1).normal(size=(80, 4)).astype(np.float32)
+    cfg = EstimatorConfig(estimator="knn", subset_size=8, rows_per_batch=4)
+    stacks = module_stacks(lambda: estimate(x, [0.05, 0.5, 5.0], cfg, labels=np.arange(80) % 2,
+                                            work_dir=tmp_path / "w", progress=False))
+    bounced = sorted(s for s in stacks if len(set(s)) < len(s))
+    assert not bounced, "a module called back up into one that called it:\n" + "\n".join(" → ".join(s) for s in bounced[:5])
+    assert {"lossfloor.floor.conditional", "lossfloor.floor.classes", "lossfloor.floor.estimate",
+            "lossfloor.floor.resume", "lossfloor.floor.batch", "lossfloor.floor.knn"} <= {m for s in stacks for m in s}

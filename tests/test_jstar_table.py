@@ -5,7 +5,6 @@ between grid points v_k + (ln σ - ln σ_k) / (ln σ_{k+1} - ln σ_k) (v_{k+1} -
 ("error") or the end row ("clamp").
 """
 
-import logging
 import math
 
 import numpy as np
@@ -23,14 +22,14 @@ LOW = [0.009, 0.098, 0.29]
 HIGH = [0.011, 0.102, 0.31]
 
 
-def hand_table(sigma=GRID, j=J, *, fingerprint="sha256:abc", latents="", conditional=False):
+def hand_table(sigma=GRID, j=J, *, fingerprint="sha256:abc", latents="", conditional=False, labels=""):
     n = len(sigma)
     cols = {"sigma": sigma, "j_star_x0": j, "stderr_x0": STDERR[:n], "ci_low_x0": LOW[:n], "ci_high_x0": HIGH[:n],
             "target": ["x0"] * n, "estimator": ["knn"] * n, "dataset_fingerprint": [fingerprint] * n,
             "latents": [latents] * n, "total_variance": [1.0] * n}
     table = pa.table(cols)
     if conditional:
-        table = table.replace_schema_metadata({"class_conditional": "true"})
+        table = table.replace_schema_metadata({"class_conditional": "true", "labels_fingerprint": labels})
     return JStarTable(table, source="hand.parquet").x0()
 
 
@@ -118,14 +117,25 @@ def test_check_data_refuses_a_floor_of_the_other_latents():
         hand_table(latents=table_latents).check_data(latents=latents, table="t", data="d")
 
 
-def test_check_data_refuses_a_class_conditional_floor_for_a_model_without_labels(caplog):
-    assert "class-conditional" in _refusal(hand_table(conditional=True), conditional=False)
+def test_check_data_refuses_the_floor_of_the_other_kind_of_model_and_other_labels():
+    # a model without labels cannot reach the class-conditional floor; a conditional model goes below the
+    # unconditional one: both refused, one line naming the table
+    assert "has no class labels and cannot reach it" in _refusal(hand_table(conditional=True), conditional=False)
+    message = _refusal(hand_table(), conditional=True)
+    assert message.startswith("--j-star hand.parquet: the unconditional floor, but the model is class-conditional")
+    assert "--conditional" in message
     hand_table(conditional=True).check_data(conditional=True, table="t", data="d")
     hand_table().check_data(conditional=False, table="t", data="d")
     hand_table(conditional=True).check_data(table="t", data="d")  # not checked
-    with caplog.at_level(logging.WARNING, logger="lossfloor.floor.table"):
-        hand_table().check_data(conditional=True, table="jstar hand.parquet", data="d")  # can go below it: a warning
-    assert "jstar hand.parquet: the model is class-conditional but the J* table is not" in caplog.text
+    hand_table().check_data(table="t", data="d")
+    # the labels of a class-conditional floor: the same, not recorded, not checked; other labels refused
+    x0 = hand_table(conditional=True, labels="sha256:lab")
+    assert x0.labels_fingerprint == "sha256:lab"
+    for labels in ("sha256:lab", "", None):
+        x0.check_data(conditional=True, labels=labels, table="t", data="d")
+    hand_table(conditional=True).check_data(conditional=True, labels="sha256:x", table="t", data="d")
+    message = _refusal(x0, conditional=True, labels="sha256:other")
+    assert "labels with fingerprint sha256:lab" in message and "--data d.npz has labels sha256:other" in message
 
 
 def _bad(**change) -> JStarTable:

@@ -18,7 +18,7 @@ import lossfloor.data
 import lossfloor.ray.estimate
 from lossfloor.data import prepare_shards, read_meta
 from lossfloor.errors import InputError
-from lossfloor.floor import EstimatorConfig, estimate, total_variance
+from lossfloor.floor import EstimatorConfig, estimate, estimate_conditional, total_variance
 from lossfloor.floor.resume import KEY_FILE
 from lossfloor.jobs.engine import Engine
 from lossfloor.ray import estimate_ray
@@ -73,6 +73,21 @@ def test_two_workers_match_local_for_knn_with_automatic_L(data, monkeypatch):
     assert_same(run.result, local)
     assert len(run.result.passes) >= 2 and run.result.passes[0].computed == 12
     assert run.search_s > 0 and run.index_build_s > 0
+
+
+def test_class_conditional_floor_spreads_its_classes_over_the_workers_with_the_local_numbers(data, tmp_path,
+                                                                                              monkeypatch):
+    # three classes of 100 samples, 10 batches each; 7 batches per Ray task, so tasks straddle two classes and
+    # an actor makes a class's data (its knn index) when that class's first batch reaches it
+    monkeypatch.setattr(lossfloor.ray.estimate, "TASKS_PER_WORKER", 2)
+    labels = np.arange(len(data)) % 3
+    cfg = EstimatorConfig(estimator="knn", subset_size=8, seed=4, rows_per_batch=10)
+    local = estimate_conditional(data, labels, SIGMAS, cfg, progress=False)
+    run = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=2), labels=labels,
+                       work_dir=tmp_path / "w", progress=False)
+    assert_same(run.result, local)
+    assert run.result.class_conditional and run.result.total_variance == local.total_variance
+    assert run.result.computed == 30 and run.index_build_s > 0
 
 
 class Interrupt(Exception):

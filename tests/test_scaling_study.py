@@ -73,6 +73,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     for word in ("bundled:digits", "N=1797", "estimate", "tiny-c8", "tiny-c16", "tiny-c32", "train FLOPs",
+                 "the class-conditional floor", "class-conditional, batch",  # the digits are labelled
                  "schedule edm2", "bootstrap 100", "devices: local engine", "dashboard", str(out)):
         assert word in text, word
     assert not out.exists() and not db.exists()
@@ -84,7 +85,12 @@ def test_dry_run_imagenet512_shows_edm2_budgets(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     assert "img512-xs" in text and "img512-xxl" in text and "1,073,741,824" in text  # 2048Mi x 0.5
-    assert "knn with L=128" in text and "1 GPU" in text and not (tmp_path / "out").exists()
+    assert "1 GPU" in text and not (tmp_path / "out").exists()
+    # ImageNet is labelled: class-conditional models (as EDM2's) and the class-conditional floor, by default
+    assert "2 estimate: the class-conditional floor" in text and "class-conditional, batch" in text
+    rc = _study().main(["--dry-run", "--preset", "imagenet512", "--unconditional", "--out", str(tmp_path / "out")])
+    text = capsys.readouterr().out
+    assert rc == 0 and "knn with L=128" in text and "unconditional, batch" in text
 
 
 def test_bad_input_exits_2(tmp_path, capsys):

@@ -95,6 +95,19 @@ def test_smoke_run_in_process(tmp_path, gauss):
         np.testing.assert_allclose(t.column("j_star"), convert_jstar(x0.column("j_star"), x0.column("sigma"), target))
 
 
+def test_conditional_survey_writes_the_class_conditional_floor(tmp_path, gauss, capsys):
+    from lossfloor.data import labels_fingerprint, load
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    assert _study().main(["--smoke", "--conditional", "--out", str(out), "--tracking-uri", uri]) == 0
+    x0 = read_table(out / "digits" / "jstar_x0.parquet").x0()
+    digits = load("bundled:digits", max_samples=1000)  # the smoke cap
+    assert x0.class_conditional and x0.labels_fingerprint == labels_fingerprint(digits.labels)
+    rc = _study().main(["--smoke", "--conditional", "--data", str(gauss), "--out", str(tmp_path / "o"),
+                        "--tracking-uri", uri])
+    assert rc == 2 and "--conditional: --data " in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_a_rerun_skips_the_finished_data_sets(tmp_path, caplog):
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
     argv = ["--smoke", "--out", str(out), "--tracking-uri", uri]

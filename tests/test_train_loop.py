@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lossfloor.data import load
 from lossfloor.errors import InputError
-from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
+from lossfloor.floor import EstimatorConfig, build_table, estimate, estimate_conditional, write_table
 from lossfloor.models import build_uncertainty_head, build_unet, get_preset
 from lossfloor.scaling.data import as_curves
 from lossfloor.train import (
@@ -58,9 +58,10 @@ def digits():
 
 @pytest.fixture(scope="module")
 def jstar_path(digits, tmp_path_factory):
-    """J* of the digits by the exact estimator (Eq. 9), x0 units, on a small grid."""
-    est = estimate(digits.samples, np.geomspace(0.01, 20, 6), EstimatorConfig(estimator="exact", queries_per_sample=1),
-                   progress=False)
+    """The class-conditional J* of the digits (the floor of MICRO, a conditional model) by the exact
+    estimator (Eq. 9), x0 units, on a small grid."""
+    est = estimate_conditional(digits.samples, digits.labels, np.geomspace(0.01, 20, 6),
+                               EstimatorConfig(estimator="exact", queries_per_sample=1), progress=False)
     return str(write_table(build_table(est, fingerprint=digits.fingerprint),
                            tmp_path_factory.mktemp("jstar") / "jstar.parquet"))
 
@@ -175,12 +176,10 @@ def test_nonfinite_gradients_are_zeroed():
 # --- A run's outputs ------------------------------------------------------------------------------
 
 
-def test_run_outputs_loss_curve_gap_and_flops(digits, jstar_path, tmp_path, caplog):
+def test_run_outputs_loss_curve_gap_and_flops(digits, jstar_path, tmp_path):
     reports = []
     cfg = config(jstar=jstar_path, eval_holdout=False, eval_every_n_img=64)
-    with caplog.at_level("WARNING", logger="lossfloor.train"):
-        res = train(cfg, digits, checkpoint_dir=tmp_path, report=lambda m, p: reports.append((m, p)))
-    assert "class-conditional" in caplog.text  # an unconditional J* table for a conditional model
+    res = train(cfg, digits, checkpoint_dir=tmp_path, report=lambda m, p: reports.append((m, p)))
     assert res.n_img == 128 and res.step == 4 and len(res.train_log) == 4
 
     # FLOPs: 3 x forward FLOPs (FlopCounterMode, batch 1) x images
@@ -199,7 +198,7 @@ def test_run_outputs_loss_curve_gap_and_flops(digits, jstar_path, tmp_path, capl
     per_sigma = rows[:-1]
     for r in per_sigma:
         assert r["gap"] == pytest.approx(r["loss"] - r["j_star"])
-        assert r["gap"] > 0  # Theorem 1: no model beats J* on its training data
+        assert r["gap"] > 0  # Theorem 1: no model beats J* (its class-conditional floor) on its training data
     ev = res.evals[-1][1]
     pi = quadrature_weights(SIGMAS, lambda s: torch.exp(-0.5 * ((torch.log(s) + 0.8) / 1.6) ** 2))
     w = (np.array(SIGMAS) ** 2 + 0.25) / (np.array(SIGMAS) * 0.5) ** 2  # EDM2 schedule: 1/c_out^2
@@ -368,8 +367,8 @@ def test_evaluation_sigmas_beyond_the_jstar_grid_are_refused_before_training(dig
     # a J* table at sigma = 0.002 alone held flat would read J* = 0 at sigma = 1: a gap of 100 % of the loss
     from lossfloor.train import JStarCurve
 
-    est = estimate(digits.samples, np.array([0.002]), EstimatorConfig(estimator="exact", queries_per_sample=1),
-                   progress=False)
+    est = estimate_conditional(digits.samples, digits.labels, np.array([0.002]),
+                               EstimatorConfig(estimator="exact", queries_per_sample=1), progress=False)
     path = write_table(build_table(est, fingerprint=digits.fingerprint), tmp_path / "narrow.parquet")
     with pytest.raises(InputError, match=r"eval_sigmas: σ = 0.02, 0.2, 1, 5 outside the σ grid \[0.002, 0.002\]"):
         train(config(jstar=str(path)), digits, checkpoint_dir=tmp_path / "run")

@@ -47,6 +47,9 @@ def register(sub) -> None:
     p.add_argument("--latents", default="mean",
                    help="EDM2 latents: mean (the posterior means, default) | posterior (J* of the Gaussian mixture "
                    "N(mean, std^2) the model trains on, as EDM2 samples latents)")
+    p.add_argument("--conditional", action="store_true",
+                   help="the class-conditional floor J*_cond = sum_c pi_c J*_c of labelled data (each class's J*_c "
+                   "over its own samples, pi_c the label frequencies): the floor of a model given the class label")
     p.add_argument("--target", default="x0", help="x0 | eps | score | vp-v | fm-velocity (default x0)")
     p.add_argument("--sigma-star-threshold", type=float, default=1e-3,
                    help="sigma* = largest sigma with J* <= threshold * J*(inf) (default 1e-3)")
@@ -191,6 +194,10 @@ def format_table(rows: list[dict], table) -> str:
     if timings.get("index_build_s") or timings.get("search_s"):
         lines.append(f"time: {timings.get('total_s', 0):.3g} s in all, index build {timings['index_build_s']:.3g} s, "
                      f"neighbour search {timings['search_s']:.3g} s")
+    if meta.get(b"class_conditional") == b"true":
+        n_classes = len(json.loads(meta.get(b"classes", b"[]")))
+        lines.append(f"class-conditional floor: J* = sum_c pi_c J*_c over {n_classes} classes, J*(inf) = the "
+                     "within-class variance")
     lines.append("ci_low..ci_high: 95% interval with the estimator's bias allowance; stderr: Monte-Carlo only")
     return "\n".join(lines)
 
@@ -213,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     tracking = open_tracking(args.mlflow, args.tracking_uri, experiment=args.mlflow_experiment,
                              run_name=args.run_name)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else parse_sigma_grid(args.sigma_grid)
-    if engine.kind == "ray" and is_plain_shard_dir(Path(args.data)):
+    labels = None
+    if engine.kind == "ray" and is_plain_shard_dir(Path(args.data)) and not args.conditional:
         meta = read_meta(args.data)  # the Ray workers read the shards themselves, not this process
         _check_count(meta.count, args)
         samples, fingerprint, normalisation = args.data, meta.fingerprint, meta.normalisation
@@ -221,12 +229,17 @@ def run(args: argparse.Namespace) -> int:
         data = load(args.data, latents=args.latents)
         _check_data(data.samples, args)
         samples, fingerprint, normalisation = data.samples, data.fingerprint, data.normalisation
+        if args.conditional:
+            if data.labels is None:
+                raise InputError(f"--conditional: --data {args.data} has no class labels (the class-conditional floor "
+                                 "needs labelled data: class sub-folders, dataset.json labels, a labels column)")
+            labels = data.labels
     # the table says which floor it is for latent data (mean or posterior), nothing for other data
     latents = args.latents if normalisation.startswith("edm2-latent") else ""
     # the Ray engine always keeps a work folder: by default beside --out, named by the config's hash
     work_parent = Path(args.out).resolve().parent if engine.kind == "ray" and not args.work_dir else None
     table = estimate_table(samples, sigmas, config, out=args.out, target=target, fingerprint=fingerprint,
-                           threshold=args.sigma_star_threshold, latents=latents, engine=engine,
+                           threshold=args.sigma_star_threshold, latents=latents, engine=engine, labels=labels,
                            work_dir=args.work_dir, work_parent=work_parent, tracking=tracking,
                            params={"data": args.data,
                                    "sigma_grid": args.sigmas if args.sigmas is not None else args.sigma_grid})

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_same_data(curves: Path, j_star: Path) -> None:
-    """Curves written by `lossfloor train` name their data's fingerprint: it must be the J* table's."""
+    """Curves written by `lossfloor train` name their data's fingerprint and whether the models were
+    class-conditional: the J* table must be of the same data, and the matching floor."""
     import pyarrow.parquet as pq
 
     from lossfloor.floor import read_table
@@ -94,14 +95,18 @@ def _check_same_data(curves: Path, j_star: Path) -> None:
     if curves.suffix != ".parquet" or not curves.is_file():
         return  # fit_all names a missing or unreadable file
     try:
-        made_on = (pq.read_schema(curves).metadata or {}).get(b"dataset_fingerprint", b"").decode()
+        meta = pq.read_schema(curves).metadata or {}
     except Exception:
         return
+    made_on = meta.get(b"dataset_fingerprint", b"").decode()
+    kind = meta.get(b"class_conditional")  # absent: curves from before it was recorded, not checked
+    conditional = None if kind is None else kind == b"true"
     try:
         table = read_table(j_star).x0()
     except InputError:
         return  # fit_all names an unreadable table
-    table.check_data(made_on, table=f"--j-star {j_star}", data=f"--curves {curves} (the models' training data)")
+    table.check_data(made_on, conditional=conditional, table=f"--j-star {j_star}",
+                     data=f"--curves {curves} (the models' training data)")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -165,6 +165,8 @@ def build_config(args: argparse.Namespace, engine: Engine):
 
         labelled = unet.label_dim > 0 and open_source(args.data, args.latents).info().has_labels
         conditional = labelled and (args.j_star is None or curve.table.class_conditional)
+    if args.j_star is not None:  # the floor of the model's kind: class-conditional or not
+        curve.table.check_data(conditional=bool(conditional), table=f"--j-star {args.j_star}", data=f"--data {args.data}")
     sigmas = None
     if args.eval_sigmas is not None:
         from lossfloor.diffusion import parse_sigmas

@@ -26,7 +26,7 @@ from lossfloor.data.dataset import (
     source_fingerprint,
 )
 from lossfloor.data.edm2 import whiten_latent
-from lossfloor.data.fingerprint import Fingerprinter, fingerprint
+from lossfloor.data.fingerprint import Fingerprinter, fingerprint, labels_fingerprint
 from lossfloor.data.prepare import prepare_shards
 from lossfloor.data.shards import ShardMeta, ShardRows, read_meta, read_shard_rows, shard_paths, x_matrix
 from lossfloor.data.source import SourceInfo
@@ -42,6 +42,7 @@ __all__ = [
     "describe",
     "fingerprint",
     "iter_chunks",
+    "labels_fingerprint",
     "load",
     "load_for",
     "open_source",

@@ -3,7 +3,8 @@
 The digest is sha256 over a one-line header naming the dtype and full shape, then the raw bytes of the
 array in C order. `fingerprint` hashes an array in one go; `Fingerprinter` hashes the same bytes chunk by
 chunk (rows along the leading axis) and gives the identical digest, so sources larger than memory can be
-fingerprinted while they stream. Labels, source paths and normalisation names are not part of it.
+fingerprinted while they stream. Labels, source paths and normalisation names are not part of it
+(`labels_fingerprint` hashes a label vector the same way).
 """
 
 from __future__ import annotations
@@ -62,3 +63,12 @@ def fingerprint(samples: np.ndarray) -> str:
     hasher = Fingerprinter(shape=samples.shape, dtype=samples.dtype)
     hasher.update(samples)
     return hasher.hexdigest()
+
+
+def labels_fingerprint(labels) -> str:
+    """The fingerprint of a label vector (N,) as int64: which labels a class-conditional J* table's classes
+    came from (`lossfloor.floor.conditional`)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ValueError(f"labels: expected an integer vector (N,), got {labels.dtype} {labels.shape}")
+    return fingerprint(labels.astype(np.int64))

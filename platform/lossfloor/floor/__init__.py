@@ -2,6 +2,7 @@
 
     est = estimate(samples, sigmas, EstimatorConfig())        # auto: exact for N <= 5000 (CPU) / 50 000 (CUDA), else knn
     est = estimate(samples, sigmas, cfg, work_dir="work")     # resumable: a rerun computes only missing batches
+    est = estimate_conditional(samples, labels, sigmas, cfg)       # the class-conditional floor Σ_c π_c J*_c
     table = build_table(est, target="x0", fingerprint=dataset.fingerprint)
     write_table(table, "jstar.parquet")
 """
@@ -15,6 +16,7 @@ from lossfloor.floor.batch import (
     query_terms,
     total_variance,
 )
+from lossfloor.floor.conditional import estimate_conditional
 from lossfloor.floor.config import ESTIMATORS, EstimatorConfig
 from lossfloor.floor.estimate import Estimate, estimate, reduce_estimate, run_batches
 from lossfloor.floor.queries import QueryPlan
@@ -32,6 +34,7 @@ __all__ = [
     "batch_terms",
     "build_table",
     "estimate",
+    "estimate_conditional",
     "floor_data",
     "prepare_data",
     "query_plan",

@@ -104,6 +104,10 @@ class Estimate:
     bias, ci_low, ci_high: per σ, x0 units. subset_size: the L used per σ (it varies with rel_error).
     timings: seconds spent building the neighbour index and searching it (knn), and in total.
     passes: what each pass did (one per L; several with rel_error): batches computed and reused.
+    dof: degrees of freedom of the standard error (per σ for the class-conditional floor).
+    classes: the class-conditional floor's classes (`lossfloor.floor.conditional`), one dict each (label, n,
+      estimator, subset_size); () for the floor of the data without labels. labels_fingerprint: then the
+      fingerprint of the label vector (`lossfloor.data.fingerprint.labels_fingerprint`).
     """
 
     sigmas: np.ndarray
@@ -120,6 +124,14 @@ class Estimate:
     subset_size: np.ndarray
     timings: dict = field(default_factory=dict)
     passes: tuple[PassStats, ...] = ()
+    dof: int | np.ndarray = 1
+    classes: tuple[dict, ...] = ()
+    labels_fingerprint: str = ""
+
+    @property
+    def class_conditional(self) -> bool:
+        """J* = Σ_c π_c J*_c, the floor of a model that sees the class labels."""
+        return bool(self.classes)
 
     @property
     def computed(self) -> int:
@@ -145,6 +157,7 @@ def reduce_estimate(partials, sigmas, cfg: EstimatorConfig, tv: float, timings: 
         allowance=np.maximum(u.lo, u.hi),
         total_variance=tv, config=cfg, n_queries=red.n_queries, n_batches=red.n_batches,
         subset_size=np.full(len(sigmas), cfg.subset_size, dtype=np.int64), timings=dict(timings or {}),
+        dof=red.dof,
     )
 
 
@@ -193,15 +206,16 @@ def run_pass(
     runner: BatchRunner,
     cfg: EstimatorConfig,
     sigmas: np.ndarray,
-    n_samples: int,
+    plan,
     *,
     store: PartialStore | None = None,
     progress: bool = True,
     on_batch: BatchHook | None = None,
 ) -> tuple[list[BatchPartial], PassStats]:
-    """All partials of a resolved config: those in `store`, plus the missing ones computed by `runner`."""
+    """All partials of a resolved config: those in `store`, plus the missing ones computed by `runner`.
+
+    plan: the pass's batches (`query_plan`, or a `classes.ClassPlan`): n_batches, rows(b)."""
     t0 = time.monotonic()
-    plan = query_plan(cfg, n_samples)
     done = dict(store.done) if store is not None else {}
     done = {b: p for b, p in done.items() if b < plan.n_batches}
     missing = [b for b in range(plan.n_batches) if b not in done]
@@ -328,7 +342,8 @@ def estimate_passes(
             k = key if first else work_key(c, fingerprint=fingerprint, sigmas=sig, n_samples=n, dim=d)
             store_cm = PartialStore(path, k)
         with store_cm as store:
-            partials, stats = run_pass(runner, c, sig, n, store=store, progress=progress, on_batch=on_batch)
+            partials, stats = run_pass(runner, c, sig, query_plan(c, n), store=store, progress=progress,
+                                       on_batch=on_batch)
         est = reduce_estimate(partials, sig, c, tv)
         passes.append(stats)
         if stats.work_dir is not None:

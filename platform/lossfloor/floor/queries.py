@@ -2,7 +2,9 @@
 
 Every sample is the source of exactly k queries (so Â = (1/M) Σ_m ||x_{s_m}||² equals the data's
 E||x0||² exactly). Queries are numbered sample-major, q = n·k + j, and cut into batches of whole samples:
-batch b holds the samples [b·R, (b+1)·R) with R = rows_per_batch, i.e. B = R·k queries. Everything random
+batch b holds the samples [b·R, (b+1)·R) with R = rows_per_batch, i.e. B = R·k queries (numbered from
+`first_batch`: the class-conditional floor numbers each class's batches after the previous class's, so no
+two batches of an estimate share their randomness). Everything random
 in batch b (its noise, its reference subset) comes from a generator seeded by (seed, b, stream) only, so
 a batch gives the same numbers whichever process or Ray worker computes it, and in any order.
 """
@@ -37,6 +39,7 @@ class QueryPlan:
     n_samples: int
     queries_per_sample: int
     rows_per_batch: int
+    first_batch: int = 0  # the number of the first batch (batches first_batch .. first_batch + n_batches - 1)
 
     @property
     def n_queries(self) -> int:
@@ -48,7 +51,7 @@ class QueryPlan:
 
     def rows(self, batch_index: int) -> range:
         """The source samples of a batch (each the source of k consecutive queries)."""
-        start = batch_index * self.rows_per_batch
+        start = (batch_index - self.first_batch) * self.rows_per_batch
         return range(start, min(start + self.rows_per_batch, self.n_samples))
 
     def sources(self, batch_index: int) -> torch.Tensor:

@@ -14,8 +14,10 @@ Columns (all rows of a table share the non-σ values except `subset_size`):
 `ci_low..ci_high` a 95 % interval that includes its allowance (see `lossfloor.floor.uncertainty`).
 The schema metadata holds `sigma_star` (σ* from the estimate, interpolated on the grid), `sigma_star_low`,
 `sigma_star_high` (the bracket the grid and the intervals allow, `sigma_star_bracket`; JSON numbers or null
-for an open end), `sigma_star_threshold` and `timings` (JSON); a table of
-J* = Σ_c π_c J*_c (per-class data) also `class_conditional` = true.
+for an open end), `sigma_star_threshold` and `timings` (JSON); a table of the class-conditional floor
+J* = Σ_c π_c J*_c (`lossfloor.floor.conditional`) also `class_conditional` = true, `labels_fingerprint`
+(the label vector's, `lossfloor.data.fingerprint.labels_fingerprint`) and `classes` (JSON: per class its
+label, n, estimator and L); total_variance is then the within-class variance J*_cond(∞).
 
 This module is the only reader of J* tables: `read_table` (a file) or `JStarTable` (a pyarrow table), then
 `JStarTable.x0()`, the view every consumer reads; `JStarX0.at` is the one lookup of J*(σ) and
@@ -25,7 +27,6 @@ This module is the only reader of J* tables: `read_table` (a file) or `JStarTabl
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -47,7 +48,6 @@ REQUIRED_COLUMNS = ("sigma", "j_star", "stderr", "estimator", "target", "n_queri
                     "dataset_fingerprint")
 VALUE_COLUMNS = ("j_star", "stderr", "bias", "ci_low", "ci_high")  # each with an _x0 twin
 OUTSIDE = ("error", "clamp")  # the rules of `JStarX0.at` beyond the grid
-log = logging.getLogger(__name__)
 
 
 def sigma_star(sigmas, j_star_x0, total_var: float, threshold: float = SIGMA_STAR_THRESHOLD) -> float | None:
@@ -135,6 +135,7 @@ class JStarX0:
     latents: str  # "mean" | "posterior" for EDM2 latents: which data the floor is of; "" for other data
     class_conditional: bool  # J* = Σ_c π_c J*_c, the floor of a model that sees the class labels
     source: str
+    labels_fingerprint: str = ""  # a class-conditional table's: the labels its classes came from
 
     def at(self, sigma, *, outside: str = "error", columns: tuple[str, ...] = ("j_star", "ci_low", "ci_high")):
         """The table's `columns` (x0 units) at σ: a tuple of floats for a number, of arrays for an array,
@@ -172,7 +173,7 @@ class JStarX0:
         return tuple(c.numpy() for c in values)
 
     def check_data(self, fingerprint: str | None = None, latents: str | None = None, conditional: bool | None = None,
-                   *, table: str, data: str) -> None:
+                   *, labels: str | None = None, table: str, data: str) -> None:
         """Refuse a table that is not the floor of the data a model sees: InputError, one line naming
         `table` (e.g. "--j-star J.parquet") and `data` (the data it is checked against, e.g. "--data SRC").
         What is None is not checked.
@@ -180,9 +181,12 @@ class JStarX0:
         fingerprint: the data's; not checked when either side is "" (not recorded).
         latents: how the model reads EDM2 latents, "mean" | "posterior": a floor of the posterior is not
           one of the means, nor the reverse (a table of other data, latents "", counts as the means).
-        conditional: whether the model sees class labels. A class-conditional floor Σ_c π_c J*_c lies below
-          what a model without labels can reach: refused. A conditional model can go below an
-          unconditional floor (mostly at large σ, negative gaps there): a warning, not refused.
+        conditional: whether the model sees class labels; the floor must be the matching one. A
+          class-conditional floor Σ_c π_c J*_c lies below what a model without labels can reach, and a
+          conditional model goes below an unconditional floor (by up to the between-class variance at large
+          σ: negative gaps): both refused.
+        labels: the fingerprint of the data's label vector (`lossfloor.data.fingerprint.labels_fingerprint`),
+          checked against a class-conditional table's when both are known.
         """
         if latents is not None and (self.latents == "posterior") != (latents == "posterior"):
             raise InputError(f"{table}: estimated with latents={self.latents or 'mean'}, but {data} is read with "
@@ -193,12 +197,16 @@ class JStarX0:
                              f"has {fingerprint[:16]}...; estimate J* on the same data")
         if conditional is False and self.class_conditional:
             raise InputError(f"{table}: a class-conditional floor (J* = Σ_c π_c J*_c), but the model has no class "
-                             "labels and cannot reach it: use the unconditional floor")
+                             "labels and cannot reach it: use the unconditional floor (`lossfloor estimate` without "
+                             "--conditional)")
         if conditional and not self.class_conditional:
-            log.warning("%s: the model is class-conditional but the J* table is not: a conditional model can go below "
-                        "the unconditional J* (mostly at large sigma), giving negative gaps there. Train it "
-                        "unconditional or use a class-conditional table (J* = sum_c pi_c J*_c, metadata "
-                        "class_conditional=true).", table)
+            raise InputError(f"{table}: the unconditional floor, but the model is class-conditional and goes below it "
+                             "(by up to the between-class variance at large σ): use the class-conditional floor "
+                             "(`lossfloor estimate --conditional`)")
+        if labels and self.class_conditional and self.labels_fingerprint and labels != self.labels_fingerprint:
+            raise InputError(f"{table}: a class-conditional floor of labels with fingerprint "
+                             f"{self.labels_fingerprint[:16]}..., but {data} has labels {labels[:16]}...; estimate "
+                             "J* with the same labels")
 
 
 @dataclass(frozen=True)
@@ -273,11 +281,12 @@ class JStarTable:
         latents = str(self.table.column("latents")[0]) if "latents" in names else ""
         meta = self.table.schema.metadata or {}
         conditional = meta.get(b"class_conditional", b"false").strip().lower() == b"true"
+        labels_fp = meta.get(b"labels_fingerprint", b"").decode("utf-8", "replace") if conditional else ""
         return JStarX0(
             sigma=sigma[order], j_star=np.maximum(j[order], 0.0), stderr=se[order],
             ci_low=np.maximum(lo[order], 0.0), ci_high=hi[order], total_variance=tv,
             sigma_star=self.sigma_star, fingerprint=fp, estimator="/".join(sorted(estimators)), latents=latents,
-            class_conditional=conditional, source=self.source,
+            class_conditional=conditional, source=self.source, labels_fingerprint=labels_fp,
         )
 
 
@@ -357,6 +366,9 @@ def build_table(
         "sigma_star_threshold": json.dumps(threshold),
         "timings": json.dumps({k: round(float(v), 6) for k, v in est.timings.items()}),
     }
+    if est.class_conditional:
+        meta.update(class_conditional="true", labels_fingerprint=est.labels_fingerprint,
+                    classes=json.dumps(list(est.classes)))
     return JStarTable(pa.table(cols).replace_schema_metadata(meta))
 
 

@@ -29,6 +29,10 @@ at the bound (exact on 40 samples with 30 copies of one, σ = 20: J* 28.66 had [
 The estimate itself is clipped to J*(∞) (an estimate above it is high for sure); a hair below 0 is kept
 (unbiased at small σ; tables read it as 0).
 
+The class-conditional floor Σ_c π_c J*_c combines its classes' estimates into the same interval
+(`lossfloor.floor.conditional`): the standard errors in quadrature, the allowances linearly, each weighted
+by π_c.
+
 The interval covers the query noise and the bias allowance, not errors outside the estimator's own
 evidence (e.g. a data set that is a small sample of the population: J* here is the floor of *this* set).
 """
@@ -57,9 +61,10 @@ def channels(estimator: str) -> tuple[str, ...]:
     return SUBSET_CHANNELS
 
 
-def t_quantile(dof: int) -> float:
-    """Student's t 97.5 % quantile (1.96 for many degrees of freedom)."""
-    return float(stats.t.ppf(0.975, max(int(dof), 1)))
+def t_quantile(dof):
+    """Student's t 97.5 % quantile (1.96 for many degrees of freedom); dof a number or an array (per σ)."""
+    q = stats.t.ppf(0.975, np.maximum(np.floor(dof), 1))
+    return float(q) if np.ndim(q) == 0 else q
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,13 @@ def bias_and_interval(estimator: str, means: np.ndarray, stderr: np.ndarray, dof
         within_noise = np.abs(d1) <= t * se1
         converged = within_noise | ((np.sign(d1) == np.sign(d2)) & (np.abs(d1) <= CONVERGED_RATIO * np.abs(d2)))
         lo = hi = np.where(converged, SUBSET_MARGIN * (np.abs(d1) + t * se1), np.inf)
+    return interval(j, bias, lo, hi, se, t, total_variance)
+
+
+def interval(j: np.ndarray, bias: np.ndarray, lo: np.ndarray, hi: np.ndarray, se: np.ndarray, t,
+             total_variance: float) -> Uncertainty:
+    """The 95 % interval [J - lo - t·se, J + hi + t·se] within [0, J*(∞)] (`within_bounds`), per σ; t: the
+    t quantile (a number, or per σ)."""
     ci_low, ci_high = within_bounds(j - lo - t * se, j + hi + t * se, total_variance)
     return Uncertainty(j_star=np.minimum(j, total_variance), bias=bias, lo=lo, hi=hi, ci_low=ci_low, ci_high=ci_high)
 

@@ -123,12 +123,14 @@ def probe(model, samples, labels, sigmas, *, device) -> None:
             raise InputError(f"--model {model.spec}: outputs NaN or inf at σ = {sigma:.4g}")
 
 
-def _estimate_jstar(data, sigmas, spec: DiagnoseSpec):
+def _estimate_jstar(data, sigmas, spec: DiagnoseSpec, conditional: bool):
+    """J* of the data on the σ grid: the class-conditional floor for a conditional model."""
     from lossfloor.floor import EstimatorConfig, build_table
     from lossfloor.jobs.estimate import estimate
 
     config = EstimatorConfig(estimator=spec.estimator, seed=spec.seed, device=spec.device)
-    est = estimate(data.samples, sigmas, config, fingerprint=data.fingerprint)
+    est = estimate(data.samples, sigmas, config, labels=data.labels if conditional else None,
+                   fingerprint=data.fingerprint)
     table = build_table(est, fingerprint=data.fingerprint)
     x0 = table.x0()
     return x0, table
@@ -188,12 +190,18 @@ def diagnose(spec: DiagnoseSpec):
     if model.label_dim and holdout is not None and holdout.labels is None:
         raise InputError(f"--holdout {spec.holdout}: --model {model.spec} is class-conditional ({model.label_dim} "
                          "classes) but the held-out data have no labels")
+    if jstar is not None:  # the floor of the model's kind: class-conditional (with the data's labels) or not
+        from lossfloor.data import labels_fingerprint
+
+        labels = labels_fingerprint(data.labels) if data.labels is not None and model.label_dim else None
+        jstar.check_data(conditional=bool(model.label_dim), labels=labels, table=f"--j-star {spec.j_star}",
+                         data=f"--data {spec.data}")
 
     t0 = time.monotonic()
     if jstar is None:
-        log.info("diagnose: no --j-star: estimating J* of %s (%d samples, estimator %s)", spec.data,
-                 len(data.samples), spec.estimator)
-        jstar, _ = _estimate_jstar(data, spec.sigmas, spec)
+        log.info("diagnose: no --j-star: estimating J* of %s (%d samples, estimator %s%s)", spec.data,
+                 len(data.samples), spec.estimator, ", class-conditional" if model.label_dim else "")
+        jstar, _ = _estimate_jstar(data, spec.sigmas, spec, conditional=bool(model.label_dim))
     t_jstar = time.monotonic() - t0
     seed = spec.seed
     passes = 2 if holdout is not None else 1

@@ -9,6 +9,8 @@ Both engines run the same batches through `lossfloor.floor.estimate` (the same n
 and keep finished batches in a work folder when one is given (`work_dir`, or `work_parent` for a
 folder named by a hash of the config, data and σ grid); the Ray engine always keeps one (default:
 `work_parent`). `samples` is an (N, ...) array, or for the Ray engine a shard folder its workers read.
+With `labels` ((N,) integer class labels of an array's samples) the estimate is the class-conditional
+floor Σ_c π_c J*_c (`lossfloor.floor.conditional`) and its table says so.
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ from lossfloor.jobs.tracking import Tracking
 log = logging.getLogger(__name__)
 
 
-def estimate(samples, sigmas, config: EstimatorConfig, *, engine: Engine = LOCAL,
+def estimate(samples, sigmas, config: EstimatorConfig, *, engine: Engine = LOCAL, labels=None,
              fingerprint: str | None = None, work_dir: str | os.PathLike | None = None,
              work_parent: str | os.PathLike | None = None, progress: bool = True) -> Estimate:
     """J*(σ) of `samples` with `config` on `engine` (module docstring)."""
+    if engine.kind == "local" and labels is not None:
+        from lossfloor.floor.conditional import estimate_conditional
+
+        return estimate_conditional(samples, labels, sigmas, config, fingerprint=fingerprint, work_dir=work_dir,
+                                    work_parent=work_parent, progress=progress)
     if engine.kind == "local":
         return local_estimate(samples, sigmas, config, fingerprint=fingerprint, work_dir=work_dir,
                               work_parent=work_parent, progress=progress)
@@ -39,13 +46,13 @@ def estimate(samples, sigmas, config: EstimatorConfig, *, engine: Engine = LOCAL
     check_cache_root()  # the actors' data cache, checked here before Ray starts
     from lossfloor.ray import estimate_ray  # Ray only here
 
-    return estimate_ray(samples, sigmas, config, engine=engine, fingerprint=fingerprint, work_dir=work_dir,
-                        work_parent=work_parent, progress=progress).result
+    return estimate_ray(samples, sigmas, config, engine=engine, labels=labels, fingerprint=fingerprint,
+                        work_dir=work_dir, work_parent=work_parent, progress=progress).result
 
 
 def estimate_table(samples, sigmas, config: EstimatorConfig, *, out: str | os.PathLike, fingerprint: str,
                    target: str = "x0", threshold: float = SIGMA_STAR_THRESHOLD, latents: str = "",
-                   engine: Engine = LOCAL, work_dir: str | os.PathLike | None = None,
+                   engine: Engine = LOCAL, labels=None, work_dir: str | os.PathLike | None = None,
                    work_parent: str | os.PathLike | None = None, tracking: Tracking | None = None,
                    params: Mapping[str, object] | None = None):
     """`estimate`, then its J* table in `target` units (σ* at `threshold`) written to `out`, and with
@@ -53,8 +60,8 @@ def estimate_table(samples, sigmas, config: EstimatorConfig, *, out: str | os.Pa
     say: data source, grid, ...). Returns the table."""
     from lossfloor.floor import build_table, write_table
 
-    est = estimate(samples, sigmas, config, engine=engine, fingerprint=fingerprint, work_dir=work_dir,
-                   work_parent=work_parent)
+    est = estimate(samples, sigmas, config, engine=engine, labels=labels, fingerprint=fingerprint,
+                   work_dir=work_dir, work_parent=work_parent)
     table = build_table(est, target=target, fingerprint=fingerprint, threshold=threshold, latents=latents)
     write_table(table, out)
     if tracking is not None:
@@ -73,11 +80,14 @@ def estimate_table(samples, sigmas, config: EstimatorConfig, *, out: str | os.Pa
     return table
 
 
-def stage_key(config: EstimatorConfig) -> dict:
+def stage_key(config: EstimatorConfig, *, conditional: bool = False) -> dict:
     """The estimator config as a study stage's key (`lossfloor.jobs.study.Step.key`): not the device (a
     stage is the same estimate on any device), and the device cap only when set (it sizes the default
-    batch; keys from before the cap existed stay valid)."""
+    batch; keys from before the cap existed stay valid); `conditional` (the class-conditional floor) only
+    when true, for the same reason."""
     key = {**dataclasses.asdict(config), "device": None}
     if key["max_device_gb"] is None:
         del key["max_device_gb"]
+    if conditional:
+        key["conditional"] = True
     return key

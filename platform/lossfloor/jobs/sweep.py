@@ -6,7 +6,8 @@ Ray Tune runs it (`lossfloor.ray.sweep`, imported when the sweep runs); the spec
 `lossfloor.train.sweep`'s. Writes OUT: results.parquet (one row per trial), objective_history.parquet,
 best.json (best configuration, baseline, gain), parallel_coordinates.html, objective_vs_images.html
 (`lossfloor.pages.sweep`), sweep.json, tune/ (Ray Tune's experiment: a rerun with the same arguments
-resumes it), trials/ (multi-worker Train runs), and jstar.parquet when --j-star is omitted on bundled data.
+resumes it), trials/ (multi-worker Train runs), and jstar.parquet (jstar-conditional.parquet for
+class-conditional trials) when --j-star is omitted on bundled data.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lossfloor.jobs.engine import Engine, add_engine_args
 
 log = logging.getLogger(__name__)
 
-JSTAR_FILE = "jstar.parquet"
+JSTAR_FILE = {False: "jstar.parquet", True: "jstar-conditional.parquet"}  # by the trials' kind (class-conditional)
 JSTAR_GRID = "0.002:80:32"  # the grid of a J* estimated here (bundled data, exact estimator)
 INTERRUPTED = 130  # exit code of an interrupted sweep (as ^C)
 
@@ -75,7 +76,8 @@ def add_sweep_args(p: argparse.ArgumentParser, *, data: str | None = None,
     b.add_argument("--eval-sigmas", default=None, metavar="LIST",
                    help="evaluation sigmas, e.g. 0.02,0.2,1,5 (default 16 log-spaced in [0.002, 80])")
     b.add_argument("--conditional", action="store_true",
-                   help="class-conditional training (default unconditional: J* is the unconditional floor)")
+                   help="class-conditional training, against the class-conditional floor (`lossfloor estimate "
+                   "--conditional`; estimated so on bundled data); default unconditional, the unconditional floor")
     b.add_argument("--seed", type=int, default=0, help="training seed of every trial, and the search's seed")
 
     a = p.add_argument_group("early stopping (ASHA)")
@@ -134,14 +136,15 @@ def build_resources(args: argparse.Namespace):
         raise InputError(f"--{name.replace('_', '-')}:{rest}") from None
 
 
-def jstar_path(args: argparse.Namespace, *, create: bool) -> str:
-    """--j-star, or OUT/jstar.parquet for bundled data (estimated with the exact estimator when `create`)."""
+def jstar_path(args: argparse.Namespace, *, create: bool, conditional: bool = False) -> str:
+    """--j-star, or OUT/jstar.parquet for bundled data (estimated with the exact estimator when `create`);
+    for class-conditional trials OUT/jstar-conditional.parquet, the class-conditional floor."""
     if args.j_star is not None:
         return str(Path(args.j_star).absolute())
     if not str(args.data).startswith("bundled:"):
         raise InputError("--j-star: needed for this data; make one with `lossfloor estimate --data SRC "
                          f"--sigma-grid {JSTAR_GRID} --out jstar.parquet`")
-    path = Path(args.out).absolute() / JSTAR_FILE
+    path = Path(args.out).absolute() / JSTAR_FILE[conditional]
     if create and not path.is_file():
         from lossfloor.data import load
         from lossfloor.diffusion import parse_sigma_grid
@@ -149,10 +152,11 @@ def jstar_path(args: argparse.Namespace, *, create: bool) -> str:
         from lossfloor.jobs.estimate import estimate
 
         ds = load(args.data)
-        log.info("no --j-star: estimating J* of %s (exact, %s) into %s", args.data, JSTAR_GRID, path)
+        log.info("no --j-star: estimating J* of %s (exact, %s%s) into %s", args.data, JSTAR_GRID,
+                 ", class-conditional" if conditional else "", path)
         cfg = EstimatorConfig(estimator="exact", queries_per_sample=1, seed=args.seed)
-        est = estimate(ds.samples, parse_sigma_grid(JSTAR_GRID), cfg, fingerprint=ds.fingerprint,
-                       progress=False)
+        est = estimate(ds.samples, parse_sigma_grid(JSTAR_GRID), cfg, labels=ds.labels if conditional else None,
+                       fingerprint=ds.fingerprint, progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_table(build_table(est, target="x0", fingerprint=ds.fingerprint), path)
     return str(path)
@@ -188,7 +192,9 @@ def build_spec(args: argparse.Namespace, resources, *, create_jstar: bool = True
                          "images of a trial (--images): ASHA's first rung would come at the end and stop no trial; "
                          "give fewer, or --scheduler fifo")
     every = max(budget.batch_n_img, budget.duration_n_img // args.evals // budget.batch_n_img * budget.batch_n_img)
-    jstar = jstar_path(args, create=create_jstar)
+    # the trials see class labels when asked and the preset has classes: their floor is the matching one
+    conditional = bool(args.conditional and get_preset(args.preset).unet.label_dim)
+    jstar = jstar_path(args, create=create_jstar, conditional=conditional)
     curve = None
     if create_jstar or args.j_star is not None:
         try:
@@ -198,7 +204,7 @@ def build_spec(args: argparse.Namespace, resources, *, create_jstar: bool = True
             raise InputError(f"--j-star: {e}") from None
         from lossfloor.data import source_fingerprint
 
-        curve.table.check_data(source_fingerprint(args.data, "mean"), "mean", table=f"--j-star {jstar}",
+        curve.table.check_data(source_fingerprint(args.data, "mean"), "mean", conditional, table=f"--j-star {jstar}",
                                data=f"--data {args.data}")
     base = TrainConfig(preset=args.preset, jstar=jstar, conditional=args.conditional, batch_n_img=args.batch,
                        duration_n_img=args.images, lr_ref=args.lr, warmup_n_img=args.warmup, eval_every_n_img=every,

@@ -12,7 +12,9 @@ The plan (one Ray Data pipeline per estimate pass):
 A Ray row is a whole lossfloor batch (its index), so a batch is never split across Ray batches whatever
 Ray does with blocks. Every batch's randomness comes from (seed, batch index) in the core, never from
 the worker, so 1 or 2 workers give the local engine's numbers. Workers only compute: the work folder,
-progress and MLflow are the driver's.
+progress and MLflow are the driver's. The class-conditional floor (`labels`, `lossfloor.floor.conditional`)
+is one pass over every class's batches, numbered class after class: the classes spread over the pool's
+actors, an actor making a class's data (knn: its index) when the first batch of that class reaches it.
 
 The data reach the actors once per node, never once per actor:
 - an in-memory array: through the object store (`ray.put` on the driver; each node fetches it once and
@@ -44,11 +46,14 @@ import ray
 import torch
 
 from lossfloor.data import read_meta, read_shard_rows, shard_paths
+from lossfloor.data.fingerprint import labels_fingerprint
 from lossfloor.data.node_cache import NodeCache, read_only_tensor, shard_matrix
 from lossfloor.data.shards import is_plain_shard_dir
 from lossfloor.errors import InputError
 from lossfloor.floor import Estimate, EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan
 from lossfloor.floor.batch import data_scale, data_total_variance, divided, scale_of_rms
+from lossfloor.floor.classes import ClassBatches, ClassPlan, class_plan, class_total_variances
+from lossfloor.floor.conditional import conditional_passes
 from lossfloor.floor.config import default_rows_per_batch
 from lossfloor.floor.estimate import BatchHook, check_sigmas, estimate_passes, rescaled
 from lossfloor.floor.resume import data_fingerprint
@@ -90,9 +95,11 @@ class FloorWorker:
     folder, mapped from this node's cache (`lossfloor.data.node_cache`, written by the node's first actor)
     and divided by scale (`lossfloor.floor.batch.data_scale`).
     fingerprint: the data set's, naming its node cache entries (knn's distinct points and index).
+    classes: the ClassPlan of a class-conditional estimate (then every batch is one class's, `ClassBatches`).
     """
 
-    def __init__(self, data: tuple, fingerprint: str, sigmas: np.ndarray, cfg: EstimatorConfig, threads: int):
+    def __init__(self, data: tuple, fingerprint: str, sigmas: np.ndarray, cfg: EstimatorConfig, threads: int,
+                 classes: ClassPlan | None = None):
         torch.set_num_threads(threads)
         kind, where = data
         cache = NodeCache(fingerprint)
@@ -105,20 +112,27 @@ class FloorWorker:
             x = x / where[1]  # data far from unit scale (`batch.data_scale`): a private copy
         if x.dtype != getattr(torch, cfg.dtype):
             x = x.to(getattr(torch, cfg.dtype))  # a float64 reference run: a private copy
-        self.sigmas, self.cfg = sigmas, cfg
-        self.plan = query_plan(cfg, x.shape[0])
-        self.data = floor_data(x, cfg, cache=cache)  # on the GPU if it fits; knn's points and index per node
-        self.build_s = self.data.index_build_s  # reported with the first batch
+        if classes is None:
+            plan = query_plan(cfg, x.shape[0])
+            data = floor_data(x, cfg, cache=cache)  # on the GPU if it fits; knn's points and index per node
+            self.batch = lambda b: batch_terms(data, sigmas, cfg, plan, b)
+            self.times = lambda: (data.index_build_s, data.search_s)
+        else:
+            batches = ClassBatches(x, classes)
+            self.batch = lambda b: batches.terms(sigmas, b)
+            self.times = lambda: (batches.index_build_s, batches.search_s)
+        self.reported = (0.0, 0.0)  # index build and search seconds reported so far
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {name: [] for name in _COLUMNS}
         for b in batch["batch_index"]:
-            t0, s0 = time.perf_counter(), self.data.search_s
-            part = batch_terms(self.data, self.sigmas, self.cfg, self.plan, int(b))  # returns host arrays (synced)
+            t0 = time.perf_counter()
+            part = self.batch(int(b))  # returns host arrays (synced)
             out["kernel_s"].append(time.perf_counter() - t0)
-            out["search_s"].append(self.data.search_s - s0)
-            out["index_build_s"].append(self.build_s)
-            self.build_s = 0.0
+            times = self.times()
+            out["index_build_s"].append(times[0] - self.reported[0])
+            out["search_s"].append(times[1] - self.reported[1])
+            self.reported = times
             for name in _COLUMNS[:-3]:
                 out[name].append(getattr(part, name))
         return {name: np.asarray(values) for name, values in out.items()}  # sum_*: (n, S) float64
@@ -196,8 +210,9 @@ def batches_per_task(n_batches: int, workers: int) -> int:
 class _RayRunner:
     """The `BatchRunner` of the Ray engine (see `lossfloor.floor.estimate.run_pass`)."""
 
-    def __init__(self, data: tuple, fingerprint: str, engine, cpus_per_worker: float):
+    def __init__(self, data: tuple, fingerprint: str, engine, cpus_per_worker: float, classes: ClassPlan | None = None):
         self.data, self.fingerprint, self.engine, self.cpus = data, fingerprint, engine, cpus_per_worker
+        self.classes = classes
         self.kernel_times: list[float] = []  # seconds in `batch_terms` per computed batch, arrival order
         self.search_s = self.index_build_s = 0.0
 
@@ -223,6 +238,7 @@ class _RayRunner:
                 "sigmas": sigmas,
                 "cfg": cfg,
                 "threads": max(1, int(self.cpus)),
+                "classes": self.classes,
             },
         )
         it = iter(out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
@@ -281,6 +297,7 @@ def estimate_ray(
     config: EstimatorConfig | None = None,
     *,
     engine,
+    labels=None,
     fingerprint: str | None = None,
     work_dir=None,
     work_parent=None,
@@ -301,6 +318,8 @@ def estimate_ray(
       (also the actors' torch threads; None: the cluster's CPUs / workers).
     The kernel runs on engine.device (config.device must agree: cuda needs gpus_per_worker > 0).
     work_dir / work_parent: the resumable work folder (see `lossfloor.floor.estimate.estimate`).
+    labels: (N,) integer class labels of an array's samples: the class-conditional floor
+      (`lossfloor.floor.conditional`), its classes spread over the actors.
     """
     config = config or EstimatorConfig()
     if config.device.startswith("cuda") and engine.device == "cpu":
@@ -310,6 +329,9 @@ def estimate_ray(
     started, connect_s = connect(engine.address)
     try:
         with _quiet_ray_data():
+            if shards is not None and labels is not None:
+                raise InputError(f"--conditional: the Ray engine reads the classes from an array, not a shard folder "
+                                 f"({shards}); load the data (`lossfloor.data.load`) and pass its samples and labels")
             if shards is not None and config.latents == "posterior":
                 raise InputError(f"--latents posterior: not for shard folders ({shards}); give the EDM2 latents "
                                  "zip or folder")
@@ -328,18 +350,33 @@ def estimate_ray(
                 fingerprint = fingerprint or data_fingerprint(x)
                 tv = data_total_variance(x, config)
                 data = ("ref", [ray.put(x.numpy())])
-            cfg = resolve_for(config, n, d, engine.device)
+            classes = None
+            if labels is not None:
+                labels = np.asarray(labels)
+                if labels.shape != (n,):
+                    raise InputError(f"labels: expected one label per sample, shape ({n},), got shape {labels.shape}")
+                classes = class_plan(labels, config, d, lambda c, n_c: resolve_for(c, n_c, d, engine.device))
+                cfg = classes.configs[classes.main]
+            else:
+                cfg = resolve_for(config, n, d, engine.device)
             cpus = engine.cpus_per_worker
             if cpus is None:
                 cpus = _default_cpus_per_worker(engine.workers)
-            runner = _RayRunner(data, fingerprint, engine, cpus)
+            runner = _RayRunner(data, fingerprint, engine, cpus, classes)
             log.info("ray engine: %d worker(s) x %g CPU%s, %s", engine.workers, cpus,
                      f" x {engine.gpus_per_worker:g} GPU" if engine.gpus_per_worker else "", cfg.device)
-            result = estimate_passes(
-                (n, d), sigmas / scale, cfg, runner,
-                tv=tv, fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
-                resolve=lambda c: resolve_for(c, n, d, engine.device), progress=progress, on_batch=on_batch,
-            )
+            if classes is not None:
+                result = conditional_passes(
+                    classes, d, sigmas / scale, runner, tvs=class_total_variances(x, classes, config),
+                    fingerprint=fingerprint, labels=labels_fingerprint(labels), work_dir=work_dir,
+                    work_parent=work_parent, progress=progress, on_batch=on_batch,
+                )
+            else:
+                result = estimate_passes(
+                    (n, d), sigmas / scale, cfg, runner,
+                    tv=tv, fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
+                    resolve=lambda c: resolve_for(c, n, d, engine.device), progress=progress, on_batch=on_batch,
+                )
     finally:
         t_stop = time.monotonic()
         if started:

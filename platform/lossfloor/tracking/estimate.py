@@ -4,6 +4,7 @@ What a run holds (names are stable: dashboards and comparisons read them):
 
   params    estimator, target, subset_size (L), c (C), queries_per_sample (k), seed, n_queries,
             dataset_fingerprint, sigma_min, sigma_max, n_sigma, sigmas (JSON), sigma_star_threshold,
+            conditional (the class-conditional floor Σ_c π_c J*_c) and then labels_fingerprint,
             plus the caller's `params` (data source, engine, ...)
   metrics   j_star, stderr, bias, ci_low,    one value per σ, step = σ index (ascending σ)
             ci_high, subset_size, sigma
@@ -55,6 +56,8 @@ def table_params(table: JStarTable) -> dict[str, object]:
         "n_sigma": len(sigmas),
         "sigmas": json.dumps([float(f"{s:.6g}") for s in sigmas]),
         "sigma_star_threshold": json.loads(meta.get(b"sigma_star_threshold", b"null")),
+        "conditional": meta.get(b"class_conditional", b"false") == b"true",
+        "labels_fingerprint": meta.get(b"labels_fingerprint", b"").decode() or None,
     }
     return {k: v for k, v in params.items() if v is not None}
 

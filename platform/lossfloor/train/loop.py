@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lossfloor.data.fingerprint import labels_fingerprint
 from lossfloor.errors import InputError
 from lossfloor.models import (
     UNetConfig,
@@ -198,8 +199,9 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     precond = R.preconditioning()
     curve = JStarCurve.from_path(cfg.jstar) if cfg.jstar else None
     if curve is not None:
-        curve.table.check_data(latents=cfg.latents, conditional=bool(unet_cfg.label_dim), table=f"jstar {cfg.jstar}",
-                               data="the training data")
+        labels_fp = labels_fingerprint(labels.numpy()) if labels is not None and curve.table.class_conditional else None
+        curve.table.check_data(latents=cfg.latents, conditional=bool(unet_cfg.label_dim), labels=labels_fp,
+                               table=f"jstar {cfg.jstar}", data="the training data")
         check_eval_grid(R, curve.table, table_name=f"jstar {cfg.jstar}")
     schedule = build_schedule(R.schedule, precond, P_mean=R.preset.P_mean, P_std=R.preset.P_std, jstar=curve)
     net = build_unet(unet_cfg, device=device, seed=cfg.seed)
@@ -254,6 +256,7 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
     def table_meta() -> dict:  # the tables' schema metadata (lossfloor.tracking.train reads it)
         return {"flop_convention": FLOP_CONVENTION, "forward_flops": repr(fwd_flops), "run": R.run,
                 "config": json.dumps(cfg.to_dict()), "dataset_fingerprint": getattr(data, "fingerprint", "") or "",
+                "class_conditional": "true" if unet_cfg.label_dim else "false",  # which floor its gaps are to
                 "started_at": repr(started_at), "written_at": repr(time.time())}
 
     def tables() -> dict:

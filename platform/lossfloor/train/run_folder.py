@@ -4,7 +4,8 @@
     run.curve_rows[-1]["loss"], run.config.preset, run.checkpoints[-1]
 
 The folder holds loss_curve.parquet and train_log.parquet (`lossfloor.train.curves`; both carry the loop's
-schema metadata: config (JSON), forward_flops, run, flop_convention, dataset_fingerprint, started_at,
+schema metadata: config (JSON), forward_flops, run, flop_convention, dataset_fingerprint, class_conditional
+("true" when the model sees class labels: its floor is the class-conditional one), started_at,
 written_at) and the checkpoint-<n_img>/ folders (`lossfloor.train.checkpoint`).
 """
 
