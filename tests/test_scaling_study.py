@@ -218,8 +218,9 @@ def test_posthoc_ema_curves_are_fitted_in_a_new_fit_stage(first_run, tmp_path):
         last = max(r["images"] for r in rows)
         per_sigma = sorted((r for r in rows if r["images"] == last and r["sigma"] is not None), key=lambda r: r["sigma"])
         sigmas = np.array([r["sigma"] for r in per_sigma])
-        x0 = torch.as_tensor(data.samples)[torch.from_numpy(evaluation_subset(len(data), 64, 0))]
-        loss, _ = local_losses(model, x0, None, sigmas, seed=0, batch=64, device="cpu")
+        idx = torch.from_numpy(evaluation_subset(len(data), 64, 0))
+        x0, labels = torch.as_tensor(data.samples)[idx], torch.as_tensor(data.labels)[idx]  # conditional models
+        loss, _ = local_losses(model, x0, labels, sigmas, seed=0, batch=64, device="cpu")
         np.testing.assert_allclose([r["loss"] for r in per_sigma], loss, rtol=1e-5)
         coef = quadrature_weights(sigmas, model.weighting.density) * model.weighting.weight(
             torch.as_tensor(sigmas)).numpy()
