@@ -208,6 +208,14 @@ def ws(tmp_path_factory):
                                EstimatorConfig(estimator="exact", queries_per_sample=1), progress=False)
     write_table(build_table(est, target="x0", fingerprint=digits.fingerprint), t / "cond.parquet")
     torch.jit.save(torch.jit.script(_Same()), str(t / "same.pt"))
+    # evallatent (issue 21): a run trained on (4, 8, 8) latents, an EDM2 snapshot of such latents
+    from lossfloor.models import sized_preset
+
+    np.save(t / "latents.npy", rng.standard_normal((40, 4, 8, 8)).astype(np.float32) * 0.5)
+    train(TrainConfig(preset=sized_preset((4, 8, 8)), batch_n_img=32, duration_n_img=32, warmup_n_img=0,
+                      eval_n_samples=8, eval_sigmas=(0.5,)), load(str(t / "latents.npy")), checkpoint_dir=t / "latentrun")
+    latent = sized_preset((4, 8, 8))
+    edm2_pickles.write_snapshot(t / "latent-snapshot.pkl", build_unet(latent), build_uncertainty_head(latent))
     return t
 
 
@@ -591,6 +599,29 @@ STUDY_ROWS += [
     ("scaling_imagenet512", "--unconditional with the class-conditional floor",
      [*WHOLE, "--unconditional", "--j-star", "{ws}/cond.parquet", "--out", "{out}"],
      ["--j-star", "a class-conditional floor", "has no class labels"]),
+]
+
+# evallatent (issue 21): latent models in evaluate: decoded by --vae, whose decoded images must be the reference's
+EVS = ["--reference-stats", "{ws}/digits.stats.npz", "--features", "pixels:2", "--out", "{out}"]
+CLI_ROWS += [
+    ("evaluate: a latent model without --vae", ["evaluate", "--model", "{ws}/latentrun", *EVS],
+     ["--model", "latentrun", "a latent model", "(4, 8, 8)", "give --vae DIR"]),
+    ("evaluate: an EDM2 latent snapshot without --vae", ["evaluate", "--model", "{ws}/latent-snapshot.pkl", *EVS],
+     ["--model", "latent-snapshot.pkl", "a latent model", "(4, 8, 8)", "give --vae DIR"]),
+    ("evaluate: --vae with a pixel model", [*EV, "--out", "{out}", "--vae", "{ws}/vae"],
+     ["--vae", "decodes 4-channel latents", "is a pixel model", "(1, 8, 8)"]),
+    ("evaluate: decoded images of another shape than the reference's",
+     ["evaluate", "--model", "{ws}/latentrun", "--vae", "{ws}/vae", *EVS],
+     ["--vae", "to images of shape (3, 16, 16)", "digits.stats.npz", "images of shape (1, 8, 8)"]),
+    ("evaluate: --latent-stats without --vae", [*EV, "--out", "{out}", "--latent-stats", "{ws}/other.npy"],
+     ["--latent-stats", "only with --vae"]),
+    ("evaluate: --latent-stats of images", ["evaluate", "--model", "{ws}/latentrun", "--vae", "{ws}/vae",
+                                            "--latent-stats", "{ws}/rgb16", *EVS],
+     ["--latent-stats", "rgb16", "expected a latent set"]),
+    ("evaluate: --vae for --samples", ["evaluate", "--samples", "{ws}/rgb16", "--vae", "{ws}/vae", *EVS],
+     ["--vae", "only with --model"]),
+    ("evaluate: --vae with --reference", ["evaluate", "--reference", "--data", D, "--features", "pixels:2", "--vae",
+                                          "{ws}/vae", "--out", "{out}.npz"], ["--vae", "not with --reference"]),
 ]
 
 

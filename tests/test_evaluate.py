@@ -396,3 +396,139 @@ def test_statistics_of_a_subset_of_the_reference_features(files, tmp_path, capsy
                  "--seeds", "1", "--steps", "2", "--batch", "8", "--json"]) == 0
     capsys.readouterr()
     assert set(read_reference(tmp_path / "o" / "samples-seed0.stats.npz").stats) == {"fd_dinov2"}
+
+
+# --- latent models: samples decoded by the data set's VAE ---------------------------------------------
+
+
+LATENT_MEAN, LATENT_STD = (1.0, -2.0, 0.5, 3.0), (2.0, 1.0, 3.0, 0.5)  # the latent set's own statistics
+EDM2_MEAN, EDM2_STD = (5.81, 3.25, 0.12, -2.15), (4.17, 4.62, 3.71, 3.28)  # EDM2's published SD-VAE constants
+
+
+@pytest.fixture(scope="module")
+def latent(tmp_path_factory, one_thread):
+    """A tiny random AutoencoderKL (one 2x level: latents (4, 8, 8) <-> images (3, 16, 16)), an EDM2-layout
+    latent set of 40 images with its own statistics, a run trained on its whitened latents, and reference
+    statistics (pixels:8) of 48 random RGB 16x16 images."""
+    from diffusers import AutoencoderKL
+
+    from lossfloor.data import Dataset
+    from lossfloor.data.edm2 import LatentStats
+    from lossfloor.data.latent_sets import write_edm2
+    from lossfloor.models import sized_preset
+    from lossfloor.train import TrainConfig, train
+
+    d = tmp_path_factory.mktemp("latent")
+    torch.manual_seed(0)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(d / "vae", safe_serialization=True)
+    rng = np.random.default_rng(0)
+    m, s = np.array(LATENT_MEAN)[:, None, None], np.array(LATENT_STD)[:, None, None]
+    raw = np.concatenate([m + s * rng.standard_normal((40, 4, 8, 8)), np.full((40, 4, 8, 8), 0.1)], axis=1)
+    d.joinpath("latents").mkdir()
+    write_edm2(d / "latents", lambda: iter([raw.astype(np.float32)]), None,
+               stats=LatentStats(mean=LATENT_MEAN, std=LATENT_STD), as_zip=False)
+    train(TrainConfig(preset=sized_preset((4, 8, 8)), batch_n_img=32, duration_n_img=32, warmup_n_img=0,
+                      eval_n_samples=8, eval_sigmas=(0.5,)), load(d / "latents"), checkpoint_dir=d / "run")
+    images = rng.uniform(-1, 1, (48, 3, 16, 16)).astype(np.float32)
+    ref = Dataset(samples=images, labels=None, fingerprint="rgb16", source="rgb16", normalisation="none")
+    write_reference(reference_statistics(ref, feature_extractors("pixels:8")), d / "rgb16.stats.npz")
+    _script(ShrinkDenoiser(), d / "shrink.pt")
+    return {"dir": d, "images": images}
+
+
+def _pixels8(u8: np.ndarray) -> np.ndarray:
+    """pixels:8 by hand: the mean of each 8x8 tile of each channel, of u8 / 127.5 - 1."""
+    x = u8.astype(np.float64) / 127.5 - 1
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // 8, 8, w // 8, 8).mean(axis=(3, 5)).reshape(n, -1)
+
+
+@pytest.mark.parametrize("kind", ["run", "torchscript"])
+def test_a_latent_models_samples_are_decoded_by_the_vae_before_the_features(latent, tmp_path, capsys, kind):
+    """The run (latents (4, 8, 8) from its config) with the set's statistics; a TorchScript model (the latent
+    shape from the reference images' (3, 16, 16) and the VAE's 2x) with EDM2's constants (no --latent-stats)."""
+    from diffusers import AutoencoderKL
+
+    from lossfloor.diagnose.models import load_model
+
+    d = latent["dir"]
+    model = ["--model", str(d / "run")] if kind == "run" else ["--model", str(d / "shrink.pt"), "--prediction", "x0"]
+    stats = ["--latent-stats", str(d / "latents")] if kind == "run" else []
+    assert main(["evaluate", *model, "--vae", str(d / "vae"), *stats, "--reference-stats", str(d / "rgb16.stats.npz"),
+                 "--features", "pixels:8", "--out", str(tmp_path / "o"), "--n-samples", "12", "--seeds", "2",
+                 "--steps", "3", "--batch", "8", "--json", "--mlflow", "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'm.db'}"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    mean, std = (LATENT_MEAN, LATENT_STD) if kind == "run" else (EDM2_MEAN, EDM2_STD)
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    params = c.search_runs([c.get_experiment_by_name("evaluate").experiment_id])[0].data.params
+    assert params["vae"] == str(d / "vae")
+    assert params["latent_stats"] == (str(d / "latents") if kind == "run" else "EDM2's SD-VAE constants")
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert saved["vae"] == str(d / "vae") and saved["latent_stats"]["mean"] == pytest.approx(mean)
+    assert saved["latent_stats"]["std"] == pytest.approx(std)
+    # by hand: the same samples (noise from (seed, index)), un-whitened by inverting the whitening
+    # x = (raw - m_c) (0.5 / s_c) of EDM2's latents in float64: raw = x / (0.5 / s_c) + m_c; the VAE's own decode,
+    # clamp to [0, 1], 8 bits, pixels:8, FD against the reference images' features
+    den = load_model(**({"spec": str(d / "run")} if kind == "run" else {"spec": str(d / "shrink.pt"),
+                                                                         "prediction": "x0"})).denoiser
+    vae = AutoencoderKL.from_pretrained(d / "vae").eval()
+    m, s = np.array(mean)[:, None, None], np.array(std)[:, None, None]
+    ref_features = _pixels8(to_uint8(torch.from_numpy(latent["images"])).numpy())
+    for seed in (0, 1):
+        x, _ = generate(den, 12, (4, 8, 8), seed=seed, batch=8, num_steps=3)
+        raw = (x.double().numpy() / (0.5 / s) + m).astype(np.float32)
+        with torch.no_grad():
+            u8 = np.concatenate([(vae.decode(torch.from_numpy(raw[a:b])).sample.clamp(0, 1) * 255 + 0.5)
+                                 .to(torch.uint8).numpy() for a, b in ((0, 8), (8, 12))])
+        assert u8.shape == (12, 3, 16, 16)
+        want = _independent_fd(_pixels8(u8), ref_features)
+        assert result["fd"]["per_seed"][seed] == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_the_vae_and_the_latent_statistics_are_part_of_the_work_key(latent, tmp_path, monkeypatch):
+    from lossfloor.diagnose import sampling
+    from lossfloor.jobs import evaluate as job
+
+    d = latent["dir"]
+    base = {"model": str(d / "shrink.pt"), "prediction": "x0", "reference_stats": str(d / "rgb16.stats.npz"),
+            "features": "pixels:8", "n_samples": 12, "seeds": 1, "batch": 8, "settings": SamplerSettings(num_steps=2),
+            "vae": str(d / "vae")}
+    clean = job.evaluate(job.EvaluateSpec(**base, latent_stats=str(d / "latents"), out=str(tmp_path / "clean")))
+    real_build, calls = sampling.SampleWork.build, []
+
+    def failing_build(self, device):
+        compute = real_build(self, device)
+
+        def run(seed, start, stop):
+            calls.append(start)
+            if start == 8 and interrupt:
+                raise KeyboardInterrupt
+            return compute(seed, start, stop)
+        return run
+
+    def interrupted(spec):  # block 0..7 done, then interrupted
+        nonlocal interrupt
+        interrupt = True
+        with pytest.raises(KeyboardInterrupt):
+            job.evaluate(spec)
+        interrupt = False
+        calls.clear()
+    interrupt = False
+    monkeypatch.setattr(sampling.SampleWork, "build", failing_build)
+    interrupted(job.EvaluateSpec(**base, out=str(tmp_path / "o")))  # EDM2's constants
+    got = job.evaluate(job.EvaluateSpec(**base, latent_stats=str(d / "latents"), out=str(tmp_path / "o")))
+    assert calls == [0, 8] and got["fd"] == clean["fd"]  # other statistics: nothing reused
+    interrupted(job.EvaluateSpec(**base, out=str(tmp_path / "o2")))
+    (tmp_path / "vae2").mkdir()
+    for f in (d / "vae").iterdir():
+        (tmp_path / "vae2" / f.name).write_bytes(f.read_bytes())
+    job.evaluate(job.EvaluateSpec(**{**base, "vae": str(tmp_path / "vae2")}, out=str(tmp_path / "o2")))
+    assert calls == [0, 8]  # another VAE folder: nothing reused
+    interrupted(job.EvaluateSpec(**base, out=str(tmp_path / "o3")))
+    job.evaluate(job.EvaluateSpec(**base, out=str(tmp_path / "o3")))
+    assert calls == [8]  # the same inputs: the finished block is reused

@@ -63,6 +63,12 @@ def register(sub) -> None:
                    help="the guide: an unconditional model (classifier-free guidance) or a smaller / less-trained "
                    "conditional one (autoguidance)")
     p.add_argument("--guide-ema", default="auto", help="the guide's --ema (lossfloor runs)")
+    p.add_argument("--vae", default=None, metavar="DIR",
+                   help="a latent model: the data set's VAE (a diffusers AutoencoderKL folder, e.g. sd-vae-ft-mse) "
+                   "that decodes its samples to images before the features")
+    p.add_argument("--latent-stats", default=None, metavar="SRC",
+                   help="with --vae: the latent set (lossfloor data encode output, EDM2 latents) whose per-channel "
+                   "statistics un-whiten the samples (default EDM2's constants for SD-VAE latents of ImageNet)")
     p.add_argument("--batch", type=int, default=256, help="images per sampler / feature batch (default 256)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     p.add_argument("--precision", default="none", help="autocast of the model: none | bf16 | fp16 (CUDA)")
@@ -79,7 +85,8 @@ def register(sub) -> None:
 
 def _only_for_models(args, engine: Engine) -> None:
     flags = {"--engine": None if engine.kind == "local" else engine.kind, "--reference-stats": args.reference_stats, "--n-samples": args.n_samples, "--seeds": args.seeds,
-             "--guide-model": args.guide_model, "--mlflow": args.mlflow or None}
+             "--guide-model": args.guide_model, "--vae": args.vae, "--latent-stats": args.latent_stats,
+             "--mlflow": args.mlflow or None}
     for flag, value in flags.items():
         if value is not None:
             raise InputError(f"{flag}: not with --reference (it writes the statistics of --data)")
@@ -113,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
                         n_samples=N_SAMPLES if args.n_samples is None else args.n_samples,
                         seeds=SEEDS if args.seeds is None else args.seeds, sampler=args.sampler, settings=settings,
                         ema=args.ema, prediction=args.prediction, process=args.process, guidance=args.guidance,
-                        guide_model=args.guide_model, guide_ema=args.guide_ema, batch=args.batch, device=args.device,
+                        guide_model=args.guide_model, guide_ema=args.guide_ema, vae=args.vae,
+                        latent_stats=args.latent_stats, batch=args.batch, device=args.device,
                         precision=args.precision, engine=engine, tracking=tracking)
     result = evaluate(spec)
     if args.json:

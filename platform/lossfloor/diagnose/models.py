@@ -73,6 +73,7 @@ class Model:
     weighting: Weighting | None = None
     sigma_range: tuple[float, float] | None = None  # where the model is defined (diffusers schedulers)
     label_dim: int = 0  # > 0: class-conditional, needs labels
+    sample_shape: tuple[int, ...] | None = None  # (C, H, W) where the files say it (lossfloor runs, EDM2 snapshots)
 
 
 class ForeignDenoiser(torch.nn.Module):
@@ -267,8 +268,10 @@ def _lossfloor(path: Path, *, ema: str, device, precision: str = "none") -> Mode
     except InputError:  # an optimal-loss run whose J* table is gone: its weighting is unknown here
         pass
     prediction = precond.target or precond.name
+    unet = R.unet
     return Model(spec=str(path), name=R.run, kind="lossfloor", prediction=prediction, process=precond.process,
-                 denoiser=den, weighting=weighting, label_dim=label_dim)
+                 denoiser=den, weighting=weighting, label_dim=label_dim,
+                 sample_shape=(unet.img_channels, unet.img_resolution, unet.img_resolution))
 
 
 def _ema_weights(ema: str, state: dict, ckpt: Path) -> dict | None:
@@ -318,8 +321,10 @@ def _edm2(path: Path, *, device, precision: str) -> Model:
         weighting = Weighting(name=f"EDM2 (1/c_out^2, ln sigma ~ N({edm2.loss[0]:g}, {edm2.loss[1]:g}^2))",
                               weight=schedule.weight, density=schedule.reference_density)
     den = Denoiser(edm2.net, precond, edm2.head, precision)
+    c = edm2.config
     return Model(spec=str(path), name=path.name, kind="edm2", prediction="edm", process="ve", denoiser=den,
-                 weighting=weighting, label_dim=edm2.config.label_dim)
+                 weighting=weighting, label_dim=c.label_dim, sample_shape=(c.img_channels, c.img_resolution,
+                                                                            c.img_resolution))
 
 
 # --- diffusers ------------------------------------------------------------------------------------

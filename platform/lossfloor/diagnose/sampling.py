@@ -54,9 +54,9 @@ def load_sampler(main: Mapping, *, guide: Mapping | None = None, scale: float = 
 
 @dataclass(frozen=True, kw_only=True)
 class SampleWork:
-    """Everything a worker needs to compute blocks of an evaluation: `build(device)` loads the sampler and
-    the extractors once and returns compute(seed, start, stop) -> {metric: FeatureSums}
-    (`lossfloor.train.quality.block_sums`)."""
+    """Everything a worker needs to compute blocks of an evaluation: `build(device)` loads the sampler, the
+    extractors and a latent model's VAE (from its folder) once and returns
+    compute(seed, start, stop) -> {metric: FeatureSums} (`lossfloor.train.quality.block_sums`)."""
 
     main: dict
     guide: dict | None = None
@@ -66,6 +66,8 @@ class SampleWork:
     class_probs: tuple[float, ...] | None = None
     sampler: object = None  # lossfloor.train.quality.SamplerSettings
     batch: int = 256
+    vae: str | None = None  # a latent model's VAE folder: its samples are decoded to images before the features
+    latent_stats: object = None  # the latents' lossfloor.data.edm2.LatentStats (un-whitening before decoding)
 
     def build(self, device) -> Callable:
         from dataclasses import replace
@@ -78,9 +80,20 @@ class SampleWork:
         base = SampleSpec(shape=tuple(self.shape), class_probs=self.class_probs,
                           sampler=self.sampler or SamplerSettings())
 
+        decode = None
+        if self.vae is not None:
+            import torch
+
+            from lossfloor.data.vae import decode_latents, load_vae
+
+            vae = load_vae(self.vae, device=device)
+
+            def decode(x):
+                return torch.from_numpy(decode_latents(vae, x.cpu().numpy(), self.latent_stats, batch=self.batch))
+
         def compute(seed: int, start: int, stop: int) -> dict:
             return block_sums(sampler.denoiser, extractors, replace(base, seed=seed), start=start, stop=stop,
-                              batch=self.batch, device=device)
+                              batch=self.batch, device=device, decode=decode)
         return compute
 
 

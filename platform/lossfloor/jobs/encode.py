@@ -194,8 +194,8 @@ def check_decode(spec: DecodeSpec) -> None:
 def read_latents(src: str, count: int | None):
     """(whitened latents (n, 4, h, w), their stats) of a latent set, or of a .npy of whitened latents
     (EDM2's constants: a sampler's output carries no stats)."""
-    from lossfloor.data import load, open_source
-    from lossfloor.data.edm2 import EDM2_STATS, LATENT_NORMALISATION
+    from lossfloor.data import load
+    from lossfloor.data.edm2 import EDM2_STATS
 
     if src.lower().endswith(".npy"):
         try:
@@ -205,23 +205,30 @@ def read_latents(src: str, count: int | None):
         if x.ndim != 4 or x.shape[1] != 4:
             raise InputError(f"--data {src}: expected whitened latents (n, 4, h, w), got shape {list(x.shape)}")
         return np.asarray(x[:count], dtype=np.float32), EDM2_STATS
-    reader = open_source(src)
-    if reader.info().normalisation != LATENT_NORMALISATION:
-        raise InputError(f"--data {src}: expected a latent set (lossfloor data encode, EDM2 latents) or a .npy of "
-                         "whitened latents")
-    return load(src, max_samples=None if count is None else max(count, 2)).samples[:count], _stats_of(reader)
+    stats = latent_stats(src, "--data", alternative=" or a .npy of whitened latents")
+    return load(src, max_samples=None if count is None else max(count, 2)).samples[:count], stats
 
 
-def _stats_of(reader):
-    """The statistics a latent set was whitened with."""
-    from lossfloor.data.edm2 import LatentStats
+def latent_stats(src: str, flag: str, alternative: str = ""):
+    """The per-channel statistics (`lossfloor.data.edm2.LatentStats`) the latent set SRC was whitened with:
+    a `lossfloor data encode` set's own, an EDM2 latent folder or zip's latent_stats.json, else EDM2's
+    constants; InputError naming `flag` for anything else."""
+    from lossfloor.data import open_source
+    from lossfloor.data.edm2 import LATENT_NORMALISATION, LatentStats
     from lossfloor.data.shards import ShardReader
 
+    try:
+        reader = open_source(src)
+        normalisation = reader.info().normalisation
+    except InputError as e:
+        raise InputError(f"{flag} {e}") from None
+    if normalisation != LATENT_NORMALISATION:
+        raise InputError(f"{flag} {src}: expected a latent set (lossfloor data encode, EDM2 latents){alternative}")
     if not isinstance(reader, ShardReader):
         return reader.stats  # EDM2 latents: their latent_stats.json, else EDM2's constants
     if reader.meta.latent_stats is None:
-        raise InputError(f"--data {reader.path}: shards of whitened latents without their statistics; decode the "
-                         "set they were prepared from")
+        raise InputError(f"{flag} {reader.path}: shards of whitened latents without their statistics; give the set "
+                         "they were prepared from")
     return LatentStats.from_dict(reader.meta.latent_stats, reader.path)
 
 
@@ -253,4 +260,4 @@ def decode(spec: DecodeSpec, *, progress: bool = True) -> Path:
     return out
 
 
-__all__ = ["FORMATS", "DecodeSpec", "EncodeSpec", "check_encode", "decode", "encode", "work_path"]
+__all__ = ["FORMATS", "DecodeSpec", "EncodeSpec", "check_encode", "decode", "encode", "latent_stats", "work_path"]

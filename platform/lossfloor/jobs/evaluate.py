@@ -7,8 +7,16 @@
 
 Every input is checked before any sampling: the output folder, the counts, the extractors (their network
 files), the statistics file against the extractors and the data (`ReferenceStats.check`), the model (and
-its guide) with one forward pass at the sample shape; a latent model (not 1 or 3 channels) is refused:
-this version has no VAE decoder to turn its samples into images.
+its guide) with one forward pass at the sample shape.
+
+A latent model (`--vae DIR`): its samples are whitened latents, as lossfloor trains on the output of
+`lossfloor data encode` or on EDM2 latents; each batch is un-whitened with the latent set's per-channel
+statistics (raw = x / (0.5 / s_c) + m_c, `--latent-stats SRC`: the set's own, else EDM2's constants for
+SD-VAE) and decoded by the VAE to uint8 images (`lossfloor.data.vae.decode_latents`), which go to the
+feature extractors as a pixel model's quantised samples do. The reference statistics are of images, so
+the decoded shape must be theirs. A lossfloor run's or EDM2 snapshot's sample shape is its config's: one
+of neither 1 nor 3 channels without --vae, or one of 1 or 3 channels with it, is refused; other kinds of
+models are sampled at the reference's shape, or with --vae at the latent shape that decodes to it.
 
 The samples of seed s are blocks (`lossfloor.train.quality.blocks`) computed here or on Ray actors
 (`lossfloor.ray.evaluate`); each finished block's feature sums are saved under OUT/work/<key>/, so an
@@ -29,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lossfloor.data.vae import WEIGHTS
 from lossfloor.devices import check_device
 from lossfloor.errors import InputError
 from lossfloor.jobs.engine import LOCAL, Engine
@@ -76,6 +85,8 @@ class EvaluateSpec:
     guidance: float = 1.0
     guide_model: str | None = None
     guide_ema: str = "auto"
+    vae: str | None = None  # a latent model's VAE folder (diffusers AutoencoderKL)
+    latent_stats: str | None = None  # the latent set whose statistics un-whiten the samples (default EDM2's)
     batch: int = 256
     device: str = "cpu"
     precision: str = "none"
@@ -126,9 +137,12 @@ def check_spec(spec: EvaluateSpec) -> None:
     _check_batch(spec.batch)
     if spec.samples is not None:
         for flag, given in (("--guidance", spec.guidance != 1), ("--guide-model", spec.guide_model is not None),
-                            ("--ema", spec.ema != "auto"), ("--engine", spec.engine.kind != "local")):
+                            ("--ema", spec.ema != "auto"), ("--engine", spec.engine.kind != "local"),
+                            ("--vae", spec.vae is not None)):
             if given:
                 raise InputError(f"{flag}: only with --model (--samples scores the images as they are)")
+    if spec.latent_stats is not None and spec.vae is None:
+        raise InputError("--latent-stats: only with --vae (the statistics un-whiten a latent model's samples)")
     if spec.guide_model is not None and spec.guidance == 1:
         raise InputError("--guide-model: needs --guidance S other than 1 (at 1 the guide is not used)")
 
@@ -145,8 +159,45 @@ def _load_samples(src: str):
     return data
 
 
-def _work(spec: EvaluateSpec, ref):
-    """The SampleWork of a model evaluation, checked: shape, latents, labels, one forward pass."""
+def _latents(spec: EvaluateSpec):
+    """--vae's config and the latent statistics (--latent-stats, else EDM2's constants); None without --vae."""
+    if spec.vae is None:
+        return None
+    from lossfloor.data.edm2 import EDM2_STATS
+    from lossfloor.data.vae import check_vae_folder
+    from lossfloor.jobs.encode import latent_stats
+
+    config = check_vae_folder(spec.vae)
+    return config, EDM2_STATS if spec.latent_stats is None else latent_stats(spec.latent_stats, "--latent-stats")
+
+
+def _sample_shape(spec: EvaluateSpec, model_shape, ref, vae: dict | None) -> tuple[int, ...]:
+    """The shape the model samples (module docstring): its own where its files say it (lossfloor runs, EDM2
+    snapshots), else the reference images', or with --vae the latents that decode to the reference's shape."""
+    from lossfloor.data.vae import downsampling
+
+    if vae is None:
+        shape = model_shape or tuple(ref.shape)
+        if shape[0] not in (1, 3):
+            raise InputError(f"--model {spec.model}: a latent model (samples of shape {shape}): give --vae DIR, the "
+                             "data set's VAE (diffusers AutoencoderKL), to decode its samples to images")
+        return shape
+    f, channels = downsampling(vae), vae.get("latent_channels", 4)
+    if model_shape is not None and model_shape[0] != channels:
+        what = "is a pixel model" if model_shape[0] in (1, 3) else f"samples {model_shape[0]} channels"
+        raise InputError(f"--vae {spec.vae}: decodes {channels}-channel latents, but --model {spec.model} {what} "
+                         f"(samples of shape {model_shape})")
+    shape = model_shape or (channels, ref.shape[1] // f, ref.shape[2] // f)
+    decoded = (vae.get("out_channels", 3), f * shape[1], f * shape[2])
+    if decoded != tuple(ref.shape):
+        raise InputError(f"--vae {spec.vae}: decodes the model's latents {shape} to images of shape {decoded}, but "
+                         f"--reference-stats {spec.reference_stats} holds statistics of images of shape "
+                         f"{tuple(ref.shape)}")
+    return shape
+
+
+def _work(spec: EvaluateSpec, ref, latents=None):
+    """The SampleWork of a model evaluation, checked: shape, latents (`_latents`), labels, one forward pass."""
     import torch
 
     from lossfloor.diagnose.sampling import SampleWork, load_sampler
@@ -159,11 +210,9 @@ def _work(spec: EvaluateSpec, ref):
         if Path(spec.guide_model).is_file() and Path(spec.guide_model).name != "state.pt":  # a network file:
             guide.update(prediction=spec.prediction, process=spec.process)  # the model's --prediction, --process
     sampler = load_sampler(main, guide=guide, scale=spec.guidance, device=spec.device)
-    shape = _model_shape(sampler.model) or ref.shape
-    if shape[0] not in (1, 3):
-        raise InputError(f"--model {spec.model}: a latent model ({shape[0]} channels): decoding its samples through "
-                         "the data set's VAE is not available in this version; score decoded images with --samples DIR")
-    ref.check({}, shape=shape, path=spec.reference_stats)
+    shape = _sample_shape(spec, sampler.model.sample_shape, ref, None if latents is None else latents[0])
+    if latents is None:
+        ref.check({}, shape=shape, path=spec.reference_stats)
     probs = None
     if sampler.label_dim:
         probs = ref.class_probs()
@@ -181,11 +230,12 @@ def _work(spec: EvaluateSpec, ref):
                                                                      device=spec.device), labels)
     if tuple(D.shape) != tuple(x.shape):
         raise InputError(f"--model {spec.model}: output of shape {tuple(D.shape[1:])} for samples of shape {shape} "
-                         "(the reference statistics' images)")
+                         f"({'the latents of ' if latents else ''}the reference statistics' images)")
     if not torch.isfinite(D).all():
         raise InputError(f"--model {spec.model}: outputs NaN or inf at σ = {spec.settings.sigma_max:g}")
     work = SampleWork(main=main, guide=guide, scale=float(spec.guidance), features=spec.features, shape=tuple(shape),
-                      class_probs=probs, sampler=spec.settings, batch=spec.batch)
+                      class_probs=probs, sampler=spec.settings, batch=spec.batch, vae=spec.vae,
+                      latent_stats=None if latents is None else latents[1])
     return work
 
 
@@ -193,19 +243,6 @@ def _stamp(path: str) -> list:
     """What tells a model file or run folder changed since a block was saved: its path and mtime."""
     p = Path(path)
     return [str(p.absolute()), p.stat().st_mtime_ns]
-
-
-def _model_shape(model) -> tuple[int, ...] | None:
-    """A lossfloor model's sample shape (C, H, W) from its config; None for other kinds (they take any)."""
-    if model.kind != "lossfloor":
-        return None
-    from lossfloor.train.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint
-    from lossfloor.train.config import TrainConfig, resolve
-
-    path = Path(model.spec)
-    ckpt = path if path.name == STATE_FILE or (path / STATE_FILE).is_file() else latest_checkpoint(path)
-    unet = resolve(TrainConfig.from_dict(load_checkpoint(ckpt, map_location="cpu")["config"])).unet
-    return (unet.img_channels, unet.img_resolution, unet.img_resolution)
 
 
 def _block_size(n: int, batch: int) -> int:
@@ -265,10 +302,12 @@ def evaluate(spec: EvaluateSpec) -> dict:
             seeds = [0]
             n = len(data.samples)
     else:
-        work = _work(spec, ref)
+        latents = _latents(spec)
+        work = _work(spec, ref, latents)
+        stamped = [spec.model, spec.guide_model, spec.vae and str(Path(spec.vae).expanduser() / WEIGHTS)]
         key = config_hash({"work": asdict(work), "networks": {k: ex.network_sha256 for k, ex in extractors.items()},
                            "n": spec.n_samples, "device": spec.engine.device or spec.device,
-                           "models": [_stamp(p) for p in (spec.model, spec.guide_model) if p is not None]})
+                           "models": [_stamp(p) for p in stamped if p]})
         seeds, n = list(range(spec.seeds)), spec.n_samples
         with output_folder(out, "--out"):
             try:
@@ -288,7 +327,9 @@ def evaluate(spec: EvaluateSpec) -> dict:
         s = spec.settings
         result.update({"model": spec.model, "sampler": spec.sampler, "steps": s.num_steps, "sigma_min": s.sigma_min,
                        "sigma_max": s.sigma_max, "rho": s.rho, "ema": spec.ema, "guidance": spec.guidance,
-                       "guide_model": spec.guide_model,
+                       "guide_model": spec.guide_model, "vae": spec.vae,
+                       "latent_stats": None if spec.vae is None else
+                       {"source": spec.latent_stats or "EDM2's SD-VAE constants", **work.latent_stats.to_dict()},
                        "images_per_second": n * len(seeds) / max(elapsed, 1e-9)})
     else:
         result["samples"] = spec.samples
@@ -304,8 +345,10 @@ def evaluate(spec: EvaluateSpec) -> dict:
 
         params = {"model": spec.model, "samples": spec.samples, "reference_stats": spec.reference_stats,
                   "features": spec.features, "n_samples": n, "seeds": len(seeds), "dataset_fingerprint": ref.fingerprint,
-                  **({k: result[k] for k in ("steps", "sigma_min", "sigma_max", "rho", "ema", "guidance", "guide_model")}
-                     if spec.model is not None else {})}
+                  **({k: result[k] for k in ("steps", "sigma_min", "sigma_max", "rho", "ema", "guidance", "guide_model",
+                                             "vae")}
+                     if spec.model is not None else {}),
+                  "latent_stats": result["latent_stats"]["source"] if spec.vae is not None else None}
         run_id = log_evaluation(result, [*files, spec.reference_stats], params=params,
                                 experiment=spec.tracking.experiment, run_name=spec.tracking.run_name,
                                 tracking_uri=spec.tracking.uri)

@@ -2,7 +2,8 @@
 
 What a run holds:
   params    model (or samples), reference_stats, features, n_samples, seeds, steps, sigma_min, sigma_max,
-            rho, ema, guidance, guide_model, dataset_fingerprint (the statistics')
+            rho, ema, guidance, guide_model, vae and latent_stats (a latent model's VAE folder and the source
+            of its statistics), dataset_fingerprint (the statistics')
   metrics   per metric (fd, fid, fd_dinov2): <metric> (the mean over seeds), <metric>_std, <metric>_min,
             <metric>_max, and <metric>/seed at step = seed; images_per_second
   tags      lossfloor.kind=evaluate, dataset_fingerprint

@@ -11,8 +11,10 @@ and the feature sums of a model's samples.
 Protocol (EDM2's `generate_images` + `calculate_metrics`): sample i of seed s starts from noise (and a
 class label drawn from the data's class frequencies) seeded by (s, i) (`sampling.sample_inputs`); the EDM
 Heun sampler (32 steps, sigma in [0.002, 80], rho 7 by default) integrates it; the result is quantised
-to uint8 as a saved PNG (`metrics.to_uint8`) and handed to each extractor (`metrics`); features are
-summed in float64 (`FeatureSums`), mean and covariance come from the sums, FD from those (`frechet_distance`).
+to uint8 as a saved PNG (`metrics.to_uint8`; a latent model's whitened latents are decoded to uint8
+images by the data set's VAE instead, `lossfloor.data.vae.decode_latents`) and handed to each extractor
+(`metrics`); features are summed in float64 (`FeatureSums`), mean and covariance come from the sums,
+FD from those (`frechet_distance`).
 A block of samples is a pure function of (model, seed, start, stop): blocks computed anywhere add up to
 the same statistics.
 
@@ -174,9 +176,11 @@ def blocks(n: int, block: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def block_sums(denoiser: Callable, extractors: Mapping[str, Callable], spec: SampleSpec, *, start: int, stop: int,
-               batch: int = 256, device="cpu") -> dict[str, FeatureSums]:
+               batch: int = 256, device="cpu", decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               ) -> dict[str, FeatureSums]:
     """Feature sums of samples start..stop-1 of `spec` (module docstring), sampled in batches of `batch`
-    from `start` (a block's batches are fixed by its bounds: any worker computes the same numbers)."""
+    from `start` (a block's batches are fixed by its bounds: any worker computes the same numbers).
+    `decode`: a latent model's samples -> uint8 images (its VAE's decoder) instead of `to_uint8`."""
     from lossfloor.train.sampling import generate
 
     sums: dict[str, FeatureSums] = {}
@@ -187,7 +191,7 @@ def block_sums(denoiser: Callable, extractors: Mapping[str, Callable], spec: Sam
                         sigma_max=s.sigma_max, rho=s.rho)
         if not torch.isfinite(x).all():
             raise InputError(f"--model: NaN or inf in the samples {lo}..{lo + len(x) - 1} of seed {spec.seed}")
-        u8 = to_uint8(x)
+        u8 = to_uint8(x) if decode is None else decode(x)
         for k, ex in extractors.items():
             part = FeatureSums.of(ex(u8.to(device)))
             sums[k] = part if k not in sums else sums[k] + part
