@@ -155,6 +155,7 @@ def test_quality_panel_draws_one_point_per_model_with_its_spread_over_seeds(jsta
             assert t.marker.color == loss_colors[t.name] and list(t.text) == [t.name]
             assert t.showlegend == (p == 0)
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert fig.layout.yaxis.title.text.startswith("FID") and fig.layout.yaxis2.title.text.startswith("FD_DINOv2")
     assert "50000 samples x 3 seed(s)" in fig.layout.title.text
 
 

@@ -259,13 +259,17 @@ def quality_vs_flops_figure(quality: Mapping, *, curves: pa.Table | None = None,
             m = r[metric]
             fig.add_trace(go.Scatter(
                 x=[r["flops"]], y=[m["mean"]], mode="markers+text", text=[model], textposition="top center",
+                cliponaxis=False,
                 name=model, legendgroup=model, showlegend=p == 0,
                 error_y={"type": "data", "array": [m["std"]], "visible": True},
                 marker={"size": 9, "color": colors.get(model, palette[i % len(palette)])},
                 hovertemplate=f"F=%{{x:.3g}}<br>{METRIC_LABELS.get(metric, metric)}=%{{y:.4g}} ± {m['std']:.2g}"
                               f"<extra>{model}</extra>",
             ), row=row, col=col)
-    _log_axes(fig, len(metrics), cols, "mean over seeds")
+    _log_axes(fig, len(metrics), cols, "")
+    for p, metric in enumerate(metrics):  # each panel's own metric on its y axis
+        fig.update_yaxes(title_text=f"{METRIC_LABELS.get(metric, metric)} (mean ± sd over seeds)", row=p // cols + 1,
+                         col=p % cols + 1)
     n, seeds = quality.get("n_samples"), quality.get("seeds")
     features = ", ".join(f"{METRIC_LABELS.get(k, k)}: {v}" for k, v in (quality.get("features") or {}).items())
     fig.update_layout(
