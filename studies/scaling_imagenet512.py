@@ -19,7 +19,12 @@ Stages, each an MLflow child run of one parent run (tag `lossfloor.stage`, the c
                and, for models trained with EDM2's uncertainty head, the total under its learned
                weighting Σ π w e^{-u} J (raw and free offset: u, hence its J*, is each model's own)
                                                                                     -> fits_learned.json
-  5. dashboard the offline HTML page (lossfloor.pages.scaling), in --out and on the parent run
+  5. quality   with --features SPEC: the reference statistics of --data, then each model's final checkpoint
+               evaluated by the job of `lossfloor evaluate` (lossfloor.jobs.evaluate: --fd-samples per seed,
+               --fd-seeds seeds, EDM2's sampler, the --ema weights) -> quality.json (FD / FID / FD_DINOv2,
+               mean and spread over seeds, per model with its training FLOPs); skipped, with a log line,
+               on latent data and with --snapshots
+  6. dashboard the offline HTML page (lossfloor.pages.scaling), in --out and on the parent run
 
 With --snapshots DIR, stage 3 trains nothing: it evaluates NVIDIA's published EDM2 network pickles in DIR
 (network-snapshot-KIMG-STD.pkl in one folder per model, or post-hoc edm2-NAME-KIMG-STD.pkl), read without
@@ -39,6 +44,7 @@ Outputs (--out, default runs/scaling_imagenet512, $LOSSFLOOR_RUNS_DIR/scaling_im
                       (--snapshots: loss_curve.parquet of the model's snapshots, DONE.json)
     fit-HASH/         fits.json, fits_learned.json (models trained with the uncertainty head), DONE.json
                       (and loss_curve.parquet: the fitted curves, when not raw)
+    quality-HASH/     reference.stats.npz, MODEL/ (lossfloor evaluate's output), quality.json, DONE.json
     dashboard-PRESET.html, summary.json
 HASH is a hash of the stage's config (and of the stages it reads); DONE.json is written last.
 """
@@ -69,7 +75,8 @@ from _scaling import Budget  # noqa: E402
 
 from lossfloor.atomic import write_json  # noqa: E402
 from lossfloor.errors import InputError, JStarNotBelowLoss  # noqa: E402
-from lossfloor.jobs.engine import Engine, add_engine_args  # noqa: E402
+from lossfloor.jobs.engine import LOCAL, Engine, add_engine_args  # noqa: E402
+from lossfloor.jobs.evaluate import EvaluateSpec  # noqa: E402
 from lossfloor.jobs.study import Done, Step, Study  # noqa: E402
 
 log = logging.getLogger("scaling_imagenet512")
@@ -80,6 +87,9 @@ SCHEDULES = ("edm2", "optimal")
 FITTED_CURVES = "loss_curve.parquet"  # in the fit stage: the curves fitted, when not the loop's raw ones
 STAGE_TAG = "lossfloor.stage"  # the children's tag in the --dry-run plan (lossfloor.jobs.study.Study.stage_tags)
 LATENT_SHAPE = (4, 64, 64)  # what --preset imagenet512 expects (EDM2 SD-VAE latents of ImageNet-512)
+QUALITY_FILE = "quality.json"  # in the quality stage: per model the metrics, training FLOPs and size
+REFERENCE_FILE = "reference.stats.npz"  # in the quality stage: the data's feature statistics
+_EVAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvaluateSpec)}  # lossfloor evaluate's protocol
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,6 +155,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-device-gb", type=float, default=None, metavar="GB",
                    help="cap on one J* actor's device memory: the batch is sized to it, and on CUDA the data stay in host "
                    "memory (each batch gathering its rows) unless they fit next to a batch (default: no cap)")
+    q = p.add_argument_group("sample quality (after the ladder; off unless --features is given)")
+    q.add_argument("--features", default=None, metavar="SPEC[,SPEC...]",
+                   help="evaluate each model's final checkpoint as `lossfloor evaluate` does (the same job): "
+                   "pixels[:K] | inception:FILE (fid) | dinov2:FILE (fd_dinov2) | network:FILE (fd), against the "
+                   "reference statistics of --data computed once; image data only (latent data: skipped)")
+    q.add_argument("--fd-samples", type=int, default=None, metavar="N",
+                   help=f"samples per seed (default {_EVAL_DEFAULTS['n_samples']}, the published protocol)")
+    q.add_argument("--fd-seeds", type=int, default=None, metavar="S",
+                   help=f"seeds 0..S-1, reported as mean and spread (default {_EVAL_DEFAULTS['seeds']})")
     p.add_argument("--dry-run", action="store_true",
                    help="print the stages, budgets, models, FLOPs and devices, and exit without writing anything")
     add_output_args(p, STUDY, experiment="scaling")
@@ -296,7 +315,7 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
         f"scaling study: dry run (nothing is computed or written); preset {args.preset}{size}, "
         f"budget scale {args.budget_scale:g}, seed {args.seed}",
         f"stages: 1 data, 2 estimate J*, 3 {'evaluate the snapshots' if args.snapshots else 'train the ladder'}, "
-        "4 fit (raw | corrected | free offset), 5 dashboard",
+        "4 fit (raw | corrected | free offset), 5 sample quality, 6 dashboard",
         f"1 data: {args.data or '(none: --data is required to run)'}"
         + (f"  N={n}  shape={tuple(shape)}" if n is not None else f"  expected shape {LATENT_SHAPE}"),
         (f"2 estimate: none, the given J* table {args.j_star}" if args.j_star is not None else
@@ -322,12 +341,13 @@ def describe_plan(args: argparse.Namespace, b: Budget, count: int | None, shape,
         f" + the total loss; bootstrap {b.bootstrap} over models, hold-out of the largest model",
         f"  weights of the fitted curves (--ema): {ema_label(ema_choices(args, b))}; EMA snapshots "
         + ("off" if args.no_ema_snapshots else "at every evaluation point"),
-        f"5 dashboard: {args.out}/dashboard-{args.preset}.html, also on the parent run",
+        f"5 quality: {quality_plan(args, shape)}",
+        f"6 dashboard: {args.out}/dashboard-{args.preset}.html, also on the parent run",
         f"devices: {devices(args)}",
         f"outputs: {args.out}/<stage>-<hash>/ (DONE.json marks a finished stage; a rerun skips it), "
         f"{args.out}/summary.json",
         f"MLflow: {uri}, experiment {args.experiment!r}: parent run 'scaling-{args.preset}', children "
-        f"{STAGE_TAG}=estimate, train (one per model), fit",
+        f"{STAGE_TAG}=estimate, train (one per model), fit" + (", quality" if args.features else ""),
     ]
     return "\n".join(lines)
 
@@ -644,6 +664,109 @@ def read_learned_fit(folder: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+# --- Stage 5: sample quality -----------------------------------------------------------------------------
+
+
+def quality_flags(args: argparse.Namespace) -> dict | None:
+    """--features, --fd-samples, --fd-seeds checked before any work (the extractors' network files are opened
+    and hashed here); None without --features (the stage is off)."""
+    from lossfloor.train.metrics import feature_extractors
+
+    if args.features is None:
+        for flag, value in (("--fd-samples", args.fd_samples), ("--fd-seeds", args.fd_seeds)):
+            if value is not None:
+                raise InputError(f"{flag}: only with --features SPEC (it sets up the sample-quality stage)")
+        return None
+    n = _EVAL_DEFAULTS["n_samples"] if args.fd_samples is None else args.fd_samples
+    seeds = _EVAL_DEFAULTS["seeds"] if args.fd_seeds is None else args.fd_seeds
+    if n < 2:
+        raise InputError(f"--fd-samples: expected an integer >= 2, like 50000, got {n}")
+    if seeds < 1:
+        raise InputError(f"--fd-seeds: expected an integer >= 1 (runs of --fd-samples each), got {seeds}")
+    extractors = feature_extractors(args.features, device="cpu")
+    return {"features": args.features, "networks": {k: ex.network_sha256 for k, ex in extractors.items()},
+            "n_samples": n, "seeds": seeds}
+
+
+def quality_skipped(args: argparse.Namespace, shape) -> str | None:
+    """Why the sample-quality stage cannot run on this study, or None."""
+    if args.snapshots is not None:
+        return "--snapshots: the ladder is EDM2 network pickles, not lossfloor checkpoints `lossfloor evaluate` samples"
+    if shape is not None and shape[0] not in (1, 3):
+        return (f"latent data ({shape[0]} channels): the models sample latents, and decoding them through the data "
+                "set's VAE before the features is not available in this version of `lossfloor evaluate`")
+    return None
+
+
+def quality_plan(args: argparse.Namespace, shape) -> str:
+    """The sample-quality stage in the --dry-run plan."""
+    if args.features is None:
+        return "off (--features SPEC turns it on)"
+    why = quality_skipped(args, shape if shape is not None else (LATENT_SHAPE if args.preset == "imagenet512" else None))
+    if why is not None:
+        return f"skipped: {why}"
+    n = _EVAL_DEFAULTS["n_samples"] if args.fd_samples is None else args.fd_samples
+    seeds = _EVAL_DEFAULTS["seeds"] if args.fd_seeds is None else args.fd_seeds
+    return (f"{args.features}, {n} samples x {seeds} seed(s) from each model's final checkpoint (the job of "
+            "lossfloor evaluate), against the reference statistics of the data")
+
+
+def quality_step(args, quality: dict, trained: list[Done], choices: dict, study: Study) -> Step:
+    """Stage 5, keyed by the train stages (by hash), the data, the extractors (their network files' sha256),
+    the sample counts, the sampler settings and the weights evaluated (--ema); later stages get quality.json."""
+    from lossfloor.train.quality import SamplerSettings
+
+    key = {"train": sorted(d.stage.hash for d in trained), "data": args.data, **quality,
+           "sampler": dataclasses.asdict(SamplerSettings()), "ema": {m: str(c) for m, c in choices.items()}}
+    return Step(name="quality", key=key,
+                doing=f"{quality['features']} of {quality['n_samples']} samples x {quality['seeds']} seed(s) per model",
+                work=functools.partial(run_quality, args, quality, trained, choices),
+                read=lambda stage: json.loads((stage.dir / QUALITY_FILE).read_text(encoding="utf-8")),
+                log=functools.partial(log_quality_child, args, study))
+
+
+def run_quality(args, quality: dict, trained: list[Done], choices: dict, folder: Path) -> dict:
+    """Stage 5's work: the reference statistics of --data (`jobs.evaluate.reference`), then each model's final
+    checkpoint evaluated by `jobs.evaluate.evaluate` (what `lossfloor evaluate` runs; on Ray with the study's
+    Ray engine) into MODEL/; quality.json: per model its metrics, training FLOPs and parameter count. A stage
+    interrupted half-way keeps what it finished: the statistics file, the models with all their outputs (the
+    folder's hash fixes the settings), the evaluation under way (its work folder)."""
+    import torch
+
+    from lossfloor.jobs.evaluate import METRICS_FILE, ReferenceSpec, evaluate, reference
+    from lossfloor.train.run_folder import read_run_folder
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # this process (the reference; local evaluations)
+    t0 = time.monotonic()
+    ref = folder / REFERENCE_FILE
+    if not ref.is_file():  # written atomically: there means whole
+        reference(ReferenceSpec(data=args.data, features=quality["features"], out=str(ref), device=device))
+    models = {}
+    for done in trained:
+        model = done.value["model"]
+        out = folder / model
+        if (out / METRICS_FILE).is_file() and all((out / f"samples-seed{s}.stats.npz").is_file()
+                                                   for s in range(quality["seeds"])):
+            res = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+            log.info("quality %s: evaluated before the stage was interrupted, read from %s", model, out)
+        else:
+            res = evaluate(EvaluateSpec(
+                model=str(done.stage.dir), reference_stats=str(ref), features=quality["features"], out=str(out),
+                n_samples=quality["n_samples"], seeds=quality["seeds"], ema=str(choices[model]), device=device,
+                engine=args.engine if args.engine.kind == "ray" else LOCAL))
+        totals = [r for r in read_run_folder(done.stage.dir).curve_rows if r["sigma"] is None]
+        last = max(totals, key=lambda r: r["images"])  # the final checkpoint's point on the loss curve
+        models[model] = {"params": last["params"], "images": last["images"], "flops": last["flops"],
+                         "ema": str(choices[model]), **{k: res[k] for k in res["metrics"]}}
+        log.info("quality %s: %s", model, ", ".join(f"{k} {res[k]['mean']:.4g} ± {res[k]['std']:.2g}"
+                                                    for k in res["metrics"]))
+    rated = {"metrics": res["metrics"], "features": res["features"], "network_sha256": res["network_sha256"],
+             "n_samples": quality["n_samples"], "seeds": quality["seeds"], "reference_stats": REFERENCE_FILE,
+             "dataset_fingerprint": res["dataset_fingerprint"], "models": models}
+    write_json(folder / QUALITY_FILE, rated)
+    return {"quality": QUALITY_FILE, "metrics": rated["metrics"], "seconds": time.monotonic() - t0}
+
+
 # --- MLflow children -------------------------------------------------------------------------------------
 
 
@@ -692,6 +815,21 @@ def log_fit_child(study: Study, done: Done) -> str:
                        **study.child("fit", {**study.stage_tags(done), **tags}))
 
 
+def log_quality_child(args, study: Study, done: Done) -> str:
+    """The sample-quality run (lossfloor.jobs.record.record_quality): per model and metric the mean and spread
+    over seeds, quality.json (what the dashboard reads) and the statistics files (the data's and each model's
+    per seed)."""
+    from lossfloor.jobs.record import record_quality
+
+    q, folder = done.value, done.stage.dir
+    files = {"": [folder / REFERENCE_FILE], **{f"stats/{m}": sorted((folder / m).glob("samples-seed*.stats.npz"))
+                                                for m in q["models"]}}
+    params = {"features": ",".join(q["features"].values()), "n_samples": q["n_samples"], "seeds": q["seeds"],
+              "dataset_fingerprint": q["dataset_fingerprint"], "data": args.data, "stage_dir": str(folder)}
+    return record_quality(q, folder / QUALITY_FILE, params=params, files=files,
+                          **study.child("quality", study.stage_tags(done)))
+
+
 def build_dashboard(args, uri: str, parent_run_id: str, fit_sigmas) -> Path:
     """The page from the study's runs (lossfloor.jobs.dashboard, contract lossfloor.tracking.artifacts)."""
     from lossfloor.jobs.dashboard import dashboard
@@ -719,6 +857,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise InputError(f"--seed: expected an integer >= 0, got {args.seed}")
     ema_flag(args)  # before anything is read or written
+    quality = quality_flags(args)
     args.conditional = is_conditional(args)
     if args.dry_run:
         count, shape = describe(args.data) if args.data else (None, None)
@@ -737,6 +876,9 @@ def run(args: argparse.Namespace) -> int:
     args.n_source = count
     b = make_budget(args, shape)
     choices = ema_choices(args, b)
+    no_quality = quality_skipped(args, shape) if quality is not None else None
+    if no_quality is not None:
+        log.warning("stage quality: skipped: %s", no_quality)
     if args.conditional:  # the classes of the conditional floor are read on this process
         from lossfloor.data import load
 
@@ -763,6 +905,8 @@ def run(args: argparse.Namespace) -> int:
         "workers": args.engine.workers, "gpus_per_worker": args.engine.gpus_per_worker, "seed": args.seed,
         "out": str(args.out), "ema": ema_label(choices), "ema_snapshots": not args.no_ema_snapshots,
     }
+    if quality is not None:  # only then: the parent run of a study without the stage keeps its key
+        params["quality"] = {k: v for k, v in quality.items() if k != "networks"}
     with open_study(name=STUDY, out=args.out, log=log, experiment=args.experiment, run_name=f"scaling-{args.preset}",
                     tags=study_tags, params=params, tracking_uri=uri) as study:
         parent = study.parent
@@ -809,7 +953,12 @@ def run(args: argparse.Namespace) -> int:
         parent.log_metrics({f"abs_rho/{form}/{_scaling.metric_quantity(r['quantity'])}":
                             r[form] for r in rows for form in ("raw", "corrected") if r[form] is not None})
 
-        # 5. dashboard
+        # 5. sample quality of each model's final checkpoint (--features)
+        rated = None
+        if quality is not None and no_quality is None:
+            rated = study.run(quality_step(args, quality, trained, choices, study)).value
+
+        # 6. dashboard
         html = build_dashboard(args, uri, parent.run_id, fit_sigmas)
         summary = {
             "study": STUDY, "preset": args.preset, "tracking_uri": uri, "experiment": args.experiment,
@@ -818,7 +967,8 @@ def run(args: argparse.Namespace) -> int:
             "fit_sigmas": list(fit_sigmas), "eval_sigmas": list(eval_sigmas), "total_j_star": list(total_js),
             "ema": {m: str(c) for m, c in choices.items()}, "ema_seconds": fitted.stage.result()["ema_seconds"],
             "stages": {name: {"dir": str(d.stage.dir), "skipped": d.skipped} for name, d in study.done.items()},
-            "rho": rows, "seconds": time.monotonic() - t_start,
+            "rho": rows, "quality": {"skipped": no_quality} if no_quality is not None else rated,
+            "seconds": time.monotonic() - t_start,
         }
         parent.log_artifact(write_json(args.out / "summary.json", summary))
 
@@ -831,6 +981,13 @@ def run(args: argparse.Namespace) -> int:
           f"power laws on the envelope of {len(stages)} models (|rho| of ln(J - offset) vs ln F):")
     print(_scaling.format_rho(rows))
     print(f"weights of the fitted curves (--ema): {ema_label(choices)}")
+    if rated is not None:
+        print("sample quality (mean ± spread over seeds, final checkpoints):")
+        for model, r in rated["models"].items():
+            print(f"  {model:<12} F={r['flops']:.3e}  " + "  ".join(
+                f"{k} {r[k]['mean']:.4g} ± {r[k]['std']:.2g}" for k in rated["metrics"]))
+    elif no_quality is not None:
+        print(f"sample quality: stage skipped: {no_quality}")
     print(f"dashboard: {html}")
     print(f"MLflow: {uri}, experiment {args.experiment!r}, parent run {parent.run_id}")
     print(f"open the runs: {summary['mlflow_ui']}")

@@ -600,6 +600,19 @@ STUDY_ROWS += [
      [*WHOLE, "--unconditional", "--j-star", "{ws}/cond.parquet", "--out", "{out}"],
      ["--j-star", "a class-conditional floor", "has no class labels"]),
 ]
+# studyfid (issue 21): the scaling study's sample-quality stage refuses its flags before any work
+STUDY_ROWS += [
+    ("scaling_imagenet512", "--features: a network file that is missing",
+     [*SCALING, "--features", "network:{ws}/missing.pt", "--out", "{out}"], ["--features", "missing.pt", "not found"]),
+    ("scaling_imagenet512", "--features: not a spec", [*SCALING, "--features", "bogus", "--out", "{out}"],
+     ["--features", "pixels[:K]", "'bogus'"]),
+    ("scaling_imagenet512", "--fd-samples 0", [*SCALING, "--features", "pixels:8", "--fd-samples", "0", "--out", "{out}"],
+     ["--fd-samples", ">= 2"]),
+    ("scaling_imagenet512", "--fd-seeds 0", [*SCALING, "--features", "pixels:8", "--fd-seeds", "0", "--out", "{out}"],
+     ["--fd-seeds", ">= 1"]),
+    ("scaling_imagenet512", "--fd-samples without --features", [*SCALING, "--fd-samples", "64", "--out", "{out}"],
+     ["--fd-samples", "only with --features"]),
+]
 
 # evallatent (issue 21): latent models in evaluate: decoded by --vae, whose decoded images must be the reference's
 EVS = ["--reference-stats", "{ws}/digits.stats.npz", "--features", "pixels:2", "--out", "{out}"]

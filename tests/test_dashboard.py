@@ -24,9 +24,13 @@ from lossfloor.tracking.artifacts import (
     CURVE_ARTIFACT,
     DASHBOARD_ARTIFACT,
     FITS_ARTIFACT,
+    QUALITY_ARTIFACT,
     STAGE_TAG,
+    check_quality,
     fits_key,
     log_fits,
+    log_quality,
+    read_study,
 )
 from lossfloor.train.curves import CURVE_SCHEMA, to_table, write_rows
 
@@ -82,6 +86,29 @@ def fits(fit_objects) -> dict[str, dict]:
     return {fits_key(f.sigma): f.to_dict() for f in fit_objects}
 
 
+def quality_json(curves) -> dict:
+    """A sample-quality stage's quality.json: per model FID and FD_DINOv2 over 3 seeds, at its final FLOPs."""
+    rng = np.random.default_rng(2)
+    models = {}
+    for i, (model, n) in enumerate(MODELS.items()):
+        flops = max(r["flops"] for r in curves.to_pylist() if r["model"] == model)
+        row = {"params": int(n), "flops": flops}
+        for metric, level in (("fid", 30.0), ("fd_dinov2", 400.0)):
+            per_seed = level / (i + 1) * (1 + 0.05 * rng.standard_normal(3))
+            row[metric] = {"mean": float(per_seed.mean()), "std": float(per_seed.std(ddof=1)),
+                           "min": float(per_seed.min()), "max": float(per_seed.max()),
+                           "per_seed": per_seed.tolist()}
+        models[model] = row
+    return {"metrics": ["fid", "fd_dinov2"], "features": {"fid": "inception:inception.pt",
+                                                           "fd_dinov2": "dinov2:dinov2.pt"},
+            "n_samples": 50000, "seeds": 3, "models": models}
+
+
+@pytest.fixture(scope="module")
+def quality(curves) -> dict:
+    return quality_json(curves)
+
+
 @pytest.fixture(scope="module")
 def page(jstar, curves, fits) -> str:
     return scaling.build_dashboard(jstar, curves, fits, title="Synthetic scaling study")
@@ -109,6 +136,46 @@ def test_page_embeds_plotly_once_loads_nothing_and_has_every_section(page, fits)
             assert shows(f"|ρ| = {f[form]['abs_rho']:.4f}", page)
         assert f["holdout"]["model"] == "L"
     assert shows("dashed: σ* (largest σ with J*", page)  # the J* figure marks σ*
+
+
+def test_quality_panel_draws_one_point_per_model_with_its_spread_over_seeds(jstar, curves, fits, quality):
+    """Per metric a panel; per model one point at its training FLOPs: the mean over seeds, the standard
+    deviation over seeds (numpy's, from the seeds' values) as its error bar, the model's colour of the loss panels."""
+    fig = scaling.quality_vs_flops_figure(quality, curves=curves)
+    loss_colors = {t.name: t.line.color for t in scaling.loss_vs_flops_figure(curves, fits).data if t.name in MODELS}
+    assert [a.text for a in fig.layout.annotations] == ["FID", "FD_DINOv2"]
+    for p, (metric, axis) in enumerate((("fid", "x"), ("fd_dinov2", "x2"))):
+        points = [t for t in fig.data if t.xaxis == axis]
+        assert [t.name for t in points] == ["S", "M", "L"]  # by size
+        for t in points:
+            seeds = np.asarray(quality["models"][t.name][metric]["per_seed"])
+            assert list(t.x) == [max(r["flops"] for r in curves.to_pylist() if r["model"] == t.name)]
+            assert t.y[0] == pytest.approx(seeds.mean(), rel=1e-12)
+            assert t.error_y.array[0] == pytest.approx(seeds.std(ddof=1), rel=1e-12) and t.error_y.visible
+            assert t.marker.color == loss_colors[t.name] and list(t.text) == [t.name]
+            assert t.showlegend == (p == 0)
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert fig.layout.yaxis.title.text.startswith("FID") and fig.layout.yaxis2.title.text.startswith("FD_DINOv2")
+    assert "50000 samples x 3 seed(s)" in fig.layout.title.text
+
+
+def test_quality_section_only_when_the_study_has_it(jstar, curves, fits, quality, page):
+    assert scaling.QUALITY_TITLE not in page
+    with_quality = scaling.build_dashboard(jstar, curves, fits, quality=quality)
+    heads = re.findall(r"<h2>(.*?)</h2>", with_quality)
+    assert heads.index(scaling.QUALITY_TITLE) == heads.index(scaling.SECTION_TITLES[1]) + 1  # beside the loss
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda q: q.pop("models"), "'models'"),
+    (lambda q: q["models"]["S"].pop("flops"), "model 'S': expected a positive number 'flops'"),
+    (lambda q: q["models"]["M"]["fid"].pop("std"), "model 'M': expected 'fid' with numbers 'mean' and 'std'"),
+])
+def test_bad_quality_json_is_refused(quality, change, message):
+    bad = json.loads(json.dumps(quality))
+    change(bad)
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_quality(bad, "quality.json")
 
 
 def test_zero_j_star_is_marked_and_the_legend_names_the_data(jstar, curves, fits):
@@ -239,6 +306,7 @@ def _figures(jstar, curves, fits) -> dict:
         "loss vs flops": scaling.loss_vs_flops_figure(curves, fits, jstar=jstar),
         "fit lines": scaling.fit_lines_figure(fits),
         "hold-out": scaling.holdout_figure(curves, fits),
+        "quality": scaling.quality_vs_flops_figure(quality_json(curves), curves=curves),
         "training": loss_curve_figure(*training_rows(16)),
         "diagnose": diagnose_figure({"m": diag}),
         "sweep": objective_curves_figure(rows, history, objective="gap", budget=200),
@@ -313,7 +381,7 @@ def _log_curves(run, rows, folder) -> None:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, jstar, fit_objects):
+def store(tmp_path_factory, jstar, fit_objects, quality):
     """A sqlite store with: a complete study (plus a FAILED fit child and a later unrelated top-level run)
     in EXPERIMENT, a study without a fit child in 'no-fit', one whose train child lacks its artifact in
     'no-curve'."""
@@ -336,6 +404,12 @@ def store(tmp_path_factory, jstar, fit_objects):
         with start_run(experiment=EXPERIMENT, run_name="fit", parent_run_id=parent.run_id,
                        tags={STAGE_TAG: "fit"}, tracking_uri=uri) as run:
             log_fits(run, fit_objects)
+        with start_run(experiment=EXPERIMENT, run_name="quality", parent_run_id=parent.run_id,
+                       tags={STAGE_TAG: "quality"}, tracking_uri=uri) as run:
+            (tmp / "q").mkdir()
+            (tmp / "q" / QUALITY_ARTIFACT).write_text(json.dumps(quality), encoding="utf-8")
+            log_quality(run, quality, tmp / "q" / QUALITY_ARTIFACT)
+            ids["quality"] = run.run_id
     with start_run(experiment=EXPERIMENT, run_name="unrelated", tracking_uri=uri):
         pass  # a later top-level run without stage children: --experiment skips it
 
@@ -375,6 +449,18 @@ def test_cli_rebuilds_the_page_from_mlflow_and_logs_it(store, fits, tmp_path, ca
     logged = c.download_artifacts(ids["parent"], DASHBOARD_ARTIFACT, str(tmp_path / "dl"))
     with open(logged, encoding="utf-8") as fh:
         assert fh.read() == page
+
+
+def test_quality_child_is_read_back_and_drawn(store, quality, tmp_path):
+    uri, ids = store
+    study = read_study(experiment=EXPERIMENT, tracking_uri=uri)
+    assert study.quality == quality and study.runs["quality"] == (ids["quality"],)
+    metrics = client(uri).get_run(ids["quality"]).data.metrics
+    assert metrics["fid/L"] == quality["models"]["L"]["fid"]["mean"]
+    assert metrics["fd_dinov2_std/S"] == quality["models"]["S"]["fd_dinov2"]["std"]
+    out = tmp_path / "q.html"
+    assert main(["dashboard", "--experiment", EXPERIMENT, "--out", str(out), "--tracking-uri", uri, "--no-log"]) == 0
+    assert f"<h2>{scaling.QUALITY_TITLE}</h2>" in out.read_text(encoding="utf-8")
 
 
 def test_cli_run_id_of_a_child_finds_its_study(store, tmp_path, capsys):

@@ -233,6 +233,98 @@ def test_posthoc_ema_curves_are_fitted_in_a_new_fit_stage(first_run, tmp_path):
     assert sorted(study.curves.column("loss").to_pylist()) == sorted(r["loss"] for r in fitted)
     fit_run = client(uri).get_run(study.runs["fit"][0])
     assert fit_run.data.params["ema"] == "posthoc:0.1"
+QUALITY = ["--features", "pixels:8", "--fd-samples", "64", "--fd-seeds", "2"]
+
+
+def test_sample_quality_stage_is_lossfloor_evaluate(first_run, tmp_path, capsys, caplog):
+    """--features on the finished ladder: estimate, train and fit are reused, the quality stage runs once, its
+    numbers are those of `lossfloor evaluate` on each model's final checkpoint with the same settings (the same
+    seeds: the same samples), they reach MLflow and the dashboard, and a rerun skips the stage."""
+    import shutil
+
+    import numpy as np
+
+    from lossfloor.cli import main as cli
+    from lossfloor.tracking.artifacts import read_study
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    shutil.copytree(first_run[0], out)
+    argv = [*TINY, "--engine", "local", *QUALITY, "--out", str(out), "--tracking-uri", uri]
+    assert _study().main(argv) == 0
+    assert "sample quality (mean ± spread over seeds" in capsys.readouterr().out
+    summary = _check_outputs(out)
+    assert [k for k, s in summary["stages"].items() if not s["skipped"]] == ["quality"]
+    stage = Path(summary["stages"]["quality"]["dir"])
+    quality = summary["quality"]
+    assert quality["metrics"] == ["fd"] and quality["n_samples"] == 64 and quality["seeds"] == 2
+    assert sorted(quality["models"]) == ["tiny-c4", "tiny-c8"]
+
+    # the same job from the command line: the reference statistics, then each model's final checkpoint
+    ref = tmp_path / "digits.stats.npz"
+    assert cli(["evaluate", "--reference", "--data", "bundled:digits", "--features", "pixels:8", "--out", str(ref)]) == 0
+    with np.load(ref) as a, np.load(stage / "reference.stats.npz") as b:
+        assert np.array_equal(a["mu_fd"], b["mu_fd"]) and np.array_equal(a["cov_fd"], b["cov_fd"])
+    for model, row in quality["models"].items():
+        train = Path(summary["stages"][f"train-{model}"]["dir"])
+        capsys.readouterr()
+        assert cli(["evaluate", "--model", str(train), "--reference-stats", str(ref), "--features", "pixels:8",
+                    "--n-samples", "64", "--seeds", "2", "--ema", "raw", "--out", str(tmp_path / model), "--json"]) == 0
+        direct = json.loads(capsys.readouterr().out)
+        assert row["fd"]["per_seed"] == direct["fd"]["per_seed"] and row["fd"]["mean"] == direct["fd"]["mean"]
+        assert row["fd"]["std"] == pytest.approx(np.std(direct["fd"]["per_seed"], ddof=1), rel=1e-12)
+        assert row["fd"]["std"] > 0
+        totals = [r for r in pq.read_table(train / "loss_curve.parquet").to_pylist() if r["sigma"] is None]
+        assert row["flops"] == totals[-1]["flops"] and row["images"] == totals[-1]["images"]
+        assert (train / f"checkpoint-{row['images']:012d}").is_dir()  # the checkpoint evaluated is at that point
+    assert quality["models"]["tiny-c8"]["fd"]["mean"] < quality["models"]["tiny-c4"]["fd"]["mean"]
+
+    # MLflow: the quality child (metrics, quality.json, the statistics files); the dashboard draws it
+    c = client(uri)
+    study = read_study(experiment="scaling", tracking_uri=uri)
+    assert study.quality == quality
+    (run_id,) = study.runs["quality"]
+    run = c.get_run(run_id)
+    assert run.data.tags["lossfloor.stage"] == "quality"
+    assert run.data.metrics["fd/tiny-c4"] == quality["models"]["tiny-c4"]["fd"]["mean"]
+    assert {a.path for a in c.list_artifacts(run_id)} >= {"quality.json", "reference.stats.npz", "stats"}
+    assert {a.path for a in c.list_artifacts(run_id, "stats/tiny-c8")} == {
+        "stats/tiny-c8/samples-seed0.stats.npz", "stats/tiny-c8/samples-seed1.stats.npz"}
+    assert "<h2>Sample quality vs training FLOPs</h2>" in Path(summary["dashboard"]).read_text(encoding="utf-8")
+
+    # a rerun skips it, and keeps its child run
+    marker = (stage / "DONE.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="scaling_imagenet512"):
+        assert _study().main(argv) == 0
+    assert f"stage quality: finished earlier in {stage}, skipped" in caplog.text
+    assert (stage / "DONE.json").stat().st_mtime_ns == marker
+    assert read_study(experiment="scaling", tracking_uri=uri).runs["quality"] == (run_id,)
+
+    # a stage stopped after its evaluations, before DONE.json: they are read back, not sampled again
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    moved = Path(str(stage).replace(str(out), str(again)))
+    (moved / "DONE.json").unlink()
+    (moved / "quality.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scaling_imagenet512"):
+        assert _study().main([*argv[:-4], "--out", str(again), "--tracking-uri", f"sqlite:///{tmp_path}/again.db"]) == 0
+    assert "quality tiny-c8: evaluated before the stage was interrupted" in caplog.text
+    assert json.loads((moved / "quality.json").read_text(encoding="utf-8")) == quality
+
+
+def test_sample_quality_is_skipped_on_latent_data(tmp_path, capsys):
+    """Latent data: the plan (and the run's log and summary) says the stage is skipped and why; no silent pass."""
+    import numpy as np
+
+    latents = tmp_path / "latents.npy"
+    np.save(latents, np.random.default_rng(0).standard_normal((64, 4, 8, 8)).astype(np.float32))
+    assert _study().main(["--dry-run", "--preset", "smoke", "--data", str(latents), *QUALITY]) == 0
+    assert "5 quality: skipped: latent data (4 channels)" in capsys.readouterr().out
+    study = _study()
+    args = study.parse_args(["--data", str(latents), *QUALITY])
+    assert "VAE" in study.quality_skipped(args, (4, 8, 8)) and study.quality_skipped(args, (3, 8, 8)) is None
+
+
 def test_snapshots_replace_training(tmp_path):
     """--snapshots: the loss curves from a folder of EDM2 pickles in the published layout (tests/edm2_pickles.py,
     written from tiny class-conditional networks of two widths: raw snapshots in a folder per model, post-hoc

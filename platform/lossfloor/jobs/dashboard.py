@@ -23,6 +23,7 @@ def dashboard(*, experiment: str | None = None, run_id: str | None = None, track
 
     study = read_study(experiment=experiment, run_id=run_id, tracking_uri=tracking_uri)
     page = build_dashboard(study.jstar, study.curves, study.fits, sigmas=sigmas, about=study.about(), data=study.data,
+                           quality=study.quality,
                            title=title or f"Scaling study {study.parent_run_name or study.parent_run_id}: "
                            "raw vs gap-corrected power laws")
     if out is not None:

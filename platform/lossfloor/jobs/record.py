@@ -84,6 +84,24 @@ def record_fits(fits: Mapping[str, dict], *, params: Mapping[str, object], metri
     return tracked.run_id
 
 
+def record_quality(quality: Mapping, path: str | os.PathLike, *, params: Mapping[str, object],
+                   files: Mapping[str, Sequence[str | os.PathLike]] | None = None, **run) -> str:
+    """A scaling study's sample-quality stage as its own run: params, per model and metric the mean and
+    spread over seeds (`lossfloor.tracking.artifacts.log_quality`), the file `path` (quality.json, the
+    contract the dashboard reads) and `files` (artifact folder -> statistics files); `run`: start_run's
+    arguments."""
+    from lossfloor.tracking import start_run
+    from lossfloor.tracking.artifacts import log_quality
+
+    with start_run(**run) as tracked:
+        tracked.log_params(params)
+        log_quality(tracked, quality, path)
+        for folder, paths in (files or {}).items():
+            for f in paths:
+                tracked.log_artifact(f, folder or None)
+    return tracked.run_id
+
+
 def jstar_page(tables: Mapping[str, Mapping[str, object]], *, targets: Sequence[str], title: str,
                out: str | os.PathLike) -> Path:
     """The J* figure of several data sets (`lossfloor.pages.jstar.jstar_figure`: tables[data set][target])

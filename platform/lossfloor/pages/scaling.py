@@ -7,7 +7,11 @@ model, flops, loss, sigma (null = total) and params) and fits, a mapping "total"
 
     fig = loss_vs_flops_figure(curves, fits)     # one panel per σ plus the total, log-log
     fig = fit_lines_figure(fits)                 # per quantity: raw | corrected, |ρ| in the titles
+    fig = quality_vs_flops_figure(quality)       # FD / FID / FD_DINOv2 per model against its training FLOPs
     html = build_dashboard(jstar, curves, fits, title="EDM2 scaling, ImageNet-512")   # the whole page
+
+quality: the study's sample-quality stage (quality.json, `lossfloor.tracking.artifacts`): per model its
+training FLOPs, parameter count and each metric's mean and spread over seeds.
 """
 
 from __future__ import annotations
@@ -227,6 +231,50 @@ def loss_vs_flops_figure(
     fig.update_layout(
         title={"text": f"{title}<br><sup>one line per model; dashed: envelope (lower frontier over models); "
                        "dotted: J*</sup>"},
+        template="plotly_white", height=PANEL_HEIGHT * rows_n + 120, legend={"title": {"text": "model"}},
+    )
+    return finish(fig)
+
+
+METRIC_LABELS = {"fid": "FID", "fd_dinov2": "FD_DINOv2", "fd": "FD"}
+QUALITY_TITLE = "Sample quality vs training FLOPs"
+
+
+def quality_vs_flops_figure(quality: Mapping, *, curves: pa.Table | None = None,
+                            title: str = QUALITY_TITLE) -> go.Figure:
+    """One panel per metric (FD, FID, FD_DINOv2), log-log: per model one point at its training FLOPs, the
+    metric's mean over seeds with its standard deviation over seeds as the error bar; the models in the
+    colours of the loss panels (`curves`: the same study's loss curves; else by size)."""
+    metrics = list(quality["metrics"])
+    models = sorted(quality["models"], key=lambda m: (quality["models"][m].get("params") or math.inf, m))
+    colors = model_colors(curves) if curves is not None else {}
+    palette = qualitative.Plotly
+    cols = 1 if len(metrics) == 1 else 2
+    rows_n = math.ceil(len(metrics) / cols)
+    fig = _grid(rows_n, cols, [METRIC_LABELS.get(k, k) for k in metrics])
+    for p, metric in enumerate(metrics):
+        row, col = p // cols + 1, p % cols + 1
+        for i, model in enumerate(models):
+            r = quality["models"][model]
+            m = r[metric]
+            fig.add_trace(go.Scatter(
+                x=[r["flops"]], y=[m["mean"]], mode="markers+text", text=[model], textposition="top center",
+                cliponaxis=False,
+                name=model, legendgroup=model, showlegend=p == 0,
+                error_y={"type": "data", "array": [m["std"]], "visible": True},
+                marker={"size": 9, "color": colors.get(model, palette[i % len(palette)])},
+                hovertemplate=f"F=%{{x:.3g}}<br>{METRIC_LABELS.get(metric, metric)}=%{{y:.4g}} ± {m['std']:.2g}"
+                              f"<extra>{model}</extra>",
+            ), row=row, col=col)
+    _log_axes(fig, len(metrics), cols, "")
+    for p, metric in enumerate(metrics):  # each panel's own metric on its y axis
+        fig.update_yaxes(title_text=f"{METRIC_LABELS.get(metric, metric)} (mean ± sd over seeds)", row=p // cols + 1,
+                         col=p % cols + 1)
+    n, seeds = quality.get("n_samples"), quality.get("seeds")
+    features = ", ".join(f"{METRIC_LABELS.get(k, k)}: {v}" for k, v in (quality.get("features") or {}).items())
+    fig.update_layout(
+        title={"text": f"{title}<br><sup>each model's final checkpoint, {n} samples x {seeds} seed(s); error bar: "
+                       f"standard deviation over seeds; features {features}</sup>"},
         template="plotly_white", height=PANEL_HEIGHT * rows_n + 120, legend={"title": {"text": "model"}},
     )
     return finish(fig)
@@ -475,10 +523,12 @@ def build_dashboard(
     sigmas: Sequence[float] | None = None,
     about: Mapping[str, str] | None = None,
     data: str = "",
+    quality: Mapping | None = None,
 ) -> str:
     """The page as HTML text (module docstring). sigmas: the per-σ loss panels (default: the fitted σ);
     about: key/value lines shown under the title (e.g. where the runs are); data: the data set's name for
-    the legend (default: its fingerprint)."""
+    the legend (default: its fingerprint); quality: the sample-quality panel's input (module docstring),
+    drawn beside the loss panels when given."""
     curves = check_curves(_as_table(curves))
     fits = check_fits_json(dict(fits), "fits")
     if jstar is None:
@@ -492,6 +542,7 @@ def build_dashboard(
     sections = [
         first,
         Section(SECTION_TITLES[1], [loss_vs_flops_figure(curves, fits, sigmas=sigmas, jstar=jstar)]),
+        *([Section(QUALITY_TITLE, [quality_vs_flops_figure(quality, curves=curves)])] if quality else []),
         Section(SECTION_TITLES[2], [fit_lines_figure(fits)]),
         Section(SECTION_TITLES[3], [hold] if hold is not None else
                 ['<p class="note">No fit has a hold-out (fit_all(..., holdout=True) needs 2 or more models).</p>']),
@@ -507,6 +558,7 @@ def write_dashboard(jstar, curves, fits: Mapping[str, dict], path: str | os.Path
 
 __all__ = [
     "FIT_TABLE_COLUMNS",
+    "QUALITY_TITLE",
     "SECTION_TITLES",
     "build_dashboard",
     "fit_at",
@@ -517,6 +569,7 @@ __all__ = [
     "loss_vs_flops_figure",
     "model_curves",
     "ordered_fits",
+    "quality_vs_flops_figure",
     "quantity_label",
     "write_dashboard",
 ]

@@ -20,6 +20,11 @@ The contract (names are stable; `lossfloor dashboard`, i.e. `lossfloor.jobs.dash
               Optional artifact `loss_curve.parquet` (the train runs' schema, all models): the curves
               the fits were made on when they are not the train runs' own (e.g. the networks under a
               post-hoc EMA); the page then draws these.
+    quality   optional, at most one. Artifact `quality.json` at the artifact root: {"metrics": [fd | fid |
+              fd_dinov2, ...], "features": {metric: extractor spec}, "n_samples", "seeds", "models": {model:
+              {"flops": training FLOPs of the checkpoint evaluated, "params", <metric>: {"mean", "std", "min",
+              "max", "per_seed"}}}} (the scaling study's sample-quality stage, `lossfloor evaluate`'s
+              numbers); metrics `<metric>/<model>` and `<metric>_std/<model>`, write them with `log_quality`.
   Children that ended FAILED or KILLED are ignored (a retried stage leaves one behind); FINISHED and
   RUNNING ones are read. Other children (no `lossfloor.stage` tag) are ignored.
 
@@ -55,9 +60,11 @@ from lossfloor.tracking.runs import PARENT_RUN_TAG, TrackedRun, check_store, cli
 
 STAGE_TAG = "lossfloor.stage"
 STAGES = ("estimate", "train", "fit")
+QUALITY_STAGE = "quality"  # optional (the module docstring)
 JSTAR_ARTIFACT = "jstar.parquet"  # as written by lossfloor.tracking.estimate.log_jstar
 CURVE_ARTIFACT = "loss_curve.parquet"  # as written by lossfloor.train (curves.CURVE_SCHEMA)
 FITS_ARTIFACT = "fits.json"
+QUALITY_ARTIFACT = "quality.json"
 DASHBOARD_ARTIFACT = "dashboard.html"
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 IGNORED_STATUSES = ("FAILED", "KILLED")
@@ -88,6 +95,32 @@ def log_fits(run: TrackedRun, fits: Iterable) -> dict[str, dict]:
     return out
 
 
+def check_quality(quality: object, where: str) -> dict:
+    """quality.json (module docstring) checked: InputError naming `where` and the first thing missing."""
+    if not isinstance(quality, dict) or not isinstance(quality.get("metrics"), list) \
+            or not isinstance(quality.get("models"), dict) or not quality["models"]:
+        raise InputError(f"{where}: expected an object with a list 'metrics' and an object 'models' of one or more models")
+    for model, row in quality["models"].items():
+        if not isinstance(row, dict) or not isinstance(row.get("flops"), int | float) or not row["flops"] > 0:
+            raise InputError(f"{where}: model {model!r}: expected a positive number 'flops'")
+        for metric in quality["metrics"]:
+            m = row.get(metric)
+            if not isinstance(m, dict) or not all(isinstance(m.get(k), int | float) for k in ("mean", "std")):
+                raise InputError(f"{where}: model {model!r}: expected {metric!r} with numbers 'mean' and 'std'")
+    return quality
+
+
+def log_quality(run: TrackedRun, quality: Mapping, path: str | os.PathLike) -> None:
+    """Log a study's sample quality into `run`: metrics `<metric>/<model>` (the mean over seeds) and
+    `<metric>_std/<model>`, and the file `path` as the artifact quality.json (module docstring)."""
+    check_quality(dict(quality), QUALITY_ARTIFACT)
+    if Path(path).name != QUALITY_ARTIFACT:
+        raise ValueError(f"log_quality: the file must be named {QUALITY_ARTIFACT}, got {path}")
+    run.log_metrics({f"{k}{suffix}/{model}": row[k][stat] for model, row in quality["models"].items()
+                     for k in quality["metrics"] for suffix, stat in (("", "mean"), ("_std", "std"))})
+    run.log_artifact(path)
+
+
 def log_dashboard(parent_run_id: str, html: str, *, tracking_uri: str | None = None) -> None:
     """Log the page as the artifact `dashboard.html` of the study's parent run (replacing an older one)."""
     c = client(tracking_uri)
@@ -114,6 +147,7 @@ class Study:
     fits: dict[str, dict]  # fits.json: "total" | "sigma=..." -> ScalingFits.to_dict()
     runs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> child run ids
     data: str = ""  # the data set's name as the study was given it (its `data` param)
+    quality: dict | None = None  # the quality child's quality.json, None when the study has none
     ema: str = ""  # the weights the fitted curves evaluate (the parent's `ema` param), "" when not recorded
 
     def about(self) -> dict[str, str]:
@@ -179,7 +213,7 @@ def find_parent(c: MlflowClient, *, experiment: str | None = None, run_id: str |
 def children_by_stage(c: MlflowClient, parent: Run) -> dict[str, list[Run]]:
     """The parent's children per `lossfloor.stage`, oldest first, FAILED/KILLED ones left out."""
     kids = _search(c, [parent.info.experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")
-    out: dict[str, list[Run]] = {s: [] for s in STAGES}
+    out: dict[str, list[Run]] = {s: [] for s in (*STAGES, QUALITY_STAGE)}
     for run in reversed(kids):  # oldest first
         stage = run.data.tags.get(STAGE_TAG)
         if stage in out and run.info.status not in IGNORED_STATUSES:
@@ -258,6 +292,15 @@ def _read_fits(path: Path, run: Run) -> dict[str, dict]:
     return check_fits(fits, where)
 
 
+def _read_quality(path: Path, run: Run) -> dict:
+    where = f"run {run.info.run_id} artifact {QUALITY_ARTIFACT}"
+    try:
+        quality = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise InputError(f"{where}: not readable JSON ({e})") from None
+    return check_quality(quality, where)
+
+
 def read_study(*, experiment: str | None = None, run_id: str | None = None,
                tracking_uri: str | None = None) -> Study:
     """Find a study (module docstring: which one) and read its J* table, loss curves and fits."""
@@ -273,6 +316,10 @@ def read_study(*, experiment: str | None = None, run_id: str | None = None,
         fitted = CURVE_ARTIFACT in {f.path for f in c.list_artifacts(fit.info.run_id)}  # the fits' own curves
         curves = _read_curves([(r, _download(c, r, CURVE_ARTIFACT, dst)) for r in ([fit] if fitted else stages["train"])])
         fits = _read_fits(_download(c, fit, FITS_ARTIFACT, dst), fit)
+        quality = None
+        if stages[QUALITY_STAGE]:
+            run = _one(parent, QUALITY_STAGE, stages[QUALITY_STAGE])
+            quality = _read_quality(_download(c, run, QUALITY_ARTIFACT, dst), run)
     return Study(
         tracking_uri=c.tracking_uri,
         experiment=c.get_experiment(parent.info.experiment_id).name,
@@ -281,9 +328,11 @@ def read_study(*, experiment: str | None = None, run_id: str | None = None,
         jstar=jstar,
         curves=curves,
         fits=fits,
-        runs={s: tuple(r.info.run_id for r in stages[s]) for s in STAGES},
+        runs={s: tuple(r.info.run_id for r in stages[s]) for s in (*STAGES, QUALITY_STAGE)
+              if s in STAGES or stages[s]},
         data=parent.data.params.get("data", "") or estimate.data.params.get("data", ""),
         ema=parent.data.params.get("ema", ""),
+        quality=quality,
     )
 
 
@@ -292,13 +341,17 @@ __all__ = [
     "DASHBOARD_ARTIFACT",
     "FITS_ARTIFACT",
     "JSTAR_ARTIFACT",
+    "QUALITY_ARTIFACT",
+    "QUALITY_STAGE",
     "STAGES",
     "STAGE_TAG",
     "Study",
+    "check_quality",
     "children_by_stage",
     "find_parent",
     "fits_key",
     "log_dashboard",
     "log_fits",
+    "log_quality",
     "read_study",
 ]
