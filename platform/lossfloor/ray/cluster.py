@@ -75,3 +75,19 @@ def ray_session(address: str | None, *, state_api: bool = False):
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def actors_killed(actors: list):
+    """Run with `actors`, kill them at the end whatever happens; an InputError an actor raised (the user's
+    model or file failed there) comes back as that one line, as the local engine gives it, not as Ray's
+    wrapped traceback."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, InputError):
+            raise InputError(str(e.cause)) from None
+        raise
+    finally:
+        for actor in actors:
+            ray.kill(actor)

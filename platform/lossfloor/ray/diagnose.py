@@ -22,7 +22,7 @@ import numpy as np
 import ray
 import torch
 
-from lossfloor.errors import InputError
+from lossfloor.ray.cluster import actors_killed
 
 
 @ray.remote
@@ -82,19 +82,12 @@ class RayLosses:
         futures = [actors[i % len(actors)].run.remote(int(index[k]), float(sigmas[k]), start, stop)
                    for i, (k, start, stop) in enumerate(blocks)]
         sums = torch.zeros(2, len(sigmas), dtype=torch.float64)
-        try:
+        with actors_killed(actors):
             for (k, _, stop), future in zip(blocks, futures):  # blocks in (k, row) order: the local sum order
                 for part in ray.get(future):
                     sums[:, k] += part
                 if stop == len(x0) and progress is not None:
                     progress(k)
-        except ray.exceptions.RayTaskError as e:  # the model failed in an actor: its one line, as locally
-            if isinstance(e.cause, InputError):
-                raise InputError(str(e.cause)) from None
-            raise
-        finally:
-            for actor in actors:
-                ray.kill(actor)
         return mean_stderr(sums, len(x0))
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import ray
 import torch
 
-from lossfloor.errors import InputError
+from lossfloor.ray.cluster import actors_killed
 
 
 @ray.remote
@@ -51,7 +51,7 @@ class RayBlocks:
         actors = [_Sampler.options(num_cpus=cpus, num_gpus=self.gpus).remote(self.build, device, max(1, int(cpus)))
                   for _ in range(min(self.workers, len(todo)))]
         free, queue, running = list(actors), list(todo), {}
-        try:
+        with actors_killed(actors):
             while queue or running:
                 while free and queue:
                     actor, block = free.pop(), queue.pop(0)
@@ -60,13 +60,6 @@ class RayBlocks:
                 block, actor = running.pop(done[0])
                 free.append(actor)
                 yield block, ray.get(done[0])
-        except ray.exceptions.RayTaskError as e:  # the model or a network failed in an actor: its one line
-            if isinstance(e.cause, InputError):
-                raise InputError(str(e.cause)) from None
-            raise
-        finally:
-            for actor in actors:
-                ray.kill(actor)
 
 
 __all__ = ["RayBlocks"]
