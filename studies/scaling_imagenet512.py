@@ -19,11 +19,13 @@ Stages, each an MLflow child run of one parent run (tag `lossfloor.stage`, the c
                and, for models trained with EDM2's uncertainty head, the total under its learned
                weighting Σ π w e^{-u} J (raw and free offset: u, hence its J*, is each model's own)
                                                                                     -> fits_learned.json
-  5. quality   with --features SPEC: the reference statistics of --data, then each model's final checkpoint
-               evaluated by the job of `lossfloor evaluate` (lossfloor.jobs.evaluate: --fd-samples per seed,
-               --fd-seeds seeds, EDM2's sampler, the --ema weights) -> quality.json (FD / FID / FD_DINOv2,
-               mean and spread over seeds, per model with its training FLOPs); skipped, with a log line,
-               on latent data and with --snapshots
+  5. quality   with --features SPEC: the reference statistics of --data (or --reference-stats), then each
+               model's final checkpoint (--snapshots: its last snapshot pickle) evaluated by the job of
+               `lossfloor evaluate` (lossfloor.jobs.evaluate: --fd-samples per seed, --fd-seeds seeds, EDM2's
+               sampler, the --ema weights) -> quality.json (FD / FID / FD_DINOv2, mean and spread over seeds,
+               per model with its training FLOPs); on latent data the samples are decoded by --vae with the
+               latent statistics (--latent-stats, default --data's own) and compared with --reference-stats,
+               the statistics of the images the latents were encoded from
   6. dashboard the offline HTML page (lossfloor.pages.scaling), in --out and on the parent run
 
 With --snapshots DIR, stage 3 trains nothing: it evaluates NVIDIA's published EDM2 network pickles in DIR
@@ -159,7 +161,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q.add_argument("--features", default=None, metavar="SPEC[,SPEC...]",
                    help="evaluate each model's final checkpoint as `lossfloor evaluate` does (the same job): "
                    "pixels[:K] | inception:FILE (fid) | dinov2:FILE (fd_dinov2) | network:FILE (fd), against the "
-                   "reference statistics of --data computed once; image data only (latent data: skipped)")
+                   "reference statistics of --data computed once (latent data: --vae and --reference-stats)")
+    q.add_argument("--vae", default=None, metavar="DIR",
+                   help="latent data: the VAE (diffusers AutoencoderKL folder) the latents were encoded with; the "
+                   "models' samples are decoded by it before the features")
+    q.add_argument("--latent-stats", default=None, metavar="SRC",
+                   help="latent data: the latent set whose per-channel statistics un-whiten the samples (default: "
+                   "--data's own when it carries them, else, and always with --snapshots, EDM2's SD-VAE constants)")
+    q.add_argument("--reference-stats", type=Path, default=None, metavar="STATS",
+                   help="the reference statistics (lossfloor evaluate --reference --data IMAGES --features SPEC "
+                   "--out STATS): required on latent data (those of the images the latents were encoded from); "
+                   "on image data instead of computing those of --data (checked against it)")
     q.add_argument("--fd-samples", type=int, default=None, metavar="N",
                    help=f"samples per seed (default {_EVAL_DEFAULTS['n_samples']}, the published protocol)")
     q.add_argument("--fd-seeds", type=int, default=None, metavar="S",
@@ -673,7 +685,8 @@ def quality_flags(args: argparse.Namespace) -> dict | None:
     from lossfloor.train.metrics import feature_extractors
 
     if args.features is None:
-        for flag, value in (("--fd-samples", args.fd_samples), ("--fd-seeds", args.fd_seeds)):
+        for flag, value in (("--fd-samples", args.fd_samples), ("--fd-seeds", args.fd_seeds), ("--vae", args.vae),
+                            ("--latent-stats", args.latent_stats), ("--reference-stats", args.reference_stats)):
             if value is not None:
                 raise InputError(f"{flag}: only with --features SPEC (it sets up the sample-quality stage)")
         return None
@@ -684,66 +697,130 @@ def quality_flags(args: argparse.Namespace) -> dict | None:
     if seeds < 1:
         raise InputError(f"--fd-seeds: expected an integer >= 1 (runs of --fd-samples each), got {seeds}")
     extractors = feature_extractors(args.features, device="cpu")
-    return {"features": args.features, "networks": {k: ex.network_sha256 for k, ex in extractors.items()},
-            "n_samples": n, "seeds": seeds}
+    quality = {"features": args.features, "networks": {k: ex.network_sha256 for k, ex in extractors.items()},
+               "n_samples": n, "seeds": seeds}
+    if args.reference_stats is not None:  # its features must be those of --features (the data: quality_inputs)
+        from lossfloor.train.quality import read_reference
+
+        ref = read_reference(str(args.reference_stats))
+        ref.check(extractors, shape=ref.shape, path=str(args.reference_stats))
+        quality["reference_stats"] = _sha256(args.reference_stats)
+    return quality
 
 
-def quality_skipped(args: argparse.Namespace, shape) -> str | None:
-    """Why the sample-quality stage cannot run on this study, or None."""
-    if args.snapshots is not None:
-        return "--snapshots: the ladder is EDM2 network pickles, not lossfloor checkpoints `lossfloor evaluate` samples"
-    if shape is not None and shape[0] not in (1, 3):
-        return (f"latent data ({shape[0]} channels): the models sample latents, and decoding them through the data "
-                "set's VAE before the features is not available in this version of `lossfloor evaluate`")
-    return None
+def is_latent(shape) -> bool:
+    """Samples of neither 1 nor 3 channels are latents (as `lossfloor evaluate` tells them)."""
+    return shape[0] not in (1, 3)
+
+
+def quality_inputs(args: argparse.Namespace, shape, fingerprint: str | None = None) -> dict:
+    """The latent flags against the data (before any work): latent data need --vae and --reference-stats,
+    image data take neither --vae nor --latent-stats, and a given --reference-stats of image data must be of
+    all of --data (`fingerprint`, once it is known) at its shape. Returns what of them enters the stage key:
+    the VAE's weights file by path and mtime (as the work key of `lossfloor evaluate` stamps it) and the
+    latent statistics (None: EDM2's constants)."""
+    from lossfloor.data.vae import WEIGHTS
+
+    if not is_latent(shape):
+        for flag, value in (("--vae", args.vae), ("--latent-stats", args.latent_stats)):
+            if value is not None:
+                raise InputError(f"{flag}: only for latent data, but --data {args.data} holds images of shape "
+                                 f"{tuple(shape)}")
+        if args.reference_stats is not None:
+            from lossfloor.train.quality import read_reference
+
+            read_reference(str(args.reference_stats)).check({}, shape=shape, fingerprint=fingerprint,
+                                                            path=str(args.reference_stats))
+        return {}
+    if args.vae is None:
+        raise InputError(f"--vae: --features on latent data (--data {args.data}, {shape[0]} channels) needs the VAE "
+                         "the latents were encoded with (a diffusers AutoencoderKL folder) to decode the samples")
+    if args.reference_stats is None:
+        raise InputError(f"--reference-stats: --features on latent data (--data {args.data}) needs the statistics of "
+                         "the images they were encoded from (lossfloor evaluate --reference --data IMAGES "
+                         f"--features {args.features} --out STATS)")
+    from lossfloor.data.vae import check_vae_folder
+    from lossfloor.jobs.encode import latent_stats
+
+    check_vae_folder(args.vae)
+    source = args.latent_stats
+    if source is None and args.snapshots is None:  # --data's own statistics when it is a latent set carrying
+        try:  # them, else EDM2's constants (EDM2's snapshots sample latents whitened with those)
+            latent_stats(args.data, "--data")
+            source = args.data
+        except InputError:
+            source = None
+    stats = None if source is None else latent_stats(source, "--latent-stats")
+    weights = Path(args.vae).expanduser() / WEIGHTS
+    return {"vae": [str(weights.absolute()), weights.stat().st_mtime_ns],
+            "latent_stats": None if stats is None else {"source": str(source), **stats.to_dict()}}
 
 
 def quality_plan(args: argparse.Namespace, shape) -> str:
     """The sample-quality stage in the --dry-run plan."""
     if args.features is None:
         return "off (--features SPEC turns it on)"
-    why = quality_skipped(args, shape if shape is not None else (LATENT_SHAPE if args.preset == "imagenet512" else None))
-    if why is not None:
-        return f"skipped: {why}"
+    shape = shape if shape is not None else (LATENT_SHAPE if args.preset == "imagenet512" else None)
+    latent = shape is not None and is_latent(shape)
     n = _EVAL_DEFAULTS["n_samples"] if args.fd_samples is None else args.fd_samples
     seeds = _EVAL_DEFAULTS["seeds"] if args.fd_seeds is None else args.fd_seeds
-    return (f"{args.features}, {n} samples x {seeds} seed(s) from each model's final checkpoint (the job of "
-            "lossfloor evaluate), against the reference statistics of the data")
+    which = "last snapshot pickle" if args.snapshots is not None else "final checkpoint"
+    decoded = (f", decoded by the VAE {args.vae or '(--vae DIR: required)'}" if latent else "")
+    against = (f"--reference-stats {args.reference_stats}" if args.reference_stats is not None
+               else "--reference-stats STATS (required: those of the images)" if latent
+               else "the reference statistics of the data")
+    return (f"{args.features}, {n} samples x {seeds} seed(s) from each model's {which} (the job of "
+            f"lossfloor evaluate){decoded}, against {against}")
 
 
-def quality_step(args, quality: dict, trained: list[Done], choices: dict, study: Study) -> Step:
+def final_models(trained: list[Done], snapshots: dict | None, choices: dict) -> dict:
+    """{model: (its train stage's folder, what `lossfloor evaluate --model` samples, its --ema)}: the run folder
+    (its final checkpoint) with the weights of the fitted curves (`ema_choices`), or with --snapshots the last
+    snapshot pickle, the one the model's loss curve ends with, as it is (--ema auto: a pickle is an EMA)."""
+    if snapshots is None:
+        return {d.value["model"]: (d.stage.dir, str(d.stage.dir), str(choices[d.value["model"]])) for d in trained}
+    return {model: (d.stage.dir, str(snaps[-1].path), "auto") for d, (model, snaps) in zip(trained, snapshots.items())}
+
+
+def quality_step(args, quality: dict, trained: list[Done], models: dict, study: Study) -> Step:
     """Stage 5, keyed by the train stages (by hash), the data, the extractors (their network files' sha256),
-    the sample counts, the sampler settings and the weights evaluated (--ema); later stages get quality.json."""
+    the sample counts, the sampler settings, the weights evaluated (--ema) and, when given, the reference
+    statistics (sha256), the VAE and the latent statistics (`quality_inputs`); later stages get quality.json."""
     from lossfloor.train.quality import SamplerSettings
 
     key = {"train": sorted(d.stage.hash for d in trained), "data": args.data, **quality,
-           "sampler": dataclasses.asdict(SamplerSettings()), "ema": {m: str(c) for m, c in choices.items()}}
+           "sampler": dataclasses.asdict(SamplerSettings()), "ema": {m: ema for m, (_, _, ema) in models.items()}}
     return Step(name="quality", key=key,
                 doing=f"{quality['features']} of {quality['n_samples']} samples x {quality['seeds']} seed(s) per model",
-                work=functools.partial(run_quality, args, quality, trained, choices),
+                work=functools.partial(run_quality, args, quality, models),
                 read=lambda stage: json.loads((stage.dir / QUALITY_FILE).read_text(encoding="utf-8")),
                 log=functools.partial(log_quality_child, args, study))
 
 
-def run_quality(args, quality: dict, trained: list[Done], choices: dict, folder: Path) -> dict:
-    """Stage 5's work: the reference statistics of --data (`jobs.evaluate.reference`), then each model's final
-    checkpoint evaluated by `jobs.evaluate.evaluate` (what `lossfloor evaluate` runs; on Ray with the study's
-    Ray engine) into MODEL/; quality.json: per model its metrics, training FLOPs and parameter count. A stage
+def run_quality(args, quality: dict, models: dict, folder: Path) -> dict:
+    """Stage 5's work: the reference statistics of --data (`jobs.evaluate.reference`; a given --reference-stats
+    is copied instead), then each model's final checkpoint or last snapshot pickle (`final_models`) evaluated
+    by `jobs.evaluate.evaluate` (what `lossfloor evaluate` runs; on Ray with the study's Ray engine; latent
+    models decoded by --vae) into MODEL/; quality.json: per model its metrics, training FLOPs (the last row of
+    its loss curve) and parameter count. A stage
     interrupted half-way keeps what it finished: the statistics file, the models with all their outputs (the
     folder's hash fixes the settings), the evaluation under way (its work folder)."""
+    import pyarrow.parquet as pq
     import torch
 
+    from lossfloor.atomic import write_atomic
     from lossfloor.jobs.evaluate import METRICS_FILE, ReferenceSpec, evaluate, reference
-    from lossfloor.train.run_folder import read_run_folder
+    from lossfloor.train.run_folder import CURVE_FILE
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # this process (the reference; local evaluations)
     t0 = time.monotonic()
     ref = folder / REFERENCE_FILE
-    if not ref.is_file():  # written atomically: there means whole
+    if not ref.is_file() and args.reference_stats is not None:  # written atomically: there means whole
+        write_atomic(ref, lambda tmp: shutil.copyfile(args.reference_stats, tmp))
+    elif not ref.is_file():
         reference(ReferenceSpec(data=args.data, features=quality["features"], out=str(ref), device=device))
-    models = {}
-    for done in trained:
-        model = done.value["model"]
+    rated_models = {}
+    for model, (stage_dir, spec, ema) in models.items():
         out = folder / model
         if (out / METRICS_FILE).is_file() and all((out / f"samples-seed{s}.stats.npz").is_file()
                                                    for s in range(quality["seeds"])):
@@ -751,18 +828,19 @@ def run_quality(args, quality: dict, trained: list[Done], choices: dict, folder:
             log.info("quality %s: evaluated before the stage was interrupted, read from %s", model, out)
         else:
             res = evaluate(EvaluateSpec(
-                model=str(done.stage.dir), reference_stats=str(ref), features=quality["features"], out=str(out),
-                n_samples=quality["n_samples"], seeds=quality["seeds"], ema=str(choices[model]), device=device,
+                model=spec, reference_stats=str(ref), features=quality["features"], out=str(out),
+                n_samples=quality["n_samples"], seeds=quality["seeds"], ema=ema, device=device,
+                vae=args.vae, latent_stats=(quality.get("latent_stats") or {}).get("source"),
                 engine=args.engine if args.engine.kind == "ray" else LOCAL))
-        totals = [r for r in read_run_folder(done.stage.dir).curve_rows if r["sigma"] is None]
-        last = max(totals, key=lambda r: r["images"])  # the final checkpoint's point on the loss curve
-        models[model] = {"params": last["params"], "images": last["images"], "flops": last["flops"],
-                         "ema": str(choices[model]), **{k: res[k] for k in res["metrics"]}}
+        totals = [r for r in pq.read_table(stage_dir / CURVE_FILE).to_pylist() if r["sigma"] is None]
+        last = max(totals, key=lambda r: r["images"])  # the final checkpoint's (or snapshot's) point on the curve
+        rated_models[model] = {"params": last["params"], "images": last["images"], "flops": last["flops"],
+                               "ema": ema, **{k: res[k] for k in res["metrics"]}}
         log.info("quality %s: %s", model, ", ".join(f"{k} {res[k]['mean']:.4g} ± {res[k]['std']:.2g}"
                                                     for k in res["metrics"]))
     rated = {"metrics": res["metrics"], "features": res["features"], "network_sha256": res["network_sha256"],
              "n_samples": quality["n_samples"], "seeds": quality["seeds"], "reference_stats": REFERENCE_FILE,
-             "dataset_fingerprint": res["dataset_fingerprint"], "models": models}
+             "dataset_fingerprint": res["dataset_fingerprint"], "models": rated_models}
     write_json(folder / QUALITY_FILE, rated)
     return {"quality": QUALITY_FILE, "metrics": rated["metrics"], "seconds": time.monotonic() - t0}
 
@@ -866,19 +944,18 @@ def run(args: argparse.Namespace) -> int:
     if args.data is None:
         raise InputError("--data: --preset imagenet512 needs the EDM2 latents (e.g. --data img512-latents.zip)")
     snapshots = _scaling.find_snapshots(args.snapshots, args.snapshot_std) if args.snapshots is not None else None
+    count, shape = describe(args.data)
+    if quality is not None:  # the latent flags against the data, before anything is written
+        quality.update(quality_inputs(args, shape))
     uri = check_outputs(args.out, args.tracking_uri)  # before the first stage: --out writable, the store opens
 
     from lossfloor.data import load_for
     from lossfloor.jobs.study import attach_ray, open_study
 
     # 1. data
-    count, shape = describe(args.data)
     args.n_source = count
     b = make_budget(args, shape)
     choices = ema_choices(args, b)
-    no_quality = quality_skipped(args, shape) if quality is not None else None
-    if no_quality is not None:
-        log.warning("stage quality: skipped: %s", no_quality)
     if args.conditional:  # the classes of the conditional floor are read on this process
         from lossfloor.data import load
 
@@ -888,6 +965,11 @@ def run(args: argparse.Namespace) -> int:
     log.info("data %s: %d samples of shape %s, fingerprint %s; %s", args.data, len(ds), ds.sample_shape,
              ds.fingerprint[:12], "class-conditional models and floor" if args.conditional else "unconditional")
     given = given_table(args.j_star, ds, args) if args.j_star is not None else None  # checked before anything is written
+    if quality is not None and args.reference_stats is not None and not is_latent(shape):
+        from lossfloor.data import load
+
+        # the given statistics must be of all of --data, what the stage would compute
+        quality_inputs(args, shape, ds.fingerprint if len(ds) == count else load(args.data).fingerprint)
     if fit_sigmas is not None:  # on the J* grid, known before the estimate: refused now, not after the ladder
         _check_fit_sigmas(fit_sigmas, given.x0().sigma if given is not None else parse_sigma_grid(b.sigma_grid))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -955,8 +1037,9 @@ def run(args: argparse.Namespace) -> int:
 
         # 5. sample quality of each model's final checkpoint (--features)
         rated = None
-        if quality is not None and no_quality is None:
-            rated = study.run(quality_step(args, quality, trained, choices, study)).value
+        if quality is not None:
+            rated = study.run(quality_step(args, quality, trained, final_models(trained, snapshots, choices),
+                                           study)).value
 
         # 6. dashboard
         html = build_dashboard(args, uri, parent.run_id, fit_sigmas)
@@ -967,7 +1050,7 @@ def run(args: argparse.Namespace) -> int:
             "fit_sigmas": list(fit_sigmas), "eval_sigmas": list(eval_sigmas), "total_j_star": list(total_js),
             "ema": {m: str(c) for m, c in choices.items()}, "ema_seconds": fitted.stage.result()["ema_seconds"],
             "stages": {name: {"dir": str(d.stage.dir), "skipped": d.skipped} for name, d in study.done.items()},
-            "rho": rows, "quality": {"skipped": no_quality} if no_quality is not None else rated,
+            "rho": rows, "quality": rated,
             "seconds": time.monotonic() - t_start,
         }
         parent.log_artifact(write_json(args.out / "summary.json", summary))
@@ -982,12 +1065,10 @@ def run(args: argparse.Namespace) -> int:
     print(_scaling.format_rho(rows))
     print(f"weights of the fitted curves (--ema): {ema_label(choices)}")
     if rated is not None:
-        print("sample quality (mean ± spread over seeds, final checkpoints):")
+        print(f"sample quality (mean ± spread over seeds, {'last snapshots' if snapshots else 'final checkpoints'}):")
         for model, r in rated["models"].items():
             print(f"  {model:<12} F={r['flops']:.3e}  " + "  ".join(
                 f"{k} {r[k]['mean']:.4g} ± {r[k]['std']:.2g}" for k in rated["metrics"]))
-    elif no_quality is not None:
-        print(f"sample quality: stage skipped: {no_quality}")
     print(f"dashboard: {html}")
     print(f"MLflow: {uri}, experiment {args.experiment!r}, parent run {parent.run_id}")
     print(f"open the runs: {summary['mlflow_ui']}")

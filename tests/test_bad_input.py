@@ -638,6 +638,24 @@ CLI_ROWS += [
 ]
 
 
+# studylatent (issue 21): the scaling study's quality stage on latent data needs --vae and --reference-stats
+LATENT_STUDY = [*SCALING, "--preset", "smoke", "--data", "{ws}/latents.npy", "--features", "pixels:2"]
+STUDY_ROWS += [
+    ("scaling_imagenet512", "latent data with --features but no --vae",
+     [*LATENT_STUDY, "--reference-stats", "{ws}/digits.stats.npz", "--out", "{out}"],
+     ["--vae", "latent data", "latents.npy", "4 channels"]),
+    ("scaling_imagenet512", "latent data with --features but no --reference-stats",
+     [*LATENT_STUDY, "--vae", "{ws}/vae", "--out", "{out}"],
+     ["--reference-stats", "latent data", "lossfloor evaluate --reference --data IMAGES"]),
+    ("scaling_imagenet512", "--vae with pixel data",
+     [*SCALING, "--features", "pixels:2", "--vae", "{ws}/vae", "--out", "{out}"],
+     ["--vae", "only for latent data", "(1, 8, 8)"]),
+    ("scaling_imagenet512", "--reference-stats of other data than --data",
+     [*SCALING, "--preset", "smoke", "--data", "{ws}/other.npy", "--features", "pixels:2", "--reference-stats",
+      "{ws}/digits.stats.npz", "--out", "{out}"], ["--reference-stats", "digits.stats.npz", "statistics of other data"]),
+]
+
+
 def _argv(argv, ws, out):
     return [a.format(ws=ws, out=out) for a in argv]
 

@@ -33,8 +33,9 @@ def _study():
     return module
 
 
-def _check_store(uri: str, n_parents: int = 1) -> list[dict]:
-    """Every study parent FINISHED with FINISHED children: one estimate, >= 2 train, one fit, with the
+def _check_store(uri: str, n_parents: int = 1, quality: bool = False) -> list[dict]:
+    """Every study parent FINISHED with FINISHED children: one estimate, >= 2 train, one fit (and one quality
+    with `quality`), with the
     artifacts of the dashboard contract; the parent holds dashboard.html. Returns per parent its kids."""
     c = client(uri)
     exp = c.get_experiment_by_name("scaling")
@@ -48,7 +49,7 @@ def _check_store(uri: str, n_parents: int = 1) -> list[dict]:
         by_stage: dict[str, list] = {}
         for r in kids:
             by_stage.setdefault(r.data.tags.get("lossfloor.stage"), []).append(r)
-        assert sorted(by_stage) == ["estimate", "fit", "train"]
+        assert sorted(by_stage) == ["estimate", "fit", *(["quality"] if quality else []), "train"]
         assert len(by_stage["estimate"]) == 1 and len(by_stage["fit"]) == 1 and len(by_stage["train"]) >= 2
         artifacts = {s: [{a.path for a in c.list_artifacts(r.info.run_id)} for r in rs] for s, rs in by_stage.items()}
         assert "jstar.parquet" in artifacts["estimate"][0] and "fits.json" in artifacts["fit"][0]
@@ -234,6 +235,7 @@ def test_posthoc_ema_curves_are_fitted_in_a_new_fit_stage(first_run, tmp_path):
     fit_run = client(uri).get_run(study.runs["fit"][0])
     assert fit_run.data.params["ema"] == "posthoc:0.1"
 QUALITY = ["--features", "pixels:8", "--fd-samples", "64", "--fd-seeds", "2"]
+FEW = ["--features", "pixels:8", "--fd-samples", "32", "--fd-seeds", "2"]
 
 
 def test_sample_quality_stage_is_lossfloor_evaluate(first_run, tmp_path, capsys, caplog):
@@ -312,20 +314,70 @@ def test_sample_quality_stage_is_lossfloor_evaluate(first_run, tmp_path, capsys,
     assert json.loads((moved / "quality.json").read_text(encoding="utf-8")) == quality
 
 
-def test_sample_quality_is_skipped_on_latent_data(tmp_path, capsys):
-    """Latent data: the plan (and the run's log and summary) says the stage is skipped and why; no silent pass."""
+def test_sample_quality_of_a_latent_ladder_is_lossfloor_evaluate_with_the_vae(tmp_path, capsys, one_thread):
+    """Latent data (an EDM2-layout set of (4, 8, 8) latents with its own statistics, a tiny random VAE that
+    decodes them to (3, 16, 16)): the smoke ladder trains on them, and the quality stage's numbers are those of
+    `lossfloor evaluate --vae --latent-stats` (the set's statistics, the default) on each final checkpoint
+    against the given --reference-stats of the images; the VAE enters the stage's key."""
     import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
 
-    latents = tmp_path / "latents.npy"
-    np.save(latents, np.random.default_rng(0).standard_normal((64, 4, 8, 8)).astype(np.float32))
-    assert _study().main(["--dry-run", "--preset", "smoke", "--data", str(latents), *QUALITY]) == 0
-    assert "5 quality: skipped: latent data (4 channels)" in capsys.readouterr().out
+    from lossfloor.cli import main as cli
+    from lossfloor.data import Dataset
+    from lossfloor.data.edm2 import LatentStats
+    from lossfloor.data.latent_sets import write_edm2
+    from lossfloor.train.metrics import feature_extractors
+    from lossfloor.train.quality import reference_statistics, write_reference
+
+    torch.manual_seed(0)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    rng = np.random.default_rng(0)
+    mean, std = (1.0, -2.0, 0.5, 3.0), (2.0, 1.0, 3.0, 0.5)
+    m, s = np.array(mean)[:, None, None], np.array(std)[:, None, None]
+    raw = np.concatenate([m + s * rng.standard_normal((128, 4, 8, 8)), np.full((128, 4, 8, 8), 0.1)], axis=1)
+    (tmp_path / "latents").mkdir()
+    write_edm2(tmp_path / "latents", lambda: iter([raw.astype(np.float32)]), None,
+               stats=LatentStats(mean=mean, std=std), as_zip=False)
+    images = Dataset(samples=rng.uniform(-1, 1, (48, 3, 16, 16)).astype(np.float32), labels=None,
+                     fingerprint="rgb16", source="rgb16", normalisation="none")
+    ref = tmp_path / "rgb16.stats.npz"
+    write_reference(reference_statistics(images, feature_extractors("pixels:8")), ref)
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    flags = ["--features", "pixels:8", "--fd-samples", "32", "--fd-seeds", "1", "--vae", str(tmp_path / "vae"),
+             "--reference-stats", str(ref)]
+    assert _study().main([*TINY, "--preset", "smoke", "--engine", "local", "--data", str(tmp_path / "latents"), *flags,
+                          "--out", str(out), "--tracking-uri", uri]) == 0
+    summary = _check_outputs(out)
+    quality, stage = summary["quality"], Path(summary["stages"]["quality"]["dir"])
+    assert sorted(quality["models"]) == ["tiny-c4", "tiny-c8"] and quality["metrics"] == ["fd"]
+    assert (stage / "reference.stats.npz").read_bytes() == ref.read_bytes()  # the given statistics, not recomputed
+    key = json.loads((stage / "config.json").read_text(encoding="utf-8"))["config"]
+    assert key["vae"][0] == str((tmp_path / "vae" / "diffusion_pytorch_model.safetensors").absolute())
+    assert key["latent_stats"]["source"] == str(tmp_path / "latents") and key["latent_stats"]["mean"] == list(mean)
+    for model, row in quality["models"].items():
+        train = Path(summary["stages"][f"train-{model}"]["dir"])
+        capsys.readouterr()
+        assert cli(["evaluate", "--model", str(train), "--vae", str(tmp_path / "vae"), "--latent-stats",
+                    str(tmp_path / "latents"), "--reference-stats", str(ref), "--features", "pixels:8",
+                    "--n-samples", "32", "--seeds", "1", "--ema", "raw", "--out", str(tmp_path / model), "--json"]) == 0
+        direct = json.loads(capsys.readouterr().out)
+        assert row["fd"]["per_seed"] == direct["fd"]["per_seed"] and np.isfinite(row["fd"]["mean"])
+        totals = [r for r in pq.read_table(train / "loss_curve.parquet").to_pylist() if r["sigma"] is None]
+        assert row["flops"] == totals[-1]["flops"] and row["images"] == totals[-1]["images"]
+    # EDM2's snapshots sample latents whitened with EDM2's constants: those, not --data's, by default
     study = _study()
-    args = study.parse_args(["--data", str(latents), *QUALITY])
-    assert "VAE" in study.quality_skipped(args, (4, 8, 8)) and study.quality_skipped(args, (3, 8, 8)) is None
+    args = study.parse_args(["--data", str(tmp_path / "latents"), "--snapshots", str(tmp_path), *flags])
+    assert study.quality_inputs(args, (4, 8, 8))["latent_stats"] is None
+    capsys.readouterr()
+    assert _study().main(["--dry-run", "--preset", "smoke", "--data", str(tmp_path / "latents"), *flags]) == 0
+    assert f"decoded by the VAE {tmp_path / 'vae'}, against --reference-stats {ref}" in capsys.readouterr().out
 
 
-def test_snapshots_replace_training(tmp_path):
+def test_snapshots_replace_training(tmp_path, one_thread):
     """--snapshots: the loss curves from a folder of EDM2 pickles in the published layout (tests/edm2_pickles.py,
     written from tiny class-conditional networks of two widths: raw snapshots in a folder per model, post-hoc
     names for the other), then the fits and the dashboard as usual; nothing is trained."""
@@ -359,11 +411,11 @@ def test_snapshots_replace_training(tmp_path):
     edm2_pickles.write_snapshot(snaps / "tiny-c4" / "network-snapshot-0000001-0.050.pkl", net, head)  # left out
 
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
-    assert study.main([*TINY, "--engine", "local", "--snapshots", str(snaps), "--out", str(out),
+    assert study.main([*TINY, "--engine", "local", "--snapshots", str(snaps), *FEW, "--out", str(out),
                        "--tracking-uri", uri]) == 0
-    _check_store(uri)
+    _check_store(uri, quality=True)
     summary = _check_outputs(out)
-    assert sorted(summary["stages"]) == ["estimate", "fit", "train-edm2-tiny-c8", "train-tiny-c4"]
+    assert sorted(summary["stages"]) == ["estimate", "fit", "quality", "train-edm2-tiny-c8", "train-tiny-c4"]
     ds = load("bundled:digits", max_samples=600)
     _, idx = split_indices(len(ds), 64, False, 0)
     x0, labels = torch.as_tensor(ds.samples[idx]), torch.as_tensor(ds.labels[idx])
@@ -387,6 +439,24 @@ def test_snapshots_replace_training(tmp_path):
     learned = json.loads((Path(summary["stages"]["fit"]["dir"]) / "fits_learned.json").read_text(encoding="utf-8"))
     assert learned["total_learned"]["raw"]["abs_rho"] is not None and learned["total_learned"]["n_models"] == 2
     assert "total_learned" in [r["quantity"] for r in summary["rho"]]
+
+    # the quality stage: each model's last snapshot (4 kimg, the curve's last point) evaluated as `lossfloor
+    # evaluate --model PKL` evaluates it, with that point's FLOPs
+    from lossfloor.cli import main as cli
+
+    ref = tmp_path / "digits.stats.npz"
+    assert cli(["evaluate", "--reference", "--data", "bundled:digits", "--features", "pixels:8", "--out", str(ref)]) == 0
+    quality = summary["quality"]
+    assert sorted(quality["models"]) == ["edm2-tiny-c8", "tiny-c4"]
+    last = {"tiny-c4": snaps / "tiny-c4" / "network-snapshot-0000004-0.100.pkl",
+            "edm2-tiny-c8": snaps / "edm2-tiny-c8-0000004-0.100.pkl"}
+    for model, row in quality["models"].items():
+        assert cli(["evaluate", "--model", str(last[model]), "--reference-stats", str(ref), "--features", "pixels:8",
+                    "--n-samples", "32", "--seeds", "2", "--out", str(tmp_path / model)]) == 0
+        direct = json.loads((tmp_path / model / "metrics.json").read_text(encoding="utf-8"))
+        assert row["fd"]["per_seed"] == direct["fd"]["per_seed"] and row["fd"]["std"] > 0
+        assert row["images"] == 4000 and row["flops"] == pytest.approx(
+            3 * forward_flops(nets[model, 4][0].unet, "edm2") * 4000, rel=1e-12)
 
 
 # ---- as users submit it: a local Ray head, `ray job submit`, cluster/runtime_env.yaml ----
