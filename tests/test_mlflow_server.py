@@ -17,13 +17,10 @@ import os
 import platform
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +28,7 @@ import pytest
 
 from lossfloor.tracking import client, experiment_id
 from lossfloor.tracking.datasets import DIGEST_CHARS
+from services import free_port, stop, wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 
@@ -43,12 +41,6 @@ PARAMS = 20
 EXPERIMENT = "concurrent-writers"
 FINGERPRINT = "ab" * 32  # a data fingerprint (sha256 hex), as every run of a study on one data set has
 SERVER_START_S = 120  # the first start creates ~40 tables
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_program(name: str) -> str | None:
@@ -71,7 +63,7 @@ def postgres():
         user = pwd.getpwnam("postgres")
         os.chown(root, user.pw_uid, user.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def pg(*args):
         done = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)
@@ -93,7 +85,7 @@ def postgres():
 def server(postgres, tmp_path_factory):
     """http://127.0.0.1:PORT: `bash cluster/mlflow/serve.sh` on the PostgreSQL, artifacts in a folder."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": postgres, "MLFLOW_ARTIFACTS_DESTINATION": str(tmp / "artifacts"),
            "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "2",
            "MLFLOW": str(Path(sys.executable).with_name("mlflow"))}
@@ -103,26 +95,10 @@ def server(postgres, tmp_path_factory):
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve.sh exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no answer on {url}/health after {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+        wait_healthy(proc, url, log, SERVER_START_S, "serve.sh")
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)
 
 
 def _value(writer: int, step: int) -> float:

@@ -4,13 +4,8 @@ model-training view from the address's `workflowType` parameter, not from the ex
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,16 +13,11 @@ import pytest
 from browser import find_chromium, render
 from lossfloor.tracking import start_run
 from lossfloor.tracking.runs import ui_link
+from services import free_port, stop, wait_healthy
 
 pytestmark = pytest.mark.e2e
 START_S = 90
 GENAI_VIEW = "Detect Issues"  # the GenAI overview's call to action; the runs table never shows it
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +28,7 @@ def ui(tmp_path_factory):
     with start_run(experiment="scaling", run_name="tiny-edm2-baseline", tracking_uri=store) as run:
         run.log_params({"preset": "tiny"})
         run.log_metrics({"loss": 0.25})
-    port = _free_port()
+    port = free_port()
     log = tmp / "ui.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", store,
@@ -46,25 +36,10 @@ def ui(tmp_path_factory):
                                 start_new_session=True)
     address = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow ui exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(address + "/health", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no answer on {address}/health after {START_S} s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+        wait_healthy(proc, address, log, START_S, "mlflow ui")
         yield address, run.experiment_id, "tiny-edm2-baseline"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
