@@ -78,7 +78,7 @@ from _scaling import Budget  # noqa: E402
 from lossfloor.atomic import write_json  # noqa: E402
 from lossfloor.errors import InputError, JStarNotBelowLoss  # noqa: E402
 from lossfloor.jobs.engine import LOCAL, Engine, add_engine_args  # noqa: E402
-from lossfloor.jobs.evaluate import EvaluateSpec  # noqa: E402
+from lossfloor.jobs.evaluate import N_SAMPLES, SEEDS  # noqa: E402
 from lossfloor.jobs.study import Done, Step, Study  # noqa: E402
 
 log = logging.getLogger("scaling_imagenet512")
@@ -91,7 +91,6 @@ STAGE_TAG = "lossfloor.stage"  # the children's tag in the --dry-run plan (lossf
 LATENT_SHAPE = (4, 64, 64)  # what --preset imagenet512 expects (EDM2 SD-VAE latents of ImageNet-512)
 QUALITY_FILE = "quality.json"  # in the quality stage: per model the metrics, training FLOPs and size
 REFERENCE_FILE = "reference.stats.npz"  # in the quality stage: the data's feature statistics
-_EVAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvaluateSpec)}  # lossfloor evaluate's protocol
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,9 +172,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--out STATS): required on latent data (those of the images the latents were encoded from); "
                    "on image data instead of computing those of --data (checked against it)")
     q.add_argument("--fd-samples", type=int, default=None, metavar="N",
-                   help=f"samples per seed (default {_EVAL_DEFAULTS['n_samples']}, the published protocol)")
+                   help=f"samples per seed (default {N_SAMPLES}, the published protocol)")
     q.add_argument("--fd-seeds", type=int, default=None, metavar="S",
-                   help=f"seeds 0..S-1, reported as mean and spread (default {_EVAL_DEFAULTS['seeds']})")
+                   help=f"seeds 0..S-1, reported as mean and spread (default {SEEDS})")
     p.add_argument("--dry-run", action="store_true",
                    help="print the stages, budgets, models, FLOPs and devices, and exit without writing anything")
     add_output_args(p, STUDY, experiment="scaling")
@@ -690,8 +689,8 @@ def quality_flags(args: argparse.Namespace) -> dict | None:
             if value is not None:
                 raise InputError(f"{flag}: only with --features SPEC (it sets up the sample-quality stage)")
         return None
-    n = _EVAL_DEFAULTS["n_samples"] if args.fd_samples is None else args.fd_samples
-    seeds = _EVAL_DEFAULTS["seeds"] if args.fd_seeds is None else args.fd_seeds
+    n = N_SAMPLES if args.fd_samples is None else args.fd_samples
+    seeds = SEEDS if args.fd_seeds is None else args.fd_seeds
     if n < 2:
         raise InputError(f"--fd-samples: expected an integer >= 2, like 50000, got {n}")
     if seeds < 1:
@@ -762,8 +761,8 @@ def quality_plan(args: argparse.Namespace, shape) -> str:
         return "off (--features SPEC turns it on)"
     shape = shape if shape is not None else (LATENT_SHAPE if args.preset == "imagenet512" else None)
     latent = shape is not None and is_latent(shape)
-    n = _EVAL_DEFAULTS["n_samples"] if args.fd_samples is None else args.fd_samples
-    seeds = _EVAL_DEFAULTS["seeds"] if args.fd_seeds is None else args.fd_seeds
+    n = N_SAMPLES if args.fd_samples is None else args.fd_samples
+    seeds = SEEDS if args.fd_seeds is None else args.fd_seeds
     which = "last snapshot pickle" if args.snapshots is not None else "final checkpoint"
     decoded = (f", decoded by the VAE {args.vae or '(--vae DIR: required)'}" if latent else "")
     against = (f"--reference-stats {args.reference_stats}" if args.reference_stats is not None
@@ -809,7 +808,7 @@ def run_quality(args, quality: dict, models: dict, folder: Path) -> dict:
     import torch
 
     from lossfloor.atomic import write_atomic
-    from lossfloor.jobs.evaluate import METRICS_FILE, ReferenceSpec, evaluate, reference
+    from lossfloor.jobs.evaluate import METRICS_FILE, EvaluateSpec, ReferenceSpec, evaluate, reference
     from lossfloor.train.run_folder import CURVE_FILE
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # this process (the reference; local evaluations)

@@ -15,9 +15,7 @@ import sys
 
 from lossfloor.errors import InputError
 from lossfloor.jobs.engine import Engine, add_engine_args
-
-N_SAMPLES = 50_000
-SEEDS = 3
+from lossfloor.jobs.evaluate import N_SAMPLES, SEEDS
 
 
 def register(sub) -> None:

@@ -34,16 +34,17 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lossfloor.data.vae import WEIGHTS
-from lossfloor.devices import check_device
 from lossfloor.errors import InputError
 from lossfloor.jobs.engine import LOCAL, Engine
 from lossfloor.jobs.tracking import Tracking
-from lossfloor.train.metrics import FeatureSums
-from lossfloor.train.quality import SamplerSettings
+
+if TYPE_CHECKING:
+    from lossfloor.train.metrics import FeatureSums
+    from lossfloor.train.quality import SamplerSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,16 @@ METRICS_FILE = "metrics.json"
 SAMPLERS = ("heun",)
 MAX_BLOCKS = 64  # blocks per seed at most (the work folder holds each block's sums)
 PROGRESS_SECONDS = 10.0
+# The published protocol (EDM2's FID and FD_DINOv2): 50 000 samples per seed, three seeds. Torch-free here
+# (torch and the train package load when an evaluation runs) so that a study's --help stays fast.
+N_SAMPLES = 50_000
+SEEDS = 3
+
+
+def _default_sampler() -> SamplerSettings:
+    from lossfloor.train.quality import SamplerSettings
+
+    return SamplerSettings()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,10 +86,10 @@ class EvaluateSpec:
     features: str
     out: str
     data: str | None = None  # optional: checked against the statistics' fingerprint
-    n_samples: int = 50_000
-    seeds: int = 3
+    n_samples: int = N_SAMPLES
+    seeds: int = SEEDS
     sampler: str = "heun"
-    settings: SamplerSettings = field(default_factory=SamplerSettings)
+    settings: SamplerSettings = field(default_factory=_default_sampler)
     ema: str = "auto"
     prediction: str | None = None
     process: str | None = None
@@ -98,6 +109,7 @@ def reference(spec: ReferenceSpec):
     """Compute and write the reference statistics; returns the `ReferenceStats`."""
     from lossfloor.atomic import check_writable
     from lossfloor.data import load
+    from lossfloor.devices import check_device
     from lossfloor.train.metrics import feature_extractors
     from lossfloor.train.quality import reference_statistics, write_reference
 
@@ -261,6 +273,8 @@ def _save_sums(path: Path, sums: dict[str, FeatureSums]) -> None:
 
 
 def _read_sums(path: Path, metrics) -> dict[str, FeatureSums] | None:
+    from lossfloor.train.metrics import FeatureSums
+
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: FeatureSums(count=int(z[f"count_{k}"]), total=z[f"total_{k}"], outer=z[f"outer_{k}"])
@@ -278,6 +292,8 @@ def _summary(values: list[float]) -> dict:
 def evaluate(spec: EvaluateSpec) -> dict:
     """Run the evaluation (module docstring); returns the result written to OUT/metrics.json."""
     from lossfloor.atomic import check_writable, output_folder, write_json
+    from lossfloor.data.vae import WEIGHTS
+    from lossfloor.devices import check_device
     from lossfloor.hashing import config_hash
     from lossfloor.train.metrics import feature_extractors, image_sums
     from lossfloor.train.quality import ReferenceStats, fd_metrics, read_reference, write_reference
