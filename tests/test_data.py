@@ -367,6 +367,36 @@ def test_bundled_digits():
     assert_input_error_names("bundled:mnist", load, "bundled:mnist")
 
 
+def test_bundled_photos_are_windows_of_the_sample_photographs():
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    ds = load("bundled:photos")
+    per_image = (((427 - 32) // 16) + 1) * (((640 - 32) // 16) + 1)
+    assert ds.samples.shape == (2 * per_image, 3, 32, 32) and ds.labels is None
+    assert ds.samples.min() == -1 and ds.samples.max() == 1
+    cols = ((640 - 32) // 16) + 1
+    for n in (0, 7, per_image - 1, per_image + 45):  # the window of the n-th patch, cut by hand
+        img, k = photos[n // per_image], n % per_image
+        r, c = 16 * (k // cols), 16 * (k % cols)
+        window = img[r:r + 32, c:c + 32].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
+        np.testing.assert_array_equal(ds.samples[n], window)
+
+
+def test_bundled_terrain_is_the_elevation_model_cut_in_windows():
+    from matplotlib.cbook import get_sample_data
+
+    with np.load(get_sample_data("jacksboro_fault_dem.npz", asfileobj=False)) as f:
+        z = f["elevation"].astype(np.float64)
+    ds = load("bundled:terrain")
+    rows, cols = (344 - 16) // 8 + 1, (403 - 16) // 8 + 1
+    assert ds.samples.shape == (rows * cols, 1, 16, 16) and ds.labels is None
+    lo, hi = z.min(), z.max()  # 236 m and 1076 m
+    k = 5 * cols + 11  # patch at corner (40, 88)
+    np.testing.assert_allclose(ds.samples[k, 0], 2 * (z[40:56, 88:104] - lo) / (hi - lo) - 1, atol=1e-6)
+    assert ds.samples.min() == -1 and ds.samples.max() == 1
+
+
 # ---------------------------------------------------------------- bad input, streaming
 
 
