@@ -1,0 +1,121 @@
+"""The paper-claims computations (`lossfloor.claims`) on tiny inputs with known answers."""
+
+import math
+
+import numpy as np
+import pytest
+from oracles import product_data, product_optimal_loss
+from scipy import optimize
+
+from lossfloor.claims import estimators, seeds, survey
+from lossfloor.floor import EstimatorConfig, estimate
+
+
+def test_interval_is_students_t_and_covers():
+    iv = seeds.interval([1.0, 2.0, 3.0])
+    assert iv.mean == 2.0 and iv.hi - 2.0 == pytest.approx(4.302652729749464 / math.sqrt(3))  # t(0.975, 2)
+    assert seeds.interval([5.0]) == seeds.Interval(5.0, 5.0, 5.0, 1)
+    rng = np.random.default_rng(0)
+    hits = sum(iv.lo <= 1.5 <= iv.hi for iv in (seeds.interval(rng.normal(1.5, 2.0, 5)) for _ in range(4000)))
+    assert 0.93 < hits / 4000 < 0.97
+    with pytest.raises(ValueError):
+        seeds.interval([1.0, math.nan])
+    with pytest.raises(ValueError):
+        seeds.paired([1.0, 2.0], [1.0])
+
+
+def test_relative_errors_leave_out_the_floor():
+    e = estimators.relative_errors([1.1, 0.5, 2e-4], [1.0, 0.4, 1e-4], total_variance=1.0)
+    np.testing.assert_allclose(e[:2], [0.1, 0.25])
+    assert math.isnan(e[2])  # J_exact below 1e-3 J*(∞)
+
+
+def _rows(scores_by_label: dict[str, list[float]], queries: int = 100) -> dict:
+    """A sweep result whose per-seed scores are the given ones (one σ, |e| = score)."""
+    rows = [{"label": label, "seed": s, "queries": queries, "sigma": 1.0, "rel_error": v}
+            for label, vals in scores_by_label.items() for s, v in enumerate(vals)]
+    return {"labels": list(scores_by_label), "seeds": list(range(len(next(iter(scores_by_label.values()))))),
+            "sigmas": [1.0], "rows": rows}
+
+
+def test_c_claim_verdicts():
+    base = {"DOL (C=1)": [0.5, 0.6, 0.55, 0.52, 0.58], "C=N/L": [0.2, 0.25, 0.22, 0.21, 0.24],
+            estimators.PAPER_C: [0.1, 0.12, 0.11, 0.1, 0.13], "C=16N/L": [0.3, 0.33, 0.31, 0.3, 0.35],
+            "SNIS (C=∞)": [0.6, 0.7, 0.65, 0.62, 0.66], "knn": [0.01, 0.02, 0.015, 0.01, 0.012]}
+    c = estimators.c_claim(_rows(base))
+    assert c["verdict"] == seeds.REPRODUCED and c["best_c"] == estimators.PAPER_C
+    assert c["knn_minus_paper_c"]["hi"] < 0
+    better = dict(base, **{"C=N/L": [0.05, 0.06, 0.055, 0.05, 0.06]})
+    c = estimators.c_claim(_rows(better))
+    assert c["verdict"] == seeds.NOT_REPRODUCED and c["best_c"] == "C=N/L"
+    tied = dict(base, **{"C=N/L": [0.09, 0.14, 0.1, 0.11, 0.12]})
+    assert estimators.c_claim(_rows(tied))["verdict"] == seeds.INCONCLUSIVE
+
+
+def test_queries_claim_verdicts():
+    def result(first, last):
+        a, b = _rows(first, queries=10), _rows(last, queries=1000)
+        return {**a, "rows": a["rows"] + b["rows"]}
+    first = {estimators.PAPER_C: [0.3, 0.32, 0.31], "knn": [0.2, 0.22, 0.21]}
+    last = {estimators.PAPER_C: [0.1, 0.12, 0.11], "knn": [0.02, 0.03, 0.02]}
+    q = estimators.queries_claim(result(first, last))
+    assert q["verdict"] == seeds.REPRODUCED and q["queries"] == [10, 1000]
+    assert estimators.queries_claim(result(last, first))["verdict"] == seeds.NOT_REPRODUCED
+
+
+VALUES = [[-1.0, -0.2, 0.5, 1.0], [-0.8, 0.1, 0.9], [-1.0, 0.0, 0.3, 1.0]]
+
+
+def test_sweep_on_a_product_set():
+    x = product_data(VALUES)  # 48 samples
+    sigmas = [0.05, 0.3, 1.0]
+    res = estimators.sweep(x, sigmas, subset_size=16, seeds=[0, 1])
+    assert res["labels"] == ["DOL (C=1)", "C=N/L", "C=4N/L", "C=16N/L", "SNIS (C=∞)", "knn"]
+    assert estimators.c_grid(48, 16)["C=4N/L"] == 12.0
+    dol = estimate(x, sigmas, EstimatorConfig(estimator="dol", subset_size=16, seed=1), progress=False)
+    rows = [r for r in res["rows"] if r["label"] == "DOL (C=1)" and r["seed"] == 1]
+    np.testing.assert_array_equal([r["j"] for r in rows], dol.j_star)  # C = 1 is DOL, the same draws
+    exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", seed=1), progress=False)
+    np.testing.assert_array_equal([r["j_exact"] for r in rows], exact.j_star)
+    tv = exact.total_variance
+    for r in rows:  # σ = 0.05: J* ≈ 5e-5 < 1e-3 J*(∞), no relative error
+        want = (r["j"] - r["j_exact"]) / r["j_exact"] if r["j_exact"] > 1e-3 * tv else math.nan
+        assert r["rel_error"] == pytest.approx(want, nan_ok=True)
+    assert math.isnan(rows[0]["rel_error"]) and not math.isnan(rows[1]["rel_error"])
+
+
+def test_subsets_holding_every_sample_are_exact_on_the_same_queries():
+    x = product_data(VALUES)
+    res = estimators.sweep(x, [0.1, 1.0], subset_size=48, seeds=[0, 1, 2], cs={"C=4N/L": 4.0}, knn=True)
+    assert all(r["rel_error"] == 0.0 for r in res["rows"])  # L = N: every estimator is the exact one
+    assert estimators.c_claim({**res, "labels": ["C=4N/L", "knn"]})["verdict"] == seeds.INCONCLUSIVE
+
+
+def _sigma_star_truth(values, level: float) -> float:
+    tv = sum(np.var(v) for v in values)
+    return optimize.brentq(lambda s: product_optimal_loss(values, s) - level * tv, 1e-4, 10.0, xtol=1e-10)
+
+
+def test_survey_row_brackets_the_quadrature_sigma_star():
+    from lossfloor.floor.table import SIGMA_STAR_THRESHOLD
+
+    x = product_data(VALUES)
+    sigmas = np.geomspace(0.01, 3.0, 12)
+    est = estimate(x, sigmas, EstimatorConfig(estimator="exact", queries_per_sample=20), progress=False)
+    row = survey.survey_row("product", est, n=len(x), dim=3)
+    truth = _sigma_star_truth(VALUES, SIGMA_STAR_THRESHOLD)
+    assert (row["sigma_star_low"] or 0.0) <= truth <= (row["sigma_star_high"] or math.inf)
+    assert row["plateau"] == pytest.approx(sum(np.var(v) for v in VALUES), rel=1e-6)  # J*(∞) exactly
+    assert row["plateau_per_value"] == pytest.approx(row["plateau"] / 3)
+
+
+def test_survey_claim_verdicts():
+    def row(name, lo, hi, plateau):
+        return {"data": name, "sigma_star_low": lo, "sigma_star_high": hi, "sigma_star": lo, "plateau_per_value": plateau}
+    apart = [row("a", 0.01, 0.02, 0.3), row("b", 0.05, 0.1, 0.2), row("c", 0.2, 0.4, 0.1)]
+    assert survey.survey_claim(apart)["verdict"] == seeds.REPRODUCED
+    same = [row("a", 0.01, 0.05, 0.3), row("b", 0.02, 0.1, 0.3005)]
+    assert survey.survey_claim(same)["verdict"] == seeds.NOT_REPRODUCED
+    open_end = [row("a", None, 0.05, 0.3), row("b", 0.01, None, 0.1)]
+    assert survey.survey_claim(open_end)["verdict"] == seeds.INCONCLUSIVE
+    assert survey.brackets_disjoint(row("a", 0.1, 0.2, 1), row("b", 0.3, None, 1))
