@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import pytest
-from oracles import product_data, product_optimal_loss
 from scipy import optimize
 
 from lossfloor.claims import estimators, seeds, survey
 from lossfloor.floor import EstimatorConfig, estimate
+from oracles import product_data, product_optimal_loss
 
 
 def test_interval_is_students_t_and_covers():

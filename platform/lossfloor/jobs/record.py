@@ -102,6 +102,34 @@ def record_quality(quality: Mapping, path: str | os.PathLike, *, params: Mapping
     return tracked.run_id
 
 
+def record_claim(claim: Mapping, files: Sequence[str | os.PathLike], *, params: Mapping[str, object], **run) -> str:
+    """One claim of the paper-claims study (`lossfloor.claims`) as its own run: params (the claim's data and
+    settings), its verdict and statement as tags, every interval of its detail as metrics
+    (<name>.mean/.lo/.hi), and `files` (the part's result.json); `run`: start_run's arguments."""
+    from lossfloor.tracking import start_run
+
+    with start_run(**run) as tracked:
+        tracked.log_params({k: v for k, v in params.items() if v is not None})
+        tracked.set_tags({"lossfloor.claim": claim["id"], "lossfloor.verdict": claim["verdict"],
+                          "mlflow.note.content": f"{claim['claim']}: {claim['verdict']}. {claim['measured']}"})
+        tracked.log_metrics(_interval_metrics(claim["detail"]))
+        for f in files:
+            tracked.log_artifact(f)
+    return tracked.run_id
+
+
+def _interval_metrics(detail: Mapping, prefix: str = "") -> dict[str, float]:
+    """{a.b.mean: .., a.b.lo: .., a.b.hi: ..} for every interval ({mean, lo, hi, n}) nested in `detail`."""
+    out: dict[str, float] = {}
+    for key, value in detail.items():
+        name = f"{prefix}{key}".replace(" ", "_").replace("(", "").replace(")", "").replace("=", "").replace("∞", "inf")
+        if isinstance(value, Mapping) and {"mean", "lo", "hi"} <= set(value):
+            out.update({f"{name}.{k}": float(value[k]) for k in ("mean", "lo", "hi")})
+        elif isinstance(value, Mapping):
+            out.update(_interval_metrics(value, f"{name}."))
+    return out
+
+
 def jstar_page(tables: Mapping[str, Mapping[str, object]], *, targets: Sequence[str], title: str,
                out: str | os.PathLike) -> Path:
     """The J* figure of several data sets (`lossfloor.pages.jstar.jstar_figure`: tables[data set][target])

@@ -1,0 +1,248 @@
+"""The paper's claims, side by side: one study that tests each of them on data anyone can run.
+
+Each part is a stage (`lossfloor.jobs.study`): a rerun skips the finished ones. Every number comes with
+seeds and a 95 % interval, and every claim gets a verdict (reproduced, not reproduced, inconclusive or
+not testable at this scale) computed from those intervals (`lossfloor.claims`).
+
+    estimators  cDOL's error against C (1 = DOL … 4N/L … ∞ = SNIS) and against the number of queries,
+                and the knn estimator's, against the exact estimator on the same queries (Fig. 1c, 4, 5)
+    survey      σ* and the plateau J*(∞) of three real data sets of different kinds: the digits, patches of
+                photographs, patches of an elevation model (Fig. 1d)
+
+    python studies/paper_claims.py --smoke          # every part in a few minutes on a laptop
+    python studies/paper_claims.py                  # the full preset (its time: README)
+    python studies/paper_claims.py --parts survey --dry-run
+
+Outputs (--out, default runs/paper_claims): PART/result.json (+ DONE.json) per part, paper_claims.html
+(the verdict table and a figure per claim), paper-claims.md (the same numbers as a table: the committed
+docs/paper-claims.md is this file of the full run), summary.json. MLflow: a parent run `paper-claims`
+with the page, one child run per claim (its verdict, intervals and result.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when imported by tests
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_output_args, default_out, ensure_lossfloor, parser, run_study
+
+ensure_lossfloor()
+
+from lossfloor.atomic import write_json, write_output  # noqa: E402
+from lossfloor.errors import InputError  # noqa: E402
+from lossfloor.jobs.study import Done, Step, Study  # noqa: E402
+
+log = logging.getLogger("paper_claims")
+
+STUDY = "paper_claims"
+PARTS = ("estimators", "survey")
+SURVEY_DATA = ("bundled:digits", "bundled:photos", "bundled:terrain")
+
+# What each part computes, per preset. estimators: L kernels per query, the σ grid, seeds, the queries M
+# of the convergence sweep (fractions of N; the C sweep runs at the largest). survey: exact J* per data set.
+PRESETS = {
+    "full": {
+        "estimators": {"data": "bundled:digits", "max_samples": None, "sigma_grid": "0.02:20:8", "subset_size": 128,
+                       "seeds": 5, "queries": (0.125, 0.25, 0.5, 1.0, 3.0)},
+        "survey": {"data": SURVEY_DATA, "max_samples": None, "sigma_grid": "0.002:80:32", "queries_per_sample": 3},
+    },
+    "smoke": {
+        "estimators": {"data": "bundled:digits", "max_samples": 400, "sigma_grid": "0.05:5:4", "subset_size": 32,
+                       "seeds": 3, "queries": (0.25, 1.0)},
+        "survey": {"data": SURVEY_DATA, "max_samples": 300, "sigma_grid": "0.01:20:8", "queries_per_sample": 1},
+    },
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser(prog=STUDY, description="Tests the paper's claims (estimators, survey) on data that ships with "
+               "lossfloor, with seeds, intervals and a verdict per claim; writes a page and paper-claims.md.")
+    p.add_argument("--smoke", action="store_true", help="every part in a few minutes (small data, few seeds)")
+    p.add_argument("--parts", default=",".join(PARTS), metavar="LIST",
+                   help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dry-run", action="store_true", help="print what would be done and exit")
+    add_output_args(p, STUDY, experiment="paper-claims")
+    args = p.parse_args(argv)
+    args.preset = "smoke" if args.smoke else "full"
+    args.out = args.out or default_out(STUDY)
+    return args
+
+
+def check_flags(args: argparse.Namespace) -> list[str]:
+    """The parts asked for (refusing unknown ones) and the device, before any work."""
+    from lossfloor.devices import check_device
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if not parts or unknown:
+        raise InputError(f"--parts: expected a comma-separated list of {', '.join(PARTS)}, got {args.parts!r}")
+    check_device(args.device)
+    return [p for p in PARTS if p in parts]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parts: each a stage whose work writes result.json and whose claims are read back from it
+
+
+def _load(source: str, max_samples: int | None):
+    from lossfloor.data import load
+
+    return load(source, max_samples=max_samples)
+
+
+def estimators_work(args: argparse.Namespace, folder: Path) -> dict:
+    """The C sweep at the largest M, and the convergence sweep over M at the paper's C and for knn."""
+    from lossfloor.claims import estimators
+    from lossfloor.diffusion import parse_sigma_grid
+
+    cfg = PRESETS[args.preset]["estimators"]
+    ds = _load(cfg["data"], cfg["max_samples"])
+    n, sigmas = len(ds), parse_sigma_grid(cfg["sigma_grid"])
+    seeds = list(range(cfg["seeds"]))
+    ms = sorted({max(2, round(f * n)) for f in cfg["queries"]})
+    say = functools.partial(log.info, "estimators: %s")
+    c_sweep = estimators.sweep(ds.samples, sigmas, subset_size=cfg["subset_size"], seeds=seeds, queries=[ms[-1]],
+                               device=args.device, progress=say)
+    grid = estimators.c_grid(n, cfg["subset_size"])
+    q_sweep = estimators.sweep(ds.samples, sigmas, subset_size=cfg["subset_size"], seeds=seeds, queries=ms,
+                               cs={estimators.PAPER_C: grid[estimators.PAPER_C]}, device=args.device, progress=say)
+    write_json(folder / "result.json", {"c_sweep": c_sweep, "queries_sweep": q_sweep, "data": cfg["data"],
+                                        "fingerprint": ds.fingerprint})
+    return {"data": cfg["data"], "n": n, "seeds": len(seeds), "queries": ms}
+
+
+def estimators_claims(result: dict) -> list[dict]:
+    from lossfloor.claims import estimators
+
+    return estimators.describe(result["c_sweep"], result["queries_sweep"], result["data"])
+
+
+def survey_work(args: argparse.Namespace, folder: Path) -> dict:
+    """Exact J* of each data set on one σ grid, with σ* and the plateau."""
+    from lossfloor.claims import survey
+    from lossfloor.diffusion import parse_sigma_grid
+    from lossfloor.floor import EstimatorConfig, estimate
+
+    cfg = PRESETS[args.preset]["survey"]
+    sigmas = parse_sigma_grid(cfg["sigma_grid"])
+    rows = []
+    for source in cfg["data"]:
+        ds = _load(source, cfg["max_samples"])
+        log.info("survey: %s, %d samples of shape %s", source, len(ds), ds.sample_shape)
+        est = estimate(ds.samples, sigmas, EstimatorConfig(estimator="exact", queries_per_sample=cfg["queries_per_sample"],
+                                                          device=args.device), progress=False)
+        rows.append(survey.survey_row(source.removeprefix("bundled:"), est, n=len(ds), dim=ds.samples[0].size))
+    write_json(folder / "result.json", {"rows": rows, "sigma_grid": cfg["sigma_grid"]})
+    return {"data": list(cfg["data"]), "sigma_grid": cfg["sigma_grid"]}
+
+
+def survey_claims(result: dict) -> list[dict]:
+    from lossfloor.claims import survey
+
+    return survey.describe(result["rows"], result["sigma_grid"])
+
+
+WORK = {"estimators": estimators_work, "survey": survey_work}
+CLAIMS = {"estimators": estimators_claims, "survey": survey_claims}
+
+
+def read_part(part: str, stage) -> dict:
+    import json
+
+    result = json.loads((stage.dir / "result.json").read_text(encoding="utf-8"))
+    return {"result": result, "claims": CLAIMS[part](result)}
+
+
+def log_part(args: argparse.Namespace, part: str, study: Study, done: Done) -> list[str]:
+    """One child run per claim of the part."""
+    from lossfloor.jobs.record import record_claim
+
+    return [record_claim(claim, [done.stage.dir / "result.json"],
+                         params={"part": part, "preset": args.preset, "data": claim["data"]},
+                         **study.child(claim["id"], study.stage_tags(done)))
+            for claim in done.value["claims"]]
+
+
+def part_step(args: argparse.Namespace, part: str, study: Study) -> Step:
+    import lossfloor
+
+    return Step(name=part, folder=part, key={"part": part, "preset": PRESETS[args.preset][part],
+                                              "device": args.device, "lossfloor": lossfloor.__version__},
+                doing=f"the {part} claims ({args.preset} preset)", work=functools.partial(WORK[part], args),
+                read=functools.partial(read_part, part), log=functools.partial(log_part, args, part, study))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def describe_plan(args: argparse.Namespace, parts: list[str], uri: str) -> str:
+    lines = [f"paper claims: dry run, {args.preset} preset (nothing is computed or written)"]
+    for part in parts:
+        lines.append(f"  {part:<11} {PRESETS[args.preset][part]}")
+    lines += [f"outputs: {args.out}/PART/result.json, {args.out}/{STUDY}.html, {args.out}/paper-claims.md",
+              f"MLflow: {uri}, experiment {args.experiment!r}: parent run 'paper-claims', one child run per claim"]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lossfloor.jobs.study import check_outputs, open_study, tracking_uri
+
+    parts = check_flags(args)
+    if args.dry_run:
+        print(describe_plan(args, parts, tracking_uri(args.tracking_uri)))
+        return 0
+    uri = check_outputs(args.out, args.tracking_uri)
+    from lossfloor.claims.report import markdown
+    from lossfloor.jobs.tracking import ui_hint
+    from lossfloor.pages.claims import claims_page
+    from lossfloor.pages.html import write_page
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    params = {"preset": args.preset, "parts": parts, "device": args.device, "out": str(args.out)}
+    with open_study(name=STUDY, out=args.out, log=log, experiment=args.experiment, run_name="paper-claims",
+                    tags={"lossfloor.kind": "study", "lossfloor.study": STUDY}, params=params,
+                    tracking_uri=uri) as study:
+        done = {part: study.run(part_step(args, part, study)) for part in parts}
+        results = {part: d.value for part, d in done.items()}
+        command = "python studies/paper_claims.py" + (" --smoke" if args.smoke else "") + (
+            f" --parts {','.join(parts)}" if parts != list(PARTS) else "")
+        ran = {"preset": args.preset, "device": args.device, "machine": f"{platform.machine()}, "
+               f"{_cores()} CPU cores", "date": time.strftime("%Y-%m-%d", time.gmtime()),
+               "time of this run (parts run now, not read back)": f"{time.monotonic() - t0:.0f} s"}
+        page = write_page(claims_page(results, title="The paper's claims, side by side", about=ran),
+                          args.out / f"{STUDY}.html")
+        md = args.out / "paper-claims.md"
+        write_output(md, markdown(results, command=command, run=ran))
+        study.parent.log_artifact(page)
+        study.parent.log_artifact(md)
+        claims = [c for r in results.values() for c in r["claims"]]
+        summary = {"claims": [{k: c[k] for k in ("id", "claim", "verdict", "measured")} for c in claims],
+                   "run": ran, "parent_run_id": study.parent.run_id, "tracking_uri": uri}
+        study.parent.log_artifact(write_json(args.out / "summary.json", summary))
+    for c in claims:
+        print(f"{c['claim']:<48} {c['verdict']}")
+    print(f"page: {page}\ntable: {md}\nopen the runs: {ui_hint(uri, study.parent.experiment_id)}")
+    return 0
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_study(STUDY, parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
