@@ -42,7 +42,7 @@ from lossfloor.jobs.study import Done, Step, Study  # noqa: E402
 log = logging.getLogger("paper_claims")
 
 STUDY = "paper_claims"
-PARTS = ("estimators", "survey")
+PARTS = ("estimators", "survey", "schedule", "scaling")
 SURVEY_DATA = ("bundled:digits", "bundled:photos", "bundled:terrain")
 
 # What each part computes, per preset. estimators: L kernels per query, the σ grid, seeds, the queries M
@@ -52,11 +52,17 @@ PRESETS = {
         "estimators": {"data": "bundled:digits", "max_samples": None, "sigma_grid": "0.02:20:8", "subset_size": 128,
                        "seeds": 5, "queries": (0.125, 0.25, 0.5, 1.0, 3.0)},
         "survey": {"data": SURVEY_DATA, "max_samples": None, "sigma_grid": "0.002:80:32", "queries_per_sample": 3},
+        "schedule": {"data": "bundled:digits", "jstar_grid": "0.002:80:32", "preset": "tiny", "images": 16384,
+                     "batch": 128, "warmup": 2048, "evals": 8, "seeds": 3, "features": "pixels", "fd_samples": 1024},
+        "scaling": {"smoke_budget": "normal", "budget_scale": 1.0, "bootstrap": 1000},
     },
     "smoke": {
         "estimators": {"data": "bundled:digits", "max_samples": 400, "sigma_grid": "0.05:5:4", "subset_size": 32,
                        "seeds": 3, "queries": (0.25, 1.0)},
         "survey": {"data": SURVEY_DATA, "max_samples": 300, "sigma_grid": "0.01:20:8", "queries_per_sample": 1},
+        "schedule": {"data": "bundled:digits", "jstar_grid": "0.002:80:12", "preset": "tiny", "images": 1024,
+                     "batch": 64, "warmup": 256, "evals": 2, "seeds": 2, "features": "pixels", "fd_samples": 128},
+        "scaling": {"smoke_budget": "tiny", "budget_scale": 1.0, "bootstrap": 20},
     },
 }
 
@@ -150,8 +156,90 @@ def survey_claims(result: dict) -> list[dict]:
     return survey.describe(result["rows"], result["sigma_grid"])
 
 
-WORK = {"estimators": estimators_work, "survey": survey_work}
-CLAIMS = {"estimators": estimators_claims, "survey": survey_claims}
+def schedule_work(args: argparse.Namespace, folder: Path) -> dict:
+    """J* of the data, then one run per (schedule, seed) at equal images, each measured at its end on the
+    weighted gap (one fixed weighting) and FD (samples of its last checkpoint, sampler seed = run seed)."""
+    from lossfloor.claims.schedule import KIND, SCHEDULES
+    from lossfloor.diffusion import parse_sigma_grid
+    from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
+    from lossfloor.jobs.train import train_run
+    from lossfloor.train import TrainConfig
+    from lossfloor.train.objectives import FDObjective, GapObjective, gap_key
+    from lossfloor.train.run_folder import read_run_folder
+    from lossfloor.train.schedules import SCHEDULES as SCHEDULE_KINDS
+    from lossfloor.train.schedules import JStarCurve
+
+    cfg = PRESETS[args.preset]["schedule"]
+    ds = _load(cfg["data"], None)
+    jstar = folder / "jstar.parquet"
+    if not jstar.is_file():
+        est = estimate(ds.samples, parse_sigma_grid(cfg["jstar_grid"]), EstimatorConfig(estimator="exact", device=args.device),
+                       progress=False)
+        write_table(build_table(est, target="x0", fingerprint=ds.fingerprint), jstar)
+    values = {s: {"gap": [], "fd": []} for s in SCHEDULES}
+    for schedule in SCHEDULES:
+        for seed in range(cfg["seeds"]):
+            config = TrainConfig(preset=cfg["preset"], process="fm" if schedule == "fm" else "edm",
+                                 schedule=SCHEDULE_KINDS[KIND[schedule]](), jstar=str(jstar), batch_n_img=cfg["batch"],
+                                 duration_n_img=cfg["images"], warmup_n_img=cfg["warmup"], seed=seed,
+                                 eval_every_n_img=cfg["images"] // cfg["evals"],
+                                 conditional=False, run=f"{schedule}-seed{seed}")
+            log.info("schedule: training %s, seed %d, %d images", schedule, seed, cfg["images"])
+            run_dir = folder / "runs" / f"{schedule}-seed{seed}"
+            train_run(config, data=cfg["data"], out=run_dir, device=args.device, samples=0)
+            rf = read_run_folder(run_dir)
+            _, rows, _ = rf.last_eval()
+            metrics = {gap_key(r["sigma"]): r["gap"] for r in rows}
+            values[schedule]["gap"].append(GapObjective(JStarCurve.from_path(jstar), [r["sigma"] for r in rows])(metrics))
+            fd = FDObjective(ds, features=cfg["features"], n=cfg["fd_samples"], seed=seed, device=args.device)
+            values[schedule]["fd"].append(fd(metrics, rf.checkpoints[-1]))
+    write_json(folder / "result.json", {"values": values, "data": cfg["data"], "settings": cfg})
+    return {"data": cfg["data"], "seeds": cfg["seeds"]}
+
+
+def schedule_claims(result: dict) -> list[dict]:
+    from lossfloor.claims import schedule
+
+    s = result["settings"]
+    data = (f"{result['data']}, unconditional preset {s['preset']}, {s['images']} training images per run (batch {s['batch']}), "
+            f"seeds 0-{s['seeds'] - 1} per schedule; FD of {s['fd_samples']} samples in {s['features']} features")
+    return schedule.describe(result["values"], data)
+
+
+def scaling_work(args: argparse.Namespace, folder: Path) -> dict:
+    """The scaling study on the bundled digits (its own stages, resumable, its own MLflow parent run in the
+    experiment `scaling`), then its fits.json."""
+    import json
+
+    import scaling_imagenet512
+
+    cfg = PRESETS[args.preset]["scaling"]
+    argv = ["--preset", "smoke", "--smoke-budget", cfg["smoke_budget"], "--budget-scale", str(cfg["budget_scale"]),
+            "--bootstrap", str(cfg["bootstrap"]), "--out", str(folder / "study"), "--tracking-uri", args.uri]
+    log.info("scaling: python studies/scaling_imagenet512.py %s", " ".join(argv))
+    if scaling_imagenet512.main(argv) != 0:
+        raise RuntimeError(f"scaling: the scaling study failed (its log above; rerun resumes in {folder / 'study'})")
+    summary = json.loads((folder / "study" / "summary.json").read_text(encoding="utf-8"))
+    (fits_file,) = sorted((folder / "study").glob("fit-*/fits.json"))
+    fits = json.loads(fits_file.read_text(encoding="utf-8"))
+    write_json(folder / "result.json", {"fits": fits, "settings": cfg, "study_run": summary["parent_run_id"]})
+    return {"quantities": list(fits), "study_run": summary["parent_run_id"]}
+
+
+def scaling_claims(result: dict) -> list[dict]:
+    from lossfloor.claims import scaling
+
+    s = result["settings"]
+    models = ", ".join(next(iter(result["fits"].values()))["models"])
+    data = (f"the scaling study's smoke ladder on bundled:digits ({s['smoke_budget']} budget × {s['budget_scale']:g}: "
+            f"models {models}), EDM2 schedule, {s['bootstrap']} bootstrap replicates over models; its MLflow parent "
+            f"run {result['study_run']} (experiment scaling)")
+    return scaling.describe(result["fits"], data)
+
+
+WORK = {"estimators": estimators_work, "survey": survey_work, "schedule": schedule_work, "scaling": scaling_work}
+CLAIMS = {"estimators": estimators_claims, "survey": survey_claims, "schedule": schedule_claims,
+          "scaling": scaling_claims}
 
 
 def read_part(part: str, stage) -> dict:
@@ -199,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_plan(args, parts, tracking_uri(args.tracking_uri)))
         return 0
-    uri = check_outputs(args.out, args.tracking_uri)
+    uri = args.uri = check_outputs(args.out, args.tracking_uri)
     from lossfloor.claims.report import markdown
     from lossfloor.jobs.tracking import ui_hint
     from lossfloor.pages.claims import claims_page

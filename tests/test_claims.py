@@ -119,3 +119,45 @@ def test_survey_claim_verdicts():
     open_end = [row("a", None, 0.05, 0.3), row("b", 0.01, None, 0.1)]
     assert survey.survey_claim(open_end)["verdict"] == seeds.INCONCLUSIVE
     assert survey.brackets_disjoint(row("a", 0.1, 0.2, 1), row("b", 0.3, None, 1))
+
+
+def test_schedule_claim_is_paired_over_seeds():
+    from lossfloor.claims import schedule
+
+    values = {"optimal-loss": {"gap": [1.0, 1.1, 0.9], "fd": [10.0, 11.0, 9.0]},
+              "edm2": {"gap": [1.5, 1.6, 1.4], "fd": [12.0, 13.5, 10.5]},
+              "fm": {"gap": [1.2, 1.0, 1.0], "fd": [9.0, 12.0, 9.5]}}
+    c = schedule.schedule_claim(values)
+    d = c["difference"]["fd vs edm2"]  # differences -2, -2.5, -1.5: mean -2, sd 0.5
+    assert d["mean"] == pytest.approx(-2.0) and d["hi"] == pytest.approx(-2.0 + 4.302652729749464 * 0.5 / math.sqrt(3))
+    assert d["relative"] == pytest.approx(-2.0 / 12.0)
+    assert c["verdicts"] == {"edm2": seeds.REPRODUCED, "fm": seeds.INCONCLUSIVE} and c["verdict"] == seeds.REPRODUCED
+    worse = {**values, "optimal-loss": {"gap": [2.0, 2.1, 1.9], "fd": [14.0, 15.0, 13.0]}}
+    assert schedule.schedule_claim(worse)["verdict"] == seeds.NOT_REPRODUCED
+    (row,) = schedule.describe(values, "digits")
+    assert "fd vs edm2: -2 [" in row["measured"] and "(-16.7 %)" in row["measured"]
+
+
+def _fits(n_models: int, gains: list[tuple[float, float]]) -> dict:
+    out = {}
+    for i, (lo, hi) in enumerate(gains):
+        key = "total" if i == 0 else f"sigma={i}"
+        form = {"abs_rho": 0.9, "intervals": {"rho": [-0.95, -0.85]}}
+        out[key] = {"quantity": key, "sigma": None if i == 0 else float(i), "n_models": n_models,
+                    "raw": form, "corrected": form, "free_offset": None,
+                    "rho_gain": {"value": (lo + hi) / 2, "interval": [lo, hi], "n_valid": 100},
+                    "holdout": {"scores": {"raw": {"log_rmse": 0.1}}, "best": "raw"}}
+    return out
+
+
+def test_scaling_claim_verdicts():
+    from lossfloor.claims import scaling
+
+    assert scaling.scaling_claim(_fits(3, [(0.01, 0.05), (0.02, 0.1)]))["verdict"] == seeds.REPRODUCED
+    assert scaling.scaling_claim(_fits(3, [(0.01, 0.05), (-0.1, -0.02)]))["verdict"] == seeds.NOT_REPRODUCED
+    assert scaling.scaling_claim(_fits(3, [(-0.01, 0.05)]))["verdict"] == seeds.INCONCLUSIVE
+    assert scaling.scaling_claim(_fits(2, [(0.01, 0.05)]))["verdict"] == seeds.INCONCLUSIVE  # too few models
+    rows = scaling.quantities(_fits(3, [(0.01, 0.05), (0.02, 0.1)]))
+    assert [r["quantity"] for r in rows] == ["total", "sigma=1"]
+    assert rows[0]["raw"]["abs_rho_interval"] == [0.85, 0.95]  # |ρ| from ρ's interval
+    assert scaling._abs([-0.1, 0.2]) == [0.0, 0.2]  # an interval across 0: |ρ| from 0

@@ -188,6 +188,27 @@ def test_corrected_recovers_truth_and_raises_rho_over_raw():
     assert d["consistency"]["difference"] == pytest.approx(free.offset - 0.3)
 
 
+def test_rho_gain_is_paired_over_the_same_replicates():
+    from lossfloor.scaling.fits import STATS, rho_gain
+
+    data, _ = ladder(noise=0.002, seed=1)
+    fits = fit_all(data, j_star=0.3, bootstrap=80, holdout=False, seed=2, n_grid=GRID)
+    gain = fits.to_dict()["rho_gain"]
+    assert gain["value"] == pytest.approx(fits.corrected.fit.abs_rho - fits.raw.fit.abs_rho)
+    assert gain["n_valid"] == 80 and gain["interval"][0] <= gain["interval"][1]
+    assert gain["interval"][0] > 0  # data with an offset: correcting it raises |ρ| in every replicate's run subset
+    # the interval is the percentile interval of the per-replicate difference, not of each form's own |ρ|
+    i = STATS.index("rho")
+    reps = {"raw": np.full((5, len(STATS)), np.nan), "corrected": np.full((5, len(STATS)), np.nan)}
+    reps["raw"][:, i] = [-0.80, -0.90, -0.70, -0.85, np.nan]
+    reps["corrected"][:, i] = [-0.95, -0.96, -0.90, -0.97, -0.99]
+    forms = {"raw": fits.raw.fit, "corrected": fits.corrected.fit}
+    got = rho_gain(forms, reps)
+    diffs = np.array([0.15, 0.06, 0.20, 0.12])  # the 4 replicates where both forms could be fitted
+    assert got["n_valid"] == 4 and got["interval"] == pytest.approx(list(np.percentile(diffs, [2.5, 97.5])))
+    assert rho_gain({"raw": fits.raw.fit, "corrected": None}, reps) is None
+
+
 def test_bootstrap_intervals_cover_truth_and_shrink_with_less_noise():
     widths = {}
     for noise in (0.01, 0.001):

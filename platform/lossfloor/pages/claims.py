@@ -84,12 +84,43 @@ def survey_figure(rows: list[Mapping]) -> go.Figure:
     return finish(fig)
 
 
-def _fmt_interval(iv: Mapping | None) -> str:
-    if iv is None:
-        return "–"
-    if iv.get("n", 2) == 1:
-        return f"{iv['mean']:.3g}"
-    return f"{iv['mean']:.3g} [{iv['lo']:.3g}, {iv['hi']:.3g}]"
+def schedule_figure(values: Mapping[str, Mapping[str, list[float]]]) -> go.Figure:
+    """Each schedule's weighted gap and FD per seed (points) and their mean (bar)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("weighted loss gap (fixed weighting)", "FD to the data"))
+    for col, metric in enumerate(("gap", "fd"), start=1):
+        for i, (schedule, by) in enumerate(values.items()):
+            v = by[metric]
+            color = COLORS[i % len(COLORS)]
+            fig.add_trace(go.Bar(x=[schedule], y=[sum(v) / len(v)], marker={"color": color, "opacity": 0.4},
+                                 name=schedule, legendgroup=schedule, showlegend=col == 1), row=1, col=col)
+            fig.add_trace(go.Scatter(x=[schedule] * len(v), y=v, mode="markers", marker={"color": color, "size": 9},
+                                     name=f"{schedule}: per seed", legendgroup=schedule, showlegend=False),
+                          row=1, col=col)
+    fig.update_layout(title="Schedules at equal training images (bars: mean over seeds; points: each seed)",
+                      height=440, barmode="overlay")
+    return finish(fig)
+
+
+def scaling_figure(rows: list[Mapping]) -> go.Figure:
+    """|ρ| of each form per fitted quantity, with its bootstrap interval over models."""
+    fig = go.Figure()
+    labels = [r["quantity"] for r in rows]
+    for i, form in enumerate(("raw", "corrected", "free_offset")):
+        ys, hi, lo = [], [], []
+        for r in rows:
+            f = r.get(form)
+            ys.append(None if f is None else f["abs_rho"])
+            iv = None if f is None else f["abs_rho_interval"]
+            hi.append(0.0 if iv is None or f is None else iv[1] - f["abs_rho"])
+            lo.append(0.0 if iv is None or f is None else f["abs_rho"] - iv[0])
+        fig.add_trace(go.Scatter(x=labels, y=ys, mode="markers", marker={"color": COLORS[i], "size": 10}, name=form,
+                                 error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo}))
+    fig.update_yaxes(title_text="|ρ| of the log-log fit")
+    fig.update_layout(title="Raw, gap-corrected and free-offset power laws (95 % bootstrap interval over models)",
+                      height=440)
+    return finish(fig)
 
 
 def verdict_table(claims: list[Mapping]) -> str:
@@ -116,9 +147,16 @@ def claims_page(parts: Mapping[str, Mapping], *, title: str, about: Mapping[str,
     if "survey" in parts:
         sections.append(Section("Survey", [survey_figure(parts["survey"]["result"]["rows"])],
                                 intro=parts["survey"]["claims"][0]["data"]))
+    if "schedule" in parts:
+        sections.append(Section("Schedule", [schedule_figure(parts["schedule"]["result"]["values"])],
+                                intro=parts["schedule"]["claims"][0]["data"]))
+    if "scaling" in parts:
+        rows = parts["scaling"]["claims"][0]["detail"]["quantities"]
+        sections.append(Section("Scaling", [scaling_figure(rows)], intro=parts["scaling"]["claims"][0]["data"]))
     return page_html(title, sections, about=about)
 
 
 
 
-__all__ = ["claims_page", "estimator_figure", "queries_figure", "survey_figure", "verdict_table"]
+__all__ = ["claims_page", "estimator_figure", "queries_figure", "scaling_figure", "schedule_figure", "survey_figure",
+           "verdict_table"]
