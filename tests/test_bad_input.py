@@ -656,6 +656,17 @@ STUDY_ROWS += [
 ]
 
 
+# params (issue 23): the training parametrisations: --process names a preconditioning table, and a run folder
+# trained in one parametrisation is not continued in another
+CLI_ROWS += [
+    ("train: unknown --process", [*TR, "--out", "{out}", "--process", "ve"],
+     ["--process", "'ve'", "'ncsn'", "'ddpm-eps'", "'vp-v'"]),
+    ("train: resume a run in another --process", ["train", "--data", D, "--images", "32", "--batch", "32",
+                                                  "--eval-samples", "8", "--eval-sigmas", "0.5", "--process", "ncsn",
+                                                  "--out", "{ws}/run"],
+     ["resume", "run", "process: checkpoint 'edm', config 'ncsn'"]),
+]
+
 def _argv(argv, ws, out):
     return [a.format(ws=ws, out=out) for a in argv]
 

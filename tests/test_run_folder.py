@@ -22,7 +22,7 @@ def curve_rows():
         for sigma, loss in ((2.0, 0.5 / step), (0.5, 0.2 / step), (None, 9.0 / step)):
             rows.append({**BASE, "step": step, "images": images, "flops": 3.0 * images, "sigma": sigma, "loss": loss,
                          "gap": None, "j_star": None, "j_star_ci_low": None, "j_star_ci_high": None, "log_var": None,
-                         "total_learned": None})
+                         "total_learned": None, "loss_native": None, "j_star_native": None})
     return rows
 
 

@@ -1,4 +1,5 @@
-"""`lossfloor train`: train an EDM2 model with the EDM2 or the optimal-loss schedule, locally or on Ray.
+"""`lossfloor train`: train an EDM2 model in one of the parametrisations (--process edm, fm, ncsn, ddpm-eps,
+vp-v) with its own schedule or the optimal-loss one, locally or on Ray.
 
 Writes OUT: checkpoint-<n_img>/ (the newest `keep` ones), loss_curve.parquet, train_log.parquet; prints
 a summary (final losses, the per-σ gap table, FLOPs, where things are). A rerun with the same OUT
@@ -15,12 +16,13 @@ from pathlib import Path
 
 from lossfloor.atomic import check_writable
 from lossfloor.devices import check_device
+from lossfloor.diffusion import PRECONDITIONINGS
 from lossfloor.errors import InputError
 from lossfloor.fmt import num
 from lossfloor.jobs.engine import Engine, add_engine_args
 from lossfloor.jobs.train import MAX_FAILURES
 
-SCHEDULES = ("edm2", "fm", "optimal-loss")
+SCHEDULES = ("edm2", "fm", "ncsn", "vp", "optimal-loss")
 
 
 MAX_IMAGES = 10**11  # a bound on --images: 50x EDM2-XXL's budget; a typo beyond it would run for years
@@ -29,8 +31,10 @@ MAX_IMAGES = 10**11  # a bound on --images: 50x EDM2-XXL's budget; a typo beyond
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train an EDM2 model (edm2, fm or optimal-loss schedule), locally or on Ray",
-        description="Train an EDM2 U-Net on a data set with the EDM2, flow-matching or optimal-loss schedule "
+        help="train an EDM2 model (edm, fm, ncsn, ddpm-eps or vp-v parametrisation; its own or the optimal-loss "
+        "schedule), locally or on Ray",
+        description="Train an EDM2 U-Net on a data set in the EDM, flow-matching, NCSN, DDPM-eps or VP-v "
+        "parametrisation with its own or the optimal-loss schedule "
         "(Xu et al. §4); write checkpoints and the loss-curve tables to --out and print a summary.",
     )
     p.add_argument("--preset", default="tiny", help="model preset: tiny (8x8x1), tiny32 (32x32x3), "
@@ -41,7 +45,8 @@ def register(sub) -> None:
                    help="J* table from `lossfloor estimate` (read in x0 units, any --target): needed by --schedule "
                    "optimal-loss; with any schedule, every loss is also reported as a gap J - J*")
     p.add_argument("--schedule", default=None, choices=SCHEDULES,
-                   help="edm2 | fm | optimal-loss (default: edm2 for --process edm, fm for --process fm)")
+                   help="edm2 | fm | ncsn | vp | optimal-loss: how σ is drawn and the loss weighted (default: the "
+                   "process's own: edm2 for edm, fm for fm, ncsn for ncsn, vp for ddpm-eps and vp-v)")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--conditional", dest="conditional", action="store_true", default=None,
                       help="use the data's class labels (the preset must have classes)")
@@ -51,8 +56,9 @@ def register(sub) -> None:
     p.add_argument("--latents", default="mean", choices=("mean", "posterior"),
                    help="EDM2 latents: train on the posterior means (default) or draw x0 ~ N(mean, std^2) every "
                    "step as EDM2 does (posterior); --j-star must be estimated with the same --latents")
-    p.add_argument("--process", default="edm", choices=("edm", "fm"),
-                   help="preconditioning: edm (EDM, sigma_data 0.5) or fm (flow matching) (default edm)")
+    p.add_argument("--process", default="edm", choices=PRECONDITIONINGS,
+                   help="parametrisation (the preconditioning table): edm (EDM, sigma_data 0.5), fm (flow matching, "
+                   "velocity), ncsn (VE, -eps), ddpm-eps (VP, eps) or vp-v (VP, v) (default edm)")
     p.add_argument("--images", type=int, default=None, metavar="N", help="training length in images "
                    "(default: the preset's)")
     p.add_argument("--batch", type=int, default=None, metavar="B", help="global batch in images, split "
@@ -132,16 +138,18 @@ def build_config(args: argparse.Namespace, engine: Engine):
         EDM2Schedule,
         FMSchedule,
         JStarCurve,
+        NCSNSchedule,
         OptimalLossSchedule,
         TrainConfig,
+        VPSchedule,
         resolve,
     )
-    from lossfloor.train.config import check_budget, check_eval_grid
+    from lossfloor.train.config import DEFAULT_SCHEDULE, check_budget, check_eval_grid
     from lossfloor.train.schedules import check_floor
 
     preset = _preset(args)
     unet = preset.unet if not isinstance(preset, str) else _named(preset).unet
-    schedule = args.schedule or ("edm2" if args.process == "edm" else "fm")
+    schedule = args.schedule or DEFAULT_SCHEDULE[args.process].kind  # the process's own (kinds = CLI names)
     if schedule == "optimal-loss" and args.j_star is None:
         raise InputError("--j-star: --schedule optimal-loss needs a J* table; make one with "
                          "`lossfloor estimate --data SRC --sigma-grid 0.002:80:64 --out jstar.parquet`")
@@ -172,7 +180,8 @@ def build_config(args: argparse.Namespace, engine: Engine):
         from lossfloor.diffusion import parse_sigmas
 
         sigmas = tuple(float(x) for x in parse_sigmas(args.eval_sigmas, flag="--eval-sigmas"))
-    sched = {"edm2": EDM2Schedule, "fm": FMSchedule, "optimal-loss": OptimalLossSchedule}[schedule]()
+    sched = {"edm2": EDM2Schedule, "fm": FMSchedule, "ncsn": NCSNSchedule, "vp": VPSchedule,
+             "optimal-loss": OptimalLossSchedule}[schedule]()
     config = TrainConfig(
         preset=preset, process=args.process, schedule=sched, jstar=args.j_star, batch_n_img=args.batch,
         duration_n_img=args.images, lr_ref=args.lr, precision=args.precision, eval_every_n_img=args.eval_every,
@@ -257,7 +266,8 @@ def summary(out_dir, *, wall_s: float, images_run: int, engine: str, mlflow_run:
         "eval_images": last_img,
         "eval_total": None if total is None else total["loss"],
         "eval_total_gap": None if total is None else total["gap"],
-        "per_sigma": [{"sigma": r["sigma"], "loss": r["loss"], "j_star": r["j_star"], "gap": r["gap"]} for r in final],
+        "per_sigma": [{"sigma": r["sigma"], "loss": r["loss"], "j_star": r["j_star"], "gap": r["gap"],
+                       "loss_native": r.get("loss_native")} for r in final],
         "forward_flops": folder.forward_flops,
         "training_flops": last.get("flops"),
         "engine": engine,

@@ -17,6 +17,15 @@ def log(x):
     return math.log(x)
 
 
+def expm1(x):
+    """exp(x) - 1 of `x` (float, numpy array or torch tensor), accurate near 0."""
+    if isinstance(x, torch.Tensor):
+        return torch.expm1(x)
+    if isinstance(x, np.ndarray):
+        return np.expm1(x)
+    return math.expm1(x)
+
+
 def atan(x):
     """Arc tangent of `x` (float, numpy array or torch tensor)."""
     if isinstance(x, torch.Tensor):

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from lossfloor.diffusion._ops import atan, check_name, log
+from lossfloor.diffusion._ops import atan, check_name, expm1, log
 from lossfloor.errors import InputError
 
 SIGMA_DATA = 0.5  # EDM default sigma_data (EDM paper Table 1; EDM2 latents are whitened to std 0.5)
@@ -125,10 +125,24 @@ def c_in_ddpm_eps(sigma):
     return 1 / (1 + sigma**2) ** 0.5
 
 
+def vp_sigma(t):
+    """sigma(t) = sqrt(exp(b_d t^2 / 2 + b_min t) - 1) of the linear-beta VP schedule (EDM paper Table 1, VP).
+
+    It is DDPM's discrete schedule (Ho et al. 2020: beta_i linear from 1e-4 to 0.02 over T = 1000 steps,
+    sigma_i = sqrt(1 / abar_i - 1)) in continuous time (Song et al. 2021, VP SDE: beta(t) = b_min + t b_d with
+    b_min = T beta_1 = 0.1 and b_min + b_d = T beta_T = 20), as abar(t) = exp(-(b_d t^2 / 2 + b_min t))."""
+    return expm1(VP_BETA_D * t**2 / 2 + VP_BETA_MIN * t) ** 0.5
+
+
+def vp_time(sigma):
+    """t(sigma) = (sqrt(b_min^2 + 2 b_d ln(1 + sigma^2)) - b_min) / b_d, the inverse of `vp_sigma`
+    (EDM paper Table 1, VP)."""
+    return ((VP_BETA_MIN**2 + 2 * VP_BETA_D * log(1 + sigma**2)) ** 0.5 - VP_BETA_MIN) / VP_BETA_D
+
+
 def c_noise_ddpm_eps(sigma):
-    """c_noise = (M-1) t, t = (sqrt(b_min^2 + 2 b_d ln(1 + sigma^2)) - b_min) / b_d (EDM paper Table 1, VP)."""
-    t = ((VP_BETA_MIN**2 + 2 * VP_BETA_D * log(1 + sigma**2)) ** 0.5 - VP_BETA_MIN) / VP_BETA_D
-    return (VP_M - 1) * t
+    """c_noise = (M-1) t(sigma), t = `vp_time` (EDM paper Table 1, VP)."""
+    return (VP_M - 1) * vp_time(sigma)
 
 
 # --- VP v-prediction (paper Table 1 [I]) ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Training EDM2 models with the EDM2 or the optimal-loss schedule (paper §4; edm2.md §4-§7).
+"""Training EDM2 models with the EDM2 or the optimal-loss schedule (paper §4; edm2.md §4-§7), in any of the
+parametrisations of `lossfloor.diffusion` (EDM, flow matching, NCSN, DDPM-eps, VP-v: `TrainConfig.process`).
 
     from lossfloor.data import load
     from lossfloor.train import TrainConfig, OptimalLossSchedule, train
@@ -6,7 +7,7 @@
                       schedule=OptimalLossSchedule())
     result = train(cfg, load("bundled:digits"), checkpoint_dir="runs/tiny-optimal")
 
-Modules: config (TrainConfig), schedules (EDM2 / FM / optimal-loss + gap tracker), losses (denoiser,
+Modules: config (TrainConfig), schedules (EDM2 / FM / NCSN / VP / optimal-loss + gap tracker), losses (denoiser,
 x0 and EDM2 losses), ema (power-function EMA, post-hoc reconstruction), evaluation (fixed-grid per-sigma
 losses), flops, checkpoint, curves (parquet tables), run_folder (a run's folder read back), loop (train),
 sampling (EDM Heun), metrics (Fréchet distance and feature extractors). Imports only torch, numpy, scipy and pyarrow.
@@ -45,7 +46,9 @@ from lossfloor.train.schedules import (
     FMSchedule,
     GapTracker,
     JStarCurve,
+    NCSNSchedule,
     OptimalLossSchedule,
+    VPSchedule,
     build_schedule,
 )
 
@@ -60,12 +63,14 @@ __all__ = [
     "GapTracker",
     "JStarCurve",
     "FeatureSums",
+    "NCSNSchedule",
     "NetworkFeatures",
     "OptimalLossSchedule",
     "PixelFeatures",
     "PowerFunctionEMA",
     "TrainConfig",
     "TrainResult",
+    "VPSchedule",
     "build_schedule",
     "compute_statistics",
     "edm_sigma_steps",

@@ -13,15 +13,26 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from lossfloor.diffusion import PRECONDITIONINGS
 from lossfloor.diffusion.grids import SIGMA_MAX, SIGMA_MIN, is_sigma
 from lossfloor.errors import InputError
 from lossfloor.hashing import config_hash
 from lossfloor.models import Preset, get_preset
 from lossfloor.train.ema import check_sigma_rel
 from lossfloor.train.losses import PRECISIONS
-from lossfloor.train.schedules import SCHEDULES, EDM2Schedule, FMSchedule, OptimalLossSchedule
+from lossfloor.train.schedules import (
+    SCHEDULES,
+    EDM2Schedule,
+    FMSchedule,
+    NCSNSchedule,
+    OptimalLossSchedule,
+    VPSchedule,
+)
 
-PROCESSES = ("edm", "fm")  # preconditioning table the denoiser is built with (lossfloor.diffusion)
+PROCESSES = PRECONDITIONINGS  # preconditioning table the denoiser is built with (lossfloor.diffusion)
+# The schedule a process trains with by default: its own recipe's sigma distribution and native loss
+DEFAULT_SCHEDULE = {"edm": EDM2Schedule, "fm": FMSchedule, "ncsn": NCSNSchedule, "ddpm-eps": VPSchedule,
+                    "vp-v": VPSchedule}
 FLOP_CONVENTIONS = ("gemm", "edm2")  # lossfloor.models.counting.gmac_per_eval conventions
 
 # Fields that may differ between a checkpoint and the config that resumes it (they change when and
@@ -36,9 +47,12 @@ class TrainConfig:
 
     # Model and process
     preset: str | Preset = "tiny"  # lossfloor.models preset name ("tiny", "img512-xs", ...) or a Preset
-    process: str = "edm"  # "edm" (EDM preconditioning, sigma_data 0.5) or "fm" (flow matching table)
-    schedule: EDM2Schedule | FMSchedule | OptimalLossSchedule | None = None  # None: EDM2Schedule for
-    #                                                      "edm", FMSchedule for "fm"
+    process: str = "edm"  # the parametrisation, a preconditioning table of lossfloor.diffusion: "edm" (EDM,
+    #                       sigma_data from the preset), "fm" (flow matching), "ncsn" (VE, -eps), "ddpm-eps"
+    #                       (VP, eps) or "vp-v" (VP, v)
+    schedule: EDM2Schedule | FMSchedule | NCSNSchedule | VPSchedule | OptimalLossSchedule | None = None
+    #   None: the process's own (DEFAULT_SCHEDULE: edm2 for "edm", fm for "fm", ncsn for "ncsn", vp for
+    #   "ddpm-eps" and "vp-v")
     jstar: str | None = None  # J* parquet table (lossfloor estimate); needed by OptimalLossSchedule,
     #                           and gives every loss its gap J - J*
     conditional: bool = True  # use class labels when the preset has label_dim > 0
@@ -90,7 +104,8 @@ class TrainConfig:
         if self.process not in PROCESSES:
             raise InputError(f"process: expected one of {', '.join(PROCESSES)}, like 'edm', got {self.process!r}")
         if self.schedule is not None and not isinstance(self.schedule, tuple(SCHEDULES.values())):
-            raise InputError(f"schedule: expected EDM2Schedule(), FMSchedule() or OptimalLossSchedule(), got {self.schedule!r}")
+            names = ", ".join(f"{c.__name__}()" for c in SCHEDULES.values())
+            raise InputError(f"schedule: expected one of {names}, got {self.schedule!r}")
         if isinstance(self.schedule, OptimalLossSchedule) and self.jstar is None:
             raise InputError("jstar: the optimal-loss schedule needs a J* table, e.g. jstar='jstar.parquet'")
         if self.jstar is not None and not isinstance(self.jstar, str):
@@ -191,7 +206,7 @@ class Resolved:
 
     config: TrainConfig
     preset: Preset
-    schedule: EDM2Schedule | FMSchedule | OptimalLossSchedule
+    schedule: EDM2Schedule | FMSchedule | NCSNSchedule | VPSchedule | OptimalLossSchedule
     batch_n_img: int
     duration_n_img: int
     lr_ref: float
@@ -209,7 +224,8 @@ class Resolved:
         return self.preset.unet if self.config.conditional else dataclasses.replace(self.preset.unet, label_dim=0)
 
     def preconditioning(self):
-        """The run's D(x; σ) = c_skip x + c_out F(c_in x; c_noise) table (EDM at the preset's σ_data, or FM)."""
+        """The run's D(x; σ) = c_skip x + c_out F(c_in x; c_noise) table (EDM at the preset's σ_data, or the
+        process's fixed row)."""
         from lossfloor.diffusion import get_preconditioning
 
         edm = self.config.process == "edm"
@@ -277,7 +293,7 @@ def resolve(config: TrainConfig) -> Resolved:
     batch = config.batch_n_img or p.batch_n_img
     duration = config.duration_n_img or p.duration_n_img
     every = config.eval_every_n_img or max(batch, math.ceil(duration / 16 / batch) * batch)
-    schedule = config.schedule or (EDM2Schedule() if config.process == "edm" else FMSchedule())
+    schedule = config.schedule or DEFAULT_SCHEDULE[config.process]()
     sigmas = config.eval_sigmas or tuple(float(s) for s in log_grid(*EVAL_SIGMA_DEFAULT))
     run = config.run or f"{p.name}-{config.process}-{schedule.kind}-{config.config_hash()}"
     return Resolved(

@@ -8,7 +8,10 @@ loss_curve.parquet, one row per (evaluation, sigma) plus one row with sigma null
     j_star_ci_high float64 (J* and its 95 % interval, x0 units; for the null row the same weighted total;
     null without a table), log_var float64 (u(sigma) of the uncertainty head per sigma row; null on the
     total row and without a head), total_learned float64 (total row: sum_k pi_k w_k e^{-u_k} J_k, the total
-    under EDM2's learned weighting; null elsewhere and without a head)
+    under EDM2's learned weighting; null elsewhere and without a head), loss_native, j_star_native float64
+    (per sigma row: J and J* in the network's own units, ||F - native target||^2 = J / c_out^2 of the
+    run's preconditioning, e.g. the eps loss of an NCSN or DDPM model; null on the total row and for J*
+    without a table)
   `lossfloor.scaling` reads it directly (model, flops, loss, params, sigma; extra columns ignored).
 train_log.parquet, one row per logged step (sigma always null):
     run, model, params, step, images, flops, sigma, loss (the training objective per image, averaged
@@ -31,6 +34,7 @@ CURVE_SCHEMA = pa.schema([
     ("images", pa.int64()), ("flops", pa.float64()), ("sigma", pa.float64()), ("loss", pa.float64()),
     ("gap", pa.float64()), ("j_star", pa.float64()), ("j_star_ci_low", pa.float64()),
     ("j_star_ci_high", pa.float64()), ("log_var", pa.float64()), ("total_learned", pa.float64()),
+    ("loss_native", pa.float64()), ("j_star_native", pa.float64()),
 ])
 TRAIN_LOG_SCHEMA = pa.schema([
     ("run", pa.string()), ("model", pa.string()), ("params", pa.int64()), ("step", pa.int64()),

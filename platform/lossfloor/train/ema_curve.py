@@ -75,7 +75,8 @@ def ema_curve(run_dir: str | os.PathLike, data, choice: EmaChoice, *, device=Non
         net.load_state_dict(weights)
         result = evaluate(den, eval_x0, eval_labels, R.eval_sigmas, seed=cfg.seed, weight=schedule.weight,
                           reference_density=schedule.reference_density,
-                          j_star=None if curve is None else curve.table, batch=cfg.eval_batch, device=device)
+                          j_star=None if curve is None else curve.table, batch=cfg.eval_batch, device=device,
+                          to_native=precond.x0_to_native_loss)
         base = {k: totals[t][k] for k in ("run", "model", "params", "step", "images", "flops")}
         rows.extend({**base, **row} for row in result.rows())
     return rows

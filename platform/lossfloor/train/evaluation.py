@@ -13,6 +13,10 @@ ln sigma; the same sum of w J*_k (and of the interval's ends) as the total's J*,
 the total gap. With EDM2's learned log-variance u(sigma) (the uncertainty head), also the total under the
 learned weighting, sum_k pi_k w(sigma_k) e^{-u(sigma_k)} J_k (`total_learned`: the weighting EDM2's loss
 applies to the x0 loss), beside the schedule's; J_k itself is always the plain x0 loss, the quantity J* bounds.
+
+With the model's preconditioning (`to_native`, e.g. `Preconditioning.x0_to_native_loss`) each sigma's loss
+and J* are also given in the network's own units, ||F - native target||^2 = J_k / c_out(sigma_k)^2 (paper
+Eq. 12): an NCSN or DDPM model's eps loss, a VP-v model's v loss, as its own training reports it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class EvalResult:
     total_gap: float | None  # sum_k pi_k w_k (J_k - J*_k)
     stderr: np.ndarray | None = None  # standard error of J_sigma over the subset's samples, x0 units
     log_var: np.ndarray | None = None  # u(sigma_k) of the model's uncertainty head, None without one
+    loss_native: np.ndarray | None = None  # J_sigma in the network's own units (J / c_out^2); None without to_native
+    j_star_native: np.ndarray | None = None  # J*_sigma in the same units; None without to_native or J*
 
     @property
     def coefficients(self) -> np.ndarray:
@@ -66,7 +72,8 @@ class EvalResult:
     def rows(self) -> list[dict]:
         """One dict per sigma plus one with sigma None for the totals: sigma, loss, gap, j_star and its
         interval (j_star_ci_low, j_star_ci_high), the total row's the weighted sums; log_var (u(sigma) per
-        sigma) and total_learned (the total row's) where the model has an uncertainty head, else None."""
+        sigma) and total_learned (the total row's) where the model has an uncertainty head, else None;
+        loss_native and j_star_native per sigma (the network's own units; None on the total row)."""
         def at(values, k):
             return None if values is None else float(values[k])
 
@@ -74,7 +81,7 @@ class EvalResult:
         out = [
             {"sigma": float(s), "loss": float(self.loss[k]), "gap": at(self.gap, k), "j_star": at(self.j_star, k),
              "j_star_ci_low": at(lo, k), "j_star_ci_high": at(hi, k), "log_var": at(self.log_var, k),
-             "total_learned": None}
+             "total_learned": None, "loss_native": at(self.loss_native, k), "j_star_native": at(self.j_star_native, k)}
             for k, s in enumerate(self.sigma)
         ]
         c = self.coefficients
@@ -84,7 +91,7 @@ class EvalResult:
 
         out.append({"sigma": None, "loss": self.total, "gap": self.total_gap, "j_star": total(self.j_star),
                     "j_star_ci_low": total(lo), "j_star_ci_high": total(hi), "log_var": None,
-                    "total_learned": self.total_learned})
+                    "total_learned": self.total_learned, "loss_native": None, "j_star_native": None})
         return out
 
 
@@ -140,7 +147,8 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
              j_star=None, batch: int = 256,
              rank: int = 0, world_size: int = 1, device="cpu",
              progress: Callable[[int], None] | None = None, grid_index=None,
-             log_var: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
+             log_var: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             to_native: Callable | None = None) -> EvalResult:
     """Evaluate denoiser(x_hat, sigma, labels) on the fixed subset x0 (N, C, H, W) at each sigma.
 
     j_star: a J* table in x0 units (`lossfloor.floor.table.JStarX0`), read at the sigmas with its interval
@@ -153,6 +161,7 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
     evaluated on its own draws the noise the whole grid would.
     log_var: sigma (K,) -> u(sigma) (K,), the model's uncertainty head (`Denoiser.log_var`); with it the
     result also holds u and the total under the learned weighting.
+    to_native: (loss in x0 units (K,), sigma (K,)) -> the loss in the network's own units (module docstring).
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     n = x0.shape[0]
@@ -180,8 +189,10 @@ def evaluate(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None, 
     u = None
     if log_var is not None:
         u = log_var(torch.as_tensor(sigmas, dtype=torch.float32, device=device)).to("cpu", torch.float64).numpy()
+    native = None if to_native is None else np.asarray(to_native(loss, sigmas), dtype=np.float64)
+    js_native = None if to_native is None or js is None else np.asarray(to_native(js, sigmas), dtype=np.float64)
     return EvalResult(
         sigma=sigmas, loss=loss, j_star=js, j_star_ci=ci, gap=gap, weight=w, quadrature=pi,
         total=float(np.sum(pi * w * loss)), total_gap=None if gap is None else float(np.sum(pi * w * gap)),
-        stderr=stderr, log_var=u,
+        stderr=stderr, log_var=u, loss_native=native, j_star_native=js_native,
     )

@@ -278,7 +278,8 @@ def _train(config: TrainConfig, data, *, rank, world_size, report, checkpoint_di
                             reference_density=schedule.reference_density,
                             j_star=None if curve is None else curve.table, batch=cfg.eval_batch,
                             rank=rank, world_size=world_size, device=device,
-                            log_var=None if head is None else denoiser.log_var)  # u: the raw head (EMA: F only)
+                            log_var=None if head is None else denoiser.log_var,  # u: the raw head (EMA: F only)
+                            to_native=precond.x0_to_native_loss)
         finally:
             denoiser.train()
 

@@ -2,7 +2,8 @@
 
 Every process trains the same object (paper Eq. 12): D(x_hat; sigma) = c_skip x_hat + c_out F(c_in x_hat;
 c_noise), x_hat = x0 + sigma eps in VE coordinates, with (c_skip, c_out, c_in, c_noise) from
-`lossfloor.diffusion.get_preconditioning` ("edm" for EDM2, "fm" for flow matching). The per-sample
+`lossfloor.diffusion.get_preconditioning` ("edm" for EDM2, "fm" for flow matching, "ncsn", "ddpm-eps",
+"vp-v"). The per-sample
 x0 loss l = ||D - x0||^2 (summed over C, H, W, the units of J*) is what schedules weight, trackers
 follow and evaluation reports; for w = 1/c_out^2 it equals the network's native loss ||F - target||^2.
 """

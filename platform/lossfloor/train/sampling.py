@@ -1,7 +1,9 @@
 """EDM's deterministic Heun sampler (EDM paper Algorithm 1 with Eq. 5 steps; edm2.md §6), guidance-free.
 
 It integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma in VE coordinates, so it
-serves any process whose denoiser is written as D(x_hat; sigma) (EDM and flow matching alike).
+serves every parametrisation alike (EDM, flow matching, NCSN, DDPM-eps, VP-v): `lossfloor.train.losses.Denoiser`
+turns the network's output into D(x_hat; sigma) = c_skip x_hat + c_out F(c_in x_hat; c_noise) through the
+run's preconditioning table, whatever its process and target.
 Defaults as EDM2: 32 steps (63 evaluations), sigma in [0.002, 80], rho = 7.
 """
 

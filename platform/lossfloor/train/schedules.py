@@ -8,6 +8,12 @@ Configs (frozen, keyword-only; pick one as `TrainConfig.schedule`):
   preconditioning; EDM2 paper Eq. 5 / edm2.md §4), plus EDM2's learned log-variance u(sigma) by default.
 - `FMSchedule`: flow matching / SD3 (paper §1): t ~ logit-normal(t_mean, t_std), sigma = t/(1-t), so
   ln sigma = logit t ~ N(t_mean, t_std^2); w = 1/c_out^2, i.e. ||v - (eps - x0)||^2 with the "fm" table.
+- `NCSNSchedule`: NCSN's noise levels in continuous form (paper §3, the NCSN loss; EDM paper Table 1, VE):
+  ln sigma ~ U(ln sigma_min, ln sigma_max), w = 1/c_out^2; with the "ncsn" table that is the NCSN loss
+  ||eps_theta + eps||^2, i.e. NCSN's lambda(sigma) = sigma^2 on its score loss.
+- `VPSchedule`: DDPM's linear-beta VP schedule in continuous form (EDM paper Table 1, VP): t ~ U(t_min, 1),
+  sigma = `lossfloor.diffusion.preconditioning.vp_sigma(t)`, w = 1/c_out^2; with the "ddpm-eps" table that is
+  DDPM's simple loss ||eps_theta - eps||^2, with the "vp-v" table the v-prediction loss ||v_theta - v||^2.
 - `OptimalLossSchedule`: the paper's schedule (paper §4):
       w(sigma) = a min(1/J*(sigma), w_max) + b N(ln sigma; mu, varsigma^2) 1[sigma < sigma*]
       p(sigma) ∝ w(sigma) (J_sigma(theta) - J*(sigma)), tracked online by `GapTracker`.
@@ -29,6 +35,8 @@ import numpy as np
 import torch
 
 from lossfloor.diffusion import Preconditioning
+from lossfloor.diffusion.grids import SIGMA_MAX, SIGMA_MIN, is_sigma
+from lossfloor.diffusion.preconditioning import VP_BETA_D, VP_BETA_MIN, vp_sigma
 from lossfloor.errors import InputError
 from lossfloor.floor.table import SIGMA_STAR_THRESHOLD, JStarX0, read_table, sigma_star, sigma_star_bracket
 
@@ -66,6 +74,46 @@ class FMSchedule:
     def __post_init__(self):
         _check_real(self, "t_mean")
         _check_real(self, "t_std", positive=True)
+        _check_bool(self, "uncertainty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NCSNSchedule:
+    """NCSN (paper §3: E||eps_theta(x0 + sigma eps, ln sigma^2) + eps||^2 with ln sigma ~ U(ln sigma_min,
+    ln sigma_max)): log-uniform sigma, w = 1/c_out^2. NCSN's own loss is the score loss weighted by
+    lambda(sigma) = sigma^2 (Song & Ermon 2019, Eq. 2): sigma^2 ||s_theta + eps/sigma||^2 = ||eps_theta + eps||^2
+    with eps_theta = sigma s_theta, which is ||D - x0||^2 / sigma^2 = ||D - x0||^2 / c_out^2 in x0 units
+    ("ncsn" table, c_out = sigma). Song & Ermon draw sigma from a geometric sequence; its continuous form
+    is the log-uniform density, over EDM's VE range (EDM paper Table 1, VE: sigma in [0.02, 100])."""
+
+    kind: ClassVar[str] = "ncsn"
+    sigma_min: float = 0.02  # EDM paper Table 1, VE
+    sigma_max: float = 100.0  # EDM paper Table 1, VE
+    uncertainty: bool = False  # NCSN trains without EDM2's learned weighting
+
+    def __post_init__(self):
+        _check_sigma_range(self)
+        _check_bool(self, "uncertainty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VPSchedule:
+    """DDPM's VP schedule in continuous time (EDM paper Table 1, VP): t ~ U(t_min, 1) and sigma = vp_sigma(t)
+    = sqrt(exp(b_d t^2 / 2 + b_min t) - 1), b_d = 19.9, b_min = 0.1 (DDPM's linear beta from 1e-4 to 0.02
+    over T = 1000 steps, `lossfloor.diffusion.preconditioning.vp_sigma`), so sigma in [0.001, 152];
+    w = 1/c_out^2. With the "ddpm-eps" table (c_out = -sigma) the loss is DDPM's simple loss
+    ||eps_theta - eps||^2 = ||D - x0||^2 / sigma^2 (Ho et al. 2020, Eq. 14: t uniform, no weight); with the
+    "vp-v" table (c_out = -sigma/sqrt(1 + sigma^2)) it is the v-prediction loss ||v_theta - v||^2,
+    v = a eps - s x0 (Salimans & Ho 2022, §4), = ||D - x0||^2 (1 + sigma^2) / sigma^2."""
+
+    kind: ClassVar[str] = "vp"
+    t_min: float = 1e-5  # epsilon_t, the smallest training time (EDM paper Table 1, VP)
+    uncertainty: bool = False  # DDPM trains without EDM2's learned weighting
+
+    def __post_init__(self):
+        _check_real(self, "t_min", positive=True)
+        if not self.t_min < 1:
+            raise InputError(f"VPSchedule.t_min: expected a time in (0, 1) like 1e-5, got {self.t_min!r}")
         _check_bool(self, "uncertainty")
 
 
@@ -125,7 +173,7 @@ class OptimalLossSchedule:
         _check_bool(self, "uncertainty")
 
 
-SCHEDULES = {cls.kind: cls for cls in (EDM2Schedule, FMSchedule, OptimalLossSchedule)}
+SCHEDULES = {cls.kind: cls for cls in (EDM2Schedule, FMSchedule, NCSNSchedule, VPSchedule, OptimalLossSchedule)}
 
 
 # --- The J* curve -----------------------------------------------------------------------------------
@@ -172,31 +220,82 @@ def _g(v: float | None) -> str:
 # --- Runtime schedules ----------------------------------------------------------------------------
 
 
-class LogNormalSchedule:
-    """ln sigma ~ N(P_mean, P_std^2) and w = 1/c_out^2 (EDM2Schedule and FMSchedule at run time)."""
+class NativeWeight:
+    """The native loss of a preconditioning table, w = 1/c_out^2, and a fixed sigma density (no state):
+    the base of the schedules that are a process's own recipe."""
 
-    def __init__(self, P_mean: float, P_std: float, precond: Preconditioning, uncertainty: bool):
-        self.P_mean, self.P_std, self.precond, self.uncertainty = float(P_mean), float(P_std), precond, uncertainty
-        self.tracker = None
+    tracker = None
 
-    def sample_sigma(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n,) float32 sigmas: ln sigma = P_mean + P_std z (edm2.md §4)."""
-        z = torch.randn(n, generator=generator, device=generator.device)
-        return torch.exp(self.P_mean + self.P_std * z)
+    def __init__(self, precond: Preconditioning, uncertainty: bool):
+        self.precond, self.uncertainty = precond, uncertainty
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """lambda(sigma) = 1/c_out(sigma)^2: w ||D - x0||^2 = ||F - native target||^2 (paper Eq. 12)."""
         return 1.0 / self.precond.c_out(sigma) ** 2
-
-    def reference_density(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The density of ln sigma this schedule samples from: N(ln sigma; P_mean, P_std^2)."""
-        return _normal_pdf(torch.log(sigma), self.P_mean, self.P_std)
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class LogNormalSchedule(NativeWeight):
+    """ln sigma ~ N(P_mean, P_std^2) and w = 1/c_out^2 (EDM2Schedule and FMSchedule at run time)."""
+
+    def __init__(self, P_mean: float, P_std: float, precond: Preconditioning, uncertainty: bool):
+        super().__init__(precond, uncertainty)
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
+
+    def sample_sigma(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) float32 sigmas: ln sigma = P_mean + P_std z (edm2.md §4)."""
+        z = torch.randn(n, generator=generator, device=generator.device)
+        return torch.exp(self.P_mean + self.P_std * z)
+
+    def reference_density(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The density of ln sigma this schedule samples from: N(ln sigma; P_mean, P_std^2)."""
+        return _normal_pdf(torch.log(sigma), self.P_mean, self.P_std)
+
+
+class LogUniformSchedule(NativeWeight):
+    """ln sigma ~ U(ln sigma_min, ln sigma_max) and w = 1/c_out^2 (NCSNSchedule at run time)."""
+
+    def __init__(self, sigma_min: float, sigma_max: float, precond: Preconditioning, uncertainty: bool):
+        super().__init__(precond, uncertainty)
+        self.log_min, self.log_max = math.log(sigma_min), math.log(sigma_max)
+
+    def sample_sigma(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) float32 sigmas: ln sigma = ln sigma_min + u (ln sigma_max - ln sigma_min), u ~ U(0, 1)."""
+        u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64)
+        return torch.exp(self.log_min + u * (self.log_max - self.log_min)).to(torch.float32)
+
+    def reference_density(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The density of ln sigma: 1 / (ln sigma_max - ln sigma_min) on the range, 0 outside."""
+        x = torch.log(sigma)
+        return ((x >= self.log_min) & (x <= self.log_max)).to(sigma.dtype) / (self.log_max - self.log_min)
+
+
+class VPTimeSchedule(NativeWeight):
+    """t ~ U(t_min, 1), sigma = vp_sigma(t), and w = 1/c_out^2 (VPSchedule at run time)."""
+
+    def __init__(self, t_min: float, precond: Preconditioning, uncertainty: bool):
+        super().__init__(precond, uncertainty)
+        self.t_min = float(t_min)
+        self.sigma_range = (vp_sigma(self.t_min), vp_sigma(1.0))  # float64 ends of the sampled sigma
+
+    def sample_sigma(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) float32 sigmas: sigma = vp_sigma(t_min + u (1 - t_min)), u ~ U(0, 1) (EDM paper Table 1, VP)."""
+        u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64)
+        return vp_sigma(self.t_min + u * (1 - self.t_min)).to(torch.float32)
+
+    def reference_density(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The density of ln sigma when t ~ U(t_min, 1): sigma dt/dsigma / (1 - t_min)
+        = 2 sigma^2 / ((1 + sigma^2) sqrt(b_min^2 + 2 b_d ln(1 + sigma^2))) / (1 - t_min) on
+        [vp_sigma(t_min), vp_sigma(1)], 0 outside (differentiating `vp_time`)."""
+        s2 = sigma**2
+        root = torch.sqrt(VP_BETA_MIN**2 + 2 * VP_BETA_D * torch.log1p(s2))
+        density = 2 * s2 / ((1 + s2) * root) / (1 - self.t_min)
+        return density * ((sigma >= self.sigma_range[0]) & (sigma <= self.sigma_range[1])).to(sigma.dtype)
 
 
 class OptimalLoss:
@@ -262,11 +361,16 @@ def build_schedule(config, precond: Preconditioning, *, P_mean: float, P_std: fl
     if isinstance(config, FMSchedule):
         # t ~ logit-normal(m, s) and sigma = t/(1-t) = exp(logit t): ln sigma ~ N(m, s^2)
         return LogNormalSchedule(config.t_mean, config.t_std, precond, config.uncertainty)
+    if isinstance(config, NCSNSchedule):
+        return LogUniformSchedule(config.sigma_min, config.sigma_max, precond, config.uncertainty)
+    if isinstance(config, VPSchedule):
+        return VPTimeSchedule(config.t_min, precond, config.uncertainty)
     if isinstance(config, OptimalLossSchedule):
         if jstar is None:
             raise InputError("jstar: the optimal-loss schedule needs a J* table, e.g. jstar='jstar.parquet'")
         return OptimalLoss(config, jstar)
-    raise InputError(f"schedule: expected EDM2Schedule, FMSchedule or OptimalLossSchedule, got {type(config).__name__}")
+    raise InputError(f"schedule: expected one of {', '.join(c.__name__ for c in SCHEDULES.values())}, "
+                     f"got {type(config).__name__}")
 
 
 # --- The online gap tracker (paper §4 [choice]) -------------------------------------------------
@@ -390,6 +494,19 @@ def _check_real(cfg, name: str, *, allow_none: bool = False, positive: bool = Fa
         example = {"a": 1.0, "varsigma": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "uniform_mix": 0.1}.get(name, 1.0)
         raise InputError(f"{type(cfg).__name__}.{name}: expected {kind} like {example}, got {value!r}")
     object.__setattr__(cfg, name, float(value))
+
+
+def _check_sigma_range(cfg) -> None:
+    """sigma_min < sigma_max, both noise levels lossfloor can take (`lossfloor.diffusion.grids.is_sigma`)."""
+    name = type(cfg).__name__
+    for field in ("sigma_min", "sigma_max"):
+        value = getattr(cfg, field)
+        if not is_sigma(value):
+            raise InputError(f"{name}.{field}: expected a number in [{SIGMA_MIN:g}, {SIGMA_MAX:g}] like "
+                             f"{0.02 if field == 'sigma_min' else 100.0}, got {value!r}")
+        object.__setattr__(cfg, field, float(value))
+    if not cfg.sigma_min < cfg.sigma_max:
+        raise InputError(f"{name}.sigma_max: expected a number above sigma_min={cfg.sigma_min:g}, got {cfg.sigma_max:g}")
 
 
 def _check_int(cfg, name: str, *, minimum: int) -> None:
