@@ -42,7 +42,8 @@ from lossfloor.jobs.study import Done, Step, Study  # noqa: E402
 log = logging.getLogger("paper_claims")
 
 STUDY = "paper_claims"
-PARTS = ("estimators", "survey", "schedule", "scaling")
+PARTS = ("estimators", "survey", "diagnosis", "schedule", "scaling")
+PROCESSES = ("edm", "fm", "ncsn", "ddpm-eps", "vp-v")  # `lossfloor train --process`, each with its own schedule
 SURVEY_DATA = ("bundled:digits", "bundled:photos", "bundled:terrain")
 
 # What each part computes, per preset. estimators: L kernels per query, the σ grid, seeds, the queries M
@@ -52,6 +53,8 @@ PRESETS = {
         "estimators": {"data": "bundled:digits", "max_samples": None, "sigma_grid": "0.02:20:8", "subset_size": 128,
                        "seeds": 5, "queries": (0.125, 0.25, 0.5, 1.0, 3.0)},
         "survey": {"data": SURVEY_DATA, "max_samples": None, "sigma_grid": "0.002:80:32", "queries_per_sample": 3},
+        "diagnosis": {"data": "bundled:digits", "jstar_grid": "0.002:80:32", "preset": "tiny", "images": 16384,
+                      "batch": 128, "warmup": 2048, "evals": 4, "sigmas": "0.005:40:12", "n_samples": 1797, "seed": 0},
         "schedule": {"data": "bundled:digits", "jstar_grid": "0.002:80:32", "preset": "tiny", "images": 16384,
                      "batch": 128, "warmup": 2048, "evals": 8, "seeds": 3, "features": "pixels", "fd_samples": 1024},
         "scaling": {"smoke_budget": "normal", "budget_scale": 1.0, "bootstrap": 1000},
@@ -60,6 +63,8 @@ PRESETS = {
         "estimators": {"data": "bundled:digits", "max_samples": 400, "sigma_grid": "0.05:5:4", "subset_size": 32,
                        "seeds": 3, "queries": (0.25, 1.0)},
         "survey": {"data": SURVEY_DATA, "max_samples": 300, "sigma_grid": "0.01:20:8", "queries_per_sample": 1},
+        "diagnosis": {"data": "bundled:digits", "jstar_grid": "0.002:80:12", "preset": "tiny", "images": 1024,
+                      "batch": 64, "warmup": 256, "evals": 2, "sigmas": "0.02:20:5", "n_samples": 128, "seed": 0},
         "schedule": {"data": "bundled:digits", "jstar_grid": "0.002:80:12", "preset": "tiny", "images": 1024,
                      "batch": 64, "warmup": 256, "evals": 2, "seeds": 2, "features": "pixels", "fd_samples": 128},
         "scaling": {"smoke_budget": "tiny", "budget_scale": 1.0, "bootstrap": 20},
@@ -156,14 +161,68 @@ def survey_claims(result: dict) -> list[dict]:
     return survey.describe(result["rows"], result["sigma_grid"])
 
 
+def jstar_table(args: argparse.Namespace, ds, grid: str, path: Path) -> Path:
+    """The exact J* table of the data set on `grid` at `path` (kept: a rerun of the stage reads it)."""
+    from lossfloor.diffusion import parse_sigma_grid
+    from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
+
+    if not path.is_file():
+        est = estimate(ds.samples, parse_sigma_grid(grid), EstimatorConfig(estimator="exact", device=args.device),
+                       progress=False)
+        write_table(build_table(est, target="x0", fingerprint=ds.fingerprint), path)
+    return path
+
+
+def train_config(cfg: dict, *, process: str, schedule, jstar: Path, seed: int, run: str):
+    """A run of the part's budget: `preset` unconditional, `images` at `batch`, `evals` evaluations."""
+    from lossfloor.train import TrainConfig
+
+    return TrainConfig(preset=cfg["preset"], process=process, schedule=schedule, jstar=str(jstar), conditional=False,
+                       batch_n_img=cfg["batch"], duration_n_img=cfg["images"], warmup_n_img=cfg["warmup"],
+                       eval_every_n_img=cfg["images"] // cfg["evals"], seed=seed, run=run)
+
+
+def diagnosis_work(args: argparse.Namespace, folder: Path) -> dict:
+    """One model per parametrisation at equal images (each with its own σ distribution and weighting),
+    each diagnosed against the same J* on the same samples, noise and σ grid."""
+    from lossfloor.claims.diagnosis import gaps_of
+    from lossfloor.diffusion import parse_sigma_grid
+    from lossfloor.jobs.diagnose import DiagnoseSpec, diagnose
+    from lossfloor.jobs.train import train_run
+
+    cfg = PRESETS[args.preset]["diagnosis"]
+    ds = _load(cfg["data"], None)
+    jstar = jstar_table(args, ds, cfg["jstar_grid"], folder / "jstar.parquet")
+    gaps = {}
+    for process in PROCESSES:
+        run_dir = folder / "runs" / process
+        log.info("diagnosis: training %s (%d images)", process, cfg["images"])
+        train_run(train_config(cfg, process=process, schedule=None, jstar=jstar, seed=cfg["seed"], run=process),
+                  data=cfg["data"], out=run_dir, device=args.device, samples=0)
+        d = diagnose(DiagnoseSpec(model=str(run_dir), data=cfg["data"], sigmas=parse_sigma_grid(cfg["sigmas"]),
+                                  out=str(folder / f"diagnosis-{process}.parquet"), j_star=str(jstar), seed=cfg["seed"],
+                                  n_samples=min(cfg["n_samples"], len(ds)), device=args.device))
+        gaps[process] = gaps_of(d.table)
+    write_json(folder / "result.json", {"gaps": gaps, "data": cfg["data"], "settings": cfg})
+    return {"data": cfg["data"], "processes": list(PROCESSES)}
+
+
+def diagnosis_claims(result: dict) -> list[dict]:
+    from lossfloor.claims import diagnosis
+
+    s = result["settings"]
+    data = (f"{result['data']}: one unconditional {s['preset']} model per parametrisation ({', '.join(result['gaps'])}; "
+            f"each with its own σ distribution and weighting and its published noise input), {s['images']} training "
+            f"images each (batch {s['batch']}), seed {s['seed']}; diagnosed on {s['n_samples']} samples at σ grid "
+            f"{s['sigmas']}")
+    return diagnosis.describe(result["gaps"], data)
+
+
 def schedule_work(args: argparse.Namespace, folder: Path) -> dict:
     """J* of the data, then one run per (schedule, seed) at equal images, each measured at its end on the
     weighted gap (one fixed weighting) and FD (samples of its last checkpoint, sampler seed = run seed)."""
     from lossfloor.claims.schedule import KIND, SCHEDULES
-    from lossfloor.diffusion import parse_sigma_grid
-    from lossfloor.floor import EstimatorConfig, build_table, estimate, write_table
     from lossfloor.jobs.train import train_run
-    from lossfloor.train import TrainConfig
     from lossfloor.train.objectives import FDObjective, GapObjective, gap_key
     from lossfloor.train.run_folder import read_run_folder
     from lossfloor.train.schedules import SCHEDULES as SCHEDULE_KINDS
@@ -171,19 +230,12 @@ def schedule_work(args: argparse.Namespace, folder: Path) -> dict:
 
     cfg = PRESETS[args.preset]["schedule"]
     ds = _load(cfg["data"], None)
-    jstar = folder / "jstar.parquet"
-    if not jstar.is_file():
-        est = estimate(ds.samples, parse_sigma_grid(cfg["jstar_grid"]), EstimatorConfig(estimator="exact", device=args.device),
-                       progress=False)
-        write_table(build_table(est, target="x0", fingerprint=ds.fingerprint), jstar)
+    jstar = jstar_table(args, ds, cfg["jstar_grid"], folder / "jstar.parquet")
     values = {s: {"gap": [], "fd": []} for s in SCHEDULES}
     for schedule in SCHEDULES:
         for seed in range(cfg["seeds"]):
-            config = TrainConfig(preset=cfg["preset"], process="fm" if schedule == "fm" else "edm",
-                                 schedule=SCHEDULE_KINDS[KIND[schedule]](), jstar=str(jstar), batch_n_img=cfg["batch"],
-                                 duration_n_img=cfg["images"], warmup_n_img=cfg["warmup"], seed=seed,
-                                 eval_every_n_img=cfg["images"] // cfg["evals"],
-                                 conditional=False, run=f"{schedule}-seed{seed}")
+            config = train_config(cfg, process="fm" if schedule == "fm" else "edm", jstar=jstar, seed=seed,
+                                  schedule=SCHEDULE_KINDS[KIND[schedule]](), run=f"{schedule}-seed{seed}")
             log.info("schedule: training %s, seed %d, %d images", schedule, seed, cfg["images"])
             run_dir = folder / "runs" / f"{schedule}-seed{seed}"
             train_run(config, data=cfg["data"], out=run_dir, device=args.device, samples=0)
@@ -237,9 +289,10 @@ def scaling_claims(result: dict) -> list[dict]:
     return scaling.describe(result["fits"], data)
 
 
-WORK = {"estimators": estimators_work, "survey": survey_work, "schedule": schedule_work, "scaling": scaling_work}
-CLAIMS = {"estimators": estimators_claims, "survey": survey_claims, "schedule": schedule_claims,
-          "scaling": scaling_claims}
+WORK = {"estimators": estimators_work, "survey": survey_work, "diagnosis": diagnosis_work, "schedule": schedule_work,
+        "scaling": scaling_work}
+CLAIMS = {"estimators": estimators_claims, "survey": survey_claims, "diagnosis": diagnosis_claims,
+          "schedule": schedule_claims, "scaling": scaling_claims}
 
 
 def read_part(part: str, stage) -> dict:

@@ -161,3 +161,34 @@ def test_scaling_claim_verdicts():
     assert [r["quantity"] for r in rows] == ["total", "sigma=1"]
     assert rows[0]["raw"]["abs_rho_interval"] == [0.85, 0.95]  # |ρ| from ρ's interval
     assert scaling._abs([-0.1, 0.2]) == [0.0, 0.2]  # an interval across 0: |ρ| from 0
+
+
+def _gap(sigmas, shape, se=0.01):
+    return {"sigma": list(sigmas), "gap": [float(shape(s)) for s in sigmas], "se": [se] * len(sigmas)}
+
+
+def test_diagnosis_verdicts_on_gaps_known_by_construction():
+    from lossfloor.claims import diagnosis
+
+    s = np.geomspace(0.01, 40, 9)
+    bump = lambda v: np.exp(-np.log(v / 0.5) ** 2)  # noqa: E731  a gap largest at σ = 0.5
+    gaps = {"edm": _gap(s, bump), "fm": _gap(s, bump),
+            "ncsn": _gap(s, lambda v: bump(v) + 0.2 * (v / 40)),  # ε-prediction: 0.2 more at σ = 40
+            "ddpm-eps": _gap(s, lambda v: bump(v) + 0.1 * (v / 40))}
+    e = diagnosis.eps_claim(gaps)
+    assert e["verdict"] == seeds.REPRODUCED and e["sigma"] == pytest.approx(40)
+    ncsn = e["models"]["ncsn"]["at_largest_sigma"]
+    assert ncsn["mean"] == pytest.approx(0.2) and ncsn["hi"] - ncsn["mean"] == pytest.approx(1.959964 * math.hypot(0.01, 0.01))
+    assert e["models"]["ncsn"]["sigma_of_largest_ratio"] == pytest.approx(40)
+    p = diagnosis.peak_claim(gaps)
+    assert p["verdict"] == seeds.REPRODUCED and p["models"]["edm"]["sigma_of_peak"] == pytest.approx(s[4])
+    # an ε-model that is better than EDM at high σ, and a model whose gap grows to the top of the grid
+    gaps2 = {**gaps, "ncsn": _gap(s, lambda v: bump(v) - 0.2 * (v / 40)), "vp-v": _gap(s, lambda v: v)}
+    assert diagnosis.eps_claim(gaps2)["verdict"] == seeds.NOT_REPRODUCED
+    assert diagnosis.peak_claim(gaps2)["verdict"] == seeds.NOT_REPRODUCED
+    noisy = {m: {**g, "se": [1.0] * len(s)} for m, g in gaps.items()}  # errors far above the effects
+    assert diagnosis.eps_claim(noisy)["verdict"] == seeds.INCONCLUSIVE
+    assert diagnosis.peak_claim(noisy)["verdict"] == seeds.INCONCLUSIVE
+    rows = diagnosis.describe(gaps, "digits")
+    assert [r["id"] for r in rows] == ["eps-high-sigma", "intermediate-peak"]
+    assert "ncsn − edm: 0.2 [" in rows[0]["measured"]

@@ -84,6 +84,19 @@ def survey_figure(rows: list[Mapping]) -> go.Figure:
     return finish(fig)
 
 
+def diagnosis_figure(gaps: Mapping[str, Mapping[str, list[float]]]) -> go.Figure:
+    """Each model's gap J − J* (x0 units) per σ with its 95 % interval."""
+    fig = go.Figure()
+    for i, (model, g) in enumerate(gaps.items()):
+        fig.add_trace(go.Scatter(x=g["sigma"], y=g["gap"], mode="lines+markers", name=model,
+                                 line={"color": COLORS[i % len(COLORS)]},
+                                 error_y={"type": "data", "array": [1.959964 * v for v in g["se"]]}))
+    fig.update_xaxes(type="log", title_text="σ")
+    fig.update_yaxes(title_text="J − J* (x0 units)")
+    fig.update_layout(title="Loss gap per σ of each parametrisation, converted to x0-prediction", height=460)
+    return finish(fig)
+
+
 def schedule_figure(values: Mapping[str, Mapping[str, list[float]]]) -> go.Figure:
     """Each schedule's weighted gap and FD per seed (points) and their mean (bar)."""
     from plotly.subplots import make_subplots
@@ -147,6 +160,9 @@ def claims_page(parts: Mapping[str, Mapping], *, title: str, about: Mapping[str,
     if "survey" in parts:
         sections.append(Section("Survey", [survey_figure(parts["survey"]["result"]["rows"])],
                                 intro=parts["survey"]["claims"][0]["data"]))
+    if "diagnosis" in parts:
+        sections.append(Section("Diagnosis", [diagnosis_figure(parts["diagnosis"]["result"]["gaps"])],
+                                intro=parts["diagnosis"]["claims"][0]["data"]))
     if "schedule" in parts:
         sections.append(Section("Schedule", [schedule_figure(parts["schedule"]["result"]["values"])],
                                 intro=parts["schedule"]["claims"][0]["data"]))
@@ -158,5 +174,5 @@ def claims_page(parts: Mapping[str, Mapping], *, title: str, about: Mapping[str,
 
 
 
-__all__ = ["claims_page", "estimator_figure", "queries_figure", "scaling_figure", "schedule_figure", "survey_figure",
+__all__ = ["claims_page", "diagnosis_figure", "estimator_figure", "queries_figure", "scaling_figure", "schedule_figure", "survey_figure",
            "verdict_table"]
