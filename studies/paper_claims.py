@@ -8,6 +8,12 @@ not testable at this scale) computed from those intervals (`lossfloor.claims`).
                 and the knn estimator's, against the exact estimator on the same queries (Fig. 1c, 4, 5)
     survey      σ* and the plateau J*(∞) of three real data sets of different kinds: the digits, patches of
                 photographs, patches of an elevation model (Fig. 1d)
+    diagnosis   EDM, flow-matching, NCSN, DDPM-ε and VP-v models trained at equal images, diagnosed against
+                the same J* (Fig. 2): ε-prediction errs most at high σ; every gap peaks at intermediate σ
+    schedule    the optimal-loss schedule against EDM2's and flow matching's at equal images, seeds 0..S-1,
+                on the weighted loss gap and FD (§4)
+    scaling     the scaling study's ladder: raw vs gap-corrected vs free-offset power laws, |ρ| and hold-out,
+                bootstrap intervals over models (§5)
 
     python studies/paper_claims.py --smoke          # every part in a few minutes on a laptop
     python studies/paper_claims.py                  # the full preset (its time: README)
@@ -73,7 +79,8 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(prog=STUDY, description="Tests the paper's claims (estimators, survey) on data that ships with "
+    p = parser(prog=STUDY, description="Tests the paper's claims (estimators, survey, diagnosis, schedule, scaling) "
+               "on data that ships with "
                "lossfloor, with seeds, intervals and a verdict per claim; writes a page and paper-claims.md.")
     p.add_argument("--smoke", action="store_true", help="every part in a few minutes (small data, few seeds)")
     p.add_argument("--parts", default=",".join(PARTS), metavar="LIST",
