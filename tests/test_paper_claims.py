@@ -76,3 +76,26 @@ def test_dry_run_names_every_part(tmp_path, capsys):
     assert _study().main(["--smoke", "--dry-run", "--out", str(tmp_path / "o")]) == 0
     text = capsys.readouterr().out
     assert "estimators" in text and "survey" in text and not (tmp_path / "o").exists()
+
+
+@pytest.mark.e2e  # every part of the smoke preset, as the README runs it: a few minutes on 2 cores
+def test_smoke_preset_runs_every_part(tmp_path):
+    import subprocess
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = subprocess.run([sys.executable, str(STUDY), "--smoke", "--out", str(out), "--tracking-uri", uri],
+                         capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    ids = [c["id"] for c in summary["claims"]]
+    assert ids == ["cdol-c", "queries-convergence", "sigma-star-plateau", "eps-high-sigma", "intermediate-peak",
+                   "schedule", "scaling"]
+    md = (out / "paper-claims.md").read_text()
+    page = (out / "paper_claims.html").read_text()
+    import html
+    for c in summary["claims"]:
+        assert c["verdict"] in ("reproduced", "not reproduced", "inconclusive at this scale")
+        assert c["measured"].replace("|", "\\|") in md and html.escape(c["measured"]) in page
+    assert is_offline_html(page) and page.count("Plotly.newPlot") >= 6
+    runs = client(uri).search_runs([client(uri).get_experiment_by_name("paper-claims").experiment_id])
+    assert sorted(r.data.tags.get("lossfloor.claim", "") for r in runs if PARENT_RUN_TAG in r.data.tags) == sorted(ids)
