@@ -349,9 +349,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     uri = args.uri = check_outputs(args.out, args.tracking_uri)
     from lossfloor.claims.report import markdown
+    from lossfloor.jobs.record import claims_page
     from lossfloor.jobs.tracking import ui_hint
-    from lossfloor.pages.claims import claims_page
-    from lossfloor.pages.html import write_page
 
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -366,8 +365,7 @@ def run(args: argparse.Namespace) -> int:
         ran = {"preset": args.preset, "device": args.device, "machine": f"{platform.machine()}, "
                f"{_cores()} CPU cores", "date": time.strftime("%Y-%m-%d", time.gmtime()),
                "time of this run (parts run now, not read back)": f"{time.monotonic() - t0:.0f} s"}
-        page = write_page(claims_page(results, title="The paper's claims, side by side", about=ran),
-                          args.out / f"{STUDY}.html")
+        page = claims_page(results, title="The paper's claims, side by side", about=ran, out=args.out / f"{STUDY}.html")
         md = args.out / "paper-claims.md"
         write_output(md, markdown(results, command=command, run=ran))
         study.parent.log_artifact(page)

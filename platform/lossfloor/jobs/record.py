@@ -138,3 +138,12 @@ def jstar_page(tables: Mapping[str, Mapping[str, object]], *, targets: Sequence[
     from lossfloor.pages.jstar import jstar_figure
 
     return write_html(jstar_figure(tables, targets=targets, title=title), out)
+
+
+def claims_page(parts: Mapping[str, Mapping], *, title: str, about: Mapping[str, str],
+                out: str | os.PathLike) -> Path:
+    """The paper-claims page (`lossfloor.pages.claims.claims_page`) written as an offline page to `out`."""
+    from lossfloor.pages.claims import claims_page as page
+    from lossfloor.pages.html import write_page
+
+    return write_page(page(parts, title=title, about=about), out)
