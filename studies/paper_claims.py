@@ -302,11 +302,32 @@ CLAIMS = {"estimators": estimators_claims, "survey": survey_claims, "diagnosis":
           "schedule": schedule_claims, "scaling": scaling_claims}
 
 
+def run_part(args: argparse.Namespace, part: str, folder: Path) -> dict:
+    """The part's work; its DONE.json records the code it ran (a rerun reuses finished parts)."""
+    return {**WORK[part](args, folder), "commit": args.commit}
+
+
 def read_part(part: str, stage) -> dict:
     import json
 
     result = json.loads((stage.dir / "result.json").read_text(encoding="utf-8"))
-    return {"result": result, "claims": CLAIMS[part](result)}
+    return {"result": result, "claims": CLAIMS[part](result), "commit": stage.result().get("commit", "unknown")}
+
+
+def code_commit() -> str:
+    """The checkout's git commit (with "+changes" when files differ from it), "unknown" outside a checkout."""
+    import subprocess
+
+    from _common import REPO_ROOT
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
 
 
 def log_part(args: argparse.Namespace, part: str, study: Study, done: Done) -> list[str]:
@@ -324,7 +345,7 @@ def part_step(args: argparse.Namespace, part: str, study: Study) -> Step:
 
     return Step(name=part, folder=part, key={"part": part, "preset": PRESETS[args.preset][part],
                                               "device": args.device, "lossfloor": lossfloor.__version__},
-                doing=f"the {part} claims ({args.preset} preset)", work=functools.partial(WORK[part], args),
+                doing=f"the {part} claims ({args.preset} preset)", work=functools.partial(run_part, args, part),
                 read=functools.partial(read_part, part), log=functools.partial(log_part, args, part, study))
 
 
@@ -348,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
         print(describe_plan(args, parts, tracking_uri(args.tracking_uri)))
         return 0
     uri = args.uri = check_outputs(args.out, args.tracking_uri)
+    args.commit = code_commit()
     from lossfloor.claims.report import markdown
     from lossfloor.jobs.record import claims_page
     from lossfloor.jobs.tracking import ui_hint
@@ -364,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
             f" --parts {','.join(parts)}" if parts != list(PARTS) else "")
         ran = {"preset": args.preset, "device": args.device, "machine": f"{platform.machine()}, "
                f"{_cores()} CPU cores", "date": time.strftime("%Y-%m-%d", time.gmtime()),
-               "time of this run (parts run now, not read back)": f"{time.monotonic() - t0:.0f} s"}
+               "time of this run (parts run now, not read back)": f"{time.monotonic() - t0:.0f} s",
+               "code of each part (git commit)": ", ".join(f"{p} {r['commit']}" for p, r in results.items())}
         page = claims_page(results, title="The paper's claims, side by side", about=ran, out=args.out / f"{STUDY}.html")
         md = args.out / "paper-claims.md"
         write_output(md, markdown(results, command=command, run=ran))
