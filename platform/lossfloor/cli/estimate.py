@@ -54,7 +54,8 @@ def register(sub) -> None:
     p.add_argument("--sigma-star-threshold", type=float, default=1e-3,
                    help="sigma* = largest sigma with J* <= threshold * J*(inf) (default 1e-3)")
     p.add_argument("--rows-per-batch", type=int, default=None, metavar="R",
-                   help="source samples per batch (R*K queries; default from a memory budget)")
+                   help="queries per batch (default from a memory budget; it changes no number, only speed and "
+                   "memory; snis/dol/cdol: rounded up to whole 32-query blocks)")
     p.add_argument("--max-device-gb", type=float, default=None, metavar="GB",
                    help="cap on one estimator process's device memory: the batch is sized to it and on CUDA the data "
                    "stay in host memory unless they fit next to a batch (default: 8 GiB batches, data on the GPU "
@@ -149,18 +150,10 @@ def _check_data(samples, args: argparse.Namespace) -> None:
 
 def _check_count(n: int, args: argparse.Namespace) -> None:
     """What the estimators would reject about N, named by flag and file before any work starts."""
-    from lossfloor.floor.config import MIN_BATCHES
-
     if n < 2:
         raise InputError(f"--data {args.data}: expected at least 2 samples, got {n}")
     if args.subset_size is not None and args.estimator != "exact" and args.subset_size > n:
         raise InputError(f"--subset-size: expected at most N = {n} (the number of samples), got {args.subset_size}")
-    subset = args.estimator not in ("exact", "auto") and (args.subset_size is None or args.subset_size < n)
-    if subset and args.rows_per_batch is not None and math.ceil(n / args.rows_per_batch) < MIN_BATCHES:
-        raise InputError(
-            f"--rows-per-batch: {args.estimator} needs at least {MIN_BATCHES} batches for its standard error (the "
-            f"queries of a batch share random draws); {args.rows_per_batch} rows give "
-            f"{math.ceil(n / args.rows_per_batch)} of N = {n}: use at most {n // MIN_BATCHES}")
 
 
 def _json_value(v):

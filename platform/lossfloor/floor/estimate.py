@@ -4,8 +4,8 @@
     est = estimate(samples, sigmas, cfg, work_dir="work")           # a rerun computes only missing batches
     est.j_star, est.ci_low, est.ci_high, est.passes[0].computed
 
-J*(σ) = E||x0||² - E||E[x0|x_σ]||² (paper Theorem 1) is estimated as the mean of the M = kN stratified
-queries' terms (`batch`). A pass computes every batch of one resolved config: the batches already in the
+J*(σ) = E||x0||² - E||E[x0|x_σ]||² (paper Theorem 1) is estimated from the terms of M = kN queries
+(`queries`, `batch`), with ||x_s||² as a control variate of known mean (`stats`). A pass computes every batch of one resolved config: the batches already in the
 work folder are read back (`resume`), the others come from a runner that turns batch indices into
 partial sums — `local_runner` on this process, or the Ray engine's (`lossfloor.ray.estimate`) — and the
 partials reduce to each channel's mean and standard error (`stats`), then to J*, its bias allowance and
@@ -34,6 +34,7 @@ from lossfloor.errors import InputError
 from lossfloor.floor.batch import (
     FloorData,
     batch_terms,
+    data_mean_square,
     data_scale,
     data_total_variance,
     divided,
@@ -144,10 +145,12 @@ class Estimate:
         return sum(p.reused for p in self.passes)
 
 
-def reduce_estimate(partials, sigmas, cfg: EstimatorConfig, tv: float, timings: dict | None = None) -> Estimate:
-    """Reduce a pass's partials to J*, its standard error, bias and interval per σ."""
+def reduce_estimate(partials, sigmas, cfg: EstimatorConfig, tv: float, mean_a: float | None = None,
+                    timings: dict | None = None) -> Estimate:
+    """Reduce a pass's partials to J*, its standard error, bias and interval per σ (mean_a: the data's
+    E||x0||², the control variate's mean, `stats.reduce_partials`)."""
     sigmas = np.asarray(sigmas, dtype=np.float64)
-    red = reduce_partials(partials, per_batch_error=cfg.estimator != "exact")
+    red = reduce_partials(partials, mean_a=mean_a)
     n_ch = len(channels(cfg.estimator))
     means = red.j_star.reshape(n_ch, len(sigmas))  # (C, S)
     errs = red.stderr.reshape(n_ch, len(sigmas))
@@ -222,7 +225,7 @@ def run_pass(
     if done:
         log.info("work dir %s: %d of %d batches already done, computing %d",
                  store.path, len(done), plan.n_batches, len(missing))
-    total = sum(len(plan.rows(b)) for b in missing) * cfg.queries_per_sample
+    total = sum(len(plan.rows(b)) for b in missing)
     bar = None
     first_batch_s = None
     wanted = set(missing)
@@ -265,8 +268,7 @@ def run_batches(
         data = floor_data(data, cfg)
     plan = query_plan(cfg, data.x.shape[0])
     batches = range(plan.n_batches) if batches is None else batches
-    bar = Progress(f"estimate {cfg.estimator}", len(batches) * plan.rows_per_batch * cfg.queries_per_sample,
-                   enabled=progress)
+    bar = Progress(f"estimate {cfg.estimator}", sum(len(plan.rows(b)) for b in batches), enabled=progress)
     out = []
     for part in _computed(data, sigmas, cfg, batches):
         out.append(part)
@@ -311,6 +313,7 @@ def estimate_passes(
     runner: BatchRunner,
     *,
     tv: float,
+    mean_a: float | None = None,
     fingerprint: str,
     work_dir: str | os.PathLike | None = None,
     work_parent: str | os.PathLike | None = None,
@@ -320,7 +323,7 @@ def estimate_passes(
 ) -> Estimate:
     """The engine-independent part of an estimate: its passes, resumable (module docstring).
 
-    shape: (N, D) of the prepared data; cfg: resolved; resolve: resolves a config for this data and
+    shape: (N, D) of the prepared data; cfg: resolved; tv, mean_a: its J*(∞) and E||x0||²; resolve: resolves a config for this data and
     engine (for the larger L of automatic-L passes). Pass i keeps its batches in WORK_DIR (i = 0) or
     WORK_DIR/L-<L>. Without work_dir and work_parent nothing is kept on disk.
     """
@@ -344,7 +347,7 @@ def estimate_passes(
         with store_cm as store:
             partials, stats = run_pass(runner, c, sig, query_plan(c, n), store=store, progress=progress,
                                        on_batch=on_batch)
-        est = reduce_estimate(partials, sig, c, tv)
+        est = reduce_estimate(partials, sig, c, tv, mean_a)
         passes.append(stats)
         if stats.work_dir is not None:
             log.info("work dir %s: %d batches computed, %d reused", stats.work_dir, stats.computed, stats.reused)
@@ -394,7 +397,7 @@ def estimate(
         fingerprint = data_fingerprint(x) if work_dir is not None or work_parent is not None else ""
     est = estimate_passes(
         tuple(x.shape), sigmas / scale, cfg, local_runner(x),
-        tv=data_total_variance(x, cfg), fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
+        tv=data_total_variance(x, cfg), mean_a=data_mean_square(x, cfg), fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
         resolve=lambda c: c.resolve(x.shape[0], x.shape[1]), progress=progress, on_batch=on_batch,
     )
     return rescaled(est, scale, sigmas)
