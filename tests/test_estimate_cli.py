@@ -72,12 +72,13 @@ def bad_inputs(tmp_path, npy):
         "seed negative": (npy, ["--seed=-1"]),
         "rel-error zero": (npy, ["--rel-error", "0"]),
         "rel-error above 1": (npy, ["--rel-error", "1.5"]),
-        "rel-error with exact": (npy, ["--estimator", "exact", "--rel-error", "0.01"]),
+        "rel-error the budget cannot meet": (npy, ["--estimator", "exact", "--rel-error", "0.001"]),
         "unknown index": (npy, ["--estimator", "knn", "--index", "kdtree"]),
         "index-pca zero": (npy, ["--estimator", "knn", "--index-pca", "0"]),
         "unknown latents": (npy, ["--latents", "sample"]),
         "posterior of non-latents": (npy, ["--latents", "posterior"]),
-        "too few batches": (npy, ["--estimator", "cdol", "--subset-size", "16", "--rows-per-batch", "10"]),
+        "queries zero": (npy, ["--queries", "0"]),
+        "queries above K·N": (npy, ["--queries", "151"]),
         "knn L below 4": (npy, ["--estimator", "knn", "--subset-size", "3"]),
     }
 
@@ -87,8 +88,8 @@ CASES = [
     "sigma grid", "L below 2", "L above N", "L not an int", "C zero", "C negative", "C nan", "unknown estimator",
     "unknown target", "unknown engine", "ray flag on local", "queries per sample", "rows per batch",
     "ray workers", "ray cuda without gpus", "ray address nobody listens on", "ray address malformed",
-    "seed negative", "rel-error zero", "rel-error above 1", "rel-error with exact", "unknown index", "index-pca zero",
-    "unknown latents", "posterior of non-latents", "too few batches", "knn L below 4",
+    "seed negative", "rel-error zero", "rel-error above 1", "rel-error the budget cannot meet", "unknown index", "index-pca zero",
+    "unknown latents", "posterior of non-latents", "queries zero", "queries above K·N", "knn L below 4",
 ]
 
 

@@ -15,7 +15,7 @@ estimator computes the same queries. Per query and σ it returns a = ||x_s||² a
   draws.
 
 [our choice; the paper does not say how subsets are drawn] The subset estimators draw one reference
-subset per block of `queries.subset_block(N)` (32, fewer for N < 256) consecutive queries, from (seed,
+subset per block of `queries.subset_block(N)` (128, fewer for N < 1024) consecutive queries, from (seed,
 block) only: each query still sees a uniform random subset, the work of a block is GEMMs, and the blocks
 do not depend on the batch size or memory budget (a batch holds whole blocks). Blocks are independent,
 so the standard error comes from block totals (`stats`). For DOL/cDOL the subset R holds L samples in
@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 def query_plan(cfg: EstimatorConfig, n_samples: int, *, key: int = 0) -> QueryPlan:
     """The queries and batches of a resolved config over N samples (key: the class of a class-conditional
     floor, `queries`)."""
-    return QueryPlan(n_samples=n_samples, n_queries=cfg.queries_per_sample * n_samples,
-                     rows_per_batch=cfg.rows_per_batch, seed=cfg.seed, key=key)
+    return QueryPlan(n_samples=n_samples, n_queries=cfg.queries, rows_per_batch=cfg.rows_per_batch, seed=cfg.seed,
+                     key=key)
 
 
 def unit_size(cfg: EstimatorConfig, n_samples: int) -> int:

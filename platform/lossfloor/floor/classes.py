@@ -79,8 +79,11 @@ def class_plan(labels, config: EstimatorConfig, dim: int,
         raise InputError(f"labels: expected one integer class label per sample, got {labels.dtype} of shape "
                          f"{labels.shape}")
     if config.rel_error is not None:
-        raise InputError("--rel-error: automatic L is not supported for the class-conditional floor (each class "
-                         "would need its own passes); give --subset-size")
+        raise InputError("--rel-error: a precision target is not supported for the class-conditional floor (each "
+                         "class would need its own passes); give --subset-size and --queries-per-sample")
+    if config.queries is not None:
+        raise InputError("--queries: the class-conditional floor takes K·N_c queries per class "
+                         "(--queries-per-sample K), not a total budget")
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) == 0:
         raise InputError("labels: expected at least one class, got none")

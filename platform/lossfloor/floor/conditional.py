@@ -85,6 +85,8 @@ def combine(plan: ClassPlan, estimates: Sequence[Estimate]) -> Estimate:
                      "subset_size": int(e.config.subset_size)} for c, r, e in zip(plan.labels, plan.members, estimates))
     return replace(estimates[plan.main], j_star=u.j_star, stderr=se, bias=u.bias, ci_low=u.ci_low, ci_high=u.ci_high,
                    allowance=allowance, total_variance=tv, n_queries=sum(e.n_queries for e in estimates),
+                   queries=np.sum([np.broadcast_to(e.n_queries if e.queries is None else e.queries, len(e.sigmas))
+                                   for e in estimates], axis=0),
                    n_batches=plan.n_batches, dof=np.maximum(np.floor(dof), 1).astype(np.int64), classes=classes)
 
 

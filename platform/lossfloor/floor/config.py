@@ -58,18 +58,23 @@ class EstimatorConfig:
     subset_size: L, kernels per query (snis/dol/cdol: reference subset, default min(4096, N); knn:
       neighbours and uniform draws together, default 128, so equal L is equal kernel cost).
     c: cDOL's source down-weighting C; default 4N/L (paper §3); math.inf allowed.
-    queries_per_sample: k, M = kN queries: every sample is the source of exactly k queries.
+    queries_per_sample: k, the default budget M = kN (every sample the source of exactly k queries) and
+      the most queries per σ any budget may have.
+    queries: M, the queries per σ (the first M of the seeded order, `queries`); default kN. With
+      rel_error: the most queries the precision may take.
     seed: every query's randomness derives from (seed, its source, its round) (`queries`).
     device: "cpu" or "cuda" (or "cuda:1", ...).
     dtype: "float32" (GEMMs in fp32, sums in float64) or "float64" (a reference computation).
     rows_per_batch: queries per batch (rows of the kernel matrix); default from a memory budget. Subset
-      estimators: rounded up to whole blocks of queries (`queries.subset_block`, 32 from N = 256 on).
+      estimators: rounded up to whole blocks of queries (`queries.subset_block`, 128 from N = 1024 on).
     rng_device: "compute" draws noise on the compute device (fast); "cpu" draws it on the CPU so CPU
       and CUDA runs with the same seed use identical noise.
     matmul_precision: float32 GEMMs as fp32 (default, TF32 off), 3xtf32 (split TF32, near-fp32 accuracy,
       faster on CUDA tensor cores) or tf32 (fastest, ~1e-3 error; for speed comparisons).
-    rel_error: automatic L: start at L (default 128) and double it for the σ whose bias allowance exceeds
-      rel_error·J* (where J* > 1e-3·J*(∞)), until it does not or L = N (then exact).
+    rel_error: R, the precision asked for: the 95 % interval's half-width (bias allowance + t·stderr) at
+      most R·J* at every σ where J* > 1e-3·J*(∞). Queries are added in batches until the Monte-Carlo part
+      fits (or M reaches `queries`), and L doubles (from 128 by default) for the σ whose bias allowance
+      exceeds R·J*/2, until it does not or L = N (then exact). `lossfloor.floor.estimate`.
     index, index_pca: knn's neighbour index (see `neighbours`) and the PCA dimension of its search.
     latents: "mean" (the samples as given) or "posterior": each row is [mean, std] of an EDM2 latent's
       encoder posterior and J* is that of the Gaussian mixture the model trains on (`mixture`).
@@ -84,6 +89,7 @@ class EstimatorConfig:
     subset_size: int | None = None
     c: float | None = None
     queries_per_sample: int = 3
+    queries: int | None = None
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -105,6 +111,9 @@ class EstimatorConfig:
             raise _field("c", f"expected a number > 0 (e.g. 4N/L, or inf), got {self.c!r}")
         if not isinstance(self.queries_per_sample, int) or self.queries_per_sample < 1:
             raise _field("queries_per_sample", f"expected an integer >= 1, got {self.queries_per_sample!r}")
+        if self.queries is not None and (not isinstance(self.queries, int) or isinstance(self.queries, bool)
+                                         or self.queries < 1):
+            raise _field("queries", f"expected an integer number of queries >= 1, got {self.queries!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise _field("seed", f"expected an integer >= 0, got {self.seed!r}")
         if self.dtype not in ("float32", "float64"):
@@ -138,11 +147,15 @@ class EstimatorConfig:
         """
         if n_samples < 2:
             raise InputError(f"data: expected at least 2 samples, got {n_samples}")
+        most = self.queries_per_sample * n_samples
+        if self.queries is not None and self.queries > most:
+            raise _field("queries", f"expected at most K·N = {self.queries_per_sample}·{n_samples} = {most} (every sample "
+                         f"a source at most K = queries_per_sample times; raise K for more), got {self.queries}")
         est = self.estimator
         if est == "auto":
             kind = "cpu" if (compute_device or self.device) == "cpu" else "cuda"
             est = "exact" if n_samples <= EXACT_MAX_N[kind] else "knn"
-        cfg = replace(self, estimator=est)
+        cfg = replace(self, estimator=est, queries=self.queries if self.queries is not None else most)
         if est != "exact":
             default = DEFAULT_KNN_SUBSET_SIZE if est == "knn" else DEFAULT_SUBSET_SIZE
             L = self.subset_size if self.subset_size is not None else min(default, n_samples)
@@ -196,7 +209,7 @@ def batch_bytes(cfg: EstimatorConfig, dim: int) -> int:
 
 def default_rows_per_batch(cfg: EstimatorConfig, n_samples: int, dim: int) -> int:
     """Queries that fit the memory budget of the device, or of max_device_gb when it is smaller (subset
-    estimators: whole blocks), at most the M = kN queries of the estimate."""
+    estimators: whole blocks), at most the M queries of the estimate (a resolved `queries`)."""
     budget = _MEMORY_BUDGET_BYTES["cpu" if cfg.device == "cpu" else "cuda"]
     if cfg.max_device_gb is not None:
         budget = min(budget, int(cfg.max_device_gb * 2**30))
@@ -205,5 +218,5 @@ def default_rows_per_batch(cfg: EstimatorConfig, n_samples: int, dim: int) -> in
     if cfg.max_device_gb is not None and per_query * block > budget:
         raise InputError(f"max_device_gb {cfg.max_device_gb:g}: below the working memory of a single batch of "
                          f"{block} queries (~{per_query * block / 2**30:.3g} GiB)", field="max_device_gb")
-    queries = min(_MAX_QUERIES_PER_BATCH, budget // per_query, cfg.queries_per_sample * n_samples)
+    queries = min(_MAX_QUERIES_PER_BATCH, budget // per_query, cfg.queries or cfg.queries_per_sample * n_samples)
     return int(max(block, queries // block * block))

@@ -34,7 +34,7 @@ SUBSET_STREAM = 1  # snis/dol/cdol: the reference subset of a block of queries
 DRAW_STREAM = 2  # knn: a query's uniform draws
 ORDER_STREAM = 3  # the order of the sources
 
-SUBSET_BLOCK = 32  # queries per reference subset (snis/dol/cdol), at most; `subset_block`
+SUBSET_BLOCK = 128  # queries per reference subset (snis/dol/cdol), at most; `subset_block`
 _MASK = (1 << 64) - 1
 
 

@@ -19,7 +19,9 @@ parts and loses at most the unflushed batches. Whenever the folder holds more th
 (on open or after a flush) they are merged into one (the merged part is written before the others are
 removed), so the file count stays at most `max_parts` + 1 whatever the number of batches or restarts.
 A folder whose key differs from the run's is refused; an unreadable part is set aside and its batches
-are computed again.
+are computed again. The key leaves out the budget M (`EstimatorConfig.queries`): a budget's batches are a
+prefix of a larger one's, so one folder serves every budget (and the rounds of a precision target); a
+batch is reused only when it holds the plan's count of queries (a budget's last batch may be short).
 
 The local engine keeps a folder only when asked (`--work-dir`); the Ray engine always does.
 """
@@ -62,7 +64,7 @@ def work_key(cfg: EstimatorConfig, *, fingerprint: str, sigmas, n_samples: int, 
         "subset_size": int(cfg.subset_size),
         "c": float(cfg.c),
         "columns": len(channels(cfg.estimator)) * len(np.asarray(sigmas)),
-        "queries_per_sample": cfg.queries_per_sample,
+        "queries_per_sample": cfg.queries_per_sample,  # not `queries`: a budget's batches are a prefix
         "seed": cfg.seed,
         "dtype": cfg.dtype,
         "rows_per_batch": int(cfg.rows_per_batch),
@@ -124,8 +126,8 @@ class PartialStore:
                 partials = self._read_part(part)
                 if partials is not None:
                     self._parts.append(part)
-                    for p in partials:
-                        self.done.setdefault(p.batch_index, p)
+                    for p in partials:  # parts in time order: a batch recomputed for a larger budget wins
+                        self.done[p.batch_index] = p
             if len(self._parts) > self.max_parts:
                 self._compact()
         except BaseException:
@@ -205,7 +207,7 @@ class PartialStore:
     # -- writing ---------------------------------------------------------------------------------
     def add(self, partial: BatchPartial) -> None:
         assert partial.sum_j.shape == (self.key["columns"],), partial.sum_j.shape
-        self.done.setdefault(partial.batch_index, partial)
+        self.done[partial.batch_index] = partial
         self._buffer.append(partial)
         if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
