@@ -81,13 +81,15 @@ def generator(seed: int, index: int, stream: int, device: torch.device | str = "
 
 
 def normal_rows(seeds: np.ndarray, dim: int, device: torch.device | str = "cpu", parts: int = 1) -> torch.Tensor:
-    """(B, parts·dim) float32 standard normals, row i drawn by a generator seeded with seeds[i] (`parts`
-    vectors of `dim` one after the other, so the first `dim` values of a row do not depend on `parts`)."""
+    """(B, parts·dim) float32 standard normals, row i drawn by a generator seeded with seeds[i]: `parts`
+    draws of `dim` values one after the other (separate draws: torch's values depend on a draw's size, so
+    the first `dim` values of a row are the same for any `parts`)."""
     out = torch.empty(len(seeds), parts * dim, dtype=torch.float32, device=device)
     g = torch.Generator(device=device)
     for i, s in enumerate(seeds.tolist()):
         g.manual_seed(s)
-        torch.randn(parts * dim, generator=g, device=device, out=out[i])
+        for p in range(parts):
+            torch.randn(dim, generator=g, device=device, out=out[i, p * dim:(p + 1) * dim])
     return out
 
 
