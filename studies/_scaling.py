@@ -38,7 +38,7 @@ class Budget:
     sigma_grid: str
     bootstrap: int
     keep_checkpoints: int
-    rows_per_batch: int | None = None  # J* batch (source samples); None: the estimator's default
+    rows_per_batch: int | None = None  # J* batch (queries); None: the estimator's default
     samples: int | str = "auto"  # samples grid on each train run (lossfloor.jobs.record.record_training); 0: none
 
 

@@ -637,6 +637,18 @@ CLI_ROWS += [
                                           "{ws}/vae", "--out", "{out}.npz"], ["--vae", "not with --reference"]),
 ]
 
+# crn (issue 22, items 1-2): a query budget and a precision target
+CLI_ROWS += [
+    ("estimate: --queries 0", [*E, "--out", "{out}.parquet", "--queries", "0"], ["--queries", ">= 1", "got 0"]),
+    ("estimate: --queries above K·N", [*E, "--out", "{out}.parquet", "--queries", "5392"],
+     ["--queries", "at most K·N = 3·1797 = 5391", "raise K"]),
+    ("estimate: a target the budget cannot meet",
+     [*E, "--out", "{out}.parquet", "--estimator", "exact", "--queries", "40", "--rel-error", "0.001"],
+     ["--rel-error", "0.001 not met", "all 40 queries", "raise the budget"]),
+    ("estimate: --conditional with --queries", [*E, "--out", "{out}.parquet", "--conditional", "--queries", "100"],
+     ["--queries", "class-conditional floor", "--queries-per-sample"]),
+]
+
 
 # studylatent (issue 21): the scaling study's quality stage on latent data needs --vae and --reference-stats
 LATENT_STUDY = [*SCALING, "--preset", "smoke", "--data", "{ws}/latents.npy", "--features", "pixels:2"]

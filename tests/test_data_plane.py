@@ -182,7 +182,7 @@ def test_data_too_large_for_the_cap_stay_on_the_host_or_are_refused_for_exact():
     assert not fits_device(knn, x)  # points + index 80 MiB > 50 MiB: each batch gathers its rows instead
     assert fits_device(EstimatorConfig(estimator="knn", subset_size=16, rows_per_batch=100, device="cuda",
                                        max_device_gb=1.0), x)
-    exact = EstimatorConfig(estimator="exact", rows_per_batch=10, subset_size=20_000, c=1.0, device="cuda",
+    exact = EstimatorConfig(estimator="exact", rows_per_batch=30, subset_size=20_000, c=1.0, device="cuda",
                             max_device_gb=0.05)
     with pytest.raises(InputError, match="exact estimator needs all 20000 samples"):
         floor_data(x, exact)

@@ -72,12 +72,13 @@ def bad_inputs(tmp_path, npy):
         "seed negative": (npy, ["--seed=-1"]),
         "rel-error zero": (npy, ["--rel-error", "0"]),
         "rel-error above 1": (npy, ["--rel-error", "1.5"]),
-        "rel-error with exact": (npy, ["--estimator", "exact", "--rel-error", "0.01"]),
+        "rel-error the budget cannot meet": (npy, ["--estimator", "exact", "--rel-error", "0.001"]),
         "unknown index": (npy, ["--estimator", "knn", "--index", "kdtree"]),
         "index-pca zero": (npy, ["--estimator", "knn", "--index-pca", "0"]),
         "unknown latents": (npy, ["--latents", "sample"]),
         "posterior of non-latents": (npy, ["--latents", "posterior"]),
-        "too few batches": (npy, ["--estimator", "cdol", "--subset-size", "16", "--rows-per-batch", "10"]),
+        "queries zero": (npy, ["--queries", "0"]),
+        "queries above K·N": (npy, ["--queries", "151"]),
         "knn L below 4": (npy, ["--estimator", "knn", "--subset-size", "3"]),
     }
 
@@ -87,8 +88,8 @@ CASES = [
     "sigma grid", "L below 2", "L above N", "L not an int", "C zero", "C negative", "C nan", "unknown estimator",
     "unknown target", "unknown engine", "ray flag on local", "queries per sample", "rows per batch",
     "ray workers", "ray cuda without gpus", "ray address nobody listens on", "ray address malformed",
-    "seed negative", "rel-error zero", "rel-error above 1", "rel-error with exact", "unknown index", "index-pca zero",
-    "unknown latents", "posterior of non-latents", "too few batches", "knn L below 4",
+    "seed negative", "rel-error zero", "rel-error above 1", "rel-error the budget cannot meet", "unknown index", "index-pca zero",
+    "unknown latents", "posterior of non-latents", "queries zero", "queries above K·N", "knn L below 4",
 ]
 
 
@@ -117,9 +118,6 @@ def test_error_names_the_flag_or_file(tmp_path, npy, capsys):
     assert "--out" in err and "a-file is a file" in err
     code, _, _ = cli(run_args(npy, tmp_path / "missing" / "o.parquet"), capsys)  # missing parents are made
     assert code == 0 and (tmp_path / "missing" / "o.parquet").is_file()
-    _, _, err = cli(run_args(npy, tmp_path / "o.parquet", "--estimator", "cdol", "--subset-size", "16",
-                             "--rows-per-batch", "10"), capsys)
-    assert "--rows-per-batch" in err and "8 batches" in err
 
 
 def test_writes_documented_table(tmp_path, npy, capsys):
@@ -206,7 +204,7 @@ def test_work_dir_must_be_a_work_folder(tmp_path, npy, capsys):
 
 def test_resume_computes_only_missing_batches(tmp_path):
     x = np.random.default_rng(1).normal(size=(80, 4)).astype(np.float32)
-    cfg = EstimatorConfig(estimator="dol", subset_size=12, rows_per_batch=8, seed=4)  # 10 batches
+    cfg = EstimatorConfig(estimator="dol", subset_size=12, rows_per_batch=20, seed=4)  # 12 batches of 2 blocks
     full = estimate(x, [0.1, 1.0], cfg, progress=False)
     seen = []
 
@@ -218,14 +216,14 @@ def test_resume_computes_only_missing_batches(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         estimate(x, [0.1, 1.0], cfg, work_dir=tmp_path / "w", progress=False, on_batch=stop)
     run = estimate(x, [0.1, 1.0], cfg, work_dir=tmp_path / "w", progress=False)
-    assert (run.reused, run.computed) == (4, 6)
+    assert (run.reused, run.computed) == (4, 8)
     np.testing.assert_array_equal(run.j_star, full.j_star)
     np.testing.assert_array_equal(run.stderr, full.stderr)
 
 
 def test_store_survives_debris_and_keeps_file_count_bounded(tmp_path):
     x = np.random.default_rng(2).normal(size=(60, 3)).astype(np.float32)
-    cfg = EstimatorConfig(estimator="cdol", subset_size=10, rows_per_batch=1, seed=0)  # 60 batches
+    cfg = EstimatorConfig(estimator="exact", rows_per_batch=3, seed=0)  # 60 batches
     full = estimate(x, [0.5, 2.0], cfg, progress=False)
     resolved = cfg.resolve(60, 3)
     key = work_key(resolved, fingerprint="f", sigmas=[0.5, 2.0], n_samples=60, dim=3)
@@ -251,7 +249,7 @@ def test_store_survives_debris_and_keeps_file_count_bounded(tmp_path):
 
 def test_store_merges_parts_while_it_runs(tmp_path):
     x = np.random.default_rng(3).normal(size=(40, 2)).astype(np.float32)
-    cfg = EstimatorConfig(estimator="dol", subset_size=8, rows_per_batch=1).resolve(40, 2)
+    cfg = EstimatorConfig(estimator="exact", rows_per_batch=3).resolve(40, 2)  # 40 batches
     key = work_key(cfg, fingerprint="f", sigmas=[1.0], n_samples=40, dim=2)
     xt, plan = prepare_data(x, cfg), query_plan(cfg, 40)
     with PartialStore(tmp_path, key, flush_every=1, max_parts=8) as store:

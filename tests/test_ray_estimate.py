@@ -47,11 +47,11 @@ def assert_same(a, b):
 
 
 def test_one_worker_matches_local(data):
-    cfg = EstimatorConfig(estimator="cdol", subset_size=48, seed=5, rows_per_batch=30)
+    cfg = EstimatorConfig(estimator="cdol", subset_size=48, seed=5, rows_per_batch=111)  # 3 blocks of 37 queries
     local = estimate(data, SIGMAS, cfg, progress=False)
     run = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=1), progress=False)
     assert_same(run.result, local)
-    assert run.result.computed == local.n_batches == 10
+    assert run.result.computed == local.n_batches == 9
     assert run.kernel_s > 0
 
 
@@ -67,7 +67,7 @@ def test_two_workers_match_local_for_knn_with_automatic_L(data, monkeypatch):
     # batches per Ray task (3 here: 12 batches, 2 workers, 2 tasks per worker)
     monkeypatch.setattr(lossfloor.ray.estimate, "TASKS_PER_WORKER", 2)
     assert batches_per_task(12, 2) == 3
-    cfg = EstimatorConfig(estimator="knn", subset_size=8, seed=11, rows_per_batch=25, rel_error=0.1)  # L 8..32
+    cfg = EstimatorConfig(estimator="knn", subset_size=8, seed=11, rows_per_batch=75, rel_error=0.1)  # L 8..32
     local = estimate(data, SIGMAS, cfg, progress=False)
     run = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=2), progress=False)
     assert_same(run.result, local)
@@ -77,11 +77,11 @@ def test_two_workers_match_local_for_knn_with_automatic_L(data, monkeypatch):
 
 def test_class_conditional_floor_spreads_its_classes_over_the_workers_with_the_local_numbers(data, tmp_path,
                                                                                               monkeypatch):
-    # three classes of 100 samples, 10 batches each; 7 batches per Ray task, so tasks straddle two classes and
+    # three classes of 100 samples (300 queries), 10 batches each; 7 batches per Ray task, so tasks straddle two classes and
     # an actor makes a class's data (its knn index) when that class's first batch reaches it
     monkeypatch.setattr(lossfloor.ray.estimate, "TASKS_PER_WORKER", 2)
     labels = np.arange(len(data)) % 3
-    cfg = EstimatorConfig(estimator="knn", subset_size=8, seed=4, rows_per_batch=10)
+    cfg = EstimatorConfig(estimator="knn", subset_size=8, seed=4, rows_per_batch=30)
     local = estimate_conditional(data, labels, SIGMAS, cfg, progress=False)
     run = estimate_ray(data, SIGMAS, cfg, engine=Engine(kind="ray", workers=2), labels=labels,
                        work_dir=tmp_path / "w", progress=False)
@@ -96,7 +96,7 @@ class Interrupt(Exception):
 
 @pytest.mark.e2e  # 12 s: the end-to-end tier (with the multi-node kill test)
 def test_resume_after_interruption(data, tmp_path):
-    cfg = EstimatorConfig(estimator="cdol", subset_size=64, seed=2, rows_per_batch=20)  # 15 batches
+    cfg = EstimatorConfig(estimator="cdol", subset_size=64, seed=2, rows_per_batch=64)  # 15 batches
     local = estimate(data, SIGMAS, cfg, progress=False)
     first: list[int] = []
 
@@ -125,17 +125,19 @@ def test_resume_after_interruption(data, tmp_path):
 
 
 def test_cli_ray_engine_equals_local_and_reuses_default_work_dir(data, tmp_path, capsys):
+    # the same queries whatever the engine, workers and batch size (every query's noise is its own)
     np.save(tmp_path / "d.npy", data)
     common = ["estimate", "--data", str(tmp_path / "d.npy"), "--sigmas", "0.05,0.3,1,4", "--estimator", "exact",
-              "--rows-per-batch", "60", "--json"]
-    assert lossfloor.cli.main([*common, "--out", str(tmp_path / "local.parquet")]) == 0
+              "--json"]
+    assert lossfloor.cli.main([*common, "--rows-per-batch", "60", "--out", str(tmp_path / "local.parquet")]) == 0
     local_rows = json.loads(capsys.readouterr().out)
-    argv = [*common, "--engine", "ray", "--workers", "2", "--out", str(tmp_path / "ray.parquet")]
+    argv = [*common, "--rows-per-batch", "250", "--engine", "ray", "--workers", "2",
+            "--out", str(tmp_path / "ray.parquet")]
     assert lossfloor.cli.main(argv) == 0
     ray_rows = json.loads(capsys.readouterr().out)
-    for a, b in zip(local_rows, ray_rows):
-        assert a["j_star"] == pytest.approx(b["j_star"], rel=1e-9, abs=0)
-        assert a["stderr"] == pytest.approx(b["stderr"], rel=1e-9, abs=0)
+    for a, b in zip(local_rows, ray_rows):  # float32 GEMMs of other shapes: round-off only
+        assert a["j_star"] == pytest.approx(b["j_star"], rel=1e-6, abs=0)
+        assert a["stderr"] == pytest.approx(b["stderr"], rel=1e-5, abs=0)
     t_local, t_ray = pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "ray.parquet")
     assert t_local.column_names == t_ray.column_names
     (work,) = tmp_path.glob("lossfloor-work-*")  # the default: next to --out, named by a hash

@@ -1,8 +1,9 @@
 """One batch of an estimate: the data it runs on, and its queries' terms for every σ of a grid.
 
-A batch b holds `rows_per_batch` source samples with k queries y = x_s + σ ε each (`queries`); its noise
-and reference draws come from (seed, b) only, so any process computes the same numbers for it. Per query
-and σ it returns a = ||x_s||² and the estimator's channels (`uncertainty.channels`):
+A batch holds `rows_per_batch` consecutive queries y = x_s + σ ε of the seeded query order (`queries`);
+each query's noise and draws come from (seed, its source, its round) only, so any process, batch size or
+estimator computes the same queries. Per query and σ it returns a = ||x_s||² and the estimator's channels
+(`uncertainty.channels`):
 
 - exact (paper Eq. 9): the posterior over all N samples, as the query's posterior variance
   Σ_n w̃_n ||x_n - μ||² (the same expectation as the paper's ||x_s||² - ||μ||², Theorem 1, with less query
@@ -10,13 +11,16 @@ and σ it returns a = ||x_s||² and the estimator's channels (`uncertainty.chann
 - snis / dol / cdol (Eq. 10-11): the paper's Â - B̂ term ||x_s||² - ||μ̂||² over a reference subset, and in
   the same pass the same at L/2 and L/4 (prefixes of the subset), reported as the shifts J_{L/2} - J_L and
   J_{L/4} - J_{L/2} for the bias estimate.
-- knn: the cross-fitted posterior variance and its self-check (`knn`).
+- knn: the cross-fitted posterior variance and its self-check (`knn`), each query with its own uniform
+  draws.
 
-A batch of queries shares one random reference subset [our choice; the paper does not say how subsets
-are drawn]: each query still sees a uniform random subset, and the work becomes GEMMs. For DOL/cDOL
-the subset R holds L samples in random draw order; a query whose source is in R hides that copy
-(its source term replaces it), any other query hides R's last draw, so every query sees exactly L-1
-uniformly drawn others plus its source.
+[our choice; the paper does not say how subsets are drawn] The subset estimators draw one reference
+subset per block of `queries.subset_block(N)` (128, fewer for N < 1024) consecutive queries, from (seed,
+block) only: each query still sees a uniform random subset, the work of a block is GEMMs, and the blocks
+do not depend on the batch size or memory budget (a batch holds whole blocks). Blocks are independent,
+so the standard error comes from block totals (`stats`). For DOL/cDOL the subset R holds L samples in
+random draw order; a query whose source is in R hides that copy (its source term replaces it), any other
+query hides R's last draw, so every query sees exactly L-1 uniformly drawn others plus its source.
 """
 
 from __future__ import annotations
@@ -32,16 +36,32 @@ from lossfloor.errors import InputError
 from lossfloor.floor import mixture
 from lossfloor.floor.config import EstimatorConfig, batch_bytes
 from lossfloor.floor.kernel import Level, optimal_loss_terms, take_rows
-from lossfloor.floor.knn import KnnData, knn_terms, prepare_knn
-from lossfloor.floor.queries import NOISE_STREAM, SUBSET_STREAM, QueryPlan, generator
+from lossfloor.floor.knn import KnnData, draw_count, knn_terms, prepare_knn
+from lossfloor.floor.queries import (
+    DRAW_STREAM,
+    NOISE_STREAM,
+    SUBSET_STREAM,
+    QueryPlan,
+    block_seed,
+    normal_rows,
+    subset_block,
+    uniform_without_replacement,
+)
 from lossfloor.floor.stats import BatchPartial
 
 log = logging.getLogger(__name__)
 
 
-def query_plan(cfg: EstimatorConfig, n_samples: int) -> QueryPlan:
-    """The batches of a resolved config over N samples."""
-    return QueryPlan(n_samples=n_samples, queries_per_sample=cfg.queries_per_sample, rows_per_batch=cfg.rows_per_batch)
+def query_plan(cfg: EstimatorConfig, n_samples: int, *, key: int = 0) -> QueryPlan:
+    """The queries and batches of a resolved config over N samples (key: the class of a class-conditional
+    floor, `queries`)."""
+    return QueryPlan(n_samples=n_samples, n_queries=cfg.queries, rows_per_batch=cfg.rows_per_batch, seed=cfg.seed,
+                     key=key)
+
+
+def unit_size(cfg: EstimatorConfig, n_samples: int) -> int:
+    """Queries per independent unit of the standard error: a subset block, or one query (`stats`)."""
+    return subset_block(n_samples) if cfg.estimator in ("snis", "dol", "cdol") else 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,6 +148,13 @@ def data_total_variance(x: torch.Tensor, cfg: EstimatorConfig) -> float:
     return mixture.total_variance(x) if cfg.latents == "posterior" else total_variance(x)
 
 
+def data_mean_square(x: torch.Tensor, cfg: EstimatorConfig) -> float:
+    """E||x0||² of prepared data in float64 (posterior latents: of the mixture), the known mean of the
+    queries' control variate a = ||x_s||² (`stats`)."""
+    a = mixture.second_moments(x) if cfg.latents == "posterior" else (x.double() ** 2).sum(1)
+    return float(a.mean())
+
+
 @dataclass(eq=False)
 class FloorData:
     """The prepared (N, D) samples, and what the kNN estimator adds to them.
@@ -203,15 +230,12 @@ def _gib(n_bytes: float) -> str:
 # One batch
 
 
-def _subset_levels(cfg: EstimatorConfig, n: int, sources: torch.Tensor, batch_index: int):
-    """The random subset R (L,) and the kernel levels L, L/2, L/4 (prefixes of R, in draw order)."""
+def _subset_levels(cfg: EstimatorConfig, n: int, sources: torch.Tensor, R: torch.Tensor):
+    """The kernel levels L, L/2, L/4 (prefixes of the subset R (L,), in draw order) of a block's queries."""
     L = cfg.subset_size
-    g = generator(cfg.seed, batch_index, SUBSET_STREAM, "cpu")
-    R = torch.randperm(n, generator=g)[:L]  # in draw order
-    position = torch.full((n,), n, dtype=torch.long)
-    position[R] = torch.arange(L)
-    pos = position[sources]  # (B,), n when the source is not in R
-    B = len(sources)
+    hit = sources[:, None] == R[None, :]  # (b, L)
+    pos = torch.where(hit.any(1), hit.to(torch.int8).argmax(1), n)  # (b,), n when the source is not in R
+    b = len(sources)
     levels = []
     for size in (L, L // 2, L // 4):
         in_R = pos < size
@@ -222,9 +246,25 @@ def _subset_levels(cfg: EstimatorConfig, n: int, sources: torch.Tensor, batch_in
             # the paper's default C = 4N/L is re-derived for each level; a C given by the user stays fixed
             c = 4.0 * n / size if cfg.estimator == "cdol" and math.isclose(cfg.c, 4.0 * n / L) else cfg.c
             hide = torch.where(in_R, pos, size - 1)
-            log_factor = torch.full((B,), -math.log(c) if math.isfinite(c) else -math.inf, dtype=torch.float64)
+            log_factor = torch.full((b,), -math.log(c) if math.isfinite(c) else -math.inf, dtype=torch.float64)
         levels.append((size, hide, log_factor))
-    return R, levels
+    return levels
+
+
+def block_subset(cfg: EstimatorConfig, plan: QueryPlan, block: int) -> torch.Tensor:
+    """The reference subset (L,) long of a block of queries, in draw order, from (seed, key, block) only."""
+    seed = np.array([block_seed(cfg.seed, plan.key, block, SUBSET_STREAM)], dtype=np.uint64)
+    return uniform_without_replacement(seed, plan.n_samples, cfg.subset_size)[0]
+
+
+def query_noise(cfg: EstimatorConfig, plan: QueryPlan, batch_index: int, dim: int, device) -> torch.Tensor:
+    """The batch's query noise (B, D) float32 on `device`, each row from (seed, key, source, round) only;
+    posterior latents: (B, 2D) [z, ε], ε the same as for the means alone (`mixture.query_noise`)."""
+    seeds = plan.seeds(batch_index, NOISE_STREAM)
+    if cfg.latents != "posterior":
+        return normal_rows(seeds, dim, device)
+    both = normal_rows(seeds, dim // 2, device, parts=2)  # ε, then z
+    return torch.cat([both[:, dim // 2:], both[:, :dim // 2]], 1)
 
 
 def query_terms(
@@ -238,22 +278,19 @@ def query_terms(
         data = floor_data(data, cfg)
     x, device = data.x, data.device
     sources = plan.sources(batch_index)  # (B,)
-    B, D = sources.shape[0], x.shape[1]
+    B = sources.shape[0]
     noise_device = device if cfg.rng_device == "compute" else torch.device("cpu")
-    g = generator(cfg.seed, batch_index, NOISE_STREAM, noise_device)
     # drawn in float32 whatever the compute dtype, so a float64 run is a reference for the float32 one
     posterior = cfg.latents == "posterior"
-    eps = torch.randn(B, D // 2 if posterior else D, generator=g, device=noise_device, dtype=torch.float32)
-    if posterior:  # ε first (the same as for the means alone), then z: x0 = m + s z (`mixture.query_noise`)
-        eps = torch.cat([torch.randn(eps.shape, generator=g, device=noise_device, dtype=torch.float32), eps], 1)
-    eps = eps.to(device, x.dtype)
+    eps = query_noise(cfg, plan, batch_index, x.shape[1], noise_device).to(device, x.dtype)
     src = sources.to(device)
     xs = take_rows(x, src, device)  # the sources' rows, gathered once (x may be in host memory)
     sig = torch.as_tensor(sigmas, dtype=torch.float64)
     if cfg.estimator == "knn":
-        gd = generator(cfg.seed, batch_index, SUBSET_STREAM, "cpu")
-        j = knn_terms(data.knn, data.knn.inverse[src], eps, sig, subset_size=cfg.subset_size,
-                      shared_draws=cfg.shared_draws, g=gd, precision=cfg.matmul_precision)
+        draws = uniform_without_replacement(plan.seeds(batch_index, DRAW_STREAM), data.knn.n_samples,
+                                            draw_count(data.knn, cfg.subset_size))
+        j = knn_terms(data.knn, data.knn.inverse[src], eps, sig, subset_size=cfg.subset_size, draws=draws,
+                      precision=cfg.matmul_precision)
     elif cfg.estimator == "exact":
         lvl = Level(x.shape[0], src, torch.zeros(B, dtype=torch.float64, device=device))
         if posterior:
@@ -262,17 +299,32 @@ def query_terms(
             j = optimal_loss_terms(xs, eps, x, sig, levels=[lvl], form="posterior-variance",
                                    precision=cfg.matmul_precision)  # x is on the device (`floor_data`)
     else:
-        R, levels = _subset_levels(cfg, x.shape[0], sources, batch_index)
-        levels = [Level(n, hide.to(device), lf.to(device)) for n, hide, lf in levels]
-        R = R.to(device)
-        if posterior:
-            j = mixture.mixture_terms(x, src, eps, sig, R, levels, "paper")
-        else:
-            j = optimal_loss_terms(xs, eps, take_rows(x, R, device), sig, levels=levels, form="paper",
-                                   precision=cfg.matmul_precision)
+        j = torch.cat([_block_terms(x, xs, src, eps, sig, cfg, plan, block, rows, device)
+                       for block, rows in _blocks(plan, batch_index)])
         j = torch.stack([j[:, 0], j[:, 1] - j[:, 0], j[:, 2] - j[:, 1]], 1)  # (B, 3, S): j, shifts
     a = mixture.second_moments(xs) if posterior else (xs.double() ** 2).sum(1)
     return a, j
+
+
+def _blocks(plan: QueryPlan, batch_index: int):
+    """(block number, slice of the batch's queries) of every subset block in the batch."""
+    q = plan.queries(batch_index)
+    size = subset_block(plan.n_samples)
+    for block in range(q.start // size, (q.stop - 1) // size + 1):
+        start, stop = max(block * size, q.start), min((block + 1) * size, q.stop)
+        yield block, slice(start - q.start, stop - q.start)
+
+
+def _block_terms(x, xs, src, eps, sig, cfg: EstimatorConfig, plan: QueryPlan, block: int, rows: slice, device):
+    """The subset estimators' levels (b, 3, S) of one block's queries, over the block's subset."""
+    R = block_subset(cfg, plan, block)
+    levels = [Level(n, hide.to(device), lf.to(device))
+              for n, hide, lf in _subset_levels(cfg, x.shape[0], src[rows].cpu(), R)]
+    R = R.to(device)
+    if cfg.latents == "posterior":
+        return mixture.mixture_terms(x, src[rows], eps[rows], sig, R, levels, "paper")
+    return optimal_loss_terms(xs[rows], eps[rows], take_rows(x, R, device), sig, levels=levels, form="paper",
+                              precision=cfg.matmul_precision)
 
 
 def batch_terms(
@@ -280,4 +332,5 @@ def batch_terms(
 ) -> BatchPartial:
     """One batch's partial sums (see `query_terms`)."""
     a, j = query_terms(data, sigmas, cfg, plan, batch_index)
-    return BatchPartial.from_terms(batch_index, a.cpu().numpy(), j.double().cpu().numpy())
+    return BatchPartial.from_terms(batch_index, a.cpu().numpy(), j.double().cpu().numpy(),
+                                   unit=unit_size(cfg, plan.n_samples), first_query=plan.queries(batch_index).start)

@@ -3,8 +3,9 @@
 The class-conditional floor (`lossfloor.floor.conditional`) estimates each class's J*_c over its own N_c
 samples with the same estimator and settings, resolved for N_c (`EstimatorConfig.resolve`: auto is exact
 for N_c ≤ 5000 on a CPU; an L of N_c or more is the exact estimator). The classes' batches are numbered one
-after another (class k's first batch follows class k-1's last: `QueryPlan.first_batch`), so every batch's
-randomness comes from (seed, its number) — independent between classes — whichever process computes it.
+after another (class k's first batch follows class k-1's last: `QueryPlan.first_batch`), and each class's
+queries are keyed by its label (`QueryPlan.key`): their order, noise and draws come from (seed, label,
+source within the class, round), independent between classes, whichever process computes them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import numpy as np
 import torch
 
 from lossfloor.errors import InputError
-from lossfloor.floor.batch import FloorData, batch_terms, data_total_variance, floor_data, query_plan
+from lossfloor.floor.batch import (
+    FloorData,
+    batch_terms,
+    data_mean_square,
+    data_total_variance,
+    floor_data,
+    query_plan,
+)
 from lossfloor.floor.config import EstimatorConfig
 from lossfloor.floor.queries import QueryPlan
 from lossfloor.floor.stats import BatchPartial
@@ -71,8 +79,11 @@ def class_plan(labels, config: EstimatorConfig, dim: int,
         raise InputError(f"labels: expected one integer class label per sample, got {labels.dtype} of shape "
                          f"{labels.shape}")
     if config.rel_error is not None:
-        raise InputError("--rel-error: automatic L is not supported for the class-conditional floor (each class "
-                         "would need its own passes); give --subset-size")
+        raise InputError("--rel-error: a precision target is not supported for the class-conditional floor (each "
+                         "class would need its own passes); give --subset-size and --queries-per-sample")
+    if config.queries is not None:
+        raise InputError("--queries: the class-conditional floor takes K·N_c queries per class "
+                         "(--queries-per-sample K), not a total budget")
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) == 0:
         raise InputError("labels: expected at least one class, got none")
@@ -83,21 +94,31 @@ def class_plan(labels, config: EstimatorConfig, dim: int,
     order = np.argsort(labels, kind="stable")  # rows grouped by class, ascending within each
     members = tuple(np.split(order, np.cumsum(counts)[:-1]))
     configs, plans, first = [], [], 0
-    for n_c in (int(n) for n in counts):
+    for label, n_c in zip(classes.tolist(), (int(n) for n in counts)):
         c = config
         if c.subset_size is not None and c.subset_size > n_c:
             c = replace(c, subset_size=n_c)  # the whole class: its exact estimator
         c = resolve(c, n_c) if resolve is not None else c.resolve(n_c, dim)
-        plan = replace(query_plan(c, n_c), first_batch=first)
+        plan = replace(query_plan(c, n_c, key=class_key(label)), first_batch=first)
         configs.append(c)
         plans.append(plan)
         first += plan.n_batches
     return ClassPlan(labels=classes.astype(np.int64), members=members, configs=tuple(configs), plans=tuple(plans))
 
 
+def class_key(label: int) -> int:
+    """The query key of a class (`queries`): distinct for every label and from the unconditional floor's 0."""
+    return 2 * label + 1 if label >= 0 else 2 * label
+
+
 def class_total_variances(x: torch.Tensor, plan: ClassPlan, cfg: EstimatorConfig) -> np.ndarray:
     """Var_c = J*_c(∞) of every class of the prepared (N, D) samples (posterior latents: of its mixture)."""
     return np.array([data_total_variance(x.index_select(0, torch.as_tensor(r)), cfg) for r in plan.members])
+
+
+def class_mean_squares(x: torch.Tensor, plan: ClassPlan, cfg: EstimatorConfig) -> np.ndarray:
+    """E_c||x0||² of every class (`batch.data_mean_square`)."""
+    return np.array([data_mean_square(x.index_select(0, torch.as_tensor(r)), cfg) for r in plan.members])
 
 
 class ClassBatches:

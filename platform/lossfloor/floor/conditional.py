@@ -36,7 +36,13 @@ import numpy as np
 from lossfloor.data.fingerprint import labels_fingerprint
 from lossfloor.errors import InputError
 from lossfloor.floor.batch import data_scale, divided, prepare_data
-from lossfloor.floor.classes import ClassPlan, class_plan, class_runner, class_total_variances
+from lossfloor.floor.classes import (
+    ClassPlan,
+    class_mean_squares,
+    class_plan,
+    class_runner,
+    class_total_variances,
+)
 from lossfloor.floor.config import EstimatorConfig
 from lossfloor.floor.estimate import (
     BatchHook,
@@ -79,6 +85,8 @@ def combine(plan: ClassPlan, estimates: Sequence[Estimate]) -> Estimate:
                      "subset_size": int(e.config.subset_size)} for c, r, e in zip(plan.labels, plan.members, estimates))
     return replace(estimates[plan.main], j_star=u.j_star, stderr=se, bias=u.bias, ci_low=u.ci_low, ci_high=u.ci_high,
                    allowance=allowance, total_variance=tv, n_queries=sum(e.n_queries for e in estimates),
+                   queries=np.sum([np.broadcast_to(e.n_queries if e.queries is None else e.queries, len(e.sigmas))
+                                   for e in estimates], axis=0),
                    n_batches=plan.n_batches, dof=np.maximum(np.floor(dof), 1).astype(np.int64), classes=classes)
 
 
@@ -89,6 +97,7 @@ def conditional_passes(
     runner: BatchRunner,
     *,
     tvs: np.ndarray,
+    mean_as: np.ndarray | None = None,
     fingerprint: str,
     labels: str,
     work_dir: str | os.PathLike | None = None,
@@ -97,8 +106,8 @@ def conditional_passes(
     on_batch: BatchHook | None = None,
 ) -> Estimate:
     """The engine-independent part of a class-conditional estimate: one pass over every class's batches
-    (those in the work folder reused, `estimate.run_pass`), each class reduced with its own config and
-    J*_c(∞) = tvs[k], then combined. labels: the label vector's fingerprint. Work folder: work_dir, or one
+    (those in the work folder reused, `estimate.run_pass`), each class reduced with its own config,
+    J*_c(∞) = tvs[k] and E_c||x0||² = mean_as[k], then combined. labels: the label vector's fingerprint. Work folder: work_dir, or one
     named by the key's hash under work_parent, or none."""
     t0 = time.monotonic()
     key = conditional_key(plan, fingerprint=fingerprint, labels=labels, sigmas=sigmas, dim=dim)
@@ -108,8 +117,9 @@ def conditional_passes(
     with store_cm as store:
         partials, stats = run_pass(runner, plan.configs[plan.main], sigmas, plan, store=store, progress=progress,
                                    on_batch=on_batch)
-    per_class = [reduce_estimate(partials[p.first_batch:p.first_batch + p.n_batches], sigmas, cfg, tv)
-                 for p, cfg, tv in zip(plan.plans, plan.configs, tvs)]
+    mean_as = [None] * len(tvs) if mean_as is None else mean_as
+    per_class = [reduce_estimate(partials[p.first_batch:p.first_batch + p.n_batches], sigmas, cfg, tv, mean_a)
+                 for p, cfg, tv, mean_a in zip(plan.plans, plan.configs, tvs, mean_as)]
     timings = getattr(runner, "timings", dict)()
     timings["total_s"] = time.monotonic() - t0
     return replace(combine(plan, per_class), timings=timings, passes=(stats,), labels_fingerprint=labels)
@@ -140,7 +150,8 @@ def estimate_conditional(
         fingerprint = data_fingerprint(x) if work_dir is not None or work_parent is not None else ""
     plan = class_plan(labels, config, x.shape[1])
     est = conditional_passes(plan, x.shape[1], sigmas / scale, class_runner(x, plan),
-                             tvs=class_total_variances(x, plan, config), fingerprint=fingerprint,
+                             tvs=class_total_variances(x, plan, config),
+                             mean_as=class_mean_squares(x, plan, config), fingerprint=fingerprint,
                              labels=labels_fingerprint(labels), work_dir=work_dir, work_parent=work_parent,
                              progress=progress, on_batch=on_batch)
     return rescaled(est, scale, sigmas)

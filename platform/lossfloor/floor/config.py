@@ -16,8 +16,9 @@ The estimators differ in the reference set each query's posterior runs over (doc
 At L = N every subset estimator *is* the exact estimator (the subset holds every sample: C = 1), and a
 config asking for it resolves to `exact`.
 
-A batch is `rows_per_batch` source samples with k queries each (`lossfloor.floor.queries`); by default as
-many rows as fit a memory budget: 512 MiB on a CPU, 8 GiB on CUDA, or `max_device_gb` when smaller.
+A batch is `rows_per_batch` consecutive queries of the seeded query order (`lossfloor.floor.queries`); by
+default as many as fit a memory budget: 512 MiB on a CPU, 8 GiB on CUDA, or `max_device_gb` when smaller.
+The batch size changes no number (every query's randomness is its own), only speed and memory.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lossfloor.devices import check_device
 from lossfloor.errors import InputError
 from lossfloor.floor.kernel import MATMUL_PRECISIONS
 from lossfloor.floor.neighbours import INDEXES
+from lossfloor.floor.queries import subset_block
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,6 @@ EXACT_MAX_N = {"cpu": 5_000, "cuda": 50_000}
 DEFAULT_SUBSET_SIZE = 4096  # snis/dol/cdol
 DEFAULT_KNN_SUBSET_SIZE = 128
 MIN_SUBSET_SIZE = {"snis": 8, "dol": 8, "cdol": 8, "knn": 4}  # L/4 >= 2 for the bias levels; two U halves
-MIN_BATCHES = 8  # subset estimators: the standard error is estimated from batch totals
-_DEFAULT_MIN_BATCHES = 16
 _MEMORY_BUDGET_BYTES = {"cpu": 512 * 2**20, "cuda": 8 * 2**30}
 _MAX_QUERIES_PER_BATCH = 4096
 
@@ -58,33 +58,38 @@ class EstimatorConfig:
     subset_size: L, kernels per query (snis/dol/cdol: reference subset, default min(4096, N); knn:
       neighbours and uniform draws together, default 128, so equal L is equal kernel cost).
     c: cDOL's source down-weighting C; default 4N/L (paper §3); math.inf allowed.
-    queries_per_sample: k, every sample is the source of exactly k queries (M = kN).
-    seed: every batch's randomness derives from (seed, batch index).
+    queries_per_sample: k, the default budget M = kN (every sample the source of exactly k queries) and
+      the most queries per σ any budget may have.
+    queries: M, the queries per σ (the first M of the seeded order, `queries`); default kN. With
+      rel_error: the most queries the precision may take.
+    seed: every query's randomness derives from (seed, its source, its round) (`queries`).
     device: "cpu" or "cuda" (or "cuda:1", ...).
     dtype: "float32" (GEMMs in fp32, sums in float64) or "float64" (a reference computation).
-    rows_per_batch: source samples per batch (k queries each); default from a memory budget. Subset
-      estimators need at least 8 batches (their standard error comes from batch totals).
+    rows_per_batch: queries per batch (rows of the kernel matrix); default from a memory budget. Subset
+      estimators: rounded up to whole blocks of queries (`queries.subset_block`, 128 from N = 1024 on).
     rng_device: "compute" draws noise on the compute device (fast); "cpu" draws it on the CPU so CPU
       and CUDA runs with the same seed use identical noise.
     matmul_precision: float32 GEMMs as fp32 (default, TF32 off), 3xtf32 (split TF32, near-fp32 accuracy,
       faster on CUDA tensor cores) or tf32 (fastest, ~1e-3 error; for speed comparisons).
-    rel_error: automatic L: start at L (default 128) and double it for the σ whose bias allowance exceeds
-      rel_error·J* (where J* > 1e-3·J*(∞)), until it does not or L = N (then exact).
-    index, index_pca, shared_draws: knn's neighbour index (see `neighbours`), PCA dimension of its
-      search, and one uniform draw per batch (True) or per query.
+    rel_error: R, the precision asked for: the 95 % interval's half-width (bias allowance + t·stderr) at
+      most R·J* at every σ where J* > 1e-3·J*(∞). Queries are added in batches until the Monte-Carlo part
+      fits (or M reaches `queries`), and L doubles (from 128 by default) for the σ whose bias allowance
+      exceeds R·J*/2, until it does not or L = N (then exact). `lossfloor.floor.estimate`.
+    index, index_pca: knn's neighbour index (see `neighbours`) and the PCA dimension of its search.
     latents: "mean" (the samples as given) or "posterior": each row is [mean, std] of an EDM2 latent's
       encoder posterior and J* is that of the Gaussian mixture the model trains on (`mixture`).
     max_device_gb: a cap on the device memory of one estimator process (GiB): the default batch fits
       it, and on CUDA the data set stays in host memory (each batch gathering its rows) unless data and
       batch fit together (`batch.floor_data`). Default: no cap (8 GiB batches on CUDA, 512 MiB on a CPU;
-      the data on the GPU when it fits 90 % of its free memory). It changes the default rows per batch,
-      hence the random draws: a resolved config records the batch it chose.
+      the data on the GPU when it fits 90 % of its free memory). It changes the default rows per batch
+      (not the numbers): a resolved config records the batch it chose.
     """
 
     estimator: str = "auto"
     subset_size: int | None = None
     c: float | None = None
     queries_per_sample: int = 3
+    queries: int | None = None
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -94,7 +99,6 @@ class EstimatorConfig:
     rel_error: float | None = None
     index: str = "auto"
     index_pca: int | None = None
-    shared_draws: bool = True
     latents: str = "mean"
     max_device_gb: float | None = None
 
@@ -107,6 +111,9 @@ class EstimatorConfig:
             raise _field("c", f"expected a number > 0 (e.g. 4N/L, or inf), got {self.c!r}")
         if not isinstance(self.queries_per_sample, int) or self.queries_per_sample < 1:
             raise _field("queries_per_sample", f"expected an integer >= 1, got {self.queries_per_sample!r}")
+        if self.queries is not None and (not isinstance(self.queries, int) or isinstance(self.queries, bool)
+                                         or self.queries < 1):
+            raise _field("queries", f"expected an integer number of queries >= 1, got {self.queries!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise _field("seed", f"expected an integer >= 0, got {self.seed!r}")
         if self.dtype not in ("float32", "float64"):
@@ -140,11 +147,15 @@ class EstimatorConfig:
         """
         if n_samples < 2:
             raise InputError(f"data: expected at least 2 samples, got {n_samples}")
+        most = self.queries_per_sample * n_samples
+        if self.queries is not None and self.queries > most:
+            raise _field("queries", f"expected at most K·N = {self.queries_per_sample}·{n_samples} = {most} (every sample "
+                         f"a source at most K = queries_per_sample times; raise K for more), got {self.queries}")
         est = self.estimator
         if est == "auto":
             kind = "cpu" if (compute_device or self.device) == "cpu" else "cuda"
             est = "exact" if n_samples <= EXACT_MAX_N[kind] else "knn"
-        cfg = replace(self, estimator=est)
+        cfg = replace(self, estimator=est, queries=self.queries if self.queries is not None else most)
         if est != "exact":
             default = DEFAULT_KNN_SUBSET_SIZE if est == "knn" else DEFAULT_SUBSET_SIZE
             L = self.subset_size if self.subset_size is not None else min(default, n_samples)
@@ -167,14 +178,9 @@ class EstimatorConfig:
             raise _field("rows_per_batch",
                          f"{cfg.rows_per_batch} rows need ~{batch_bytes(cfg, dim) / 2**30:.3g} GiB of device memory, "
                          f"above max_device_gb = {cfg.max_device_gb:g}: give fewer rows, or leave the batch to the cap")
-        if est != "exact" and self.rows_per_batch is not None:
-            n_batches = math.ceil(n_samples / cfg.rows_per_batch)
-            if n_batches < MIN_BATCHES:
-                raise _field(
-                    "rows_per_batch", f"{est} needs at least {MIN_BATCHES} batches for its standard error (the "
-                    f"queries of a batch share random draws); {cfg.rows_per_batch} rows give {n_batches} of "
-                    f"N = {n_samples}: use at most {n_samples // MIN_BATCHES}"
-                )
+        block = subset_block(n_samples)
+        if est in SUBSET_ESTIMATORS and cfg.rows_per_batch % block:  # a batch holds whole subset blocks
+            cfg = replace(cfg, rows_per_batch=math.ceil(cfg.rows_per_batch / block) * block)
         check_device(cfg.device, "device")
         return cfg
 
@@ -197,22 +203,20 @@ def bytes_per_query(cfg: EstimatorConfig, dim: int) -> int:
 
 
 def batch_bytes(cfg: EstimatorConfig, dim: int) -> int:
-    """The working memory of one batch of a resolved config (its rows_per_batch x k queries)."""
-    return bytes_per_query(cfg, dim) * cfg.rows_per_batch * cfg.queries_per_sample
+    """The working memory of one batch of a resolved config (its rows_per_batch queries)."""
+    return bytes_per_query(cfg, dim) * cfg.rows_per_batch
 
 
 def default_rows_per_batch(cfg: EstimatorConfig, n_samples: int, dim: int) -> int:
-    """Rows whose queries fit the memory budget of the device, or of max_device_gb when it is smaller."""
+    """Queries that fit the memory budget of the device, or of max_device_gb when it is smaller (subset
+    estimators: whole blocks), at most the M queries of the estimate (a resolved `queries`)."""
     budget = _MEMORY_BUDGET_BYTES["cpu" if cfg.device == "cpu" else "cuda"]
     if cfg.max_device_gb is not None:
         budget = min(budget, int(cfg.max_device_gb * 2**30))
     per_query = bytes_per_query(cfg, dim)
-    if cfg.max_device_gb is not None and per_query * cfg.queries_per_sample > budget:
-        raise InputError(f"max_device_gb {cfg.max_device_gb:g}: below the working memory of a single row's "
-                         f"{cfg.queries_per_sample} queries (~{per_query * cfg.queries_per_sample / 2**30:.3g} GiB)",
-                         field="max_device_gb")
-    queries = max(1, min(_MAX_QUERIES_PER_BATCH, budget // per_query))
-    rows = max(1, queries // cfg.queries_per_sample)
-    if cfg.estimator != "exact":
-        rows = min(rows, max(1, n_samples // _DEFAULT_MIN_BATCHES))
-    return int(min(rows, n_samples))
+    block = subset_block(n_samples) if cfg.estimator in SUBSET_ESTIMATORS else 1
+    if cfg.max_device_gb is not None and per_query * block > budget:
+        raise InputError(f"max_device_gb {cfg.max_device_gb:g}: below the working memory of a single batch of "
+                         f"{block} queries (~{per_query * block / 2**30:.3g} GiB)", field="max_device_gb")
+    queries = min(_MAX_QUERIES_PER_BATCH, budget // per_query, cfg.queries or cfg.queries_per_sample * n_samples)
+    return int(max(block, queries // block * block))

@@ -4,16 +4,23 @@
     est = estimate(samples, sigmas, cfg, work_dir="work")           # a rerun computes only missing batches
     est.j_star, est.ci_low, est.ci_high, est.passes[0].computed
 
-J*(σ) = E||x0||² - E||E[x0|x_σ]||² (paper Theorem 1) is estimated as the mean of the M = kN stratified
-queries' terms (`batch`). A pass computes every batch of one resolved config: the batches already in the
+J*(σ) = E||x0||² - E||E[x0|x_σ]||² (paper Theorem 1) is estimated from the terms of M = kN queries
+(`queries`, `batch`), with ||x_s||² as a control variate of known mean (`stats`). A pass computes every batch of one resolved config: the batches already in the
 work folder are read back (`resume`), the others come from a runner that turns batch indices into
 partial sums — `local_runner` on this process, or the Ray engine's (`lossfloor.ray.estimate`) — and the
 partials reduce to each channel's mean and standard error (`stats`), then to J*, its bias allowance and
 95 % interval per σ (`uncertainty`).
 
-With `rel_error` (automatic L) the first pass runs at the config's L and further passes at 2L, 4L, ...
-run over the σ whose bias allowance is still above rel_error·J* (where J* > 1e-3·J*(∞)), until no σ is or
-L = N (the exact estimator); each σ keeps the estimate of the last pass that ran it.
+A precision target R (`rel_error`) asks that the 95 % interval's half-width, allowance + t·stderr, be at
+most R·J* at every σ where J* > 1e-3·J*(∞) (`precision_met`). A pass at one L runs in rounds over the
+first M queries of the seeded order (`queries`): M starts at max(FIRST_QUERIES, one batch) and, while
+some σ whose allowance is within R·J*/2 still has t·stderr > R·J* - allowance, grows to at least 2M
+(to the M its 1/√M error predicts, whole batches) up to the budget `queries` (default kN). Each round
+reuses the previous rounds' batches. Then the σ whose allowance exceeds R·J*/2 get a pass at 2L (4L,
+... until the allowance fits or L = N, the exact estimator), starting at the M reached; each σ keeps
+the estimate of the last pass that ran it. σ still short of R at the budget are flagged (`Estimate.met`).
+Growing M at least twofold keeps the looks at the data few (log₂ of the budget), so the interval after
+the last look stays honest (`tests/test_query_budget.py` checks its coverage).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from lossfloor.errors import InputError
 from lossfloor.floor.batch import (
     FloorData,
     batch_terms,
+    data_mean_square,
     data_scale,
     data_total_variance,
     divided,
@@ -44,7 +52,7 @@ from lossfloor.floor.batch import (
 from lossfloor.floor.config import EstimatorConfig
 from lossfloor.floor.resume import PartialStore, data_fingerprint, default_work_dir, work_key
 from lossfloor.floor.stats import BatchPartial, reduce_partials
-from lossfloor.floor.uncertainty import bias_and_interval, channels
+from lossfloor.floor.uncertainty import bias_and_interval, channels, t_quantile
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +109,8 @@ class PassStats:
 class Estimate:
     """J*(σ) in x0 units from one estimator run, with its uncertainty (see `uncertainty`).
 
-    bias, ci_low, ci_high: per σ, x0 units. subset_size: the L used per σ (it varies with rel_error).
+    bias, ci_low, ci_high: per σ, x0 units. subset_size, queries: the L and M used per σ (they vary with
+    rel_error); n_queries: the largest M.
     timings: seconds spent building the neighbour index and searching it (knn), and in total.
     passes: what each pass did (one per L; several with rel_error): batches computed and reused.
     dof: degrees of freedom of the standard error (per σ for the class-conditional floor).
@@ -122,6 +131,8 @@ class Estimate:
     n_queries: int
     n_batches: int
     subset_size: np.ndarray
+    queries: np.ndarray | None = None  # M per σ (default n_queries everywhere)
+    met: np.ndarray | None = None  # per σ whether the precision target (rel_error) holds; None without one
     timings: dict = field(default_factory=dict)
     passes: tuple[PassStats, ...] = ()
     dof: int | np.ndarray = 1
@@ -144,10 +155,12 @@ class Estimate:
         return sum(p.reused for p in self.passes)
 
 
-def reduce_estimate(partials, sigmas, cfg: EstimatorConfig, tv: float, timings: dict | None = None) -> Estimate:
-    """Reduce a pass's partials to J*, its standard error, bias and interval per σ."""
+def reduce_estimate(partials, sigmas, cfg: EstimatorConfig, tv: float, mean_a: float | None = None,
+                    timings: dict | None = None) -> Estimate:
+    """Reduce a pass's partials to J*, its standard error, bias and interval per σ (mean_a: the data's
+    E||x0||², the control variate's mean, `stats.reduce_partials`)."""
     sigmas = np.asarray(sigmas, dtype=np.float64)
-    red = reduce_partials(partials, per_batch_error=cfg.estimator != "exact")
+    red = reduce_partials(partials, mean_a=mean_a)
     n_ch = len(channels(cfg.estimator))
     means = red.j_star.reshape(n_ch, len(sigmas))  # (C, S)
     errs = red.stderr.reshape(n_ch, len(sigmas))
@@ -157,6 +170,7 @@ def reduce_estimate(partials, sigmas, cfg: EstimatorConfig, tv: float, timings: 
         allowance=np.maximum(u.lo, u.hi),
         total_variance=tv, config=cfg, n_queries=red.n_queries, n_batches=red.n_batches,
         subset_size=np.full(len(sigmas), cfg.subset_size, dtype=np.int64), timings=dict(timings or {}),
+        queries=np.full(len(sigmas), red.n_queries, dtype=np.int64),
         dof=red.dof,
     )
 
@@ -172,15 +186,37 @@ def rescaled(est: Estimate, scale: float, sigmas: np.ndarray) -> Estimate:
                    **{name: getattr(est, name) * s2 for name in cols})
 
 
-def needs_larger_subset(est: Estimate, rel_error: float, threshold: float = 1e-3) -> np.ndarray:
-    """Per σ: the bias allowance exceeds rel_error·J* where J* > threshold·J*(∞) (automatic L)."""
-    return (est.j_star > threshold * est.total_variance) & (est.allowance > rel_error * np.abs(est.j_star))
+FIRST_QUERIES = 1024  # a precision target's first round (at least one batch)
+USEFUL = 1e-3  # the target holds where J* > USEFUL·J*(∞)
+
+
+def half_width(est: Estimate) -> np.ndarray:
+    """The 95 % interval's half-width before clipping to [0, J*(∞)]: allowance + t·stderr, per σ."""
+    return est.allowance + t_quantile(est.dof) * est.stderr
+
+
+def needs_larger_subset(est: Estimate, rel_error: float) -> np.ndarray:
+    """Per σ: the bias allowance exceeds half the target, rel_error·J*/2, where J* > USEFUL·J*(∞)."""
+    return (est.j_star > USEFUL * est.total_variance) & (est.allowance > 0.5 * rel_error * np.abs(est.j_star))
+
+
+def precision_met(est: Estimate, rel_error: float) -> np.ndarray:
+    """Per σ: the half-width is at most rel_error·J*, or J* ≤ USEFUL·J*(∞) (no target there)."""
+    return (est.j_star <= USEFUL * est.total_variance) | (half_width(est) <= rel_error * np.abs(est.j_star))
+
+
+def queries_needed(est: Estimate, rel_error: float, short: np.ndarray) -> int:
+    """The M at which the Monte-Carlo part t·stderr (∝ 1/√M) of the σ in `short` would fit R·J* - allowance."""
+    room = rel_error * np.abs(est.j_star[short]) - est.allowance[short]
+    ratio = (t_quantile(est.dof) * est.stderr[short]) / np.maximum(room, 1e-300)
+    return int(min(np.max(est.n_queries * ratio**2), 2.0**62))
 
 
 def _take(est: Estimate, keep: np.ndarray) -> Estimate:
     """The estimate at the σ where `keep` is True."""
-    cols = ("sigmas", "j_star", "stderr", "bias", "ci_low", "ci_high", "allowance", "subset_size")
-    return replace(est, **{name: getattr(est, name)[keep] for name in cols})
+    cols = ("sigmas", "j_star", "stderr", "bias", "ci_low", "ci_high", "allowance", "subset_size", "queries")
+    return replace(est, **{name: getattr(est, name)[keep] for name in cols},
+                   met=None if est.met is None else est.met[keep])
 
 
 def merge_estimates(parts: list[tuple[Estimate, np.ndarray]], sigmas: np.ndarray) -> Estimate:
@@ -188,14 +224,20 @@ def merge_estimates(parts: list[tuple[Estimate, np.ndarray]], sigmas: np.ndarray
     first = parts[0][0]
     cols = {name: np.empty(len(sigmas)) for name in ("j_star", "stderr", "bias", "ci_low", "ci_high", "allowance")}
     L = np.empty(len(sigmas), dtype=np.int64)
+    M = np.empty(len(sigmas), dtype=np.int64)
     timings: dict = {}
+    met = None if first.met is None else np.empty(len(sigmas), dtype=bool)
     for est, where in parts:
         for name in cols:
             cols[name][where] = getattr(est, name)
         L[where] = est.subset_size
+        M[where] = est.queries
+        if met is not None:
+            met[where] = est.met
         for k, v in est.timings.items():
             timings[k] = timings.get(k, 0.0) + v
-    return replace(first, sigmas=np.asarray(sigmas, dtype=np.float64), subset_size=L, timings=timings, **cols)
+    return replace(first, sigmas=np.asarray(sigmas, dtype=np.float64), subset_size=L, queries=M, met=met,
+                   n_queries=int(M.max()), timings=timings, **cols)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,18 +253,23 @@ def run_pass(
     store: PartialStore | None = None,
     progress: bool = True,
     on_batch: BatchHook | None = None,
+    reuse: dict[int, BatchPartial] | None = None,
 ) -> tuple[list[BatchPartial], PassStats]:
-    """All partials of a resolved config: those in `store`, plus the missing ones computed by `runner`.
+    """All partials of a resolved config: those in `store` or `reuse` (batch index -> partial, e.g. the
+    previous rounds' of a precision target), plus the missing ones computed by `runner`.
 
     plan: the pass's batches (`query_plan`, or a `classes.ClassPlan`): n_batches, rows(b)."""
     t0 = time.monotonic()
     done = dict(store.done) if store is not None else {}
-    done = {b: p for b, p in done.items() if b < plan.n_batches}
+    if reuse is not None:
+        done.update(reuse)
+    # a batch counts when it holds the plan's queries (a smaller budget's last batch may be short)
+    done = {b: p for b, p in done.items() if b < plan.n_batches and p.count == len(plan.rows(b))}
     missing = [b for b in range(plan.n_batches) if b not in done]
-    if done:
+    if done and store is not None:
         log.info("work dir %s: %d of %d batches already done, computing %d",
                  store.path, len(done), plan.n_batches, len(missing))
-    total = sum(len(plan.rows(b)) for b in missing) * cfg.queries_per_sample
+    total = sum(len(plan.rows(b)) for b in missing)
     bar = None
     first_batch_s = None
     wanted = set(missing)
@@ -265,8 +312,7 @@ def run_batches(
         data = floor_data(data, cfg)
     plan = query_plan(cfg, data.x.shape[0])
     batches = range(plan.n_batches) if batches is None else batches
-    bar = Progress(f"estimate {cfg.estimator}", len(batches) * plan.rows_per_batch * cfg.queries_per_sample,
-                   enabled=progress)
+    bar = Progress(f"estimate {cfg.estimator}", sum(len(plan.rows(b)) for b in batches), enabled=progress)
     out = []
     for part in _computed(data, sigmas, cfg, batches):
         out.append(part)
@@ -311,6 +357,7 @@ def estimate_passes(
     runner: BatchRunner,
     *,
     tv: float,
+    mean_a: float | None = None,
     fingerprint: str,
     work_dir: str | os.PathLike | None = None,
     work_parent: str | os.PathLike | None = None,
@@ -320,17 +367,20 @@ def estimate_passes(
 ) -> Estimate:
     """The engine-independent part of an estimate: its passes, resumable (module docstring).
 
-    shape: (N, D) of the prepared data; cfg: resolved; resolve: resolves a config for this data and
-    engine (for the larger L of automatic-L passes). Pass i keeps its batches in WORK_DIR (i = 0) or
-    WORK_DIR/L-<L>. Without work_dir and work_parent nothing is kept on disk.
+    shape: (N, D) of the prepared data; cfg: resolved; tv, mean_a: the data's J*(∞) and E||x0||²;
+    resolve: resolves a config for this data and engine (for the larger L of a precision target's passes).
+    Pass i keeps its batches in WORK_DIR (i = 0) or WORK_DIR/L-<L> (every round of its M in the same
+    folder). Without work_dir and work_parent nothing is kept on disk.
     """
     n, d = shape
     key = work_key(cfg, fingerprint=fingerprint, sigmas=sigmas, n_samples=n, dim=d)
     if work_dir is None and work_parent is not None:
         work_dir = default_work_dir(work_parent, key)
+    rel = cfg.rel_error
     todo = np.arange(len(sigmas))
     parts, passes = [], []
     c = cfg
+    M = cfg.queries if rel is None else whole_batches(FIRST_QUERIES, cfg)
     t0 = time.monotonic()
     while True:
         sig = sigmas[todo]
@@ -342,27 +392,62 @@ def estimate_passes(
             k = key if first else work_key(c, fingerprint=fingerprint, sigmas=sig, n_samples=n, dim=d)
             store_cm = PartialStore(path, k)
         with store_cm as store:
-            partials, stats = run_pass(runner, c, sig, query_plan(c, n), store=store, progress=progress,
-                                       on_batch=on_batch)
-        est = reduce_estimate(partials, sig, c, tv)
+            est, stats = _rounds(runner, c, sig, n, M, store=store, tv=tv, mean_a=mean_a, progress=progress,
+                                 on_batch=on_batch)
         passes.append(stats)
         if stats.work_dir is not None:
             log.info("work dir %s: %d batches computed, %d reused", stats.work_dir, stats.computed, stats.reused)
-        if cfg.rel_error is None or c.estimator == "exact":
+        if rel is None:
             parts.append((est, todo))
             break
-        more = needs_larger_subset(est, cfg.rel_error)
+        est = replace(est, met=precision_met(est, rel))
+        more = needs_larger_subset(est, rel)
         parts.append((_take(est, ~more), todo[~more]))
         if not more.any():
             break
-        todo = todo[more]
+        todo, M = todo[more], est.n_queries
         c = resolve(replace(cfg, subset_size=min(2 * c.subset_size, n), rows_per_batch=None, c=None
                             if cfg.c is None else cfg.c))
-        log.info("automatic L: %d σ above %.3g relative error, next pass at L = %s",
-                 len(todo), cfg.rel_error, c.subset_size if c.estimator != "exact" else f"N ({c.estimator})")
+        M = whole_batches(M, c)
+        log.info("precision target: %d σ with a bias allowance above %.3g/2 of J*, next pass at L = %s",
+                 len(todo), rel, c.subset_size if c.estimator != "exact" else f"N ({c.estimator})")
     timings = getattr(runner, "timings", dict)()
     timings["total_s"] = time.monotonic() - t0
-    return replace(merge_estimates(parts, sigmas), timings=timings, passes=tuple(passes))
+    out = replace(merge_estimates(parts, sigmas), timings=timings, passes=tuple(passes))
+    if rel is not None and not out.met.all():
+        log.warning("precision target %.3g not met at σ = %s within the budget of %d queries", rel,
+                    ", ".join(f"{s:.4g}" for s in out.sigmas[~out.met]), cfg.queries)
+    return out
+
+
+def whole_batches(m: int, cfg: EstimatorConfig) -> int:
+    """m queries rounded up to whole batches of a resolved config, at most its budget `queries`."""
+    return min(cfg.queries, math.ceil(m / cfg.rows_per_batch) * cfg.rows_per_batch)
+
+
+def _rounds(runner: BatchRunner, c: EstimatorConfig, sigmas: np.ndarray, n: int, M: int, *, store, tv, mean_a,
+            progress, on_batch) -> tuple[Estimate, PassStats]:
+    """One pass at the L of a resolved config: its first M queries, then (with rel_error) rounds of at
+    least twice as many while a σ is short of the target on its Monte-Carlo part alone (module docstring)."""
+    done: dict[int, BatchPartial] = {}
+    computed, wall, first_s = 0, 0.0, None
+    while True:
+        cm = replace(c, queries=M)
+        partials, st = run_pass(runner, cm, sigmas, query_plan(cm, n), store=store, progress=progress,
+                                on_batch=on_batch, reuse=done)
+        done.update((p.batch_index, p) for p in partials)
+        computed, wall = computed + st.computed, wall + st.wall_s
+        first_s = st.first_batch_s if first_s is None else first_s
+        est = reduce_estimate(partials, sigmas, cm, tv, mean_a)
+        if c.rel_error is None or M >= c.queries:
+            break
+        short = ~precision_met(est, c.rel_error) & ~needs_larger_subset(est, c.rel_error)
+        if not short.any():
+            break
+        M = whole_batches(max(2 * M, queries_needed(est, c.rel_error, short)), c)
+        log.info("precision target: %d σ short of %.3g on their Monte-Carlo part, next round at M = %d",
+                 int(short.sum()), c.rel_error, M)
+    return est, PassStats(st.n_batches, max(st.n_batches - computed, 0), computed, wall, st.work_dir, first_s)
 
 
 def estimate(
@@ -394,7 +479,7 @@ def estimate(
         fingerprint = data_fingerprint(x) if work_dir is not None or work_parent is not None else ""
     est = estimate_passes(
         tuple(x.shape), sigmas / scale, cfg, local_runner(x),
-        tv=data_total_variance(x, cfg), fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
+        tv=data_total_variance(x, cfg), mean_a=data_mean_square(x, cfg), fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
         resolve=lambda c: c.resolve(x.shape[0], x.shape[1]), progress=progress, on_batch=on_batch,
     )
     return rescaled(est, scale, sigmas)

@@ -8,10 +8,9 @@ Per query (source s, y = x_s + σε) the posterior over the N samples is estimat
    deterministic function of (s, y): an approximate index lowers efficiency, never validity.
 2. U = L - k samples drawn uniformly, without replacement, from the samples of the rest (B: the samples
    whose distinct point is not in A; a duplicated point is drawn as often as it occurs, so the draw
-   follows the data's mass, not its distinct points), split into halves U₁, U₂. [choice] One random order
-   of the N samples is drawn per batch and every query takes the first L - k of it that are not in its A
-   (each query still sees a uniform draw from its B; the work becomes GEMMs); `shared_draws=False` draws
-   per query instead.
+   follows the data's mass, not its distinct points), split into halves U₁, U₂. Each query brings its own
+   uniform ordered sample of `draw_count` of the N samples, drawn without replacement from (seed, its
+   source, its round) only (`queries`), and takes the first L - k of it that are not in its A.
 3. With f_n = x_n - x_s, q_n = ||f_n||², multiplicities m_n (duplicates are merged and carried as weights
    in A; a drawn sample counts once) and kernels w_n = m_n exp(ℓ_n - max), ℓ_n = -||y - x_n||²/2σ²: for
    each half j, λ_j = |B|/|U_j| (in samples; 0 when B is empty: A then holds every point and the query
@@ -47,7 +46,7 @@ import torch
 
 from lossfloor.data.duplicates import groups, row_keys
 from lossfloor.data.node_cache import read_only_tensor
-from lossfloor.floor.kernel import pairwise_terms, take_rows
+from lossfloor.floor.kernel import take_rows
 from lossfloor.floor.mixture import component_terms, mixture_totals, query_noise, split_rows, total_f_q
 from lossfloor.floor.neighbours import NeighbourIndex, build_index
 
@@ -187,37 +186,30 @@ def neighbour_sets(data: KnnData, y: torch.Tensor, src: torch.Tensor, k: int):
     return A, valid
 
 
-def _draws(data: KnnData, n_draw: int, B: int, shared: bool, g: torch.Generator) -> torch.Tensor:
-    """Candidate order for U: the distinct points of (n_draw,) samples in one uniform order of the N samples
-    per batch, or of (B, n_draw) samples in one order per query."""
-    N = data.n_samples
-    if shared:
-        order = torch.randperm(N, generator=g)[:n_draw]
-    else:
-        order = torch.rand(B, N, generator=g).argsort(dim=1)[:, :n_draw]
-    return data.inverse[order.to(data.inverse.device)].to(data.mult.device)
-
-
-def _n_draw(data: KnnData, k: int, n_u: int) -> int:
-    """Samples to draw so that n_u remain outside any A: A's k points hold at most the samples of the k
-    largest multiplicities (k without duplicates)."""
-    return min(data.n_samples, n_u + data.most_held(k))
+def draw_count(data: KnnData, subset_size: int) -> int:
+    """Uniform draws per query (sample indices) at L = subset_size: enough that L - k remain outside any A
+    (A's k points hold at most the samples of the k largest multiplicities: k without duplicates); one
+    when A holds every distinct point (the draw falls in A, keeping the shapes)."""
+    if subset_size >= data.n_unique:
+        return 1
+    k = subset_size // 2
+    return min(data.n_samples, subset_size - k + data.most_held(k))
 
 
 def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *, subset_size: int,
-              shared_draws: bool, g: torch.Generator, precision: str = "fp32") -> torch.Tensor:
+              draws: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Per-query channels (cross, plain - cross, Richardson - cross) for every σ: (B, 3, S) float64.
 
     xs_idx: (B,) distinct-sample index of each query's source; eps: (B, D) its noise ((B, 2D) for a
-    mixture: z then ε). L = subset_size; from L >= U distinct points on, A holds all of them: B is empty
-    and every query is the exact one.
+    mixture: z then ε); draws: (B, draw_count) each query's uniform sample of sample indices, without
+    replacement. L = subset_size; from L >= U distinct points on, A holds all of them: B is empty and
+    every query is the exact one.
     """
     P, mixture = data.points, data.stds is not None
     B, dev = eps.shape[0], eps.device
     everything = subset_size >= data.n_unique
     k = data.n_unique if everything else subset_size // 2
     n_u = subset_size - k
-    n_draw = 1 if everything else _n_draw(data, k, n_u)  # one draw keeps the shapes (it falls in A)
     xs = take_rows(P, xs_idx, dev)  # (B, D): the source (a mixture: its component's mean, the reference of f)
     if mixture:
         z, eps = query_noise(eps)
@@ -225,22 +217,14 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     else:
         x0 = xs
     xs64 = xs.double()
-    C = _draws(data, n_draw, B, shared_draws, g)  # (n_draw,) or (B, n_draw)
-    CB = C[None, :].expand(B, -1) if shared_draws else C
+    CB = data.inverse[draws.to(data.inverse.device)].to(dev)  # (B, n_draw) distinct points of the draws
     multC = torch.ones(CB.shape, dtype=data.mult.dtype, device=dev)  # each drawn sample counts once
     if not mixture:  # the candidates' σ-independent terms
-        if shared_draws:
-            XC = take_rows(P, C, dev)  # (n_draw, D)
-            DxxC, DexC, _, _ = pairwise_terms(xs, eps, XC, precision)  # (B, n_draw) each
+        fC_dirac = take_rows(P, CB, dev) - xs[:, None]  # (B, n_draw, D)
+        DxxC, DexC = (fC_dirac * fC_dirac).sum(-1), -(eps[:, None] * fC_dirac).sum(-1)
 
-            def wsum_dirac(w):  # Σ_c w_c f_c = Σ w x_c - (Σ w) x_s, (B, D) float64
-                return (w @ XC).double() - w.sum(1, dtype=torch.float64)[:, None] * xs64
-        else:
-            fC_dirac = take_rows(P, C, dev) - xs[:, None]  # (B, n_draw, D)
-            DxxC, DexC = (fC_dirac * fC_dirac).sum(-1), -(eps[:, None] * fC_dirac).sum(-1)
-
-            def wsum_dirac(w):
-                return torch.bmm(w[:, None, :], fC_dirac)[:, 0].double()
+        def wsum_dirac(w):
+            return torch.bmm(w[:, None, :], fC_dirac)[:, 0].double()
         N = float(data.n_samples)
         tot_f = data.sum_x[None, :] - N * xs64  # Σ_all m f, (B, D)
         tot_q = data.sum_sq - 2.0 * (xs64 @ data.sum_x) + N * (xs64 * xs64).sum(1)  # Σ_all m q, (B,)

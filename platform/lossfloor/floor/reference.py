@@ -53,9 +53,8 @@ def paper_exact_same_queries(x, sigmas, cfg) -> np.ndarray:
     """The exact estimator in the paper's form, ||x_s||² - ||μ||² (Theorem 1), averaged over the queries a
     resolved config draws (the same sources and noise as its batches): the reference for cDOL's subset
     error, query noise excluded (the exact estimator itself reports the posterior-variance form)."""
-    from lossfloor.floor.batch import prepare_data, query_plan
+    from lossfloor.floor.batch import prepare_data, query_noise, query_plan
     from lossfloor.floor.kernel import Level, optimal_loss_terms
-    from lossfloor.floor.queries import NOISE_STREAM, generator
 
     xt = prepare_data(x, cfg)
     plan = query_plan(cfg, len(xt))
@@ -63,8 +62,7 @@ def paper_exact_same_queries(x, sigmas, cfg) -> np.ndarray:
     total = np.zeros(len(sig))
     for b in range(plan.n_batches):
         src = plan.sources(b)
-        g = generator(cfg.seed, b, NOISE_STREAM, "cpu")
-        eps = torch.randn(len(src), xt.shape[1], generator=g, dtype=torch.float32).to(xt.dtype)
+        eps = query_noise(cfg, plan, b, xt.shape[1], "cpu").to(xt.dtype)
         lvl = Level(len(xt), src, torch.zeros(len(src), dtype=torch.float64))
         j = optimal_loss_terms(xt[src], eps, xt, sig, levels=[lvl], form="paper", precision=cfg.matmul_precision)
         total += j[:, 0].double().sum(0).numpy()

@@ -9,9 +9,8 @@ Work folder layout (one estimate pass per folder; automatic-L passes at 2L, 4L, 
 
     DIR/key.json               what the partials belong to (`work_key`: config, data fingerprint, σ grid,
                                shape); a default folder is named by the key's hash (`default_work_dir`)
-    DIR/part-<ns>-<pid>.npz    partials of some batches: batch_index (n,), count (n,), sum_a (n,),
-                               sum_a2 (n,), sum_j (n, P), sum_j2 (n, P), sum_ja (n, P) with P = channels
-                               × σ, all exact
+    DIR/part-<ns>-<pid>.npz    partials of some batches: one array per `stats.FIELDS`, (n,) for the
+                               scalars and (n, P) for the per-column sums (P = channels × σ), all exact
     DIR/.lock                  held (flock) by the run using the folder
 
 Partials are written as one part per finished batch (`flush_every`; or every `flush_s` seconds, and
@@ -20,7 +19,9 @@ parts and loses at most the unflushed batches. Whenever the folder holds more th
 (on open or after a flush) they are merged into one (the merged part is written before the others are
 removed), so the file count stays at most `max_parts` + 1 whatever the number of batches or restarts.
 A folder whose key differs from the run's is refused; an unreadable part is set aside and its batches
-are computed again.
+are computed again. The key leaves out the budget M (`EstimatorConfig.queries`): a budget's batches are a
+prefix of a larger one's, so one folder serves every budget (and the rounds of a precision target); a
+batch is reused only when it holds the plan's count of queries (a budget's last batch may be short).
 
 The local engine keeps a folder only when asked (`--work-dir`); the Ray engine always does.
 """
@@ -41,15 +42,14 @@ from lossfloor.atomic import write_atomic, write_npz
 from lossfloor.data.fingerprint import fingerprint
 from lossfloor.errors import InputError
 from lossfloor.floor.config import EstimatorConfig
-from lossfloor.floor.stats import BatchPartial
+from lossfloor.floor.stats import FIELDS, VECTORS, BatchPartial
 from lossfloor.floor.uncertainty import channels
 from lossfloor.hashing import config_hash
 
 log = logging.getLogger(__name__)
 
 KEY_FILE = "key.json"
-KEY_VERSION = 2  # 2: per-σ channels (bias levels, kNN self-check)
-_ARRAYS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_ja")
+KEY_VERSION = 3  # 2: per-σ channels (bias levels, kNN self-check); 3: noise per query, error per unit
 
 
 def work_key(cfg: EstimatorConfig, *, fingerprint: str, sigmas, n_samples: int, dim: int) -> dict:
@@ -64,7 +64,7 @@ def work_key(cfg: EstimatorConfig, *, fingerprint: str, sigmas, n_samples: int, 
         "subset_size": int(cfg.subset_size),
         "c": float(cfg.c),
         "columns": len(channels(cfg.estimator)) * len(np.asarray(sigmas)),
-        "queries_per_sample": cfg.queries_per_sample,
+        "queries_per_sample": cfg.queries_per_sample,  # not `queries`: a budget's batches are a prefix
         "seed": cfg.seed,
         "dtype": cfg.dtype,
         "rows_per_batch": int(cfg.rows_per_batch),
@@ -72,7 +72,6 @@ def work_key(cfg: EstimatorConfig, *, fingerprint: str, sigmas, n_samples: int, 
         "matmul_precision": cfg.matmul_precision,
         "index": cfg.index,
         "index_pca": cfg.index_pca,
-        "shared_draws": cfg.shared_draws,
         "latents": cfg.latents,
         "device_type": "cuda" if cfg.device.startswith("cuda") else "cpu",
     }
@@ -127,8 +126,8 @@ class PartialStore:
                 partials = self._read_part(part)
                 if partials is not None:
                     self._parts.append(part)
-                    for p in partials:
-                        self.done.setdefault(p.batch_index, p)
+                    for p in partials:  # parts in time order: a batch recomputed for a larger budget wins
+                        self.done[p.batch_index] = p
             if len(self._parts) > self.max_parts:
                 self._compact()
         except BaseException:
@@ -183,7 +182,7 @@ class PartialStore:
         n_columns = self.key["columns"]
         try:
             with np.load(part) as z:
-                arrays = {name: z[name] for name in _ARRAYS}
+                arrays = {name: z[name] for name in FIELDS}
             if arrays["sum_j"].ndim != 2 or arrays["sum_j"].shape[1] != n_columns:
                 raise ValueError("wrong column count")
         except Exception as e:  # numpy/zipfile raise many types for a damaged file
@@ -192,18 +191,8 @@ class PartialStore:
                         part.name, e.__class__.__name__, bad.name)
             part.rename(bad)
             return None
-        return [
-            BatchPartial(
-                batch_index=int(arrays["batch_index"][i]),
-                count=int(arrays["count"][i]),
-                sum_a=float(arrays["sum_a"][i]),
-                sum_a2=float(arrays["sum_a2"][i]),
-                sum_j=arrays["sum_j"][i].copy(),
-                sum_j2=arrays["sum_j2"][i].copy(),
-                sum_ja=arrays["sum_ja"][i].copy(),
-            )
-            for i in range(len(arrays["batch_index"]))
-        ]
+        return [BatchPartial.from_dict({name: arrays[name][i] for name in FIELDS})
+                for i in range(len(arrays["batch_index"]))]
 
     def _compact(self) -> None:
         """Merge every part into one: write the merged part first, then remove the others."""
@@ -218,7 +207,7 @@ class PartialStore:
     # -- writing ---------------------------------------------------------------------------------
     def add(self, partial: BatchPartial) -> None:
         assert partial.sum_j.shape == (self.key["columns"],), partial.sum_j.shape
-        self.done.setdefault(partial.batch_index, partial)
+        self.done[partial.batch_index] = partial
         self._buffer.append(partial)
         if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
@@ -232,15 +221,8 @@ class PartialStore:
         self._last_flush = time.monotonic()
 
     def _write_part(self, partials: list[BatchPartial]) -> Path:
-        arrays = {
-            "batch_index": np.array([p.batch_index for p in partials], dtype=np.int64),
-            "count": np.array([p.count for p in partials], dtype=np.int64),
-            "sum_a": np.array([p.sum_a for p in partials], dtype=np.float64),
-            "sum_a2": np.array([p.sum_a2 for p in partials], dtype=np.float64),
-            "sum_j": np.stack([p.sum_j for p in partials]),  # (n, S)
-            "sum_j2": np.stack([p.sum_j2 for p in partials]),
-            "sum_ja": np.stack([p.sum_ja for p in partials]),
-        }
+        arrays = {name: np.stack([getattr(p, name) for p in partials]) if name in VECTORS
+                  else np.array([getattr(p, name) for p in partials]) for name in FIELDS}
         path = self.path / f"part-{time.time_ns():020d}-{os.getpid()}.npz"
         write_npz(path, arrays)
         self._parts.append(path)

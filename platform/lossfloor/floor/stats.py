@@ -1,18 +1,22 @@
 """Per-batch partial sums and their reduction to J*(σ) and its standard error.
 
-A batch contributes, per column (σ × the estimator's channels, see `uncertainty.channels`), the sums of
-the per-query terms j_m (see kernel, knn), their squares, and their products with a_m = ||x_s||².
-Partials are plain float64 arrays, so a distributed run ships them to the driver and reduces them in
-batch order: the same numbers whatever the number of workers.
+Units. The error is estimated from independent units of queries: one query for the exact and knn
+estimators (every query has its own noise and draws), one block of queries for snis/dol/cdol (a block
+shares its reference subset; `batch`). A batch holds whole units and contributes, per column (σ × the
+estimator's channels, see `uncertainty.channels`), the sums of the terms j_m and of a_m = ||x_s||², and
+the second moments of its units' totals (S_j,u, S_a,u over n_u queries) about the batch's own means —
+centred, so the reduction does not cancel large common offsets. Partials are plain float64 arrays, so a
+distributed run ships them to the driver and reduces them in batch order: the same numbers whatever the
+number of workers.
 
-Standard error. Queries are stratified (every sample is a source k times), so Σ_m a_m / M = A exactly
-and a_m - Ā is a control variate with known zero mean: the point estimate is the plain mean of j, and
-its variance is estimated from the residual of j after regressing out a (removing the between-sample
-spread of ||x||², which the stratified estimator does not have). Estimators that share random
-draws per batch (SNIS, DOL, cDOL, kNN) correlate the queries of a batch, so their error is estimated
-from batch totals (a ratio estimator over batches, nb - 2 degrees of freedom: they need at least 8
-batches); the exact estimator's queries are independent given their sources, so its error is
-estimated per query (M - 2 degrees of freedom).
+Estimate and standard error. Every source is marginally uniform (`queries`), so the mean of the M terms
+is unbiased for any M. a_m has a known mean A = E||x0||² (computed from the data), so a_m - A is a
+control variate: J = j̄ - λ (ā - A) with λ the regression coefficient of the units' totals of j on those of
+a (ā = A exactly when M is a multiple of N: then J = j̄). Its variance is estimated from the residuals of
+the units' totals after the regression (a ratio estimator over U units, U - 2 degrees of freedom), which
+removes the between-sample spread of ||x||² that the query order's near-stratification also removes.
+Sources drawn without replacement are negatively correlated, so treating units as independent errs on the
+side of a wider interval.
 """
 
 from __future__ import annotations
@@ -21,102 +25,103 @@ from dataclasses import dataclass
 
 import numpy as np
 
+SCALARS = ("batch_index", "count", "units", "sum_a", "m_cc", "m_nc", "m_nn")
+VECTORS = ("sum_j", "m_rr", "m_rc", "m_nr")  # (P,) each, P = channels × σ (channel-major)
+FIELDS = SCALARS + VECTORS
+_INTS = ("batch_index", "count", "units")
+
 
 @dataclass(frozen=True)
 class BatchPartial:
+    """One batch's sums (module docstring): with r_u, c_u the units' totals of j and a minus n_u times the
+    batch's mean, m_rr = Σ r_u², m_rc = Σ r_u c_u, m_nr = Σ n_u r_u, m_cc = Σ c_u², m_nc = Σ n_u c_u,
+    m_nn = Σ n_u²."""
+
     batch_index: int
-    count: int
+    count: int  # queries
+    units: int
     sum_a: float
-    sum_a2: float
-    sum_j: np.ndarray  # (P,) float64, P = channels × σ (channel-major)
-    sum_j2: np.ndarray  # (P,)
-    sum_ja: np.ndarray  # (P,)
+    m_cc: float
+    m_nc: float
+    m_nn: float
+    sum_j: np.ndarray
+    m_rr: np.ndarray
+    m_rc: np.ndarray
+    m_nr: np.ndarray
 
     @staticmethod
-    def from_terms(batch_index: int, a: np.ndarray, j: np.ndarray) -> BatchPartial:
-        """a: (B,) ||x_s||²; j: (B, C, S) or (B, P) per-query terms."""
+    def from_terms(batch_index: int, a: np.ndarray, j: np.ndarray, *, unit: int = 1,
+                   first_query: int = 0) -> BatchPartial:
+        """a: (B,) ||x_s||²; j: (B, C, S) or (B, P) per-query terms of the queries first_query, ... of a
+        batch; unit: queries per unit, units aligned to the query numbers (q // unit)."""
         a = np.asarray(a, dtype=np.float64)
         j = np.asarray(j, dtype=np.float64).reshape(len(a), -1)  # (B, C, S) -> (B, C·S)
+        u = (first_query + np.arange(len(a))) // unit
+        starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+        n = np.diff(np.r_[starts, len(a)]).astype(np.float64)  # (U,)
+        sa, sj = np.add.reduceat(a, starts), np.add.reduceat(j, starts, axis=0)  # (U,), (U, P)
+        c = sa - n * (a.sum() / len(a))
+        r = sj - n[:, None] * (j.sum(0) / len(a))[None, :]
         return BatchPartial(
-            batch_index=int(batch_index),
-            count=int(a.shape[0]),
-            sum_a=float(a.sum()),
-            sum_a2=float((a * a).sum()),
-            sum_j=j.sum(0),
-            sum_j2=(j * j).sum(0),
-            sum_ja=(j * a[:, None]).sum(0),
+            batch_index=int(batch_index), count=len(a), units=len(n), sum_a=float(a.sum()),
+            m_cc=float(c @ c), m_nc=float(n @ c), m_nn=float(n @ n),
+            sum_j=j.sum(0), m_rr=(r * r).sum(0), m_rc=(r * c[:, None]).sum(0), m_nr=n @ r,
         )
 
     def to_dict(self) -> dict:
-        return {
-            "batch_index": self.batch_index,
-            "count": self.count,
-            "sum_a": self.sum_a,
-            "sum_a2": self.sum_a2,
-            "sum_j": self.sum_j.tolist(),
-            "sum_j2": self.sum_j2.tolist(),
-            "sum_ja": self.sum_ja.tolist(),
-        }
+        return {name: (getattr(self, name).tolist() if name in VECTORS else getattr(self, name)) for name in FIELDS}
 
     @staticmethod
     def from_dict(d: dict) -> BatchPartial:
-        return BatchPartial(
-            batch_index=int(d["batch_index"]),
-            count=int(d["count"]),
-            sum_a=float(d["sum_a"]),
-            sum_a2=float(d["sum_a2"]),
-            sum_j=np.asarray(d["sum_j"], dtype=np.float64),
-            sum_j2=np.asarray(d["sum_j2"], dtype=np.float64),
-            sum_ja=np.asarray(d["sum_ja"], dtype=np.float64),
-        )
+        return BatchPartial(**{name: int(d[name]) if name in _INTS else
+                               np.asarray(d[name], dtype=np.float64).copy() if name in VECTORS else float(d[name])
+                               for name in FIELDS})
 
 
 @dataclass(frozen=True)
 class Reduced:
-    j_star: np.ndarray  # (P,) float64: the mean of every column
+    j_star: np.ndarray  # (P,) float64: the control-variate estimate of every column
     stderr: np.ndarray  # (P,)
     n_queries: int
     n_batches: int
-    mean_sq_norm: float  # Â = E||x0||² over the queries
+    mean_sq_norm: float  # ā = the queries' mean ||x_s||²
     dof: int  # degrees of freedom of the error estimate
 
 
-def reduce_partials(partials: list[BatchPartial], *, per_batch_error: bool) -> Reduced:
-    """Sum the partials in batch order and estimate the standard error (see module docstring)."""
+def reduce_partials(partials: list[BatchPartial], *, mean_a: float | None = None) -> Reduced:
+    """Sum the partials in batch order and estimate J and its standard error (module docstring).
+
+    mean_a: the known E||x0||² of the data (the control variate's mean); default the queries' own mean
+    (then J is the plain mean)."""
     if not partials:
         raise ValueError("no batches to reduce")
     parts = sorted(partials, key=lambda p: p.batch_index)
     n = np.array([p.count for p in parts], dtype=np.float64)
-    M = n.sum()
+    M, U = n.sum(), sum(p.units for p in parts)
+    if U < 3:
+        raise ValueError(f"a standard error needs at least 3 independent units of queries, got {U}")
     sum_a = np.array([p.sum_a for p in parts])
-    sum_j = np.stack([p.sum_j for p in parts])  # (nb, S)
+    sum_j = np.stack([p.sum_j for p in parts])  # (nb, P)
     J = sum_j.sum(0) / M
     a_bar = sum_a.sum() / M
-
-    nb = len(parts)
-    if per_batch_error:
-        if nb < 3:
-            raise ValueError(f"a per-batch standard error needs at least 3 batches, got {nb}")
-        # ratio estimator over batches, with the batch total of a as control variate
-        r = sum_j - J[None, :] * n[:, None]  # (nb, S)
-        c = (sum_a - a_bar * n)[:, None]  # (nb, 1)
-        cc = float((c * c).sum())
-        lam = (r * c).sum(0) / cc if cc > 0 else np.zeros_like(J)
-        resid = r - lam[None, :] * c
-        var = (resid * resid).sum(0) * nb / max(nb - 2, 1) / M**2
-        dof = nb - 2
-    else:
-        var_j = np.stack([p.sum_j2 for p in parts]).sum(0) / M - J**2
-        var_a = sum(p.sum_a2 for p in parts) / M - a_bar**2
-        cov = np.stack([p.sum_ja for p in parts]).sum(0) / M - J * a_bar
-        resid_var = var_j - (cov**2 / var_a if var_a > 0 else 0.0)
-        var = np.clip(resid_var, 0.0, None) / max(M - 2, 1)
-        dof = int(M) - 2
+    A = a_bar if mean_a is None else float(mean_a)
+    dj = J[None, :] - sum_j / n[:, None]  # (nb, P): the overall centre minus each batch's
+    da = (A - sum_a / n)[:, None]  # (nb, 1)
+    m_nn = np.array([p.m_nn for p in parts])[:, None]
+    m_nc = np.array([p.m_nc for p in parts])[:, None]
+    m_cc = np.array([p.m_cc for p in parts])[:, None]
+    m_rr, m_rc, m_nr = (np.stack([getattr(p, name) for p in parts]) for name in ("m_rr", "m_rc", "m_nr"))
+    rr = (m_rr - 2 * dj * m_nr + dj * dj * m_nn).sum(0)
+    cc = float((m_cc - 2 * da * m_nc + da * da * m_nn).sum())
+    rc = (m_rc - da * m_nr - dj * m_nc + dj * da * m_nn).sum(0)
+    lam = rc / cc if cc > 0 else np.zeros_like(J)
+    resid = np.clip(rr - lam * rc, 0.0, None)
+    var = resid * U / (U - 2) / M**2
     return Reduced(
-        j_star=J,
-        stderr=np.sqrt(np.clip(var, 0.0, None)),
+        j_star=J - lam * (a_bar - A),
+        stderr=np.sqrt(var),
         n_queries=int(M),
-        n_batches=nb,
+        n_batches=len(parts),
         mean_sq_norm=float(a_bar),
-        dof=max(dof, 1),
+        dof=U - 2,
     )

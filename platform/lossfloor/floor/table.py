@@ -1,12 +1,13 @@
 """The J* table: one row per σ, stored as parquet, the hand-off between estimation and everything after.
 
-Columns (all rows of a table share the non-σ values except `subset_size`):
+Columns (all rows of a table share the non-σ values except `subset_size` and `n_queries`):
   sigma                                   float64
   j_star, stderr, bias, ci_low, ci_high   float64, in the units of `target` (for display)
   j_star_x0, stderr_x0, bias_x0,          float64, the same in x0 units: what every consumer reads
     ci_low_x0, ci_high_x0                 (training, σ*, fits, dashboards, diagnosis)
   estimator, target, latents              str (latents: "mean" | "posterior" for EDM2 latents, else "")
-  n_queries, subset_size, queries_per_sample, seed   int64 (subset_size: the L used at that σ)
+  n_queries, subset_size, queries_per_sample, seed   int64 (n_queries, subset_size: the M and L used at
+                                          that σ; they vary with a precision target, `--rel-error`)
   c                                       float64 (inf for SNIS)
   total_variance                          float64; J*(∞) in x0 units
   dataset_fingerprint                     str
@@ -348,7 +349,7 @@ def build_table(
         "estimator": pa.array([cfg.estimator] * n, pa.string()),
         "target": pa.array([target] * n, pa.string()),
         "latents": pa.array([latents] * n, pa.string()),
-        "n_queries": pa.array([est.n_queries] * n, pa.int64()),
+        "n_queries": pa.array(est.queries if est.queries is not None else [est.n_queries] * n, pa.int64()),
         "subset_size": pa.array(est.subset_size, pa.int64()),
         "queries_per_sample": pa.array([cfg.queries_per_sample] * n, pa.int64()),
         "seed": pa.array([cfg.seed] * n, pa.int64()),

@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Mapping
 
+from lossfloor.errors import InputError
 from lossfloor.floor import Estimate, EstimatorConfig
 from lossfloor.floor import estimate as local_estimate
 from lossfloor.floor.table import SIGMA_STAR_THRESHOLD
@@ -62,6 +63,12 @@ def estimate_table(samples, sigmas, config: EstimatorConfig, *, out: str | os.Pa
 
     est = estimate(samples, sigmas, config, engine=engine, labels=labels, fingerprint=fingerprint,
                    work_dir=work_dir, work_parent=work_parent)
+    if est.met is not None and not est.met.all():  # nothing written: a rerun with a larger budget reuses the batches
+        bad = est.sigmas[~est.met]
+        budget = "--queries" if config.queries is not None else "K·N, --queries-per-sample K"
+        raise InputError(
+            f"--rel-error: {config.rel_error:g} not met at {len(bad)} sigma (first {bad[0]:.4g}) with all "
+            f"{est.n_queries} queries of the budget ({budget}); raise the budget or ask for a larger --rel-error")
     table = build_table(est, target=target, fingerprint=fingerprint, threshold=threshold, latents=latents)
     write_table(table, out)
     if tracking is not None:

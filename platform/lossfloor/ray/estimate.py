@@ -51,13 +51,19 @@ from lossfloor.data.node_cache import NodeCache, read_only_tensor, shard_matrix
 from lossfloor.data.shards import is_plain_shard_dir
 from lossfloor.errors import InputError
 from lossfloor.floor import Estimate, EstimatorConfig, batch_terms, floor_data, prepare_data, query_plan
-from lossfloor.floor.batch import data_scale, data_total_variance, divided, scale_of_rms
-from lossfloor.floor.classes import ClassBatches, ClassPlan, class_plan, class_total_variances
+from lossfloor.floor.batch import data_mean_square, data_scale, data_total_variance, divided, scale_of_rms
+from lossfloor.floor.classes import (
+    ClassBatches,
+    ClassPlan,
+    class_mean_squares,
+    class_plan,
+    class_total_variances,
+)
 from lossfloor.floor.conditional import conditional_passes
 from lossfloor.floor.config import default_rows_per_batch
 from lossfloor.floor.estimate import BatchHook, check_sigmas, estimate_passes, rescaled
 from lossfloor.floor.resume import data_fingerprint
-from lossfloor.floor.stats import BatchPartial
+from lossfloor.floor.stats import FIELDS, BatchPartial
 from lossfloor.ray.cluster import connect
 
 log = logging.getLogger(__name__)
@@ -65,8 +71,7 @@ log = logging.getLogger(__name__)
 MAX_BLOCKS = 8192  # one block per task up to this many (more tasks share blocks)
 TASKS_PER_WORKER = 16  # see `batches_per_task`
 MAX_BATCHES_PER_TASK = 8
-_COLUMNS = ("batch_index", "count", "sum_a", "sum_a2", "sum_j", "sum_j2", "sum_ja", "kernel_s", "search_s",
-            "index_build_s")
+_COLUMNS = (*FIELDS, "kernel_s", "search_s", "index_build_s")
 _TIMES = ("kernel_s", "search_s", "index_build_s")
 
 
@@ -182,15 +187,7 @@ def shard_total_variance(folder: Path) -> tuple[float, float]:
 def _partials(columns: dict[str, np.ndarray]) -> list[tuple[BatchPartial, dict]]:
     return [
         (
-            BatchPartial(
-                batch_index=int(columns["batch_index"][i]),
-                count=int(columns["count"][i]),
-                sum_a=float(columns["sum_a"][i]),
-                sum_a2=float(columns["sum_a2"][i]),
-                sum_j=np.asarray(columns["sum_j"][i], dtype=np.float64),
-                sum_j2=np.asarray(columns["sum_j2"][i], dtype=np.float64),
-                sum_ja=np.asarray(columns["sum_ja"][i], dtype=np.float64),
-            ),
+            BatchPartial.from_dict({name: columns[name][i] for name in FIELDS}),
             {name: float(columns[name][i]) for name in _TIMES},
         )
         for i in range(len(columns["batch_index"]))
@@ -341,14 +338,14 @@ def estimate_ray(
                 fingerprint = fingerprint or meta.fingerprint
                 tv, mean_square = shard_total_variance(shards)
                 scale = scale_of_rms(math.sqrt(mean_square / d))
-                tv /= scale * scale
+                tv, mean_square = tv / (scale * scale), mean_square / (scale * scale)
                 data = ("shards", (str(shards), scale))
             else:
                 scale = data_scale(samples)
                 x = prepare_data(divided(samples, scale), replace(config, device="cpu"))  # (N, D) on the driver
                 n, d = x.shape
                 fingerprint = fingerprint or data_fingerprint(x)
-                tv = data_total_variance(x, config)
+                tv, mean_square = data_total_variance(x, config), data_mean_square(x, config)
                 data = ("ref", [ray.put(x.numpy())])
             classes = None
             if labels is not None:
@@ -368,13 +365,14 @@ def estimate_ray(
             if classes is not None:
                 result = conditional_passes(
                     classes, d, sigmas / scale, runner, tvs=class_total_variances(x, classes, config),
+                    mean_as=class_mean_squares(x, classes, config),
                     fingerprint=fingerprint, labels=labels_fingerprint(labels), work_dir=work_dir,
                     work_parent=work_parent, progress=progress, on_batch=on_batch,
                 )
             else:
                 result = estimate_passes(
                     (n, d), sigmas / scale, cfg, runner,
-                    tv=tv, fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
+                    tv=tv, mean_a=mean_square, fingerprint=fingerprint, work_dir=work_dir, work_parent=work_parent,
                     resolve=lambda c: resolve_for(c, n, d, engine.device), progress=progress, on_batch=on_batch,
                 )
     finally:
