@@ -325,16 +325,18 @@ def run_case(name: str, x: np.ndarray, args, limits: dict) -> dict:
         out["runs"][est] = {"ladder": ladder, "time_to_1pct_s": hit["seconds"] if hit else None,
                             "L_to_1pct": hit["L"] if hit else None}
     for est, r in out["runs"].items():
-        rec = r["ladder"][-1] if r["ladder"] else None
-        if rec is None:
-            continue
-        index = "flat" if n <= AUTO_FLAT_MAX else "ivf"
-        cost = cost_model(est, n=n, m=rec["queries"], L=rec["L"] or n, d=d, sigmas=len(args.sigma_grid),
-                          batch=rows, index=index)
-        rec["model"] = {"flops": cost["flops"], "bytes": cost["bytes"],
-                        "seconds_at_measured_limits": roofline_seconds(
-                            cost, limits["gemm_fp32_flops_per_s"], limits["copy_bytes_per_s"])}
+        for rec in r["ladder"]:
+            _add_model(rec, est, n, d, rows, len(args.sigma_grid), limits)
     return out
+
+
+def _add_model(rec: dict, est: str, n: int, d: int, rows: int, n_sigmas: int, limits: dict) -> None:
+    """The cost model of a measured run, in seconds at this machine's measured GEMM rate and bandwidth."""
+    index = "flat" if n <= AUTO_FLAT_MAX else "ivf"
+    cost = cost_model(est, n=n, m=rec["queries"], L=rec["L"] or n, d=d, sigmas=n_sigmas, batch=rows, index=index)
+    rec["model"] = {"flops": cost["flops"], "bytes": cost["bytes"],
+                    "seconds_at_measured_limits": roofline_seconds(
+                        cost, limits["gemm_fp32_flops_per_s"], limits["copy_bytes_per_s"])}
 
 
 def searched_sigmas(count: int, data_std: float = 0.5) -> int:
