@@ -236,6 +236,26 @@ GATHER_OPS = {"aten::index", "aten::index_select", "aten::gather", "aten::take",
               "aten::index_put_", "aten::_index_put_impl_", "aten::scatter_", "aten::masked_select"}
 
 
+def stage_split(events, cuda: bool) -> dict:
+    """Seconds in GEMMs, gathers and everything else from profiler key averages. CPU: each op's self time.
+    CUDA: the kernels under each GEMM/gather op (its device time; `_index_put_impl_` is inside `index_put_`),
+    the rest of all kernels' time element-wise."""
+    split = {"gathers_s": 0.0, "gemm_s": 0.0, "elementwise_s": 0.0}
+    if not cuda:
+        for ev in events:
+            kind = "gemm_s" if ev.key in GEMM_OPS else "gathers_s" if ev.key in GATHER_OPS else "elementwise_s"
+            split[kind] += ev.self_cpu_time_total * 1e-6
+        return split
+    total = sum(ev.self_device_time_total for ev in events) * 1e-6
+    for ev in events:
+        if ev.key in GEMM_OPS:
+            split["gemm_s"] += ev.device_time_total * 1e-6
+        elif ev.key in GATHER_OPS and ev.key != "aten::_index_put_impl_":
+            split["gathers_s"] += ev.device_time_total * 1e-6
+    split["elementwise_s"] = max(0.0, total - split["gemm_s"] - split["gathers_s"])
+    return split
+
+
 def query_config(queries: int | None, **kw) -> EstimatorConfig:
     """`queries=M` where the config has that field, else one query per sample (M = N)."""
     if "queries" in {f.name for f in fields(EstimatorConfig)}:
@@ -266,11 +286,7 @@ def timed_estimate(x, sigmas: np.ndarray, cfg: EstimatorConfig, split: bool) -> 
     if dev.type == "cuda":
         rec["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
     if prof is not None:
-        split_s = {"gathers_s": 0.0, "gemm_s": 0.0, "elementwise_s": 0.0}
-        for ev in prof.key_averages():
-            us = ev.self_device_time_total if dev.type == "cuda" else ev.self_cpu_time_total
-            kind = "gemm_s" if ev.key in GEMM_OPS else "gathers_s" if ev.key in GATHER_OPS else "elementwise_s"
-            split_s[kind] += us * 1e-6
+        split_s = stage_split(prof.key_averages(), dev.type == "cuda")
         rec.update(split_s)
         rec["other_s"] = max(0.0, wall - search - sum(split_s.values()))
         rec["note"] = "profiled: times include the profiler's per-op overhead"
