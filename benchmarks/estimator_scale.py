@@ -399,7 +399,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.sizes, args.synthetic_sizes, args.synthetic_dim, args.queries = "1000,2000", "1000", 1024, 1024
+        args.sizes, args.synthetic_sizes, args.synthetic_dim, args.queries = "500,1000", "500", 1024, 1000
     args.sigma_grid = sigma_grid(args.sigmas)
     args.has_queries = "queries" in {f.name for f in fields(EstimatorConfig)}
     device = torch.device(args.device)
