@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the quadrature oracle
 from _report import device_label, emit  # noqa: E402
 
 from lossfloor.floor import EstimatorConfig, estimate  # noqa: E402
+from lossfloor.floor.neighbours import AUTO_FLAT_MAX  # noqa: E402
 from lossfloor.floor.reference import paper_exact_same_queries  # noqa: E402
 
 N_BATCHES = 16  # every run of a data set uses the same batches, so the same queries for a seed
@@ -149,7 +150,7 @@ def cost_case(n: int, args) -> dict:
         e = estimate(x, sigmas, EstimatorConfig(estimator=name, seed=0, device=args.device), progress=False)
         out[f"{name}_seconds"] = time.perf_counter() - t0
         if name == "knn":
-            out["knn_index"] = "ivf" if n > 20_000 else "flat"
+            out["knn_index"] = "ivf" if n > AUTO_FLAT_MAX else "flat"
             out["knn_search_seconds"] = e.timings.get("search_s", 0.0)
     return out
 

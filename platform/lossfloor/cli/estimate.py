@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--c", type=float, default=None, metavar="C", help="cDOL source down-weighting (default 4N/L)")
     p.add_argument("--index", default="auto",
                    help="knn neighbour index: auto | flat | ivf | hnsw | torch (default auto: FAISS flat up to "
-                   "20000 samples, IVF above; torch GEMM+top-k without FAISS)")
+                   "5000 samples, IVF above; torch GEMM+top-k without FAISS)")
     p.add_argument("--index-pca", type=int, default=None, metavar="R",
                    help="knn: search neighbours on the first R principal components (FAISS PCAMatrix)")
     p.add_argument("--queries-per-sample", type=int, default=3, metavar="K",

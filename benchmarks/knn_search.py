@@ -1,0 +1,233 @@
+"""Neighbour search of noisy queries at scale: recall per σ, build and search time, and what misses cost.
+
+The knn estimator searches the noisy query y = x_s + σε for its k = L/2 nearest distinct samples
+(`lossfloor.floor.knn.neighbour_sets`). Three studies, on photo patches (8×8×3, D = 192, scaled to
+[-1, 1]) and a low-rank Gaussian mixture at D = 1 024 (`_scale_data`), 16 σ from 0.002 to 80:
+
+1. recall: for N in `--sizes` (photo patches) and `--synthetic-sizes` (mixture), `--queries` sources
+   drawn uniformly, one noisy query each per σ; recall@k = |found ∩ true k nearest| / k (the truth from
+   FAISS's exact brute-force `knn`) per σ for IVF (nlist = √N and 4√N; nprobe 8, 32, 128), HNSW
+   (M = 32; efSearch 64, 128, 256; up to `--hnsw-max-n`) and PCA-reduced exact search (r = 16, 48 components), with each
+   index's build seconds and search seconds per query (exact search: flat, for comparison).
+2. accuracy: at N in `--accuracy-sizes` (photo patches, where the exact estimator is affordable) J* of
+   knn (L = 128) with each index kind, and with the search replaced by k uniform draws ("uniform"),
+   against the exact estimator on the same queries (same seed and batches: the index consumes no
+   randomness, so only A differs between the knn runs), per σ: the error an approximate index adds, and
+   whether a search helps at all at large σ.
+
+Prints JSON; `--out` writes it. Imports the lossfloor core, numpy, torch, FAISS and scikit-learn (the
+photographs). Timings on a shared machine are noisy: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import device_label, emit
+from _scale_data import SIGMAS, lowrank_mixture, photo_patches
+
+from lossfloor.floor import EstimatorConfig, estimate
+from lossfloor.floor.neighbours import NeighbourIndex, faiss_module
+
+K = 64  # L = 128 (knn's default): k = L/2 nearest
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per query |found ∩ truth| / k of (Q, k) id arrays (ids < 0, FAISS's "none", never match)."""
+    k = truth.shape[1]
+    out = np.empty(len(truth))
+    for start in range(0, len(truth), 1024):
+        f, t = found[start:start + 1024], truth[start:start + 1024]
+        hit = (f[:, :, None] == t[:, None, :]) & (f[:, :, None] >= 0)
+        out[start:start + 1024] = hit.any(1).sum(1) / k
+    return out
+
+
+def noisy_queries(x: np.ndarray, n_queries: int, sigma: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, round(sigma * 1e6)])
+    src = rng.choice(len(x), n_queries, replace=False)
+    return (x[src] + sigma * rng.normal(size=(n_queries, x.shape[1]))).astype(np.float32)
+
+
+def build_indexes(faiss, x: np.ndarray, seed: int, hnsw_max_n: int):
+    """(name, index, build seconds, [(setting name, setter)]) for each approximate index of the study."""
+    n, d = x.shape
+    rng = np.random.default_rng(seed)
+    for nlist in sorted({max(1, int(math.sqrt(n))), max(1, int(4 * math.sqrt(n)))}):
+        t0 = time.perf_counter()
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+        index.cp.seed = seed
+        n_train = min(n, 64 * nlist)
+        index.train(x if n_train >= n else x[np.sort(rng.choice(n, n_train, replace=False))])
+        index.add(x)
+        yield (f"ivf{nlist}", index, time.perf_counter() - t0,
+               [(f"nprobe{p}", lambda p=p, ix=index: setattr(ix, "nprobe", min(p, ix.nlist))) for p in (8, 32, 128)])
+    if n <= hnsw_max_n:
+        t0 = time.perf_counter()
+        index = faiss.IndexHNSWFlat(d, 32)
+        index.add(x)
+        yield ("hnsw32", index, time.perf_counter() - t0,
+               [(f"ef{e}", lambda e=e, ix=index: setattr(ix.hnsw, "efSearch", e)) for e in (64, 128, 256)])
+    for r in (16, 48):
+        if r >= d:
+            continue
+        t0 = time.perf_counter()
+        index = faiss.IndexPreTransform(faiss.PCAMatrix(d, r), faiss.IndexFlatL2(r))
+        n_train = min(n, 50_000)
+        index.train(x if n_train >= n else x[np.sort(rng.choice(n, n_train, replace=False))])
+        index.add(x)
+        yield f"pca{r}", index, time.perf_counter() - t0, [("exact", lambda: None)]
+
+
+def recall_case(name: str, x: np.ndarray, n_queries: int, seed: int, hnsw_max_n: int) -> dict:
+    faiss = faiss_module()
+    faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
+    queries = [noisy_queries(x, n_queries, s, seed) for s in SIGMAS]
+    truth, flat_s = [], 0.0
+    for q in queries:
+        t0 = time.perf_counter()
+        truth.append(faiss.knn(q, x, K)[1])
+        flat_s += time.perf_counter() - t0
+    out = {"data": name, "n_points": len(x), "dim": int(x.shape[1]), "queries_per_sigma": n_queries, "k": K,
+           "flat": {"build_s": 0.0, "search_s_per_query": flat_s / (n_queries * len(SIGMAS))}, "indexes": {}}
+    for label, index, build_s, settings in build_indexes(faiss, x, seed, hnsw_max_n):
+        per = {"build_s": build_s, "settings": {}}
+        for setting, apply in settings:
+            apply()
+            rec, secs = [], 0.0
+            for q, t in zip(queries, truth, strict=True):
+                t0 = time.perf_counter()
+                found = index.search(q, K)[1]
+                secs += time.perf_counter() - t0
+                rec.append(float(recall_at_k(found, t).mean()))
+            per["settings"][setting] = {"recall_per_sigma": rec, "search_s_per_query": secs / (n_queries * len(SIGMAS)),
+                                        "speedup_vs_flat": flat_s / max(secs, 1e-12)}
+        out["indexes"][label] = per
+        print(f"{name} N={len(x)} {label}: build {build_s:.1f}s "
+              + ", ".join(f"{s}: {min(v['recall_per_sigma']):.2f}..{max(v['recall_per_sigma']):.2f}"
+                          f" x{v['speedup_vs_flat']:.1f}" for s, v in per["settings"].items()), file=sys.stderr)
+    return out
+
+
+class UniformIndex(NeighbourIndex):
+    """No search: k distinct points drawn uniformly per query (seeded; the run's batch order fixes them)."""
+
+    def __init__(self, n_points: int, seed: int):
+        super().__init__("uniform", n_points, 0.0)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def _search(self, y, k):
+        return torch.rand(y.shape[0], self.n_points, generator=self.g).topk(k, dim=1).indices.to(y.device)
+
+
+def query_config(**kw) -> EstimatorConfig:
+    """One query per sample: `queries=N` where the config has that field, else queries_per_sample = 1."""
+    names = {f.name for f in fields(EstimatorConfig)}
+    return EstimatorConfig(**kw, **({"queries_per_sample": 1} if "queries" not in names else {}))
+
+
+VARIANTS = {  # name: (config fields, IVF nprobe or None, uniform draws instead of a search)
+    "flat": ({"index": "flat"}, None, False),
+    "ivf_nprobe8": ({"index": "ivf"}, 8, False),
+    "ivf_nprobe32": ({"index": "ivf"}, 32, False),
+    "hnsw": ({"index": "hnsw"}, None, False),
+    "pca16": ({"index": "flat", "index_pca": 16}, None, False),
+    "pca48": ({"index": "flat", "index_pca": 48}, None, False),
+    "uniform": ({"index": "flat"}, None, True),
+}
+
+
+def accuracy_case(n: int, seeds: int) -> dict:
+    import lossfloor.floor.neighbours as neighbours
+
+    x = photo_patches(n, seed=1)
+    rows = math.ceil(n / 16)
+    out = {"data": "photo-patches", "n_samples": n, "L": 2 * K, "seeds": seeds, "variants": {}}
+    errs = {v: [] for v in VARIANTS}
+    secs = {v: [] for v in VARIANTS}
+    search = {v: [] for v in VARIANTS}
+    counted = None
+    for seed in range(seeds):
+        ex = estimate(x, SIGMAS, query_config(estimator="exact", seed=seed, rows_per_batch=rows), progress=False)
+        counted = ex.j_star > 1e-3 * ex.total_variance
+        for name, (kw, nprobe, uniform) in VARIANTS.items():
+            cfg = query_config(estimator="knn", subset_size=2 * K, seed=seed, rows_per_batch=rows, **kw)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(mock.patch.object(neighbours, "IVF_NPROBE", nprobe or neighbours.IVF_NPROBE))
+                if uniform:
+                    stack.enter_context(mock.patch("lossfloor.floor.knn.build_index",
+                                                   lambda points, *a, seed=seed, **k: UniformIndex(len(points), seed)))
+                t0 = time.perf_counter()
+                e = estimate(x, SIGMAS, cfg, progress=False)
+                secs[name].append(time.perf_counter() - t0)
+            search[name].append(e.timings.get("search_s", 0.0) + e.timings.get("index_build_s", 0.0))
+            errs[name].append(np.where(ex.j_star > 0, e.j_star - ex.j_star, 0.0) / np.where(ex.j_star > 0, ex.j_star, 1.0))
+        print(f"accuracy N={n} seed {seed} done", file=sys.stderr)
+    out["counted_sigmas"] = counted.tolist()
+    for name in VARIANTS:
+        err = np.array(errs[name])  # (seeds, S)
+        out["variants"][name] = {
+            "rel_error_per_sigma": err.tolist(),
+            "rms_rel_error_per_sigma": np.sqrt(np.mean(err**2, 0)).tolist(),
+            "worst_rel_error": float(np.max(np.abs(err[:, counted]))),
+            "rms_rel_error": float(np.sqrt(np.mean(err[:, counted] ** 2))),
+            "seconds": float(np.mean(secs[name])), "index_build_and_search_seconds": float(np.mean(search[name])),
+        }
+    return out
+
+
+def partial(results: dict, out: str | None) -> None:
+    """The results so far, written to `out` (a long run keeps what it measured if stopped)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="20000,100000,500000", help="photo-patch N of the recall study")
+    p.add_argument("--synthetic-sizes", default="20000,100000", help="N of the D = 1024 mixture (recall)")
+    p.add_argument("--synthetic-dim", type=int, default=1024)
+    p.add_argument("--queries", type=int, default=128, help="noisy queries per σ (recall study)")
+    p.add_argument("--accuracy-sizes", default="5000,20000", help="N of the accuracy study (empty: none)")
+    p.add_argument("--accuracy-seeds", type=int, default=2)
+    p.add_argument("--hnsw-max-n", type=int, default=200_000, help="largest N with an HNSW index (slow to build)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if faiss_module() is None:
+        raise SystemExit("knn_search: needs FAISS (pip install faiss-cpu)")
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    results = {"benchmark": "knn_search", "date": dt.date.today().isoformat(), "device": device_label("cpu"),
+               "torch": torch.__version__, "faiss": faiss_module().__version__, "sigmas": SIGMAS.tolist(),
+               "recall": [], "accuracy": []}
+    for n in ints(args.sizes):
+        results["recall"].append(recall_case("photo-patches", photo_patches(n, seed=1), args.queries, args.seed, args.hnsw_max_n))
+        partial(results, args.out)
+    for n in ints(args.synthetic_sizes):
+        results["recall"].append(recall_case(f"lowrank-mixture-d{args.synthetic_dim}",
+                                             lowrank_mixture(n, args.synthetic_dim), args.queries, args.seed, args.hnsw_max_n))
+        partial(results, args.out)
+    for n in ints(args.accuracy_sizes):
+        results["accuracy"].append(accuracy_case(n, args.accuracy_seeds))
+        partial(results, args.out)
+    emit(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
