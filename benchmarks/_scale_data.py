@@ -27,16 +27,14 @@ SIGMAS = sigma_grid(16)
 
 
 def _all_patches(flips: bool) -> np.ndarray:
-    from sklearn.datasets import load_sample_images
+    """Every 8×8×3 window (stride 1) of the photographs (and their left-right flips), (n, 192) uint8, each
+    window flattened height, width, channel."""
+    from lossfloor.data.bundled import patches, sample_photos
 
-    images = [np.asarray(im) for im in load_sample_images().images]
+    images = sample_photos()
     if flips:
         images += [im[:, ::-1] for im in images]
-    out = []
-    for im in images:
-        w = np.lib.stride_tricks.sliding_window_view(im, (8, 8, 3))[:, :, 0]  # (H-7, W-7, 8, 8, 3)
-        out.append(w.reshape(-1, 192))
-    return np.concatenate(out)
+    return np.concatenate([patches(im, 8, 1).transpose(0, 2, 3, 1).reshape(-1, 192) for im in images])
 
 
 @functools.lru_cache(maxsize=2)
