@@ -206,6 +206,11 @@ def _n_draw(data: KnnData, k: int, n_u: int) -> int:
 
 
 SIGMA_CHUNK = 4  # σ per pass: the distinct rows of their A sets are gathered once (at most 4k per query)
+# The queries of a batch go through in blocks whose gathered rows take at most this many bytes. On a CPU
+# the working arrays then stay small enough to be reused from the heap instead of fresh pages each time
+# (whole batches: page faults of fresh allocations took a third of the CPU time, as system time); on a GPU
+# the block bounds the memory (three arrays of this size) whatever D.
+BLOCK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
 
 
 def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *, subset_size: int,
@@ -217,34 +222,56 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     and every query is the exact one.
 
     The work is shaped as gathers and GEMMs: the candidates' rows and their σ-independent terms once per
-    batch, the neighbour sets of all σ in one search, and per chunk of σ the distinct rows of those sets
-    gathered once; every sum of a σ (A's and both halves', weighted and plain) is one batched product of
-    stacked weight rows with the rows [1, q, q²] and f (`_chunk_terms`).
+    block of queries, the neighbour sets of all σ in one search, and per chunk of σ the distinct rows of
+    those sets gathered once; every sum of a σ (A's and both halves', weighted and plain) is one batched
+    product of stacked weight rows with the rows [1, q, q²] and f (`_chunk_terms`).
     """
-    P, mixture = data.points, data.stds is not None
     B, dev = eps.shape[0], eps.device
     everything = subset_size >= data.n_unique
     k = data.n_unique if everything else subset_size // 2
-    n_u = subset_size - k
-    n_draw = 1 if everything else _n_draw(data, k, n_u)  # one draw keeps the shapes (it falls in A)
-    xs = take_rows(P, xs_idx, dev)  # (B, D): the source (a mixture: its component's mean, the reference of f)
-    if mixture:
-        z, eps = query_noise(eps)
-        x0 = xs + take_rows(data.stds, xs_idx, dev) * z
-    else:
-        x0 = xs
-    xs64 = xs.double()
-    sig = np.asarray(sigmas, dtype=np.float64).tolist()
-    S = len(sig)
+    n_draw = 1 if everything else _n_draw(data, k, subset_size - k)  # one draw keeps the shapes (it falls in A)
     C = _draws(data, n_draw, B, shared_draws, g)  # (n_draw,) or (B, n_draw)
+    row_bytes = (min(len(sigmas), SIGMA_CHUNK) * k + n_draw) * data.points.shape[1] * data.points.element_size()
+    step = max(1, BLOCK_BYTES.get(dev.type, BLOCK_BYTES["cuda"]) // row_bytes)
+    sig = np.asarray(sigmas, dtype=np.float64).tolist()
+    x0, e = _query_points(data, xs_idx, eps)
+    if everything:
+        A = torch.arange(k, device=dev).expand(B, len(sig), -1)  # (B, S, U)
+        validA = torch.ones_like(A, dtype=torch.bool)
+    else:  # one search for every σ of the batch: (S·B, k) -> (B, S, k)
+        A, validA = neighbour_sets(data, torch.cat([x0 + sigma * e for sigma in sig]), xs_idx.repeat(len(sig)), k)
+        A, validA = A.view(len(sig), B, k).transpose(0, 1), validA.view(len(sig), B, k).transpose(0, 1)
+    out = torch.empty(B, 3, len(sig), dtype=torch.float64, device=dev)
+    for b0 in range(0, B, step):
+        blk = slice(b0, min(B, b0 + step))
+        out[blk] = _block_terms(data, xs_idx[blk], eps[blk], sig, C if shared_draws else C[blk], A[blk],
+                                validA[blk], n_u=subset_size - k, precision=precision)
+    return out
+
+
+def _query_points(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor):
+    """(x0, ε) of queries y = x0 + σε: x0 the source (a mixture: its component's mean plus its std times z),
+    ε the noise (a mixture's second half of eps)."""
+    xs = take_rows(data.points, xs_idx, eps.device)
+    if data.stds is None:
+        return xs, eps
+    z, e = query_noise(eps)
+    return xs + take_rows(data.stds, xs_idx, eps.device) * z, e
+
+
+def _block_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sig: list[float], C: torch.Tensor,
+                 A: torch.Tensor, validA: torch.Tensor, *, n_u: int, precision: str) -> torch.Tensor:
+    """`knn_terms` of a block of queries: candidates C (n_draw,) shared or (B, n_draw), neighbour sets A and
+    their validity (B, S, k)."""
+    shared_draws = C.dim() == 1
+    P, mixture = data.points, data.stds is not None
+    B, dev = eps.shape[0], eps.device
+    S, k = A.shape[1:]
+    xs = take_rows(P, xs_idx, dev)  # (B, D): the source (a mixture: its component's mean, the reference of f)
+    x0, eps = _query_points(data, xs_idx, eps)
+    xs64 = xs.double()
     CB = C[None, :].expand(B, -1) if shared_draws else C
     ys = [x0 + sigma * eps for sigma in sig]
-    if everything:
-        A = torch.arange(k, device=dev).expand(B, S, -1)  # (B, S, U)
-        validA = torch.ones_like(A, dtype=torch.bool)
-    else:  # one search for every σ: (S·B, k) -> (B, S, k)
-        A, validA = neighbour_sets(data, torch.cat(ys), xs_idx.repeat(S), k)
-        A, validA = A.view(S, B, k).transpose(0, 1), validA.view(S, B, k).transpose(0, 1)
     multA = data.mult[A] * validA  # (B, S, k)
     n_b = data.n_samples - multA.sum(2).round().long()  # |B| per query and σ, in samples
     inA = _members(CB, A, validA)  # (B, S, n_draw)
