@@ -208,7 +208,7 @@ def _n_draw(data: KnnData, k: int, n_u: int) -> int:
 SIGMA_CHUNK = 4  # σ per pass: the distinct rows of their A sets are gathered once (at most 4k per query)
 # The queries of a batch go through in blocks whose gathered rows take at most this many bytes. On a CPU
 # the working arrays then stay small enough to be reused from the heap instead of fresh pages each time
-# (whole batches: page faults of fresh allocations took a third of the CPU time, as system time); on a GPU
+# (whole batches: page faults of fresh allocations took a fifth of the CPU time, as system time); on a GPU
 # the block bounds the memory (three arrays of this size) whatever D.
 BLOCK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
 
