@@ -211,6 +211,7 @@ SIGMA_CHUNK = 4  # σ per pass: the distinct rows of their A sets are gathered o
 # (whole batches: page faults of fresh allocations took a fifth of the CPU time, as system time); on a GPU
 # the block bounds the memory (three arrays of this size) whatever D.
 BLOCK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
+SEARCH_ROWS = 4096  # queries per index search at most (a torch search holds a (rows, 16 384) block)
 
 
 def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *, subset_size: int,
@@ -238,8 +239,11 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     if everything:
         A = torch.arange(k, device=dev).expand(B, len(sig), -1)  # (B, S, U)
         validA = torch.ones_like(A, dtype=torch.bool)
-    else:  # one search for every σ of the batch: (S·B, k) -> (B, S, k)
-        A, validA = neighbour_sets(data, torch.cat([x0 + sigma * e for sigma in sig]), xs_idx.repeat(len(sig)), k)
+    else:  # the queries of every σ searched together, SEARCH_ROWS at a time: (S·B, k) -> (B, S, k)
+        y, src = torch.cat([x0 + sigma * e for sigma in sig]), xs_idx.repeat(len(sig))
+        step_y = max(B, SEARCH_ROWS)
+        A, validA = map(torch.cat, zip(*(neighbour_sets(data, y[i:i + step_y], src[i:i + step_y], k)
+                                         for i in range(0, len(y), step_y))))
         A, validA = A.view(len(sig), B, k).transpose(0, 1), validA.view(len(sig), B, k).transpose(0, 1)
     out = torch.empty(B, 3, len(sig), dtype=torch.float64, device=dev)
     for b0 in range(0, B, step):
