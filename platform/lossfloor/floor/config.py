@@ -39,8 +39,8 @@ SUBSET_ESTIMATORS = ("snis", "dol", "cdol")
 # auto: exact up to this many samples, knn above. CPU: measured on 8x8x3 photo patches (D = 192, 8 σ, one
 # query per sample, one thread; benchmarks/knn_crossover.py, benchmarks/results/knn_crossover-cpu-*.json):
 # exact/knn CPU time at L = 128 is 0.97x at N = 2500, 1.55x at 5000 and 3.8x at 10 000, but knn is then
-# 1.2-1.8 % off exact (exact has no subset error); at L = 256 (0.94 % off at N = 5000) knn took 20.1 s
-# against exact's 24.6 s: at the same accuracy the two draw level at about N = 5000. Exact costs O(N²),
+# 1.2-1.8 % off exact (exact has no subset error); at L = 256 (0.94 % and 0.92 % off) exact/knn is 1.22x at
+# N = 5000 and 2.7x at 10 000: at the same accuracy the two draw level near N = 5000. Exact costs O(N²),
 # knn O(N) plus its search. CUDA: the exact estimator's 64-σ curve of CIFAR-10 (N = 50 000) is meant to
 # take about a minute (not measured here yet).
 EXACT_MAX_N = {"cpu": 5_000, "cuda": 50_000}
