@@ -227,3 +227,32 @@ def test_fast_knn_terms_equal_the_reference_in_float32(shared):
         scale = np.abs(ref[:, 0]).mean(0)  # per σ
         np.testing.assert_allclose(fast.mean(0), ref.mean(0), rtol=0, atol=1e-5 * scale.max())
         assert np.abs(fast - ref).max(0).max() <= 1e-3 * scale.max()
+
+
+# --- knn against exact on real photo patches ------------------------------------------------------------
+
+
+def _photo_patches(n: int) -> np.ndarray:
+    """n 8×8×3 patches (stride 8) of scikit-learn's sample photographs, in [-1, 1]."""
+    from sklearn.datasets import load_sample_images
+
+    rows = [image[i:i + 8, j:j + 8].reshape(-1) for image in load_sample_images().images
+            for i in range(0, image.shape[0] - 7, 8) for j in range(0, image.shape[1] - 7, 8)]
+    rows = np.stack(rows).astype(np.float32) / 127.5 - 1.0
+    return rows[np.sort(np.random.default_rng(0).choice(len(rows), n, replace=False))]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_knn_is_near_exact_on_photo_patches(shared):
+    # the true error of knn at L = 128 against exact on the same queries, on real 8×8×3 photo patches
+    from lossfloor.floor import EstimatorConfig, estimate
+
+    x = _photo_patches(500)
+    sigmas = np.array([0.5, 1.4, 3.7])  # where knn was furthest from exact on larger sets of these patches
+    common = dict(seed=1, rows_per_batch=32)  # the same sources and noise for both
+    exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", **common), progress=False)
+    knn = estimate(x, sigmas, EstimatorConfig(estimator="knn", subset_size=128, shared_draws=shared, **common),
+                   progress=False)
+    err = np.abs(knn.j_star - exact.j_star) / exact.j_star  # measured: at most 0.73 % (shared), 0.34 %
+    assert np.all((knn.ci_low <= exact.j_star) & (exact.j_star <= knn.ci_high))
+    assert err.max() <= 0.01, err
