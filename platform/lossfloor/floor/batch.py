@@ -289,8 +289,7 @@ def query_terms(
     if cfg.estimator == "knn":
         draws = uniform_without_replacement(plan.seeds(batch_index, DRAW_STREAM), data.knn.n_samples,
                                             draw_count(data.knn, cfg.subset_size))
-        j = knn_terms(data.knn, data.knn.inverse[src], eps, sig, subset_size=cfg.subset_size, draws=draws,
-                      precision=cfg.matmul_precision)
+        j = knn_terms(data.knn, data.knn.inverse[src], eps, sig, subset_size=cfg.subset_size, draws=draws)
     elif cfg.estimator == "exact":
         lvl = Level(x.shape[0], src, torch.zeros(B, dtype=torch.float64, device=device))
         if posterior:

@@ -169,7 +169,8 @@ def neighbour_sets(data: KnnData, y: torch.Tensor, src: torch.Tensor, k: int):
     """A per query: (B, k) point indices, the source first, and a (B, k) mask of valid entries.
 
     The k - 1 nearest distinct samples of y other than the source; repeats that an approximate index may
-    return are masked out (A is then smaller; the estimator accounts for |A| per query).
+    return are masked out (A is then smaller; the estimator accounts for |A| per query). The queries of all
+    σ of a batch come in one call (one index search).
     """
     nbr = data.index.search(y, k)  # (B, k)
     take = nbr != src[:, None]
@@ -196,122 +197,207 @@ def draw_count(data: KnnData, subset_size: int) -> int:
     return min(data.n_samples, subset_size - k + data.most_held(k))
 
 
+SIGMA_CHUNK = 4  # σ per pass: the distinct rows of their A sets are gathered once (at most 4k per query)
+# The queries of a batch go through in blocks whose gathered rows take at most this many bytes. On a CPU
+# the working arrays then stay small enough to be reused from the heap instead of fresh pages each time
+# (whole batches: page faults of fresh allocations took a fifth of the CPU time, as system time); on a GPU
+# the block bounds the memory (three arrays of this size) whatever D.
+BLOCK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
+SEARCH_ROWS = 4096  # queries per index search at most (a torch search holds a (rows, 16 384) block)
+
+
 def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *, subset_size: int,
-              draws: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+              draws: torch.Tensor) -> torch.Tensor:
     """Per-query channels (cross, plain - cross, Richardson - cross) for every σ: (B, 3, S) float64.
 
     xs_idx: (B,) distinct-sample index of each query's source; eps: (B, D) its noise ((B, 2D) for a
     mixture: z then ε); draws: (B, draw_count) each query's uniform sample of sample indices, without
     replacement. L = subset_size; from L >= U distinct points on, A holds all of them: B is empty and
     every query is the exact one.
+
+    The work is shaped as gathers and GEMMs: the candidates' rows and their σ-independent terms once per
+    block of queries, the neighbour sets of all σ in one search, and per chunk of σ the distinct rows of
+    those sets gathered once; every sum of a σ (A's and both halves', weighted and plain) is one batched
+    product of stacked weight rows with the rows [1, q, q²] and f (`_chunk_terms`).
     """
-    P, mixture = data.points, data.stds is not None
     B, dev = eps.shape[0], eps.device
     everything = subset_size >= data.n_unique
     k = data.n_unique if everything else subset_size // 2
-    n_u = subset_size - k
-    xs = take_rows(P, xs_idx, dev)  # (B, D): the source (a mixture: its component's mean, the reference of f)
-    if mixture:
-        z, eps = query_noise(eps)
-        x0 = xs + take_rows(data.stds, xs_idx, dev) * z
-    else:
-        x0 = xs
-    xs64 = xs.double()
-    CB = data.inverse[draws.to(data.inverse.device)].to(dev)  # (B, n_draw) distinct points of the draws
-    multC = torch.ones(CB.shape, dtype=data.mult.dtype, device=dev)  # each drawn sample counts once
-    if not mixture:  # the candidates' σ-independent terms
-        fC_dirac = take_rows(P, CB, dev) - xs[:, None]  # (B, n_draw, D)
-        DxxC, DexC = (fC_dirac * fC_dirac).sum(-1), -(eps[:, None] * fC_dirac).sum(-1)
-
-        def wsum_dirac(w):
-            return torch.bmm(w[:, None, :], fC_dirac)[:, 0].double()
-        N = float(data.n_samples)
-        tot_f = data.sum_x[None, :] - N * xs64  # Σ_all m f, (B, D)
-        tot_q = data.sum_sq - 2.0 * (xs64 @ data.sum_x) + N * (xs64 * xs64).sum(1)  # Σ_all m q, (B,)
-
-    out = torch.empty(B, 3, len(sigmas), dtype=torch.float64, device=dev)
-    for i, sigma in enumerate(np.asarray(sigmas, dtype=np.float64).tolist()):
-        y = x0 + sigma * eps
-        if everything:
-            A = torch.arange(k, device=dev).expand(B, -1)  # (B, U)
-            validA = torch.ones_like(A, dtype=torch.bool)
-        else:
-            A, validA = neighbour_sets(data, y, xs_idx, k)  # (B, k)
-        if mixture:
-            lgA, fA, qA = component_terms(y, xs, take_rows(P, A, dev), take_rows(data.stds, A, dev), sigma)
-            lgC, fC, qC = component_terms(y, xs, take_rows(P, CB, dev), take_rows(data.stds, CB, dev),
-                                          sigma)  # (B, n_draw[, D])
-
-            def wsum(w, fC=fC):
-                return torch.bmm(w[:, None, :], fC)[:, 0].double()
-            tot_f, tot_q = total_f_q(data.totals(sigma), y, xs)
-        else:
-            fA = take_rows(P, A, dev) - xs[:, None]  # (B, k, D), direct differences: exact small distances
-            qA, exA = (fA * fA).sum(-1), (eps[:, None] * fA).sum(-1)
-            lgA = (qA - (2.0 * sigma) * exA) * (-0.5 / sigma**2)
-            lgC, qC, wsum = (DxxC + (2.0 * sigma) * DexC) * (-0.5 / sigma**2), DxxC, wsum_dirac
-        lgA = lgA.masked_fill(~validA, -torch.inf)
-
-        inA = ((CB[:, :, None] == A[:, None, :]) & validA[:, None, :]).any(-1)  # (B, n_draw)
-        free = ~inA
-        rank = free.cumsum(1)
-        multA = data.mult[A] * validA
-        n_b = data.n_samples - multA.sum(1).round().long()  # |B| per query, in samples
-        n_take = torch.minimum(torch.full_like(n_b, n_u), free.sum(1))
-        half = n_take // 2
-        M1 = free & (rank <= half[:, None])
-        M2 = free & (rank > half[:, None]) & (rank <= n_take[:, None])
-
-        m = torch.maximum(lgA.amax(1), lgC.masked_fill(~(M1 | M2), -torch.inf).amax(1))[:, None]
-        wA = multA * torch.exp(lgA - m)  # (B, k), 0 where masked
-        eC = torch.exp(lgC - m)
-        SA_w = wA.sum(1, dtype=torch.float64)
-        SA_wf = torch.bmm(wA[:, None, :], fA)[:, 0].double()
-        SA_wq = (wA * qA).sum(1, dtype=torch.float64)
-        T_f = tot_f - torch.bmm(multA[:, None, :], fA)[:, 0].double()
-        T_q = tot_q - (multA * qA).sum(1, dtype=torch.float64)
-
-        sums = []
-        for Mj in (M1, M2):
-            mj = multC * Mj  # (B, n_draw)
-            wj = mj * eC
-            sums.append({
-                "n": Mj.sum(1, dtype=torch.float64),
-                "w": wj.sum(1, dtype=torch.float64), "wf": wsum(wj),
-                "wq": (wj * qC).sum(1, dtype=torch.float64), "wq2": (wj * qC * qC).sum(1, dtype=torch.float64),
-                "m": mj.sum(1, dtype=torch.float64), "mf": wsum(mj),
-                "mq": (mj * qC).sum(1, dtype=torch.float64), "mq2": (mj * qC * qC).sum(1, dtype=torch.float64),
-            })
-        sums.append({key: sums[0][key] + sums[1][key] for key in sums[0]})  # U₁ ∪ U₂
-
-        deltas, Qs = [], []
-        for s in sums:
-            drawn = s["n"] > 0  # none drawn: B is empty (A holds every point), its terms are 0
-            lam = torch.where(drawn, n_b.double() / s["n"].clamp_min(1.0), 0.0)
-            e_bar = torch.where(drawn, s["w"] / s["m"].clamp_min(1.0), 0.0)
-            beta = _shrinkage(s["wq"] / s["w"] - _sq(s["wf"] / s["w"][:, None]),
-                              s["mq"] / s["m"] - _sq(s["mf"] / s["m"][:, None]), s["w"])
-            beta_q = _shrinkage(s["wq2"] / s["w"] - (s["wq"] / s["w"]) ** 2,
-                                s["mq2"] / s["m"] - (s["mq"] / s["m"]) ** 2, s["w"])
-            den = SA_w + lam * s["w"]
-            deltas.append((SA_wf + lam[:, None] * s["wf"] + (beta * e_bar)[:, None] * (T_f - lam[:, None] * s["mf"]))
-                          / den[:, None])
-            Qs.append((SA_wq + lam * s["wq"] + beta_q * e_bar * (T_q - lam * s["mq"])) / den)
-        d1, d2, d = deltas
-        Q = Qs[2]
-        whole = (n_take == n_b)[:, None]  # U is all of B (small data): the query is exact, no halves
-        d1, d2 = torch.where(whole, d, d1), torch.where(whole, d, d2)
-        cross = Q - (d1 * d2).sum(1)
-        plain = Q - _sq(d)
-        rich = Q - 2.0 * _sq(d) + 0.5 * (_sq(d1) + _sq(d2))
-        out[:, 0, i] = cross
-        out[:, 1, i] = plain - cross
-        out[:, 2, i] = rich - cross
+    C = data.inverse[draws.to(data.inverse.device)].to(dev)  # (B, n_draw): the distinct points of the draws
+    n_draw = C.shape[1]
+    row_bytes = (min(len(sigmas), SIGMA_CHUNK) * k + n_draw) * data.points.shape[1] * data.points.element_size()
+    step = max(1, BLOCK_BYTES.get(dev.type, BLOCK_BYTES["cuda"]) // row_bytes)
+    sig = np.asarray(sigmas, dtype=np.float64).tolist()
+    x0, e = _query_points(data, xs_idx, eps)
+    if everything:
+        A = torch.arange(k, device=dev).expand(B, len(sig), -1)  # (B, S, U)
+        validA = torch.ones_like(A, dtype=torch.bool)
+    else:  # the queries of every σ searched together, SEARCH_ROWS at a time: (S·B, k) -> (B, S, k)
+        y, src = torch.cat([x0 + sigma * e for sigma in sig]), xs_idx.repeat(len(sig))
+        step_y = max(B, SEARCH_ROWS)
+        A, validA = map(torch.cat, zip(*(neighbour_sets(data, y[i:i + step_y], src[i:i + step_y], k)
+                                         for i in range(0, len(y), step_y))))
+        A, validA = A.view(len(sig), B, k).transpose(0, 1), validA.view(len(sig), B, k).transpose(0, 1)
+    out = torch.empty(B, 3, len(sig), dtype=torch.float64, device=dev)
+    for b0 in range(0, B, step):
+        blk = slice(b0, min(B, b0 + step))
+        out[blk] = _block_terms(data, xs_idx[blk], eps[blk], sig, C[blk], A[blk],
+                                validA[blk], n_u=subset_size - k)
     return out
 
 
+def _query_points(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor):
+    """(x0, ε) of queries y = x0 + σε: x0 the source (a mixture: its component's mean plus its std times z),
+    ε the noise (a mixture's second half of eps)."""
+    xs = take_rows(data.points, xs_idx, eps.device)
+    if data.stds is None:
+        return xs, eps
+    z, e = query_noise(eps)
+    return xs + take_rows(data.stds, xs_idx, eps.device) * z, e
+
+
+def _block_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sig: list[float], C: torch.Tensor,
+                 A: torch.Tensor, validA: torch.Tensor, *, n_u: int) -> torch.Tensor:
+    """`knn_terms` of a block of queries: each query's candidates C (B, n_draw), neighbour sets A and their
+    validity (B, S, k)."""
+    P, mixture = data.points, data.stds is not None
+    B, dev = eps.shape[0], eps.device
+    S, k = A.shape[1:]
+    xs = take_rows(P, xs_idx, dev)  # (B, D): the source (a mixture: its component's mean, the reference of f)
+    x0, eps = _query_points(data, xs_idx, eps)
+    xs64 = xs.double()
+    ys = [x0 + sigma * eps for sigma in sig]
+    multA = data.mult[A] * validA  # (B, S, k)
+    n_b = data.n_samples - multA.sum(2).round().long()  # |B| per query and σ, in samples
+    inA = _members(C, A, validA)  # (B, S, n_draw)
+
+    out = torch.empty(B, 3, S, dtype=torch.float64, device=dev)
+    if mixture:
+        PC, SC = take_rows(P, C, dev), take_rows(data.stds, C, dev)  # (B, n_draw, D)
+        for i, sigma in enumerate(sig):
+            lgA, fA, qA = component_terms(ys[i], xs, take_rows(P, A[:, i], dev), take_rows(data.stds, A[:, i], dev),
+                                          sigma)
+            lgC, fC, qC = component_terms(ys[i], xs, PC, SC, sigma)
+            tot_f, tot_q = total_f_q(data.totals(sigma), ys[i], xs)
+
+            def vectors(wA, wC, fA=fA, fC=fC):  # (B, 1, 2, k), (B, 1, 4, n_draw) -> (B, 1, 6, D) float64
+                return torch.cat([torch.bmm(wA[:, 0], fA), torch.bmm(wC[:, 0], fC)], 1)[:, None].double()
+            out[:, :, i:i + 1] = _chunk_terms(lgA[:, None], qA[:, None], multA[:, i:i + 1], validA[:, i:i + 1],
+                                              lgC[:, None], qC[:, None], inA[:, i:i + 1], n_b[:, i:i + 1],
+                                              tot_f[:, None], tot_q[:, None], vectors, n_u)
+        return out
+
+    # the candidates' σ-independent terms: q = ||x_c - x_s||², ex = ε·(x_c - x_s)
+    fC = take_rows(P, C, dev) - xs[:, None]  # (B, n_draw, D)
+    qC, exC = (fC * fC).sum(-1), (eps[:, None] * fC).sum(-1)
+
+    def vectors_c(wC):  # Σ_c w_c f_c for every weight row of the chunk: one batched product
+        b, s, r, n = wC.shape
+        return torch.bmm(wC.reshape(b, s * r, n), fC).view(b, s, r, -1).double()
+    N = float(data.n_samples)
+    tot_f = (data.sum_x[None, :] - N * xs64)[:, None]  # Σ_all m f, (B, 1, D)
+    tot_q = (data.sum_sq - 2.0 * (xs64 @ data.sum_x) + N * (xs64 * xs64).sum(1))[:, None]  # Σ_all m q, (B, 1)
+    for c0 in range(0, S, SIGMA_CHUNK):
+        ch = slice(c0, min(S, c0 + SIGMA_CHUNK))
+        s_ch = torch.tensor(sig[ch], dtype=xs.dtype, device=dev)[None, :, None]  # (1, s, 1)
+        rows, pos = _distinct(A[:, ch].reshape(B, -1))  # the chunk's distinct A rows (B, r), A -> rows
+        fR = take_rows(P, rows, dev) - xs[:, None]  # (B, r, D), direct differences: exact small distances
+        qR, exR = (fR * fR).sum(-1), (eps[:, None] * fR).sum(-1)
+        pos = pos.view(B, -1, k)  # (B, s, k)
+        qA = qR[:, None, :].expand(-1, pos.shape[1], -1).gather(2, pos)
+        exA = exR[:, None, :].expand(-1, pos.shape[1], -1).gather(2, pos)
+        lgA = (qA - (2.0 * s_ch) * exA) * (-0.5 / s_ch**2)
+        lgC = (qC[:, None] - (2.0 * s_ch) * exC[:, None]) * (-0.5 / s_ch**2)
+
+        def vectors(wA, wC, pos=pos, fR=fR):  # (B, s, 2, k), (B, s, 4, n_draw) -> (B, s, 6, D) float64
+            b, s = wA.shape[:2]
+            onto = torch.zeros(b, s, 2, fR.shape[1], dtype=wA.dtype, device=dev)
+            onto.scatter_add_(3, pos[:, :, None, :].expand(-1, -1, 2, -1), wA)  # A's weights onto its rows
+            vA = torch.bmm(onto.view(b, s * 2, -1), fR).view(b, s, 2, -1).double()
+            return torch.cat([vA, vectors_c(wC)], 2)
+        out[:, :, ch] = _chunk_terms(lgA, qA, multA[:, ch], validA[:, ch], lgC, qC[:, None], inA[:, ch],
+                                     n_b[:, ch], tot_f, tot_q, vectors, n_u)
+    return out
+
+
+def _distinct(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of each row of (B, n) indices, ascending and padded with the row's largest:
+    (B, r), and each entry's position among them: (B, n)."""
+    s, perm = idx.sort(1)
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    slot = first.cumsum(1) - 1  # (B, n): the sorted entries' positions among the distinct values
+    rows = s[:, -1:].expand(-1, int(slot[:, -1].max()) + 1).clone()
+    rows.scatter_(1, slot, s)
+    return rows, torch.empty_like(slot).scatter_(1, perm, slot)
+
+
+def _members(C: torch.Tensor, A: torch.Tensor, validA: torch.Tensor) -> torch.Tensor:
+    """Whether each candidate (B, n) lies in the valid entries of each σ's A (B, S, k): (B, S, n), by a
+    binary search in the sorted A."""
+    sorted_a = A.masked_fill(~validA, -1).sort(2).values  # candidates are >= 0: a masked entry never matches
+    c = C[:, None, :].expand(-1, A.shape[1], -1).contiguous()
+    at = torch.searchsorted(sorted_a, c).clamp_(max=A.shape[2] - 1)
+    return sorted_a.gather(2, at) == c
+
+
+def _chunk_terms(lgA, qA, multA, validA, lgC, qC, inA, n_b, tot_f, tot_q, vectors, n_u: int) -> torch.Tensor:
+    """The channels (B, 3, s) of a chunk of s σ (the estimator of the module docstring).
+
+    lgA, qA, multA, validA: (B, s, k) A's logits, q, multiplicities (0 where invalid) and validity;
+    lgC, qC: the candidates' logits (B, s, n_draw) and q (B, 1, n_draw); inA: (B, s, n_draw) whether a
+    candidate lies in A; n_b: (B, s) |B| in samples; tot_f (B, ·, D), tot_q (B, ·): Σ_all m f, Σ_all m q;
+    vectors(wA (B, s, 2, k), wC (B, s, 4, n_draw)): the weighted sums of f, (B, s, 6, D) float64.
+    """
+    free = ~inA
+    rank = free.cumsum(2)
+    n_take = torch.minimum(torch.full_like(n_b, n_u), free.sum(2))  # (B, s)
+    half = n_take // 2
+    M1 = free & (rank <= half[..., None])
+    M2 = free & (rank > half[..., None]) & (rank <= n_take[..., None])
+    lgA = lgA.masked_fill(~validA, -torch.inf)
+    m = torch.maximum(lgA.amax(2), lgC.masked_fill(~(M1 | M2), -torch.inf).amax(2))[..., None]
+    wA = multA * torch.exp(lgA - m)  # (B, s, k), 0 where masked
+    eC = torch.exp(lgC - m)
+    M1, M2 = M1.to(eC.dtype), M2.to(eC.dtype)  # each drawn sample counts once
+    wA2 = torch.stack([wA, multA], 2)  # (B, s, 2, k)
+    wC4 = torch.stack([M1 * eC, M1, M2 * eC, M2], 2)  # (B, s, 4, n_draw)
+    # scalar sums in float64: A's [Σ w, Σ w q; Σ m, Σ m q], each half's [Σ w, Σ w q, Σ w q²; Σ m, Σ m q, Σ m q²]
+    sA = wA2.double() @ torch.stack([torch.ones_like(qA), qA], 3).double()  # (B, s, 2, 2)
+    qC64 = qC.double()
+    sC = wC4.double() @ torch.stack([torch.ones_like(qC64), qC64, qC64 * qC64], 3)  # (B, s, 4, 3)
+    V = vectors(wA2, wC4)  # (B, s, 6, D): Σ_A w f, Σ_A m f, Σ_U₁ w f, Σ_U₁ m f, Σ_U₂ w f, Σ_U₂ m f
+    SA_w, SA_wq, SA_wf = sA[..., 0, 0], sA[..., 0, 1], V[:, :, 0]
+    T_f = tot_f - V[:, :, 1]
+    T_q = tot_q - sA[..., 1, 1]
+    halves = [(sC[:, :, 2 * j], sC[:, :, 2 * j + 1], V[:, :, 2 + 2 * j], V[:, :, 3 + 2 * j]) for j in (0, 1)]
+    halves.append(tuple(a + b for a, b in zip(*halves)))  # U₁ ∪ U₂
+
+    deltas, Qs = [], []
+    for s_w, s_m, wf, mf in halves:
+        (w, wq, wq2), (m_, mq, mq2) = s_w.unbind(-1), s_m.unbind(-1)
+        n = m_  # a drawn sample counts once: its plain weight is 1
+        drawn = n > 0  # none drawn: B is empty (A holds every point), its terms are 0
+        lam = torch.where(drawn, n_b.double() / n.clamp_min(1.0), 0.0)
+        e_bar = torch.where(drawn, w / m_.clamp_min(1.0), 0.0)
+        beta = _shrinkage(wq / w - _sq(wf / w[..., None]), mq / m_ - _sq(mf / m_[..., None]), w)
+        beta_q = _shrinkage(wq2 / w - (wq / w) ** 2, mq2 / m_ - (mq / m_) ** 2, w)
+        den = SA_w + lam * w
+        deltas.append((SA_wf + lam[..., None] * wf + (beta * e_bar)[..., None] * (T_f - lam[..., None] * mf))
+                      / den[..., None])
+        Qs.append((SA_wq + lam * wq + beta_q * e_bar * (T_q - lam * mq)) / den)
+    d1, d2, d = deltas
+    Q = Qs[2]
+    whole = (n_take == n_b)[..., None]  # U is all of B (small data): the query is exact, no halves
+    d1, d2 = torch.where(whole, d, d1), torch.where(whole, d, d2)
+    cross = Q - (d1 * d2).sum(-1)
+    plain = Q - _sq(d)
+    rich = Q - 2.0 * _sq(d) + 0.5 * (_sq(d1) + _sq(d2))
+    return torch.stack([cross, plain - cross, rich - cross], 1)
+
+
 def _sq(v: torch.Tensor) -> torch.Tensor:
-    return (v * v).sum(1)
+    return (v * v).sum(-1)
 
 
 def _shrinkage(var_weighted: torch.Tensor, var_plain: torch.Tensor, w_total: torch.Tensor) -> torch.Tensor:
