@@ -91,7 +91,7 @@ def search_points(n: int, d: int, index: str, *, nprobe: int = IVF_NPROBE, hnsw_
 
 def cost_model(estimator: str, *, n: int, m: int, L: int, d: int, sigmas: int, batch: int = 4096,
                index: str = "flat", pca: int | None = None, search_sigmas: int | None = None,
-               bytes_per_value: int = 4) -> dict:
+               bytes_per_value: int = 4, a_share: float = 1.0) -> dict:
     """FLOPs and bytes of one estimate, per stage, as the current implementation does the work.
 
     n samples of dimension d, m queries (each evaluated at every σ), `sigmas` σ values, queries in
@@ -101,9 +101,11 @@ def cost_model(estimator: str, *, n: int, m: int, L: int, d: int, sigmas: int, b
     - gemm: matrix products. exact/cdol (`floor.kernel`): per batch the σ-independent Dxx, Dex
       (2 GEMMs (B,d)·(d,L): 4·B·L·d), and when L < d the reference distances Dref (2·L²·d); per σ and
       level (exact: L; cdol: L, L/2, L/4) the posterior mean w·X (2·B·ℓ·d) or, with Dref, w·Dref
-      (2·B·ℓ²). knn (`floor.knn`, k = L/2 nearest, n_draw = L candidates): per batch the candidates'
-      Dxx, Dex (4·B·L·d); per σ Σ w f and Σ m f over A (2 bmm: 4·B·k·d) and over the two halves of U
-      (4 GEMMs (B, L)·(L, d): 8·B·L·d).
+      (2·B·ℓ²). knn (`floor.knn`, k = L/2 nearest, n_draw = L candidates, σ in chunks of
+      knn.SIGMA_CHUNK): per σ Σ w f and Σ m f over A (a bmm of 2 weight rows per σ with the chunk's r
+      distinct A rows: 4·B·r·d per σ, r = a_share·s·k for a chunk of s σ; a_share = 1, every σ's A
+      different, is the upper bound, 1/s the lower) and over the two halves of U (4 rows: 8·B·L·d), and the
+      scalar sums over A and U (8·B·k + 24·B·L).
     - elementwise: the per-σ work on (B, L) arrays (EW_PASSES passes, EW_FLOPS flops an entry); knn also
       on its (B, k, d) gathered differences (EW_PASSES["knn_rows"] passes, 4 flops an entry).
     - gathers: rows moved: the batch's sources (m·d), cdol's reference rows per batch (L·d), knn's A rows
@@ -144,13 +146,16 @@ def cost_model(estimator: str, *, n: int, m: int, L: int, d: int, sigmas: int, b
                 add("gemm", 2.0 * m * ell * d, v * (m * ell + nb * ell * d + m * d), per_sigma=True)
             add("elementwise", EW_FLOPS * m * ell, EW_PASSES[estimator] * v * m * ell, per_sigma=True)
     elif estimator == "knn":
+        from lossfloor.floor.knn import SIGMA_CHUNK
+
         k, n_draw = L // 2, L
-        add("gathers", 0.0, 2 * v * (m * d + nb * n_draw * d))
-        add("gemm", 4.0 * m * n_draw * d, v * (2 * m * d + nb * n_draw * d + 2 * m * n_draw))
-        add("gathers", 0.0, 2 * v * m * k * d, per_sigma=True)
-        add("gemm", 4.0 * m * k * d + 8.0 * m * n_draw * d, v * (2 * m * k * d + 4 * (m * n_draw + nb * n_draw * d)),
-            per_sigma=True)
-        add("elementwise", 4.0 * m * k * d + EW_FLOPS * m * n_draw * k,
+        chunks = [min(SIGMA_CHUNK, sigmas - c) for c in range(0, sigmas, SIGMA_CHUNK)]
+        r_rows = sum(a_share * s_ch * k * s_ch for s_ch in chunks) / sigmas  # Σ over chunks of r·s, per σ
+        add("gathers", 0.0, 2 * v * (m * d + m * n_draw * d))  # sources and each query's candidates
+        add("gathers", 0.0, 2 * v * m * a_share * k * d, per_sigma=True)  # a chunk's distinct A rows, per σ
+        add("gemm", 4.0 * m * r_rows * d + 8.0 * m * n_draw * d + 8.0 * m * k + 24.0 * m * n_draw,
+            v * (2 * m * r_rows * d + 4 * m * n_draw * d), per_sigma=True)
+        add("elementwise", 4.0 * m * n_draw * d + EW_FLOPS * m * (k + n_draw),
             EW_PASSES["knn_rows"] * v * m * k * d + EW_PASSES["knn_draws"] * v * m * n_draw, per_sigma=True)
         dim = pca or d
         pts = search_points(n, dim, index)
