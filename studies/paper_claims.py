@@ -57,7 +57,7 @@ SURVEY_DATA = ("bundled:digits", "bundled:photos", "bundled:terrain")
 PRESETS = {
     "full": {
         "estimators": {"data": "bundled:digits", "max_samples": None, "sigma_grid": "0.02:20:8", "subset_size": 128,
-                       "seeds": 5, "queries": (0.125, 0.25, 0.5, 1.0, 3.0)},
+                       "seeds": 5, "queries": (0.25, 0.5, 1.0, 3.0)},
         "survey": {"data": SURVEY_DATA, "max_samples": None, "sigma_grid": "0.002:80:32", "queries_per_sample": 3},
         "diagnosis": {"data": "bundled:digits", "jstar_grid": "0.002:80:32", "preset": "tiny", "images": 16384,
                       "batch": 128, "warmup": 2048, "evals": 4, "sigmas": "0.005:40:12", "n_samples": 1797, "seed": 0},
@@ -67,7 +67,7 @@ PRESETS = {
     },
     "smoke": {
         "estimators": {"data": "bundled:digits", "max_samples": 400, "sigma_grid": "0.05:5:4", "subset_size": 32,
-                       "seeds": 3, "queries": (0.25, 1.0)},
+                       "seeds": 3, "queries": (0.5, 2.0)},
         "survey": {"data": SURVEY_DATA, "max_samples": 300, "sigma_grid": "0.01:20:8", "queries_per_sample": 1},
         "diagnosis": {"data": "bundled:digits", "jstar_grid": "0.002:80:12", "preset": "tiny", "images": 1024,
                       "batch": 64, "warmup": 256, "evals": 2, "sigmas": "0.02:20:5", "n_samples": 128, "seed": 0},

@@ -44,7 +44,7 @@ from test_sweep import install, run_cli
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")]
 
 SIGMAS = np.geomspace(0.05, 5.0, 24)
-CFG = EstimatorConfig(estimator="exact", queries_per_sample=2, seed=3, rows_per_batch=100)  # 30 batches
+CFG = EstimatorConfig(estimator="exact", queries_per_sample=2, seed=3, rows_per_batch=200)  # 6000 queries: 30 batches
 
 
 @pytest.fixture(scope="module")
