@@ -79,7 +79,7 @@ def survey_figure(rows: list[Mapping]) -> go.Figure:
         if lo is not None and hi is not None:
             fig.add_vrect(x0=lo, x1=hi, fillcolor=color, opacity=0.12, line_width=0)
     fig.update_xaxes(type="log", title_text="σ")
-    fig.update_yaxes(type="log", title_text="J*(σ) / J*(∞)")
+    fig.update_yaxes(type="log", title_text="J*(σ) / J*(∞)", range=[-4, 0.2])  # below 1e-4: J* ≈ 0 (σ*: 1e-3)
     fig.update_layout(title="J* of each data set relative to its plateau J*(∞); shaded: where σ* can lie", height=460)
     return finish(fig)
 
@@ -90,9 +90,9 @@ def diagnosis_figure(gaps: Mapping[str, Mapping[str, list[float]]]) -> go.Figure
     for i, (model, g) in enumerate(gaps.items()):
         fig.add_trace(go.Scatter(x=g["sigma"], y=g["gap"], mode="lines+markers", name=model,
                                  line={"color": COLORS[i % len(COLORS)]},
-                                 error_y={"type": "data", "array": [1.959964 * v for v in g["se"]]}))
+                                 error_y={"type": "data", "array": [1.959964 * v for v in g["se"]]}))  # 95 %
     fig.update_xaxes(type="log", title_text="σ")
-    fig.update_yaxes(title_text="J − J* (x0 units)")
+    fig.update_yaxes(type="log", title_text="J − J* (x0 units)")
     fig.update_layout(title="Loss gap per σ of each parametrisation, converted to x0-prediction", height=460)
     return finish(fig)
 
@@ -137,13 +137,15 @@ def scaling_figure(rows: list[Mapping]) -> go.Figure:
 
 
 def verdict_table(claims: list[Mapping]) -> str:
-    """The claims as an HTML table: claim, paper, measured, verdict, data, command."""
+    """The claims as an HTML table: claim, what the paper says, what we measured, verdict (the data of each
+    claim head its part's section)."""
     e = html.escape
-    head = "".join(f"<th>{h}</th>" for h in ("claim", "the paper says", "we measured", "verdict", "data"))
-    body = "".join(
-        "<tr>" + "".join(f"<td>{e(str(c.get(k, '')))}</td>" for k in ("claim", "paper", "measured", "verdict", "data"))
-        + "</tr>" for c in claims)
-    return f'<div class="table-wrap"><table class="fits"><tr>{head}</tr>{body}</table></div>'
+    keys, widths = ("claim", "paper", "measured", "verdict"), (14, 22, 52, 12)
+    cols = "".join(f'<col style="width:{w}%">' for w in widths)
+    head = "".join(f"<th>{h}</th>" for h in ("claim", "the paper says", "we measured", "verdict"))
+    body = "".join("<tr>" + "".join(f"<td>{e(str(c.get(k, '')))}</td>" for k in keys) + "</tr>" for c in claims)
+    return (f'<div class="table-wrap"><table class="claims">{cols}<tr>{head}</tr>{body}'
+            "</table></div>")
 
 
 def claims_page(parts: Mapping[str, Mapping], *, title: str, about: Mapping[str, str] | None = None) -> str:

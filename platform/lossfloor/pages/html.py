@@ -35,6 +35,9 @@ table.fits { border-collapse: collapse; font-size: 0.85em; width: 100%; }
 .table-wrap { overflow-x: auto; }
 table.fits th, table.fits td { border: 1px solid #ddd; padding: 4px 6px; text-align: left; vertical-align: top; }
 table.fits td:nth-child(-n+2) { white-space: nowrap; }
+table.claims { border-collapse: collapse; font-size: 0.85em; width: 100%; table-layout: fixed; }
+table.claims th, table.claims td { border: 1px solid #ddd; padding: 4px 6px; text-align: left; vertical-align: top; }
+table.claims th { background: #f4f4f4; }
 table.fits th { background: #f4f4f4; } table.fits tr.first td { border-top: 2px solid #999; }
 #render-error { display: none; background: #fdd; color: #900; padding: 8px; border: 1px solid #c00; }
 """
