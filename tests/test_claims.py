@@ -192,3 +192,38 @@ def test_diagnosis_verdicts_on_gaps_known_by_construction():
     rows = diagnosis.describe(gaps, "digits")
     assert [r["id"] for r in rows] == ["eps-high-sigma", "intermediate-peak"]
     assert "ncsn − edm: 0.2 [" in rows[0]["measured"]
+
+
+@pytest.mark.parametrize("c, kept", [(math.inf, "others"), (1.0, "with source")])
+def test_cdol_limits_are_snis_on_the_other_draws_and_dol(c, kept):
+    """The C sweep's ends, computed independently per query from the same subset and noise: C = ∞ is SNIS
+    on the L - 1 subset samples other than the source (the source's copy hidden when drawn, else the last
+    draw), C = 1 is DOL (those L - 1 plus the source at weight 1); the term is ||x_s||² - ||μ̂||²."""
+    import torch
+
+    from lossfloor.floor import query_plan, query_terms
+    from lossfloor.floor.batch import block_subset, query_noise
+    from lossfloor.floor.queries import subset_block
+
+    x = torch.from_numpy(product_data(VALUES))  # 48 samples
+    sigmas = np.array([0.2, 0.7])
+    cfg = EstimatorConfig(estimator="cdol", subset_size=12, c=c, seed=5).resolve(48, 3)
+    plan = query_plan(cfg, 48)
+    _, j = query_terms(x, sigmas, cfg, plan, 0)
+    src = plan.sources(0)
+    eps = query_noise(cfg, plan, 0, 3, "cpu").double()
+    xd = x.double()
+    q0 = plan.queries(0).start
+    for i in range(len(src)):
+        R = block_subset(cfg, plan, (q0 + i) // subset_block(48)).tolist()
+        s = int(src[i])
+        others = [r for r in R if r != s] if s in R else R[:-1]
+        assert len(others) == 11
+        for k, sigma in enumerate(sigmas):
+            y = xd[s] + sigma * eps[i]
+            pts = others + ([s] if kept == "with source" else [])
+            logw = -((y - xd[pts]) ** 2).sum(1) / (2 * sigma**2)
+            w = torch.softmax(logw, 0)
+            mu = (w[:, None] * xd[pts]).sum(0)
+            want = float((xd[s] ** 2).sum() - (mu**2).sum())
+            assert float(j[i, 0, k]) == pytest.approx(want, rel=1e-5, abs=1e-6)
