@@ -227,3 +227,57 @@ def test_cdol_limits_are_snis_on_the_other_draws_and_dol(c, kept):
             mu = (w[:, None] * xd[pts]).sum(0)
             want = float((xd[s] ** 2).sum() - (mu**2).sum())
             assert float(j[i, 0, k]) == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def _perturbed_oracle(data, prediction: str, bump: bool, path) -> str:
+    """The exact posterior mean (VE process) with a known error added: x0-prediction plus b(σ)·u with
+    b = exp(-ln²(σ/0.5)) (x0 gap b², largest at σ = 0.5), or ε-prediction plus 0.05·u (x0 gap 0.0025·σ²,
+    largest at the top of the grid); u a unit vector."""
+    import torch
+
+    from diagnose_models import PosteriorMean
+
+    class Perturbed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = PosteriorMean(torch.as_tensor(data), prediction, "ve")
+            self.bump = bump
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = self.inner(x, t).flatten(1)
+            sigma = t.to(out.dtype).view(-1, 1)
+            size = torch.exp(-torch.log(sigma / 0.5) ** 2) if self.bump else 0.05 * torch.ones_like(sigma)
+            u = torch.zeros_like(out)
+            u[:, 0] = 1.0
+            return (out + size * u).view(x.shape)
+
+    torch.jit.save(torch.jit.script(Perturbed()), str(path))
+    return str(path)
+
+
+def test_diagnosis_verdicts_on_models_with_known_gaps(tmp_path):
+    """Oracle models whose gap is known by construction, through `lossfloor diagnose`: an x0-model whose
+    gap peaks at σ = 0.5 and an ε-model whose gap grows as σ²: ε worst at high σ (reproduced), and not
+    every gap interior (the ε-model's is at the top: not reproduced)."""
+    from lossfloor.claims import diagnosis
+    from lossfloor.jobs.diagnose import DiagnoseSpec, diagnose
+
+    data = product_data(VALUES)
+    np.save(tmp_path / "data.npy", data)
+    sigmas = np.geomspace(0.05, 20.0, 7)
+    gaps = {}
+    for name, prediction, bump in (("edm", "x0", True), ("ncsn", "eps", False)):
+        model = _perturbed_oracle(data, prediction, bump, tmp_path / f"{name}.pt")
+        d = diagnose(DiagnoseSpec(model=model, prediction=prediction, process="ve", data=str(tmp_path / "data.npy"),
+                                  sigmas=sigmas, out=str(tmp_path / f"{name}.parquet"), estimator="exact",
+                                  n_samples=48, seed=0))
+        gaps[name] = diagnosis.gaps_of(d.table)
+    want_edm = np.exp(-np.log(sigmas / 0.5) ** 2) ** 2
+    want_ncsn = (0.05 * sigmas) ** 2
+    for name, want in (("edm", want_edm), ("ncsn", want_ncsn)):  # the gap is b² up to its standard error
+        g, se = np.array(gaps[name]["gap"]), np.array(gaps[name]["se"])
+        assert np.all(np.abs(g - want) <= 4 * se + 0.05 * want + 1e-6), (name, g, want, se)
+    assert diagnosis.eps_claim(gaps)["verdict"] == seeds.REPRODUCED
+    p = diagnosis.peak_claim(gaps)
+    assert p["models"]["edm"]["interior"] and not p["models"]["ncsn"]["interior"]
+    assert p["verdict"] == seeds.NOT_REPRODUCED
