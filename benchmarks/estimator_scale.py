@@ -18,9 +18,8 @@ Per data set and N:
   allocator's peak.
 - growth: the exponent of a least-squares fit of log time vs log N per estimator (sizes with a time).
 
-Queries: M = `--queries` in total per σ where `EstimatorConfig` has a `queries` field; otherwise one query
-per sample (queries_per_sample = 1, M = N): then the exact reference costs O(N²) and runs only up to
-`--exact-max-n` (above it the estimators are timed without an error).
+Queries: M = `--queries` in total per σ (the first M of the seeded query order: the same queries for
+every estimator, so the exact estimate is the reference on them).
 
 Hardware limits measured in the same run: this machine's fp32 GEMM FLOP/s and memory bandwidth (copy).
 The cost model (`cost_model`, FLOPs and bytes per stage) is evaluated at every measured case with those
@@ -42,7 +41,6 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -262,10 +260,8 @@ def stage_split(events, cuda: bool) -> dict:
 
 
 def query_config(queries: int | None, **kw) -> EstimatorConfig:
-    """`queries=M` where the config has that field, else one query per sample (M = N)."""
-    if "queries" in {f.name for f in fields(EstimatorConfig)}:
-        return EstimatorConfig(queries=queries, **kw)
-    return EstimatorConfig(queries_per_sample=1, **kw)
+    """The config of a case: M = `queries` per σ (None: the default K·N)."""
+    return EstimatorConfig(queries=queries, **kw)
 
 
 def timed_estimate(x, sigmas: np.ndarray, cfg: EstimatorConfig, split: bool) -> tuple:
@@ -312,17 +308,15 @@ def run_case(name: str, x: np.ndarray, args, limits: dict) -> dict:
     rows = math.ceil(n / args.batches)
     base = {"seed": args.seed, "device": args.device, "rows_per_batch": rows}
     out = {"data": name, "n_samples": n, "dim": d, "runs": {}}
-    ex = None
-    if n <= args.exact_max_n or args.has_queries:
-        ex, rec = timed_estimate(x, args.sigma_grid, query_config(args.queries, estimator="exact", **base), args.split)
-        counted = ex.j_star > THRESHOLD * ex.total_variance
-        spread = np.where(counted, ex.stderr * math.sqrt(ex.n_queries) / np.where(ex.j_star > 0, ex.j_star, 1), 0)
-        rec["per_query_spread_rel"] = spread.tolist()
-        rec["queries_for_1pct"] = math.ceil((1.96 * spread.max() / 0.01) ** 2)
-        rec["mc_half_width_rel"] = float(np.max(1.96 * spread / math.sqrt(ex.n_queries)))
-        out["runs"]["exact"] = {"time_to_1pct_s": rec["seconds"], "ladder": [rec]}
-        out["counted_sigmas"] = counted.tolist()
-        print(f"{name} N={n} exact {rec['seconds']:.1f}s", file=sys.stderr)
+    ex, rec = timed_estimate(x, args.sigma_grid, query_config(args.queries, estimator="exact", **base), args.split)
+    counted = ex.j_star > THRESHOLD * ex.total_variance
+    spread = np.where(counted, ex.stderr * math.sqrt(ex.n_queries) / np.where(ex.j_star > 0, ex.j_star, 1), 0)
+    rec["per_query_spread_rel"] = spread.tolist()
+    rec["queries_for_1pct"] = math.ceil((1.96 * spread.max() / 0.01) ** 2)
+    rec["mc_half_width_rel"] = float(np.max(1.96 * spread / math.sqrt(ex.n_queries)))
+    out["runs"]["exact"] = {"time_to_1pct_s": rec["seconds"], "ladder": [rec]}
+    out["counted_sigmas"] = counted.tolist()
+    print(f"{name} N={n} exact {rec['seconds']:.1f}s", file=sys.stderr)
     for est in ("cdol", "knn"):
         ladder, hit = [], None
         for L in LADDERS[est]:
@@ -330,14 +324,11 @@ def run_case(name: str, x: np.ndarray, args, limits: dict) -> dict:
                 break
             cfg = query_config(args.queries, estimator=est, subset_size=L, **base)
             e, rec = timed_estimate(x, args.sigma_grid, cfg, args.split)
-            if ex is not None:
-                err = np.abs(e.j_star - ex.j_star) / np.where(ex.j_star > 0, ex.j_star, 1.0)
-                rec["worst_rel_error"] = float(err[counted].max())
-                rec["rel_error_per_sigma"] = np.where(counted, err, 0.0).tolist()
+            err = np.abs(e.j_star - ex.j_star) / np.where(ex.j_star > 0, ex.j_star, 1.0)
+            rec["worst_rel_error"] = float(err[counted].max())
+            rec["rel_error_per_sigma"] = np.where(counted, err, 0.0).tolist()
             ladder.append(rec)
             print(f"{name} N={n} {est} L={L} {rec['seconds']:.1f}s err {rec.get('worst_rel_error')}", file=sys.stderr)
-            if ex is None:  # no reference: time the smallest L only
-                break
             if rec["worst_rel_error"] <= 0.01:
                 hit = rec
                 break
@@ -390,9 +381,7 @@ def main(argv=None):
     p.add_argument("--sizes", default="5000,20000,80000,320000,500000", help="photo-patch N, comma-separated")
     p.add_argument("--synthetic-sizes", default="5000,20000,80000", help="N of the low-rank mixture")
     p.add_argument("--synthetic-dim", type=int, default=1024)
-    p.add_argument("--queries", type=int, default=8192, help="M per σ (used where the config has `queries`)")
-    p.add_argument("--exact-max-n", type=int, default=20000,
-                   help="with M = N (no `queries` field): the largest N with an exact reference")
+    p.add_argument("--queries", type=int, default=8192, help="M per σ")
     p.add_argument("--batches", type=int, default=16,
                    help="batches per estimate (the same for every estimator of a case: the same queries)")
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop a ladder after a run this long")
@@ -406,7 +395,6 @@ def main(argv=None):
     if args.quick:
         args.sizes, args.synthetic_sizes, args.synthetic_dim, args.queries = "500,1000", "500", 1024, 1000
     args.sigma_grid = sigma_grid(args.sigmas)
-    args.has_queries = "queries" in {f.name for f in fields(EstimatorConfig)}
     device = torch.device(args.device)
     limits = hardware_limits(device)
     cases = []
@@ -431,7 +419,7 @@ def main(argv=None):
     results = {
         "benchmark": "estimator_scale", "date": dt.date.today().isoformat(), "device": device_label(device),
         "torch": torch.__version__, "faiss": getattr(faiss_module(), "__version__", None),
-        "queries": "M per σ = --queries" if args.has_queries else "one query per sample (M = N)",
+        "queries": "M per σ = --queries",
         "sigmas": args.sigma_grid.tolist(), "hardware_limits": limits, "cases": cases,
         "growth_exponent": growth,
         "imagenet512_h100_projection": {"hardware": H100, "shape": IMAGENET512,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 
 import numpy as np
 
@@ -34,12 +33,7 @@ def c_grid(n: int, subset_size: int) -> dict[str, float]:
 
 def _config(estimator: str, seed: int, *, subset_size: int | None = None, c: float | None = None,
             queries: int | None = None, device: str = "cpu") -> EstimatorConfig:
-    extra = {}
-    if queries is not None:
-        if "queries" not in {f.name for f in fields(EstimatorConfig)}:
-            raise ValueError("this lossfloor has no EstimatorConfig.queries")
-        extra["queries"] = queries
-    return EstimatorConfig(estimator=estimator, subset_size=subset_size, c=c, seed=seed, device=device, **extra)
+    return EstimatorConfig(estimator=estimator, subset_size=subset_size, c=c, seed=seed, device=device, queries=queries)
 
 
 def relative_errors(j: np.ndarray, j_exact: np.ndarray, total_variance: float) -> np.ndarray:
