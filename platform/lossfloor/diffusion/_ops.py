@@ -8,31 +8,24 @@ import torch
 from lossfloor.errors import InputError
 
 
-def log(x):
-    """Natural logarithm of `x` (float, numpy array or torch tensor)."""
-    if isinstance(x, torch.Tensor):
-        return torch.log(x)
-    if isinstance(x, np.ndarray):
-        return np.log(x)
-    return math.log(x)
+def _elementwise(name: str, torch_fn, numpy_fn, math_fn):
+    """A function applying the same operation to a python float, a numpy array or a torch tensor."""
+
+    def op(x):
+        if isinstance(x, torch.Tensor):
+            return torch_fn(x)
+        if isinstance(x, np.ndarray):
+            return numpy_fn(x)
+        return math_fn(x)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = f"{name} of `x` (float, numpy array or torch tensor)."
+    return op
 
 
-def expm1(x):
-    """exp(x) - 1 of `x` (float, numpy array or torch tensor), accurate near 0."""
-    if isinstance(x, torch.Tensor):
-        return torch.expm1(x)
-    if isinstance(x, np.ndarray):
-        return np.expm1(x)
-    return math.expm1(x)
-
-
-def atan(x):
-    """Arc tangent of `x` (float, numpy array or torch tensor)."""
-    if isinstance(x, torch.Tensor):
-        return torch.atan(x)
-    if isinstance(x, np.ndarray):
-        return np.arctan(x)
-    return math.atan(x)
+log = _elementwise("log", torch.log, np.log, math.log)  # natural logarithm
+expm1 = _elementwise("expm1", torch.expm1, np.expm1, math.expm1)  # exp(x) - 1, accurate near 0
+atan = _elementwise("atan", torch.atan, np.arctan, math.atan)
 
 
 def check_name(kind: str, name: str, valid) -> str:
