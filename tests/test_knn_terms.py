@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lossfloor.floor.kernel import take_rows
-from lossfloor.floor.knn import BETA_MAX, KnnData, draw_count, knn_terms, prepare_knn
+from lossfloor.floor.knn import BETA_MAX, KnnData, draw_count, knn_terms, prepare_knn, searched
 from lossfloor.floor.mixture import component_terms, query_noise, total_f_q
 from oracles import product_data
 
@@ -51,7 +51,6 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
     B, dev = eps.shape[0], eps.device
     everything = subset_size >= data.n_unique
     k = data.n_unique if everything else subset_size // 2
-    n_u = subset_size - k
     xs = take_rows(P, xs_idx, dev)  # (B, D): the source (a mixture: its component's mean, the reference of f)
     if mixture:
         z, eps = query_noise(eps)
@@ -77,8 +76,12 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
         if everything:
             A = torch.arange(k, device=dev).expand(B, -1)  # (B, U)
             validA = torch.ones_like(A, dtype=torch.bool)
-        else:
+        elif searched(data, sigma):
             A, validA = _ref_neighbour_sets(data, y, xs_idx, k)  # (B, k)
+        else:  # no search: A = {source}, the L - 1 others drawn
+            A = xs_idx[:, None].expand(B, k)
+            validA = torch.arange(k, device=dev)[None, :].expand(B, k) == 0
+        n_u = subset_size - 1 if not everything and not searched(data, sigma) else subset_size - k
         if mixture:
             lgA, fA, qA = component_terms(y, xs, take_rows(P, A, dev), take_rows(data.stds, A, dev), sigma)
             lgC, fC, qC = component_terms(y, xs, take_rows(P, CB, dev), take_rows(data.stds, CB, dev),
@@ -234,9 +237,33 @@ def test_knn_is_near_exact_on_photo_patches():
     from lossfloor.floor import EstimatorConfig, estimate
 
     x = _photo_patches(500)
-    sigmas = np.array([0.5, 1.4, 3.7])  # where knn was furthest from exact on larger sets of these patches
+    # 0.5-3.7: where knn was furthest from exact on larger sets of these patches; 13: no search there
+    sigmas = np.array([0.5, 1.4, 3.7, 13.0])
     exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", seed=1), progress=False)  # the same queries
     knn = estimate(x, sigmas, EstimatorConfig(estimator="knn", subset_size=128, seed=1), progress=False)
     err = np.abs(knn.j_star - exact.j_star) / exact.j_star
     assert np.all((knn.ci_low <= exact.j_star) & (exact.j_star <= knn.ci_high))
     assert err.max() <= 0.01, err
+
+
+def test_no_search_where_the_kernel_is_flat():
+    # √(2D)·s_x/σ ≤ 2: σ = 8 and 40 on 12-D standard normal points (s_x ≈ 1) draw all L - 1 others; only
+    # the σ = 0.05 queries reach the index, and the uniform σ still agree with exact on the same queries
+    from lossfloor.floor import EstimatorConfig, estimate
+
+    x = _points("distinct", np.float64)
+    t = torch.from_numpy(x)
+    data = prepare_knn(t, index="flat")
+    assert [searched(data, s) for s in (0.05, 8.0, 40.0)] == [True, False, False]
+    rows = []
+    search = data.index.search
+    data.index.search = lambda y, k: rows.append(len(y)) or search(y, k)
+    eps = torch.randn(64, x.shape[1], generator=torch.Generator().manual_seed(0), dtype=t.dtype)
+    draws = torch.rand(64, len(x), generator=torch.Generator().manual_seed(1)).argsort(dim=1)[:, :draw_count(data, 16)]
+    knn_terms(data, data.inverse[:64], eps, [0.05, 8.0, 40.0], subset_size=16, draws=draws)
+    assert rows == [64]
+    sigmas = np.array([8.0, 40.0])
+    exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", seed=2), progress=False)
+    knn = estimate(x, sigmas, EstimatorConfig(estimator="knn", subset_size=16, seed=2), progress=False)
+    assert np.all((knn.ci_low <= exact.j_star) & (exact.j_star <= knn.ci_high))
+    assert np.all(np.abs(knn.j_star / exact.j_star - 1.0) <= 0.01), knn.j_star / exact.j_star - 1.0
