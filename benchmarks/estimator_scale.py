@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import os
 import resource
@@ -53,6 +54,7 @@ from _report import device_label, emit
 from _scale_data import lowrank_mixture, photo_patches, sigma_grid
 
 from lossfloor.floor import EstimatorConfig, estimate
+from lossfloor.floor.knn import search_limit
 from lossfloor.floor.neighbours import AUTO_FLAT_MAX, IVF_NPROBE, faiss_module
 
 LADDERS = {"knn": (128, 256, 512, 1024), "cdol": (512, 2048, 8192, 32768)}
@@ -351,10 +353,10 @@ def _add_model(rec: dict, est: str, n: int, d: int, rows: int, n_sigmas: int, li
                         cost, limits["gemm_fp32_flops_per_s"], limits["copy_bytes_per_s"])}
 
 
-def searched_sigmas(count: int, data_std: float = 0.5) -> int:
-    """σ of a `count`-σ grid (0.002 … 80) below 2·data_std: where knn's search pays (knn_search.py's uniform
-    draws matched it above ≈ 1.7× the per-coordinate standard deviation). EDM2's latents: σ_data = 0.5."""
-    return int((sigma_grid(count) < 2.0 * data_std).sum())
+def searched_sigmas(count: int, dim: int, data_std: float = 0.5) -> int:
+    """σ of a `count`-σ grid (0.002 … 80) where knn searches (`knn.search_limit`). EDM2's latents:
+    σ_data = 0.5."""
+    return int((sigma_grid(count) < search_limit(dim, data_std)).sum())
 
 
 def imagenet_projection(m_values, knn_L: int = 128, cdol_L: int = 4096) -> list[dict]:
@@ -364,7 +366,7 @@ def imagenet_projection(m_values, knn_L: int = 128, cdol_L: int = 4096) -> list[
     for m in m_values:
         for est, L, index, extra in (("exact", shape["n"], None, {}), ("cdol", cdol_L, None, {}),
                                      ("knn", knn_L, "flat", {}), ("knn", knn_L, "ivf", {}),
-                                     ("knn", knn_L, "ivf", {"search_sigmas": searched_sigmas(shape["sigmas"])})):
+                                     ("knn", knn_L, "ivf", {"search_sigmas": searched_sigmas(shape["sigmas"], shape["d"])})):
             cost = cost_model(est, n=shape["n"], m=m, L=L, d=shape["d"], sigmas=shape["sigmas"],
                               index=index or "flat", **extra)
             fp32 = roofline_seconds(cost, H100["fp32_flops"], H100["bandwidth"])
@@ -374,6 +376,10 @@ def imagenet_projection(m_values, knn_L: int = 128, cdol_L: int = 4096) -> list[
                         "stage_bytes": {k: v["bytes"] for k, v in cost["stages"].items()},
                         "h100_fp32_seconds": fp32["total"], "h100_fp32_stage_seconds": fp32["stages"]})
     return out
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
 
 
 def main(argv=None):
@@ -398,11 +404,14 @@ def main(argv=None):
     device = torch.device(args.device)
     limits = hardware_limits(device)
     cases = []
-    for n in [int(v) for v in args.sizes.split(",") if v]:
-        cases.append(run_case("photo-patches", photo_patches(n, seed=1), args, limits))
-    for n in [int(v) for v in args.synthetic_sizes.split(",") if v]:
-        cases.append(run_case(f"lowrank-mixture-d{args.synthetic_dim}", lowrank_mixture(n, args.synthetic_dim),
-                              args, limits))
+    todo = [("photo-patches", n) for n in _sizes(args.sizes)]
+    todo += [(f"lowrank-mixture-d{args.synthetic_dim}", n) for n in _sizes(args.synthetic_sizes)]
+    for name, n in todo:
+        x = photo_patches(n, seed=1) if name == "photo-patches" else lowrank_mixture(n, args.synthetic_dim)
+        cases.append(run_case(name, x, args, limits))
+        if args.out:  # the cases so far, in case a long run is stopped
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out + ".partial").write_text(json.dumps({"cases": cases}, indent=2) + "\n", encoding="utf-8")
     growth = {}
     for data in sorted({c["data"] for c in cases}):
         mine = [c for c in cases if c["data"] == data]
@@ -426,6 +435,8 @@ def main(argv=None):
                                         "rows": imagenet_projection(m_values)},
     }
     emit(results, args.out)
+    if args.out:
+        Path(args.out + ".partial").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -210,12 +210,15 @@ def neighbour_sets(data: KnnData, y: torch.Tensor, src: torch.Tensor, k: int):
 SEARCH_SPREAD = 2.0
 
 
+def search_limit(dim: int, coordinate_std: float) -> float:
+    """The σ from which knn stops searching: √(2D)·s_x / SEARCH_SPREAD."""
+    return math.sqrt(2.0 * dim) * coordinate_std / SEARCH_SPREAD
+
+
 def searched(data: KnnData, sigma: float) -> bool:
-    """Whether the queries at σ search for neighbours: √(2D)·s_x/σ > SEARCH_SPREAD (a Gaussian mixture's
+    """Whether the queries at σ search for neighbours: σ below `search_limit` (a Gaussian mixture's
     components are always searched: their own widths change the kernel)."""
-    if data.stds is not None:
-        return True
-    return math.sqrt(2.0 * data.points.shape[1]) * data.coordinate_std > SEARCH_SPREAD * sigma
+    return data.stds is not None or sigma < search_limit(data.points.shape[1], data.coordinate_std)
 
 
 def draw_count(data: KnnData, subset_size: int) -> int:
