@@ -35,6 +35,7 @@ import torch
 from lossfloor.errors import InputError
 from lossfloor.floor import mixture
 from lossfloor.floor.config import EstimatorConfig, batch_bytes
+from lossfloor.floor.heap import reuse_freed_memory
 from lossfloor.floor.kernel import Level, optimal_loss_terms, take_rows
 from lossfloor.floor.knn import KnnData, draw_count, knn_terms, prepare_knn
 from lossfloor.floor.queries import (
@@ -193,6 +194,7 @@ def floor_data(x: torch.Tensor, cfg: EstimatorConfig, *, cache=None) -> FloorDat
     per batch on the device: InputError then). cache: a `lossfloor.data.node_cache.NodeCache` of this
     data set: knn's distinct points and FAISS index are made once per machine and shared by mapping.
     """
+    reuse_freed_memory()  # every batch's working arrays: reused heap pages, not fresh ones (`heap`)
     device = torch.device(cfg.device)
     if x.device != device:
         if fits_device(cfg, x):

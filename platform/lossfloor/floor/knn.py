@@ -233,11 +233,11 @@ def draw_count(data: KnnData, subset_size: int) -> int:
 
 
 SIGMA_CHUNK = 4  # σ per pass: the distinct rows of their A sets are gathered once (at most 4k per query)
-# The queries of a batch go through in blocks whose gathered rows take at most this many bytes. On a CPU
-# the working arrays then stay small enough to be reused from the heap instead of fresh pages each time
-# (whole batches: page faults of fresh allocations took a fifth of the CPU time, as system time); on a GPU
-# the block bounds the memory (three arrays of this size) whatever D.
-BLOCK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
+# The queries of a batch go through in blocks whose gathered rows take at most this many bytes: on a CPU
+# large enough that the per-block Python and dispatch work stays small (8 MiB blocks of 28 queries made it
+# a third of the time at N = 10 000), their arrays reused from the heap (`heap`); on a GPU the block bounds
+# the memory (three arrays of this size) whatever D.
+BLOCK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 SEARCH_ROWS = 4096  # queries per index search at most (a torch search holds a (rows, 16 384) block)
 
 
