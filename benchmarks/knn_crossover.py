@@ -72,18 +72,19 @@ def timed(x, sigmas, cfg: EstimatorConfig, repeats: int):
 def run(n: int, seed: int, args) -> dict:
     x = photo_patches(n, seed)
     sigmas = np.geomspace(args.sigma_min, args.sigma_max, args.sigmas)
-    knn_cfg = EstimatorConfig(estimator="knn", subset_size=args.subset_size, seed=seed)
+    one = dict(seed=seed, queries_per_sample=1)  # M = N queries, the same for both
+    knn_cfg = EstimatorConfig(estimator="knn", subset_size=args.subset_size, **one)
     rows = knn_cfg.resolve(*x.shape).rows_per_batch
-    exact_default_rows = EstimatorConfig(estimator="exact").resolve(*x.shape).rows_per_batch
+    exact_default_rows = EstimatorConfig(estimator="exact", **one).resolve(*x.shape).rows_per_batch
     knn, knn_cpu, knn_wall, knn_sys = timed(x, sigmas, knn_cfg, args.repeats)
-    exact, ex_cpu, ex_wall, ex_sys = timed(x, sigmas, EstimatorConfig(estimator="exact", seed=seed,
+    exact, ex_cpu, ex_wall, ex_sys = timed(x, sigmas, EstimatorConfig(estimator="exact", **one,
                                                                         rows_per_batch=rows), args.repeats)
-    out = {"n": n, "seed": seed, "rows_per_batch": rows,
+    out = {"n": n, "seed": seed, "rows_per_batch": rows, "queries": int(knn.n_queries),
            "knn": {"cpu_s": knn_cpu, "wall_s": knn_wall, "system_s": knn_sys,
                    "search_s": knn.timings.get("search_s"), "index_build_s": knn.timings.get("index_build_s")},
            "exact_same_rows": {"cpu_s": ex_cpu, "wall_s": ex_wall, "system_s": ex_sys}}
     if args.exact_default_rows and exact_default_rows != rows:
-        _, c, w, s = timed(x, sigmas, EstimatorConfig(estimator="exact", seed=seed), args.repeats)
+        _, c, w, s = timed(x, sigmas, EstimatorConfig(estimator="exact", **one), args.repeats)
         out["exact_default_rows"] = {"rows_per_batch": exact_default_rows, "cpu_s": c, "wall_s": w, "system_s": s}
     exact_cpu = min(ex_cpu, out.get("exact_default_rows", {}).get("cpu_s", ex_cpu))
     useful = exact.j_star > 1e-3 * exact.total_variance
