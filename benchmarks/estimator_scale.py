@@ -394,12 +394,15 @@ def main(argv=None):
     p.add_argument("--sigmas", type=int, default=16, help="σ count (log-spaced from 0.002 to 80)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: about a minute")
     p.add_argument("--no-split", dest="split", action="store_false", help="no profiler (no stage split)")
+    p.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.synthetic_sizes, args.synthetic_dim, args.queries = "500,1000", "500", 1024, 1000
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the FAISS index takes torch's thread count when built
     args.sigma_grid = sigma_grid(args.sigmas)
     device = torch.device(args.device)
     limits = hardware_limits(device)
@@ -427,7 +430,7 @@ def main(argv=None):
     m_values = sorted({3000, 20000, *([max(spreads)] if spreads else [])})
     results = {
         "benchmark": "estimator_scale", "date": dt.date.today().isoformat(), "device": device_label(device),
-        "torch": torch.__version__, "faiss": getattr(faiss_module(), "__version__", None),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "faiss": getattr(faiss_module(), "__version__", None),
         "queries": "M per σ = --queries",
         "sigmas": args.sigma_grid.tolist(), "hardware_limits": limits, "cases": cases,
         "growth_exponent": growth,
