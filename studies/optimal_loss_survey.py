@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", action="append", default=[], metavar="SRC",
                    help="a data set besides the bundled one (repeatable); any source `lossfloor estimate` reads")
     p.add_argument("--estimator", default="auto",
-                   help="auto | exact | knn | snis | dol | cdol (auto: exact up to 5000 samples on a CPU, 50000 on CUDA, else knn)")
+                   help="auto | exact | knn | snis | dol | cdol (auto: exact up to 10 000 samples on a CPU, 50 000 on CUDA, else knn)")
     p.add_argument("--subset-size", type=int, default=None, metavar="L",
                    help="reference subset size of snis/dol/cdol (default min(4096, N))")
     p.add_argument("--sigma-grid", default=None, metavar="MIN:MAX:COUNT",
