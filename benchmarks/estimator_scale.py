@@ -8,7 +8,7 @@ Per data set and N:
 - exact: the reference. Its wall time, and the per-query spread of its terms (stderr·√M / J*), hence the
   queries a 1 % Monte-Carlo half-width needs: M₁ = (1.96 · spread / 0.01)².
 - cdol and knn: a ladder of L (knn 128, 256, 512, …; cdol 512, 2 048, 8 192, …) until the worst true
-  error against the exact estimator on the same queries (same seed and batches) is ≤ 1 % at every σ with
+  error against the exact estimator on the same queries (same seed) is ≤ 1 % at every σ with
   J* > 1e-3·J*(∞); "time to 1 %" is the wall time of that run (none: the ladder reached N, i.e. exact).
 - every run: wall time split into search (the neighbour index: build + search, from the estimate's
   timings), gathers (row gathers and scatters: aten::index, index_select, gather, …), GEMMs (mm, bmm, …),
@@ -285,7 +285,7 @@ def timed_estimate(x, sigmas: np.ndarray, cfg: EstimatorConfig, split: bool) -> 
     rec = {"seconds": wall, "search_s": e.timings.get("search_s", 0.0) + e.timings.get("index_build_s", 0.0),
            "peak_rss_increase_bytes": mem.increase,
            "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "queries": int(e.n_queries), "L": int(cfg.subset_size or 0)}
+           "queries": int(e.n_queries), "L": int(cfg.subset_size or 0), "rows_per_batch": int(e.config.rows_per_batch)}
     if dev.type == "cuda":
         rec["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
     if split:
@@ -317,8 +317,7 @@ def growth_exponent(ns, secs) -> float | None:
 
 def run_case(name: str, x: np.ndarray, args, limits: dict) -> dict:
     n, d = x.shape
-    rows = math.ceil(n / args.batches)
-    base = {"seed": args.seed, "device": args.device, "rows_per_batch": rows}
+    base = {"seed": args.seed, "device": args.device}  # each estimator's own batch size: the same queries anyway
     out = {"data": name, "n_samples": n, "dim": d, "runs": {}}
     ex, rec = timed_estimate(x, args.sigma_grid, query_config(args.queries, estimator="exact", **base), args.split)
     counted = ex.j_star > THRESHOLD * ex.total_variance
@@ -350,7 +349,7 @@ def run_case(name: str, x: np.ndarray, args, limits: dict) -> dict:
                             "L_to_1pct": hit["L"] if hit else None}
     for est, r in out["runs"].items():
         for rec in r["ladder"]:
-            _add_model(rec, est, n, d, rows, len(args.sigma_grid), limits)
+            _add_model(rec, est, n, d, rec["rows_per_batch"], len(args.sigma_grid), limits)
     return out
 
 
@@ -398,8 +397,6 @@ def main(argv=None):
     p.add_argument("--synthetic-sizes", default="5000,20000,80000", help="N of the low-rank mixture")
     p.add_argument("--synthetic-dim", type=int, default=1024)
     p.add_argument("--queries", type=int, default=8192, help="M per σ")
-    p.add_argument("--batches", type=int, default=16,
-                   help="batches per estimate (the same for every estimator of a case: the same queries)")
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop a ladder after a run this long")
     p.add_argument("--sigmas", type=int, default=16, help="σ count (log-spaced from 0.002 to 80)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: about a minute")

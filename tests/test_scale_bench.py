@@ -79,7 +79,7 @@ def test_estimator_scale_runs_end_to_end_on_tiny_sizes(tmp_path, monkeypatch):
                         lambda device: {"gemm_fp32_flops_per_s": 1e10, "copy_bytes_per_s": 1e10, "gemm_size": 0})
     out = tmp_path / "scale.json"
     estimator_scale.main(["--sizes", "150,200", "--synthetic-sizes", "150", "--synthetic-dim", "1024",
-                          "--queries", "150", "--batches", "8", "--sigmas", "4", "--out", str(out)])
+                          "--queries", "150", "--sigmas", "4", "--out", str(out)])
     res = json.loads(out.read_text())
     assert [c["n_samples"] for c in res["cases"]] == [150, 200, 150]
     case = res["cases"][1]
