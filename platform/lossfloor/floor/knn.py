@@ -6,8 +6,9 @@ Per query (source s, y = x_s + σε) the posterior over the N samples is estimat
 
 1. A = {s} ∪ the k - 1 nearest distinct samples of y from a neighbour index (k = L/2). A may be any
    deterministic function of (s, y): an approximate index lowers efficiency, never validity. Where the
-   kernel is flat enough that neighbours no longer help (`searched`: √(2D)·s_x/σ ≤ 2, s_x the data's
-   per-coordinate standard deviation), there is no search: A = {s}, k = 1, and the L - 1 others are drawn.
+   kernel is flat enough that neighbours no longer help (`searched`: √(2D)·s_x/σ ≤ 2, s_x the distinct
+   points' per-coordinate standard deviation), there is no search: A = {s}, k = 1, and the L - 1 others
+   are drawn.
 2. U = L - k samples drawn uniformly, without replacement, from the samples of the rest (B: the samples
    whose distinct point is not in A; a duplicated point is drawn as often as it occurs, so the draw
    follows the data's mass, not its distinct points), split into halves U₁, U₂. Each query brings its own
