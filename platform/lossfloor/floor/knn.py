@@ -264,7 +264,8 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     row_bytes = (min(len(sigmas), SIGMA_CHUNK) * k + n_draw) * data.points.shape[1] * data.points.element_size()
     step = max(1, BLOCK_BYTES.get(dev.type, BLOCK_BYTES["cuda"]) // row_bytes)
     sig = np.asarray(sigmas, dtype=np.float64).tolist()
-    x0, e = _query_points(data, xs_idx, eps)
+    xs = take_rows(data.points, xs_idx, dev)  # (B, D): the sources (a mixture: their components' means)
+    x0, e = _query_points(data, xs, xs_idx, eps)
     if everything:
         A = torch.arange(k, device=dev).expand(B, len(sig), -1)  # (B, S, U)
         validA = torch.ones_like(A, dtype=torch.bool)
@@ -276,7 +277,7 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     out = torch.empty(B, 3, len(sig), dtype=torch.float64, device=dev)
     for b0 in range(0, B, step):
         blk = slice(b0, min(B, b0 + step))
-        out[blk] = _block_terms(data, xs_idx[blk], eps[blk], sig, C[blk], A[blk], validA[blk], n_u=n_u)
+        out[blk] = _block_terms(data, xs[blk], x0[blk], e[blk], sig, C[blk], A[blk], validA[blk], n_u=n_u)
     return out
 
 
@@ -297,25 +298,23 @@ def _neighbour_sets_of_grid(data: KnnData, x0, e, xs_idx, sig: list[float], k: i
     return A, validA
 
 
-def _query_points(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor):
-    """(x0, ε) of queries y = x0 + σε: x0 the source (a mixture: its component's mean plus its std times z),
-    ε the noise (a mixture's second half of eps)."""
-    xs = take_rows(data.points, xs_idx, eps.device)
+def _query_points(data: KnnData, xs: torch.Tensor, xs_idx: torch.Tensor, eps: torch.Tensor):
+    """(x0, ε) of queries y = x0 + σε: x0 the source xs (a mixture: its component's mean plus its std times
+    z), ε the noise (a mixture's second half of eps)."""
     if data.stds is None:
         return xs, eps
     z, e = query_noise(eps)
     return xs + take_rows(data.stds, xs_idx, eps.device) * z, e
 
 
-def _block_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sig: list[float], C: torch.Tensor,
-                 A: torch.Tensor, validA: torch.Tensor, *, n_u: torch.Tensor) -> torch.Tensor:
-    """`knn_terms` of a block of queries: each query's candidates C (B, n_draw), neighbour sets A and their
-    validity (B, S, k)."""
+def _block_terms(data: KnnData, xs: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, sig: list[float],
+                 C: torch.Tensor, A: torch.Tensor, validA: torch.Tensor, *, n_u: torch.Tensor) -> torch.Tensor:
+    """`knn_terms` of a block of queries y = x0 + σε: their sources xs (B, D) (a mixture: the components'
+    means, the reference of f), each query's candidates C (B, n_draw), neighbour sets A and their validity
+    (B, S, k)."""
     P, mixture = data.points, data.stds is not None
     B, dev = eps.shape[0], eps.device
     S, k = A.shape[1:]
-    xs = take_rows(P, xs_idx, dev)  # (B, D): the source (a mixture: its component's mean, the reference of f)
-    x0, eps = _query_points(data, xs_idx, eps)
     xs64 = xs.double()
     ys = [x0 + sigma * eps for sigma in sig]
     multA = data.mult[A] * validA  # (B, S, k)
