@@ -2,8 +2,9 @@
 
 `reference_knn_terms` below is that implementation (only renamed; since each query draws its own
 candidates, its per-batch shared draws are gone and it takes the per-query draws), an independent
-reference: per σ, the neighbours' rows gathered and reduced one σ at a time, the membership of the draws
-in A by a (B, n_draw, k) comparison, and ten separate reductions per half. The fast one (`knn.knn_terms`)
+reference: per σ, one neighbour search (`knn.neighbour_sets`, the rule both share), the neighbours' rows
+gathered and reduced one σ at a time, the membership of the draws in A by a (B, n_draw, k) comparison,
+and ten separate reductions per half. The fast one (`knn.knn_terms`)
 must give the same channels on the same kernels: same data, noise and draws.
 """
 
@@ -12,31 +13,17 @@ import pytest
 import torch
 
 from lossfloor.floor.kernel import take_rows
-from lossfloor.floor.knn import BETA_MAX, KnnData, draw_count, knn_terms, prepare_knn, searched
+from lossfloor.floor.knn import (
+    BETA_MAX,
+    KnnData,
+    draw_count,
+    knn_terms,
+    neighbour_sets,
+    prepare_knn,
+    searched,
+)
 from lossfloor.floor.mixture import component_terms, query_noise, total_f_q
 from oracles import product_data
-
-
-def _ref_neighbour_sets(data: KnnData, y: torch.Tensor, src: torch.Tensor, k: int):
-    """A per query: (B, k) point indices, the source first, and a (B, k) mask of valid entries.
-
-    The k - 1 nearest distinct samples of y other than the source; repeats that an approximate index may
-    return are masked out (A is then smaller; the estimator accounts for |A| per query).
-    """
-    nbr = data.index.search(y, k)  # (B, k)
-    take = nbr != src[:, None]
-    order = torch.argsort((~take).to(torch.int8), dim=1, stable=True)[:, : k - 1]  # non-source first
-    others = nbr.gather(1, order)  # (B, k-1)
-    A = torch.cat([src[:, None], others], 1)  # (B, k)
-    valid = torch.ones_like(A, dtype=torch.bool)
-    valid[:, 1:] = take.gather(1, order)  # a row with k non-source neighbours keeps k-1 of them
-    if k > 1:
-        sorted_a, pos = A.masked_fill(~valid, -1).sort(1)
-        dup = torch.zeros_like(valid)
-        dup.scatter_(1, pos[:, 1:], (sorted_a[:, 1:] == sorted_a[:, :-1]) & (sorted_a[:, 1:] >= 0))
-        valid &= ~dup
-    return A, valid
-
 
 
 def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *, subset_size: int,
@@ -77,7 +64,7 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
             A = torch.arange(k, device=dev).expand(B, -1)  # (B, U)
             validA = torch.ones_like(A, dtype=torch.bool)
         elif searched(data, sigma):
-            A, validA = _ref_neighbour_sets(data, y, xs_idx, k)  # (B, k)
+            A, validA = neighbour_sets(data, y, xs_idx, k)  # (B, k): the one neighbour-set rule, per σ
         else:  # no search: A = {source}, the L - 1 others drawn
             A = xs_idx[:, None].expand(B, k)
             validA = torch.arange(k, device=dev)[None, :].expand(B, k) == 0
