@@ -117,7 +117,7 @@ def test_class_plan_numbers_batches_class_after_class(labelled):
     assert all(np.all(labels[m] == c) for m, c in zip(plan.members, plan.labels))
     assert [c.estimator for c in plan.configs] == ["exact", "exact"]  # L >= N_c: the whole class
     assert [(p.first_batch, p.n_batches) for p in plan.plans] == [(0, 14), (14, 12)] and plan.n_batches == 26
-    assert plan.class_of(13) == 0 and plan.class_of(14) == 1 and plan.rows(14) == range(0, 9)  # 9 queries
+    assert plan.class_of(13) == 0 and plan.class_of(14) == 1 and plan.queries(14) == range(0, 9)  # 9 queries
     with pytest.raises(InputError, match="class 3 has 1 sample"):
         class_plan(np.array([0, 0, 3]), EstimatorConfig(), 2)
     with pytest.raises(InputError, match="--rel-error"):

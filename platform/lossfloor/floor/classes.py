@@ -2,7 +2,7 @@
 
 The class-conditional floor (`lossfloor.floor.conditional`) estimates each class's J*_c over its own N_c
 samples with the same estimator and settings, resolved for N_c (`EstimatorConfig.resolve`: auto is exact
-for N_c ≤ 5000 on a CPU; an L of N_c or more is the exact estimator). The classes' batches are numbered one
+for N_c ≤ 10 000 on a CPU; an L of N_c or more is the exact estimator). The classes' batches are numbered one
 after another (class k's first batch follows class k-1's last: `QueryPlan.first_batch`), and each class's
 queries are keyed by its label (`QueryPlan.key`): their order, noise and draws come from (seed, label,
 source within the class, round), independent between classes, whichever process computes them.
@@ -64,9 +64,9 @@ class ClassPlan:
         """The class (its position in `labels`) whose batches hold `batch_index`."""
         return bisect.bisect_right([p.first_batch for p in self.plans], batch_index) - 1
 
-    def rows(self, batch_index: int) -> range:
-        """The batch's source rows within its class (`QueryPlan.rows`)."""
-        return self.plans[self.class_of(batch_index)].rows(batch_index)
+    def queries(self, batch_index: int) -> range:
+        """The batch's query numbers within its class (`QueryPlan.queries`)."""
+        return self.plans[self.class_of(batch_index)].queries(batch_index)
 
 
 def class_plan(labels, config: EstimatorConfig, dim: int,

@@ -258,18 +258,18 @@ def run_pass(
     """All partials of a resolved config: those in `store` or `reuse` (batch index -> partial, e.g. the
     previous rounds' of a precision target), plus the missing ones computed by `runner`.
 
-    plan: the pass's batches (`query_plan`, or a `classes.ClassPlan`): n_batches, rows(b)."""
+    plan: the pass's batches (`query_plan`, or a `classes.ClassPlan`): n_batches, queries(b)."""
     t0 = time.monotonic()
     done = dict(store.done) if store is not None else {}
     if reuse is not None:
         done.update(reuse)
     # a batch counts when it holds the plan's queries (a smaller budget's last batch may be short)
-    done = {b: p for b, p in done.items() if b < plan.n_batches and p.count == len(plan.rows(b))}
+    done = {b: p for b, p in done.items() if b < plan.n_batches and p.count == len(plan.queries(b))}
     missing = [b for b in range(plan.n_batches) if b not in done]
     if done and store is not None:
         log.info("work dir %s: %d of %d batches already done, computing %d",
                  store.path, len(done), plan.n_batches, len(missing))
-    total = sum(len(plan.rows(b)) for b in missing)
+    total = sum(len(plan.queries(b)) for b in missing)
     bar = None
     first_batch_s = None
     wanted = set(missing)
@@ -312,7 +312,7 @@ def run_batches(
         data = floor_data(data, cfg)
     plan = query_plan(cfg, data.x.shape[0])
     batches = range(plan.n_batches) if batches is None else batches
-    bar = Progress(f"estimate {cfg.estimator}", sum(len(plan.rows(b)) for b in batches), enabled=progress)
+    bar = Progress(f"estimate {cfg.estimator}", sum(len(plan.queries(b)) for b in batches), enabled=progress)
     out = []
     for part in _computed(data, sigmas, cfg, batches):
         out.append(part)

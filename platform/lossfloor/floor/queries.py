@@ -74,12 +74,6 @@ def block_seed(seed: int, key: int, block: int, stream: int) -> int:
     return int(ss.generate_state(1, np.uint64)[0] >> 1)
 
 
-def generator(seed: int, index: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(batch_seed(seed, index, stream))
-    return g
-
-
 def normal_rows(seeds: np.ndarray, dim: int, device: torch.device | str = "cpu", parts: int = 1) -> torch.Tensor:
     """(B, parts·dim) float32 standard normals, row i drawn by a generator seeded with seeds[i]: `parts`
     draws of `dim` values one after the other (separate draws: torch's values depend on a draw's size, so
@@ -163,10 +157,6 @@ class QueryPlan:
         """The query numbers q of a batch."""
         start = (batch_index - self.first_batch) * self.rows_per_batch
         return range(start, min(start + self.rows_per_batch, self.n_queries))
-
-    def rows(self, batch_index: int) -> range:
-        """The queries of a batch (their count is the batch's size)."""
-        return self.queries(batch_index)
 
     def order(self) -> torch.Tensor:
         """π: the sources' order, (N,) long (drawn once per plan)."""
