@@ -3,9 +3,9 @@
 Data: 8×8×3 patches cut (stride 4) from the two photographs scikit-learn ships
 (`sklearn.datasets.load_sample_images`), scaled to [-1, 1], N drawn without replacement (seeded) for each
 N of `--sizes`. For each N and seed, exact and knn (L = `--subset-size`) estimate J* at `--sigmas` σ with
-K = 1 query per sample and the same `rows_per_batch` (knn's default), so both see the same sources and
-noise: knn's true error is its estimate minus exact's on the same queries (relative, over the σ where
-J* > 1e-3·J*(∞)). Exact is also timed at its own default batch size. Each run is repeated `--repeats`
+K = 1 query per sample (the same seeded queries for both, whatever their batch size; both run at knn's
+default `rows_per_batch`): knn's true error is its estimate minus exact's on the same queries (relative,
+over the σ where J* > 1e-3·J*(∞)). Exact is also timed at its own default batch size. Each run is repeated `--repeats`
 times and the least CPU time (user + system, this process) kept: the machine may be shared.
 
 Prints JSON (`_report.emit`); `--out` writes it. Imports only numpy, torch, scikit-learn's sample images
@@ -34,18 +34,12 @@ from lossfloor.floor import EstimatorConfig, estimate  # noqa: E402
 
 
 def photo_patches(n: int, seed: int, size: int = 8, stride: int = 4) -> np.ndarray:
-    """(n, size·size·3) float32 patches of scikit-learn's sample photographs in [-1, 1], n drawn without
-    replacement from every stride-th position."""
-    from sklearn.datasets import load_sample_images
+    """(n, size·size·3) float32 patches of scikit-learn's sample photographs in [-1, 1] (each flattened
+    height, width, channel), n drawn without replacement from every stride-th position."""
+    from lossfloor.data.bundled import patches, sample_photos
 
-    rows = []
-    for image in load_sample_images().images:
-        a = image.astype(np.float32) / 127.5 - 1.0
-        h, w, _ = a.shape
-        for i in range(0, h - size + 1, stride):
-            for j in range(0, w - size + 1, stride):
-                rows.append(a[i:i + size, j:j + size].reshape(-1))
-    rows = np.stack(rows)
+    rows = np.concatenate([patches(image, size, stride).transpose(0, 2, 3, 1).reshape(-1, size * size * 3)
+                           for image in sample_photos()]).astype(np.float32) / 127.5 - 1.0
     if n > len(rows):
         raise SystemExit(f"--sizes: at most {len(rows)} patches at stride {stride}, got {n}")
     return rows[np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))]
