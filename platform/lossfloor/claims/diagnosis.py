@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from lossfloor.claims.seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from lossfloor.claims.seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, interval_text
 
 Z = 1.959964
 EPS_MODELS = ("ncsn", "ddpm-eps")  # the ε-prediction parametrisations of `lossfloor train --process`
@@ -83,17 +83,13 @@ def gaps_of(table) -> dict:
             "se": [r["gap_stderr"] for r in rows]}
 
 
-def _iv(d: dict) -> str:
-    return f"{d['mean']:.3g} [{d['lo']:.3g}, {d['hi']:.3g}]"
-
-
 def describe(gaps: dict[str, dict], data: str) -> list[dict]:
     """Both diagnosis claims in words, with every number from `gaps`."""
     e, p = eps_claim(gaps), peak_claim(gaps)
-    eps_text = "; ".join(f"{m} − {REFERENCE}: {_iv(v['at_largest_sigma'])} (their ratio largest at σ = "
+    eps_text = "; ".join(f"{m} − {REFERENCE}: {interval_text(v['at_largest_sigma'])} (their ratio largest at σ = "
                          f"{v['sigma_of_largest_ratio']:.3g})" for m, v in e["models"].items())
     peak_text = "; ".join(f"{m}: peak at σ = {v['sigma_of_peak']:.3g}, minus the low end "
-                          f"{_iv(v['peak_minus_low_end'])}, minus the high end {_iv(v['peak_minus_high_end'])}"
+                          f"{interval_text(v['peak_minus_low_end'])}, minus the high end {interval_text(v['peak_minus_high_end'])}"
                           for m, v in p["models"].items())
     return [
         {"id": "eps-high-sigma", "claim": "ε-prediction errs most at high σ",

@@ -18,7 +18,15 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lossfloor.claims.seeds import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Interval, interval, paired
+from lossfloor.claims.seeds import (
+    INCONCLUSIVE,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    Interval,
+    interval,
+    interval_text,
+    paired,
+)
 from lossfloor.floor import EstimatorConfig, estimate
 
 FLOOR_LEVEL = 1e-3  # σ where J* ≤ FLOOR_LEVEL·J*(∞) are left out of relative errors
@@ -140,14 +148,10 @@ def queries_claim(result: dict) -> dict:
             "last_minus_first": {k: v.to_dict() for k, v in by.items()}}
 
 
-def _iv(d: dict) -> str:
-    return f"{d['mean']:.3g}" if d["n"] == 1 else f"{d['mean']:.3g} [{d['lo']:.3g}, {d['hi']:.3g}]"
-
-
 def describe(c_result: dict, q_result: dict | None, data: str) -> list[dict]:
     """The estimator claims in words, with every number from the results (`c_claim`, `queries_claim`)."""
     c = c_claim(c_result)
-    scores_text = "; ".join(f"{label} {_iv(iv)}" for label, iv in c["score"].items())
+    scores_text = "; ".join(f"{label} {interval_text(iv)}" for label, iv in c["score"].items())
     where = (f"{data}, N = {c_result['n']}, L = {c_result['subset_size']}, {len(c_result['sigmas'])} σ in "
              f"[{min(c_result['sigmas']):.3g}, {max(c_result['sigmas']):.3g}], seeds {c_result['seeds']}")
     out = [{"id": "cdol-c", "claim": "cDOL's error is lowest at C ≈ 4N/L",
@@ -157,7 +161,7 @@ def describe(c_result: dict, q_result: dict | None, data: str) -> list[dict]:
             "verdict": c["verdict"], "data": where, "detail": c}]
     if q_result is not None:
         q = queries_claim(q_result)
-        text = "; ".join(f"{label} {_iv(ivs[0])} → {_iv(ivs[-1])}" for label, ivs in q["score"].items())
+        text = "; ".join(f"{label} {interval_text(ivs[0])} → {interval_text(ivs[-1])}" for label, ivs in q["score"].items())
         out.append({"id": "queries-convergence", "claim": "cDOL converges as queries are added",
                     "paper": "the estimate converges with the number of subsets (queries) averaged (Fig. 4)",
                     "measured": f"mean |relative error| over σ from M = {q['queries'][0]} to M = {q['queries'][-1]}: "

@@ -50,6 +50,11 @@ def interval(values, level: float = 0.95) -> Interval:
     return Interval(mean, mean - half, mean + half, len(v))
 
 
+def interval_text(d: dict) -> str:
+    """An interval's dict (`Interval.to_dict`) as "mean [lo, hi]" (the mean alone for one seed)."""
+    return f"{d['mean']:.3g}" if d["n"] == 1 else f"{d['mean']:.3g} [{d['lo']:.3g}, {d['hi']:.3g}]"
+
+
 def paired(a, b) -> Interval:
     """The interval of the per-seed differences a_s - b_s (a and b measured on the same seeds)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
