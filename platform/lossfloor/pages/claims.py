@@ -174,7 +174,5 @@ def claims_page(parts: Mapping[str, Mapping], *, title: str, about: Mapping[str,
     return page_html(title, sections, about=about)
 
 
-
-
 __all__ = ["claims_page", "diagnosis_figure", "estimator_figure", "queries_figure", "scaling_figure", "schedule_figure", "survey_figure",
            "verdict_table"]
