@@ -76,17 +76,18 @@ EW_FLOPS = 8  # element-wise flops per entry of a per-σ (B, L) array (exp count
 # ---------------------------------------------------------------------------------------------------
 # Cost model
 
-def search_points(n: int, d: int, index: str, *, nprobe: int = IVF_NPROBE, hnsw_m: int = 32, ef: int = 64,
-                  pca: int | None = None) -> float:
-    """Points (of dimension d, or pca) a single search compares its query with: flat N; IVF nlist
-    centroids + nprobe lists of N/nlist (nlist = 4√N, as `neighbours`); HNSW about efSearch·M."""
+def search_points(n: int, d: int, index: str, *, k: int = 64, nprobe: int = IVF_NPROBE, hnsw_m: int = 32,
+                  ef: int = 64, pca: int | None = None) -> float:
+    """Points (of dimension d, or pca) a single search of k neighbours compares its query with: flat N;
+    IVF nlist centroids + the lists probed, nprobe of N/nlist or enough to hold 2k points (nlist = 4√N, as
+    `neighbours`); HNSW about max(efSearch, 2k)·M."""
     if index == "flat":
         return float(n)
     if index == "ivf":
         nlist = max(1, int(4 * math.sqrt(n)))
-        return nlist + min(nprobe, nlist) * n / nlist
+        return nlist + min(n, max(min(nprobe, nlist) * n / nlist, 2 * k))
     if index == "hnsw":
-        return float(ef * hnsw_m)
+        return float(max(ef, 2 * k) * hnsw_m)
     raise ValueError(f"index: expected flat, ivf or hnsw, got {index!r}")
 
 
@@ -102,17 +103,18 @@ def cost_model(estimator: str, *, n: int, m: int, L: int, d: int, sigmas: int, b
     - gemm: matrix products. exact/cdol (`floor.kernel`): per batch the σ-independent Dxx, Dex
       (2 GEMMs (B,d)·(d,L): 4·B·L·d), and when L < d the reference distances Dref (2·L²·d); per σ and
       level (exact: L; cdol: L, L/2, L/4) the posterior mean w·X (2·B·ℓ·d) or, with Dref, w·Dref
-      (2·B·ℓ²). knn (`floor.knn`, k = L/2 nearest, n_draw = L candidates, σ in chunks of
-      knn.SIGMA_CHUNK): per σ Σ w f and Σ m f over A (a bmm of 2 weight rows per σ with the chunk's r
-      distinct A rows: 4·B·r·d per σ, r = a_share·s·k for a chunk of s σ; a_share = 1, every σ's A
-      different, is the upper bound, 1/s the lower) and over the two halves of U (4 rows: 8·B·L·d), and the
-      scalar sums over A and U (8·B·k + 24·B·L).
+      (2·B·ℓ²). knn (`floor.knn`, k = the width of A and the bands' draws (`knn.layout`), n_draw
+      candidates (`knn.draws_needed`, ≥ L), σ in chunks of knn.SIGMA_CHUNK): per σ the weighted sums over those k (a bmm of 4 weight
+      rows per σ — each half, both, plain — with the chunk's r distinct rows: 8·B·r·d per σ,
+      r = a_share·s·k for a chunk of s σ; a_share = 1, every σ's rows different, is the upper bound, 1/s
+      the lower) and over the rest's draws (6 rows: 12·B·L·d), and the scalar sums (16·B·k + 36·B·L).
     - elementwise: the per-σ work on (B, L) arrays (EW_PASSES passes, EW_FLOPS flops an entry); knn also
       on its (B, k, d) gathered differences (EW_PASSES["knn_rows"] passes, 4 flops an entry).
     - gathers: rows moved: the batch's sources (m·d), cdol's reference rows per batch (L·d), knn's A rows
       per σ (m·k·d read and written) and candidate rows per batch.
     - search (knn): per σ (search_sigmas of them; default all) every query compared with
-      `search_points` points: 2·m·P·d' flops (d' = pca or d) and the P·d' values read per query batch
+      `search_points` points (a search to the layout's depth, 4 096 ranks at L = 128 on large data):
+      2·m·P·d' flops (d' = pca or d) and the P·d' values read per query batch
       (the index streamed once per batch of queries); a PCA projection adds 2·m·d·pca.
 
     Bytes count reads and writes of `bytes_per_value`-byte values; they bound memory traffic from below
@@ -147,19 +149,20 @@ def cost_model(estimator: str, *, n: int, m: int, L: int, d: int, sigmas: int, b
                 add("gemm", 2.0 * m * ell * d, v * (m * ell + nb * ell * d + m * d), per_sigma=True)
             add("elementwise", EW_FLOPS * m * ell, EW_PASSES[estimator] * v * m * ell, per_sigma=True)
     elif estimator == "knn":
-        from lossfloor.floor.knn import SIGMA_CHUNK
+        from lossfloor.floor.knn import SIGMA_CHUNK, draws_needed, layout
 
-        k, n_draw = L // 2, L
+        lay = layout(n, L)
+        k, n_draw = lay.width, draws_needed(n, n, L)  # the σ-dependent rows: A and the bands' draws
         chunks = [min(SIGMA_CHUNK, sigmas - c) for c in range(0, sigmas, SIGMA_CHUNK)]
         r_rows = sum(a_share * s_ch * k * s_ch for s_ch in chunks) / sigmas  # Σ over chunks of r·s, per σ
         add("gathers", 0.0, 2 * v * (m * d + m * n_draw * d))  # sources and each query's candidates
         add("gathers", 0.0, 2 * v * m * a_share * k * d, per_sigma=True)  # a chunk's distinct A rows, per σ
-        add("gemm", 4.0 * m * r_rows * d + 8.0 * m * n_draw * d + 8.0 * m * k + 24.0 * m * n_draw,
+        add("gemm", 8.0 * m * r_rows * d + 12.0 * m * n_draw * d + 16.0 * m * k + 36.0 * m * n_draw,
             v * (2 * m * r_rows * d + 4 * m * n_draw * d), per_sigma=True)
         add("elementwise", 4.0 * m * n_draw * d + EW_FLOPS * m * (k + n_draw),
             EW_PASSES["knn_rows"] * v * m * k * d + EW_PASSES["knn_draws"] * v * m * n_draw, per_sigma=True)
         dim = pca or d
-        pts = search_points(n, dim, index)
+        pts = search_points(n, dim, index, k=lay.depth)
         s_sigmas = sigmas if search_sigmas is None else search_sigmas
         search_flops = 2.0 * m * pts * dim + (2.0 * m * d * pca if pca else 0.0)
         search_bytes = v * (nb * pts * dim + m * d)

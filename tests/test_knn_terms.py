@@ -1,11 +1,13 @@
-"""The GEMM-shaped knn batch terms equal the per-σ element-wise implementation they replaced, to round-off.
+"""The GEMM-shaped knn batch terms equal a per-query reference implementation of the estimator, to round-off.
 
-`reference_knn_terms` below is that implementation (only renamed; since each query draws its own
-candidates, its per-batch shared draws are gone and it takes the per-query draws), an independent
-reference: per σ, one neighbour search (`knn.neighbour_sets`, the rule both share), the neighbours' rows
-gathered and reduced one σ at a time, the membership of the draws in A by a (B, n_draw, k) comparison,
-and ten separate reductions per half. The fast one (`knn.knn_terms`)
-must give the same channels on the same kernels: same data, noise and draws.
+`reference_knn_terms` below follows the module docstring of `lossfloor.floor.knn` one query and one σ at a
+time, in float64 NumPy: the ranks Z = (source, the depth - 1 nearest) from the same index, A = Z's first k,
+each band's draws at the positions the query's own band stream drew (`queries.uniform_subsets`, the shared
+random numbers), the rest = every sample outside the searched set with the first draws of the query's
+uniform draws that fall there, each drawn kernel weighed by its stratum's size over its draws in the half,
+and the sums and the control variate written out term by term. The fast one (`knn.knn_terms`: gathers,
+batched products, σ chunks, blocks of queries) must give the same channels on the same kernels: same data,
+noise and draws.
 """
 
 import numpy as np
@@ -16,141 +18,130 @@ from lossfloor.floor.kernel import take_rows
 from lossfloor.floor.knn import (
     BETA_MAX,
     KnnData,
+    Layout,
     draw_count,
     knn_terms,
-    neighbour_sets,
+    layout,
     prepare_knn,
     searched,
 )
 from lossfloor.floor.mixture import component_terms, query_noise, total_f_q
+from lossfloor.floor.queries import uniform_subsets
 from oracles import product_data
 
 
 def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *, subset_size: int,
-                        draws: torch.Tensor) -> torch.Tensor:
-    """Per-query channels (cross, plain - cross, Richardson - cross) for every σ: (B, 3, S) float64.
-
-    xs_idx: (B,) distinct-sample index of each query's source; eps: (B, D) its noise ((B, 2D) for a
-    mixture: z then ε). L = subset_size; from L >= U distinct points on, A holds all of them: B is empty
-    and every query is the exact one.
-    """
-    P, mixture = data.points, data.stds is not None
-    B, dev = eps.shape[0], eps.device
-    everything = subset_size >= data.n_unique
-    k = data.n_unique if everything else subset_size // 2
-    xs = take_rows(P, xs_idx, dev)  # (B, D): the source (a mixture: its component's mean, the reference of f)
+                        draws: torch.Tensor, band_seeds: np.ndarray) -> torch.Tensor:
+    """Per-query channels (cross, plain - cross, Richardson - cross) for every σ: (B, 3, S) float64."""
+    P, mixture, N, U = data.points, data.stds is not None, data.n_samples, data.n_unique
+    B = eps.shape[0]
+    everything = subset_size >= U
+    lay = layout(U, subset_size)
+    xs = take_rows(P, xs_idx, eps.device)
+    x0, e = xs, eps
     if mixture:
-        z, eps = query_noise(eps)
-        x0 = xs + take_rows(data.stds, xs_idx, dev) * z
-    else:
-        x0 = xs
-    xs64 = xs.double()
-    CB = C = data.inverse[draws]  # (B, n_draw): the draws' distinct points
-    multC = torch.ones(CB.shape, dtype=data.mult.dtype, device=dev)  # each drawn sample counts once
-    if not mixture:  # the candidates' σ-independent terms
-        fC_dirac = take_rows(P, C, dev) - xs[:, None]  # (B, n_draw, D)
-        DxxC, DexC = (fC_dirac * fC_dirac).sum(-1), -(eps[:, None] * fC_dirac).sum(-1)
-
-        def wsum_dirac(w):
-            return torch.bmm(w[:, None, :], fC_dirac)[:, 0].double()
-        N = float(data.n_samples)
-        tot_f = data.sum_x[None, :] - N * xs64  # Σ_all m f, (B, D)
-        tot_q = data.sum_sq - 2.0 * (xs64 @ data.sum_x) + N * (xs64 * xs64).sum(1)  # Σ_all m q, (B,)
-
-    out = torch.empty(B, 3, len(sigmas), dtype=torch.float64, device=dev)
-    for i, sigma in enumerate(np.asarray(sigmas, dtype=np.float64).tolist()):
-        y = x0 + sigma * eps
-        if everything:
-            A = torch.arange(k, device=dev).expand(B, -1)  # (B, U)
-            validA = torch.ones_like(A, dtype=torch.bool)
-        elif searched(data, sigma):
-            A, validA = neighbour_sets(data, y, xs_idx, k)  # (B, k): the one neighbour-set rule, per σ
-        else:  # no search: A = {source}, the L - 1 others drawn
-            A = xs_idx[:, None].expand(B, k)
-            validA = torch.arange(k, device=dev)[None, :].expand(B, k) == 0
-        n_u = subset_size - 1 if not everything and not searched(data, sigma) else subset_size - k
+        z, e = query_noise(eps)
+        x0 = xs + take_rows(data.stds, xs_idx, eps.device) * z
+    sig = np.asarray(sigmas, dtype=np.float64).tolist()
+    on = [i for i, sigma in enumerate(sig) if searched(data, sigma)]
+    pos, taken = uniform_subsets(band_seeds, len(on), [b - a for a, b in lay.bands], lay.band_draws)
+    C = data.inverse[draws].numpy()  # (B, n_draw): the draws' distinct points
+    mult = data.mult.double().numpy()
+    out = np.empty((B, 3, len(sig)))
+    for i, sigma in enumerate(sig):
+        y = x0 + sigma * e
+        ids = data.index.search(y, lay.depth - 1).numpy() if i in on and not everything else None
         if mixture:
-            lgA, fA, qA = component_terms(y, xs, take_rows(P, A, dev), take_rows(data.stds, A, dev), sigma)
-            lgC, fC, qC = component_terms(y, xs, take_rows(P, CB, dev), take_rows(data.stds, CB, dev),
-                                          sigma)  # (B, n_draw[, D])
-
-            def wsum(w, fC=fC):
-                return torch.bmm(w[:, None, :], fC)[:, 0].double()
-            tot_f, tot_q = total_f_q(data.totals(sigma), y, xs)
-        else:
-            fA = take_rows(P, A, dev) - xs[:, None]  # (B, k, D), direct differences: exact small distances
-            qA, exA = (fA * fA).sum(-1), (eps[:, None] * fA).sum(-1)
-            lgA = (qA - (2.0 * sigma) * exA) * (-0.5 / sigma**2)
-            lgC, qC, wsum = (DxxC + (2.0 * sigma) * DexC) * (-0.5 / sigma**2), DxxC, wsum_dirac
-        lgA = lgA.masked_fill(~validA, -torch.inf)
-
-        inA = ((CB[:, :, None] == A[:, None, :]) & validA[:, None, :]).any(-1)  # (B, n_draw)
-        free = ~inA
-        rank = free.cumsum(1)
-        multA = data.mult[A] * validA
-        n_b = data.n_samples - multA.sum(1).round().long()  # |B| per query, in samples
-        n_take = torch.minimum(torch.full_like(n_b, n_u), free.sum(1))
-        half = n_take // 2
-        M1 = free & (rank <= half[:, None])
-        M2 = free & (rank > half[:, None]) & (rank <= n_take[:, None])
-
-        m = torch.maximum(lgA.amax(1), lgC.masked_fill(~(M1 | M2), -torch.inf).amax(1))[:, None]
-        wA = multA * torch.exp(lgA - m)  # (B, k), 0 where masked
-        eC = torch.exp(lgC - m)
-        SA_w = wA.sum(1, dtype=torch.float64)
-        SA_wf = torch.bmm(wA[:, None, :], fA)[:, 0].double()
-        SA_wq = (wA * qA).sum(1, dtype=torch.float64)
-        T_f = tot_f - torch.bmm(multA[:, None, :], fA)[:, 0].double()
-        T_q = tot_q - (multA * qA).sum(1, dtype=torch.float64)
-
-        sums = []
-        for Mj in (M1, M2):
-            mj = multC * Mj  # (B, n_draw)
-            wj = mj * eC
-            sums.append({
-                "n": Mj.sum(1, dtype=torch.float64),
-                "w": wj.sum(1, dtype=torch.float64), "wf": wsum(wj),
-                "wq": (wj * qC).sum(1, dtype=torch.float64), "wq2": (wj * qC * qC).sum(1, dtype=torch.float64),
-                "m": mj.sum(1, dtype=torch.float64), "mf": wsum(mj),
-                "mq": (mj * qC).sum(1, dtype=torch.float64), "mq2": (mj * qC * qC).sum(1, dtype=torch.float64),
-            })
-        sums.append({key: sums[0][key] + sums[1][key] for key in sums[0]})  # U₁ ∪ U₂
-
-        deltas, Qs = [], []
-        for s in sums:
-            drawn = s["n"] > 0  # none drawn: B is empty (A holds every point), its terms are 0
-            lam = torch.where(drawn, n_b.double() / s["n"].clamp_min(1.0), 0.0)
-            e_bar = torch.where(drawn, s["w"] / s["m"].clamp_min(1.0), 0.0)
-            beta = _ref_shrinkage(s["wq"] / s["w"] - _ref_sq(s["wf"] / s["w"][:, None]),
-                              s["mq"] / s["m"] - _ref_sq(s["mf"] / s["m"][:, None]), s["w"])
-            beta_q = _ref_shrinkage(s["wq2"] / s["w"] - (s["wq"] / s["w"]) ** 2,
-                                s["mq2"] / s["m"] - (s["mq"] / s["m"]) ** 2, s["w"])
-            den = SA_w + lam * s["w"]
-            deltas.append((SA_wf + lam[:, None] * s["wf"] + (beta * e_bar)[:, None] * (T_f - lam[:, None] * s["mf"]))
-                          / den[:, None])
-            Qs.append((SA_wq + lam * s["wq"] + beta_q * e_bar * (T_q - lam * s["mq"])) / den)
-        d1, d2, d = deltas
-        Q = Qs[2]
-        whole = (n_take == n_b)[:, None]  # U is all of B (small data): the query is exact, no halves
-        d1, d2 = torch.where(whole, d, d1), torch.where(whole, d, d2)
-        cross = Q - (d1 * d2).sum(1)
-        plain = Q - _ref_sq(d)
-        rich = Q - 2.0 * _ref_sq(d) + 0.5 * (_ref_sq(d1) + _ref_sq(d2))
-        out[:, 0, i] = cross
-        out[:, 1, i] = plain - cross
-        out[:, 2, i] = rich - cross
-    return out
+            tot = total_f_q(data.totals(sigma), y, xs)
+        for b in range(B):
+            src = int(xs_idx[b])
+            kernels = []  # (point, (factor in half 1, half 2, both)); drawn kernels of the bands
+            if everything:
+                kernels = [(p, (1.0, 1.0, 1.0)) for p in range(U)]
+                top, rest_draws, cv = set(range(U)), 0, True
+            elif i in on:
+                Z = [src, *ids[b].tolist()]
+                ok = [True] + [z >= 0 and z != src for z in Z[1:]]
+                kernels = [(Z[r], (1.0, 1.0, 1.0)) for r in range(lay.k) if ok[r]]
+                for band, (start, stop) in enumerate(lay.bands):
+                    at = pos[b, on.index(i), band][taken[b, on.index(i), band]].tolist()
+                    for p, f in zip(at, _halves(len(at), stop - start)):
+                        if ok[start + p]:
+                            kernels.append((Z[start + p], f))
+                top = {Z[r] for r in range(len(Z)) if ok[r]}
+                rest_draws, cv = lay.rest_draws, not lay.bands
+            else:  # no search: A = {source}, the rest gets L - 1 draws
+                kernels, top, rest_draws, cv = [(src, (1.0, 1.0, 1.0))], {src}, subset_size - 1, True
+            n_rest = N - sum(mult[p] for p in top)
+            free = [c for c in C[b].tolist() if c not in top][:rest_draws]
+            drawn = list(zip(free, _halves(len(free), n_rest)))
+            out[b, :, i] = _query_channels(data, mixture, y[b], xs[b], e[b], sigma, kernels, drawn, cv, mult,
+                                           tot=(tot[0][b], tot[1][b]) if mixture else None)
+    return torch.from_numpy(out)
 
 
-def _ref_sq(v: torch.Tensor) -> torch.Tensor:
-    return (v * v).sum(1)
+def _halves(t: int, size: float) -> list[tuple[float, float, float]]:
+    """The weights of t ordered draws from a stratum of `size`: the first t//2 are half 1; a stratum drawn
+    whole is known (weight 1 in both halves)."""
+    if t >= size:
+        return [(1.0, 1.0, 1.0)] * t
+    h = t // 2
+    return [(size / h, 0.0, size / t) if r < h else (0.0, size / (t - h), size / t) for r in range(t)]
 
 
-def _ref_shrinkage(var_weighted: torch.Tensor, var_plain: torch.Tensor, w_total: torch.Tensor) -> torch.Tensor:
-    """β = min(BETA_MAX, weighted / unweighted variance), 0 where it is undefined (no mass, no spread)."""
-    ok = (w_total > 0) & (var_plain > 0)
-    ratio = torch.where(ok, var_weighted.clamp_min(0.0) / torch.where(ok, var_plain, 1.0), 0.0)
-    return ratio.clamp(max=BETA_MAX)
+def _query_channels(data, mixture, y, xs, e, sigma, kernels, drawn, cv, mult, tot) -> np.ndarray:
+    """One query at one σ: the estimator of the knn module docstring from its kernels (point, factors) and
+    the rest's draws (sample's point, factors)."""
+    pts = [p for p, _ in kernels] + [p for p, _ in drawn]
+    idx = torch.tensor(pts, dtype=torch.long)
+    if mixture:
+        lg, f, q = component_terms(y[None], xs[None], data.points[idx][None], data.stds[idx][None], sigma)
+        lg, f, q = lg[0].double().numpy(), f[0].double().numpy(), q[0].double().numpy()
+        tot_f, tot_q = tot[0].double().numpy(), float(tot[1])
+    else:
+        x = data.points[idx].double().numpy()
+        xs64, y64 = xs.double().numpy(), y.double().numpy()
+        f = x - xs64
+        q = (f * f).sum(1)
+        lg = -((y64 - x) ** 2).sum(1) / (2.0 * sigma**2)
+        N = data.n_samples
+        tot_f = data.sum_x.numpy() - N * xs64
+        tot_q = data.sum_sq - 2.0 * xs64 @ data.sum_x.numpy() + N * xs64 @ xs64
+    nk = len(kernels)
+    m = np.concatenate([mult[[p for p, _ in kernels]], np.ones(len(drawn))])  # a drawn sample counts once
+    F = np.array([fac for _, fac in kernels] + [fac for _, fac in drawn]).reshape(-1, 3)
+    used = F[:, 2] > 0
+    w = m * np.exp(lg - lg[used].max())
+    T_f = tot_f - (m[:nk, None] * f[:nk]).sum(0)  # the rest's sums when the kernels are A (no bands)
+    T_q = tot_q - (m[:nk] * q[:nk]).sum()
+    deltas, Qs = [], []
+    for j in range(3):
+        a, r = F[:nk, j], F[nk:, j]  # the kernels', the rest's draws' weights
+        wk, wr, fr, qr = w[:nk], w[nk:], f[nk:], q[nk:]
+        S_w = (a * wk).sum() + (r * wr).sum()
+        S_wf = ((a * wk)[:, None] * f[:nk]).sum(0) + ((r * wr)[:, None] * fr).sum(0)
+        S_wq = (a * wk * q[:nk]).sum() + (r * wr * qr).sum()
+        beta = beta_q = e_bar = 0.0
+        n_r, w_r = r.sum(), (r * wr).sum()
+        if cv and n_r > 0:
+            e_bar = w_r / n_r
+            if w_r > 0:
+                mean_wf, mean_f = (r * wr) @ fr / w_r, r @ fr / n_r
+                beta = _ref_shrinkage((r * wr) @ qr / w_r - mean_wf @ mean_wf, r @ qr / n_r - mean_f @ mean_f)
+                beta_q = _ref_shrinkage((r * wr) @ qr**2 / w_r - ((r * wr) @ qr / w_r) ** 2,
+                                        r @ qr**2 / n_r - (r @ qr / n_r) ** 2)
+        deltas.append((S_wf + beta * e_bar * (T_f - r @ fr)) / S_w)
+        Qs.append((S_wq + beta_q * e_bar * (T_q - r @ qr)) / S_w)
+    d1, d2, d = deltas
+    cross = Qs[2] - d1 @ d2
+    plain = Qs[2] - d @ d
+    rich = Qs[2] - 2.0 * d @ d + 0.5 * (d1 @ d1 + d2 @ d2)
+    return np.array([cross, plain - cross, rich - cross])
+
+
+def _ref_shrinkage(var_weighted: float, var_plain: float) -> float:
+    """β = min(BETA_MAX, weighted / unweighted variance), 0 where it is undefined (no spread)."""
+    return min(BETA_MAX, max(var_weighted, 0.0) / var_plain) if var_plain > 0 else 0.0
 
 
 # --- the fast terms against the reference -------------------------------------------------------------
@@ -172,17 +163,26 @@ def _points(kind: str, dtype) -> np.ndarray:
     return np.concatenate([means, rng.uniform(0.0, 0.6, size=(200, 8))], 1).astype(dtype)
 
 
-def _both(x: np.ndarray, L: int, seed: int, index: str = "flat"):
+def _both(x: np.ndarray, L: int, seed: int, index: str = "flat", drop: bool = False):
     t = torch.from_numpy(x)
     mixture = _is_mixture(x)
     data = prepare_knn(t, index=index, mixture=mixture)
+    if drop:  # an approximate index that comes back short: every other query misses its last third
+        search = data.index.search
+
+        def short(y, k):
+            ids = search(y, k).clone()
+            ids[::2, k - k // 3:] = -1
+            return ids
+        data.index.search = short
     rng = torch.Generator().manual_seed(seed)
     src = torch.randperm(len(x), generator=rng)[:64]
     eps = torch.randn(64, x.shape[1], generator=rng, dtype=t.dtype)
     n_draw = draw_count(data, L)  # each query's candidates: a uniform order of the N samples, cut
     draws = torch.rand(64, len(x), generator=rng).argsort(dim=1)[:, :n_draw]
-    return [fn(data, data.inverse[src], eps, torch.as_tensor(SIGMAS), subset_size=L, draws=draws).numpy()
-            for fn in (reference_knn_terms, knn_terms)]
+    band_seeds = np.arange(64, dtype=np.uint64) + np.uint64(1000 * seed)
+    return [fn(data, data.inverse[src], eps, torch.as_tensor(SIGMAS), subset_size=L, draws=draws,
+               band_seeds=band_seeds).numpy() for fn in (reference_knn_terms, knn_terms)]
 
 
 def _is_mixture(x: np.ndarray) -> bool:
@@ -196,6 +196,43 @@ def test_fast_knn_terms_equal_the_reference_to_round_off(kind, L):
     assert np.isfinite(fast).all()
     scale = np.abs(ref[:, 0]).max()
     np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-11 * scale)
+
+
+def test_fast_knn_terms_equal_the_reference_when_the_index_misses():
+    for kind, L in (("distinct", 64), ("duplicated", 16), ("mixture", 16)):
+        ref, fast = _both(_points(kind, np.float64), L, seed=5, drop=True)
+        np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-11 * np.abs(ref[:, 0]).max())
+
+
+def test_layout_bands_of_neighbour_ranks():
+    # L = 128: A = 64 nearest, then bands [64, 256), [256, 1 024), [1 024, 4 096), the last cut at half the
+    # distinct points, 16 draws each and 16 for the rest; no more bands once a band's draws would fall below 4
+    assert layout(20_000, 128) == Layout(k=64, bands=((64, 256), (256, 1024), (1024, 4096)), band_draws=16,
+                                         rest_draws=16)
+    assert layout(3_000, 128) == Layout(k=64, bands=((64, 256), (256, 1024), (1024, 1500)), band_draws=16,
+                                        rest_draws=16)
+    assert layout(10**6, 128).depth == 4096  # searched to rank 4 096 at most
+    assert layout(10**6, 512).bands == ((256, 1024), (1024, 4096))  # cut at 4 096 from any k
+    assert layout(10**6, 256).bands == ((128, 512), (512, 2048), (2048, 4096))
+    assert layout(100, 128) == Layout(k=64, bands=(), band_draws=0, rest_draws=64)  # U/2 < k: no band
+    assert layout(300, 8) == Layout(k=4, bands=(), band_draws=0, rest_draws=4)
+    assert layout(20_000, 32).bands == ((16, 64), (64, 256), (256, 1024)) and layout(20_000, 32).band_draws == 4
+
+
+def test_band_draws_are_uniform_ordered_samples_per_query():
+    seeds = np.arange(20_000, dtype=np.uint64) * np.uint64(7919)
+    pos, taken = uniform_subsets(seeds, 2, [10, 40], 4)
+    assert pos.shape == (20_000, 2, 2, 4) and taken.all()
+    for band, width in enumerate((10, 40)):
+        p = pos[:, :, band].reshape(-1, 4)
+        assert ((p >= 0) & (p < width)).all()
+        assert all(len(set(row)) == 4 for row in p[:500].tolist())  # without replacement
+        for half in (p[:, :2], p[:, 2:]):  # either half: every position with probability 2/width
+            freq = torch.bincount(half.flatten(), minlength=width).double() / len(p)
+            assert (freq - 2.0 / width).abs().max() <= 5.0 * (2.0 / width / len(p)) ** 0.5
+    # common random numbers: a query's draws depend on its seed only, not on its batch
+    sub_pos, _ = uniform_subsets(seeds[7:9], 2, [10, 40], 4)
+    assert torch.equal(sub_pos, pos[7:9])
 
 
 def test_fast_knn_terms_equal_the_reference_in_float32():
@@ -219,15 +256,17 @@ def _photo_patches(n: int) -> np.ndarray:
     return rows[np.sort(np.random.default_rng(0).choice(len(rows), n, replace=False))]
 
 
-def test_knn_is_near_exact_on_photo_patches():
+@pytest.mark.parametrize("n", [500, 3000])  # 3 000: A, two bands of neighbour ranks and the rest
+def test_knn_is_near_exact_on_photo_patches(n):
     # the true error of knn at L = 128 against exact on the same queries, on real 8×8×3 photo patches
     from lossfloor.floor import EstimatorConfig, estimate
 
-    x = _photo_patches(500)
+    x = _photo_patches(n)
     # 0.5-3.7: where knn was furthest from exact on larger sets of these patches; 13: no search there
     sigmas = np.array([0.5, 1.4, 3.7, 13.0])
-    exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", seed=1), progress=False)  # the same queries
-    knn = estimate(x, sigmas, EstimatorConfig(estimator="knn", subset_size=128, seed=1), progress=False)
+    m = min(n, 1000)  # queries: the error is paired (the same queries), so a thousand show it
+    exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", seed=1, queries=m), progress=False)
+    knn = estimate(x, sigmas, EstimatorConfig(estimator="knn", subset_size=128, seed=1, queries=m), progress=False)
     err = np.abs(knn.j_star - exact.j_star) / exact.j_star
     assert np.all((knn.ci_low <= exact.j_star) & (exact.j_star <= knn.ci_high))
     assert err.max() <= 0.01, err
@@ -247,7 +286,8 @@ def test_no_search_where_the_kernel_is_flat():
     data.index.search = lambda y, k: rows.append(len(y)) or search(y, k)
     eps = torch.randn(64, x.shape[1], generator=torch.Generator().manual_seed(0), dtype=t.dtype)
     draws = torch.rand(64, len(x), generator=torch.Generator().manual_seed(1)).argsort(dim=1)[:, :draw_count(data, 16)]
-    knn_terms(data, data.inverse[:64], eps, [0.05, 8.0, 40.0], subset_size=16, draws=draws)
+    knn_terms(data, data.inverse[:64], eps, [0.05, 8.0, 40.0], subset_size=16, draws=draws,
+              band_seeds=np.arange(64, dtype=np.uint64))
     assert rows == [64]
     sigmas = np.array([8.0, 40.0])
     exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", seed=2), progress=False)

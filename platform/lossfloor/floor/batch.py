@@ -39,6 +39,7 @@ from lossfloor.floor.heap import reuse_freed_memory
 from lossfloor.floor.kernel import Level, optimal_loss_terms, take_rows
 from lossfloor.floor.knn import KnnData, draw_count, knn_terms, prepare_knn
 from lossfloor.floor.queries import (
+    BAND_STREAM,
     DRAW_STREAM,
     NOISE_STREAM,
     SUBSET_STREAM,
@@ -291,7 +292,8 @@ def query_terms(
     if cfg.estimator == "knn":
         draws = uniform_without_replacement(plan.seeds(batch_index, DRAW_STREAM), data.knn.n_samples,
                                             draw_count(data.knn, cfg.subset_size))
-        j = knn_terms(data.knn, data.knn.inverse[src], eps, sig, subset_size=cfg.subset_size, draws=draws)
+        j = knn_terms(data.knn, data.knn.inverse[src], eps, sig, subset_size=cfg.subset_size, draws=draws,
+                      band_seeds=plan.seeds(batch_index, BAND_STREAM))
     elif cfg.estimator == "exact":
         lvl = Level(x.shape[0], src, torch.zeros(B, dtype=torch.float64, device=device))
         if posterior:

@@ -1,12 +1,14 @@
 """Nearest data points of noisy queries, for the kNN estimator: a FAISS index, or torch on a bare GPU box.
 
     index = build_index(points, kind="auto")       # points (U, D), the distinct samples
-    ids = index.search(y, k)                       # (B, k) long, nearest first (squared L2)
+    ids = index.search(y, k)                       # (B, k) long, nearest first (squared L2), distinct;
+                                                   # -1 where an approximate index found fewer than k
 
 Kinds (the estimator is valid with any of them: its neighbour set may be any deterministic function of
 the query, so an approximate search costs efficiency, never correctness):
 - flat: FAISS `IndexFlatL2`, exact;
-- ivf: FAISS `IndexIVFFlat`, nlist = 4√U lists, nprobe = 32 of them searched (large U);
+- ivf: FAISS `IndexIVFFlat`, nlist = 4√U lists, nprobe = 32 of them searched, or as many as hold 2k points on
+  average for a search of k (large U);
 - hnsw: FAISS `IndexHNSWFlat` (M = 32, efSearch = max(64, 2k));
 - torch: exact search by a GEMM and top-k on the points' device (the fallback where FAISS is not
   installed, e.g. a GPU box with torch only, and the GPU path without FAISS-GPU);
@@ -70,7 +72,8 @@ class NeighbourIndex:
         self.search_s = 0.0
 
     def search(self, y: torch.Tensor, k: int) -> torch.Tensor:
-        """(B, D) queries -> (B, k) long point indices, nearest first, on y's device."""
+        """(B, D) queries -> (B, k) long point indices, nearest first, distinct, on y's device; -1 where an
+        approximate index (IVF, HNSW) found fewer than k."""
         t0 = time.perf_counter()
         ids = self._search(y, min(k, self.n_points))
         self.search_s += time.perf_counter() - t0
@@ -117,12 +120,11 @@ class FaissIndex(NeighbourIndex):
     def _search(self, y, k):
         if hasattr(self.base, "hnsw"):
             self.base.hnsw.efSearch = max(64, 2 * k)
+        if hasattr(self.base, "nprobe"):  # enough lists to hold 2k points: a deep search finds its ranks
+            self.base.nprobe = min(self.base.nlist, max(IVF_NPROBE, math.ceil(2 * k * self.base.nlist / self.n_points)))
         q = np.ascontiguousarray(y.detach().to("cpu", torch.float32).numpy())
-        _, ids = self.index.search(q, k)  # (B, k) int64; -1 where fewer than k were found
-        ids = torch.from_numpy(ids)
-        if (ids < 0).any():  # an IVF probe can come back short: fill with the nearest found
-            ids = torch.where(ids < 0, ids[:, :1], ids)
-        return ids.to(y.device)
+        _, ids = self.index.search(q, k)  # (B, k) int64; -1 where fewer than k were found (IVF, HNSW)
+        return torch.from_numpy(ids).to(y.device)
 
 
 class FlatSearch(NeighbourIndex):

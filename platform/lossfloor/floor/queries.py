@@ -6,7 +6,8 @@ j = q div N. Every sample is a source once before any is a source twice (the fir
 without-replacement pass over the data), every source is marginally uniform for any M, and the first M
 queries of the order are the queries of the budget M: a larger M only adds queries.
 
-Common random numbers. Everything random about one query — its noise ε, and knn's uniform draws — comes
+Common random numbers. Everything random about one query — its noise ε, knn's uniform draws and its
+draws from the bands of neighbour ranks — comes
 from a generator seeded by (seed, key, n, j, stream) only (`query_seeds`: NumPy's SeedSequence for
 (seed, key, stream), then a splitmix64 hash of (n, j)), so the same seed gives the same queries y = x_n + σε
 for every estimator, batch size, number of workers or processes and budget M: comparisons between
@@ -33,6 +34,7 @@ NOISE_STREAM = 0
 SUBSET_STREAM = 1  # snis/dol/cdol: the reference subset of a block of queries
 DRAW_STREAM = 2  # knn: a query's uniform draws
 ORDER_STREAM = 3  # the order of the sources
+BAND_STREAM = 4  # knn: a query's draws from the bands of its neighbour ranks
 
 SUBSET_BLOCK = 128  # queries per reference subset (snis/dol/cdol), at most; `subset_block`
 _MASK = (1 << 64) - 1
@@ -108,7 +110,7 @@ def uniform_without_replacement(seeds: np.ndarray, n: int, size: int, chunk: int
     for i, s in enumerate(seeds.tolist()):
         g.manual_seed(s)
         torch.randint(n, (m,), generator=g, out=draws[i])
-    keep = _first_occurrences(draws)
+    keep = first_occurrences(draws)
     enough = keep.sum(1) >= size
     rank = keep.cumsum(1)
     take = keep & (rank <= size) & enough[:, None]
@@ -123,7 +125,40 @@ def uniform_without_replacement(seeds: np.ndarray, n: int, size: int, chunk: int
     return out
 
 
-def _first_occurrences(draws: torch.Tensor) -> torch.Tensor:
+def uniform_subsets(seeds: np.ndarray, rows: int, widths, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query (row i drawn by a generator seeded with seeds[i]) `rows` × len(widths) uniform ordered
+    samples without replacement of `size` positions of range(width): (B, rows, len(widths), size) long on
+    the CPU, and (same shape) bool, the positions taken.
+
+    Each sample is the distinct values of size + 2·size²/width + 16 uniform integers in order of first
+    appearance. The rare sample whose integers hold fewer than `size` distinct values takes the t it has:
+    given t, an ordered sample is uniform whatever t, so an estimate that weighs it by width/t stays unbiased.
+    """
+    B = len(seeds)
+    pos = torch.zeros(B, rows, len(widths), size, dtype=torch.long)
+    taken = torch.zeros(B, rows, len(widths), size, dtype=torch.bool)
+    if B == 0 or rows == 0:
+        return pos, taken
+    g = torch.Generator()
+    streams = [torch.empty(B, rows, size + math.ceil(2 * size * size / w) + 16, dtype=torch.long) for w in widths]
+    for i, s in enumerate(seeds.tolist()):
+        g.manual_seed(s)
+        for w, out in zip(widths, streams):
+            torch.randint(w, out.shape[1:], generator=g, out=out[i])
+    for b, draws in enumerate(streams):
+        flat = draws.view(B * rows, -1)
+        keep = first_occurrences(flat)
+        rank = keep.cumsum(1)
+        take = keep & (rank <= size)
+        slot = rank - 1
+        vals = torch.zeros(B * rows, size + 1, dtype=torch.long)
+        vals.scatter_(1, torch.where(take, slot, size), flat)  # the untaken go to a spare column, dropped
+        pos[:, :, b] = vals[:, :size].view(B, rows, size)
+        taken[:, :, b] = (torch.arange(size)[None, :] < take.sum(1, keepdim=True)).view(B, rows, size)
+    return pos, taken
+
+
+def first_occurrences(draws: torch.Tensor) -> torch.Tensor:
     """(B, m) bool: True where a value appears for the first time in its row."""
     values, pos = draws.sort(dim=1, stable=True)
     dup = torch.zeros_like(draws, dtype=torch.bool)
