@@ -19,6 +19,7 @@ from lossfloor.floor.knn import (
     BETA_MAX,
     KnnData,
     Layout,
+    banded,
     draw_count,
     knn_terms,
     layout,
@@ -44,13 +45,15 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
         x0 = xs + take_rows(data.stds, xs_idx, eps.device) * z
     sig = np.asarray(sigmas, dtype=np.float64).tolist()
     on = [i for i, sigma in enumerate(sig) if searched(data, sigma)]
-    pos, taken = uniform_subsets(band_seeds, len(on), [b - a for a, b in lay.bands], lay.band_draws)
+    deep = [i for i in on if lay.bands and banded(data, sig[i], lay.k)]  # the others: A and the rest only
+    pos, taken = uniform_subsets(band_seeds, len(deep), [b - a for a, b in lay.bands], lay.band_draws)
     C = data.inverse[draws].numpy()  # (B, n_draw): the draws' distinct points
     mult = data.mult.double().numpy()
     out = np.empty((B, 3, len(sig)))
     for i, sigma in enumerate(sig):
         y = x0 + sigma * e
-        ids = data.index.search(y, lay.depth - 1).numpy() if i in on and not everything else None
+        g_lay = lay if i in deep else Layout(k=lay.k, bands=(), band_draws=0, rest_draws=subset_size - lay.k)
+        ids = data.index.search(y, g_lay.depth - 1).numpy() if i in on and not everything else None
         if mixture:
             tot = total_f_q(data.totals(sigma), y, xs)
         for b in range(B):
@@ -62,14 +65,14 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
             elif i in on:
                 Z = [src, *ids[b].tolist()]
                 ok = [True] + [z >= 0 and z != src for z in Z[1:]]
-                kernels = [(Z[r], (1.0, 1.0, 1.0)) for r in range(lay.k) if ok[r]]
-                for band, (start, stop) in enumerate(lay.bands):
-                    at = pos[b, on.index(i), band][taken[b, on.index(i), band]].tolist()
+                kernels = [(Z[r], (1.0, 1.0, 1.0)) for r in range(g_lay.k) if ok[r]]
+                for band, (start, stop) in enumerate(g_lay.bands):
+                    at = pos[b, deep.index(i), band][taken[b, deep.index(i), band]].tolist()
                     for p, f in zip(at, _halves(len(at), stop - start)):
                         if ok[start + p]:
                             kernels.append((Z[start + p], f))
                 top = {Z[r] for r in range(len(Z)) if ok[r]}
-                rest_draws, cv = lay.rest_draws, not lay.bands
+                rest_draws, cv = g_lay.rest_draws, not g_lay.bands
             else:  # no search: A = {source}, the rest gets L - 1 draws
                 kernels, top, rest_draws, cv = [(src, (1.0, 1.0, 1.0))], {src}, subset_size - 1, True
             n_rest = N - sum(mult[p] for p in top)
@@ -219,6 +222,20 @@ def test_layout_bands_of_neighbour_ranks():
     assert layout(20_000, 32).bands == ((16, 64), (64, 256), (256, 1024)) and layout(20_000, 32).band_draws == 4
 
 
+def test_bands_only_where_the_posterior_reaches_beyond_a():
+    # r_k against a brute-force count: the 5th percentile over the 256 sampled points of the distance to
+    # their k-th nearest other point; bands from σ = r_k / 14.5 on
+    x = _photo_patches(3000).astype(np.float64)
+    data = prepare_knn(torch.from_numpy(x), index="flat")
+    k = layout(len(x), 128).k
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:256].numpy()
+    dist = np.sqrt(((x[pick, None, :] - x[None, :, :]) ** 2).sum(-1))
+    dist[np.arange(256), pick] = np.inf  # not itself
+    r_k = np.percentile(np.sort(dist, 1)[:, k - 1], 5)
+    assert data.rank_distance(k) == pytest.approx(r_k, rel=1e-9)
+    assert not banded(data, 0.99 * r_k / 14.5, k) and banded(data, 1.01 * r_k / 14.5, k)
+
+
 def test_band_draws_are_uniform_ordered_samples_per_query():
     seeds = np.arange(20_000, dtype=np.uint64) * np.uint64(7919)
     pos, taken = uniform_subsets(seeds, 2, [10, 40], 4)
@@ -262,8 +279,9 @@ def test_knn_is_near_exact_on_photo_patches(n):
     from lossfloor.floor import EstimatorConfig, estimate
 
     x = _photo_patches(n)
-    # 0.5-3.7: where knn was furthest from exact on larger sets of these patches; 13: no search there
-    sigmas = np.array([0.5, 1.4, 3.7, 13.0])
+    # 0.5-3.7: where knn was furthest from exact on larger sets of these patches; 13: no search there;
+    # 0.03: searched without bands (the posterior sits on the nearest)
+    sigmas = np.array([0.03, 0.5, 1.4, 3.7, 13.0])
     m = min(n, 1000)  # queries: the error is paired (the same queries), so a thousand show it
     exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", seed=1, queries=m), progress=False)
     knn = estimate(x, sigmas, EstimatorConfig(estimator="knn", subset_size=128, seed=1, queries=m), progress=False)
@@ -281,6 +299,7 @@ def test_no_search_where_the_kernel_is_flat():
     t = torch.from_numpy(x)
     data = prepare_knn(t, index="flat")
     assert [searched(data, s) for s in (0.05, 8.0, 40.0)] == [True, False, False]
+    data.rank_distance(layout(len(x), 16).k)  # the bands' calibration searches its own 256 points, once
     rows = []
     search = data.index.search
     data.index.search = lambda y, k: rows.append(len(y)) or search(y, k)

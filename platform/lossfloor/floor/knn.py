@@ -89,6 +89,7 @@ class KnnData:
     _totals: dict | None = None
     _most_held: tuple[int, int] | None = None
     _coordinate_std: float | None = None
+    _rank_distance: dict | None = None
 
     def totals(self, sigma: float) -> dict:
         """The mixture's sums over all N components at σ (`mixture.mixture_totals`), cached."""
@@ -117,6 +118,22 @@ class KnnData:
             n, d = float(self.n_unique), self.points.shape[1]
             self._coordinate_std = math.sqrt(max(0.0, (sum_sq / n - float((sum_x / n).square().sum())) / d))
         return self._coordinate_std
+
+    def rank_distance(self, k: int) -> float:
+        """r_k: the 5th percentile over 256 seeded distinct points (all, if fewer) of the distance to their
+        k-th nearest other point (by the index; a miss counts as infinitely far), computed once per k."""
+        if self._rank_distance is None:
+            self._rank_distance = {}
+        if k not in self._rank_distance:
+            g = torch.Generator().manual_seed(0)
+            pick = torch.randperm(self.n_unique, generator=g)[:256].to(self.mult.device)
+            x = take_rows(self.points, pick, self.mult.device)
+            ids = self.index.search(x, min(k + 1, self.n_unique))
+            d = (take_rows(self.points, ids.clamp_min(0), x.device) - x[:, None]).double().square().sum(-1).sqrt()
+            d = d.masked_fill((ids < 0) | (ids == pick[:, None]), torch.inf).sort(1).values
+            r = d[:, min(k, d.shape[1]) - 1]
+            self._rank_distance[k] = float(torch.quantile(r.clamp_max(torch.finfo(torch.float64).max), 0.05))
+        return self._rank_distance[k]
 
     def most_held(self, k: int) -> int:
         """The samples that k distinct points can hold at most: the sum of the k largest multiplicities."""
@@ -210,6 +227,20 @@ def searched(data: KnnData, sigma: float) -> bool:
     """Whether the queries at σ search for neighbours: σ below `search_limit` (a Gaussian mixture's
     components are always searched: their own widths change the kernel)."""
     return data.stds is not None or sigma < search_limit(data.points.shape[1], data.coordinate_std)
+
+
+# The bands pay only where the posterior reaches beyond A. A point at distance r from the source has
+# log-weight -(r² - 2σ r z)/2σ² = -t²/2 + t z relative to the source's (t = r/σ, z = ε·f/|f| standard normal,
+# at most 5.3 over 1.28 M points): with r beyond the k-th nearest distance r_k, N such points weigh < 10⁻⁶ of
+# the source at N = 1.28 M once t ≥ 14.5. r_k is taken low (its 5th percentile over 256 sampled points,
+# `KnnData.rank_distance`), so a query in a dense region keeps its bands.
+BAND_REACH = 14.5
+
+
+def banded(data: KnnData, sigma: float, k: int) -> bool:
+    """Whether the searched queries at σ draw from bands of ranks beyond A: σ·BAND_REACH > r_k (always for a
+    Gaussian mixture: its components' own widths reach further)."""
+    return data.stds is not None or sigma * BAND_REACH > data.rank_distance(k)
 
 
 # Bands of neighbour ranks [k·4^i, k·4^(i+1)), searched to rank DEPTH_MAX at most and to half the distinct
@@ -361,9 +392,9 @@ def _everything(data: KnnData, B: int, S: int, C: torch.Tensor) -> Strata:
 
 
 def _strata_of_grid(data: KnnData, lay: Layout, x0, e, xs_idx, C, sig: list[float], band_seeds, subset_size: int) -> Strata:
-    """The kernels of every σ: at a searched σ the ranks of its queries (all searched σ together,
-    SEARCH_IDS ids per search at most) give A, the bands' draws and the searched set; at a σ without
-    search A = {source} and the rest, everything else, gets the L - 1 draws."""
+    """The kernels of every σ: at a searched σ the ranks of its queries (all such σ together, SEARCH_IDS ids
+    per search at most) give A, the bands' draws (where `banded`; else A and the rest only) and the searched
+    set; at a σ without search A = {source} and the rest, everything else, gets the L - 1 draws."""
     B, S, dev, N = len(xs_idx), len(sig), xs_idx.device, data.n_samples
     R = xs_idx[:, None, None].expand(B, S, lay.width).clone()
     valid = torch.zeros(B, S, lay.width, dtype=torch.bool, device=dev)
@@ -374,17 +405,24 @@ def _strata_of_grid(data: KnnData, lay: Layout, x0, e, xs_idx, C, sig: list[floa
     rest_draws = torch.full((S,), subset_size - 1, dtype=torch.long, device=dev)
     cv = torch.ones(S, dtype=torch.bool, device=dev)
     on = [i for i, sigma in enumerate(sig) if searched(data, sigma)]
-    if on:
-        rest_draws[on], cv[on] = lay.rest_draws, not lay.bands
-        widths = [stop - start for start, stop in lay.bands]
-        pos, taken = uniform_subsets(band_seeds, len(on), widths, lay.band_draws)  # (B, S_on, bands, draws)
-        pos, taken = (t.to(dev).transpose(0, 1).reshape(len(on) * B, len(widths), lay.band_draws) for t in (pos, taken))
-        y, src, Cs = torch.cat([x0 + sig[i] * e for i in on]), xs_idx.repeat(len(on)), C.repeat(len(on), 1)
-        step = max(1, min(SEARCH_ROWS, SEARCH_IDS // lay.depth))
-        parts = [_ranked(data, lay, y[r], src[r], Cs[r], pos[r], taken[r])
+    deep = [i for i in on if lay.bands and banded(data, sig[i], lay.k)]
+    shallow = Layout(k=lay.k, bands=(), band_draws=0, rest_draws=subset_size - lay.k)
+    for group, g_lay in ((deep, lay), ([i for i in on if i not in deep], shallow)):
+        if not group:
+            continue
+        rest_draws[group], cv[group] = g_lay.rest_draws, not g_lay.bands
+        widths = [stop - start for start, stop in g_lay.bands]
+        pos, taken = uniform_subsets(band_seeds, len(group), widths, g_lay.band_draws)  # (B, σ, bands, draws)
+        pos, taken = (t.to(dev).transpose(0, 1).reshape(len(group) * B, len(widths), g_lay.band_draws)
+                      for t in (pos, taken))
+        y, src, Cs = torch.cat([x0 + sig[i] * e for i in group]), xs_idx.repeat(len(group)), C.repeat(len(group), 1)
+        step = max(1, min(SEARCH_ROWS, SEARCH_IDS // g_lay.depth))
+        parts = [_ranked(data, g_lay, y[r], src[r], Cs[r], pos[r], taken[r])
                  for r in (slice(i, i + step) for i in range(0, len(y), step))]
-        for target, got in zip((R, valid, factor, in_top, n_rest), map(torch.cat, zip(*parts))):
-            target[:, on] = got.view(len(on), B, *got.shape[1:]).transpose(0, 1)
+        w = g_lay.width
+        for target, got in zip((R[..., :w], valid[..., :w], factor[..., :w], in_top, n_rest),
+                               map(torch.cat, zip(*parts))):
+            target[:, group] = got.view(len(group), B, *got.shape[1:]).transpose(0, 1)
     return Strata(R, valid, factor, in_top, n_rest, rest_draws, cv)
 
 
