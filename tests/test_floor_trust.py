@@ -319,8 +319,9 @@ def test_approximate_or_other_indexes_stay_valid(index):
     other = estimate(x, sigmas, EstimatorConfig(estimator="knn", index=index, **common), progress=False)
     for est in (flat, other):
         assert np.all(np.abs(est.j_star - exact.j_star) <= est.bias + 0.01 * exact.j_star)
-    if index == "torch":  # the same exact neighbours as FAISS flat
-        np.testing.assert_allclose(other.j_star, flat.j_star, rtol=1e-5)
+    if index == "torch":  # the same exact neighbours as FAISS flat, but for the order of equal distances (the
+        # product set's lattice has many) at a band's edge: that moves a point between strata
+        np.testing.assert_allclose(other.j_star, flat.j_star, rtol=1e-4)
 
 
 def test_knn_is_deterministic_and_independent_of_batch_order():
