@@ -208,15 +208,17 @@ def test_fast_knn_terms_equal_the_reference_when_the_index_misses():
 
 
 def test_layout_bands_of_neighbour_ranks():
-    # L = 128: A = 64 nearest, then bands [64, 256), [256, 1 024), [1 024, 4 096), the last cut at half the
-    # distinct points, 16 draws each and 16 for the rest; no more bands once a band's draws would fall below 4
+    # L = 128: A = 64 nearest, then bands [64, 256), [256, 1 024), [1 024, 4 096), ... to the depth N/20 (at
+    # least 4 096, at most 65 536 and half the distinct points), the last band cut there; as many bands as
+    # keep 4 draws each; the rest takes what is left
     assert layout(20_000, 128) == Layout(k=64, bands=((64, 256), (256, 1024), (1024, 4096)), band_draws=16,
                                          rest_draws=16)
     assert layout(3_000, 128) == Layout(k=64, bands=((64, 256), (256, 1024), (1024, 1500)), band_draws=16,
                                         rest_draws=16)
-    assert layout(10**6, 128).depth == 4096  # searched to rank 4 096 at most
-    assert layout(10**6, 512).bands == ((256, 1024), (1024, 4096))  # cut at 4 096 from any k
-    assert layout(10**6, 256).bands == ((128, 512), (512, 2048), (2048, 4096))
+    assert layout(320_000, 128) == Layout(k=64, bands=((64, 256), (256, 1024), (1024, 4096), (4096, 16000)),
+                                          band_draws=12, rest_draws=16)
+    assert layout(10**7, 128).depth == 65536
+    assert layout(10**6, 512).bands == ((256, 1024), (1024, 4096), (4096, 16384), (16384, 50000))
     assert layout(100, 128) == Layout(k=64, bands=(), band_draws=0, rest_draws=64)  # U/2 < k: no band
     assert layout(300, 8) == Layout(k=4, bands=(), band_draws=0, rest_draws=4)
     assert layout(20_000, 32).bands == ((16, 64), (64, 256), (256, 1024)) and layout(20_000, 32).band_draws == 4

@@ -7,10 +7,11 @@ samples split into strata by the query's neighbour ranks (`layout`; Z = (s, the 
 y in rank order) from a neighbour index):
 
 1. A = Z's first k = L/2 entries: the source and the k - 1 nearest, every kernel computed (weight 1).
-2. Bands of ranks [k, 4k), [4k, 16k), ..., the last cut at rank 4 096 (or half the distinct points): each
+2. Bands of ranks [k, 4k), [4k, 16k), ..., the last cut at the depth, N/20 ranks (at least 4 096, at most
+   65 536 and half the distinct points): each
    band gets d of the L - k remaining kernels, drawn uniformly without replacement from its ranks by the
-   query's own band stream (`queries.uniform_subsets`, from (seed, source, round)). At L = 128 on large
-   data: A = 64, bands [64, 256), [256, 1 024), [1 024, 4 096) with 16 draws each.
+   query's own band stream (`queries.uniform_subsets`, from (seed, source, round)). At L = 128 and
+   N = 20 000: A = 64, bands [64, 256), [256, 1 024), [1 024, 4 096) with 16 draws each.
 3. The rest (every sample whose distinct point is not among Z's searched entries) gets the remaining
    draws, taken from the query's uniform ordered sample of `draw_count` of the N samples (drawn from
    (seed, source, round) only, `queries`): the first ones that fall in the rest. A duplicated point is
@@ -243,13 +244,16 @@ def banded(data: KnnData, sigma: float, k: int) -> bool:
     return data.stds is not None or sigma * BAND_REACH > data.rank_distance(k)
 
 
-# Bands of neighbour ranks [k·4^i, k·4^(i+1)), searched to rank DEPTH_MAX at most and to half the distinct
-# points (the last band cut there), each drawn DRAWS_MIN times at least. Measured on 8×8×3 photo patches (L = 128, M = 8 192, 2 seeds,
-# against exact on the same queries): with bands to rank 4 096 knn's worst error over 16 σ was ≤ 0.26 % at
-# N = 5 000, 10 000 and 20 000 (1.1-2.7 % with the 64 others drawn from all the rest); without the band
-# [1 024, 4 096) it was +0.8 % at N = 20 000: the posterior mass beyond rank 64 sits in the next thousands.
+# Bands of neighbour ranks [k·4^i, k·4^(i+1)), searched to a depth of N/20 distinct points, at least
+# DEPTH_MIN and at most DEPTH_MAX ranks and half the distinct points (the last band cut there), each band
+# drawn DRAWS_MIN times at least. Measured on 8×8×3 photo patches at L = 128 against exact on the same
+# queries (benchmarks/estimator_scale.py, M = 2 048 or 1 024, 16 σ): with depth 4 096 knn's worst error was
+# 0.28 % at N = 10 000, 0.40 % at 20 000, 1.8 % at 80 000 and 2.9-3.9 % at 320 000, where depth 16 384 (N/20)
+# brought it to 1.4 %: the posterior's mass spreads over a fixed share of the data, so the depth follows N.
 BAND_GROWTH = 4
-DEPTH_MAX = 4096
+DEPTH_SHARE = 20
+DEPTH_MIN = 4096
+DEPTH_MAX = 65536
 DRAWS_MIN = 4
 
 
@@ -274,11 +278,12 @@ class Layout:
 
 
 def layout(n_unique: int, subset_size: int) -> Layout:
-    """k = L/2, then bands [k, 4k), [4k, 16k), ..., the last one cut at min(DEPTH_MAX, U/2), while each of
-    the bands and the rest keeps ≥ DRAWS_MIN of the L - k draws (the rest takes the remainder)."""
+    """k = L/2, then bands [k, 4k), [4k, 16k), ..., the last one cut at the depth U/20 (within
+    [DEPTH_MIN, DEPTH_MAX], at most U/2), while each of the bands and the rest keeps ≥ DRAWS_MIN of the
+    L - k draws (the rest takes the remainder)."""
     k = subset_size // 2
     spare = subset_size - k
-    depth = min(DEPTH_MAX, n_unique // 2)
+    depth = min(n_unique // 2, DEPTH_MAX, max(DEPTH_MIN, n_unique // DEPTH_SHARE))
     stops = [k]
     while stops[-1] < depth and spare // (len(stops) + 1) >= DRAWS_MIN:
         stops.append(min(stops[-1] * BAND_GROWTH, depth))
@@ -317,7 +322,7 @@ SIGMA_CHUNK = 4  # σ per pass: the distinct rows of their kernels are gathered 
 # the memory (three arrays of this size) whatever D.
 BLOCK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 SEARCH_ROWS = 4096  # queries per index search at most (a torch search holds a (rows, 16 384) block)
-SEARCH_IDS = 1 << 22  # neighbour ids per index search at most (4 096 rows at depth 1 024, 1 024 at 4 096)
+SEARCH_IDS = 1 << 22  # neighbour ids per index search at most (1 024 rows at depth 4 096, 64 at 65 536)
 
 
 @dataclass
