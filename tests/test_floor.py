@@ -90,9 +90,9 @@ def test_a_subset_of_every_sample_is_the_exact_estimator(name):
     # and cDOL's default L = min(4096, N) on the bundled digits (N = 1797) is exact too
     assert EstimatorConfig(estimator="cdol").resolve(1797, 64).estimator == "exact"
     assert EstimatorConfig().resolve(1797, 64).estimator == "exact"  # auto: exact when affordable
-    assert EstimatorConfig().resolve(10_000, 64).estimator == "exact"
-    assert EstimatorConfig().resolve(10_001, 64).estimator == "knn"
-    assert EstimatorConfig().resolve(10_001, 64, compute_device="cuda").estimator == "exact"  # a GPU affords more
+    assert EstimatorConfig().resolve(50_000, 64).estimator == "exact"
+    assert EstimatorConfig().resolve(50_001, 64).estimator == "knn"
+    assert EstimatorConfig().resolve(50_001, 64, compute_device="cuda").estimator == "knn"
 
 
 def test_cdol_tends_to_snis_as_c_grows():

@@ -40,7 +40,7 @@ def useful(j, total_variance):
 
 @pytest.mark.parametrize("values", [BINARY10, UNEVEN8], ids=["binary10", "uneven8"])
 def test_default_settings_match_quadrature(values):
-    # the defaults (auto: exact up to 10 000 samples on a CPU; cdol's default L = N is exact too) are unbiased:
+    # the defaults (auto: exact up to 50 000 samples; cdol's default L = N is exact too) are unbiased:
     # the old default (cdol, C = 4 at L = N) was +92 % / +45 % / +7.6 % off at σ = 0.3 / 0.5 / 0.8
     x = product_data(values)
     sigmas = np.array([0.3, 0.5, 0.8, 1.5, 4.0])

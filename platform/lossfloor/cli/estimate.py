@@ -27,7 +27,7 @@ def register(sub) -> None:
     grid.add_argument("--sigmas", help="comma-separated noise levels, e.g. 0.1,0.5,2")
     grid.add_argument("--sigma-grid", help="log-spaced grid MIN:MAX:COUNT, e.g. 0.01:100:64")
     p.add_argument("--estimator", default="auto",
-                   help="auto | exact | knn | snis | dol | cdol (default auto: exact up to 10 000 samples on a CPU, 50 000 on CUDA, else knn)")
+                   help="auto | exact | knn | snis | dol | cdol (default auto: exact up to 50 000 samples, else knn)")
     p.add_argument("--subset-size", type=int, default=None, metavar="L",
                    help="kernels per query: knn default 128, snis/dol/cdol default min(4096, N); L = N is exact")
     p.add_argument("--rel-error", type=float, default=None, metavar="R",

@@ -2,7 +2,7 @@
 
 The class-conditional floor (`lossfloor.floor.conditional`) estimates each class's J*_c over its own N_c
 samples with the same estimator and settings, resolved for N_c (`EstimatorConfig.resolve`: auto is exact
-for N_c ≤ 10 000 on a CPU; an L of N_c or more is the exact estimator). The classes' batches are numbered one
+for N_c ≤ 50 000; an L of N_c or more is the exact estimator). The classes' batches are numbered one
 after another (class k's first batch follows class k-1's last: `QueryPlan.first_batch`), and each class's
 queries are keyed by its label (`QueryPlan.key`): their order, noise and draws come from (seed, label,
 source within the class, round), independent between classes, whichever process computes them.

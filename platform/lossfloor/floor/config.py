@@ -11,7 +11,7 @@ The estimators differ in the reference set each query's posterior runs over (doc
          paper's baseline.
 - knn:   the L/2 nearest samples of the noisy query plus L/2 uniform draws with a control variate and
          cross-fitting (`lossfloor.floor.knn`): its worst σ 0.07-3 % off at the same L (equal kernel cost).
-- auto:  exact when N ≤ EXACT_MAX_N (10 000 on a CPU, measured, 50 000 on CUDA), else knn (the default).
+- auto:  exact when N ≤ EXACT_MAX_N (50 000 on a CPU, measured, and on CUDA), else knn (the default).
 
 At L = N every subset estimator *is* the exact estimator (the subset holds every sample: C = 1), and a
 config asking for it resolves to `exact`.
@@ -38,14 +38,15 @@ log = logging.getLogger(__name__)
 ESTIMATORS = ("auto", "exact", "snis", "dol", "cdol", "knn")
 LATENTS = ("mean", "posterior")
 SUBSET_ESTIMATORS = ("snis", "dol", "cdol")
-# auto: exact up to this many samples, knn above. CPU: measured on 8x8x3 photo patches (D = 192, 8 σ, M = N
-# queries, one thread; benchmarks/knn_crossover.py, benchmarks/results/knn_crossover-cpu-*.json): exact/knn
-# CPU time at L = 128 is 0.66x at N = 2500, 1.34x at 5000, 2.1x at 10 000 and 3.3x at 20 000, with knn 1.1-1.4 %
-# off exact up to 10 000 and 2.7 % at 20 000 (exact has no subset error; halving that error takes about twice
-# L): at the same ~1 % the two draw level near N = 10 000. Exact costs O(N) per query, knn L kernels plus its
-# search. CUDA: the exact estimator's 64-σ curve of CIFAR-10 (N = 50 000) is meant to take about a minute (not
-# measured here yet).
-EXACT_MAX_N = {"cpu": 10_000, "cuda": 50_000}
+# auto: exact up to this many samples, knn above. CPU: measured on 8x8x3 photo patches (D = 192, one thread,
+# the same queries for both; benchmarks/knn_crossover.py and benchmarks/estimator_scale.py, results in
+# benchmarks/results/): exact/knn CPU time at L = 128 is 0.26x at N = 5 000, 0.36x at 10 000, 0.50x at 20 000
+# and 0.77x at 30 000 (M = N, 8 σ; knn 0.13-0.37 % off exact), and exact/knn-to-1 % is 1.75x at 80 000 (M = 2 048, 16 σ;
+# knn at L = 512): knn's deep search costs about what exact does up to a few ten thousand samples, so the
+# two draw level near N = 40 000-50 000. Exact costs O(N) per query, knn L kernels plus its search. CUDA:
+# the exact estimator's 64-σ curve of CIFAR-10 (N = 50 000) is meant to take about a minute (not measured
+# here yet).
+EXACT_MAX_N = {"cpu": 50_000, "cuda": 50_000}
 DEFAULT_SUBSET_SIZE = 4096  # snis/dol/cdol
 DEFAULT_KNN_SUBSET_SIZE = 128
 MIN_SUBSET_SIZE = {"snis": 8, "dol": 8, "cdol": 8, "knn": 4}  # L/4 >= 2 for the bias levels; two U halves
