@@ -1,4 +1,4 @@
-"""The query-nearest-neighbour estimator of J*(σ) (`--estimator knn`), with a control variate and
+"""The query-nearest-neighbour estimator of J*(σ) (`--estimator knn`), stratified by neighbour rank, with
 cross-fitting (docs/estimators.md; the kNN-proposal idea of Niedoba et al., ICML 2024,
 arXiv 2402.08018, applied to the optimal loss).
 

@@ -112,18 +112,31 @@ class TorchIndex(NeighbourIndex):
         return best_i.gather(1, order).to(where)
 
 
+FAISS_GPU_MAX_K = 2048  # FAISS's GPU indexes return at most this many neighbours per query
+
+
 class FaissIndex(NeighbourIndex):
-    def __init__(self, index, base, kind: str, n_points: int, build_s: float):
+    """A FAISS index; `cpu` is its CPU copy when `index` is on a GPU: a deeper search than FAISS's GPU
+    selection allows, and every search whose IVF probes must follow k, runs there (not measured: no GPU
+    with FAISS here)."""
+
+    def __init__(self, index, base, kind: str, n_points: int, build_s: float, cpu=None):
         super().__init__(kind, n_points, build_s)
-        self.index, self.base = index, base
+        self.index, self.base, self.cpu = index, base, cpu
 
     def _search(self, y, k):
         if hasattr(self.base, "hnsw"):
             self.base.hnsw.efSearch = max(64, 2 * k)
+        index = self.index
         if hasattr(self.base, "nprobe"):  # enough lists to hold 2k points: a deep search finds its ranks
-            self.base.nprobe = min(self.base.nlist, max(IVF_NPROBE, math.ceil(2 * k * self.base.nlist / self.n_points)))
+            nprobe = min(self.base.nlist, max(IVF_NPROBE, math.ceil(2 * k * self.base.nlist / self.n_points)))
+            self.base.nprobe = nprobe
+            if self.cpu is not None and nprobe != IVF_NPROBE:
+                index = self.cpu
+        if self.cpu is not None and k > FAISS_GPU_MAX_K:
+            index = self.cpu
         q = np.ascontiguousarray(y.detach().to("cpu", torch.float32).numpy())
-        _, ids = self.index.search(q, k)  # (B, k) int64; -1 where fewer than k were found (IVF, HNSW)
+        _, ids = index.search(q, k)  # (B, k) int64; -1 where fewer than k were found (IVF, HNSW)
         return torch.from_numpy(ids).to(y.device)
 
 
@@ -180,9 +193,10 @@ def build_index(points: torch.Tensor, kind: str = "auto", *, pca: int | None = N
     base = faiss.downcast_index(index.index) if pca is not None else index
     if kind == "ivf":
         base.nprobe = min(base.nlist, IVF_NPROBE)
+    cpu = None
     if on_cuda and faiss_gpu and kind != "hnsw":  # FAISS has no GPU HNSW
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), points.device.index or 0, index)
-    return FaissIndex(index, base, label, n, time.perf_counter() - t0)
+        cpu, index = index, faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), points.device.index or 0, index)
+    return FaissIndex(index, base, label, n, time.perf_counter() - t0, cpu=cpu)
 
 
 def _faiss_index(faiss, points: torch.Tensor, kind: str, pca: int | None, seed: int):
