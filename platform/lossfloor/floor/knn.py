@@ -88,7 +88,7 @@ class KnnData:
     stds: torch.Tensor | None = None  # (U, D) mixture components' standard deviations
     rows: torch.Tensor | None = None  # (N, 2D) the mixture's [mean, std] rows, for `totals`
     _totals: dict | None = None
-    _most_held: tuple[int, int] | None = None
+    _most_held: dict | None = None
     _coordinate_std: float | None = None
     _rank_distance: dict | None = None
 
@@ -138,9 +138,11 @@ class KnnData:
 
     def most_held(self, k: int) -> int:
         """The samples that k distinct points can hold at most: the sum of the k largest multiplicities."""
-        if self._most_held is None or self._most_held[0] != k:
-            self._most_held = (k, int(torch.topk(self.mult, min(k, self.n_unique)).values.sum()))
-        return self._most_held[1]
+        if self._most_held is None:
+            self._most_held = {}
+        if k not in self._most_held:  # `draw_count` asks for a few k in every batch
+            self._most_held[k] = int(torch.topk(self.mult, min(k, self.n_unique)).values.sum())
+        return self._most_held[k]
 
 
 def deduplicate(x: torch.Tensor, cache=None):

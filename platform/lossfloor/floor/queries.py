@@ -105,16 +105,14 @@ def uniform_without_replacement(seeds: np.ndarray, n: int, size: int, chunk: int
             g.manual_seed(s)
             out[i] = torch.randperm(n, generator=g)[:size]
         return out
-    m = chunk or size + math.ceil(2 * size * size / n) + 16
+    m = chunk or _stream_length(n, size)
     draws = torch.empty(B, m, dtype=torch.long)
     for i, s in enumerate(seeds.tolist()):
         g.manual_seed(s)
         torch.randint(n, (m,), generator=g, out=draws[i])
-    keep = first_occurrences(draws)
-    enough = keep.sum(1) >= size
-    rank = keep.cumsum(1)
-    take = keep & (rank <= size) & enough[:, None]
-    out[enough] = draws[take].reshape(-1, size)
+    values, count = _first_distinct(draws, size)
+    enough = count >= size
+    out[enough] = values[enough]
     for i in torch.nonzero(~enough).flatten().tolist():  # rare: continue the row's stream
         g.manual_seed(int(seeds[i]))
         seen: dict[int, None] = {}
@@ -137,28 +135,38 @@ def uniform_subsets(seeds: np.ndarray, rows: int, widths, size: int) -> tuple[to
     B = len(seeds)
     pos = torch.zeros(B, rows, len(widths), size, dtype=torch.long)
     taken = torch.zeros(B, rows, len(widths), size, dtype=torch.bool)
-    if B == 0 or rows == 0:
+    if B == 0 or rows == 0 or not widths:
         return pos, taken
     g = torch.Generator()
-    streams = [torch.empty(B, rows, size + math.ceil(2 * size * size / w) + 16, dtype=torch.long) for w in widths]
+    streams = [torch.empty(B, rows, _stream_length(w, size), dtype=torch.long) for w in widths]
     for i, s in enumerate(seeds.tolist()):
         g.manual_seed(s)
         for w, out in zip(widths, streams):
             torch.randint(w, out.shape[1:], generator=g, out=out[i])
     for b, draws in enumerate(streams):
-        flat = draws.view(B * rows, -1)
-        keep = first_occurrences(flat)
-        rank = keep.cumsum(1)
-        take = keep & (rank <= size)
-        slot = rank - 1
-        vals = torch.zeros(B * rows, size + 1, dtype=torch.long)
-        vals.scatter_(1, torch.where(take, slot, size), flat)  # the untaken go to a spare column, dropped
-        pos[:, :, b] = vals[:, :size].view(B, rows, size)
-        taken[:, :, b] = (torch.arange(size)[None, :] < take.sum(1, keepdim=True)).view(B, rows, size)
+        values, count = _first_distinct(draws.view(B * rows, -1), size)
+        pos[:, :, b] = values.view(B, rows, size)
+        taken[:, :, b] = (torch.arange(size)[None, :] < count[:, None]).view(B, rows, size)
     return pos, taken
 
 
-def first_occurrences(draws: torch.Tensor) -> torch.Tensor:
+def _stream_length(n: int, size: int) -> int:
+    """Uniform integers of range(n) drawn for `size` distinct ones: size + 2·size²/n + 16 (rarely short)."""
+    return size + math.ceil(2 * size * size / n) + 16
+
+
+def _first_distinct(draws: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of (B, m) draws its first `size` distinct values in order of first appearance, (B, size)
+    (zero-padded where a row has fewer), and how many it has, (B,) (at most `size`)."""
+    keep = _first_occurrences(draws)
+    rank = keep.cumsum(1)
+    take = keep & (rank <= size)
+    values = torch.zeros(draws.shape[0], size + 1, dtype=draws.dtype)
+    values.scatter_(1, torch.where(take, rank - 1, size), draws)  # the untaken go to a spare column, dropped
+    return values[:, :size], take.sum(1)
+
+
+def _first_occurrences(draws: torch.Tensor) -> torch.Tensor:
     """(B, m) bool: True where a value appears for the first time in its row."""
     values, pos = draws.sort(dim=1, stable=True)
     dup = torch.zeros_like(draws, dtype=torch.bool)
