@@ -115,7 +115,8 @@ def cost_model(estimator: str, *, n: int, m: int, L: int, d: int, sigmas: int, b
     - search (knn): per σ (search_sigmas of them; default all) every query compared with
       `search_points` points (a search to the layout's depth, 4 096 ranks at L = 128 on large data):
       2·m·P·d' flops (d' = pca or d) and the P·d' values read per query batch
-      (the index streamed once per batch of queries); a PCA projection adds 2·m·d·pca.
+      (the index streamed once per batch of queries); a PCA projection adds 2·m·d·pca; an IVF index's
+      list bands add each query's centroid distances (2·m·nlist·d).
 
     Bytes count reads and writes of `bytes_per_value`-byte values; they bound memory traffic from below
     where arrays fit no cache. The projection `roofline_seconds` takes the larger of flops/peak and
@@ -151,8 +152,9 @@ def cost_model(estimator: str, *, n: int, m: int, L: int, d: int, sigmas: int, b
     elif estimator == "knn":
         from lossfloor.floor.knn import SIGMA_CHUNK, draws_needed, layout
 
-        lay = layout(n, L)
-        k, n_draw = lay.width, draws_needed(n, n, L)  # the σ-dependent rows: A and the bands' draws
+        lists = index == "ivf" and not pca  # the rest in list bands (`knn.layout`)
+        lay = layout(n, L, lists)
+        k, n_draw = lay.width, draws_needed(n, n, L, lists=lists)  # the σ-dependent rows: A and the bands' draws
         chunks = [min(SIGMA_CHUNK, sigmas - c) for c in range(0, sigmas, SIGMA_CHUNK)]
         r_rows = sum(a_share * s_ch * k * s_ch for s_ch in chunks) / sigmas  # Σ over chunks of r·s, per σ
         add("gathers", 0.0, 2 * v * (m * d + m * n_draw * d))  # sources and each query's candidates
@@ -165,6 +167,8 @@ def cost_model(estimator: str, *, n: int, m: int, L: int, d: int, sigmas: int, b
         pts = search_points(n, dim, index, k=lay.depth)
         s_sigmas = sigmas if search_sigmas is None else search_sigmas
         search_flops = 2.0 * m * pts * dim + (2.0 * m * d * pca if pca else 0.0)
+        if lists:  # each query's order of the lists: its centroid distances again
+            search_flops += 2.0 * m * max(1, int(4 * math.sqrt(n))) * dim
         search_bytes = v * (nb * pts * dim + m * d)
         stages["search"]["flops"] += s_sigmas * search_flops
         stages["search"]["bytes"] += s_sigmas * search_bytes

@@ -37,7 +37,8 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
     P, mixture, N, U = data.points, data.stds is not None, data.n_samples, data.n_unique
     B = eps.shape[0]
     everything = subset_size >= U
-    lay = layout(U, subset_size)
+    lists = data.lists
+    lay = layout(U, subset_size, lists is not None)
     xs = take_rows(P, xs_idx, eps.device)
     x0, e = xs, eps
     if mixture:
@@ -45,8 +46,8 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
         x0 = xs + take_rows(data.stds, xs_idx, eps.device) * z
     sig = np.asarray(sigmas, dtype=np.float64).tolist()
     on = [i for i, sigma in enumerate(sig) if searched(data, sigma)]
-    deep = [i for i in on if lay.bands and banded(data, sig[i], lay.k)]  # the others: A and the rest only
-    pos, taken = uniform_subsets(band_seeds, len(deep), [b - a for a, b in lay.bands], lay.band_draws)
+    deep = [i for i in on if (lay.bands or lay.lists) and banded(data, sig[i], lay.k)]  # the others: A and the rest only
+    pos, taken = uniform_subsets(band_seeds, len(deep), [b - a for a, b in lay.bands + lay.lists], lay.band_draws)
     C = data.inverse[draws].numpy()  # (B, n_draw): the draws' distinct points
     mult = data.mult.double().numpy()
     out = np.empty((B, 3, len(sig)))
@@ -72,7 +73,14 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
                         if ok[start + p]:
                             kernels.append((Z[start + p], f))
                 top = {Z[r] for r in range(len(Z)) if ok[r]}
-                rest_draws, cv = g_lay.rest_draws, not g_lay.bands
+                if i in deep and lists is not None:  # the list bands: positions in the lists' order, outside Z
+                    seq = _list_order(lists, y[b])
+                    for band, (start, stop) in enumerate(g_lay.lists, start=len(g_lay.bands)):
+                        at = pos[b, deep.index(i), band][taken[b, deep.index(i), band]].tolist()
+                        kept = [seq[start + p] for p in at if seq[start + p] not in top]
+                        outside = sum(p not in top for p in seq[start:stop])
+                        kernels += list(zip(kept, _halves(len(kept), outside)))
+                rest_draws, cv = g_lay.rest_draws, not (g_lay.bands or g_lay.lists)
             else:  # no search: A = {source}, the rest gets L - 1 draws
                 kernels, top, rest_draws, cv = [(src, (1.0, 1.0, 1.0))], {src}, subset_size - 1, True
             n_rest = N - sum(mult[p] for p in top)
@@ -81,6 +89,15 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
             out[b, :, i] = _query_channels(data, mixture, y[b], xs[b], e[b], sigma, kernels, drawn, cv, mult,
                                            tot=(tot[0][b], tot[1][b]) if mixture else None)
     return torch.from_numpy(out)
+
+
+def _list_order(lists, y: torch.Tensor) -> list[int]:
+    """Every point in the order of its list's centroid distance to y (nearest first), a list's points in
+    the list's stored order."""
+    c = lists.centroids.numpy()
+    dist = ((c - y.double().numpy()[None, :]) ** 2).sum(1)
+    ids, start, size = lists.ids.numpy(), lists.start.numpy(), lists.size.numpy()
+    return [int(p) for j in np.argsort(dist, kind="stable") for p in ids[start[j]:start[j] + size[j]]]
 
 
 def _halves(t: int, size: float) -> list[tuple[float, float, float]]:
@@ -156,6 +173,8 @@ def _points(kind: str, dtype) -> np.ndarray:
     rng = np.random.default_rng(3)
     if kind == "distinct":
         return rng.normal(size=(300, 12)).astype(dtype)
+    if kind == "wide":  # enough points for IVF lists beyond the rank bands
+        return rng.normal(size=(2000, 12)).astype(dtype)
     if kind == "duplicated":  # 230 distinct rows, some 2 and 5 times, and a cluster of near-duplicates
         base = product_data([[-1.0, 1.0]] * 6 + [[-0.5, 0.0, 0.5]]).astype(dtype)  # 192 rows
         x = np.concatenate([base, base[rng.choice(len(base), 60)], np.repeat(base[:5], 4, 0)])
@@ -207,6 +226,17 @@ def test_fast_knn_terms_equal_the_reference_when_the_index_misses():
         np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-11 * np.abs(ref[:, 0]).max())
 
 
+@pytest.mark.parametrize("kind, L", [("wide", 32), ("wide", 64), ("duplicated", 8), ("duplicated", 16), ("mixture", 16)])
+def test_fast_knn_terms_with_ivf_lists_equal_the_reference(kind, L):
+    # an IVF index: rank bands from its search, then bands of positions in the query's order of its lists
+    x = _points(kind, np.float64)
+    assert prepare_knn(torch.from_numpy(x), index="ivf", mixture=_is_mixture(x)).lists is not None
+    ref, fast = _both(x, L, seed=L, index="ivf")
+    np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-11 * np.abs(ref[:, 0]).max())
+    ref, fast = _both(x, L, seed=3, index="ivf", drop=True)  # and where the search comes back short
+    np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-11 * np.abs(ref[:, 0]).max())
+
+
 def test_layout_bands_of_neighbour_ranks():
     # L = 128: A = 64 nearest, then bands [64, 256), [256, 1 024), [1 024, 4 096), ... to the depth N/20 (at
     # least 4 096, at most 65 536 and half the distinct points), the last band cut there; as many bands as
@@ -222,6 +252,22 @@ def test_layout_bands_of_neighbour_ranks():
     assert layout(100, 128) == Layout(k=64, bands=(), band_draws=0, rest_draws=64)  # U/2 < k: no band
     assert layout(300, 8) == Layout(k=4, bands=(), band_draws=0, rest_draws=4)
     assert layout(20_000, 32).bands == ((16, 64), (64, 256), (256, 1024)) and layout(20_000, 32).band_draws == 4
+
+
+def test_layout_list_bands_take_the_rests_draws():
+    # with an IVF index's lists the rest's draws go to list bands of DRAWS_MIN draws: [0, 2·depth), then
+    # geometric widths to U; the rank bands are those without lists
+    lay = layout(320_000, 256, lists=True)
+    assert lay.bands == layout(320_000, 256).bands and lay.band_draws == 25 and lay.rest_draws == 0
+    assert lay.list_draws == 4 and len(lay.lists) == 7  # the 28 draws the rest had
+    starts, stops = zip(*lay.lists)
+    assert starts[0] == 0 and stops[0] == 32_000 and stops[-1] == 320_000 and starts[1:] == stops[:-1]
+    ratios = np.diff(np.log(stops))
+    assert np.allclose(ratios, ratios[0], atol=1e-4)  # geometric
+    assert lay.width == 128 + 4 * 25 + 7 * 4
+    assert len(layout(320_000, 512, lists=True).lists) == 16  # LIST_BANDS_MAX
+    assert layout(3_000, 128, lists=True).lists == ((0, 3000),) and layout(3_000, 128, lists=True).list_draws == 16
+    assert layout(100, 128, lists=True) == layout(100, 128)  # no bands: the rest keeps its draws
 
 
 def test_bands_only_where_the_posterior_reaches_beyond_a():
@@ -275,8 +321,8 @@ def _photo_patches(n: int) -> np.ndarray:
     return rows[np.sort(np.random.default_rng(0).choice(len(rows), n, replace=False))]
 
 
-@pytest.mark.parametrize("n", [500, 3000])  # 3 000: A, two bands of neighbour ranks and the rest
-def test_knn_is_near_exact_on_photo_patches(n):
+@pytest.mark.parametrize("n, index", [(500, "auto"), (3000, "auto"), (3000, "ivf")])  # 3 000: A, bands of
+def test_knn_is_near_exact_on_photo_patches(n, index):  # neighbour ranks, the rest (IVF: a list band)
     # the true error of knn at L = 128 against exact on the same queries, on real 8×8×3 photo patches
     from lossfloor.floor import EstimatorConfig, estimate
 
@@ -286,7 +332,8 @@ def test_knn_is_near_exact_on_photo_patches(n):
     sigmas = np.array([0.03, 0.5, 1.4, 3.7, 13.0])
     m = min(n, 1000)  # queries: the error is paired (the same queries), so a thousand show it
     exact = estimate(x, sigmas, EstimatorConfig(estimator="exact", seed=1, queries=m), progress=False)
-    knn = estimate(x, sigmas, EstimatorConfig(estimator="knn", subset_size=128, seed=1, queries=m), progress=False)
+    knn = estimate(x, sigmas, EstimatorConfig(estimator="knn", subset_size=128, seed=1, queries=m, index=index),
+                   progress=False)
     err = np.abs(knn.j_star - exact.j_star) / exact.j_star
     assert np.all((knn.ci_low <= exact.j_star) & (exact.j_star <= knn.ci_high))
     assert err.max() <= 0.01, err

@@ -16,12 +16,19 @@ y in rank order) from a neighbour index):
    draws, taken from the query's uniform ordered sample of `draw_count` of the N samples (drawn from
    (seed, source, round) only, `queries`): the first ones that fall in the rest. A duplicated point is
    drawn as often as it occurs, so the draw follows the data's mass.
+   With an IVF index the rest is stratified too (`Layout.lists`): the query orders every distinct point by
+   its IVF list's centroid distance to y (nearest list first; a list's points in their stored order), and
+   list bands of these positions, [0, 2·depth) then geometric widths to U, get DRAWS_MIN draws each (at
+   most LIST_BANDS_MAX bands), uniform without replacement from the band stream. A draw whose point is in
+   Z does not count; a kept draw weighs (the band's points outside Z) / (its kept draws in the half).
+   Measured on photo patches (M = 2 048, L = 256, N = 320 000): worst error 0.66 % against 0.99 % with
+   16 uniform draws for the rest, and a bias allowance 30 % narrower, at the same cost.
    Z may be any deterministic function of (s, y): an approximate index (missing or misranked neighbours)
    lowers efficiency, never validity. Where the kernel is flat enough that neighbours no longer help
    (`searched`: √(2D)·s_x/σ ≤ 2, s_x the distinct points' per-coordinate standard deviation), there is no
    search: A = {source}, no bands, and the rest gets L - 1 draws.
 4. Each stratum's draws are split in order into halves; a drawn kernel is weighed by its stratum's size
-   over its draws in the half (|band| in ranks, |rest| in samples; a stratum drawn whole is known and
+   over its draws in the half (|band| in ranks or positions, |rest| in samples; a stratum drawn whole is known and
    weighs 1 in both), A's kernels by 1. With f_n = x_n - x_s, q_n = ||f_n||², multiplicities m_n (a drawn
    sample counts once) and kernels w_n = m_n exp(ℓ_n - max), ℓ_n = -||y - x_n||²/2σ², for each half j
    (and both halves together):
@@ -64,7 +71,7 @@ from lossfloor.data.duplicates import groups, row_keys
 from lossfloor.data.node_cache import read_only_tensor
 from lossfloor.floor.kernel import take_rows
 from lossfloor.floor.mixture import component_terms, mixture_totals, query_noise, split_rows, total_f_q
-from lossfloor.floor.neighbours import NeighbourIndex, build_index
+from lossfloor.floor.neighbours import Lists, NeighbourIndex, build_index
 from lossfloor.floor.queries import uniform_subsets
 
 CHANNELS = ("j", "plain_minus_j", "richardson_minus_j")
@@ -91,6 +98,15 @@ class KnnData:
     _most_held: dict | None = None
     _coordinate_std: float | None = None
     _rank_distance: dict | None = None
+    _lists: Lists | bool | None = None
+
+    @property
+    def lists(self) -> Lists | None:
+        """The index's lists (an IVF index: `NeighbourIndex.lists`) on the compute device, or None."""
+        if self._lists is None:
+            got = self.index.lists()
+            self._lists = False if got is None else got.to(self.mult.device)
+        return self._lists or None
 
     def totals(self, sigma: float) -> dict:
         """The mixture's sums over all N components at σ (`mixture.mixture_totals`), cached."""
@@ -257,16 +273,20 @@ DEPTH_SHARE = 20
 DEPTH_MIN = 4096
 DEPTH_MAX = 65536
 DRAWS_MIN = 4
+LIST_BANDS_MAX = 16
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How a searched query spends its L kernels (module docstring, steps 1-2)."""
+    """How a searched query spends its L kernels (module docstring, steps 1-3)."""
 
     k: int  # |A|: the source and the k - 1 nearest
     bands: tuple[tuple[int, int], ...]  # the bands' rank ranges [start, stop) in Z (the source is rank 0)
     band_draws: int  # draws per band
-    rest_draws: int  # draws from the rest: L - k - (bands)·(band draws)
+    rest_draws: int  # draws from the rest: L - k - (bands)·(band draws); 0 where list bands take them
+    lists: tuple[tuple[int, int], ...] = ()  # list bands: ranges [start, stop) of positions in the query's
+    # order of the index's lists, together [0, U)
+    list_draws: int = 0  # draws per list band
 
     @property
     def depth(self) -> int:
@@ -276,13 +296,15 @@ class Layout:
     @property
     def width(self) -> int:
         """A's entries and the bands' draws: the kernels whose rows depend on σ."""
-        return self.k + len(self.bands) * self.band_draws
+        return self.k + len(self.bands) * self.band_draws + len(self.lists) * self.list_draws
 
 
-def layout(n_unique: int, subset_size: int) -> Layout:
+def layout(n_unique: int, subset_size: int, lists: bool = False) -> Layout:
     """k = L/2, then bands [k, 4k), [4k, 16k), ..., the last one cut at the depth U/20 (within
     [DEPTH_MIN, DEPTH_MAX], at most U/2), while each of the bands and the rest keeps ≥ DRAWS_MIN of the
-    L - k draws (the rest takes the remainder)."""
+    L - k draws (the rest takes the remainder). With lists (an IVF index) and bands, the rest's draws go to
+    list bands instead, DRAWS_MIN each (at most LIST_BANDS_MAX bands, the remainder unused): ranges of
+    positions [0, 2·depth), then geometric widths to U."""
     k = subset_size // 2
     spare = subset_size - k
     depth = min(n_unique // 2, DEPTH_MAX, max(DEPTH_MIN, n_unique // DEPTH_SHARE))
@@ -291,7 +313,15 @@ def layout(n_unique: int, subset_size: int) -> Layout:
         stops.append(min(stops[-1] * BAND_GROWTH, depth))
     bands = tuple(itertools.pairwise(stops))
     per_band = spare // (len(bands) + 1)
-    return Layout(k=k, bands=bands, band_draws=per_band if bands else 0, rest_draws=spare - len(bands) * per_band)
+    rest = spare - len(bands) * per_band
+    if not (lists and bands):
+        return Layout(k=k, bands=bands, band_draws=per_band if bands else 0, rest_draws=rest)
+    n_lists = min(LIST_BANDS_MAX, rest // DRAWS_MIN)
+    first = min(2 * stops[-1], n_unique)
+    growth = (n_unique / first) ** (1.0 / max(1, n_lists - 1))
+    ends = sorted({min(n_unique, round(first * growth**i)) for i in range(n_lists - 1)} | {n_unique})
+    return Layout(k=k, bands=bands, band_draws=per_band, rest_draws=0, lists=tuple(itertools.pairwise([0, *ends])),
+                  list_draws=rest // len(ends))
 
 
 def draw_count(data: KnnData, subset_size: int) -> int:
@@ -301,17 +331,17 @@ def draw_count(data: KnnData, subset_size: int) -> int:
     least N - (the depth largest multiplicities) samples, and the draws are 4× the rest's draws over that
     fraction (a shortfall is still unbiased: the t drawn are weighed by |rest|/t). One when A holds every
     distinct point (the draw falls in A, keeping the shapes)."""
-    return draws_needed(data.n_samples, data.n_unique, subset_size, data.most_held)
+    return draws_needed(data.n_samples, data.n_unique, subset_size, data.most_held, lists=data.lists is not None)
 
 
-def draws_needed(n_samples: int, n_unique: int, subset_size: int, most_held=lambda k: k) -> int:
+def draws_needed(n_samples: int, n_unique: int, subset_size: int, most_held=lambda k: k, lists: bool = False) -> int:
     """`draw_count` of a data set of n_samples, n_unique distinct, most_held(k) the samples its k most
-    repeated points hold (k without duplicates)."""
+    repeated points hold (k without duplicates); lists: the index has lists (`layout`)."""
     if subset_size >= n_unique:
         return 1
-    lay, n = layout(n_unique, subset_size), n_samples
+    lay, n = layout(n_unique, subset_size, lists), n_samples
     need = [subset_size - 1 + most_held(1), subset_size - lay.k + most_held(lay.k)]
-    if lay.bands:
+    if lay.bands and lay.rest_draws:
         rest = n - most_held(lay.depth)
         need.append(n if rest <= 0 else math.ceil(4 * lay.rest_draws * n / rest))
     return min(n, max(need))
@@ -376,8 +406,8 @@ def knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, sigmas, *,
     if subset_size >= data.n_unique:
         strata = _everything(data, B, len(sig), C)
     else:
-        strata = _strata_of_grid(data, layout(data.n_unique, subset_size), x0, e, xs_idx, C, sig, band_seeds,
-                                 subset_size)
+        strata = _strata_of_grid(data, layout(data.n_unique, subset_size, data.lists is not None), x0, e, xs_idx,
+                                 C, sig, band_seeds, subset_size)
     row_bytes = ((min(len(sig), SIGMA_CHUNK) * strata.R.shape[2] + C.shape[1])
                  * data.points.shape[1] * data.points.element_size())
     step = max(1, BLOCK_BYTES.get(dev.type, BLOCK_BYTES["cuda"]) // row_bytes)
@@ -412,15 +442,16 @@ def _strata_of_grid(data: KnnData, lay: Layout, x0, e, xs_idx, C, sig: list[floa
     rest_draws = torch.full((S,), subset_size - 1, dtype=torch.long, device=dev)
     cv = torch.ones(S, dtype=torch.bool, device=dev)
     on = [i for i, sigma in enumerate(sig) if searched(data, sigma)]
-    deep = [i for i in on if lay.bands and banded(data, sig[i], lay.k)]
+    deep = [i for i in on if (lay.bands or lay.lists) and banded(data, sig[i], lay.k)]
     shallow = Layout(k=lay.k, bands=(), band_draws=0, rest_draws=subset_size - lay.k)
     for group, g_lay in ((deep, lay), ([i for i in on if i not in deep], shallow)):
         if not group:
             continue
-        rest_draws[group], cv[group] = g_lay.rest_draws, not g_lay.bands
-        widths = [stop - start for start, stop in g_lay.bands]
-        pos, taken = uniform_subsets(band_seeds, len(group), widths, g_lay.band_draws)  # (B, σ, bands, draws)
-        pos, taken = (t.to(dev).transpose(0, 1).reshape(len(group) * B, len(widths), g_lay.band_draws)
+        rest_draws[group], cv[group] = g_lay.rest_draws, not (g_lay.bands or g_lay.lists)
+        widths = [stop - start for start, stop in g_lay.bands + g_lay.lists]
+        sizes = [g_lay.band_draws] * len(g_lay.bands) + [g_lay.list_draws] * len(g_lay.lists)
+        pos, taken = uniform_subsets(band_seeds, len(group), widths, sizes)  # (B, σ, bands, draws)
+        pos, taken = (t.to(dev).transpose(0, 1).reshape(len(group) * B, len(widths), t.shape[-1])
                       for t in (pos, taken))
         y, src, Cs = torch.cat([x0 + sig[i] * e for i in group]), xs_idx.repeat(len(group)), C.repeat(len(group), 1)
         step = max(1, min(SEARCH_ROWS, SEARCH_IDS // g_lay.depth))
@@ -442,15 +473,45 @@ def _ranked(data: KnnData, lay: Layout, y, src, C, pos, taken):
     valid = torch.cat([torch.ones_like(src[:, None], dtype=torch.bool), (ids >= 0) & (ids != src[:, None])], 1)
     Z = torch.cat([src[:, None], ids.clamp_min(0)], 1)
     n_rest = data.n_samples - (data.mult[Z] * valid).sum(1, dtype=torch.float64)
-    in_top = _hits(C, Z.masked_fill(~valid, -1))
+    # the uniform draws outside Z are the rest's; with list bands the rest is empty
+    in_top = _hits(C, Z.masked_fill(~valid, -1)) if lay.rest_draws else torch.ones_like(C, dtype=torch.bool)
     R, V = [Z[:, :lay.k]], [valid[:, :lay.k]]
     F = [torch.ones(len(Z), 3, lay.k, dtype=data.mult.dtype, device=Z.device)]
+    d = lay.band_draws
     for b, (start, stop) in enumerate(lay.bands):
-        at = start + pos[:, b]
+        at = start + pos[:, b, :d]
         R.append(Z.gather(1, at))
-        V.append(valid.gather(1, at) & taken[:, b])
-        F.append(_draw_factors(taken[:, b], float(stop - start)).to(data.mult.dtype))
+        V.append(valid.gather(1, at) & taken[:, b, :d])
+        F.append(_draw_factors(taken[:, b, :d], float(stop - start)).to(data.mult.dtype))
+    if lay.lists:
+        nb, d = len(lay.bands), lay.list_draws
+        for r, v, f in _list_draws(data.lists, lay, y, Z, valid, pos[:, nb:, :d], taken[:, nb:, :d]):
+            R.append(r), V.append(v), F.append(f.to(data.mult.dtype))
     return torch.cat(R, 1), torch.cat(V, 1), torch.cat(F, 2), in_top, n_rest
+
+
+def _list_draws(lists: Lists, lay: Layout, y, Z, valid, pos, taken):
+    """Per list band (module docstring, step 3) its drawn points, whether each counts and its weights: the
+    query's positions are its lists' points in order of the lists' centroid distance to y (nearest first;
+    a list's points in their stored order); a draw at a position whose point is in Z does not count, and
+    a kept draw weighs (the band's points outside Z) / (its kept draws in the half) (`_draw_factors`)."""
+    Q, n_lists, dev = len(y), len(lists.size), y.device
+    c = lists.centroids
+    order = ((c * c).sum(1)[None, :] - 2.0 * (y.double() @ c.T)).argsort(dim=1, stable=True)  # nearest list first
+    size = lists.size[order]
+    first = size.cumsum(1) - size  # (Q, lists): each ranked list's first position
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_lists, device=dev).expand(Q, -1))
+    z_pos = first.gather(1, rank.gather(1, lists.list_of[Z])) + lists.slot[Z]  # (Q, depth): Z's positions
+    ends = torch.tensor([stop for _, stop in lay.lists], device=dev)
+    in_z = torch.zeros(Q, len(ends) + 1, dtype=torch.long, device=dev)
+    in_z.scatter_add_(1, torch.bucketize(z_pos, ends, right=True), valid.long())  # Z's points per band
+    at = torch.tensor([start for start, _ in lay.lists], device=dev)[None, :, None] + pos  # (Q, bands, draws)
+    at = at.view(Q, -1)
+    j = torch.searchsorted(first, at, right=True) - 1  # the ranked list holding each position
+    points = lists.ids[lists.start[order.gather(1, j)] + at - first.gather(1, j)].view(pos.shape)
+    keep = taken & ~_hits(points.view(Q, -1), Z.masked_fill(~valid, -1)).view(pos.shape)
+    for b, (start, stop) in enumerate(lay.lists):
+        yield points[:, b], keep[:, b], _draw_factors(keep[:, b], (stop - start) - in_z[:, b])
 
 
 def _hits(C: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:

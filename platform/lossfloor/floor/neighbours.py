@@ -16,7 +16,9 @@ the query, so an approximate search costs efficiency, never correctness):
   has no GPU.
 `pca=r` searches on the first r principal components (FAISS `PCAMatrix`): cheaper, approximate.
 FAISS indexes move to the GPU when the points are on CUDA and FAISS was built with GPU support.
-Build and search times are kept (`build_s`, `search_s`) and reported apart from the kernel's.
+Build and search times are kept (`build_s`, `search_s`) and reported apart from the kernel's. An IVF
+index also gives its lists (`lists()`: the centroids and each list's points), which the kNN estimator's
+far strata are made of.
 
 One index per node: the exact flat search on CPU points needs no index at all: FAISS's `knn` searches
 the points where they are (a node-shared mapping, or this process's array: no copy; the same results as
@@ -34,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -82,6 +85,10 @@ class NeighbourIndex:
     def _search(self, y: torch.Tensor, k: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def lists(self) -> Lists | None:
+        """The index's partition of the points into lists (an IVF index), or None."""
+        return None
+
 
 class TorchIndex(NeighbourIndex):
     """Exact search: ||y - p||² = ||p||² - 2 y·p + const, a GEMM and top-k per block of points."""
@@ -112,6 +119,31 @@ class TorchIndex(NeighbourIndex):
         return best_i.gather(1, order).to(where)
 
 
+@dataclass(frozen=True)
+class Lists:
+    """An IVF index's partition of its points into lists: `centroids` (nlist, D) float64; `ids` (U,) long,
+    every list's points in its stored order, list after list; `start`, `size` (nlist,) long, each list's
+    slice of `ids`; per point (U,) long: `list_of` its list, `slot` its place in that list."""
+
+    centroids: torch.Tensor
+    ids: torch.Tensor
+    start: torch.Tensor
+    size: torch.Tensor
+    list_of: torch.Tensor
+    slot: torch.Tensor
+
+    @classmethod
+    def of(cls, centroids: torch.Tensor, size: torch.Tensor, ids: torch.Tensor) -> Lists:
+        start = size.cumsum(0) - size
+        owner = torch.repeat_interleave(torch.arange(len(size)), size)  # each entry of ids: its list
+        list_of = torch.empty_like(ids).scatter_(0, ids, owner)
+        slot = torch.empty_like(ids).scatter_(0, ids, torch.arange(len(ids)) - start[owner])
+        return cls(centroids, ids, start, size, list_of, slot)
+
+    def to(self, device) -> Lists:
+        return Lists(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
 FAISS_GPU_MAX_K = 2048  # FAISS's GPU indexes return at most this many neighbours per query
 
 
@@ -123,6 +155,23 @@ class FaissIndex(NeighbourIndex):
     def __init__(self, index, base, kind: str, n_points: int, build_s: float, cpu=None):
         super().__init__(kind, n_points, build_s)
         self.index, self.base, self.cpu = index, base, cpu
+        self._lists = None
+
+    def lists(self) -> Lists | None:
+        """The IVF lists of an `ivf` index searched on the points themselves (no PCA), read once from the
+        index (no search); None for any other index."""
+        if self.kind != "ivf":
+            return None
+        if self._lists is None:
+            faiss = faiss_module()
+            ivf = faiss.extract_index_ivf(self.cpu if self.cpu is not None else self.index)
+            inv, nlist = ivf.invlists, ivf.nlist
+            size = np.array([inv.list_size(i) for i in range(nlist)], dtype=np.int64)
+            ids = np.concatenate([faiss.rev_swig_ptr(inv.get_ids(i), int(n)).copy() if n else np.zeros(0, np.int64)
+                                  for i, n in enumerate(size)])
+            self._lists = Lists.of(torch.from_numpy(ivf.quantizer.reconstruct_n(0, nlist)).double(),
+                                   torch.from_numpy(size), torch.from_numpy(ids.astype(np.int64)))
+        return self._lists
 
     def _search(self, y, k):
         if hasattr(self.base, "hnsw"):

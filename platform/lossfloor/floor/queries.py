@@ -123,30 +123,32 @@ def uniform_without_replacement(seeds: np.ndarray, n: int, size: int, chunk: int
     return out
 
 
-def uniform_subsets(seeds: np.ndarray, rows: int, widths, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def uniform_subsets(seeds: np.ndarray, rows: int, widths, sizes) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query (row i drawn by a generator seeded with seeds[i]) `rows` × len(widths) uniform ordered
-    samples without replacement of `size` positions of range(width): (B, rows, len(widths), size) long on
-    the CPU, and (same shape) bool, the positions taken.
+    samples without replacement, of sizes[b] positions of range(widths[b]) (`sizes` one int for all):
+    (B, rows, len(widths), max size) long on the CPU, and (same shape) bool, the positions taken.
 
     Each sample is the distinct values of size + 2·size²/width + 16 uniform integers in order of first
-    appearance. The rare sample whose integers hold fewer than `size` distinct values takes the t it has:
+    appearance. The rare sample whose integers hold fewer than its size distinct values takes the t it has:
     given t, an ordered sample is uniform whatever t, so an estimate that weighs it by width/t stays unbiased.
     """
     B = len(seeds)
-    pos = torch.zeros(B, rows, len(widths), size, dtype=torch.long)
-    taken = torch.zeros(B, rows, len(widths), size, dtype=torch.bool)
+    sizes = [sizes] * len(widths) if isinstance(sizes, int) else list(sizes)
+    most = max(sizes, default=0)
+    pos = torch.zeros(B, rows, len(widths), most, dtype=torch.long)
+    taken = torch.zeros(B, rows, len(widths), most, dtype=torch.bool)
     if B == 0 or rows == 0 or not widths:
         return pos, taken
     g = torch.Generator()
-    streams = [torch.empty(B, rows, _stream_length(w, size), dtype=torch.long) for w in widths]
+    streams = [torch.empty(B, rows, _stream_length(w, size), dtype=torch.long) for w, size in zip(widths, sizes)]
     for i, s in enumerate(seeds.tolist()):
         g.manual_seed(s)
         for w, out in zip(widths, streams):
             torch.randint(w, out.shape[1:], generator=g, out=out[i])
-    for b, draws in enumerate(streams):
+    for b, (draws, size) in enumerate(zip(streams, sizes)):
         values, count = _first_distinct(draws.view(B * rows, -1), size)
-        pos[:, :, b] = values.view(B, rows, size)
-        taken[:, :, b] = (torch.arange(size)[None, :] < count[:, None]).view(B, rows, size)
+        pos[:, :, b, :size] = values.view(B, rows, size)
+        taken[:, :, b] = (torch.arange(most)[None, :] < count[:, None]).view(B, rows, most)
     return pos, taken
 
 
