@@ -17,6 +17,7 @@ import torch
 from lossfloor.floor.kernel import take_rows
 from lossfloor.floor.knn import (
     BETA_MAX,
+    UNIT,
     KnnData,
     Layout,
     banded,
@@ -47,7 +48,8 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
     sig = np.asarray(sigmas, dtype=np.float64).tolist()
     on = [i for i, sigma in enumerate(sig) if searched(data, sigma)]
     deep = [i for i in on if (lay.bands or lay.lists) and banded(data, sig[i], lay.k)]  # the others: A and the rest only
-    pos, taken = uniform_subsets(band_seeds, len(deep), [b - a for a, b in lay.bands + lay.lists], lay.band_draws)
+    sizes = [lay.band_draws] * len(lay.bands) + [lay.list_draws] * len(lay.lists)
+    pos, taken = uniform_subsets(band_seeds, len(deep), [b - a for a, b in lay.bands] + [UNIT] * len(lay.lists), sizes)
     C = data.inverse[draws].numpy()  # (B, n_draw): the draws' distinct points
     mult = data.mult.double().numpy()
     out = np.empty((B, 3, len(sig)))
@@ -68,7 +70,7 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
                 ok = [True] + [z >= 0 and z != src for z in Z[1:]]
                 kernels = [(Z[r], (1.0, 1.0, 1.0)) for r in range(g_lay.k) if ok[r]]
                 for band, (start, stop) in enumerate(g_lay.bands):
-                    at = pos[b, deep.index(i), band][taken[b, deep.index(i), band]].tolist()
+                    at = pos[b, deep.index(i), band][taken[b, deep.index(i), band]][:g_lay.band_draws].tolist()
                     for p, f in zip(at, _halves(len(at), stop - start)):
                         if ok[start + p]:
                             kernels.append((Z[start + p], f))
@@ -76,10 +78,13 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
                 if i in deep and lists is not None:  # the list bands: positions in the lists' order, outside Z
                     seq = _list_order(lists, y[b])
                     for band, (start, stop) in enumerate(g_lay.lists, start=len(g_lay.bands)):
-                        at = pos[b, deep.index(i), band][taken[b, deep.index(i), band]].tolist()
-                        kept = [seq[start + p] for p in at if seq[start + p] not in top]
-                        outside = sum(p not in top for p in seq[start:stop])
-                        kernels += list(zip(kept, _halves(len(kept), outside)))
+                        outside = [p for p in seq[start:stop] if p not in top]  # uniform draws, with replacement
+                        t, h, n = g_lay.list_draws, g_lay.list_draws // 2, len(outside)
+                        for r, i_u in enumerate(pos[b, deep.index(i), band, :t].tolist()):
+                            u = (i_u + 0.5) / UNIT
+                            f = (n / h, 0.0, n / t) if r < h else (0.0, n / (t - h), n / t)
+                            if n:
+                                kernels.append((outside[min(int(u * n), n - 1)], f))
                 rest_draws, cv = g_lay.rest_draws, not (g_lay.bands or g_lay.lists)
             else:  # no search: A = {source}, the rest gets L - 1 draws
                 kernels, top, rest_draws, cv = [(src, (1.0, 1.0, 1.0))], {src}, subset_size - 1, True
