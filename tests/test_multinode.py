@@ -209,7 +209,8 @@ def test_a_sweep_runs_its_trials_on_both_nodes_with_the_local_numbers(cluster, t
 
 
 def job_nodes(cluster: MultiNode, submission_id: str) -> dict[str, set[str]]:
-    """{actor class: names of the nodes its actors ran on} of one submitted job (dead actors included)."""
+    """{actor class: names of the nodes its actors ran on} of one submitted job (dead actors included; an
+    actor the job created but that was never placed before the job stopped ran nowhere and is left out)."""
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
@@ -217,7 +218,8 @@ def job_nodes(cluster: MultiNode, submission_id: str) -> dict[str, set[str]]:
     names, out = cluster.names(), {}
     for a in list_actors(address=cluster.dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10000,
                          raise_on_missing_output=False):
-        out.setdefault(a.class_name, set()).add(names.get(a.node_id, a.node_id))
+        if a.node_id:
+            out.setdefault(a.class_name, set()).add(names.get(a.node_id, a.node_id))
     return out
 
 
