@@ -487,17 +487,21 @@ def _ranked(data: KnnData, lay: Layout, y, src, C, pos, taken):
         F.append(_draw_factors(taken[:, b, :d], float(stop - start)).to(data.mult.dtype))
     if lay.lists:
         nb, d = len(lay.bands), lay.list_draws
-        for r, v, f in _list_draws(data.lists, lay, y, Z, valid, pos[:, nb:, :d]):
-            R.append(r), V.append(v), F.append(f.to(data.mult.dtype))
+        r, v, f = _list_draws(data.lists, lay, y, Z, valid, pos[:, nb:, :d])
+        R.append(r)
+        V.append(v)
+        F.append(f.to(data.mult.dtype))
     return torch.cat(R, 1), torch.cat(V, 1), torch.cat(F, 2), in_top, n_rest
 
 
 def _list_draws(lists: Lists, lay: Layout, y, Z, valid, pos):
-    """Per list band (module docstring, step 3) its drawn points, whether each counts and its weights: the
-    query's positions are its lists' points in order of the lists' centroid distance to y (nearest first;
-    a list's points in their stored order); a band's draws are uniform, with replacement, over its
-    positions outside Z (pos: uniform integers of range(UNIT)), each weighing (the band's points outside Z)
-    / (the draws in its half): a fixed number in each half, so no half is ever empty."""
+    """The list bands' draws (module docstring, step 3), band after band: (Q, n) drawn points, whether each
+    counts and (Q, 3, n) their weights in half 1, half 2 and both. The query's positions are its lists'
+    points in order of the lists' centroid distance to y (nearest first; a list's points in their stored
+    order); a band's draws are uniform, with replacement, over its positions outside Z (pos: uniform
+    integers of range(UNIT); a sample of t distinct ones out of t + 16 is never short at that width), each
+    weighing (the band's points outside Z) / (the draws in its half): a fixed number in each half, so no
+    half is ever empty."""
     Q, n_lists, dev = len(y), len(lists.size), y.device
     c = lists.centroids
     order = ((c * c).sum(1)[None, :] - 2.0 * (y.double() @ c.T)).argsort(dim=1, stable=True)  # nearest list first
@@ -519,12 +523,10 @@ def _list_draws(lists: Lists, lay: Layout, y, Z, valid, pos):
     points = lists.ids[lists.start[order.gather(1, j)] + at - first.gather(1, j)].view(pos.shape)
     t = pos.shape[2]
     h = t // 2
-    half1 = (torch.arange(t, device=dev) < h)[None, :]
-    for b in range(len(lay.lists)):
-        n_free = free[:, b, None].double()  # (Q, 1)
-        f = torch.stack([torch.where(half1, n_free / h, 0.0), torch.where(half1, 0.0, n_free / (t - h)),
-                         (n_free / t).expand(-1, t)], 1)
-        yield points[:, b], (free[:, b, None] > 0).expand(-1, t), f
+    half1 = torch.arange(t, device=dev) < h
+    n_free = free[..., None].double().expand(-1, -1, t)  # (Q, bands, draws)
+    f = torch.stack([torch.where(half1, n_free / h, 0.0), torch.where(half1, 0.0, n_free / (t - h)), n_free / t], 1)
+    return points.view(Q, -1), (n_free > 0).view(Q, -1), f.view(Q, 3, -1)
 
 
 UNIT = 1 << 31  # a list band's draws are uniform integers of range(UNIT), read as (i + 1/2) / UNIT
