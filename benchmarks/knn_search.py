@@ -15,6 +15,13 @@ The knn estimator searches the noisy query y = x_s + σε for its k = L/2 neares
    randomness, so only A differs between the knn runs), per σ: the error an approximate index adds, and
    whether a search helps at all at large σ.
 
+3. depth: at N in `--depth-sizes` (photo patches) the knn estimator's deep search (`knn.layout` at
+   `--depth-L`: depth N/20, at least 4 096) of `--depth-queries` noisy queries at three σ, by FAISS's IVF
+   search (a heap of the k best per query) and by the index's own list scan (`neighbours.ListScan`: one
+   float64 GEMM per probed list, a partition at the strata's edges), the same probes: milliseconds per
+   query each, their ratio, whether both gave every stratum the same members, and the scan's floor (its
+   GEMM FLOPs at this machine's float64 GEMM rate, measured in the same run).
+
 Prints JSON; `--out` writes it. Imports the lossfloor core, numpy, torch, FAISS and scikit-learn (the
 photographs). Timings on a shared machine are noisy: compare ratios within one run.
 """
@@ -130,7 +137,7 @@ class UniformIndex(NeighbourIndex):
         super().__init__("uniform", n_points, 0.0)
         self.g = torch.Generator().manual_seed(seed)
 
-    def _search(self, y, k):
+    def _search(self, y, k, cuts):
         return torch.rand(y.shape[0], self.n_points, generator=self.g).topk(k, dim=1).indices.to(y.device)
 
 
@@ -189,6 +196,62 @@ def accuracy_case(n: int, seeds: int) -> dict:
     return out
 
 
+def float64_gemm_rate(size: int = 1024, repeats: int = 3) -> float:
+    """This machine's achieved float64 GEMM FLOP/s (best of `repeats` (size, size) products)."""
+    a, b = torch.randn(size, size, dtype=torch.float64), torch.randn(size, size, dtype=torch.float64)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def depth_case(n: int, n_queries: int, L: int, seed: int, gemm_rate: float) -> dict:
+    """FAISS's IVF search against `ListScan` at knn's depth on n photo patches (study 3)."""
+    from lossfloor.floor import neighbours
+    from lossfloor.floor.knn import layout
+
+    x = torch.from_numpy(photo_patches(n, seed=1))
+    lay = layout(n, L, lists=True)
+    k = lay.depth - 1
+    index = neighbours.build_index(x, "ivf", seed=seed)
+    rng = np.random.default_rng(seed)
+    out = {"n": n, "L": L, "depth": lay.depth, "cuts": list(lay.cuts), "queries": n_queries, "index_build_s": index.build_s,
+           "sigmas": []}
+    for sigma in (0.02, 0.1, 0.5):
+        src = rng.choice(n, n_queries, replace=False)
+        y = x[src] + sigma * torch.from_numpy(rng.normal(size=(n_queries, x.shape[1])).astype(np.float32))
+        step = max(1, knn_search_rows(lay.depth))
+        timed = {}
+        for name, scan_min in (("faiss", 10**12), ("scan", 0)):
+            with mock.patch.object(neighbours, "SCAN_MIN_K", scan_min):
+                t0 = time.process_time()
+                ids = torch.cat([index.search(y[i:i + step], k, cuts=lay.cuts) for i in range(0, n_queries, step)])
+                timed[name] = (time.process_time() - t0, ids.numpy())
+        cuts = [c for c in lay.cuts if c < k]  # the last band ends at the search's end
+        edges = list(zip((0, *cuts), (*cuts, k)))
+        shared = np.array([[len(set(a[lo:hi].tolist()) & set(b[lo:hi].tolist())) / max(1, hi - lo) for lo, hi in edges]
+                           for a, b in zip(timed["faiss"][1], timed["scan"][1])])  # (queries, strata)
+        held = index.base.nprobe * n / index.base.nlist  # candidates per query, on average
+        out["sigmas"].append({"sigma": sigma, "faiss_ms_per_query": 1e3 * timed["faiss"][0] / n_queries,
+                              "scan_ms_per_query": 1e3 * timed["scan"][0] / n_queries,
+                              "speedup": timed["faiss"][0] / timed["scan"][0],
+                              "strata_shared": shared.mean(0).tolist(),  # members both found, per stratum
+                              "queries_with_the_same_strata": float((shared == 1).all(1).mean()),
+                              "nprobe": index.base.nprobe, "candidates_per_query": held,
+                              "scan_gemm_floor_ms_per_query": 1e3 * 2.0 * held * x.shape[1] / gemm_rate})
+        print(json.dumps({"n": n, **out["sigmas"][-1]}), file=sys.stderr, flush=True)
+    return out
+
+
+def knn_search_rows(depth: int) -> int:
+    """The queries per search the estimator uses at this depth (`knn.SEARCH_ROWS`, `knn.SEARCH_IDS`)."""
+    from lossfloor.floor.knn import SEARCH_IDS, SEARCH_ROWS
+
+    return min(SEARCH_ROWS, SEARCH_IDS // depth)
+
+
 def partial(results: dict, out: str | None) -> None:
     """The results so far, written to `out` (a long run keeps what it measured if stopped)."""
     if out:
@@ -204,16 +267,26 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=128, help="noisy queries per σ (recall study)")
     p.add_argument("--accuracy-sizes", default="5000,20000", help="N of the accuracy study (empty: none)")
     p.add_argument("--accuracy-seeds", type=int, default=2)
+    p.add_argument("--depth-sizes", default="10000,20000,80000,320000", help="N of the depth study (empty: none)")
+    p.add_argument("--depth-queries", type=int, default=1024, help="noisy queries per σ (depth study)")
+    p.add_argument("--depth-L", type=int, default=256, help="knn's L whose layout sets the depth (depth study)")
     p.add_argument("--hnsw-max-n", type=int, default=200_000, help="largest N with an HNSW index (slow to build)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (CPU times are summed over them)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if faiss_module() is None:
         raise SystemExit("knn_search: needs FAISS (pip install faiss-cpu)")
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     results = {"benchmark": "knn_search", "date": dt.date.today().isoformat(), "device": device_label("cpu"),
                "torch": torch.__version__, "faiss": faiss_module().__version__, "sigmas": SIGMAS.tolist(),
-               "recall": [], "accuracy": []}
+               "threads": args.threads, "recall": [], "accuracy": [], "depth": []}
+    gemm_rate = float64_gemm_rate()
+    results["float64_gemm_flops_per_s"] = gemm_rate
+    for n in ints(args.depth_sizes):
+        results["depth"].append(depth_case(n, args.depth_queries, args.depth_L, args.seed, gemm_rate))
+        partial(results, args.out)
     for n in ints(args.sizes):
         results["recall"].append(recall_case("photo-patches", photo_patches(n, seed=1), args.queries, args.seed, args.hnsw_max_n))
         partial(results, args.out)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from lossfloor.floor import neighbours
 from lossfloor.floor.kernel import take_rows
 from lossfloor.floor.knn import (
     BETA_MAX,
@@ -56,7 +57,7 @@ def reference_knn_terms(data: KnnData, xs_idx: torch.Tensor, eps: torch.Tensor, 
     for i, sigma in enumerate(sig):
         y = x0 + sigma * e
         g_lay = lay if i in deep else Layout(k=lay.k, bands=(), band_draws=0, rest_draws=subset_size - lay.k)
-        ids = data.index.search(y, g_lay.depth - 1).numpy() if i in on and not everything else None
+        ids = data.index.search(y, g_lay.depth - 1, cuts=g_lay.cuts).numpy() if i in on and not everything else None
         if mixture:
             tot = total_f_q(data.totals(sigma), y, xs)
         for b in range(B):
@@ -197,8 +198,8 @@ def _both(x: np.ndarray, L: int, seed: int, index: str = "flat", drop: bool = Fa
     if drop:  # an approximate index that comes back short: every other query misses its last third
         search = data.index.search
 
-        def short(y, k):
-            ids = search(y, k).clone()
+        def short(y, k, cuts=None):
+            ids = search(y, k, cuts).clone()
             ids[::2, k - k // 3:] = -1
             return ids
         data.index.search = short
@@ -239,6 +240,17 @@ def test_fast_knn_terms_with_ivf_lists_equal_the_reference(kind, L):
     ref, fast = _both(x, L, seed=L, index="ivf")
     np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-11 * np.abs(ref[:, 0]).max())
     ref, fast = _both(x, L, seed=3, index="ivf", drop=True)  # and where the search comes back short
+    np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-11 * np.abs(ref[:, 0]).max())
+
+
+@pytest.mark.parametrize("kind, L", [("wide", 32), ("duplicated", 16)])
+def test_fast_knn_terms_equal_the_reference_with_the_ivf_lists_own_scan(kind, L, monkeypatch):
+    # every search through `ListScan`: Z ordered only at the strata's edges, in any batch the same
+    monkeypatch.setattr(neighbours, "SCAN_MIN_K", 1)
+    calls, scan = [], neighbours.ListScan.search
+    monkeypatch.setattr(neighbours.ListScan, "search", lambda self, *a: calls.append(a[1]) or scan(self, *a))
+    ref, fast = _both(_points(kind, np.float64), L, seed=L, index="ivf")
+    assert calls and min(calls) > 1
     np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-11 * np.abs(ref[:, 0]).max())
 
 
@@ -356,7 +368,7 @@ def test_no_search_where_the_kernel_is_flat():
     data.rank_distance(layout(len(x), 16).k)  # the bands' calibration searches its own 256 points, once
     rows = []
     search = data.index.search
-    data.index.search = lambda y, k: rows.append(len(y)) or search(y, k)
+    data.index.search = lambda y, k, cuts=None: rows.append(len(y)) or search(y, k, cuts)
     eps = torch.randn(64, x.shape[1], generator=torch.Generator().manual_seed(0), dtype=t.dtype)
     draws = torch.rand(64, len(x), generator=torch.Generator().manual_seed(1)).argsort(dim=1)[:, :draw_count(data, 16)]
     knn_terms(data, data.inverse[:64], eps, [0.05, 8.0, 40.0], subset_size=16, draws=draws,

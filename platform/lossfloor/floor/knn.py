@@ -296,6 +296,13 @@ class Layout:
         return self.bands[-1][1] if self.bands else self.k
 
     @property
+    def cuts(self) -> tuple[int, ...]:
+        """Where Z's strata meet in its search (Z = (source, the search's entries)): A takes the first k - 1
+        entries, band [start, stop) the entries [start - 1, stop - 1); only these sets matter, not the order
+        within them (a band's draws are uniform over its members)."""
+        return (self.k - 1, *(stop - 1 for _, stop in self.bands))
+
+    @property
     def width(self) -> int:
         """A's entries and the bands' draws: the kernels whose rows depend on σ."""
         return self.k + len(self.bands) * self.band_draws + len(self.lists) * self.list_draws
@@ -471,7 +478,7 @@ def _ranked(data: KnnData, lay: Layout, y, src, C, pos, taken):
     (-1) or the source again (an index returns distinct ids); A = Z's first k, each band's draws at the drawn
     positions of its ranks; which of the query's uniform draws lie in the searched set (Z's valid entries);
     the rest's samples."""
-    ids = data.index.search(y, lay.depth - 1)
+    ids = data.index.search(y, lay.depth - 1, cuts=lay.cuts)
     valid = torch.cat([torch.ones_like(src[:, None], dtype=torch.bool), (ids >= 0) & (ids != src[:, None])], 1)
     Z = torch.cat([src[:, None], ids.clamp_min(0)], 1)
     n_rest = data.n_samples - (data.mult[Z] * valid).sum(1, dtype=torch.float64)

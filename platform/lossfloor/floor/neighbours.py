@@ -3,6 +3,8 @@
     index = build_index(points, kind="auto")       # points (U, D), the distinct samples
     ids = index.search(y, k)                       # (B, k) long, nearest first (squared L2), distinct;
                                                    # -1 where an approximate index found fewer than k
+    ids = index.search(y, k, cuts=(64, 256))       # the same k, ordered only at the cuts: entries [0, 64)
+                                                   # the 64 nearest, [64, 256) the next, [256, k) the rest
 
 Kinds (the estimator is valid with any of them: its neighbour set may be any deterministic function of
 the query, so an approximate search costs efficiency, never correctness):
@@ -15,6 +17,9 @@ the query, so an approximate search costs efficiency, never correctness):
 - auto: flat up to AUTO_FLAT_MAX points, ivf above; torch without FAISS or for CUDA points when FAISS
   has no GPU.
 `pca=r` searches on the first r principal components (FAISS `PCAMatrix`): cheaper, approximate.
+An IVF search of SCAN_MIN_K or more neighbours does not go through FAISS: FAISS keeps a heap of the k best
+per query, which at k = 16 000 cost more than the scan itself; `ListScan` computes the same candidates'
+distances by one GEMM per list and partitions each query's row at the cuts the caller asks for.
 FAISS indexes move to the GPU when the points are on CUDA and FAISS was built with GPU support.
 Build and search times are kept (`build_s`, `search_s`) and reported apart from the kernel's. An IVF
 index also gives its lists (`lists()`: the centroids and each list's points), which the kNN estimator's
@@ -53,6 +58,7 @@ INDEXES = ("auto", "flat", "ivf", "hnsw", "torch")
 AUTO_FLAT_MAX = 5_000
 IVF_NPROBE = 32
 HNSW_M = 32
+SCAN_MIN_K = 1024  # an IVF search at least this deep runs `ListScan` (measured: benchmarks/knn_search.py)
 _TRAIN_PER_LIST = 64  # IVF training points per list (FAISS warns below 39)
 _TORCH_CHUNK = 1 << 14  # points per GEMM block of the torch search
 
@@ -74,15 +80,17 @@ class NeighbourIndex:
         self.kind, self.n_points, self.build_s = kind, n_points, build_s
         self.search_s = 0.0
 
-    def search(self, y: torch.Tensor, k: int) -> torch.Tensor:
-        """(B, D) queries -> (B, k) long point indices, nearest first, distinct, on y's device; -1 where an
-        approximate index (IVF, HNSW) found fewer than k."""
+    def search(self, y: torch.Tensor, k: int, cuts=None) -> torch.Tensor:
+        """(B, D) queries -> (B, k) long point indices, distinct, on y's device; -1 (last) where an
+        approximate index (IVF, HNSW) found fewer than k. Nearest first; with `cuts` (positions in (0, k))
+        only ordered at the cuts: every entry before a cut is at least as near as every entry from it on
+        (an index may still return them sorted)."""
         t0 = time.perf_counter()
-        ids = self._search(y, min(k, self.n_points))
+        ids = self._search(y, min(k, self.n_points), cuts)
         self.search_s += time.perf_counter() - t0
         return ids
 
-    def _search(self, y: torch.Tensor, k: int) -> torch.Tensor:
+    def _search(self, y: torch.Tensor, k: int, cuts) -> torch.Tensor:
         raise NotImplementedError
 
     def lists(self) -> Lists | None:
@@ -99,7 +107,7 @@ class TorchIndex(NeighbourIndex):
         self.p_sq = (points * points).sum(1)  # (U,)
         super().__init__("torch", len(points), time.perf_counter() - t0)
 
-    def _search(self, y, k):
+    def _search(self, y, k, cuts):
         where = y.device
         y = y.to(self.points.device, self.points.dtype)
         best_d, best_i = None, None
@@ -144,6 +152,66 @@ class Lists:
         return Lists(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
+class ListScan:
+    """An IVF index's deep search without FAISS's heap of the k best (`FaissIndex` from SCAN_MIN_K on).
+
+    A query's candidates are the points of the nprobe lists whose centroids are nearest to it, as FAISS
+    probes them. Their distances ||p||² - 2 y·p (+ ||y||², the same for all of a query's candidates) are
+    computed list by list, each list's points against all the queries of the batch that probe it (one
+    GEMM per list: a list is read once per batch, not once per query). Each query's row, its probed lists
+    in list order, is then gathered and partitioned alone at the cuts (numpy's introselect; sorted without
+    cuts), so its neighbours and their order do not depend on the rest of the batch. Float64 throughout for
+    the same reason: MKL's float32 products differ in their last bits with the number of rows, enough to
+    swap near-equal ranks at a cut (seen at N = 80 000).
+    """
+
+    def __init__(self, lists: Lists, vectors: list[torch.Tensor]):
+        self.lists, self.vectors = lists, vectors  # vectors: each list's (size, D) points, in its order
+        self.sq = [v.double().square().sum(1) for v in vectors]
+        self.c_sq = lists.centroids.square().sum(1)
+
+    def search(self, y: torch.Tensor, k: int, nprobe: int, cuts=None) -> torch.Tensor:
+        """(B, D) queries -> (B, k) point ids on the CPU, as `NeighbourIndex.search`."""
+        lists = self.lists
+        y = y.detach().to("cpu", torch.float64)
+        dist = self.c_sq[None, :] - 2.0 * (y @ lists.centroids.T)
+        probe = dist.topk(min(nprobe, len(self.vectors)), dim=1, largest=False).indices.sort(dim=1).values
+        pairs = probe.reshape(-1)
+        by_list = pairs.argsort(stable=True)  # (query, probe) pairs, list after list
+        size = lists.size[pairs[by_list]]
+        runs = torch.empty_like(by_list)  # where each pair's distances start in `out`
+        runs[by_list] = size.cumsum(0) - size
+        out = torch.empty(int(size.sum()), dtype=torch.float64)
+        queries, done, at = by_list // probe.shape[1], 0, 0
+        for i, c in enumerate(torch.bincount(pairs, minlength=len(self.vectors)).tolist()):
+            if c:  # one GEMM: this list's points against every query of the batch that probes it
+                v = self.vectors[i]
+                n = v.shape[0]
+                torch.addmm(self.sq[i], y[queries[done:done + c]], v.T.double(), alpha=-2.0,
+                            out=out[at:at + c * n].view(c, n))
+                done, at = done + c, at + c * n
+        size = lists.size[probe]
+        before = size.cumsum(1) - size  # each probed list's first column in its query's row
+        # a row's column j holds out[j + from_out] and the point ids[j + from_ids] of its run's list
+        from_out = (runs.view(probe.shape) - before).numpy()
+        from_ids = (lists.start[probe] - before).numpy()
+        size, held = size.numpy(), size.sum(1).tolist()
+        col = np.arange(max(held, default=0))
+        out_np, ids_np = out.numpy(), lists.ids.numpy()
+        ids = torch.full((len(y), k), -1, dtype=torch.long)
+        for b, n in enumerate(held):  # each query's row partitioned alone: the same in any batch
+            kk = min(k, n)
+            if not kk:
+                continue
+            row = out_np[np.repeat(from_out[b], size[b]) + col[:n]]
+            if cuts is None:  # nearest first
+                part = np.argsort(row, kind="stable")[:kk]
+            else:
+                part = np.argpartition(row, sorted({c - 1 for c in cuts if 0 < c < kk} | {kk - 1}))[:kk]
+            ids[b, :kk] = torch.from_numpy(ids_np[np.repeat(from_ids[b], size[b])[part] + part])
+        return ids
+
+
 FAISS_GPU_MAX_K = 2048  # FAISS's GPU indexes return at most this many neighbours per query
 
 
@@ -155,7 +223,7 @@ class FaissIndex(NeighbourIndex):
     def __init__(self, index, base, kind: str, n_points: int, build_s: float, cpu=None):
         super().__init__(kind, n_points, build_s)
         self.index, self.base, self.cpu = index, base, cpu
-        self._lists = None
+        self._lists, self._list_scan = None, None
 
     def lists(self) -> Lists | None:
         """The IVF lists of an `ivf` index searched on the points themselves (no PCA), read once from the
@@ -173,13 +241,27 @@ class FaissIndex(NeighbourIndex):
                                    torch.from_numpy(size), torch.from_numpy(ids.astype(np.int64)))
         return self._lists
 
-    def _search(self, y, k):
+    def _scan(self) -> ListScan:
+        """The lists' own scan (`ListScan`) of an `ivf` index: its points read in place from the index's lists."""
+        if self._list_scan is None:
+            faiss, lists = faiss_module(), self.lists()
+            inv = faiss.extract_index_ivf(self.cpu if self.cpu is not None else self.index).invlists
+            d = self.base.d
+            vectors = [torch.from_numpy(faiss.rev_swig_ptr(inv.get_codes(i), int(n) * d * 4).view(np.float32)
+                                        .reshape(int(n), d)) if n else torch.zeros(0, d)
+                       for i, n in enumerate(lists.size.tolist())]
+            self._list_scan = ListScan(lists, vectors)
+        return self._list_scan
+
+    def _search(self, y, k, cuts):
         if hasattr(self.base, "hnsw"):
             self.base.hnsw.efSearch = max(64, 2 * k)
         index = self.index
         if hasattr(self.base, "nprobe"):  # enough lists to hold 2k points: a deep search finds its ranks
             nprobe = min(self.base.nlist, max(IVF_NPROBE, math.ceil(2 * k * self.base.nlist / self.n_points)))
             self.base.nprobe = nprobe
+            if self.kind == "ivf" and k >= SCAN_MIN_K:
+                return self._scan().search(y, k, nprobe, cuts).to(y.device)
             if self.cpu is not None and nprobe != IVF_NPROBE:
                 index = self.cpu
         if self.cpu is not None and k > FAISS_GPU_MAX_K:
@@ -197,7 +279,7 @@ class FlatSearch(NeighbourIndex):
         self.faiss, self.points = faiss, points.detach().numpy()
         super().__init__("flat", len(points), time.perf_counter() - t0)
 
-    def _search(self, y, k):
+    def _search(self, y, k, cuts):
         q = np.ascontiguousarray(y.detach().to("cpu", torch.float32).numpy())
         _, ids = self.faiss.knn(q, self.points, k)
         return torch.from_numpy(ids).to(y.device)
