@@ -45,20 +45,20 @@ def test_scan_partitions_the_probed_lists_exactly_at_the_cuts(scanned, k, nprobe
     lists = index.lists()
     assert len(lists.size) == 46  # 3 000 // 64 lists: 700 and 2 900 points ask for more than 5 and 15 hold
     cuts = (31, 127, 500)
-    ids = index._scan().search(torch.from_numpy(y), k, nprobe, cuts).numpy()
+    ids = index.list_scan().search(torch.from_numpy(y), k, nprobe, cuts).numpy()
     ref = _reference(x, lists, y, nprobe)
     for got, want in zip(ids, ref):
         for a, b in zip((0, *cuts), (*cuts, k)):
             assert set(got[a:b].tolist()) - {-1} == set(want[a:b].tolist())  # the same members of each stratum
         assert (got[:len(want)] >= 0).all() and (got[len(want):] == -1).all()  # short of k: -1 after the last
-    sorted_ids = index._scan().search(torch.from_numpy(y), k, nprobe).numpy()  # no cuts: nearest first
+    sorted_ids = index.list_scan().search(torch.from_numpy(y), k, nprobe).numpy()  # no cuts: nearest first
     for got, want in zip(sorted_ids, ref):
         assert got[:min(k, len(want))].tolist() == want[:k].tolist()
 
 
 def test_a_query_gets_the_same_neighbours_in_any_batch(scanned):
     _, index, y = scanned
-    scan = index._scan()
+    scan = index.list_scan()
     cuts = (63, 255, 1023)
     whole = scan.search(torch.from_numpy(y), 2000, 40, cuts)
     for part in (slice(0, 1), slice(3, 7), slice(11, 40)):

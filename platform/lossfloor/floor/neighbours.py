@@ -241,7 +241,7 @@ class FaissIndex(NeighbourIndex):
                                    torch.from_numpy(size), torch.from_numpy(ids.astype(np.int64)))
         return self._lists
 
-    def _scan(self) -> ListScan:
+    def list_scan(self) -> ListScan:
         """The lists' own scan (`ListScan`) of an `ivf` index: its points read in place from the index's lists."""
         if self._list_scan is None:
             faiss, lists = faiss_module(), self.lists()
@@ -261,7 +261,7 @@ class FaissIndex(NeighbourIndex):
             nprobe = min(self.base.nlist, max(IVF_NPROBE, math.ceil(2 * k * self.base.nlist / self.n_points)))
             self.base.nprobe = nprobe
             if self.kind == "ivf" and k >= SCAN_MIN_K:
-                return self._scan().search(y, k, nprobe, cuts).to(y.device)
+                return self.list_scan().search(y, k, nprobe, cuts).to(y.device)
             if self.cpu is not None and nprobe != IVF_NPROBE:
                 index = self.cpu
         if self.cpu is not None and k > FAISS_GPU_MAX_K:
