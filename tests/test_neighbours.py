@@ -79,3 +79,15 @@ def test_deep_ivf_searches_go_through_the_scan(scanned, monkeypatch):
     for f, s, want in zip(faiss_ids, scan_ids, ref):
         assert set(s[:100].tolist()) == set(want[:100].tolist()) == set(f[:100].tolist())
         assert set(s.tolist()) == set(want[:k].tolist())
+
+
+def test_the_scan_of_a_memory_mapped_node_index_equals_the_in_memory_one(scanned, tmp_path):
+    # the node cache's index is read with FAISS's IO_FLAG_MMAP: the scan reads its lists' points in place
+    from lossfloor.data.node_cache import NodeCache
+
+    x, index, y = scanned
+    mapped = build_index(torch.from_numpy(x), "ivf", seed=0, cache=NodeCache("ab" * 32, tmp_path))
+    assert any(p.name.startswith("index-points-ivf") for p in (tmp_path / ("ab" * 16)).iterdir())
+    cuts = (63, 255)
+    np.testing.assert_array_equal(mapped.list_scan().search(torch.from_numpy(y), 1500, 30, cuts),
+                                  index.list_scan().search(torch.from_numpy(y), 1500, 30, cuts))
