@@ -210,7 +210,7 @@ def float64_gemm_rate(size: int = 1024, repeats: int = 3) -> float:
 def depth_case(n: int, n_queries: int, L: int, seed: int, gemm_rate: float) -> dict:
     """FAISS's IVF search against `ListScan` at knn's depth on n photo patches (study 3)."""
     from lossfloor.floor import neighbours
-    from lossfloor.floor.knn import layout
+    from lossfloor.floor.knn import layout, search_rows
 
     x = torch.from_numpy(photo_patches(n, seed=1))
     lay = layout(n, L, lists=True)
@@ -224,15 +224,14 @@ def depth_case(n: int, n_queries: int, L: int, seed: int, gemm_rate: float) -> d
     for sigma in (0.02, 0.1, 0.5):
         src = rng.choice(n, n_queries, replace=False)
         y = x[src] + sigma * torch.from_numpy(rng.normal(size=(n_queries, x.shape[1])).astype(np.float32))
-        step = max(1, knn_search_rows(lay.depth))
+        step = search_rows(lay.depth)  # as the estimator batches its searches
         timed = {}
         for name, scan_min in (("faiss", 10**12), ("scan", 0)):
             with mock.patch.object(neighbours, "SCAN_MIN_K", scan_min):
                 t0 = time.process_time()
                 ids = torch.cat([index.search(y[i:i + step], k, cuts=lay.cuts) for i in range(0, n_queries, step)])
                 timed[name] = (time.process_time() - t0, ids.numpy())
-        cuts = [c for c in lay.cuts if c < k]  # the last band ends at the search's end
-        edges = list(zip((0, *cuts), (*cuts, k)))
+        edges = list(zip((0, *lay.cuts), (*lay.cuts, k)))
         shared = np.array([[len(set(a[lo:hi].tolist()) & set(b[lo:hi].tolist())) / max(1, hi - lo) for lo, hi in edges]
                            for a, b in zip(timed["faiss"][1], timed["scan"][1])])  # (queries, strata)
         held = index.base.nprobe * n / index.base.nlist  # candidates per query, on average
@@ -245,13 +244,6 @@ def depth_case(n: int, n_queries: int, L: int, seed: int, gemm_rate: float) -> d
                               "scan_gemm_floor_ms_per_query": 1e3 * 2.0 * held * x.shape[1] / gemm_rate})
         print(json.dumps({"n": n, **out["sigmas"][-1]}), file=sys.stderr, flush=True)
     return out
-
-
-def knn_search_rows(depth: int) -> int:
-    """The queries per search the estimator uses at this depth (`knn.SEARCH_ROWS`, `knn.SEARCH_IDS`)."""
-    from lossfloor.floor.knn import SEARCH_IDS, SEARCH_ROWS
-
-    return min(SEARCH_ROWS, SEARCH_IDS // depth)
 
 
 def partial(results: dict, out: str | None) -> None:

@@ -297,10 +297,10 @@ class Layout:
 
     @property
     def cuts(self) -> tuple[int, ...]:
-        """Where Z's strata meet in its search (Z = (source, the search's entries)): A takes the first k - 1
-        entries, band [start, stop) the entries [start - 1, stop - 1); only these sets matter, not the order
-        within them (a band's draws are uniform over its members)."""
-        return (self.k - 1, *(stop - 1 for _, stop in self.bands))
+        """Where Z's strata meet inside its search (Z = (source, the search's depth - 1 entries)): A takes the
+        first k - 1 entries, band [start, stop) the entries [start - 1, stop - 1); only these sets matter, not
+        the order within them (a band's draws are uniform over its members)."""
+        return tuple(c for c in (self.k - 1, *(stop - 1 for _, stop in self.bands)) if c < self.depth - 1)
 
     @property
     def width(self) -> int:
@@ -364,6 +364,11 @@ SIGMA_CHUNK = 4  # σ per pass: the distinct rows of their kernels are gathered 
 BLOCK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 SEARCH_ROWS = 4096  # queries per index search at most (a torch search holds a (rows, 16 384) block)
 SEARCH_IDS = 1 << 22  # neighbour ids per index search at most (1 024 rows at depth 4 096, 64 at 65 536)
+
+
+def search_rows(depth: int) -> int:
+    """Queries per index search to this depth: SEARCH_ROWS, fewer where their ids would pass SEARCH_IDS."""
+    return max(1, min(SEARCH_ROWS, SEARCH_IDS // depth))
 
 
 @dataclass
@@ -463,7 +468,7 @@ def _strata_of_grid(data: KnnData, lay: Layout, x0, e, xs_idx, C, sig: list[floa
         pos, taken = (t.to(dev).transpose(0, 1).reshape(len(group) * B, len(widths), t.shape[-1])
                       for t in (pos, taken))
         y, src, Cs = torch.cat([x0 + sig[i] * e for i in group]), xs_idx.repeat(len(group)), C.repeat(len(group), 1)
-        step = max(1, min(SEARCH_ROWS, SEARCH_IDS // g_lay.depth))
+        step = search_rows(g_lay.depth)
         parts = [_ranked(data, g_lay, y[r], src[r], Cs[r], pos[r], taken[r])
                  for r in (slice(i, i + step) for i in range(0, len(y), step))]
         w = g_lay.width

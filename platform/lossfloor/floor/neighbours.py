@@ -178,10 +178,10 @@ class ListScan:
         probe = dist.topk(min(nprobe, len(self.vectors)), dim=1, largest=False).indices.sort(dim=1).values
         pairs = probe.reshape(-1)
         by_list = pairs.argsort(stable=True)  # (query, probe) pairs, list after list
-        size = lists.size[pairs[by_list]]
+        run_size = lists.size[pairs[by_list]]
         runs = torch.empty_like(by_list)  # where each pair's distances start in `out`
-        runs[by_list] = size.cumsum(0) - size
-        out = torch.empty(int(size.sum()), dtype=torch.float64)
+        runs[by_list] = run_size.cumsum(0) - run_size
+        out = torch.empty(int(run_size.sum()), dtype=torch.float64)
         queries, done, at = by_list // probe.shape[1], 0, 0
         for i, c in enumerate(torch.bincount(pairs, minlength=len(self.vectors)).tolist()):
             if c:  # one GEMM: this list's points against every query of the batch that probes it
